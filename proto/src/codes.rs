@@ -1,0 +1,319 @@
+//! Wire codes: opcodes, statuses and flag bytes. Newtypes over the integer so that unknown
+//! values survive a round trip and are reported, never a panic.
+
+use core::fmt;
+
+macro_rules! wire_code {
+    (
+        $(#[$meta:meta])*
+        $name:ident($int:ty) {
+            $( $(#[$cmeta:meta])* $konst:ident = $value:expr, )*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+        pub struct $name(pub $int);
+
+        impl $name {
+            $( $(#[$cmeta])* pub const $konst: $name = $name($value); )*
+
+            /// Every value with a name, in wire order.
+            pub const ALL: &'static [$name] = &[$($name::$konst),*];
+
+            /// The constant's name, or `None` for a value this version does not know.
+            pub const fn name(self) -> Option<&'static str> {
+                match self.0 {
+                    $( $value => Some(stringify!($konst)), )*
+                    _ => None,
+                }
+            }
+
+            /// Whether this version of the protocol knows the value.
+            pub const fn is_known(self) -> bool {
+                self.name().is_some()
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                match self.name() {
+                    Some(n) => f.write_str(n),
+                    None => write!(f, "{}({:#x})", stringify!($name), self.0),
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(self, f)
+            }
+        }
+
+        impl From<$int> for $name {
+            fn from(v: $int) -> Self {
+                $name(v)
+            }
+        }
+
+        impl From<$name> for $int {
+            fn from(v: $name) -> Self {
+                v.0
+            }
+        }
+    };
+}
+
+wire_code! {
+    /// What a request asks for: byte 14 of the destination address (and of the reply's source).
+    Opcode(u8) {
+        /// Liveness probe; the reply echoes the request.
+        PING = 0x01,
+        /// Server statistics; the reply carries the STAT record.
+        STAT = 0x02,
+        /// Allocate one zeroed page; the reply comes from the new page's address.
+        ALLOC = 0x10,
+        /// Allocate one page and fill a range of it, in one round trip.
+        ALLOC_WRITE = 0x11,
+        /// Allocate `count` pages; the reply lists their handles.
+        ALLOC_BULK = 0x12,
+        /// Read a byte range of a page (the whole page: offset 0, length 4096).
+        READ = 0x20,
+        /// Read the same range of several pages of one host.
+        READ_BULK = 0x21,
+        /// Write a byte range of a page; acknowledged.
+        WRITE = 0x30,
+        /// Write a byte range of a page; never answered.
+        WRITE_BLIND = 0x31,
+        /// Write ranges of several pages of one host, in one frame.
+        WRITE_BULK = 0x32,
+        /// Acquire the page's exclusive lease and read it.
+        UPDATE_ACQUIRE = 0x40,
+        /// Write back under the lease; releases it unless the MORE flag is set.
+        UPDATE_COMMIT = 0x41,
+        /// Give the lease back without writing.
+        UPDATE_RELEASE = 0x42,
+        /// Free the page; later use of the handle is an error.
+        FREE = 0x50,
+        /// Free several pages of one host.
+        FREE_BULK = 0x51,
+        /// Compare-and-swap of an aligned 8-byte word.
+        CAS = 0x60,
+        /// Fetch-and-add on an aligned 8-byte word.
+        FETCH_ADD = 0x61,
+    }
+}
+
+impl Opcode {
+    /// Whether executing the request twice differs from executing it once. The server answers a
+    /// retransmission of such a request from its table of recent replies.
+    pub const fn is_idempotent(self) -> bool {
+        matches!(
+            self,
+            Opcode::PING
+                | Opcode::STAT
+                | Opcode::READ
+                | Opcode::READ_BULK
+                | Opcode::WRITE
+                | Opcode::WRITE_BLIND
+                | Opcode::WRITE_BULK
+        )
+    }
+
+    /// Whether the request addresses a host rather than a page (its handle is zero).
+    pub const fn is_host_op(self) -> bool {
+        matches!(
+            self,
+            Opcode::PING | Opcode::STAT | Opcode::ALLOC | Opcode::ALLOC_WRITE | Opcode::ALLOC_BULK
+        )
+    }
+
+    /// Whether the request frame carries page data (`offset`/`length` and that many bytes).
+    pub const fn request_carries_data(self) -> bool {
+        matches!(
+            self,
+            Opcode::ALLOC_WRITE | Opcode::WRITE | Opcode::WRITE_BLIND | Opcode::UPDATE_COMMIT
+        )
+    }
+
+    /// Whether the reply frames carry page data.
+    pub const fn reply_carries_data(self) -> bool {
+        matches!(
+            self,
+            Opcode::READ | Opcode::READ_BULK | Opcode::UPDATE_ACQUIRE
+        )
+    }
+
+    /// Whether the server answers at all.
+    pub const fn expects_reply(self) -> bool {
+        !matches!(self, Opcode::WRITE_BLIND)
+    }
+}
+
+wire_code! {
+    /// The outcome of a request, carried in every reply.
+    Status(u16) {
+        /// Done.
+        OK = 0,
+        /// The request is not well formed (lengths, reserved fields, payload shape).
+        MALFORMED = 1,
+        /// The opcode is not one this server knows.
+        UNKNOWN_OPCODE = 2,
+        /// The handle names no page this server ever handed out.
+        INVALID_HANDLE = 3,
+        /// The handle named a page that has since been freed.
+        STALE_HANDLE = 4,
+        /// The byte range reaches past the page, or is empty where it may not be.
+        OUT_OF_RANGE = 5,
+        /// No free page left.
+        OUT_OF_MEMORY = 6,
+        /// Another client holds the page's lease.
+        LEASE_HELD = 7,
+        /// The lease ran out before the commit arrived; nothing was written.
+        LEASE_EXPIRED = 8,
+        /// No lease, or another lease id, was presented.
+        LEASE_INVALID = 9,
+        /// The client may not use this page (or this server).
+        FORBIDDEN = 10,
+        /// The page lives elsewhere now; retry the same address (the route has changed).
+        MOVED = 11,
+        /// The header's version is not one the server speaks; the reply carries its own.
+        UNSUPPORTED_VERSION = 12,
+        /// An atomic operation's offset is not 8-byte aligned or its length is not 8.
+        MISALIGNED = 13,
+        /// A bulk request asks for more items than allowed.
+        TOO_MANY = 14,
+        /// The server cannot take the request now; retry later.
+        BUSY = 15,
+        /// The server failed in a way that is not the client's fault.
+        INTERNAL = 16,
+    }
+}
+
+impl Status {
+    /// Whether the status means success.
+    pub const fn is_ok(self) -> bool {
+        self.0 == Status::OK.0
+    }
+}
+
+/// The flag byte of the address (byte 15): an argument of the operation.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default, Debug)]
+pub struct OpFlags(pub u8);
+
+impl OpFlags {
+    /// No flags.
+    pub const NONE: OpFlags = OpFlags(0);
+}
+
+/// The flags field of the BlueBridge header.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct HeaderFlags(pub u8);
+
+impl HeaderFlags {
+    /// No flags.
+    pub const NONE: HeaderFlags = HeaderFlags(0);
+    /// The frame is a reply.
+    pub const REPLY: HeaderFlags = HeaderFlags(0x01);
+    /// ALLOC*: other clients may use the new pages (by default only the allocating client may).
+    pub const SHARED: HeaderFlags = HeaderFlags(0x02);
+    /// UPDATE_COMMIT: more commit frames follow; keep the lease after this one.
+    pub const MORE: HeaderFlags = HeaderFlags(0x04);
+    /// Set by a client on a retransmission (informational, for counters and captures).
+    pub const RETRY: HeaderFlags = HeaderFlags(0x08);
+    /// Every flag this version defines; the other bits are reserved (sent as zero, ignored).
+    pub const DEFINED: HeaderFlags = HeaderFlags(0x0f);
+
+    /// Whether every flag of `other` is set in `self`.
+    pub const fn contains(self, other: HeaderFlags) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// `self` with the flags of `other` added.
+    #[must_use]
+    pub const fn with(self, other: HeaderFlags) -> HeaderFlags {
+        HeaderFlags(self.0 | other.0)
+    }
+
+    /// `self` with the flags of `other` removed.
+    #[must_use]
+    pub const fn without(self, other: HeaderFlags) -> HeaderFlags {
+        HeaderFlags(self.0 & !other.0)
+    }
+}
+
+impl core::ops::BitOr for HeaderFlags {
+    type Output = HeaderFlags;
+    fn bitor(self, rhs: HeaderFlags) -> HeaderFlags {
+        self.with(rhs)
+    }
+}
+
+impl fmt::Debug for HeaderFlags {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const NAMES: [(HeaderFlags, &str); 4] = [
+            (HeaderFlags::REPLY, "REPLY"),
+            (HeaderFlags::SHARED, "SHARED"),
+            (HeaderFlags::MORE, "MORE"),
+            (HeaderFlags::RETRY, "RETRY"),
+        ];
+        let mut first = true;
+        for (flag, name) in NAMES {
+            if self.contains(flag) {
+                f.write_str(if first { "" } else { "|" })?;
+                f.write_str(name)?;
+                first = false;
+            }
+        }
+        let rest = self.0 & !HeaderFlags::DEFINED.0;
+        if rest != 0 || first {
+            if !first {
+                f.write_str("|")?;
+            }
+            write!(f, "{rest:#04x}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::format;
+
+    use super::*;
+
+    #[test]
+    fn unknown_values_round_trip_and_are_reported() {
+        let op = Opcode::from(0xee);
+        assert!(!op.is_known());
+        assert_eq!(u8::from(op), 0xee);
+        assert_eq!(format!("{op:?}"), "Opcode(0xee)");
+        let st = Status::from(999);
+        assert!(!st.is_known());
+        assert_eq!(u16::from(st), 999);
+        assert_eq!(format!("{st}"), "Status(0x3e7)");
+    }
+
+    #[test]
+    fn names_are_unique_and_known() {
+        for (i, a) in Opcode::ALL.iter().enumerate() {
+            assert!(a.is_known());
+            assert!(Opcode::ALL[i + 1..].iter().all(|b| a != b));
+        }
+        for (i, a) in Status::ALL.iter().enumerate() {
+            assert!(a.is_known());
+            assert!(Status::ALL[i + 1..].iter().all(|b| a != b));
+        }
+        assert_eq!(format!("{:?}", Opcode::FETCH_ADD), "FETCH_ADD");
+        assert_eq!(format!("{}", Status::LEASE_EXPIRED), "LEASE_EXPIRED");
+    }
+
+    #[test]
+    fn header_flags_debug() {
+        assert_eq!(format!("{:?}", HeaderFlags::NONE), "0x00");
+        assert_eq!(
+            format!("{:?}", HeaderFlags::REPLY | HeaderFlags::MORE),
+            "REPLY|MORE"
+        );
+        assert_eq!(format!("{:?}", HeaderFlags(0x81)), "REPLY|0x80");
+    }
+}

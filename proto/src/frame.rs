@@ -1,0 +1,478 @@
+//! Whole frames: parse an Ethernet/IPv6/UDP/BlueBridge frame, and build one in place.
+
+use core::net::Ipv6Addr;
+
+use crate::codes::HeaderFlags;
+use crate::wire::Layer;
+use crate::wire::ethernet::{self, ETHERTYPE_IPV6, EthernetFrame, EthernetRepr, MacAddr};
+use crate::wire::header::{self, BbPacket, BbRepr};
+use crate::wire::ipv6::{self, DEFAULT_HOP_LIMIT, Ipv6Packet, Ipv6Repr, NEXT_HEADER_UDP};
+use crate::wire::udp::{self, UdpPacket, UdpRepr};
+use crate::{FRAME_OVERHEAD, UDP_PORT};
+
+/// Why a frame could not be parsed or built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The buffer ends inside this header, or before the length a header announces.
+    #[error("truncated {0} header or payload")]
+    Truncated(Layer),
+    /// A length field is impossible (shorter than its own header).
+    #[error("bad {0} length field")]
+    BadLength(Layer),
+    /// The EtherType is not IPv6.
+    #[error("not IPv6 (EtherType {0:#06x})")]
+    NotIpv6(u16),
+    /// The IP version nibble is not 6.
+    #[error("IP version {0}, not 6")]
+    BadIpVersion(u8),
+    /// The IPv6 next header is not UDP.
+    #[error("next header {0}, not UDP")]
+    NotUdp(u8),
+    /// Neither UDP port is the BlueBridge port.
+    #[error("UDP ports {0} -> {1}: not BlueBridge")]
+    WrongPort(u16, u16),
+    /// The UDP checksum does not match.
+    #[error("bad UDP checksum")]
+    BadChecksum,
+    /// The BlueBridge header has another version.
+    #[error("unsupported BlueBridge version {0}")]
+    UnsupportedVersion(u8),
+    /// A MAC address string did not parse.
+    #[error("a MAC address is six hex byte pairs separated by ':'")]
+    BadMac,
+    /// The output buffer cannot hold the frame.
+    #[error("buffer of {have} bytes cannot hold a {need}-byte frame")]
+    BufferTooSmall {
+        /// Bytes the frame needs.
+        need: usize,
+        /// Bytes the buffer has.
+        have: usize,
+    },
+    /// The payload does not fit one IPv6 packet.
+    #[error("payload of {0} bytes does not fit one frame")]
+    PayloadTooLarge(usize),
+}
+
+/// Everything below the BlueBridge header: who talks to whom.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoints {
+    /// Source MAC.
+    pub src_mac: MacAddr,
+    /// Destination MAC (the next hop: the peer on a direct link, the switch in a rack).
+    pub dst_mac: MacAddr,
+    /// Source IPv6 address.
+    pub src: Ipv6Addr,
+    /// Destination IPv6 address.
+    pub dst: Ipv6Addr,
+    /// Source UDP port.
+    pub src_port: u16,
+    /// Destination UDP port.
+    pub dst_port: u16,
+}
+
+impl Endpoints {
+    /// The endpoints of the answer to a frame that came with these: MACs and ports swapped, the
+    /// reply's source address `src` (a page address), its destination the requester.
+    pub fn reply_from(&self, src: Ipv6Addr) -> Endpoints {
+        Endpoints {
+            src_mac: self.dst_mac,
+            dst_mac: self.src_mac,
+            src,
+            dst: self.src,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+        }
+    }
+}
+
+/// A parsed Ethernet/IPv6/UDP frame to or from the BlueBridge port, checksum verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Envelope<'a> {
+    /// Addresses and ports.
+    pub endpoints: Endpoints,
+    /// Hop limit.
+    pub hop_limit: u8,
+    /// The UDP payload (BlueBridge header and payload).
+    pub udp_payload: &'a [u8],
+}
+
+impl<'a> Envelope<'a> {
+    /// Parses and checks everything up to the UDP payload. Trailing bytes after the IPv6
+    /// payload (Ethernet padding) are ignored.
+    pub fn parse(buf: &'a [u8]) -> Result<Self, FrameError> {
+        let eth = EthernetFrame::new_checked(buf)?;
+        let e = EthernetRepr::parse(&eth);
+        if e.ethertype != ETHERTYPE_IPV6 {
+            return Err(FrameError::NotIpv6(e.ethertype));
+        }
+        let ip = Ipv6Packet::new_checked(&buf[ethernet::HEADER_LEN..])?;
+        let i = Ipv6Repr::parse(&ip)?;
+        if i.next_header != NEXT_HEADER_UDP {
+            return Err(FrameError::NotUdp(i.next_header));
+        }
+        let udp_end = ethernet::HEADER_LEN + ipv6::HEADER_LEN + usize::from(ip.payload_len());
+        let udp_buf = &buf[ethernet::HEADER_LEN + ipv6::HEADER_LEN..udp_end];
+        let u = UdpPacket::new_checked(udp_buf)?;
+        if usize::from(u.len()) != udp_buf.len() {
+            // The UDP length must equal the IPv6 payload length (no jumbograms, no trailers).
+            return Err(FrameError::BadLength(Layer::Udp));
+        }
+        if u.dst_port() != UDP_PORT && u.src_port() != UDP_PORT {
+            return Err(FrameError::WrongPort(u.src_port(), u.dst_port()));
+        }
+        let ur = UdpRepr::parse(&u, i.src, i.dst)?;
+        Ok(Envelope {
+            endpoints: Endpoints {
+                src_mac: e.src,
+                dst_mac: e.dst,
+                src: i.src,
+                dst: i.dst,
+                src_port: ur.src_port,
+                dst_port: ur.dst_port,
+            },
+            hop_limit: i.hop_limit,
+            udp_payload: &udp_buf[udp::HEADER_LEN..],
+        })
+    }
+
+    /// The request id of a BlueBridge message of any version (bytes 8..16 of the header keep
+    /// their place across versions), so an UNSUPPORTED_VERSION reply can echo it.
+    pub fn request_id_any_version(&self) -> Option<u64> {
+        let b = self.udp_payload.get(8..16)?;
+        let mut w = [0u8; 8];
+        w.copy_from_slice(b);
+        Some(u64::from_be_bytes(w))
+    }
+}
+
+/// A parsed BlueBridge frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frame<'a> {
+    /// Addresses and ports.
+    pub endpoints: Endpoints,
+    /// The BlueBridge header.
+    pub header: BbRepr,
+    /// What follows the header.
+    pub payload: &'a [u8],
+}
+
+impl<'a> Frame<'a> {
+    /// Parses a whole frame, verifying the UDP checksum.
+    pub fn parse(buf: &'a [u8]) -> Result<Self, FrameError> {
+        let env = Envelope::parse(buf)?;
+        let p = BbPacket::new_checked(env.udp_payload)?;
+        let header = BbRepr::parse(&p)?;
+        Ok(Frame {
+            endpoints: env.endpoints,
+            header,
+            payload: &env.udp_payload[header::HEADER_LEN..],
+        })
+    }
+
+    /// Whether the frame is a reply.
+    pub fn is_reply(&self) -> bool {
+        self.header.flags.contains(HeaderFlags::REPLY)
+    }
+}
+
+/// Writes a complete frame into `buf`: the headers, `payload_len` payload bytes written by
+/// `fill` (straight into the frame, so page data is copied once), and the UDP checksum.
+/// Returns the frame's length. Allocates nothing.
+pub fn build_with(
+    buf: &mut [u8],
+    ep: &Endpoints,
+    header: &BbRepr,
+    payload_len: usize,
+    fill: impl FnOnce(&mut [u8]),
+) -> Result<usize, FrameError> {
+    let total = FRAME_OVERHEAD + payload_len;
+    if total > buf.len() {
+        return Err(FrameError::BufferTooSmall {
+            need: total,
+            have: buf.len(),
+        });
+    }
+    let udp_len = total - ethernet::HEADER_LEN - ipv6::HEADER_LEN;
+    let udp_len16 = u16::try_from(udp_len).map_err(|_| FrameError::PayloadTooLarge(payload_len))?;
+    let buf = &mut buf[..total];
+
+    let (eth_buf, rest) = buf.split_at_mut(ethernet::HEADER_LEN);
+    EthernetRepr {
+        src: ep.src_mac,
+        dst: ep.dst_mac,
+        ethertype: ETHERTYPE_IPV6,
+    }
+    .emit(&mut EthernetFrame::new_unchecked(eth_buf));
+
+    let (ip_buf, udp_buf) = rest.split_at_mut(ipv6::HEADER_LEN);
+    Ipv6Repr {
+        src: ep.src,
+        dst: ep.dst,
+        next_header: NEXT_HEADER_UDP,
+        payload_len: udp_len16,
+        hop_limit: DEFAULT_HOP_LIMIT,
+    }
+    .emit(&mut Ipv6Packet::new_unchecked(ip_buf));
+
+    let (bb_buf, payload) = udp_buf[udp::HEADER_LEN..].split_at_mut(header::HEADER_LEN);
+    header.emit(&mut BbPacket::new_unchecked(bb_buf));
+    fill(payload);
+
+    let mut u = UdpPacket::new_unchecked(udp_buf);
+    UdpRepr {
+        src_port: ep.src_port,
+        dst_port: ep.dst_port,
+    }
+    .emit(&mut u, udp_len16 - udp::HEADER_LEN as u16);
+    u.fill_checksum(ep.src, ep.dst);
+    Ok(total)
+}
+
+/// [`build_with`] for a payload already in a slice.
+pub fn build(
+    buf: &mut [u8],
+    ep: &Endpoints,
+    header: &BbRepr,
+    payload: &[u8],
+) -> Result<usize, FrameError> {
+    build_with(buf, ep, header, payload.len(), |p| {
+        p.copy_from_slice(payload)
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::codes::Status;
+    use crate::{Opcode, RemoteAddr};
+
+    pub(crate) fn endpoints() -> Endpoints {
+        Endpoints {
+            src_mac: MacAddr([2, 0, 0, 0, 0, 1]),
+            dst_mac: MacAddr([2, 0, 0, 0, 0, 2]),
+            src: "fd00:bb:1::1".parse().unwrap(),
+            dst: "fd00:bb:2:0:0:0:7:2000".parse().unwrap(),
+            src_port: 49152,
+            dst_port: UDP_PORT,
+        }
+    }
+
+    /// A WRITE of 4 bytes at offset 8 with request id 0x1234, checksum computed independently.
+    pub(crate) const WRITE_FRAME: [u8; 114] = [
+        // Ethernet
+        0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01, 0x86, 0xdd,
+        // IPv6: payload length 60, UDP, hop limit 64
+        0x60, 0, 0, 0, 0x00, 0x3c, 0x11, 0x40, 0xfd, 0x00, 0x00, 0xbb, 0x00, 0x01, 0, 0, 0, 0, 0, 0,
+        0, 0, 0, 0x01, 0xfd, 0x00, 0x00, 0xbb, 0x00, 0x02, 0, 0, 0, 0, 0, 0, 0, 0x07, 0x30, 0x00,
+        // UDP: 49152 -> 47872, length 60, checksum
+        0xc0, 0x00, 0xbb, 0x00, 0x00, 0x3c, 0xa8, 0x13, // BlueBridge
+        0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0, 0x12, 0x34, 0x00, 0x08,
+        0x00, 0x04, 0x00, 0x00, 0x00, 0x00, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0, 0, 0, 0, 0, 0, // payload
+        0xde, 0xad, 0xbe, 0xef,
+    ];
+
+    pub(crate) fn write_header() -> BbRepr {
+        BbRepr {
+            count: 1,
+            request_id: 0x1234,
+            offset: 8,
+            length: 4,
+            ..BbRepr::default()
+        }
+    }
+
+    fn write_endpoints() -> Endpoints {
+        let mut ep = endpoints();
+        ep.dst = "fd00:bb:2::7:3000".parse().unwrap();
+        ep
+    }
+
+    #[test]
+    fn test_construct() {
+        let mut buf = [0u8; 200];
+        let n = build(
+            &mut buf,
+            &write_endpoints(),
+            &write_header(),
+            &[0xde, 0xad, 0xbe, 0xef],
+        )
+        .unwrap();
+        assert_eq!(&buf[..n], &WRITE_FRAME[..]);
+    }
+
+    #[test]
+    fn test_deconstruct() {
+        let f = Frame::parse(&WRITE_FRAME).unwrap();
+        assert_eq!(f.endpoints, write_endpoints());
+        assert_eq!(f.header, write_header());
+        assert_eq!(f.payload, &[0xde, 0xad, 0xbe, 0xef]);
+        let dst = RemoteAddr::from_ipv6(f.endpoints.dst, crate::NetPrefix::DEFAULT).unwrap();
+        assert_eq!(dst.opcode(), Opcode::WRITE);
+        assert!(!f.is_reply());
+    }
+
+    #[test]
+    fn ethernet_padding_is_ignored() {
+        let mut buf = [0u8; 128];
+        buf[..WRITE_FRAME.len()].copy_from_slice(&WRITE_FRAME);
+        assert_eq!(Frame::parse(&buf).unwrap().payload.len(), 4);
+    }
+
+    #[test]
+    fn truncated_at_every_length() {
+        for len in 0..WRITE_FRAME.len() {
+            let want = match len {
+                0..14 => Layer::Ethernet,
+                _ => Layer::Ipv6, // the IPv6 payload length reaches the end of the frame
+            };
+            assert_eq!(
+                Frame::parse(&WRITE_FRAME[..len]),
+                Err(FrameError::Truncated(want)),
+                "{len}"
+            );
+        }
+    }
+
+    /// Shortens the frame's IPv6 and UDP lengths consistently (and fixes the checksum) so each
+    /// inner layer's own truncation check is reached.
+    fn shortened(udp_len: usize) -> ([u8; 114], usize) {
+        let mut b = WRITE_FRAME;
+        b[18..20].copy_from_slice(&(udp_len as u16).to_be_bytes());
+        b[58..60].copy_from_slice(&(udp_len as u16).to_be_bytes());
+        let total = 54 + udp_len;
+        if udp_len >= 8 {
+            let mut u = UdpPacket::new_unchecked(&mut b[54..total]);
+            u.fill_checksum(write_endpoints().src, write_endpoints().dst);
+        }
+        (b, total)
+    }
+
+    #[test]
+    fn truncated_inner_layers() {
+        for udp_len in 0..8 {
+            let (b, total) = shortened(udp_len);
+            assert_eq!(
+                Frame::parse(&b[..total]),
+                Err(FrameError::Truncated(Layer::Udp))
+            );
+        }
+        for udp_len in 8..8 + header::HEADER_LEN {
+            let (b, total) = shortened(udp_len);
+            assert_eq!(
+                Frame::parse(&b[..total]),
+                Err(FrameError::Truncated(Layer::BlueBridge))
+            );
+        }
+    }
+
+    #[test]
+    fn other_traffic_is_rejected() {
+        let mut b = WRITE_FRAME;
+        b[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+        assert_eq!(Frame::parse(&b), Err(FrameError::NotIpv6(0x0800)));
+        let mut b = WRITE_FRAME;
+        b[14] = 0x40;
+        assert_eq!(Frame::parse(&b), Err(FrameError::BadIpVersion(4)));
+        let mut b = WRITE_FRAME;
+        b[20] = 6;
+        assert_eq!(Frame::parse(&b), Err(FrameError::NotUdp(6)));
+        let mut b = WRITE_FRAME;
+        b[56..58].copy_from_slice(&53u16.to_be_bytes());
+        assert_eq!(Frame::parse(&b), Err(FrameError::WrongPort(49152, 53)));
+    }
+
+    #[test]
+    fn bad_checksum() {
+        for at in [20, 30, 50, 60, 70, 100, 113] {
+            let mut b = WRITE_FRAME;
+            b[at] ^= 0x10;
+            if at == 20 {
+                continue; // next header: reported as NotUdp, checked in other_traffic_is_rejected
+            }
+            assert_eq!(Frame::parse(&b), Err(FrameError::BadChecksum), "byte {at}");
+        }
+    }
+
+    #[test]
+    fn bad_version() {
+        let mut b = WRITE_FRAME;
+        b[62] = 9;
+        let mut u = UdpPacket::new_unchecked(&mut b[54..]);
+        u.fill_checksum(write_endpoints().src, write_endpoints().dst);
+        assert_eq!(Frame::parse(&b), Err(FrameError::UnsupportedVersion(9)));
+        assert_eq!(
+            Envelope::parse(&b).unwrap().request_id_any_version(),
+            Some(0x1234)
+        );
+    }
+
+    #[test]
+    fn udp_length_must_match_ip_payload() {
+        let mut b = WRITE_FRAME;
+        b[59] = 0x3b; // UDP length one short of the IPv6 payload length
+        assert_eq!(Frame::parse(&b), Err(FrameError::BadLength(Layer::Udp)));
+    }
+
+    #[test]
+    fn builder_errors() {
+        let mut small = [0u8; 100];
+        assert_eq!(
+            build(&mut small, &endpoints(), &write_header(), &[0; 4]),
+            Err(FrameError::BufferTooSmall {
+                need: 114,
+                have: 100
+            })
+        );
+    }
+
+    #[test]
+    fn reply_endpoints() {
+        let ep = endpoints();
+        let page: Ipv6Addr = "fd00:bb:2::7:2000".parse().unwrap();
+        let r = ep.reply_from(page);
+        assert_eq!((r.src_mac, r.dst_mac), (ep.dst_mac, ep.src_mac));
+        assert_eq!((r.src, r.dst), (page, ep.src));
+        assert_eq!((r.src_port, r.dst_port), (UDP_PORT, 49152));
+        let mut buf = [0u8; 200];
+        let hdr = BbRepr {
+            flags: HeaderFlags::REPLY,
+            status: Status::OK,
+            ..write_header()
+        };
+        let n = build(&mut buf, &r, &hdr, &[]).unwrap();
+        let f = Frame::parse(&buf[..n]).unwrap();
+        assert!(f.is_reply());
+        assert_eq!(f.endpoints, r);
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn build_parse_round_trip(id in any::<u64>(), flags in any::<u8>(), status in any::<u16>(),
+                                      src in any::<[u8; 16]>(), dst in any::<[u8; 16]>(),
+                                      port in any::<u16>(), lease in any::<u64>(),
+                                      payload in proptest::collection::vec(any::<u8>(), 0..4096)) {
+                let ep = Endpoints { src: Ipv6Addr::from(src), dst: Ipv6Addr::from(dst),
+                                     src_port: port, ..endpoints() };
+                let hdr = BbRepr { request_id: id, flags: HeaderFlags(flags), status: Status(status),
+                                   lease, ..write_header() };
+                let mut buf = [0u8; 4300];
+                let n = build(&mut buf, &ep, &hdr, &payload).unwrap();
+                prop_assert_eq!(n, FRAME_OVERHEAD + payload.len());
+                let f = Frame::parse(&buf[..n]).unwrap();
+                prop_assert_eq!(f.endpoints, ep);
+                prop_assert_eq!(f.header, hdr);
+                prop_assert_eq!(f.payload, &payload[..]);
+            }
+
+            #[test]
+            fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..300)) {
+                let _ = Frame::parse(&data);
+            }
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! BlueBridge wire protocol: the address codec (a remote page and an operation as one IPv6
+//! address) and the frame format (Ethernet / IPv6 / UDP / BlueBridge header / payload).
+//!
+//! `docs/protocol.md` is the specification this crate implements; every other crate of the
+//! project speaks through it. `no_std`, no allocation, no unsafe.
+#![no_std]
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+#[cfg(test)]
+extern crate std;
+
+pub mod addr;
+pub mod checksum;
+pub mod codes;
+pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
+pub mod message;
+pub mod segment;
+pub mod wire;
+
+pub use addr::{AddrError, HostId, NetPrefix, PageHandle, RemoteAddr};
+pub use codes::{HeaderFlags, OpFlags, Opcode, Status};
+pub use frame::{Endpoints, Envelope, Frame, FrameError};
+pub use message::{Request, RequestError};
+pub use segment::{Reassembly, SegmentError, Segments};
+pub use wire::ethernet::MacAddr;
+pub use wire::header::BbRepr;
+
+/// The protocol version this crate speaks (header byte 0).
+pub const VERSION: u8 = 1;
+/// The UDP port servers listen on; requests go to it, replies come from it.
+pub const UDP_PORT: u16 = 0xbb00;
+/// Size of a remote page.
+pub const PAGE_SIZE: usize = 4096;
+/// Bytes in front of the payload: Ethernet 14 + IPv6 40 + UDP 8 + BlueBridge 48.
+pub const FRAME_OVERHEAD: usize = wire::ethernet::HEADER_LEN
+    + wire::ipv6::HEADER_LEN
+    + wire::udp::HEADER_LEN
+    + wire::header::HEADER_LEN;
+/// Most items one bulk request may name.
+pub const MAX_BULK: u16 = 128;
+/// The smallest `seg_max` a request may ask for (other than 0, "no limit").
+pub const MIN_SEG_MAX: u16 = 512;
+/// The smallest link MTU BlueBridge runs on (the IPv6 minimum).
+pub const MIN_MTU: u16 = 1280;
+/// The smallest MTU at which one frame carries a whole page.
+pub const PAGE_MTU: u16 = (FRAME_OVERHEAD - wire::ethernet::HEADER_LEN + PAGE_SIZE) as u16;

@@ -1,0 +1,853 @@
+//! Requests: the per-operation rules of `docs/protocol.md` §5, checked once so that request
+//! handling can trust what it is given. Also the payload formats (handle lists, bulk write
+//! entries, bulk statuses, the STAT record).
+
+use crate::addr::{NetPrefix, PageHandle, RemoteAddr};
+use crate::codes::{HeaderFlags, Opcode, Status};
+use crate::frame::{Endpoints, Frame};
+use crate::wire::header::BbRepr;
+use crate::wire::{be16, be64, put16, put64};
+use crate::{MAX_BULK, MIN_SEG_MAX, PAGE_SIZE};
+
+/// Why a request is refused before it reaches the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// The frame is a reply; a server drops it without answering.
+    #[error("a reply, not a request")]
+    NotARequest,
+    /// The destination lies outside the network prefix; dropped without answering.
+    #[error("destination outside the network prefix")]
+    OutsidePrefix,
+    /// The opcode is unknown.
+    #[error("unknown opcode {0:?}")]
+    UnknownOpcode(Opcode),
+    /// A rule of the operation's format is broken.
+    #[error("malformed request: {0}")]
+    Malformed(&'static str),
+    /// The byte range is empty where it may not be, or reaches past the page.
+    #[error("range {offset}+{length} is not inside the page")]
+    OutOfRange {
+        /// Range offset.
+        offset: u16,
+        /// Range length.
+        length: u16,
+    },
+    /// An atomic's range is not one aligned 8-byte word.
+    #[error("atomic range {offset}+{length} is not an aligned 8-byte word")]
+    Misaligned {
+        /// Range offset.
+        offset: u16,
+        /// Range length.
+        length: u16,
+    },
+    /// A bulk request names more items than [`MAX_BULK`].
+    #[error("{0} items, more than a bulk request may carry")]
+    TooMany(u16),
+    /// A page operation names handle 0.
+    #[error("page operation without a handle")]
+    NoHandle,
+}
+
+impl RequestError {
+    /// The status to answer with, or `None` when the frame is dropped without a reply.
+    pub const fn status(self) -> Option<Status> {
+        Some(match self {
+            RequestError::NotARequest | RequestError::OutsidePrefix => return None,
+            RequestError::UnknownOpcode(_) => Status::UNKNOWN_OPCODE,
+            RequestError::Malformed(_) => Status::MALFORMED,
+            RequestError::OutOfRange { .. } => Status::OUT_OF_RANGE,
+            RequestError::Misaligned { .. } => Status::MISALIGNED,
+            RequestError::TooMany(_) => Status::TOO_MANY,
+            RequestError::NoHandle => Status::INVALID_HANDLE,
+        })
+    }
+}
+
+/// What a request carries after its header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Body<'a> {
+    /// Nothing.
+    Empty,
+    /// Page bytes for `header.offset .. header.offset + header.length`.
+    Data(&'a [u8]),
+    /// READ_BULK, FREE_BULK: the pages.
+    Handles(HandleList<'a>),
+    /// WRITE_BULK: the writes.
+    Writes(WriteEntries<'a>),
+}
+
+/// A validated request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request<'a> {
+    /// Addresses and ports, as received.
+    pub endpoints: Endpoints,
+    /// The destination: host, page and operation.
+    pub target: RemoteAddr,
+    /// The header.
+    pub header: BbRepr,
+    /// The payload, interpreted.
+    pub body: Body<'a>,
+}
+
+impl<'a> Request<'a> {
+    /// The operation.
+    pub fn op(&self) -> Opcode {
+        self.target.opcode()
+    }
+
+    /// Checks a parsed frame against the rules of its operation.
+    pub fn parse(frame: &Frame<'a>, prefix: NetPrefix) -> Result<Self, RequestError> {
+        let h = frame.header;
+        if h.flags.contains(HeaderFlags::REPLY) {
+            return Err(RequestError::NotARequest);
+        }
+        let target = RemoteAddr::from_ipv6(frame.endpoints.dst, prefix)
+            .map_err(|_| RequestError::OutsidePrefix)?;
+        let op = target.opcode();
+        if !op.is_known() {
+            return Err(RequestError::UnknownOpcode(op));
+        }
+        if h.status != Status::OK {
+            return Err(RequestError::Malformed("status must be 0 in a request"));
+        }
+        if h.seg_max != 0 && h.seg_max < MIN_SEG_MAX {
+            return Err(RequestError::Malformed("seg_max below the minimum"));
+        }
+        if op.is_host_op() {
+            if !target.handle().is_none() {
+                return Err(RequestError::Malformed("host operation with a page handle"));
+            }
+        } else if target.handle().is_none() {
+            return Err(RequestError::NoHandle);
+        }
+        let p = frame.payload;
+        let range = |allow_empty: bool| -> Result<(), RequestError> {
+            let end = usize::from(h.offset) + usize::from(h.length);
+            if (h.length == 0 && !allow_empty) || end > PAGE_SIZE {
+                return Err(RequestError::OutOfRange {
+                    offset: h.offset,
+                    length: h.length,
+                });
+            }
+            Ok(())
+        };
+        let data = || -> Result<Body<'a>, RequestError> {
+            range(false)?;
+            if p.len() != usize::from(h.length) {
+                return Err(RequestError::Malformed(
+                    "payload length differs from range length",
+                ));
+            }
+            Ok(Body::Data(p))
+        };
+        let empty = |body_ok: bool| -> Result<Body<'a>, RequestError> {
+            if !body_ok || !p.is_empty() {
+                return Err(RequestError::Malformed("unexpected payload"));
+            }
+            Ok(Body::Empty)
+        };
+        let bulk_count = || -> Result<u16, RequestError> {
+            match h.count {
+                0 => Err(RequestError::Malformed("bulk count 0")),
+                n if n > MAX_BULK => Err(RequestError::TooMany(n)),
+                n => Ok(n),
+            }
+        };
+        let handles = |n: u16| -> Result<Body<'a>, RequestError> {
+            if p.len() != usize::from(n) * 8 {
+                return Err(RequestError::Malformed(
+                    "handle list length differs from count",
+                ));
+            }
+            Ok(Body::Handles(HandleList(p)))
+        };
+        let body = match op {
+            Opcode::PING | Opcode::STAT => empty(true)?,
+            Opcode::ALLOC => {
+                if h.count != 1 {
+                    return Err(RequestError::Malformed("ALLOC count must be 1"));
+                }
+                empty(true)?
+            }
+            Opcode::ALLOC_BULK => {
+                bulk_count()?;
+                empty(true)?
+            }
+            Opcode::ALLOC_WRITE => {
+                if h.count != 1 {
+                    return Err(RequestError::Malformed("ALLOC_WRITE count must be 1"));
+                }
+                data()?
+            }
+            Opcode::READ => {
+                range(false)?;
+                empty(true)?
+            }
+            Opcode::UPDATE_ACQUIRE => {
+                range(true)?;
+                empty(true)?
+            }
+            Opcode::WRITE | Opcode::WRITE_BLIND => data()?,
+            Opcode::UPDATE_COMMIT => {
+                if h.lease == 0 {
+                    return Err(RequestError::Malformed("UPDATE_COMMIT without a lease id"));
+                }
+                if h.length == 0 && !h.flags.contains(HeaderFlags::MORE) {
+                    range(true)?;
+                    empty(true)?
+                } else {
+                    data()?
+                }
+            }
+            Opcode::UPDATE_RELEASE => {
+                if h.lease == 0 {
+                    return Err(RequestError::Malformed("UPDATE_RELEASE without a lease id"));
+                }
+                empty(true)?
+            }
+            Opcode::FREE => empty(true)?,
+            Opcode::READ_BULK => {
+                range(false)?;
+                let n = bulk_count()?;
+                handles(n)?
+            }
+            Opcode::FREE_BULK => {
+                let n = bulk_count()?;
+                handles(n)?
+            }
+            Opcode::WRITE_BULK => {
+                let n = bulk_count()?;
+                Body::Writes(WriteEntries::check(p, n)?)
+            }
+            Opcode::CAS | Opcode::FETCH_ADD => {
+                range(false)?;
+                if h.length != 8 || !h.offset.is_multiple_of(8) {
+                    return Err(RequestError::Misaligned {
+                        offset: h.offset,
+                        length: h.length,
+                    });
+                }
+                empty(true)?
+            }
+            _ => return Err(RequestError::UnknownOpcode(op)),
+        };
+        if let Body::Handles(list) = body
+            && list.iter().any(PageHandle::is_none)
+        {
+            return Err(RequestError::NoHandle);
+        }
+        Ok(Request {
+            endpoints: frame.endpoints,
+            target,
+            header: h,
+            body,
+        })
+    }
+}
+
+/// A list of big-endian 64-bit page handles (READ_BULK, FREE_BULK requests; ALLOC* replies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandleList<'a>(&'a [u8]);
+
+impl<'a> HandleList<'a> {
+    /// Wraps a payload; `None` unless its length is a multiple of 8.
+    pub fn new(payload: &'a [u8]) -> Option<Self> {
+        payload
+            .len()
+            .is_multiple_of(8)
+            .then_some(HandleList(payload))
+    }
+
+    /// Number of handles.
+    pub fn len(&self) -> usize {
+        self.0.len() / 8
+    }
+
+    /// Whether the list is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The handles in order.
+    pub fn iter(&self) -> impl Iterator<Item = PageHandle> + 'a {
+        self.0
+            .chunks_exact(8)
+            .map(|c| PageHandle::from_bits(be64(c, 0)))
+    }
+
+    /// The i-th handle.
+    pub fn get(&self, i: usize) -> Option<PageHandle> {
+        self.0
+            .get(i * 8..i * 8 + 8)
+            .map(|c| PageHandle::from_bits(be64(c, 0)))
+    }
+}
+
+/// Writes `handles` as a handle list into `buf`; returns the bytes written.
+pub fn put_handles(buf: &mut [u8], handles: impl IntoIterator<Item = PageHandle>) -> usize {
+    let mut n = 0;
+    for h in handles {
+        put64(buf, n, h.to_bits());
+        n += 8;
+    }
+    n
+}
+
+/// Length of a WRITE_BULK entry header.
+pub const WRITE_ENTRY_HEADER_LEN: usize = 16;
+
+/// One write of a WRITE_BULK request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteEntry<'a> {
+    /// The page.
+    pub handle: PageHandle,
+    /// First byte written.
+    pub offset: u16,
+    /// The bytes.
+    pub data: &'a [u8],
+}
+
+/// The entries of a WRITE_BULK payload, checked: exactly `count` entries fill the payload, each
+/// inside its page, each padded to 8 bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteEntries<'a> {
+    payload: &'a [u8],
+    count: u16,
+}
+
+impl<'a> WriteEntries<'a> {
+    fn check(payload: &'a [u8], count: u16) -> Result<Self, RequestError> {
+        let e = WriteEntries { payload, count };
+        let mut seen = 0u16;
+        let mut rest = payload;
+        while !rest.is_empty() {
+            let (entry, next) =
+                split_entry(rest).ok_or(RequestError::Malformed("WRITE_BULK entry truncated"))?;
+            if entry.handle.is_none() {
+                return Err(RequestError::NoHandle);
+            }
+            let len = entry.data.len();
+            if len == 0 || usize::from(entry.offset) + len > PAGE_SIZE {
+                return Err(RequestError::OutOfRange {
+                    offset: entry.offset,
+                    length: len as u16,
+                });
+            }
+            seen += 1;
+            rest = next;
+        }
+        if seen != count {
+            return Err(RequestError::Malformed(
+                "WRITE_BULK entries differ from count",
+            ));
+        }
+        Ok(e)
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        usize::from(self.count)
+    }
+
+    /// Whether there are no entries.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The entries in order.
+    pub fn iter(&self) -> impl Iterator<Item = WriteEntry<'a>> + 'a {
+        let mut rest = self.payload;
+        core::iter::from_fn(move || {
+            let (e, next) = split_entry(rest)?;
+            rest = next;
+            Some(e)
+        })
+    }
+}
+
+fn split_entry(b: &[u8]) -> Option<(WriteEntry<'_>, &[u8])> {
+    let hdr = b.get(..WRITE_ENTRY_HEADER_LEN)?;
+    let handle = PageHandle::from_bits(be64(hdr, 0));
+    let offset = be16(hdr, 8);
+    let len = usize::from(be16(hdr, 10));
+    let padded = len.next_multiple_of(8);
+    let data = b.get(WRITE_ENTRY_HEADER_LEN..WRITE_ENTRY_HEADER_LEN + len)?;
+    let next = b.get(WRITE_ENTRY_HEADER_LEN + padded..)?;
+    Some((
+        WriteEntry {
+            handle,
+            offset,
+            data,
+        },
+        next,
+    ))
+}
+
+/// Bytes a WRITE_BULK entry of `len` data bytes takes.
+pub const fn write_entry_len(len: usize) -> usize {
+    WRITE_ENTRY_HEADER_LEN + len.next_multiple_of(8)
+}
+
+/// Appends a WRITE_BULK entry at `buf[at..]`; returns the new end, or `None` if it does not fit.
+pub fn put_write_entry(buf: &mut [u8], at: usize, e: &WriteEntry<'_>) -> Option<usize> {
+    let end = at + write_entry_len(e.data.len());
+    let len = u16::try_from(e.data.len()).ok()?;
+    let out = buf.get_mut(at..end)?;
+    put64(out, 0, e.handle.to_bits());
+    put16(out, 8, e.offset);
+    put16(out, 10, len);
+    out[12..16].fill(0);
+    out[16..16 + e.data.len()].copy_from_slice(e.data);
+    out[16 + e.data.len()..].fill(0);
+    Some(end)
+}
+
+/// Reads the i-th status of a FREE_BULK / WRITE_BULK reply payload.
+pub fn bulk_status(payload: &[u8], i: usize) -> Option<Status> {
+    payload.get(i * 2..i * 2 + 2).map(|b| Status(be16(b, 0)))
+}
+
+/// Writes per-item statuses as a bulk reply payload; returns the bytes written.
+pub fn put_bulk_statuses(buf: &mut [u8], statuses: impl IntoIterator<Item = Status>) -> usize {
+    let mut n = 0;
+    for s in statuses {
+        put16(buf, n, s.0);
+        n += 2;
+    }
+    n
+}
+
+/// The STAT reply payload: a server's counters, fixed order, big-endian u64 each. Later
+/// versions only append fields; readers ignore bytes past the ones they know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StatRecord {
+    /// Pages the arena holds.
+    pub pages_total: u64,
+    /// Pages allocated now.
+    pub pages_used: u64,
+    /// Requests handled (all workers).
+    pub requests: u64,
+    /// Requests answered with a status other than OK.
+    pub errors: u64,
+    /// Retransmissions answered from the duplicate table.
+    pub duplicates: u64,
+    /// Frames dropped as malformed.
+    pub malformed: u64,
+    /// Leases held now.
+    pub leases_held: u64,
+    /// Milliseconds since the server started.
+    pub uptime_ms: u64,
+}
+
+impl StatRecord {
+    /// Length of the record.
+    pub const LEN: usize = 64;
+
+    /// Writes the record into `buf` (at least [`StatRecord::LEN`] bytes).
+    pub fn emit(&self, buf: &mut [u8]) {
+        let f = [
+            self.pages_total,
+            self.pages_used,
+            self.requests,
+            self.errors,
+            self.duplicates,
+            self.malformed,
+            self.leases_held,
+            self.uptime_ms,
+        ];
+        for (i, v) in f.into_iter().enumerate() {
+            put64(buf, i * 8, v);
+        }
+    }
+
+    /// Reads a record; `None` if the payload is shorter than [`StatRecord::LEN`].
+    pub fn parse(buf: &[u8]) -> Option<Self> {
+        let b = buf.get(..Self::LEN)?;
+        let g = |i: usize| be64(b, i * 8);
+        Some(StatRecord {
+            pages_total: g(0),
+            pages_used: g(1),
+            requests: g(2),
+            errors: g(3),
+            duplicates: g(4),
+            malformed: g(5),
+            leases_held: g(6),
+            uptime_ms: g(7),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{self, Frame};
+    use crate::{HostId, OpFlags};
+
+    const PREFIX: NetPrefix = NetPrefix::DEFAULT;
+
+    fn frame_bytes(op: Opcode, handle: u64, h: BbRepr, payload: &[u8]) -> ([u8; 4400], usize) {
+        let mut ep = frame::tests::endpoints();
+        ep.dst = RemoteAddr::new(
+            PREFIX,
+            HostId(2),
+            PageHandle::from_bits(handle),
+            op,
+            OpFlags::NONE,
+        )
+        .to_ipv6();
+        let mut buf = [0u8; 4400];
+        let n = frame::build(&mut buf, &ep, &h, payload).unwrap();
+        (buf, n)
+    }
+
+    fn check(
+        op: Opcode,
+        handle: u64,
+        h: BbRepr,
+        payload: &[u8],
+    ) -> Result<Body<'static>, RequestError> {
+        let (buf, n) = frame_bytes(op, handle, h, payload);
+        let f = Frame::parse(&buf[..n]).unwrap();
+        // Leak-free 'static: re-derive the body's shape without borrowing the local buffer.
+        Request::parse(&f, PREFIX).map(|r| match r.body {
+            Body::Empty => Body::Empty,
+            Body::Data(_) => Body::Data(&[]),
+            Body::Handles(_) => Body::Handles(HandleList(&[])),
+            Body::Writes(_) => Body::Writes(WriteEntries {
+                payload: &[],
+                count: 0,
+            }),
+        })
+    }
+
+    fn hdr(offset: u16, length: u16) -> BbRepr {
+        BbRepr {
+            count: 1,
+            request_id: 1,
+            offset,
+            length,
+            ..BbRepr::default()
+        }
+    }
+
+    #[test]
+    fn valid_requests() {
+        assert_eq!(check(Opcode::READ, 5, hdr(0, 4096), &[]), Ok(Body::Empty));
+        assert_eq!(
+            check(Opcode::WRITE, 5, hdr(4092, 4), &[1; 4]),
+            Ok(Body::Data(&[]))
+        );
+        assert_eq!(check(Opcode::ALLOC, 0, hdr(0, 0), &[]), Ok(Body::Empty));
+        assert_eq!(check(Opcode::CAS, 5, hdr(4088, 8), &[]), Ok(Body::Empty));
+        assert_eq!(
+            check(Opcode::UPDATE_ACQUIRE, 5, hdr(0, 0), &[]),
+            Ok(Body::Empty)
+        );
+        let h = BbRepr {
+            count: 2,
+            ..hdr(0, 4096)
+        };
+        let mut list = [0u8; 16];
+        put_handles(
+            &mut list,
+            [PageHandle::from_bits(5), PageHandle::from_bits(6)],
+        );
+        assert!(matches!(
+            check(Opcode::READ_BULK, 5, h, &list),
+            Ok(Body::Handles(_))
+        ));
+    }
+
+    #[test]
+    fn unknown_opcode() {
+        assert_eq!(
+            check(Opcode(0xee), 5, hdr(0, 4096), &[]),
+            Err(RequestError::UnknownOpcode(Opcode(0xee)))
+        );
+        assert_eq!(
+            RequestError::UnknownOpcode(Opcode(0xee)).status(),
+            Some(Status::UNKNOWN_OPCODE)
+        );
+    }
+
+    #[test]
+    fn range_beyond_page() {
+        assert_eq!(
+            check(Opcode::READ, 5, hdr(4000, 97), &[]),
+            Err(RequestError::OutOfRange {
+                offset: 4000,
+                length: 97
+            })
+        );
+        assert_eq!(
+            check(Opcode::READ, 5, hdr(0, 0), &[]),
+            Err(RequestError::OutOfRange {
+                offset: 0,
+                length: 0
+            })
+        );
+        assert_eq!(
+            check(Opcode::WRITE, 5, hdr(4095, 2), &[0; 2]),
+            Err(RequestError::OutOfRange {
+                offset: 4095,
+                length: 2
+            })
+        );
+        assert_eq!(
+            check(Opcode::READ, 5, hdr(u16::MAX, u16::MAX), &[]),
+            Err(RequestError::OutOfRange {
+                offset: u16::MAX,
+                length: u16::MAX
+            })
+        );
+        assert_eq!(
+            RequestError::OutOfRange {
+                offset: 0,
+                length: 0
+            }
+            .status(),
+            Some(Status::OUT_OF_RANGE)
+        );
+    }
+
+    #[test]
+    fn malformed_requests() {
+        assert_eq!(
+            check(Opcode::WRITE, 5, hdr(0, 8), &[0; 4]),
+            Err(RequestError::Malformed(
+                "payload length differs from range length"
+            ))
+        );
+        assert_eq!(
+            check(Opcode::READ, 5, hdr(0, 4096), &[0; 4]),
+            Err(RequestError::Malformed("unexpected payload"))
+        );
+        assert_eq!(
+            check(Opcode::ALLOC, 7, hdr(0, 0), &[]),
+            Err(RequestError::Malformed("host operation with a page handle"))
+        );
+        assert_eq!(
+            check(Opcode::READ, 0, hdr(0, 4096), &[]),
+            Err(RequestError::NoHandle)
+        );
+        assert_eq!(
+            check(
+                Opcode::READ,
+                5,
+                BbRepr {
+                    seg_max: 100,
+                    ..hdr(0, 4096)
+                },
+                &[]
+            ),
+            Err(RequestError::Malformed("seg_max below the minimum"))
+        );
+        assert_eq!(
+            check(
+                Opcode::READ,
+                5,
+                BbRepr {
+                    status: Status::MOVED,
+                    ..hdr(0, 4096)
+                },
+                &[]
+            ),
+            Err(RequestError::Malformed("status must be 0 in a request"))
+        );
+        assert_eq!(
+            check(Opcode::UPDATE_COMMIT, 5, hdr(0, 4), &[0; 4]),
+            Err(RequestError::Malformed("UPDATE_COMMIT without a lease id"))
+        );
+        assert_eq!(
+            check(
+                Opcode::READ,
+                5,
+                BbRepr {
+                    flags: HeaderFlags::REPLY,
+                    ..hdr(0, 4096)
+                },
+                &[]
+            ),
+            Err(RequestError::NotARequest)
+        );
+        assert_eq!(RequestError::NotARequest.status(), None);
+    }
+
+    #[test]
+    fn atomics_must_be_aligned_words() {
+        assert_eq!(
+            check(Opcode::FETCH_ADD, 5, hdr(4, 8), &[]),
+            Err(RequestError::Misaligned {
+                offset: 4,
+                length: 8
+            })
+        );
+        assert_eq!(
+            check(Opcode::CAS, 5, hdr(8, 4), &[]),
+            Err(RequestError::Misaligned {
+                offset: 8,
+                length: 4
+            })
+        );
+        assert_eq!(
+            check(Opcode::CAS, 5, hdr(4096, 8), &[]),
+            Err(RequestError::OutOfRange {
+                offset: 4096,
+                length: 8
+            })
+        );
+    }
+
+    #[test]
+    fn bulk_limits() {
+        let h = BbRepr {
+            count: MAX_BULK + 1,
+            ..hdr(0, 0)
+        };
+        assert_eq!(
+            check(Opcode::ALLOC_BULK, 0, h, &[]),
+            Err(RequestError::TooMany(MAX_BULK + 1))
+        );
+        let h = BbRepr {
+            count: 0,
+            ..hdr(0, 0)
+        };
+        assert_eq!(
+            check(Opcode::FREE_BULK, 5, h, &[]),
+            Err(RequestError::Malformed("bulk count 0"))
+        );
+        let h = BbRepr {
+            count: 2,
+            ..hdr(0, 0)
+        };
+        assert_eq!(
+            check(Opcode::FREE_BULK, 5, h, &[0; 8]),
+            Err(RequestError::Malformed(
+                "handle list length differs from count"
+            ))
+        );
+        let mut list = [0u8; 16];
+        put_handles(&mut list, [PageHandle::from_bits(5), PageHandle::NONE]);
+        assert_eq!(
+            check(Opcode::FREE_BULK, 5, h, &list),
+            Err(RequestError::NoHandle)
+        );
+        assert_eq!(RequestError::TooMany(200).status(), Some(Status::TOO_MANY));
+    }
+
+    #[test]
+    fn write_bulk_entries() {
+        let mut buf = [0u8; 128];
+        let a = WriteEntry {
+            handle: PageHandle::from_bits(5),
+            offset: 100,
+            data: &[1, 2, 3],
+        };
+        let b = WriteEntry {
+            handle: PageHandle::from_bits(6),
+            offset: 0,
+            data: &[9; 8],
+        };
+        let end = put_write_entry(&mut buf, 0, &a).unwrap();
+        assert_eq!(end, 24);
+        assert_eq!(
+            &buf[..24],
+            &[
+                0, 0, 0, 0, 0, 0, 0, 5, 0, 100, 0, 3, 0, 0, 0, 0, 1, 2, 3, 0, 0, 0, 0, 0
+            ]
+        );
+        let end = put_write_entry(&mut buf, end, &b).unwrap();
+        let (f, n) = frame_bytes(
+            Opcode::WRITE_BULK,
+            5,
+            BbRepr {
+                count: 2,
+                ..hdr(0, 0)
+            },
+            &buf[..end],
+        );
+        let fr = Frame::parse(&f[..n]).unwrap();
+        let r = Request::parse(&fr, PREFIX).unwrap();
+        let Body::Writes(w) = r.body else {
+            panic!("not writes")
+        };
+        let mut it = w.iter();
+        assert_eq!(it.next(), Some(a));
+        assert_eq!(it.next(), Some(b));
+        assert_eq!(it.next(), None);
+        assert_eq!(
+            check(
+                Opcode::WRITE_BULK,
+                5,
+                BbRepr {
+                    count: 3,
+                    ..hdr(0, 0)
+                },
+                &buf[..end]
+            ),
+            Err(RequestError::Malformed(
+                "WRITE_BULK entries differ from count"
+            ))
+        );
+        assert_eq!(
+            check(
+                Opcode::WRITE_BULK,
+                5,
+                BbRepr {
+                    count: 2,
+                    ..hdr(0, 0)
+                },
+                &buf[..end - 1]
+            ),
+            Err(RequestError::Malformed("WRITE_BULK entry truncated"))
+        );
+        let far = WriteEntry {
+            handle: PageHandle::from_bits(5),
+            offset: 4090,
+            data: &[0; 8],
+        };
+        let end = put_write_entry(&mut buf, 0, &far).unwrap();
+        assert_eq!(
+            check(
+                Opcode::WRITE_BULK,
+                5,
+                BbRepr {
+                    count: 1,
+                    ..hdr(0, 0)
+                },
+                &buf[..end]
+            ),
+            Err(RequestError::OutOfRange {
+                offset: 4090,
+                length: 8
+            })
+        );
+    }
+
+    #[test]
+    fn stat_record_round_trip() {
+        let s = StatRecord {
+            pages_total: 1,
+            pages_used: 2,
+            requests: 3,
+            errors: 4,
+            duplicates: 5,
+            malformed: 6,
+            leases_held: 7,
+            uptime_ms: 8,
+        };
+        let mut b = [0u8; StatRecord::LEN + 8];
+        s.emit(&mut b);
+        assert_eq!(&b[..16], &[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 2]);
+        assert_eq!(StatRecord::parse(&b), Some(s));
+        assert_eq!(StatRecord::parse(&b[..63]), None);
+        let mut st = [0u8; 4];
+        assert_eq!(
+            put_bulk_statuses(&mut st, [Status::OK, Status::STALE_HANDLE]),
+            4
+        );
+        assert_eq!(st, [0, 0, 0, 4]);
+        assert_eq!(bulk_status(&st, 1), Some(Status::STALE_HANDLE));
+        assert_eq!(bulk_status(&st, 2), None);
+    }
+}

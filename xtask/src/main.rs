@@ -1,0 +1,164 @@
+//! `cargo xtask …`: the project's entry points. Every stage prints one line saying what it does
+//! and one saying how it ended; any failure ends the run with a non-zero exit.
+#![forbid(unsafe_code)]
+
+mod packages;
+mod stage;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+use stage::Stages;
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "BlueBridge build, test and demo entry points"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install missing Debian packages, then run every check: rustfmt, clippy, unit and
+    /// property tests, fuzz corpus replay and a short fuzz run.
+    Test {
+        /// Seconds each fuzz target runs for (0 skips the live fuzz run; the saved corpus is
+        /// still replayed by the unit tests).
+        #[arg(long, default_value_t = 20)]
+        fuzz_seconds: u64,
+        /// Do not check or install Debian packages.
+        #[arg(long)]
+        no_packages: bool,
+    },
+    /// Run every fuzz target for a bounded time (needs root for nothing; installs cargo-fuzz
+    /// when missing and uses the nightly toolchain that libFuzzer's instrumentation needs).
+    Fuzz {
+        /// Seconds each target runs for.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Run only this target (default: all of them).
+        #[arg(long)]
+        target: Option<String>,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Test {
+            fuzz_seconds,
+            no_packages,
+        } => test(fuzz_seconds, no_packages),
+        Cmd::Fuzz { seconds, target } => {
+            let mut stages = Stages::new();
+            fuzz(&mut stages, seconds, target.as_deref())
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("xtask: FAILED: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// The workspace root (the parent of this crate's directory).
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .into()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn test(fuzz_seconds: u64, no_packages: bool) -> Result<()> {
+    let mut s = Stages::new();
+    if !no_packages {
+        s.run("debian packages", packages::ensure)?;
+    }
+    s.run("cargo fmt --check", || {
+        stage::status(cargo().args(["fmt", "--all", "--", "--check"]))
+    })?;
+    s.run("cargo clippy --all-targets -D warnings", || {
+        stage::status(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--locked",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+    })?;
+    s.run("unit and property tests (incl. fuzz corpus replay)", || {
+        stage::status(cargo().args(["test", "--workspace", "--locked"]))
+    })?;
+    if fuzz_seconds > 0 {
+        fuzz(&mut s, fuzz_seconds, None)?;
+    }
+    s.finish();
+    Ok(())
+}
+
+/// The fuzz workspaces and their targets.
+const FUZZ: &[(&str, &[&str])] = &[("proto/fuzz", &["frame"])];
+
+fn fuzz(s: &mut Stages, seconds: u64, only: Option<&str>) -> Result<()> {
+    s.run("cargo-fuzz and a nightly toolchain", ensure_cargo_fuzz)?;
+    let mut ran = 0;
+    for (dir, targets) in FUZZ {
+        for target in targets.iter().filter(|t| only.is_none_or(|o| o == **t)) {
+            ran += 1;
+            s.run(&format!("fuzz {dir} {target} for {seconds} s"), || {
+                // libFuzzer adds new inputs to its first corpus directory: a scratch one, so a
+                // CI run never dirties the tree. cargo-fuzz appends the committed corpus
+                // (`<dir>/corpus/<target>`) after it, which seeds the run.
+                let scratch = root().join("target").join("fuzz-corpus").join(target);
+                std::fs::create_dir_all(&scratch)?;
+                stage::status(
+                    Command::new("cargo")
+                        .current_dir(root().join(dir))
+                        .args(["+nightly", "fuzz", "run", target, "--"])
+                        .arg(format!("-max_total_time={seconds}"))
+                        .arg("-print_final_stats=1")
+                        .arg(&scratch),
+                )
+            })?;
+        }
+    }
+    if ran == 0 {
+        bail!("no fuzz target named {}", only.unwrap_or_default());
+    }
+    Ok(())
+}
+
+fn ensure_cargo_fuzz() -> Result<()> {
+    let nightly = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--version"])
+        .output()
+        .context("running rustup")?;
+    if !nightly.status.success() {
+        bail!(
+            "libFuzzer needs a nightly toolchain (for -Zsanitizer) and `rustup run nightly` \
+             found none; install it with `rustup toolchain install nightly`"
+        );
+    }
+    let have = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        println!("      installing cargo-fuzz from crates.io");
+        stage::status(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,56 @@
+//! Debian packages the workspace needs: checked with dpkg-query, installed with apt-get (one
+//! `apt-get update` first) only when some are missing.
+
+use std::process::Command;
+
+use anyhow::{Result, bail};
+
+use crate::stage;
+
+/// What builds and tests need, and why.
+const REQUIRED: &[(&str, &str)] = &[
+    ("g++", "libFuzzer (libfuzzer-sys) is C++"),
+    ("pkg-config", "locating C libraries for -sys crates"),
+];
+
+fn installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .is_ok_and(|o| o.status.success() && o.stdout.ends_with(b"install ok installed"))
+}
+
+pub(crate) fn ensure() -> Result<()> {
+    let missing: Vec<&str> = REQUIRED
+        .iter()
+        .map(|(p, _)| *p)
+        .filter(|p| !installed(p))
+        .collect();
+    if missing.is_empty() {
+        println!("      all {} present", REQUIRED.len());
+        return Ok(());
+    }
+    for (p, why) in REQUIRED.iter().filter(|(p, _)| missing.contains(p)) {
+        println!("      missing {p} ({why})");
+    }
+    if !is_root() {
+        bail!(
+            "packages missing ({}); run as root or install them",
+            missing.join(" ")
+        );
+    }
+    stage::status(Command::new("apt-get").arg("update").arg("-q"))?;
+    stage::status(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing),
+    )
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+}
