@@ -9,8 +9,24 @@ use crate::stage;
 
 /// What builds and tests need, and why.
 const REQUIRED: &[(&str, &str)] = &[
-    ("g++", "libFuzzer (libfuzzer-sys) is C++"),
+    (
+        "clang",
+        "compiles the XDP programs (ebpf/src/*.bpf.c) and libxdp for xsk-rs",
+    ),
+    ("libbpf-dev", "bpf_helpers.h for the XDP programs"),
+    (
+        "linux-libc-dev",
+        "kernel UAPI headers (linux/bpf.h) for the XDP programs",
+    ),
+    ("libelf-dev", "libxdp/libbpf, built by xsk-rs"),
+    ("zlib1g-dev", "libxdp/libbpf, built by xsk-rs"),
+    ("m4", "libxdp's build, for xsk-rs"),
     ("pkg-config", "locating C libraries for -sys crates"),
+    ("g++", "libFuzzer (libfuzzer-sys) is C++"),
+    (
+        "iproute2",
+        "network namespaces and veth pairs for the topology and privileged tests",
+    ),
 ];
 
 fn installed(pkg: &str) -> bool {

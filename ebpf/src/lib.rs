@@ -1,0 +1,312 @@
+//! The XDP programs of BlueBridge and their loader.
+//!
+//! `steer.bpf.c` runs on every host: it sends BlueBridge frames for this host's prefixes to
+//! the AF_XDP socket of their RX queue and passes everything else to the kernel untouched.
+//! [`Steer`] loads it (aya), attaches it in driver mode (generic mode as a fallback, with a
+//! warning), fills its maps, reads its counters, and detaches it when dropped.
+#![forbid(unsafe_code)]
+
+use std::net::Ipv6Addr;
+use std::os::fd::AsRawFd;
+
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{MapData, PerCpuArray, XskMap};
+use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode};
+use aya::{Ebpf, EbpfError};
+
+/// Constants shared with the C programs, generated from `include/bluebridge.h`.
+#[expect(
+    missing_docs,
+    reason = "documented in bluebridge.h, the file they come from"
+)]
+pub mod consts {
+    include!(concat!(env!("OUT_DIR"), "/consts.rs"));
+}
+
+const _: () = assert!(consts::BB_UDP_PORT == bluebridge_proto::UDP_PORT as u32);
+
+static STEER_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/steer.bpf.o"));
+
+/// XDP verdicts, as `BPF_PROG_TEST_RUN` reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpAction {
+    /// XDP_ABORTED.
+    Aborted,
+    /// XDP_DROP.
+    Drop,
+    /// XDP_PASS: on to the kernel's stack.
+    Pass,
+    /// XDP_TX: back out of the same interface.
+    Tx,
+    /// XDP_REDIRECT: to a socket, CPU or device.
+    Redirect,
+    /// Anything else.
+    Other(u32),
+}
+
+impl From<u32> for XdpAction {
+    fn from(v: u32) -> Self {
+        match v {
+            0 => XdpAction::Aborted,
+            1 => XdpAction::Drop,
+            2 => XdpAction::Pass,
+            3 => XdpAction::Tx,
+            4 => XdpAction::Redirect,
+            v => XdpAction::Other(v),
+        }
+    }
+}
+
+/// How the program got attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachMode {
+    /// In the driver (native XDP): the fast path.
+    Driver,
+    /// Generic (SKB) XDP: works everywhere, slower; AF_XDP then runs in copy mode.
+    Generic,
+}
+
+/// Errors of loading, attaching and using the steering program.
+#[derive(Debug, thiserror::Error)]
+pub enum SteerError {
+    /// The object could not be loaded (BPF not permitted, verifier rejection, ...).
+    #[error("loading steer.bpf.o: {0} (needs root or CAP_BPF+CAP_NET_ADMIN)")]
+    Load(#[from] EbpfError),
+    /// The kernel refused the program or an attach.
+    #[error("{what}: {source}")]
+    Program {
+        /// What was attempted.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: ProgramError,
+    },
+    /// A map operation failed.
+    #[error("{what}: {source}")]
+    Map {
+        /// What was attempted.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: aya::maps::MapError,
+    },
+    /// The object lacks a map or program the loader expects (a build mismatch).
+    #[error("steer.bpf.o has no {0}")]
+    Missing(&'static str),
+    /// A prefix length above 128.
+    #[error("prefix length {0} is above 128")]
+    BadPrefixLen(u8),
+}
+
+/// The steer program's counters, summed over CPUs. See `bluebridge.h` for each reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SteerCounters {
+    /// Sent to an AF_XDP socket.
+    pub redirected: u64,
+    /// Passed: not IPv6.
+    pub pass_not_ipv6: u64,
+    /// Passed: IPv6 but not UDP.
+    pub pass_not_udp: u64,
+    /// Passed: UDP on other ports.
+    pub pass_port: u64,
+    /// Passed: BlueBridge port, destination outside our prefixes.
+    pub pass_prefix: u64,
+    /// Passed: headers cut short.
+    pub malformed: u64,
+    /// Passed: ours, but no socket on the RX queue.
+    pub no_socket: u64,
+}
+
+/// The loaded steering program, its maps, and (once attached) its link. Dropping it detaches
+/// the program.
+pub struct Steer {
+    ebpf: Ebpf,
+    xsks: XskMap<MapData>,
+    prefixes: LpmTrie<MapData, [u8; 16], u32>,
+    counters: PerCpuArray<MapData, u64>,
+    attached: Option<(String, AttachMode)>,
+}
+
+impl Steer {
+    /// Loads the program into the kernel (not attached yet).
+    pub fn load() -> Result<Self, SteerError> {
+        let mut ebpf = Ebpf::load(STEER_OBJ)?;
+        let map = |e: &mut Ebpf, n: &'static str| e.take_map(n).ok_or(SteerError::Missing(n));
+        let xsks = XskMap::try_from(map(&mut ebpf, "xsks")?).map_err(|source| SteerError::Map {
+            what: "xsks map".into(),
+            source,
+        })?;
+        let prefixes =
+            LpmTrie::try_from(map(&mut ebpf, "prefixes")?).map_err(|source| SteerError::Map {
+                what: "prefixes map".into(),
+                source,
+            })?;
+        let counters =
+            PerCpuArray::try_from(map(&mut ebpf, "steer_counters")?).map_err(|source| {
+                SteerError::Map {
+                    what: "steer_counters map".into(),
+                    source,
+                }
+            })?;
+        let mut s = Steer {
+            ebpf,
+            xsks,
+            prefixes,
+            counters,
+            attached: None,
+        };
+        s.program()?.load().map_err(|source| SteerError::Program {
+            what: "loading bb_steer".into(),
+            source,
+        })?;
+        Ok(s)
+    }
+
+    fn program(&mut self) -> Result<&mut Xdp, SteerError> {
+        self.ebpf
+            .program_mut("bb_steer")
+            .ok_or(SteerError::Missing("program bb_steer"))?
+            .try_into()
+            .map_err(|source| SteerError::Program {
+                what: "bb_steer type".into(),
+                source,
+            })
+    }
+
+    /// Attaches to `ifname` in driver mode, or generic mode if the driver refuses (logged as a
+    /// warning). With `force_generic` driver mode is not tried.
+    pub fn attach(&mut self, ifname: &str, force_generic: bool) -> Result<AttachMode, SteerError> {
+        let prog = self.program()?;
+        let mode = if force_generic {
+            Err(None)
+        } else {
+            prog.attach(ifname, XdpMode::Driver)
+                .map(|_| AttachMode::Driver)
+                .map_err(Some)
+        };
+        let mode = match mode {
+            Ok(m) => m,
+            Err(e) => {
+                if let Some(e) = e {
+                    tracing::warn!(
+                        %ifname, error = %e,
+                        "driver-mode XDP refused; falling back to generic mode (slower)"
+                    );
+                }
+                prog.attach(ifname, XdpMode::Skb)
+                    .map_err(|source| SteerError::Program {
+                        what: format!("attaching bb_steer to {ifname}"),
+                        source,
+                    })?;
+                AttachMode::Generic
+            }
+        };
+        tracing::info!(%ifname, ?mode, "bb_steer attached");
+        self.attached = Some((ifname.to_owned(), mode));
+        Ok(mode)
+    }
+
+    /// Where the program is attached, if it is.
+    pub fn attached(&self) -> Option<(&str, AttachMode)> {
+        self.attached.as_ref().map(|(i, m)| (i.as_str(), *m))
+    }
+
+    /// Steers frames whose destination lies in `network/len` (e.g. the host's /48).
+    pub fn add_prefix(&mut self, network: Ipv6Addr, len: u8) -> Result<(), SteerError> {
+        if len > 128 {
+            return Err(SteerError::BadPrefixLen(len));
+        }
+        let key = Key::new(u32::from(len), network.octets());
+        self.prefixes
+            .insert(&key, 1, 0)
+            .map_err(|source| SteerError::Map {
+                what: format!("adding prefix {network}/{len}"),
+                source,
+            })
+    }
+
+    /// Stops steering `network/len`.
+    pub fn remove_prefix(&mut self, network: Ipv6Addr, len: u8) -> Result<(), SteerError> {
+        let key = Key::new(u32::from(len), network.octets());
+        self.prefixes
+            .remove(&key)
+            .map_err(|source| SteerError::Map {
+                what: format!("removing prefix {network}/{len}"),
+                source,
+            })
+    }
+
+    /// Puts an AF_XDP socket on RX queue `queue`.
+    pub fn set_socket(&mut self, queue: u32, socket: impl AsRawFd) -> Result<(), SteerError> {
+        self.xsks
+            .set(queue, socket, 0)
+            .map_err(|source| SteerError::Map {
+                what: format!("registering the AF_XDP socket of queue {queue}"),
+                source,
+            })
+    }
+
+    /// Removes the socket of RX queue `queue`.
+    pub fn clear_socket(&mut self, queue: u32) -> Result<(), SteerError> {
+        self.xsks.unset(queue).map_err(|source| SteerError::Map {
+            what: format!("removing the AF_XDP socket of queue {queue}"),
+            source,
+        })
+    }
+
+    /// The counters, summed over CPUs.
+    pub fn counters(&self) -> Result<SteerCounters, SteerError> {
+        let get = |i: u32| -> Result<u64, SteerError> {
+            let v = self.counters.get(&i, 0).map_err(|source| SteerError::Map {
+                what: "reading steer_counters".into(),
+                source,
+            })?;
+            Ok(v.iter().sum())
+        };
+        Ok(SteerCounters {
+            redirected: get(consts::BB_STEER_REDIRECTED)?,
+            pass_not_ipv6: get(consts::BB_STEER_PASS_NOT_IPV6)?,
+            pass_not_udp: get(consts::BB_STEER_PASS_NOT_UDP)?,
+            pass_port: get(consts::BB_STEER_PASS_PORT)?,
+            pass_prefix: get(consts::BB_STEER_PASS_PREFIX)?,
+            malformed: get(consts::BB_STEER_MALFORMED)?,
+            no_socket: get(consts::BB_STEER_NO_SOCKET)?,
+        })
+    }
+
+    /// Runs the program once on `frame` with `BPF_PROG_TEST_RUN` (no interface needed) and
+    /// returns its verdict.
+    pub fn test_run(&mut self, frame: &[u8]) -> Result<XdpAction, SteerError> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        };
+        let r = self
+            .program()?
+            .test_run(opts)
+            .map_err(|source| SteerError::Program {
+                what: "BPF_PROG_TEST_RUN".into(),
+                source,
+            })?;
+        Ok(XdpAction::from(r.return_value))
+    }
+}
+
+impl std::fmt::Debug for Steer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Steer")
+            .field("attached", &self.attached)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Steer {
+    fn drop(&mut self) {
+        if let Some((ifname, _)) = &self.attached {
+            // The link is owned by the program inside `ebpf`; dropping it detaches.
+            tracing::info!(%ifname, "bb_steer detached");
+        }
+    }
+}
