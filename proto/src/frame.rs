@@ -160,12 +160,18 @@ impl<'a> Frame<'a> {
     /// Parses a whole frame, verifying the UDP checksum.
     pub fn parse(buf: &'a [u8]) -> Result<Self, FrameError> {
         let env = Envelope::parse(buf)?;
-        let p = BbPacket::new_checked(env.udp_payload)?;
+        Self::from_message(env.endpoints, env.udp_payload)
+    }
+
+    /// A frame from a BlueBridge message (a UDP payload) whose lower layers a kernel socket
+    /// has already taken off; `endpoints` says where it came from and went to (MACs unused).
+    pub fn from_message(endpoints: Endpoints, udp_payload: &'a [u8]) -> Result<Self, FrameError> {
+        let p = BbPacket::new_checked(udp_payload)?;
         let header = BbRepr::parse(&p)?;
         Ok(Frame {
-            endpoints: env.endpoints,
+            endpoints,
             header,
-            payload: &env.udp_payload[header::HEADER_LEN..],
+            payload: &udp_payload[header::HEADER_LEN..],
         })
     }
 

@@ -1,0 +1,639 @@
+//! Request handling as pure code: a frame (or a BlueBridge message from a kernel socket) and
+//! the time go in, reply frames come out through a [`ReplySink`]. No sockets, no clocks, no
+//! allocation per request: every table is sized when the handler is made.
+
+use bluebridge_proto::frame::{Endpoints, Envelope, Frame, FrameError};
+use bluebridge_proto::message::{
+    Body, HandleList, Request, StatRecord, WriteEntries, put_bulk_statuses, put_handles,
+};
+use bluebridge_proto::segment::Segments;
+use bluebridge_proto::{
+    BbRepr, HeaderFlags, HostId, NetPrefix, OpFlags, Opcode, PageHandle, RemoteAddr, Status,
+};
+
+use crate::dedup::{BULK_PAYLOAD_MAX, Dedup, DedupKey, StoredReply};
+use crate::lease::{ClientKey, Leases};
+use crate::stats::Stats;
+use crate::store::{PageIdx, Store};
+
+/// Where reply frames go: the AF_XDP TX ring, a kernel socket, or a test's vector.
+pub trait ReplySink {
+    /// Sends one reply; `false` when there is no room (the reply is dropped and counted; the
+    /// client's retransmission recovers it).
+    fn send(&mut self, ep: &Endpoints, header: &BbRepr, payload: &[u8]) -> bool;
+}
+
+/// Sends one reply and counts it.
+fn send(
+    stats: &mut Stats,
+    sink: &mut impl ReplySink,
+    ep: &Endpoints,
+    h: &BbRepr,
+    payload: &[u8],
+) -> bool {
+    stats.count_reply(h.status);
+    let ok = sink.send(ep, h, payload);
+    if !ok {
+        stats.tx_dropped += 1;
+    }
+    ok
+}
+
+/// How a handler is set up.
+#[derive(Debug, Clone)]
+pub struct HandlerConfig {
+    /// The deployment's network prefix.
+    pub prefix: NetPrefix,
+    /// This server's host id.
+    pub host: HostId,
+    /// Most page bytes one reply frame carries (from the MTU and framing mode).
+    pub max_reply_data: u16,
+    /// Replies remembered for at-most-once execution.
+    pub dedup_capacity: usize,
+    /// Of those, bulk replies with payloads.
+    pub dedup_bulk_capacity: usize,
+    /// Leases that may be held at once (≤ 65535).
+    pub lease_capacity: u16,
+    /// Lease time when a client asks for none, ms.
+    pub lease_default_ms: u64,
+    /// Longest lease granted, ms.
+    pub lease_max_ms: u64,
+}
+
+impl HandlerConfig {
+    /// Defaults for a server of `host` under `prefix`.
+    pub fn new(prefix: NetPrefix, host: HostId, max_reply_data: u16) -> Self {
+        HandlerConfig {
+            prefix,
+            host,
+            max_reply_data,
+            dedup_capacity: 1 << 17,
+            dedup_bulk_capacity: 1 << 12,
+            lease_capacity: u16::MAX,
+            lease_default_ms: 1_000,
+            lease_max_ms: 60_000,
+        }
+    }
+}
+
+/// The outcome of a non-idempotent operation: what the reply says and what the duplicate table
+/// remembers.
+#[derive(Debug, Clone, Copy)]
+struct Outcome {
+    status: Status,
+    handle: PageHandle,
+    lease: u64,
+    operand0: u64,
+    count: u16,
+    payload_len: usize,
+}
+
+impl Outcome {
+    fn status(status: Status, handle: PageHandle) -> Self {
+        Outcome {
+            status,
+            handle,
+            lease: 0,
+            operand0: 0,
+            count: 1,
+            payload_len: 0,
+        }
+    }
+}
+
+/// The request handler: store, leases, duplicate table, counters.
+#[derive(Debug)]
+pub struct Handler {
+    cfg: HandlerConfig,
+    store: Store,
+    leases: Leases,
+    dedup: Dedup,
+    stats: Stats,
+    scratch: [u8; BULK_PAYLOAD_MAX],
+}
+
+impl Handler {
+    /// A handler over `store`.
+    pub fn new(cfg: HandlerConfig, store: Store) -> Self {
+        Handler {
+            leases: Leases::new(cfg.lease_capacity, cfg.lease_default_ms, cfg.lease_max_ms),
+            dedup: Dedup::new(cfg.dedup_capacity, cfg.dedup_bulk_capacity),
+            cfg,
+            store,
+            stats: Stats::default(),
+            scratch: [0; BULK_PAYLOAD_MAX],
+        }
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Bytes of server memory besides the arena: page metadata, leases, duplicate table.
+    pub fn overhead_bytes(&self) -> usize {
+        self.store.meta_bytes() + self.leases.bytes() + self.dedup.bytes()
+    }
+
+    /// The STAT record as of `now_ns`.
+    pub fn stat_record(&self, now_ns: u64) -> StatRecord {
+        StatRecord {
+            pages_total: u64::from(self.store.pages_total()),
+            pages_used: u64::from(self.store.pages_used()),
+            requests: self.stats.requests,
+            errors: self.stats.errors(),
+            duplicates: self.stats.duplicates,
+            malformed: self.stats.malformed_total(),
+            leases_held: self.leases.held(now_ns),
+            uptime_ms: now_ns / 1_000_000,
+        }
+    }
+
+    /// Handles one Ethernet frame received at `now_ns` (nanoseconds since the server started).
+    pub fn handle_frame(&mut self, buf: &[u8], now_ns: u64, sink: &mut impl ReplySink) {
+        match Frame::parse(buf) {
+            Ok(f) => self.handle_message(&f, now_ns, sink),
+            Err(FrameError::UnsupportedVersion(v)) => {
+                self.stats
+                    .count_malformed(FrameError::UnsupportedVersion(v));
+                if let Ok(env) = Envelope::parse(buf) {
+                    self.reject_version(&env, sink);
+                }
+            }
+            Err(e) => self.stats.count_malformed(e),
+        }
+    }
+
+    /// Answers a message of another protocol version: one version-1 header with
+    /// UNSUPPORTED_VERSION and the request id (docs/protocol.md §7).
+    pub fn reject_version(&mut self, env: &Envelope<'_>, sink: &mut impl ReplySink) {
+        let Some(request_id) = env.request_id_any_version() else {
+            return;
+        };
+        // Only answer what looks like a request to us (the port), never a reply.
+        if env.endpoints.dst_port != bluebridge_proto::UDP_PORT
+            || !self.cfg.prefix.contains(env.endpoints.dst)
+        {
+            return;
+        }
+        let h = BbRepr {
+            flags: HeaderFlags::REPLY,
+            status: Status::UNSUPPORTED_VERSION,
+            request_id,
+            ..BbRepr::default()
+        };
+        send(
+            &mut self.stats,
+            sink,
+            &env.endpoints.reply_from(env.endpoints.dst),
+            &h,
+            &[],
+        );
+    }
+
+    fn addr(&self, handle: PageHandle, op: Opcode) -> RemoteAddr {
+        RemoteAddr::new(self.cfg.prefix, self.cfg.host, handle, op, OpFlags::NONE)
+    }
+
+    fn reply_header(req: &BbRepr, status: Status) -> BbRepr {
+        BbRepr {
+            flags: HeaderFlags::REPLY,
+            status,
+            item: req.item,
+            count: req.count,
+            request_id: req.request_id,
+            offset: req.offset,
+            length: req.length,
+            seg_max: 0,
+            lease: 0,
+            operand0: 0,
+            operand1: 0,
+        }
+    }
+
+    /// Handles one parsed message.
+    pub fn handle_message(&mut self, f: &Frame<'_>, now_ns: u64, sink: &mut impl ReplySink) {
+        let req = match Request::parse(f, self.cfg.prefix) {
+            Ok(r) => r,
+            Err(e) => {
+                match e.status() {
+                    None => self.stats.dropped_not_for_us += 1,
+                    Some(st) => {
+                        self.stats.requests += 1;
+                        if RemoteAddr::from_ipv6(f.endpoints.dst, self.cfg.prefix)
+                            .is_ok_and(|a| a.opcode() == Opcode::WRITE_BLIND)
+                        {
+                            self.stats.count_reply(st); // counted, never answered
+                            return;
+                        }
+                        let h = Self::reply_header(&f.header, st);
+                        send(
+                            &mut self.stats,
+                            sink,
+                            &f.endpoints.reply_from(f.endpoints.dst),
+                            &h,
+                            &[],
+                        );
+                    }
+                }
+                return;
+            }
+        };
+        let op = req.op();
+        let host = req.target.host_id();
+        let alloc = matches!(op, Opcode::ALLOC | Opcode::ALLOC_WRITE | Opcode::ALLOC_BULK);
+        if host != self.cfg.host && !(host.is_any() && alloc) {
+            self.stats.dropped_not_for_us += 1;
+            return;
+        }
+        self.stats.requests += 1;
+        self.stats.ops[usize::from(op.0)] += 1;
+        let who = ClientKey {
+            addr: req.endpoints.src.octets(),
+            port: req.endpoints.src_port,
+        };
+
+        if op.is_idempotent() || op == Opcode::UPDATE_ACQUIRE {
+            self.idempotent(&req, who, now_ns, sink);
+            return;
+        }
+        let key = DedupKey {
+            client: who,
+            request_id: req.header.request_id,
+        };
+        if let Some((stored, payload)) = self.dedup.get(&key) {
+            self.stats.duplicates += 1;
+            let n = payload.len();
+            self.scratch[..n].copy_from_slice(payload);
+            let o = Outcome {
+                status: stored.status,
+                handle: stored.handle,
+                lease: stored.lease,
+                operand0: stored.operand0,
+                count: stored.count,
+                payload_len: n,
+            };
+            self.reply_outcome(&req, op, o, sink);
+            return;
+        }
+        let o = self.execute(&req, who, now_ns);
+        self.dedup.insert(
+            key,
+            StoredReply {
+                status: o.status,
+                handle: o.handle,
+                lease: o.lease,
+                operand0: o.operand0,
+                count: o.count,
+                has_payload: false,
+            },
+            &self.scratch[..o.payload_len],
+        );
+        self.reply_outcome(&req, op, o, sink);
+    }
+
+    fn reply_outcome(
+        &mut self,
+        req: &Request<'_>,
+        op: Opcode,
+        o: Outcome,
+        sink: &mut impl ReplySink,
+    ) {
+        let mut h = Self::reply_header(&req.header, o.status);
+        h.lease = o.lease;
+        h.operand0 = o.operand0;
+        h.count = o.count;
+        let src = if o.handle.is_none() {
+            req.target
+        } else {
+            self.addr(o.handle, op)
+        };
+        let ep = req.endpoints.reply_from(src.to_ipv6());
+        // ALLOC and ALLOC_WRITE: the one handle is the payload as well as the source address.
+        let mut one = [0u8; 8];
+        let payload: &[u8] =
+            if matches!(op, Opcode::ALLOC | Opcode::ALLOC_WRITE) && o.status.is_ok() {
+                put_handles(&mut one, [o.handle]);
+                &one
+            } else {
+                &self.scratch[..o.payload_len]
+            };
+        send(&mut self.stats, sink, &ep, &h, payload);
+    }
+
+    /// Sends the frames of a page range (READ, READ_BULK items, UPDATE_ACQUIRE) with header `h`
+    /// from `src`. Returns false if the sink ran out of room.
+    fn send_range(
+        &mut self,
+        req: &Request<'_>,
+        p: PageIdx,
+        src: RemoteAddr,
+        mut h: BbRepr,
+        sink: &mut impl ReplySink,
+    ) -> bool {
+        let ep = req.endpoints.reply_from(src.to_ipv6());
+        let (offset, length) = (req.header.offset, req.header.length);
+        if length == 0 {
+            h.offset = offset;
+            h.length = 0;
+            return send(&mut self.stats, sink, &ep, &h, &[]);
+        }
+        let max = match req.header.seg_max {
+            0 => self.cfg.max_reply_data,
+            m => m.min(self.cfg.max_reply_data),
+        };
+        let page = self.store.page(p);
+        for (o, l) in Segments::new(offset, length, max) {
+            h.offset = o;
+            h.length = l;
+            let data = &page[usize::from(o)..usize::from(o) + usize::from(l)];
+            if !send(&mut self.stats, sink, &ep, &h, data) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Sends a one-frame reply without payload: an error, or the OK of a WRITE.
+    fn reply_status(
+        &mut self,
+        req: &Request<'_>,
+        src: RemoteAddr,
+        h: BbRepr,
+        st: Status,
+        sink: &mut impl ReplySink,
+    ) {
+        let h = BbRepr {
+            status: st,
+            lease: 0,
+            operand0: 0,
+            ..h
+        };
+        send(
+            &mut self.stats,
+            sink,
+            &req.endpoints.reply_from(src.to_ipv6()),
+            &h,
+            &[],
+        );
+    }
+
+    /// Operations that may run twice: executed every time, nothing remembered.
+    fn idempotent(
+        &mut self,
+        req: &Request<'_>,
+        who: ClientKey,
+        now_ns: u64,
+        sink: &mut impl ReplySink,
+    ) {
+        let op = req.op();
+        let base = Self::reply_header(&req.header, Status::OK);
+        let target = req.target;
+        match op {
+            Opcode::PING => {
+                let h = BbRepr {
+                    operand0: req.header.operand0,
+                    operand1: req.header.operand1,
+                    ..base
+                };
+                send(
+                    &mut self.stats,
+                    sink,
+                    &req.endpoints.reply_from(target.to_ipv6()),
+                    &h,
+                    &[],
+                );
+            }
+            Opcode::STAT => {
+                let mut rec = [0u8; StatRecord::LEN];
+                self.stat_record(now_ns).emit(&mut rec);
+                send(
+                    &mut self.stats,
+                    sink,
+                    &req.endpoints.reply_from(target.to_ipv6()),
+                    &base,
+                    &rec,
+                );
+            }
+            Opcode::READ => match self.store.resolve(target.handle()) {
+                Ok(p) => {
+                    self.send_range(req, p, target, base, sink);
+                }
+                Err(st) => self.reply_status(req, target, base, st, sink),
+            },
+            Opcode::READ_BULK => {
+                let Body::Handles(list) = req.body else {
+                    return;
+                };
+                for (i, handle) in list.iter().enumerate() {
+                    let src = target.with_handle(handle);
+                    let h = BbRepr {
+                        item: i as u16,
+                        ..base
+                    };
+                    match self.store.resolve(handle) {
+                        Ok(p) => {
+                            if !self.send_range(req, p, src, h, sink) {
+                                return;
+                            }
+                        }
+                        Err(st) => self.reply_status(req, src, h, st, sink),
+                    }
+                }
+            }
+            Opcode::WRITE | Opcode::WRITE_BLIND => {
+                let Body::Data(data) = req.body else { return };
+                let r = self.store.resolve(target.handle()).and_then(|p| {
+                    self.leases.check_writer(&self.store, p, who, now_ns)?;
+                    let o = usize::from(req.header.offset);
+                    self.store.page_mut(p)[o..o + data.len()].copy_from_slice(data);
+                    Ok(())
+                });
+                let st = r.err().unwrap_or(Status::OK);
+                if op == Opcode::WRITE_BLIND {
+                    self.stats.count_reply(st); // counted, never answered
+                } else {
+                    self.reply_status(req, target, base, st, sink);
+                }
+            }
+            Opcode::WRITE_BULK => {
+                let Body::Writes(entries) = req.body else {
+                    return;
+                };
+                let n = self.write_bulk(entries, who, now_ns);
+                let h = BbRepr {
+                    count: entries.len() as u16,
+                    ..base
+                };
+                let ep = req.endpoints.reply_from(target.to_ipv6());
+                send(&mut self.stats, sink, &ep, &h, &self.scratch[..n]);
+            }
+            Opcode::UPDATE_ACQUIRE => {
+                let r = self.store.resolve(target.handle()).and_then(|p| {
+                    let g = self.leases.acquire(
+                        &mut self.store,
+                        p,
+                        who,
+                        req.header.request_id,
+                        req.header.operand0,
+                        now_ns,
+                    )?;
+                    Ok((p, g))
+                });
+                match r {
+                    Ok((p, g)) => {
+                        let h = BbRepr {
+                            lease: g.id,
+                            operand0: g.ms,
+                            ..base
+                        };
+                        self.send_range(req, p, target, h, sink);
+                    }
+                    Err(st) => self.reply_status(req, target, base, st, sink),
+                }
+            }
+            _ => unreachable!("{op:?} is not idempotent"),
+        }
+    }
+
+    fn write_bulk(&mut self, entries: WriteEntries<'_>, who: ClientKey, now_ns: u64) -> usize {
+        let mut statuses = [Status::OK; bluebridge_proto::MAX_BULK as usize];
+        for (i, e) in entries.iter().enumerate() {
+            let r = self.store.resolve(e.handle).and_then(|p| {
+                self.leases.check_writer(&self.store, p, who, now_ns)?;
+                let o = usize::from(e.offset);
+                self.store.page_mut(p)[o..o + e.data.len()].copy_from_slice(e.data);
+                Ok(())
+            });
+            statuses[i] = r.err().unwrap_or(Status::OK);
+        }
+        put_bulk_statuses(&mut self.scratch, statuses[..entries.len()].iter().copied())
+    }
+
+    /// Non-idempotent operations: run once; the outcome is remembered by the caller.
+    fn execute(&mut self, req: &Request<'_>, who: ClientKey, now_ns: u64) -> Outcome {
+        let h = &req.header;
+        let target = req.target.handle();
+        let shared = h.flags.contains(HeaderFlags::SHARED);
+        match req.op() {
+            Opcode::ALLOC => match self.store.alloc(shared) {
+                Ok((_, handle)) => Outcome::status(Status::OK, handle),
+                Err(st) => Outcome::status(st, PageHandle::NONE),
+            },
+            Opcode::ALLOC_WRITE => {
+                let Body::Data(data) = req.body else {
+                    unreachable!("validated")
+                };
+                match self.store.alloc(shared) {
+                    Ok((p, handle)) => {
+                        let o = usize::from(h.offset);
+                        self.store.page_mut(p)[o..o + data.len()].copy_from_slice(data);
+                        Outcome::status(Status::OK, handle)
+                    }
+                    Err(st) => Outcome::status(st, PageHandle::NONE),
+                }
+            }
+            Opcode::ALLOC_BULK => {
+                let n = h.count;
+                if !self.store.can_alloc(u32::from(n)) {
+                    return Outcome {
+                        count: 0,
+                        ..Outcome::status(Status::OUT_OF_MEMORY, PageHandle::NONE)
+                    };
+                }
+                let mut handles = [PageHandle::NONE; bluebridge_proto::MAX_BULK as usize];
+                for slot in &mut handles[..usize::from(n)] {
+                    *slot = self.store.alloc(shared).expect("checked can_alloc").1;
+                }
+                let len = put_handles(&mut self.scratch, handles[..usize::from(n)].iter().copied());
+                Outcome {
+                    count: n,
+                    payload_len: len,
+                    ..Outcome::status(Status::OK, handles[0])
+                }
+            }
+            Opcode::UPDATE_COMMIT => {
+                let r = self.store.resolve(target).and_then(|p| {
+                    self.leases.check(&self.store, p, h.lease, now_ns)?;
+                    if let Body::Data(data) = req.body {
+                        let o = usize::from(h.offset);
+                        self.store.page_mut(p)[o..o + data.len()].copy_from_slice(data);
+                    }
+                    if !h.flags.contains(HeaderFlags::MORE) {
+                        self.leases.release(&mut self.store, p);
+                    }
+                    Ok(())
+                });
+                Outcome::status(r.err().unwrap_or(Status::OK), target)
+            }
+            Opcode::UPDATE_RELEASE => {
+                let r = self.store.resolve(target).and_then(|p| {
+                    self.leases.check(&self.store, p, h.lease, now_ns)?;
+                    self.leases.release(&mut self.store, p);
+                    Ok(())
+                });
+                Outcome::status(r.err().unwrap_or(Status::OK), target)
+            }
+            Opcode::FREE => Outcome::status(self.free(target, who, now_ns), target),
+            Opcode::FREE_BULK => {
+                let Body::Handles(list) = req.body else {
+                    unreachable!("validated")
+                };
+                let n = self.free_bulk(list, who, now_ns);
+                Outcome {
+                    count: list.len() as u16,
+                    payload_len: n,
+                    ..Outcome::status(Status::OK, target)
+                }
+            }
+            Opcode::CAS | Opcode::FETCH_ADD => {
+                let r = self.store.resolve(target).and_then(|p| {
+                    self.leases.check_writer(&self.store, p, who, now_ns)?;
+                    let o = usize::from(h.offset);
+                    let word: &mut [u8; 8] = (&mut self.store.page_mut(p)[o..o + 8])
+                        .try_into()
+                        .expect("8 bytes");
+                    let old = u64::from_le_bytes(*word);
+                    let new = if req.op() == Opcode::CAS {
+                        if old == h.operand0 { h.operand1 } else { old }
+                    } else {
+                        old.wrapping_add(h.operand0)
+                    };
+                    *word = new.to_le_bytes();
+                    Ok(old)
+                });
+                match r {
+                    Ok(old) => Outcome {
+                        operand0: old,
+                        ..Outcome::status(Status::OK, target)
+                    },
+                    Err(st) => Outcome::status(st, target),
+                }
+            }
+            op => unreachable!("{op:?} is idempotent"),
+        }
+    }
+
+    fn free(&mut self, handle: PageHandle, who: ClientKey, now_ns: u64) -> Status {
+        let r = self.store.resolve(handle).and_then(|p| {
+            self.leases.check_writer(&self.store, p, who, now_ns)?;
+            self.leases.release(&mut self.store, p);
+            self.store.free(p);
+            Ok(())
+        });
+        r.err().unwrap_or(Status::OK)
+    }
+
+    fn free_bulk(&mut self, list: HandleList<'_>, who: ClientKey, now_ns: u64) -> usize {
+        let mut statuses = [Status::OK; bluebridge_proto::MAX_BULK as usize];
+        for (i, handle) in list.iter().enumerate() {
+            statuses[i] = self.free(handle, who, now_ns);
+        }
+        put_bulk_statuses(&mut self.scratch, statuses[..list.len()].iter().copied())
+    }
+}

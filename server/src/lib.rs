@@ -1,0 +1,17 @@
+//! The BlueBridge page server.
+//!
+//! - [`store`]: the hugepage-backed page arena and handle validation.
+//! - [`lease`], [`dedup`]: UPDATE leases and at-most-once execution.
+//! - [`handler`]: request handling as pure code — frames in, frames out.
+//! - [`stats`]: the counters a running server shows.
+#![forbid(unsafe_code)]
+
+pub mod dedup;
+pub mod handler;
+pub mod lease;
+pub mod stats;
+pub mod store;
+
+pub use handler::{Handler, HandlerConfig, ReplySink};
+pub use stats::Stats;
+pub use store::{Backing, Store, StoreError};

@@ -1,0 +1,383 @@
+//! The page store: a hugepage-backed arena of 4 KiB pages, 16 bytes of metadata per page, and
+//! handles that the server validates on every use.
+//!
+//! A handle is a keyed 64-bit permutation (a 4-round Feistel network with SipHash-1-3 rounds)
+//! of (page index, generation). Generations start at a random value per page and advance on
+//! every FREE, so a freed handle decodes to an older generation (STALE_HANDLE) and a guessed
+//! one almost never decodes to a live page (INVALID_HANDLE or STALE_HANDLE).
+
+use std::hash::Hasher;
+
+use bluebridge_proto::{PAGE_SIZE, PageHandle, Status};
+use memmap2::{MmapMut, MmapOptions};
+use siphasher::sip::SipHasher13;
+
+/// Index of a page in the arena.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PageIdx(pub u32);
+
+const ALLOCATED: u16 = 1;
+const SHARED: u16 = 2;
+const NO_PAGE: u32 = u32::MAX;
+
+/// Per-page metadata: 16 bytes.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C)]
+struct PageMeta {
+    /// Advances on FREE.
+    generation: u32,
+    /// The allocating client's id in the owner table (issue: access control); 0 = anyone.
+    owner: u32,
+    /// ALLOCATED, SHARED.
+    flags: u16,
+    /// Lease slot + 1, or 0.
+    lease: u16,
+    /// Free-list link while the page is free.
+    next_free: u32,
+}
+
+const _: () = assert!(size_of::<PageMeta>() == 16);
+
+/// Errors creating a store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The arena size is not a positive multiple of 2 MiB, or holds more pages than handles
+    /// can name.
+    #[error("arena size {0} bytes: must be a positive multiple of 2 MiB and at most 16 TiB")]
+    BadSize(u64),
+    /// The memory could not be mapped at all.
+    #[error("mapping a {bytes}-byte arena: {source}")]
+    Map {
+        /// Size asked for.
+        bytes: u64,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No randomness for the handle key.
+    #[error("reading random bytes for the handle key: {0}")]
+    Random(getrandom::Error),
+}
+
+/// What backs the arena.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backing {
+    /// 2 MiB hugepages (MAP_HUGETLB).
+    Huge2M,
+    /// Ordinary 4 KiB pages (hugepages were not available).
+    Normal,
+}
+
+/// The page store.
+pub struct Store {
+    mem: MmapMut,
+    backing: Backing,
+    meta: Vec<PageMeta>,
+    free_head: u32,
+    used: u32,
+    codec: HandleCodec,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("pages", &self.meta.len())
+            .field("used", &self.used)
+            .field("backing", &self.backing)
+            .finish_non_exhaustive()
+    }
+}
+
+const HUGE: u64 = 2 << 20;
+
+impl Store {
+    /// A store of `arena_bytes` (a multiple of 2 MiB), on hugepages when `try_huge` and the
+    /// kernel has them reserved, else on ordinary pages with a warning. All memory is touched
+    /// up front (MAP_POPULATE), so a request never faults.
+    pub fn new(arena_bytes: u64, try_huge: bool) -> Result<Self, StoreError> {
+        let pages = arena_bytes / PAGE_SIZE as u64;
+        if arena_bytes == 0 || !arena_bytes.is_multiple_of(HUGE) || pages >= u64::from(NO_PAGE) {
+            return Err(StoreError::BadSize(arena_bytes));
+        }
+        let len = usize::try_from(arena_bytes).map_err(|_| StoreError::BadSize(arena_bytes))?;
+        let huge = try_huge.then(|| {
+            MmapOptions::new()
+                .len(len)
+                .huge(Some(21))
+                .populate()
+                .map_anon()
+        });
+        let (mem, backing) = match huge {
+            Some(Ok(m)) => (m, Backing::Huge2M),
+            other => {
+                if let Some(Err(e)) = other {
+                    tracing::warn!(
+                        error = %e, bytes = arena_bytes,
+                        "no 2 MiB hugepages for the arena (reserve them in \
+                         /proc/sys/vm/nr_hugepages); using ordinary pages"
+                    );
+                }
+                let m = MmapOptions::new()
+                    .len(len)
+                    .populate()
+                    .map_anon()
+                    .map_err(|source| StoreError::Map {
+                        bytes: arena_bytes,
+                        source,
+                    })?;
+                (m, Backing::Normal)
+            }
+        };
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).map_err(StoreError::Random)?;
+        let codec = HandleCodec::new(key);
+        let n = pages as u32;
+        let meta = (0..n)
+            .map(|i| PageMeta {
+                generation: codec.initial_generation(i),
+                next_free: if i + 1 < n { i + 1 } else { NO_PAGE },
+                ..PageMeta::default()
+            })
+            .collect();
+        Ok(Store {
+            mem,
+            backing,
+            meta,
+            free_head: 0,
+            used: 0,
+            codec,
+        })
+    }
+
+    /// What backs the arena.
+    pub fn backing(&self) -> Backing {
+        self.backing
+    }
+
+    /// Pages in the arena.
+    pub fn pages_total(&self) -> u32 {
+        self.meta.len() as u32
+    }
+
+    /// Pages allocated now.
+    pub fn pages_used(&self) -> u32 {
+        self.used
+    }
+
+    /// Bytes of metadata (for the memory report).
+    pub fn meta_bytes(&self) -> usize {
+        self.meta.capacity() * size_of::<PageMeta>()
+    }
+
+    /// Allocates a zeroed page.
+    pub fn alloc(&mut self, shared: bool) -> Result<(PageIdx, PageHandle), Status> {
+        let i = self.free_head;
+        if i == NO_PAGE {
+            return Err(Status::OUT_OF_MEMORY);
+        }
+        let m = &mut self.meta[i as usize];
+        self.free_head = m.next_free;
+        m.next_free = NO_PAGE;
+        m.flags = ALLOCATED | if shared { SHARED } else { 0 };
+        m.lease = 0;
+        let mut h = self.codec.encode(i, m.generation);
+        if h.is_none() {
+            // The one (index, generation) pair that encodes to handle 0 is skipped.
+            m.generation = m.generation.wrapping_add(1);
+            h = self.codec.encode(i, m.generation);
+        }
+        self.used += 1;
+        Ok((PageIdx(i), h))
+    }
+
+    /// Whether `n` pages can be allocated now.
+    pub fn can_alloc(&self, n: u32) -> bool {
+        self.pages_total() - self.used >= n
+    }
+
+    /// The page a handle names, if it is live: INVALID_HANDLE for a handle this store never
+    /// made, STALE_HANDLE for one whose page has been freed since.
+    pub fn resolve(&self, h: PageHandle) -> Result<PageIdx, Status> {
+        let (i, generation) = self.codec.decode(h);
+        let Some(m) = self.meta.get(i as usize) else {
+            return Err(Status::INVALID_HANDLE);
+        };
+        if m.generation == generation && m.flags & ALLOCATED != 0 {
+            return Ok(PageIdx(i));
+        }
+        // Generations before the current one (within half the circle) were freed.
+        let behind = m.generation.wrapping_sub(generation);
+        if behind != 0 && behind < 1 << 31 {
+            Err(Status::STALE_HANDLE)
+        } else {
+            Err(Status::INVALID_HANDLE)
+        }
+    }
+
+    /// The handle of a live page.
+    pub fn handle_of(&self, p: PageIdx) -> PageHandle {
+        self.codec.encode(p.0, self.meta[p.0 as usize].generation)
+    }
+
+    /// Zeroes and frees a live page; its handle becomes stale.
+    pub fn free(&mut self, p: PageIdx) {
+        self.page_mut(p).fill(0);
+        let m = &mut self.meta[p.0 as usize];
+        debug_assert!(m.flags & ALLOCATED != 0);
+        m.generation = m.generation.wrapping_add(1);
+        m.flags = 0;
+        m.lease = 0;
+        m.owner = 0;
+        m.next_free = self.free_head;
+        self.free_head = p.0;
+        self.used -= 1;
+    }
+
+    /// The page's bytes.
+    pub fn page(&self, p: PageIdx) -> &[u8] {
+        let at = p.0 as usize * PAGE_SIZE;
+        &self.mem[at..at + PAGE_SIZE]
+    }
+
+    /// The page's bytes, writable.
+    pub fn page_mut(&mut self, p: PageIdx) -> &mut [u8] {
+        let at = p.0 as usize * PAGE_SIZE;
+        &mut self.mem[at..at + PAGE_SIZE]
+    }
+
+    /// The lease slot + 1 recorded for the page (0 = none).
+    pub fn lease_slot(&self, p: PageIdx) -> u16 {
+        self.meta[p.0 as usize].lease
+    }
+
+    /// Records the page's lease slot + 1 (0 = none).
+    pub fn set_lease_slot(&mut self, p: PageIdx, slot: u16) {
+        self.meta[p.0 as usize].lease = slot;
+    }
+
+    /// Whether the page was allocated with SHARED.
+    pub fn is_shared(&self, p: PageIdx) -> bool {
+        self.meta[p.0 as usize].flags & SHARED != 0
+    }
+}
+
+/// The keyed permutation between (index, generation) and handles.
+struct HandleCodec {
+    keys: [SipHasher13; 4],
+}
+
+impl HandleCodec {
+    fn new(key: [u8; 32]) -> Self {
+        let k = |i: usize| u64::from_le_bytes(key[i * 8..i * 8 + 8].try_into().unwrap());
+        let round = |r: u64| SipHasher13::new_with_keys(k(0) ^ r, k(1).rotate_left(r as u32 * 16));
+        HandleCodec {
+            keys: [round(0), round(1), round(2), round(3)],
+        }
+    }
+
+    fn f(&self, r: usize, x: u32) -> u32 {
+        let mut h = self.keys[r];
+        h.write_u32(x);
+        h.finish() as u32
+    }
+
+    fn initial_generation(&self, i: u32) -> u32 {
+        // Another input domain than the rounds use (they hash 4 bytes, this 8).
+        let mut h = self.keys[0];
+        h.write_u64(u64::from(i) | 1 << 63);
+        h.finish() as u32
+    }
+
+    fn encode(&self, index: u32, generation: u32) -> PageHandle {
+        let (mut l, mut r) = (index, generation);
+        for k in 0..4 {
+            (l, r) = (r, l ^ self.f(k, r));
+        }
+        PageHandle::from_bits(u64::from(l) << 32 | u64::from(r))
+    }
+
+    fn decode(&self, h: PageHandle) -> (u32, u32) {
+        let b = h.to_bits();
+        let (mut l, mut r) = ((b >> 32) as u32, b as u32);
+        for k in (0..4).rev() {
+            (l, r) = (r ^ self.f(k, l), l);
+        }
+        (l, r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> Store {
+        Store::new(2 << 20, false).unwrap()
+    }
+
+    #[test]
+    fn codec_is_a_permutation() {
+        let c = HandleCodec::new([7; 32]);
+        for (i, g) in [(0, 0), (1, 0), (0, 1), (u32::MAX, u32::MAX), (12345, 678)] {
+            assert_eq!(c.decode(c.encode(i, g)), (i, g));
+        }
+        assert_ne!(c.encode(0, 0).to_bits(), 0);
+    }
+
+    #[test]
+    fn alloc_free_resolve() {
+        let mut s = store();
+        assert_eq!(s.pages_total(), 512);
+        let (p, h) = s.alloc(false).unwrap();
+        assert_eq!(s.resolve(h), Ok(p));
+        assert_eq!(s.handle_of(p), h);
+        assert!(s.page(p).iter().all(|&b| b == 0));
+        s.page_mut(p)[..4].copy_from_slice(b"data");
+        s.free(p);
+        assert_eq!(s.resolve(h), Err(Status::STALE_HANDLE));
+        // The page comes back zeroed, under a new handle; the old one stays stale.
+        let (p2, h2) = s.alloc(true).unwrap();
+        assert_eq!(p2, p);
+        assert_ne!(h2, h);
+        assert!(s.page(p2).iter().all(|&b| b == 0));
+        assert!(s.is_shared(p2));
+        assert_eq!(s.resolve(h), Err(Status::STALE_HANDLE));
+        assert_eq!(s.resolve(h2), Ok(p2));
+    }
+
+    #[test]
+    fn exhaustion_and_reuse() {
+        let mut s = store();
+        let all: Vec<_> = (0..512).map(|_| s.alloc(false).unwrap()).collect();
+        assert_eq!(s.alloc(false), Err(Status::OUT_OF_MEMORY));
+        assert!(!s.can_alloc(1));
+        s.free(all[7].0);
+        assert!(s.can_alloc(1));
+        assert_eq!(s.alloc(false).unwrap().0, all[7].0);
+    }
+
+    #[test]
+    fn random_handles_are_rejected() {
+        let mut s = store();
+        let live: Vec<_> = (0..256).map(|_| s.alloc(false).unwrap().1).collect();
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..200_000 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let h = PageHandle::from_bits(rng);
+            if live.contains(&h) {
+                continue;
+            }
+            assert!(s.resolve(h).is_err(), "random handle {h:?} resolved");
+        }
+    }
+
+    #[test]
+    fn bad_sizes() {
+        assert!(matches!(Store::new(0, false), Err(StoreError::BadSize(0))));
+        assert!(matches!(
+            Store::new(4096, false),
+            Err(StoreError::BadSize(4096))
+        ));
+    }
+}

@@ -1,0 +1,924 @@
+//! The request handler over real frames, without sockets: every operation, every status the
+//! server produces, duplicates, leases over time, and malformed input.
+
+use std::net::Ipv6Addr;
+
+use bluebridge_proto::frame::{Endpoints, Frame, build};
+use bluebridge_proto::message::{
+    StatRecord, WriteEntry, bulk_status, put_handles, put_write_entry,
+};
+use bluebridge_proto::{
+    BbRepr, HeaderFlags, HostId, MacAddr, NetPrefix, OpFlags, Opcode, PAGE_SIZE, PageHandle,
+    RemoteAddr, Status, UDP_PORT,
+};
+use bluebridge_server::{Handler, HandlerConfig, ReplySink, Store};
+
+const HOST: HostId = HostId(2);
+const MS: u64 = 1_000_000;
+
+struct VecSink(Vec<Vec<u8>>, usize);
+
+impl ReplySink for VecSink {
+    fn send(&mut self, ep: &Endpoints, header: &BbRepr, payload: &[u8]) -> bool {
+        if self.0.len() >= self.1 {
+            return false;
+        }
+        let mut buf = vec![0u8; 9000];
+        let n = build(&mut buf, ep, header, payload).unwrap();
+        buf.truncate(n);
+        self.0.push(buf);
+        true
+    }
+}
+
+#[derive(Debug)]
+struct Reply {
+    src: RemoteAddr,
+    dst: Ipv6Addr,
+    h: BbRepr,
+    payload: Vec<u8>,
+}
+
+struct Rig {
+    handler: Handler,
+    now: u64,
+    client: Ipv6Addr,
+    port: u16,
+    next_id: u64,
+    room: usize,
+}
+
+fn rig_with(arena: u64, max_reply_data: u16, tweak: impl FnOnce(&mut HandlerConfig)) -> Rig {
+    let mut cfg = HandlerConfig::new(NetPrefix::DEFAULT, HOST, max_reply_data);
+    cfg.dedup_capacity = 64;
+    cfg.dedup_bulk_capacity = 8;
+    tweak(&mut cfg);
+    Rig {
+        handler: Handler::new(cfg, Store::new(arena, false).unwrap()),
+        now: 1_000 * MS,
+        client: "fd00:bb:1::1".parse().unwrap(),
+        port: 40000,
+        next_id: 1,
+        room: usize::MAX,
+    }
+}
+
+fn rig() -> Rig {
+    rig_with(2 << 20, 4096, |_| {})
+}
+
+fn hdr(offset: u16, length: u16) -> BbRepr {
+    BbRepr {
+        count: 1,
+        offset,
+        length,
+        ..BbRepr::default()
+    }
+}
+
+impl Rig {
+    fn frame(&mut self, op: Opcode, handle: PageHandle, mut h: BbRepr, payload: &[u8]) -> Vec<u8> {
+        if h.request_id == 0 {
+            h.request_id = self.next_id;
+            self.next_id += 1;
+        }
+        let dst = RemoteAddr::new(NetPrefix::DEFAULT, HOST, handle, op, OpFlags::NONE);
+        let ep = Endpoints {
+            src_mac: MacAddr([2, 0, 0, 0, 0, 1]),
+            dst_mac: MacAddr([2, 0, 0, 0, 0, 2]),
+            src: self.client,
+            dst: dst.to_ipv6(),
+            src_port: self.port,
+            dst_port: UDP_PORT,
+        };
+        let mut buf = vec![0u8; 9000];
+        let n = build(&mut buf, &ep, &h, payload).unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    fn raw(&mut self, frame: &[u8]) -> Vec<Reply> {
+        let mut sink = VecSink(Vec::new(), self.room);
+        self.handler.handle_frame(frame, self.now, &mut sink);
+        sink.0
+            .iter()
+            .map(|b| {
+                let f = Frame::parse(b).expect("replies are well-formed frames");
+                assert!(f.is_reply());
+                assert_eq!(f.endpoints.src_port, UDP_PORT);
+                assert_eq!(f.endpoints.dst_port, self.port);
+                assert_eq!(f.endpoints.dst_mac, MacAddr([2, 0, 0, 0, 0, 1]));
+                Reply {
+                    src: RemoteAddr::from_ipv6(f.endpoints.src, NetPrefix::DEFAULT).unwrap(),
+                    dst: f.endpoints.dst,
+                    h: f.header,
+                    payload: f.payload.to_vec(),
+                }
+            })
+            .collect()
+    }
+
+    fn req(&mut self, op: Opcode, handle: PageHandle, h: BbRepr, payload: &[u8]) -> Vec<Reply> {
+        let f = self.frame(op, handle, h, payload);
+        let r = self.raw(&f);
+        for x in &r {
+            assert_eq!(x.dst, self.client);
+        }
+        r
+    }
+
+    /// A request answered by exactly one frame: returns it.
+    fn one(&mut self, op: Opcode, handle: PageHandle, h: BbRepr, payload: &[u8]) -> Reply {
+        let mut r = self.req(op, handle, h, payload);
+        assert_eq!(r.len(), 1, "{op:?}: {r:?}");
+        r.pop().unwrap()
+    }
+
+    fn status(&mut self, op: Opcode, handle: PageHandle, h: BbRepr, payload: &[u8]) -> Status {
+        self.one(op, handle, h, payload).h.status
+    }
+
+    fn alloc(&mut self) -> PageHandle {
+        let r = self.one(Opcode::ALLOC, PageHandle::NONE, hdr(0, 0), &[]);
+        assert_eq!(r.h.status, Status::OK);
+        assert_eq!(r.src.opcode(), Opcode::ALLOC);
+        assert_eq!(r.src.host_id(), HOST);
+        assert_eq!(r.payload, r.src.handle().to_bits().to_be_bytes());
+        r.src.handle()
+    }
+
+    fn read(&mut self, p: PageHandle, offset: u16, length: u16) -> Vec<u8> {
+        let replies = self.req(Opcode::READ, p, hdr(offset, length), &[]);
+        let mut out = vec![0u8; usize::from(length)];
+        for r in replies {
+            assert_eq!(r.h.status, Status::OK);
+            assert_eq!(r.src.handle(), p);
+            let at = usize::from(r.h.offset - offset);
+            out[at..at + r.payload.len()].copy_from_slice(&r.payload);
+        }
+        out
+    }
+}
+
+fn pattern(seed: u8) -> Vec<u8> {
+    (0..PAGE_SIZE)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[test]
+fn ping_and_stat() {
+    let mut r = rig();
+    let h = BbRepr {
+        operand0: 7,
+        operand1: 8,
+        ..hdr(0, 0)
+    };
+    let p = r.one(Opcode::PING, PageHandle::NONE, h, &[]);
+    assert_eq!((p.h.status, p.h.operand0, p.h.operand1), (Status::OK, 7, 8));
+    r.alloc();
+    let s = r.one(Opcode::STAT, PageHandle::NONE, hdr(0, 0), &[]);
+    let rec = StatRecord::parse(&s.payload).unwrap();
+    assert_eq!(
+        (rec.pages_total, rec.pages_used, rec.uptime_ms),
+        (512, 1, 1000)
+    );
+    assert_eq!(rec.requests, 3);
+}
+
+#[test]
+fn alloc_write_read_free() {
+    let mut r = rig();
+    let p = r.alloc();
+    assert!(
+        r.read(p, 0, 4096).iter().all(|&b| b == 0),
+        "new pages are zero"
+    );
+    let data = pattern(1);
+    let w = r.one(Opcode::WRITE, p, hdr(0, 4096), &data);
+    assert_eq!((w.h.status, w.h.offset, w.h.length), (Status::OK, 0, 4096));
+    assert_eq!(w.src.opcode(), Opcode::WRITE);
+    assert_eq!(r.read(p, 0, 4096), data);
+    assert_eq!(r.read(p, 100, 50), data[100..150]);
+    assert_eq!(r.status(Opcode::FREE, p, hdr(0, 0), &[]), Status::OK);
+    assert_eq!(
+        r.status(Opcode::READ, p, hdr(0, 4096), &[]),
+        Status::STALE_HANDLE
+    );
+    assert_eq!(
+        r.status(Opcode::WRITE, p, hdr(0, 4), &[1; 4]),
+        Status::STALE_HANDLE
+    );
+    assert_eq!(
+        r.status(Opcode::FREE, p, hdr(0, 0), &[]),
+        Status::STALE_HANDLE
+    );
+    // The page is reused zeroed.
+    let q = r.alloc();
+    assert_ne!(q, p);
+    assert!(r.read(q, 0, 4096).iter().all(|&b| b == 0));
+}
+
+#[test]
+fn reads_are_segmented() {
+    let mut r = rig_with(2 << 20, 4096, |_| {});
+    let p = r.alloc();
+    let data = pattern(2);
+    r.one(Opcode::WRITE, p, hdr(0, 4096), &data);
+    let frames = r.req(Opcode::READ, p, hdr(0, 4096), &[]);
+    assert_eq!(frames.len(), 1, "whole page in one frame");
+    // The client's seg_max limits the frames: four 1024-byte segments.
+    let h = BbRepr {
+        seg_max: 1184,
+        ..hdr(0, 4096)
+    };
+    let frames = r.req(Opcode::READ, p, h, &[]);
+    let ranges: Vec<_> = frames.iter().map(|f| (f.h.offset, f.h.length)).collect();
+    assert_eq!(
+        ranges,
+        [(0, 1024), (1024, 1024), (2048, 1024), (3072, 1024)]
+    );
+    // So does the server's own limit (two halves for one copy-mode chunk).
+    let mut r2 = rig_with(2 << 20, 3728, |_| {});
+    let p2 = r2.alloc();
+    r2.one(Opcode::WRITE, p2, hdr(0, 4096), &data);
+    let frames = r2.req(Opcode::READ, p2, hdr(0, 4096), &[]);
+    assert_eq!(
+        frames.iter().map(|f| f.h.length).collect::<Vec<_>>(),
+        [2048, 2048]
+    );
+    assert_eq!(r2.read(p2, 0, 4096), data);
+}
+
+#[test]
+fn segmented_writes_assemble_a_page() {
+    let mut r = rig();
+    let p = r.alloc();
+    let data = pattern(3);
+    for (o, l) in bluebridge_proto::Segments::new(0, 4096, 1184) {
+        let (o8, l8) = (usize::from(o), usize::from(l));
+        assert_eq!(
+            r.status(Opcode::WRITE, p, hdr(o, l), &data[o8..o8 + l8]),
+            Status::OK
+        );
+    }
+    assert_eq!(r.read(p, 0, 4096), data);
+}
+
+#[test]
+fn write_blind_is_never_answered() {
+    let mut r = rig();
+    let p = r.alloc();
+    assert!(r.req(Opcode::WRITE_BLIND, p, hdr(8, 4), b"abcd").is_empty());
+    assert_eq!(&r.read(p, 8, 4), b"abcd");
+    // Not even an error, but the error is counted.
+    let before = r.handler.stats().errors();
+    assert!(
+        r.req(
+            Opcode::WRITE_BLIND,
+            PageHandle::from_bits(1),
+            hdr(0, 4),
+            b"abcd"
+        )
+        .is_empty()
+    );
+    assert!(
+        r.req(Opcode::WRITE_BLIND, p, hdr(4094, 4), b"abcd")
+            .is_empty()
+    );
+    assert_eq!(r.handler.stats().errors(), before + 2);
+}
+
+#[test]
+fn alloc_write_fills_a_range() {
+    let mut r = rig();
+    let a = r.one(Opcode::ALLOC_WRITE, PageHandle::NONE, hdr(16, 5), b"hello");
+    assert_eq!(a.h.status, Status::OK);
+    assert_eq!(a.src.opcode(), Opcode::ALLOC_WRITE);
+    let p = a.src.handle();
+    let page = r.read(p, 0, 4096);
+    assert_eq!(&page[16..21], b"hello");
+    assert!(page[..16].iter().chain(&page[21..]).all(|&b| b == 0));
+}
+
+#[test]
+fn bulk_alloc_read_write_free() {
+    let mut r = rig();
+    let a = r.one(
+        Opcode::ALLOC_BULK,
+        PageHandle::NONE,
+        BbRepr {
+            count: 3,
+            ..hdr(0, 0)
+        },
+        &[],
+    );
+    assert_eq!((a.h.status, a.h.count), (Status::OK, 3));
+    let handles: Vec<_> = a
+        .payload
+        .chunks(8)
+        .map(|c| PageHandle::from_bits(u64::from_be_bytes(c.try_into().unwrap())))
+        .collect();
+    assert_eq!(handles.len(), 3);
+    assert_eq!(a.src.handle(), handles[0]);
+
+    // WRITE_BULK: one frame, three writes and one bad handle; per-entry statuses.
+    let mut buf = vec![0u8; 512];
+    let mut end = 0;
+    for (i, h) in handles.iter().enumerate() {
+        let data = [i as u8 + 1; 16];
+        end = put_write_entry(
+            &mut buf,
+            end,
+            &WriteEntry {
+                handle: *h,
+                offset: 32,
+                data: &data,
+            },
+        )
+        .unwrap();
+    }
+    let bogus = PageHandle::from_bits(0xdead_beef);
+    end = put_write_entry(
+        &mut buf,
+        end,
+        &WriteEntry {
+            handle: bogus,
+            offset: 0,
+            data: &[1],
+        },
+    )
+    .unwrap();
+    let w = r.one(
+        Opcode::WRITE_BULK,
+        handles[0],
+        BbRepr {
+            count: 4,
+            ..hdr(0, 0)
+        },
+        &buf[..end],
+    );
+    assert_eq!(w.h.status, Status::OK);
+    let st: Vec<_> = (0..4)
+        .map(|i| bulk_status(&w.payload, i).unwrap())
+        .collect();
+    assert_eq!(st[..3], [Status::OK; 3]);
+    assert!(matches!(
+        st[3],
+        Status::INVALID_HANDLE | Status::STALE_HANDLE
+    ));
+
+    // READ_BULK: each item's range comes from its own page address.
+    let mut list = vec![0u8; 32];
+    put_handles(&mut list, handles.iter().copied().chain([bogus]));
+    let frames = r.req(
+        Opcode::READ_BULK,
+        handles[0],
+        BbRepr {
+            count: 4,
+            ..hdr(32, 16)
+        },
+        &list,
+    );
+    assert_eq!(frames.len(), 4);
+    for f in &frames[..3] {
+        let i = usize::from(f.h.item);
+        assert_eq!(f.src.handle(), handles[i]);
+        assert_eq!(f.h.status, Status::OK);
+        assert_eq!(f.payload, [i as u8 + 1; 16]);
+    }
+    assert_eq!(frames[3].h.item, 3);
+    assert!(!frames[3].h.status.is_ok());
+    assert_eq!(frames[3].src.handle(), bogus);
+
+    // FREE_BULK: per-item statuses; freeing twice is stale.
+    let mut list = vec![0u8; 16];
+    put_handles(&mut list, handles[..2].iter().copied());
+    let f = r.one(
+        Opcode::FREE_BULK,
+        handles[0],
+        BbRepr {
+            count: 2,
+            ..hdr(0, 0)
+        },
+        &list,
+    );
+    assert_eq!(
+        (bulk_status(&f.payload, 0), bulk_status(&f.payload, 1)),
+        (Some(Status::OK), Some(Status::OK))
+    );
+    let f = r.one(
+        Opcode::FREE_BULK,
+        handles[0],
+        BbRepr {
+            count: 2,
+            ..hdr(0, 0)
+        },
+        &list,
+    );
+    assert_eq!(bulk_status(&f.payload, 0), Some(Status::STALE_HANDLE));
+    assert_eq!(
+        r.status(Opcode::READ, handles[2], hdr(32, 16), &[]),
+        Status::OK
+    );
+}
+
+#[test]
+fn atomics() {
+    let mut r = rig();
+    let p = r.alloc();
+    let fa = |r: &mut Rig, add: u64| {
+        let x = r.one(
+            Opcode::FETCH_ADD,
+            p,
+            BbRepr {
+                operand0: add,
+                ..hdr(64, 8)
+            },
+            &[],
+        );
+        assert_eq!(x.h.status, Status::OK);
+        x.h.operand0
+    };
+    assert_eq!(fa(&mut r, 5), 0);
+    assert_eq!(fa(&mut r, u64::MAX), 5); // wrapping: 5 + (2^64 - 1) = 4
+    assert_eq!(fa(&mut r, 0), 4);
+    // The word is little-endian in the page.
+    assert_eq!(r.read(p, 64, 8), 4u64.to_le_bytes());
+    let cas = |r: &mut Rig, expect: u64, new: u64| {
+        let x = r.one(
+            Opcode::CAS,
+            p,
+            BbRepr {
+                operand0: expect,
+                operand1: new,
+                ..hdr(64, 8)
+            },
+            &[],
+        );
+        x.h.operand0
+    };
+    assert_eq!(
+        cas(&mut r, 3, 100),
+        4,
+        "failed CAS returns the current value"
+    );
+    assert_eq!(
+        cas(&mut r, 4, 100),
+        4,
+        "successful CAS returns the old value"
+    );
+    assert_eq!(r.read(p, 64, 8), 100u64.to_le_bytes());
+    assert_eq!(
+        r.status(Opcode::CAS, p, hdr(60, 8), &[]),
+        Status::MISALIGNED
+    );
+    assert_eq!(
+        r.status(Opcode::FETCH_ADD, p, hdr(64, 4), &[]),
+        Status::MISALIGNED
+    );
+    assert_eq!(
+        r.status(Opcode::FETCH_ADD, p, hdr(4096, 8), &[]),
+        Status::OUT_OF_RANGE
+    );
+}
+
+#[test]
+fn retransmissions_execute_once() {
+    let mut r = rig();
+    let p = r.alloc();
+    // FETCH_ADD sent three times with one request id adds once and answers the same each time.
+    let f = r.frame(
+        Opcode::FETCH_ADD,
+        p,
+        BbRepr {
+            operand0: 10,
+            request_id: 777,
+            ..hdr(0, 8)
+        },
+        &[],
+    );
+    let first = r.raw(&f);
+    let again = r.raw(&f);
+    let third = r.raw(&f);
+    assert_eq!(first[0].h, again[0].h);
+    assert_eq!(first[0].h, third[0].h);
+    assert_eq!(r.read(p, 0, 8), 10u64.to_le_bytes());
+    assert_eq!(r.handler.stats().duplicates, 2);
+    // ALLOC retransmitted: the same page, not a second one.
+    let f = r.frame(
+        Opcode::ALLOC,
+        PageHandle::NONE,
+        BbRepr {
+            request_id: 778,
+            ..hdr(0, 0)
+        },
+        &[],
+    );
+    let a = r.raw(&f);
+    let b = r.raw(&f);
+    assert_eq!(a[0].src, b[0].src);
+    assert_eq!(r.handler.store().pages_used(), 2);
+    // ALLOC_BULK retransmitted: the same handles (the payload is remembered too).
+    let f = r.frame(
+        Opcode::ALLOC_BULK,
+        PageHandle::NONE,
+        BbRepr {
+            count: 4,
+            request_id: 779,
+            ..hdr(0, 0)
+        },
+        &[],
+    );
+    let a = r.raw(&f);
+    let b = r.raw(&f);
+    assert_eq!(a[0].payload, b[0].payload);
+    assert_eq!(r.handler.store().pages_used(), 6);
+    // FREE retransmitted: OK again, not STALE.
+    let f = r.frame(
+        Opcode::FREE,
+        p,
+        BbRepr {
+            request_id: 780,
+            ..hdr(0, 0)
+        },
+        &[],
+    );
+    assert_eq!(r.raw(&f)[0].h.status, Status::OK);
+    assert_eq!(r.raw(&f)[0].h.status, Status::OK);
+    // The same id from another port is another request.
+    r.port += 1;
+    let f = r.frame(
+        Opcode::FREE,
+        p,
+        BbRepr {
+            request_id: 780,
+            ..hdr(0, 0)
+        },
+        &[],
+    );
+    assert_eq!(r.raw(&f)[0].h.status, Status::STALE_HANDLE);
+}
+
+#[test]
+fn update_leases() {
+    let mut r = rig();
+    let p = r.alloc();
+    r.one(Opcode::WRITE, p, hdr(0, 4), b"v1..");
+    let acq = |r: &mut Rig, id: u64, ms: u64| {
+        r.req(
+            Opcode::UPDATE_ACQUIRE,
+            p,
+            BbRepr {
+                request_id: id,
+                operand0: ms,
+                ..hdr(0, 4)
+            },
+            &[],
+        )
+    };
+    let a = acq(&mut r, 50, 200);
+    assert_eq!((a[0].h.status, a[0].h.operand0), (Status::OK, 200));
+    assert_eq!(a[0].payload, b"v1..");
+    let lease = a[0].h.lease;
+    assert_ne!(lease, 0);
+    // A retransmitted acquire gets the same lease.
+    assert_eq!(acq(&mut r, 50, 200)[0].h.lease, lease);
+    // Another client: refused to acquire or write; reading is fine.
+    r.port += 1;
+    assert_eq!(acq(&mut r, 51, 0)[0].h.status, Status::LEASE_HELD);
+    assert_eq!(
+        r.status(Opcode::WRITE, p, hdr(0, 4), b"xxxx"),
+        Status::LEASE_HELD
+    );
+    assert_eq!(
+        r.status(Opcode::FETCH_ADD, p, hdr(8, 8), &[]),
+        Status::LEASE_HELD
+    );
+    assert_eq!(
+        r.status(Opcode::FREE, p, hdr(0, 0), &[]),
+        Status::LEASE_HELD
+    );
+    assert_eq!(r.read(p, 0, 4), b"v1..");
+    r.port -= 1;
+    // Commit with the wrong id; then a partial commit (MORE) keeps the lease, the final one
+    // releases it.
+    let commit = |r: &mut Rig, lease: u64, more: bool, o: u16, d: &[u8]| {
+        let flags = if more {
+            HeaderFlags::MORE
+        } else {
+            HeaderFlags::NONE
+        };
+        r.status(
+            Opcode::UPDATE_COMMIT,
+            p,
+            BbRepr {
+                lease,
+                flags,
+                ..hdr(o, d.len() as u16)
+            },
+            d,
+        )
+    };
+    assert_eq!(
+        commit(&mut r, lease + 1, false, 0, b"v2.."),
+        Status::LEASE_INVALID
+    );
+    assert_eq!(commit(&mut r, lease, true, 0, b"v2"), Status::OK);
+    assert_eq!(commit(&mut r, lease, false, 2, b"!!"), Status::OK);
+    assert_eq!(r.read(p, 0, 4), b"v2!!");
+    // After the final commit the id is no lease any more.
+    assert_eq!(
+        commit(&mut r, lease, false, 0, b"late"),
+        Status::LEASE_INVALID
+    );
+    // A holder that disappears: its lease expires and its late write is rejected.
+    let a = acq(&mut r, 60, 100);
+    let lease = a[0].h.lease;
+    r.now += 101 * MS;
+    r.port += 1;
+    let b = acq(&mut r, 61, 0);
+    assert_eq!(
+        b[0].h.status,
+        Status::OK,
+        "the page is usable again after expiry"
+    );
+    r.port -= 1;
+    assert_eq!(
+        commit(&mut r, lease, false, 0, b"late"),
+        Status::LEASE_EXPIRED
+    );
+    assert_eq!(r.read(p, 0, 4), b"v2!!");
+    // Release without writing.
+    r.port += 1;
+    let rel = r.status(
+        Opcode::UPDATE_RELEASE,
+        p,
+        BbRepr {
+            lease: b[0].h.lease,
+            ..hdr(0, 0)
+        },
+        &[],
+    );
+    assert_eq!(rel, Status::OK);
+    assert_eq!(r.status(Opcode::WRITE, p, hdr(0, 4), b"free"), Status::OK);
+}
+
+#[test]
+fn lease_table_full_is_busy() {
+    let mut r = rig_with(2 << 20, 4096, |c| c.lease_capacity = 1);
+    let p = r.alloc();
+    let q = r.alloc();
+    assert_eq!(
+        r.status(Opcode::UPDATE_ACQUIRE, p, hdr(0, 0), &[]),
+        Status::OK
+    );
+    assert_eq!(
+        r.status(Opcode::UPDATE_ACQUIRE, q, hdr(0, 0), &[]),
+        Status::BUSY
+    );
+}
+
+#[test]
+fn out_of_memory() {
+    let mut r = rig();
+    let a = r.one(
+        Opcode::ALLOC_BULK,
+        PageHandle::NONE,
+        BbRepr {
+            count: 128,
+            ..hdr(0, 0)
+        },
+        &[],
+    );
+    assert_eq!(a.h.status, Status::OK);
+    for _ in 0..3 {
+        r.one(
+            Opcode::ALLOC_BULK,
+            PageHandle::NONE,
+            BbRepr {
+                count: 128,
+                ..hdr(0, 0)
+            },
+            &[],
+        );
+    }
+    assert_eq!(r.handler.store().pages_used(), 512);
+    assert_eq!(
+        r.status(Opcode::ALLOC, PageHandle::NONE, hdr(0, 0), &[]),
+        Status::OUT_OF_MEMORY
+    );
+    let b = r.one(
+        Opcode::ALLOC_BULK,
+        PageHandle::NONE,
+        BbRepr {
+            count: 2,
+            ..hdr(0, 0)
+        },
+        &[],
+    );
+    assert_eq!((b.h.status, b.payload.len()), (Status::OUT_OF_MEMORY, 0));
+    assert_eq!(
+        r.status(Opcode::ALLOC_WRITE, PageHandle::NONE, hdr(0, 1), &[1]),
+        Status::OUT_OF_MEMORY
+    );
+}
+
+#[test]
+fn request_errors_come_back_as_statuses() {
+    let mut r = rig();
+    let p = r.alloc();
+    assert_eq!(
+        r.status(Opcode(0xee), p, hdr(0, 0), &[]),
+        Status::UNKNOWN_OPCODE
+    );
+    assert_eq!(
+        r.status(Opcode::READ, p, hdr(4000, 97), &[]),
+        Status::OUT_OF_RANGE
+    );
+    assert_eq!(
+        r.status(Opcode::READ, p, hdr(0, 0), &[]),
+        Status::OUT_OF_RANGE
+    );
+    assert_eq!(
+        r.status(Opcode::WRITE, p, hdr(0, 8), &[0; 4]),
+        Status::MALFORMED
+    );
+    assert_eq!(
+        r.status(Opcode::READ, PageHandle::NONE, hdr(0, 1), &[]),
+        Status::INVALID_HANDLE
+    );
+    let guessed = r.status(Opcode::READ, PageHandle::from_bits(42), hdr(0, 1), &[]);
+    assert!(
+        matches!(guessed, Status::INVALID_HANDLE | Status::STALE_HANDLE),
+        "{guessed:?}"
+    );
+    let too_many = BbRepr {
+        count: 129,
+        ..hdr(0, 0)
+    };
+    assert_eq!(
+        r.status(Opcode::ALLOC_BULK, PageHandle::NONE, too_many, &[]),
+        Status::TOO_MANY
+    );
+    // The error reply comes from the address asked, echoing id and range.
+    let e = r.one(
+        Opcode::READ,
+        p,
+        BbRepr {
+            request_id: 99,
+            ..hdr(4000, 97)
+        },
+        &[],
+    );
+    assert_eq!((e.src.handle(), e.src.opcode()), (p, Opcode::READ));
+    assert_eq!((e.h.request_id, e.h.offset, e.h.length), (99, 4000, 97));
+    assert!(e.payload.is_empty());
+}
+
+#[test]
+fn unsupported_version_is_answered_with_the_request_id() {
+    let mut r = rig();
+    let mut f = r.frame(
+        Opcode::PING,
+        PageHandle::NONE,
+        BbRepr {
+            request_id: 4242,
+            ..hdr(0, 0)
+        },
+        &[],
+    );
+    f[62] = 2;
+    // Fix the UDP checksum for the changed byte.
+    let ep_src: Ipv6Addr = r.client;
+    let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&f[38..54]).unwrap());
+    let mut u = bluebridge_proto::wire::udp::UdpPacket::new_unchecked(&mut f[54..]);
+    u.fill_checksum(ep_src, dst);
+    let rep = r.raw(&f);
+    assert_eq!(rep.len(), 1);
+    assert_eq!(
+        (rep[0].h.status, rep[0].h.request_id),
+        (Status::UNSUPPORTED_VERSION, 4242)
+    );
+}
+
+#[test]
+fn malformed_frames_are_counted_and_dropped() {
+    let mut r = rig();
+    let p = r.alloc();
+    let good = r.frame(Opcode::READ, p, hdr(0, 4096), &[]);
+    let mut bad_sum = good.clone();
+    bad_sum[100] ^= 1;
+    assert!(r.raw(&bad_sum).is_empty());
+    for len in 0..good.len() {
+        assert!(r.raw(&good[..len]).is_empty(), "truncated at {len}");
+    }
+    assert!(r.raw(&[0xff; 200]).is_empty());
+    let s = r.handler.stats();
+    assert_eq!(s.malformed[6], 1, "bad checksum");
+    assert!(s.malformed_total() >= good.len() as u64 + 2);
+    // Replies and other hosts' requests are dropped without an answer.
+    let reply = r.frame(
+        Opcode::READ,
+        p,
+        BbRepr {
+            flags: HeaderFlags::REPLY,
+            ..hdr(0, 1)
+        },
+        &[],
+    );
+    assert!(r.raw(&reply).is_empty());
+    let before = r.handler.stats().dropped_not_for_us;
+    let other = RemoteAddr::new(
+        NetPrefix::DEFAULT,
+        HostId(9),
+        p,
+        Opcode::READ,
+        OpFlags::NONE,
+    );
+    let ep = Endpoints {
+        src_mac: MacAddr([2, 0, 0, 0, 0, 1]),
+        dst_mac: MacAddr([2, 0, 0, 0, 0, 2]),
+        src: r.client,
+        dst: other.to_ipv6(),
+        src_port: r.port,
+        dst_port: UDP_PORT,
+    };
+    let mut buf = vec![0u8; 500];
+    let n = build(
+        &mut buf,
+        &ep,
+        &BbRepr {
+            request_id: 1,
+            ..hdr(0, 1)
+        },
+        &[],
+    )
+    .unwrap();
+    assert!(r.raw(&buf[..n]).is_empty());
+    assert_eq!(r.handler.stats().dropped_not_for_us, before + 1);
+    // And the good request still works.
+    assert_eq!(r.raw(&good).len(), 1);
+}
+
+#[test]
+fn anycast_alloc_is_served() {
+    let mut r = rig();
+    let dst = RemoteAddr::host_op(NetPrefix::DEFAULT, HostId::ANY, Opcode::ALLOC);
+    let ep = Endpoints {
+        src_mac: MacAddr([2, 0, 0, 0, 0, 1]),
+        dst_mac: MacAddr([2, 0, 0, 0, 0, 2]),
+        src: r.client,
+        dst: dst.to_ipv6(),
+        src_port: r.port,
+        dst_port: UDP_PORT,
+    };
+    let mut buf = vec![0u8; 500];
+    let n = build(
+        &mut buf,
+        &ep,
+        &BbRepr {
+            request_id: 5,
+            ..hdr(0, 0)
+        },
+        &[],
+    )
+    .unwrap();
+    let rep = r.raw(&buf[..n]);
+    assert_eq!(rep[0].h.status, Status::OK);
+    assert_eq!(
+        rep[0].src.host_id(),
+        HOST,
+        "the reply comes from the real host"
+    );
+}
+
+#[test]
+fn full_tx_drops_and_counts() {
+    let mut r = rig();
+    let p = r.alloc();
+    r.room = 1;
+    let frames = r.req(
+        Opcode::READ,
+        p,
+        BbRepr {
+            seg_max: 1184,
+            ..hdr(0, 4096)
+        },
+        &[],
+    );
+    assert_eq!(frames.len(), 1);
+    assert_eq!(r.handler.stats().tx_dropped, 1);
+}
+
+#[test]
+fn memory_overhead_fits_the_budget() {
+    // Metadata is 16 bytes a page: a 4 GiB arena's 1 Mi pages take 16 MiB; the tables are
+    // sized at start-up. Measured on a small arena and scaled.
+    let r = rig_with(2 << 20, 4096, |c| {
+        *c = HandlerConfig::new(NetPrefix::DEFAULT, HOST, 4096)
+    });
+    let fixed = r.handler.overhead_bytes() - 512 * 16;
+    let at_4g = fixed + (4 << 30) / PAGE_SIZE * 16;
+    assert!(at_4g < 64 << 20, "{at_4g} bytes");
+}
