@@ -1,0 +1,254 @@
+//! Local topologies for BlueBridge: network namespaces joined by veth pairs, created with
+//! iproute2 and removed when their guard is dropped — also when a test panics.
+//!
+//! Links are configured for BlueBridge's data path: no IPv6 address generation (so no
+//! link-local address, no DAD, no router solicitations), NOARP (so the kernel never sends a
+//! neighbour solicitation on them), and the MTU asked for.
+#![forbid(unsafe_code)]
+
+use std::fs::File;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use nix::sched::{CloneFlags, setns};
+
+/// A topology step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    /// An `ip` command failed.
+    #[error("`{cmd}` failed: {stderr}")]
+    Command {
+        /// The command line.
+        cmd: String,
+        /// What it printed.
+        stderr: String,
+    },
+    /// Entering a namespace failed.
+    #[error("entering network namespace {ns}: {source}")]
+    Enter {
+        /// Namespace.
+        ns: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Runs a command, failing with its stderr.
+pub fn run(cmd: &mut Command) -> Result<String, TopologyError> {
+    let shown = format!("{cmd:?}").replace('"', "");
+    let out = cmd.output().map_err(|e| TopologyError::Command {
+        cmd: shown.clone(),
+        stderr: e.to_string(),
+    })?;
+    if !out.status.success() {
+        return Err(TopologyError::Command {
+            cmd: shown,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(args: &[&str]) -> Result<String, TopologyError> {
+    run(Command::new("ip").args(args))
+}
+
+/// `ip -n NS …`.
+pub fn ip_in(ns: &str, args: &[&str]) -> Result<String, TopologyError> {
+    run(Command::new("ip").arg("-n").arg(ns).args(args))
+}
+
+/// A network namespace, deleted on drop (with every interface in it).
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates `name` (which must not exist) with its loopback up.
+    pub fn create(name: &str) -> Result<Self, TopologyError> {
+        ip(&["netns", "add", name])?;
+        let ns = Netns {
+            name: name.to_owned(),
+        };
+        ip_in(name, &["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Moves the calling thread into this namespace (for the rest of the thread's life).
+    pub fn enter(&self) -> Result<(), TopologyError> {
+        enter(&self.name)
+    }
+
+    /// The number of entries in this namespace's IPv6 neighbour table.
+    pub fn neighbour_count(&self) -> Result<usize, TopologyError> {
+        Ok(ip_in(&self.name, &["-6", "neigh", "show"])?
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .count())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(e) = ip(&["netns", "del", &self.name]) {
+            tracing::warn!(ns = %self.name, error = %e, "removing network namespace");
+        }
+    }
+}
+
+/// Moves the calling thread into network namespace `name`.
+pub fn enter(name: &str) -> Result<(), TopologyError> {
+    let f =
+        File::open(format!("/var/run/netns/{name}")).map_err(|source| TopologyError::Enter {
+            ns: name.into(),
+            source,
+        })?;
+    setns(&f, CloneFlags::CLONE_NEWNET).map_err(|e| TopologyError::Enter {
+        ns: name.into(),
+        source: e.into(),
+    })
+}
+
+/// One end of a link.
+#[derive(Debug, Clone)]
+pub struct End {
+    /// Namespace it is in.
+    pub ns: String,
+    /// Interface name.
+    pub ifname: String,
+    /// Its MAC address.
+    pub mac: [u8; 6],
+}
+
+/// Two namespaces joined by a veth pair: the simplest BlueBridge topology, a client host and
+/// a server host directly linked.
+#[derive(Debug)]
+pub struct Pair {
+    /// The client side.
+    pub client: End,
+    /// The server side.
+    pub server: End,
+    // Dropped after the ends' descriptions, deleting the namespaces (and the veth with them).
+    _client_ns: Netns,
+    _server_ns: Netns,
+}
+
+static UNIQUE: AtomicU32 = AtomicU32::new(0);
+
+/// A name prefix unique to this process and call, e.g. `bbt1234x7`: for tests running in
+/// parallel.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}{}x{}",
+        std::process::id(),
+        UNIQUE.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Fixed, locally administered MACs so captures are readable: 02:bb:00:00:<side>:<n>.
+fn mac_for(side: u8, n: u8) -> [u8; 6] {
+    [0x02, 0xbb, 0, 0, side, n]
+}
+
+impl Pair {
+    /// Creates namespaces `<name>-c` and `<name>-s` joined by veth `<name>c` ⇄ `<name>s` (the
+    /// interface names stay within 15 bytes for names up to 14 bytes), links up at `mtu`.
+    pub fn create(name: &str, mtu: u16) -> Result<Self, TopologyError> {
+        let client_ns = Netns::create(&format!("{name}-c"))?;
+        let server_ns = Netns::create(&format!("{name}-s"))?;
+        let (cif, sif) = (format!("{name}c"), format!("{name}s"));
+        let (cmac, smac) = (mac_for(1, 1), mac_for(2, 1));
+        ip(&[
+            "link",
+            "add",
+            &cif,
+            "netns",
+            client_ns.name(),
+            "address",
+            &fmt_mac(cmac),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &sif,
+            "netns",
+            server_ns.name(),
+            "address",
+            &fmt_mac(smac),
+        ])?;
+        for (ns, ifname) in [(client_ns.name(), &cif), (server_ns.name(), &sif)] {
+            configure_link(ns, ifname, mtu)?;
+        }
+        Ok(Pair {
+            client: End {
+                ns: client_ns.name().into(),
+                ifname: cif,
+                mac: cmac,
+            },
+            server: End {
+                ns: server_ns.name().into(),
+                ifname: sif,
+                mac: smac,
+            },
+            _client_ns: client_ns,
+            _server_ns: server_ns,
+        })
+    }
+
+    /// The client's namespace.
+    pub fn client_ns(&self) -> &Netns {
+        &self._client_ns
+    }
+
+    /// The server's namespace.
+    pub fn server_ns(&self) -> &Netns {
+        &self._server_ns
+    }
+}
+
+/// No IPv6 address generation (no link-local, no DAD, no RS), NOARP (no neighbour
+/// discovery), MTU, up.
+pub fn configure_link(ns: &str, ifname: &str, mtu: u16) -> Result<(), TopologyError> {
+    ip_in(ns, &["link", "set", "dev", ifname, "addrgenmode", "none"])?;
+    ip_in(
+        ns,
+        &[
+            "link",
+            "set",
+            "dev",
+            ifname,
+            "arp",
+            "off",
+            "mtu",
+            &mtu.to_string(),
+            "up",
+        ],
+    )?;
+    Ok(())
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn fmt_mac(m: [u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
+}
+
+/// Network namespaces whose names start with `prefix` (to check nothing was left behind).
+pub fn namespaces_with_prefix(prefix: &str) -> Vec<String> {
+    ip(&["netns", "list"])
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(prefix))
+        .map(str::to_owned)
+        .collect()
+}

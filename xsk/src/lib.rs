@@ -1,0 +1,444 @@
+//! AF_XDP I/O shared by the server and the client.
+//!
+//! One [`Xsk`] is one AF_XDP socket on one RX queue with its own UMEM (xsk-rs 0.11, libxdp with
+//! `XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD`: our own XDP program owns the interface and puts the
+//! socket in its XSKMAP). The UMEM's frames are split in two fixed pools: RX frames circulate
+//! fill ring → RX ring → back to the fill ring after processing; TX frames circulate free list
+//! → TX ring → completion ring → free list. Nothing is allocated after start-up.
+//!
+//! Frames larger than one UMEM chunk (a whole page: 4206 bytes, with 3840 bytes per chunk in
+//! copy mode) travel as multi-buffer chains (`XDP_USE_SG`, `XDP_PKT_CONTD` on every descriptor
+//! but the last); on receive a chain is copied into one contiguous buffer before parsing.
+//!
+//! All unsafe code of the data path is in this crate: ring and UMEM access through xsk-rs.
+
+mod link;
+
+use std::num::NonZeroU32;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+
+pub use link::{LinkError, link_mac, link_mtu, rx_queue_count};
+use xsk_rs::config::{
+    BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig,
+};
+use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
+
+/// `XDP_PKT_CONTD`: more descriptors of this packet follow.
+const XDP_PKT_CONTD: u32 = 1;
+/// UMEM chunk size.
+pub const CHUNK: u32 = 4096;
+/// Frames descriptors are moved in, per ring operation.
+const BATCH: usize = 64;
+/// Largest frame the layer handles (a jumbo MTU of 9000 plus the Ethernet header).
+pub const MAX_FRAME: usize = 9014;
+
+/// How to open a socket.
+#[derive(Debug, Clone)]
+pub struct XskConfig {
+    /// Interface name.
+    pub ifname: String,
+    /// RX queue index.
+    pub queue: u32,
+    /// UMEM frames (chunks of 4096 bytes), half for RX, half for TX; a power of two.
+    pub frames: u32,
+    /// Accept and send multi-buffer frames (`XDP_USE_SG`).
+    pub multi_buffer: bool,
+    /// Put the UMEM on 2 MiB hugepages if the kernel has them (falls back with a warning).
+    pub hugepages: bool,
+}
+
+impl XskConfig {
+    /// Defaults: 4096 frames (16 MiB of UMEM), hugepages, single-buffer.
+    pub fn new(ifname: &str, queue: u32) -> Self {
+        XskConfig {
+            ifname: ifname.into(),
+            queue,
+            frames: 4096,
+            multi_buffer: false,
+            hugepages: true,
+        }
+    }
+}
+
+/// Errors opening a socket.
+#[derive(Debug, thiserror::Error)]
+pub enum XskError {
+    /// A configuration value is not usable.
+    #[error("bad AF_XDP configuration: {0}")]
+    Config(String),
+    /// The UMEM could not be created.
+    #[error("creating the UMEM: {0}")]
+    Umem(String),
+    /// The socket could not be created or bound (no such interface or queue, no XDP program
+    /// with a matching XSKMAP, multi-buffer unsupported by the driver, not root, ...).
+    #[error("creating the AF_XDP socket on {ifname} queue {queue}: {reason}")]
+    Socket {
+        /// Interface.
+        ifname: String,
+        /// Queue.
+        queue: u32,
+        /// What the kernel or libxdp said.
+        reason: String,
+    },
+    /// The socket came without its fill and completion rings.
+    #[error("the socket came without fill/completion rings")]
+    NoRings,
+}
+
+/// Counters of one socket.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct XskStats {
+    /// Frames received (a multi-buffer chain counts once).
+    pub rx_frames: u64,
+    /// Multi-buffer chains received.
+    pub rx_chains: u64,
+    /// Frames queued for sending.
+    pub tx_frames: u64,
+    /// Frames not sent: no free TX frame, or larger than the socket can send.
+    pub tx_dropped: u64,
+    /// Wake-up system calls made for TX.
+    pub tx_kicks: u64,
+    /// Received chains dropped for being longer than [`MAX_FRAME`].
+    pub rx_oversize: u64,
+}
+
+/// TX frames of the UMEM that are not in the kernel's hands, and frames written but not yet
+/// queued.
+struct TxPool {
+    free: Vec<FrameDesc>,
+    pending: Vec<FrameDesc>,
+    scratch: Vec<u8>,
+    chunk: usize,
+    multi_buffer: bool,
+    frames: u64,
+    dropped: u64,
+}
+
+/// Where a frame is written before it is sent: TX frames of the UMEM.
+pub struct Tx<'a> {
+    umem: &'a Umem,
+    pool: &'a mut TxPool,
+}
+
+impl std::fmt::Debug for Tx<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tx")
+            .field("free", &self.pool.free.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tx<'_> {
+    /// Most bytes one frame may have: one chunk, or (multi-buffer) [`MAX_FRAME`].
+    pub fn max_frame(&self) -> usize {
+        if self.pool.multi_buffer {
+            MAX_FRAME
+        } else {
+            self.pool.chunk
+        }
+    }
+
+    /// Sends a frame of `len` bytes written by `write`. Returns false (and counts a drop) if
+    /// there is no free TX frame or `len` is larger than [`Tx::max_frame`].
+    pub fn send(&mut self, len: usize, write: impl FnOnce(&mut [u8])) -> bool {
+        let max = self.max_frame();
+        let p = &mut *self.pool;
+        let parts = len.div_ceil(p.chunk).max(1);
+        if len > max || p.free.len() < parts {
+            p.dropped += 1;
+            return false;
+        }
+        if parts == 1 {
+            let mut desc = p.free.pop().expect("checked");
+            // SAFETY: `desc` is a TX frame of this UMEM taken from the free list: the kernel
+            // has completed it (or never had it), and no other reference to it exists.
+            let mut data = unsafe { self.umem.data_mut(&mut desc) };
+            data.cursor().set_pos(len);
+            write(data.contents_mut());
+            desc.set_options(0);
+            p.pending.push(desc);
+        } else {
+            // A chain: write contiguously, then spread over chunks.
+            write(&mut p.scratch[..len]);
+            for (i, part) in p.scratch[..len].chunks(p.chunk).enumerate() {
+                let mut desc = p.free.pop().expect("checked");
+                // SAFETY: as above, a free TX frame of this UMEM.
+                let mut data = unsafe { self.umem.data_mut(&mut desc) };
+                data.cursor().set_pos(part.len());
+                data.contents_mut().copy_from_slice(part);
+                desc.set_options(if i + 1 < parts { XDP_PKT_CONTD } else { 0 });
+                p.pending.push(desc);
+            }
+        }
+        p.frames += 1;
+        true
+    }
+}
+
+/// One AF_XDP socket with its UMEM and rings.
+pub struct Xsk {
+    umem: Umem,
+    tx: TxQueue,
+    rx: RxQueue,
+    fq: FillQueue,
+    cq: CompQueue,
+    pool: TxPool,
+    tx_outstanding: usize,
+    batch: Vec<FrameDesc>,
+    assemble: Vec<u8>,
+    assembling: bool,
+    hugepages: bool,
+    stats: XskStats,
+}
+
+impl std::fmt::Debug for Xsk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Xsk")
+            .field("chunk", &self.pool.chunk)
+            .field("multi_buffer", &self.pool.multi_buffer)
+            .field("hugepages", &self.hugepages)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Xsk {
+    /// Opens a socket on `cfg.ifname` queue `cfg.queue`. The interface must already run an
+    /// XDP program that redirects into an XSKMAP; register [`Xsk::fd`] there.
+    pub fn new(cfg: &XskConfig) -> Result<Self, XskError> {
+        if !cfg.frames.is_power_of_two() || cfg.frames < 2 * BATCH as u32 {
+            return Err(XskError::Config(format!(
+                "frames {} must be a power of two ≥ 128",
+                cfg.frames
+            )));
+        }
+        let half = cfg.frames / 2;
+        let q = |n: u32| QueueSize::new(n).map_err(|e| XskError::Config(e.to_string()));
+        let umem_cfg = UmemConfig::builder()
+            .frame_size(FrameSize::new(CHUNK).map_err(|e| XskError::Config(e.to_string()))?)
+            .fill_queue_size(q(half)?)
+            .comp_queue_size(q(half)?)
+            .build()
+            .map_err(|e| XskError::Config(e.to_string()))?;
+        let count = NonZeroU32::new(cfg.frames).expect("checked above");
+        let (umem, descs, hugepages) = match Umem::new(umem_cfg, count, cfg.hugepages) {
+            Ok((u, d)) => (u, d, cfg.hugepages),
+            Err(e) if cfg.hugepages => {
+                tracing::warn!(error = %e, "no hugepages for the UMEM; using ordinary pages");
+                let (u, d) =
+                    Umem::new(umem_cfg, count, false).map_err(|e| XskError::Umem(e.to_string()))?;
+                (u, d, false)
+            }
+            Err(e) => return Err(XskError::Umem(e.to_string())),
+        };
+        let mut bind = BindFlags::empty();
+        if cfg.multi_buffer {
+            bind |= BindFlags::XDP_USE_SG;
+        }
+        let sock_cfg = SocketConfig::builder()
+            .rx_queue_size(q(half)?)
+            .tx_queue_size(q(half)?)
+            .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
+            .bind_flags(bind)
+            .build();
+        let ifname: Interface = cfg
+            .ifname
+            .parse()
+            .map_err(|_| XskError::Config("interface name has a NUL".into()))?;
+        // SAFETY: the UMEM is new and used by this one socket only, so the shared-UMEM
+        // requirement of `Socket::new` (INHIBIT_PROG_LOAD when rebinding a pair) does not arise;
+        // we set that flag anyway because our own program owns the interface.
+        let made = unsafe { Socket::new(sock_cfg, &umem, &ifname, cfg.queue) };
+        let (tx, rx, rings) = made.map_err(|e| XskError::Socket {
+            ifname: cfg.ifname.clone(),
+            queue: cfg.queue,
+            reason: format!("{e}{}", e.source_text()),
+        })?;
+        let (mut fq, cq) = rings.ok_or(XskError::NoRings)?;
+        let (rx_descs, tx_free) = descs.split_at(half as usize);
+        // SAFETY: the RX half of the frames is handed to the kernel once; we touch them again
+        // only after they come back on the RX ring.
+        let given = unsafe { fq.produce(rx_descs) };
+        if given != rx_descs.len() {
+            return Err(XskError::Config(format!(
+                "fill ring took {given} of {} frames",
+                rx_descs.len()
+            )));
+        }
+        let chunk = (CHUNK - umem_cfg.xdp_headroom() - umem_cfg.frame_headroom()) as usize;
+        Ok(Xsk {
+            umem,
+            tx,
+            rx,
+            fq,
+            cq,
+            pool: TxPool {
+                free: tx_free.to_vec(),
+                pending: Vec::with_capacity(half as usize),
+                scratch: vec![0u8; MAX_FRAME],
+                chunk,
+                multi_buffer: cfg.multi_buffer,
+                frames: 0,
+                dropped: 0,
+            },
+            tx_outstanding: 0,
+            batch: vec![FrameDesc::default(); BATCH],
+            assemble: Vec::with_capacity(MAX_FRAME),
+            assembling: false,
+            hugepages,
+            stats: XskStats::default(),
+        })
+    }
+
+    /// The socket's file descriptor, for the XSKMAP.
+    pub fn fd(&self) -> RawFd {
+        self.rx.fd().as_raw_fd()
+    }
+
+    /// Bytes of packet data one UMEM chunk holds (3840 in copy mode).
+    pub fn chunk_len(&self) -> usize {
+        self.pool.chunk
+    }
+
+    /// Whether multi-buffer frames are on.
+    pub fn multi_buffer(&self) -> bool {
+        self.pool.multi_buffer
+    }
+
+    /// Whether the UMEM is on hugepages.
+    pub fn hugepages(&self) -> bool {
+        self.hugepages
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> XskStats {
+        XskStats {
+            tx_frames: self.pool.frames,
+            tx_dropped: self.pool.dropped,
+            ..self.stats
+        }
+    }
+
+    /// A writer for frames to send; they go out at the next [`Xsk::flush`].
+    pub fn tx(&mut self) -> Tx<'_> {
+        Tx {
+            umem: &self.umem,
+            pool: &mut self.pool,
+        }
+    }
+
+    /// Takes up to one batch of received descriptors and calls `f` for every complete frame
+    /// (chains assembled) with a [`Tx`] to answer through. The frames' UMEM chunks go back to
+    /// the fill ring afterwards. Returns the number of frames handled.
+    pub fn recv(&mut self, mut f: impl FnMut(&[u8], &mut Tx<'_>)) -> usize {
+        // SAFETY: `batch` is scratch space for descriptors; consuming writes only into it.
+        let n = unsafe { self.rx.consume(&mut self.batch) };
+        if n == 0 {
+            return 0;
+        }
+        let mut frames = 0;
+        let mut tx = Tx {
+            umem: &self.umem,
+            pool: &mut self.pool,
+        };
+        for desc in &self.batch[..n] {
+            // SAFETY: the descriptor came from the RX ring of this socket, so it names a
+            // chunk of this UMEM that the kernel has filled and will not touch until we give it
+            // back through the fill ring below.
+            let data = unsafe { self.umem.data(desc) };
+            let more = desc.options() & XDP_PKT_CONTD != 0;
+            if !self.assembling && !more {
+                frames += 1;
+                f(data.contents(), &mut tx);
+                continue;
+            }
+            // Part of a chain (possibly split across batches): collect it.
+            if self.assemble.len() + data.contents().len() <= MAX_FRAME {
+                self.assemble.extend_from_slice(data.contents());
+            } else {
+                self.assemble.clear();
+                self.assemble.push(0); // poison: dropped below
+                self.stats.rx_oversize += 1;
+            }
+            self.assembling = more;
+            if !more {
+                if self.assemble.len() > 1 || self.assemble.first() != Some(&0) {
+                    frames += 1;
+                    self.stats.rx_chains += 1;
+                    f(&self.assemble, &mut tx);
+                }
+                self.assemble.clear();
+            }
+        }
+        self.stats.rx_frames += frames;
+        // SAFETY: these chunks were received above and are no longer referenced (`f` got them
+        // by shared borrow for the duration of its call only).
+        let back = unsafe { self.fq.produce(&self.batch[..n]) };
+        debug_assert_eq!(back, n, "the fill ring has room for every RX frame");
+        frames as usize
+    }
+
+    /// Reclaims completed TX frames, queues pending frames on the TX ring and kicks the kernel
+    /// while any are outstanding (copy mode sends at most 32 descriptors per kick, so the kick
+    /// repeats on every flush until all have completed).
+    pub fn flush(&mut self) {
+        loop {
+            // SAFETY: `batch` is scratch space; completed descriptors are TX frames of this
+            // UMEM that the kernel no longer uses.
+            let c = unsafe { self.cq.consume(&mut self.batch) };
+            if c == 0 {
+                break;
+            }
+            self.tx_outstanding -= c;
+            self.pool.free.extend_from_slice(&self.batch[..c]);
+        }
+        let pending = &mut self.pool.pending;
+        if !pending.is_empty() {
+            // The producer reserves all or nothing; cut at a packet boundary that fits.
+            let room = self.tx.nb_free(pending.len() as u32) as usize;
+            let mut take = room.min(pending.len());
+            while take > 0 && pending[take - 1].options() & XDP_PKT_CONTD != 0 {
+                take -= 1;
+            }
+            // SAFETY: pending descriptors are TX frames we wrote and no longer reference.
+            let sent = unsafe { self.tx.produce(&pending[..take]) };
+            pending.drain(..sent);
+            self.tx_outstanding += sent;
+        }
+        if self.tx_outstanding > 0 {
+            self.stats.tx_kicks += 1;
+            if let Err(e) = self.tx.wakeup() {
+                // EAGAIN/EBUSY/ENOBUFS: the kernel is busy; the next flush kicks again.
+                tracing::trace!(error = %e, "tx wakeup");
+            }
+        }
+    }
+
+    /// Frames sent but not yet completed, plus those not yet on the ring.
+    pub fn tx_in_flight(&self) -> usize {
+        self.tx_outstanding + self.pool.pending.len()
+    }
+
+    /// Blocks until a frame arrives or `timeout_ms` passes (for idle back-off). Returns whether
+    /// frames are ready.
+    pub fn wait(&mut self, timeout_ms: i32) -> bool {
+        self.rx.poll(timeout_ms).unwrap_or(false)
+    }
+}
+
+impl AsFd for Xsk {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the descriptor is owned by the socket, which lives as long as `self`.
+        unsafe { BorrowedFd::borrow_raw(self.fd()) }
+    }
+}
+
+trait SourceText {
+    fn source_text(&self) -> String;
+}
+
+impl<E: std::error::Error> SourceText for E {
+    fn source_text(&self) -> String {
+        self.source().map(|s| format!(": {s}")).unwrap_or_default()
+    }
+}
