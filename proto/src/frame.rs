@@ -181,6 +181,14 @@ impl<'a> Frame<'a> {
     }
 }
 
+/// Where frames go: an AF_XDP TX ring, a kernel socket, a test's vector. Whoever sends a frame
+/// hands over its parts; the sink builds the frame (or, for a kernel socket, only the
+/// BlueBridge message) where it will leave from.
+pub trait FrameSink {
+    /// Sends one frame; `false` when there is no room (nothing was sent).
+    fn send(&mut self, ep: &Endpoints, header: &BbRepr, payload: &[u8]) -> bool;
+}
+
 /// Writes a complete frame into `buf`: the headers, `payload_len` payload bytes written by
 /// `fill` (straight into the frame, so page data is copied once), and the UDP checksum.
 /// Returns the frame's length. Allocates nothing.

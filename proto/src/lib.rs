@@ -22,7 +22,7 @@ pub mod wire;
 
 pub use addr::{AddrError, HostId, NetPrefix, PageHandle, RemoteAddr};
 pub use codes::{HeaderFlags, OpFlags, Opcode, Status};
-pub use frame::{Endpoints, Envelope, Frame, FrameError};
+pub use frame::{Endpoints, Envelope, Frame, FrameError, FrameSink};
 pub use message::{Request, RequestError};
 pub use segment::{Reassembly, SegmentError, Segments};
 pub use wire::ethernet::MacAddr;

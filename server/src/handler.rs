@@ -1,8 +1,8 @@
 //! Request handling as pure code: a frame (or a BlueBridge message from a kernel socket) and
-//! the time go in, reply frames come out through a [`ReplySink`]. No sockets, no clocks, no
+//! the time go in, reply frames come out through a [`FrameSink`]. No sockets, no clocks, no
 //! allocation per request: every table is sized when the handler is made.
 
-use bluebridge_proto::frame::{Endpoints, Envelope, Frame, FrameError};
+use bluebridge_proto::frame::{Endpoints, Envelope, Frame, FrameError, FrameSink};
 use bluebridge_proto::message::{
     Body, HandleList, Request, StatRecord, WriteEntries, put_bulk_statuses, put_handles,
 };
@@ -16,17 +16,10 @@ use crate::lease::{ClientKey, Leases};
 use crate::stats::Stats;
 use crate::store::{PageIdx, Store};
 
-/// Where reply frames go: the AF_XDP TX ring, a kernel socket, or a test's vector.
-pub trait ReplySink {
-    /// Sends one reply; `false` when there is no room (the reply is dropped and counted; the
-    /// client's retransmission recovers it).
-    fn send(&mut self, ep: &Endpoints, header: &BbRepr, payload: &[u8]) -> bool;
-}
-
 /// Sends one reply and counts it.
 fn send(
     stats: &mut Stats,
-    sink: &mut impl ReplySink,
+    sink: &mut impl FrameSink,
     ep: &Endpoints,
     h: &BbRepr,
     payload: &[u8],
@@ -155,7 +148,7 @@ impl Handler {
     }
 
     /// Handles one Ethernet frame received at `now_ns` (nanoseconds since the server started).
-    pub fn handle_frame(&mut self, buf: &[u8], now_ns: u64, sink: &mut impl ReplySink) {
+    pub fn handle_frame(&mut self, buf: &[u8], now_ns: u64, sink: &mut impl FrameSink) {
         match Frame::parse(buf) {
             Ok(f) => self.handle_message(&f, now_ns, sink),
             Err(FrameError::UnsupportedVersion(v)) => {
@@ -171,7 +164,7 @@ impl Handler {
 
     /// Answers a message of another protocol version: one version-1 header with
     /// UNSUPPORTED_VERSION and the request id (docs/protocol.md §7).
-    pub fn reject_version(&mut self, env: &Envelope<'_>, sink: &mut impl ReplySink) {
+    pub fn reject_version(&mut self, env: &Envelope<'_>, sink: &mut impl FrameSink) {
         let Some(request_id) = env.request_id_any_version() else {
             return;
         };
@@ -217,7 +210,7 @@ impl Handler {
     }
 
     /// Handles one parsed message.
-    pub fn handle_message(&mut self, f: &Frame<'_>, now_ns: u64, sink: &mut impl ReplySink) {
+    pub fn handle_message(&mut self, f: &Frame<'_>, now_ns: u64, sink: &mut impl FrameSink) {
         let req = match Request::parse(f, self.cfg.prefix) {
             Ok(r) => r,
             Err(e) => {
@@ -302,7 +295,7 @@ impl Handler {
         req: &Request<'_>,
         op: Opcode,
         o: Outcome,
-        sink: &mut impl ReplySink,
+        sink: &mut impl FrameSink,
     ) {
         let mut h = Self::reply_header(&req.header, o.status);
         h.lease = o.lease;
@@ -334,7 +327,7 @@ impl Handler {
         p: PageIdx,
         src: RemoteAddr,
         mut h: BbRepr,
-        sink: &mut impl ReplySink,
+        sink: &mut impl FrameSink,
     ) -> bool {
         let ep = req.endpoints.reply_from(src.to_ipv6());
         let (offset, length) = (req.header.offset, req.header.length);
@@ -366,7 +359,7 @@ impl Handler {
         src: RemoteAddr,
         h: BbRepr,
         st: Status,
-        sink: &mut impl ReplySink,
+        sink: &mut impl FrameSink,
     ) {
         let h = BbRepr {
             status: st,
@@ -389,7 +382,7 @@ impl Handler {
         req: &Request<'_>,
         who: ClientKey,
         now_ns: u64,
-        sink: &mut impl ReplySink,
+        sink: &mut impl FrameSink,
     ) {
         let op = req.op();
         let base = Self::reply_header(&req.header, Status::OK);

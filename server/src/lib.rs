@@ -12,6 +12,6 @@ pub mod lease;
 pub mod stats;
 pub mod store;
 
-pub use handler::{Handler, HandlerConfig, ReplySink};
+pub use handler::{Handler, HandlerConfig};
 pub use stats::Stats;
 pub use store::{Backing, Store, StoreError};

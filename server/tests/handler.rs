@@ -3,7 +3,7 @@
 
 use std::net::Ipv6Addr;
 
-use bluebridge_proto::frame::{Endpoints, Frame, build};
+use bluebridge_proto::frame::{Endpoints, Frame, FrameSink, build};
 use bluebridge_proto::message::{
     StatRecord, WriteEntry, bulk_status, put_handles, put_write_entry,
 };
@@ -11,14 +11,14 @@ use bluebridge_proto::{
     BbRepr, HeaderFlags, HostId, MacAddr, NetPrefix, OpFlags, Opcode, PAGE_SIZE, PageHandle,
     RemoteAddr, Status, UDP_PORT,
 };
-use bluebridge_server::{Handler, HandlerConfig, ReplySink, Store};
+use bluebridge_server::{Handler, HandlerConfig, Store};
 
 const HOST: HostId = HostId(2);
 const MS: u64 = 1_000_000;
 
 struct VecSink(Vec<Vec<u8>>, usize);
 
-impl ReplySink for VecSink {
+impl FrameSink for VecSink {
     fn send(&mut self, ep: &Endpoints, header: &BbRepr, payload: &[u8]) -> bool {
         if self.0.len() >= self.1 {
             return false;

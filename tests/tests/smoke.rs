@@ -3,19 +3,9 @@ use std::time::{Duration, Instant};
 use bluebridge_ebpf::Steer;
 use bluebridge_proto::frame::{Endpoints, Frame, build};
 use bluebridge_proto::{BbRepr, HostId, MacAddr, NetPrefix, Opcode, RemoteAddr, Status, UDP_PORT};
-use bluebridge_server::{Handler, HandlerConfig, ReplySink, Store};
+use bluebridge_server::{Handler, HandlerConfig, Store};
 use bluebridge_topology::{Pair, unique};
-use bluebridge_xsk::{Tx, Xsk, XskConfig};
-
-struct XskSink<'a, 'b>(&'a mut Tx<'b>);
-impl ReplySink for XskSink<'_, '_> {
-    fn send(&mut self, ep: &Endpoints, h: &BbRepr, payload: &[u8]) -> bool {
-        let len = bluebridge_proto::FRAME_OVERHEAD + payload.len();
-        self.0.send(len, |buf| {
-            build(buf, ep, h, payload).unwrap();
-        })
-    }
-}
+use bluebridge_xsk::{Xsk, XskConfig};
 
 #[test]
 fn ping_over_af_xdp() {
@@ -40,9 +30,7 @@ fn ping_over_af_xdp() {
         ready_tx.send(()).unwrap();
         let t0 = Instant::now();
         while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
-            xsk.recv(|frame, tx| {
-                h.handle_frame(frame, t0.elapsed().as_nanos() as u64, &mut XskSink(tx))
-            });
+            xsk.recv(|frame, tx| h.handle_frame(frame, t0.elapsed().as_nanos() as u64, tx));
             xsk.flush();
         }
         println!(
@@ -81,7 +69,7 @@ fn ping_over_af_xdp() {
             ..Default::default()
         };
         let t = Instant::now();
-        assert!(xsk.tx().send(bluebridge_proto::FRAME_OVERHEAD, |b| {
+        assert!(xsk.tx().send_with(bluebridge_proto::FRAME_OVERHEAD, |b| {
             build(b, &ep, &h, &[]).unwrap();
         }));
         xsk.flush();

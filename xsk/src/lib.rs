@@ -14,6 +14,9 @@
 
 mod link;
 
+use bluebridge_proto::frame::{self, Endpoints, FrameSink};
+use bluebridge_proto::{BbRepr, FRAME_OVERHEAD};
+
 use std::num::NonZeroU32;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 
@@ -140,7 +143,7 @@ impl Tx<'_> {
 
     /// Sends a frame of `len` bytes written by `write`. Returns false (and counts a drop) if
     /// there is no free TX frame or `len` is larger than [`Tx::max_frame`].
-    pub fn send(&mut self, len: usize, write: impl FnOnce(&mut [u8])) -> bool {
+    pub fn send_with(&mut self, len: usize, write: impl FnOnce(&mut [u8])) -> bool {
         let max = self.max_frame();
         let p = &mut *self.pool;
         let parts = len.div_ceil(p.chunk).max(1);
@@ -172,6 +175,15 @@ impl Tx<'_> {
         }
         p.frames += 1;
         true
+    }
+}
+
+impl FrameSink for Tx<'_> {
+    /// Builds the frame straight into a UMEM chunk (or a chain of them).
+    fn send(&mut self, ep: &Endpoints, header: &BbRepr, payload: &[u8]) -> bool {
+        self.send_with(FRAME_OVERHEAD + payload.len(), |buf| {
+            frame::build(buf, ep, header, payload).expect("the buffer is sized for the frame");
+        })
     }
 }
 

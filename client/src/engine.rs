@@ -1,0 +1,643 @@
+//! The sans-IO request engine: request ids, retransmission, reassembly of segmented replies,
+//! matching replies to requests. It knows nothing of sockets or clocks: time comes in as
+//! `Instant`s, frames go out through a [`FrameSink`] and come in as byte slices, so it is
+//! tested deterministically over a simulated lossy link.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::Ipv6Addr;
+use std::time::{Duration, Instant};
+
+use bluebridge_proto::frame::{Endpoints, Frame, FrameSink};
+use bluebridge_proto::segment::{Reassembly, SegmentError};
+use bluebridge_proto::{
+    BbRepr, HeaderFlags, MacAddr, NetPrefix, OpFlags, Opcode, PAGE_SIZE, RemoteAddr, Status,
+    UDP_PORT,
+};
+
+use crate::error::ClientError;
+
+/// How an engine talks.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// The deployment's prefix.
+    pub prefix: NetPrefix,
+    /// This client's address (inside its host's /48).
+    pub local: Ipv6Addr,
+    /// This client's UDP port.
+    pub local_port: u16,
+    /// This client's MAC.
+    pub local_mac: MacAddr,
+    /// The next hop's MAC: the server on a direct link, the switch in a rack.
+    pub next_hop_mac: MacAddr,
+    /// Time before the first retransmission; doubles with every retry (up to 16×).
+    pub rto: Duration,
+    /// Retransmissions before a request fails with [`ClientError::Timeout`].
+    pub retries: u32,
+    /// Most page bytes per reply frame this client can take (0 = any).
+    pub seg_max: u16,
+    /// Most page bytes this client puts in one request frame.
+    pub max_request_data: u16,
+}
+
+impl EngineConfig {
+    /// Defaults: RTO 1 ms, 8 retries, whole pages in one frame.
+    pub fn new(
+        prefix: NetPrefix,
+        local: Ipv6Addr,
+        local_mac: MacAddr,
+        next_hop_mac: MacAddr,
+    ) -> Self {
+        EngineConfig {
+            prefix,
+            local,
+            local_port: 40000,
+            local_mac,
+            next_hop_mac,
+            rto: Duration::from_millis(1),
+            retries: 8,
+            seg_max: 0,
+            max_request_data: PAGE_SIZE as u16,
+        }
+    }
+}
+
+/// A request to send.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    /// The operation.
+    pub op: Opcode,
+    /// The page (or host) it is for; its opcode byte is replaced by `op`.
+    pub target: Option<RemoteAddr>,
+    /// Header flags (SHARED, MORE).
+    pub flags: HeaderFlags,
+    /// Count (bulk operations; 1 otherwise).
+    pub count: u16,
+    /// Range offset.
+    pub offset: u16,
+    /// Range length.
+    pub length: u16,
+    /// Lease id.
+    pub lease: u64,
+    /// operand0.
+    pub operand0: u64,
+    /// operand1.
+    pub operand1: u64,
+    /// Payload (page bytes, handle list, write entries).
+    pub payload: Vec<u8>,
+    /// A value of the caller's, returned with the completion.
+    pub tag: u64,
+}
+
+impl Request {
+    /// A request of `op` to `target` with count 1.
+    pub fn new(op: Opcode, target: RemoteAddr) -> Self {
+        Request {
+            op,
+            target: Some(target),
+            count: 1,
+            ..Request::default()
+        }
+    }
+
+    /// With a range.
+    #[must_use]
+    pub fn range(mut self, offset: u16, length: u16) -> Self {
+        self.offset = offset;
+        self.length = length;
+        self
+    }
+
+    /// With a payload.
+    #[must_use]
+    pub fn payload(mut self, p: Vec<u8>) -> Self {
+        self.payload = p;
+        self
+    }
+
+    /// With a tag.
+    #[must_use]
+    pub fn tag(mut self, tag: u64) -> Self {
+        self.tag = tag;
+        self
+    }
+}
+
+/// One item of a READ_BULK reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item {
+    /// The item's page address (the frames' source).
+    pub src: Option<RemoteAddr>,
+    /// Its status.
+    pub status: Status,
+    /// Its bytes (the requested range) when OK.
+    pub data: Vec<u8>,
+}
+
+/// A successful reply.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// Source address of the (first) reply frame: for ALLOC the new page.
+    pub src: RemoteAddr,
+    /// Header of the (first) reply frame.
+    pub header: BbRepr,
+    /// READ/ACQUIRE: the range's bytes; otherwise the reply's payload.
+    pub data: Vec<u8>,
+    /// READ_BULK: the items.
+    pub items: Vec<Item>,
+}
+
+/// A finished request.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    /// Its id.
+    pub id: u64,
+    /// The caller's tag.
+    pub tag: u64,
+    /// The outcome.
+    pub result: Result<Reply, ClientError>,
+    /// Transmissions after the first.
+    pub retransmits: u32,
+    /// From first transmission to completion.
+    pub latency: Duration,
+}
+
+/// Counters.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EngineStats {
+    /// Requests submitted.
+    pub submitted: u64,
+    /// Frames sent (first transmissions).
+    pub sent: u64,
+    /// Retransmissions.
+    pub retransmits: u64,
+    /// Requests that timed out.
+    pub timeouts: u64,
+    /// Reply frames matched to a request.
+    pub replies: u64,
+    /// Reply frames that matched nothing outstanding (late duplicates).
+    pub stray: u64,
+    /// Frames that did not parse, or replies that broke the protocol.
+    pub malformed: u64,
+    /// MOVED answers that led to a retry.
+    pub moved_retries: u64,
+}
+
+enum Collect {
+    /// One reply frame completes the request.
+    Single,
+    /// A page range, reassembled from segments.
+    Range {
+        reasm: Box<Reassembly>,
+        data: Vec<u8>,
+        first: Option<(RemoteAddr, BbRepr)>,
+    },
+    /// READ_BULK: one range per item.
+    Bulk {
+        items: Vec<(Option<Reassembly>, Item)>,
+        left: usize,
+        first: Option<(RemoteAddr, BbRepr)>,
+    },
+}
+
+struct Pending {
+    req: Request,
+    target: RemoteAddr,
+    first_sent: Option<Instant>,
+    deadline: Instant,
+    tries: u32,
+    /// A server answered MOVED: the retry waits an RTO, and running out of tries is `Moved`.
+    moved: bool,
+    collect: Collect,
+}
+
+/// The engine.
+pub struct Engine {
+    cfg: EngineConfig,
+    next_id: u64,
+    pending: HashMap<u64, Pending>,
+    queue: VecDeque<u64>,
+    done: VecDeque<Completion>,
+    stats: EngineStats,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("in_flight", &self.pending.len())
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// An engine. Request ids start at a random value, so a restarted client on the same
+    /// address and port never collides with its predecessor's entries in a server's
+    /// duplicate table.
+    pub fn new(cfg: EngineConfig) -> Self {
+        let mut seed = [0u8; 8];
+        // Falls back to the clock if the kernel has no randomness to give; collisions then are
+        // merely unlikely rather than negligible.
+        if getrandom::fill(&mut seed).is_err() {
+            seed = (std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos() as u64)
+                .to_le_bytes();
+        }
+        Engine {
+            cfg,
+            next_id: u64::from_le_bytes(seed) >> 1 | 1,
+            pending: HashMap::with_capacity(1024),
+            queue: VecDeque::with_capacity(1024),
+            done: VecDeque::with_capacity(1024),
+            stats: EngineStats::default(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> EngineStats {
+        self.stats
+    }
+
+    /// Requests submitted and not completed.
+    pub fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Queues a request; it leaves at the next [`Engine::transmit`]. Returns its id.
+    pub fn submit(&mut self, req: Request, now: Instant) -> u64 {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        self.stats.submitted += 1;
+        let Some(target) = req.target else {
+            self.fail(
+                id,
+                req.tag,
+                None,
+                0,
+                ClientError::Invalid("no target address"),
+                now,
+            );
+            return id;
+        };
+        if let Err(e) = self.check(&req) {
+            self.fail(id, req.tag, None, 0, e, now);
+            return id;
+        }
+        let collect = match req.op {
+            Opcode::READ | Opcode::UPDATE_ACQUIRE if req.length > 0 => Collect::Range {
+                reasm: Box::new(Reassembly::new(req.offset, req.length).expect("checked")),
+                data: vec![0u8; usize::from(req.length)],
+                first: None,
+            },
+            Opcode::READ_BULK => {
+                let items = (0..req.count)
+                    .map(|_| {
+                        let r = Reassembly::new(req.offset, req.length).expect("checked");
+                        (
+                            Some(r),
+                            Item {
+                                src: None,
+                                status: Status::OK,
+                                data: vec![0u8; usize::from(req.length)],
+                            },
+                        )
+                    })
+                    .collect();
+                Collect::Bulk {
+                    items,
+                    left: usize::from(req.count),
+                    first: None,
+                }
+            }
+            _ => Collect::Single,
+        };
+        let target = target.with_op(req.op, OpFlags::NONE);
+        self.pending.insert(
+            id,
+            Pending {
+                req,
+                target,
+                first_sent: None,
+                deadline: now,
+                tries: 0,
+                moved: false,
+                collect,
+            },
+        );
+        self.queue.push_back(id);
+        id
+    }
+
+    fn check(&self, req: &Request) -> Result<(), ClientError> {
+        let end = usize::from(req.offset) + usize::from(req.length);
+        if end > PAGE_SIZE {
+            return Err(ClientError::Invalid("range past the end of the page"));
+        }
+        if matches!(req.op, Opcode::READ | Opcode::READ_BULK) && req.length == 0 {
+            return Err(ClientError::Invalid("empty read"));
+        }
+        if req.op.request_carries_data()
+            && req.payload.len() > usize::from(self.cfg.max_request_data)
+        {
+            return Err(ClientError::Invalid(
+                "payload larger than one request frame",
+            ));
+        }
+        if req.op == Opcode::READ_BULK && req.count == 0 {
+            return Err(ClientError::Invalid("bulk read of no pages"));
+        }
+        Ok(())
+    }
+
+    fn fail(
+        &mut self,
+        id: u64,
+        tag: u64,
+        sent: Option<Instant>,
+        tries: u32,
+        e: ClientError,
+        now: Instant,
+    ) {
+        let latency = sent
+            .map(|s| now.saturating_duration_since(s))
+            .unwrap_or_default();
+        self.done.push_back(Completion {
+            id,
+            tag,
+            result: Err(e),
+            retransmits: tries.saturating_sub(1),
+            latency,
+        });
+    }
+
+    /// Sends queued requests (new ones and retransmissions) until the sink is full.
+    pub fn transmit(&mut self, now: Instant, sink: &mut impl FrameSink) {
+        while let Some(&id) = self.queue.front() {
+            let Some(p) = self.pending.get_mut(&id) else {
+                self.queue.pop_front();
+                continue;
+            };
+            let retry = p.tries > 0;
+            let h = BbRepr {
+                flags: if retry {
+                    p.req.flags | HeaderFlags::RETRY
+                } else {
+                    p.req.flags
+                },
+                status: Status::OK,
+                item: 0,
+                count: p.req.count,
+                request_id: id,
+                offset: p.req.offset,
+                length: p.req.length,
+                seg_max: self.cfg.seg_max,
+                lease: p.req.lease,
+                operand0: p.req.operand0,
+                operand1: p.req.operand1,
+            };
+            let ep = Endpoints {
+                src_mac: self.cfg.local_mac,
+                dst_mac: self.cfg.next_hop_mac,
+                src: self.cfg.local,
+                dst: p.target.to_ipv6(),
+                src_port: self.cfg.local_port,
+                dst_port: UDP_PORT,
+            };
+            if !sink.send(&ep, &h, &p.req.payload) {
+                break;
+            }
+            self.queue.pop_front();
+            if retry {
+                self.stats.retransmits += 1;
+            } else {
+                self.stats.sent += 1;
+                p.first_sent = Some(now);
+            }
+            p.tries += 1;
+            let backoff = 1u32 << (p.tries - 1).min(4);
+            p.deadline = now + self.cfg.rto * backoff;
+            if p.req.op == Opcode::WRITE_BLIND {
+                let p = self.pending.remove(&id).expect("present");
+                self.done.push_back(Completion {
+                    id,
+                    tag: p.req.tag,
+                    result: Ok(Reply {
+                        src: p.target,
+                        header: h,
+                        data: Vec::new(),
+                        items: Vec::new(),
+                    }),
+                    retransmits: 0,
+                    latency: Duration::ZERO,
+                });
+            }
+        }
+    }
+
+    /// The earliest retransmission deadline, if any request is waiting for a reply.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.pending
+            .values()
+            .filter(|p| p.tries > 0)
+            .map(|p| p.deadline)
+            .min()
+    }
+
+    /// Retransmits requests whose deadline has passed, or fails them once the retry budget is
+    /// spent.
+    pub fn handle_timeouts(&mut self, now: Instant) {
+        let expired: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.tries > 0 && p.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            let p = self.pending.get_mut(&id).expect("present");
+            if p.tries > self.cfg.retries {
+                let p = self.pending.remove(&id).expect("present");
+                self.queue.retain(|q| *q != id);
+                let e = if p.moved {
+                    ClientError::Moved
+                } else {
+                    self.stats.timeouts += 1;
+                    ClientError::Timeout { tries: p.tries }
+                };
+                self.fail(id, p.req.tag, p.first_sent, p.tries, e, now);
+            } else if !self.queue.contains(&id) {
+                // Not sendable again until queued; the deadline moves when it is sent.
+                p.deadline = now + self.cfg.rto * 64;
+                self.queue.push_back(id);
+            }
+        }
+    }
+
+    /// Takes one received frame.
+    pub fn handle_frame(&mut self, buf: &[u8], now: Instant) {
+        match Frame::parse(buf) {
+            Ok(f) => self.handle_reply(&f, now),
+            Err(_) => self.stats.malformed += 1,
+        }
+    }
+
+    /// Takes one parsed reply (from a frame, or a kernel socket's datagram).
+    pub fn handle_reply(&mut self, f: &Frame<'_>, now: Instant) {
+        let h = f.header;
+        if !h.is_reply() {
+            self.stats.malformed += 1;
+            return;
+        }
+        let Ok(src) = RemoteAddr::from_ipv6(f.endpoints.src, self.cfg.prefix) else {
+            self.stats.malformed += 1;
+            return;
+        };
+        let id = h.request_id;
+        let Some(p) = self.pending.get_mut(&id) else {
+            self.stats.stray += 1;
+            return;
+        };
+        if p.tries == 0 {
+            // A reply to a request not yet (re)sent: an old duplicate of a reused id.
+            self.stats.stray += 1;
+            return;
+        }
+        // Replies come from the host asked (any host for an anycast ALLOC).
+        if src.host_id() != p.target.host_id() && !p.target.host_id().is_any() {
+            self.stats.malformed += 1;
+            return;
+        }
+        self.stats.replies += 1;
+        if h.status == Status::MOVED {
+            // The route is changing: ask the same address again after an RTO (a
+            // retransmission, counted against the budget).
+            self.stats.moved_retries += 1;
+            p.moved = true;
+            p.deadline = now + self.cfg.rto;
+            return;
+        }
+        let finished = match &mut p.collect {
+            Collect::Single => Some(Ok(Reply {
+                src,
+                header: h,
+                data: f.payload.to_vec(),
+                items: Vec::new(),
+            })),
+            Collect::Range { reasm, data, first } => {
+                if !h.status.is_ok() {
+                    Some(Err(ClientError::from_status(h.status)))
+                } else {
+                    match take_segment(reasm, data, p.req.offset, &h, f.payload) {
+                        Ok(()) => {
+                            first.get_or_insert((src, h));
+                            reasm.is_complete().then(|| {
+                                let (src, header) = first.expect("set above");
+                                Ok(Reply {
+                                    src,
+                                    header,
+                                    data: std::mem::take(data),
+                                    items: Vec::new(),
+                                })
+                            })
+                        }
+                        Err(SegmentError::Duplicate { .. }) => None,
+                        Err(_) => {
+                            self.stats.malformed += 1;
+                            None
+                        }
+                    }
+                }
+            }
+            Collect::Bulk { items, left, first } => {
+                first.get_or_insert((src, h));
+                match items.get_mut(usize::from(h.item)) {
+                    None => {
+                        self.stats.malformed += 1;
+                        None
+                    }
+                    Some((reasm, item)) => {
+                        let Some(r) = reasm else { return }; // item already complete
+                        item.src = Some(src);
+                        let complete = if !h.status.is_ok() {
+                            item.status = h.status;
+                            item.data.clear();
+                            true
+                        } else {
+                            match take_segment(r, &mut item.data, p.req.offset, &h, f.payload) {
+                                Ok(()) => r.is_complete(),
+                                Err(SegmentError::Duplicate { .. }) => false,
+                                Err(_) => {
+                                    self.stats.malformed += 1;
+                                    false
+                                }
+                            }
+                        };
+                        if complete {
+                            *reasm = None;
+                            *left -= 1;
+                        }
+                        (*left == 0).then(|| {
+                            let (src, header) = first.expect("set above");
+                            let items = items.drain(..).map(|(_, i)| i).collect();
+                            Ok(Reply {
+                                src,
+                                header,
+                                data: Vec::new(),
+                                items,
+                            })
+                        })
+                    }
+                }
+            }
+        };
+        let Some(result) = finished else { return };
+        let p = self.pending.remove(&id).expect("present");
+        let result = match result {
+            Ok(r) if !r.header.status.is_ok() && p.req.op != Opcode::READ_BULK => {
+                Err(ClientError::from_status(r.header.status))
+            }
+            other => other,
+        };
+        self.queue.retain(|q| *q != id);
+        self.done.push_back(Completion {
+            id,
+            tag: p.req.tag,
+            result,
+            retransmits: p.tries - 1,
+            latency: p
+                .first_sent
+                .map(|s| now.saturating_duration_since(s))
+                .unwrap_or_default(),
+        });
+    }
+
+    /// The next finished request.
+    pub fn poll_completion(&mut self) -> Option<Completion> {
+        self.done.pop_front()
+    }
+}
+
+/// Accepts one segment of a range into `data` (which holds the range starting at `base`).
+fn take_segment(
+    reasm: &mut Reassembly,
+    data: &mut [u8],
+    base: u16,
+    h: &BbRepr,
+    payload: &[u8],
+) -> Result<(), SegmentError> {
+    if payload.len() != usize::from(h.length) {
+        return Err(SegmentError::LengthMismatch {
+            declared: h.length,
+            carried: payload.len(),
+        });
+    }
+    reasm.accept(h.offset, h.length)?;
+    let at = usize::from(h.offset - base);
+    data[at..at + payload.len()].copy_from_slice(payload);
+    Ok(())
+}

@@ -1,0 +1,17 @@
+//! The BlueBridge client library.
+//!
+//! - [`engine`]: the sans-IO core (request ids, retransmission, reassembly, matching).
+//! - [`transport`]: moving frames; [`XdpTransport`] over AF_XDP.
+//! - [`Client`]: blocking calls for every operation and a pipelined submit/poll interface.
+//! - [`ClientError`]: one variant per error status, plus timeouts.
+#![forbid(unsafe_code)]
+
+mod client;
+pub mod engine;
+pub mod error;
+pub mod transport;
+
+pub use client::{Client, Lease};
+pub use engine::{Completion, Engine, EngineConfig, Reply, Request};
+pub use error::ClientError;
+pub use transport::{Transport, TransportError, XdpConfig, XdpTransport};

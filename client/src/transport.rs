@@ -1,0 +1,173 @@
+//! Transports move the engine's frames. [`XdpTransport`] is the product: an AF_XDP socket on
+//! the client's interface behind our own steering program, sending to the configured next-hop
+//! MAC (no neighbour discovery, no kernel state per remote page).
+
+use std::net::Ipv6Addr;
+use std::time::Instant;
+
+use bluebridge_ebpf::{AttachMode, Steer, SteerCounters, SteerError};
+use bluebridge_proto::segment::{max_data_per_frame, max_frame_for_mtu};
+use bluebridge_xsk::{LinkError, Xsk, XskConfig, XskError, XskStats};
+
+use crate::engine::Engine;
+
+/// Something that carries an engine's frames.
+pub trait Transport {
+    /// Sends what the engine has queued.
+    fn transmit(&mut self, engine: &mut Engine, now: Instant);
+    /// Hands received frames to the engine; returns how many.
+    fn receive(&mut self, engine: &mut Engine, now: Instant) -> usize;
+}
+
+/// Opening a transport failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// Loading or attaching the steering program failed.
+    #[error(transparent)]
+    Steer(#[from] SteerError),
+    /// The AF_XDP socket could not be opened.
+    #[error(transparent)]
+    Xsk(#[from] XskError),
+    /// The interface could not be read.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// The interface's MTU is below what BlueBridge needs.
+    #[error("{ifname} has MTU {mtu}; BlueBridge needs at least 1280")]
+    Mtu {
+        /// Interface.
+        ifname: String,
+        /// Its MTU.
+        mtu: u16,
+    },
+}
+
+/// How to open an [`XdpTransport`].
+#[derive(Debug, Clone)]
+pub struct XdpConfig {
+    /// Interface.
+    pub ifname: String,
+    /// RX queue.
+    pub queue: u32,
+    /// This client's address: the steering program sends frames to it into the socket.
+    pub local: Ipv6Addr,
+    /// One frame per page where the MTU allows (multi-buffer), else segments.
+    pub multi_buffer: bool,
+    /// UMEM frames.
+    pub frames: u32,
+    /// Attach in generic mode instead of trying driver mode first.
+    pub force_generic: bool,
+}
+
+impl XdpConfig {
+    /// Defaults for `ifname` queue 0.
+    pub fn new(ifname: &str, local: Ipv6Addr) -> Self {
+        XdpConfig {
+            ifname: ifname.into(),
+            queue: 0,
+            local,
+            multi_buffer: true,
+            frames: 4096,
+            force_generic: false,
+        }
+    }
+}
+
+/// The AF_XDP transport.
+#[derive(Debug)]
+pub struct XdpTransport {
+    xsk: Xsk,
+    steer: Steer,
+    mtu: u16,
+    mac: [u8; 6],
+    frame_data: u16,
+}
+
+impl XdpTransport {
+    /// Loads the steering program for `cfg.local`/128 on the interface, opens the socket and
+    /// registers it. Multi-buffer is used only if asked and the MTU carries a page per frame.
+    pub fn open(cfg: &XdpConfig) -> Result<Self, TransportError> {
+        let mtu = bluebridge_xsk::link_mtu(&cfg.ifname)?;
+        if mtu < bluebridge_proto::MIN_MTU {
+            return Err(TransportError::Mtu {
+                ifname: cfg.ifname.clone(),
+                mtu,
+            });
+        }
+        let mac = bluebridge_xsk::link_mac(&cfg.ifname)?;
+        let multi_buffer = cfg.multi_buffer && mtu >= bluebridge_proto::PAGE_MTU;
+        let mut steer = Steer::load()?;
+        steer.add_prefix(cfg.local, 128)?;
+        steer.attach(&cfg.ifname, cfg.force_generic)?;
+        let xsk = Xsk::new(&XskConfig {
+            ifname: cfg.ifname.clone(),
+            queue: cfg.queue,
+            frames: cfg.frames,
+            multi_buffer,
+            hugepages: true,
+        })?;
+        steer.set_socket(cfg.queue, xsk.fd())?;
+        let max_frame = if multi_buffer {
+            max_frame_for_mtu(mtu)
+        } else {
+            max_frame_for_mtu(mtu).min(xsk.chunk_len())
+        };
+        let frame_data = max_data_per_frame(max_frame).expect("MTU checked above");
+        Ok(XdpTransport {
+            xsk,
+            steer,
+            mtu,
+            mac,
+            frame_data,
+        })
+    }
+
+    /// Page bytes per frame this transport sends and takes.
+    pub fn frame_data(&self) -> u16 {
+        self.frame_data
+    }
+
+    /// The interface's MTU.
+    pub fn mtu(&self) -> u16 {
+        self.mtu
+    }
+
+    /// The interface's MAC.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// Whether whole pages travel in one (multi-buffer) frame.
+    pub fn multi_buffer(&self) -> bool {
+        self.xsk.multi_buffer()
+    }
+
+    /// How the program is attached.
+    pub fn attach_mode(&self) -> Option<AttachMode> {
+        self.steer.attached().map(|(_, m)| m)
+    }
+
+    /// Socket counters.
+    pub fn xsk_stats(&self) -> XskStats {
+        self.xsk.stats()
+    }
+
+    /// Steering program counters.
+    pub fn steer_counters(&self) -> Result<SteerCounters, SteerError> {
+        self.steer.counters()
+    }
+}
+
+impl Transport for XdpTransport {
+    fn transmit(&mut self, engine: &mut Engine, now: Instant) {
+        engine.transmit(now, &mut self.xsk.tx());
+        self.xsk.flush();
+    }
+
+    fn receive(&mut self, engine: &mut Engine, now: Instant) -> usize {
+        let n = self.xsk.recv(|frame, _| engine.handle_frame(frame, now));
+        if self.xsk.tx_in_flight() > 0 {
+            self.xsk.flush();
+        }
+        n
+    }
+}
