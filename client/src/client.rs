@@ -59,6 +59,11 @@ impl<T: Transport> Client<T> {
         &self.transport
     }
 
+    /// The transport, mutably (raw frames, counters).
+    pub fn transport_mut(&mut self) -> &mut T {
+        &mut self.transport
+    }
+
     /// Engine counters (sent, retransmitted, timed out, ...).
     pub fn stats(&self) -> EngineStats {
         self.engine.stats()

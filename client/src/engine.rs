@@ -334,9 +334,15 @@ impl Engine {
         id
     }
 
+    /// Refuses only what cannot be framed or reassembled; everything else is the server's to
+    /// judge (its answer comes back as a typed error).
     fn check(&self, req: &Request) -> Result<(), ClientError> {
         let end = usize::from(req.offset) + usize::from(req.length);
-        if end > PAGE_SIZE {
+        let collects = matches!(
+            req.op,
+            Opcode::READ | Opcode::READ_BULK | Opcode::UPDATE_ACQUIRE
+        );
+        if collects && end > PAGE_SIZE {
             return Err(ClientError::Invalid("range past the end of the page"));
         }
         if matches!(req.op, Opcode::READ | Opcode::READ_BULK) && req.length == 0 {

@@ -151,6 +151,24 @@ impl XdpTransport {
         self.xsk.stats()
     }
 
+    /// Sends one frame as given (for diagnostics and tests: malformed or foreign frames).
+    /// Returns false if no TX frame was free.
+    pub fn send_raw(&mut self, frame: &[u8]) -> bool {
+        let ok = self
+            .xsk
+            .tx()
+            .send_with(frame.len(), |b| b.copy_from_slice(frame));
+        self.xsk.flush();
+        ok
+    }
+
+    /// Receives frames without the engine (for diagnostics and tests); returns how many.
+    pub fn recv_raw(&mut self, mut f: impl FnMut(&[u8])) -> usize {
+        let n = self.xsk.recv(|frame, _| f(frame));
+        self.xsk.flush();
+        n
+    }
+
     /// Steering program counters.
     pub fn steer_counters(&self) -> Result<SteerCounters, SteerError> {
         self.steer.counters()

@@ -4,14 +4,17 @@
 //! - [`lease`], [`dedup`]: UPDATE leases and at-most-once execution.
 //! - [`handler`]: request handling as pure code — frames in, frames out.
 //! - [`stats`]: the counters a running server shows.
+//! - [`runtime`]: the steering program, AF_XDP sockets and pinned workers.
 #![forbid(unsafe_code)]
 
 pub mod dedup;
 pub mod handler;
 pub mod lease;
+pub mod runtime;
 pub mod stats;
 pub mod store;
 
 pub use handler::{Handler, HandlerConfig};
+pub use runtime::{Framing, Server, ServerConfig, ServerStats};
 pub use stats::Stats;
 pub use store::{Backing, Store, StoreError};

@@ -1,1 +1,128 @@
-//! Helpers for the privileged end-to-end tests (see `tests/`).
+//! Harness for the privileged end-to-end tests in `tests/`: a client namespace and a server
+//! namespace joined by a veth pair, a real server (steering program, AF_XDP sockets, worker)
+//! in one, a real client (its own steering program and socket) in the other. Everything is
+//! removed when the [`Rig`] is dropped, also when a test fails.
+#![forbid(unsafe_code)]
+
+use std::net::Ipv6Addr;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use bluebridge_client::{Client, EngineConfig, XdpConfig, XdpTransport};
+use bluebridge_proto::{HostId, MacAddr, NetPrefix};
+use bluebridge_server::{Framing, Server, ServerConfig};
+use bluebridge_topology::{Pair, unique};
+
+/// The server's host id in every rig.
+pub const SERVER: HostId = HostId(2);
+/// The client's address (host 1).
+pub fn client_addr() -> Ipv6Addr {
+    "fd00:bb:1::1".parse().expect("literal")
+}
+
+/// A running client/server pair.
+#[derive(Debug)]
+pub struct Rig {
+    /// The client, in the client namespace (the test's thread is moved there).
+    pub client: Client<XdpTransport>,
+    /// The server; `None` once stopped.
+    pub server: Option<Server>,
+    /// The topology; dropped last.
+    pub pair: Pair,
+}
+
+/// Options of a rig.
+#[derive(Debug, Clone)]
+pub struct RigOptions {
+    /// Link MTU.
+    pub mtu: u16,
+    /// Server framing.
+    pub framing: Framing,
+    /// Client multi-buffer.
+    pub client_multi_buffer: bool,
+    /// Arena bytes.
+    pub arena_bytes: u64,
+}
+
+impl Default for RigOptions {
+    fn default() -> Self {
+        RigOptions {
+            mtu: 9000,
+            framing: Framing::Auto,
+            client_multi_buffer: true,
+            arena_bytes: 16 << 20,
+        }
+    }
+}
+
+impl Rig {
+    /// Builds the topology, starts the server in its namespace (unpinned, idle mode: tests run
+    /// in parallel on few cores) and moves the calling thread into the client namespace to
+    /// open the client.
+    pub fn new(o: &RigOptions) -> Rig {
+        let pair =
+            Pair::create(&unique("bbt"), o.mtu).expect("creating namespaces and veth (needs root)");
+        let cfg = ServerConfig {
+            ifname: pair.server.ifname.clone(),
+            prefix: NetPrefix::DEFAULT,
+            host: SERVER,
+            queues: vec![0],
+            cores: vec![],
+            arena_bytes: o.arena_bytes,
+            framing: o.framing,
+            idle: true,
+            frames: 4096,
+            force_generic: false,
+            hugepages: false,
+        };
+        let ns = pair.server.ns.clone();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let r = bluebridge_topology::enter(&ns)
+                .map_err(|e| e.to_string())
+                .and_then(|()| Server::start(&cfg).map_err(|e| format!("{e:#}")));
+            tx.send(r).expect("the test waits");
+        });
+        let server = rx
+            .recv()
+            .expect("server thread")
+            .unwrap_or_else(|e| panic!("starting the server: {e}"));
+
+        pair.client_ns()
+            .enter()
+            .expect("entering the client namespace");
+        let mut xc = XdpConfig::new(&pair.client.ifname, client_addr());
+        xc.multi_buffer = o.client_multi_buffer;
+        let transport =
+            XdpTransport::open(&xc).unwrap_or_else(|e| panic!("opening the client transport: {e}"));
+        let mut ec = EngineConfig::new(
+            NetPrefix::DEFAULT,
+            client_addr(),
+            MacAddr(pair.client.mac),
+            MacAddr(pair.server.mac),
+        );
+        ec.seg_max = transport.frame_data();
+        ec.max_request_data = transport.frame_data();
+        // Generous: tests share two CPUs with each other.
+        ec.rto = Duration::from_millis(5);
+        ec.retries = 10;
+        let client = Client::new(ec, transport);
+        Rig {
+            client,
+            server: Some(server),
+            pair,
+        }
+    }
+
+    /// The running server.
+    pub fn server(&self) -> &Server {
+        self.server.as_ref().expect("server running")
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        // Workers first, then the namespaces (Pair drops after this).
+        self.server.take();
+    }
+}

@@ -426,6 +426,11 @@ impl Xsk {
         }
     }
 
+    /// Whether received frames are waiting (a peek; nothing is consumed).
+    pub fn rx_ready(&mut self) -> bool {
+        self.rx.nb_avail(1) > 0
+    }
+
     /// Frames sent but not yet completed, plus those not yet on the ring.
     pub fn tx_in_flight(&self) -> usize {
         self.tx_outstanding + self.pool.pending.len()

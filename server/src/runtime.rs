@@ -1,0 +1,364 @@
+//! The running server: the steering program on the interface, one AF_XDP socket and one pinned
+//! worker per RX queue, all sharing one request handler.
+//!
+//! Workers busy-poll their socket in batches; the handler is locked once per received batch,
+//! not per frame. With `idle`, a worker that found nothing for a while sleeps in `poll()` until
+//! a frame arrives, so many servers can share a machine.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use bluebridge_ebpf::{AttachMode, Steer, SteerCounters};
+use bluebridge_proto::addr::HOST_PREFIX_LEN;
+use bluebridge_proto::segment::{max_data_per_frame, max_frame_for_mtu};
+use bluebridge_proto::{HostId, NetPrefix};
+use bluebridge_xsk::{Xsk, XskConfig, XskStats};
+
+use crate::handler::{Handler, HandlerConfig};
+use crate::stats::Stats;
+use crate::store::{Backing, Store};
+
+/// How frames carry pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Framing {
+    /// One multi-buffer frame per page where the MTU allows (≥ 4192), else segments.
+    Auto,
+    /// One multi-buffer frame per page; fails if the MTU is too small.
+    MultiBuffer,
+    /// Segments sized from the MTU and one UMEM chunk.
+    Segments,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Interface.
+    pub ifname: String,
+    /// The deployment's prefix.
+    pub prefix: NetPrefix,
+    /// This host's id: the server answers for `<prefix>:<host>::/48`.
+    pub host: HostId,
+    /// RX queues to serve, one worker each.
+    pub queues: Vec<u32>,
+    /// CPU per worker (same order as `queues`); empty: unpinned.
+    pub cores: Vec<usize>,
+    /// Arena size in bytes (a multiple of 2 MiB).
+    pub arena_bytes: u64,
+    /// Framing of pages.
+    pub framing: Framing,
+    /// Sleep in poll() after a run of empty polls.
+    pub idle: bool,
+    /// UMEM frames per socket.
+    pub frames: u32,
+    /// Attach XDP in generic mode.
+    pub force_generic: bool,
+    /// Put the arena and UMEM on hugepages when available.
+    pub hugepages: bool,
+}
+
+/// Errors starting the server.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Bad configuration.
+    #[error("{0}")]
+    Config(String),
+    /// The store could not be made.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The XDP program failed.
+    #[error(transparent)]
+    Steer(#[from] bluebridge_ebpf::SteerError),
+    /// A socket failed.
+    #[error(transparent)]
+    Xsk(#[from] bluebridge_xsk::XskError),
+    /// The interface could not be read.
+    #[error(transparent)]
+    Link(#[from] bluebridge_xsk::LinkError),
+}
+
+/// Counters of the whole server, for the periodic line and the summary.
+#[derive(Debug, Clone)]
+pub struct ServerStats {
+    /// Request handling.
+    pub handler: Stats,
+    /// Pages allocated now.
+    pub pages_used: u32,
+    /// Sockets, summed over workers.
+    pub xsk: XskStats,
+    /// The steering program.
+    pub steer: SteerCounters,
+}
+
+/// A running server. Dropping it (or [`Server::stop`]) stops the workers and detaches XDP.
+#[derive(Debug)]
+pub struct Server {
+    steer: Steer,
+    handler: Arc<Mutex<Handler>>,
+    xsk_stats: Vec<Arc<Mutex<XskStats>>>,
+    workers: Vec<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    info: ServerInfo,
+}
+
+/// What the server started with.
+#[derive(Debug, Clone)]
+pub struct ServerInfo {
+    /// How XDP got attached.
+    pub attach: AttachMode,
+    /// The arena's backing.
+    pub backing: Backing,
+    /// Pages in the arena.
+    pub pages: u32,
+    /// Whether pages travel as one multi-buffer frame.
+    pub multi_buffer: bool,
+    /// Page bytes per reply frame.
+    pub frame_data: u16,
+    /// MTU.
+    pub mtu: u16,
+    /// Memory besides the arena and the UMEMs: metadata and tables.
+    pub overhead_bytes: usize,
+    /// UMEM bytes over all sockets.
+    pub umem_bytes: usize,
+}
+
+impl Server {
+    /// Starts everything: store, steering program, sockets, workers.
+    pub fn start(cfg: &ServerConfig) -> Result<Server, StartError> {
+        if cfg.queues.is_empty() {
+            return Err(StartError::Config("no queues to serve".into()));
+        }
+        if !cfg.cores.is_empty() && cfg.cores.len() != cfg.queues.len() {
+            return Err(StartError::Config(format!(
+                "{} cores for {} queues: give one core per queue (or none)",
+                cfg.cores.len(),
+                cfg.queues.len()
+            )));
+        }
+        if cfg.host.is_any() {
+            return Err(StartError::Config(
+                "host id 0xffff is reserved for anycast".into(),
+            ));
+        }
+        let mtu = bluebridge_xsk::link_mtu(&cfg.ifname)?;
+        if mtu < bluebridge_proto::MIN_MTU {
+            return Err(StartError::Config(format!(
+                "{} has MTU {mtu}; BlueBridge needs ≥ 1280",
+                cfg.ifname
+            )));
+        }
+        let queues = bluebridge_xsk::rx_queue_count(&cfg.ifname)?;
+        if let Some(q) = cfg.queues.iter().find(|&&q| q >= queues) {
+            return Err(StartError::Config(format!(
+                "{} has {queues} RX queues; there is no queue {q}",
+                cfg.ifname
+            )));
+        }
+        let multi_buffer = match cfg.framing {
+            Framing::Auto => mtu >= bluebridge_proto::PAGE_MTU,
+            Framing::MultiBuffer if mtu < bluebridge_proto::PAGE_MTU => {
+                return Err(StartError::Config(format!(
+                    "multi-buffer framing needs MTU ≥ {}; {} has {mtu}",
+                    bluebridge_proto::PAGE_MTU,
+                    cfg.ifname
+                )));
+            }
+            Framing::MultiBuffer => true,
+            Framing::Segments => false,
+        };
+
+        let store = Store::new(cfg.arena_bytes, cfg.hugepages)?;
+        let backing = store.backing();
+        let pages = store.pages_total();
+
+        let mut steer = Steer::load()?;
+        steer.add_prefix(cfg.prefix.host_network(cfg.host), HOST_PREFIX_LEN)?;
+        // Anycast ALLOCs (host 0xffff) routed here by a switch.
+        steer.add_prefix(cfg.prefix.host_network(HostId::ANY), HOST_PREFIX_LEN)?;
+        let attach = steer.attach(&cfg.ifname, cfg.force_generic)?;
+
+        let mut sockets = Vec::new();
+        for &q in &cfg.queues {
+            let xsk = Xsk::new(&XskConfig {
+                ifname: cfg.ifname.clone(),
+                queue: q,
+                frames: cfg.frames,
+                multi_buffer,
+                hugepages: cfg.hugepages,
+            })?;
+            steer.set_socket(q, xsk.fd())?;
+            sockets.push(xsk);
+        }
+        let chunk = sockets[0].chunk_len();
+        let max_frame = if multi_buffer {
+            max_frame_for_mtu(mtu)
+        } else {
+            max_frame_for_mtu(mtu).min(chunk)
+        };
+        let frame_data = max_data_per_frame(max_frame).expect("MTU checked");
+        let handler = Handler::new(HandlerConfig::new(cfg.prefix, cfg.host, frame_data), store);
+        let overhead_bytes = handler.overhead_bytes();
+        let handler = Arc::new(Mutex::new(handler));
+        let stop = Arc::new(AtomicBool::new(false));
+        let started = Instant::now();
+        let umem_bytes = sockets.len() * cfg.frames as usize * bluebridge_xsk::CHUNK as usize;
+
+        let mut workers = Vec::new();
+        let mut xsk_stats = Vec::new();
+        for (i, xsk) in sockets.into_iter().enumerate() {
+            let published = Arc::new(Mutex::new(XskStats::default()));
+            xsk_stats.push(published.clone());
+            let w = Worker {
+                xsk,
+                handler: handler.clone(),
+                stop: stop.clone(),
+                published,
+                started,
+                idle: cfg.idle,
+                core: cfg.cores.get(i).copied(),
+            };
+            let name = format!("bb-worker-q{}", cfg.queues[i]);
+            let t = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || w.run())
+                .map_err(|e| StartError::Config(format!("spawning a worker: {e}")))?;
+            workers.push(t);
+        }
+        let info = ServerInfo {
+            attach,
+            backing,
+            pages,
+            multi_buffer,
+            frame_data,
+            mtu,
+            overhead_bytes,
+            umem_bytes,
+        };
+        tracing::info!(
+            ifname = %cfg.ifname, host = %cfg.host, prefix = %cfg.prefix, ?attach, ?backing, pages,
+            multi_buffer, frame_data, mtu, workers = workers.len(), "serving"
+        );
+        Ok(Server {
+            steer,
+            handler,
+            xsk_stats,
+            workers,
+            stop,
+            info,
+        })
+    }
+
+    /// What it started with.
+    pub fn info(&self) -> &ServerInfo {
+        &self.info
+    }
+
+    /// A snapshot of every counter.
+    pub fn stats(&self) -> ServerStats {
+        let (handler, pages_used) = {
+            let h = self
+                .handler
+                .lock()
+                .expect("a worker panicked holding the handler");
+            (h.stats().clone(), h.store().pages_used())
+        };
+        let mut xsk = XskStats::default();
+        for s in &self.xsk_stats {
+            let s = *s.lock().expect("poisoned");
+            xsk.rx_frames += s.rx_frames;
+            xsk.rx_chains += s.rx_chains;
+            xsk.tx_frames += s.tx_frames;
+            xsk.tx_dropped += s.tx_dropped;
+            xsk.tx_kicks += s.tx_kicks;
+            xsk.rx_oversize += s.rx_oversize;
+        }
+        ServerStats {
+            handler,
+            pages_used,
+            xsk,
+            steer: self.steer.counters().unwrap_or_default(),
+        }
+    }
+
+    /// Whether every worker is still running.
+    pub fn healthy(&self) -> bool {
+        self.workers.iter().all(|w| !w.is_finished())
+    }
+
+    /// Stops the workers, waits for them, and detaches the program.
+    pub fn stop(mut self) -> ServerStats {
+        self.shutdown();
+        self.stats()
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for w in self.workers.drain(..) {
+            if w.join().is_err() {
+                tracing::error!("a worker panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+struct Worker {
+    xsk: Xsk,
+    handler: Arc<Mutex<Handler>>,
+    stop: Arc<AtomicBool>,
+    published: Arc<Mutex<XskStats>>,
+    started: Instant,
+    idle: bool,
+    core: Option<usize>,
+}
+
+/// Empty polls before an idle worker sleeps.
+const IDLE_SPINS: u32 = 20_000;
+/// Longest sleep, so the stop flag is seen.
+const IDLE_SLEEP_MS: i32 = 100;
+
+impl Worker {
+    fn run(mut self) {
+        if let Some(id) = self.core {
+            if core_affinity::set_for_current(core_affinity::CoreId { id }) {
+                tracing::debug!(core = id, "worker pinned");
+            } else {
+                tracing::warn!(core = id, "could not pin the worker; running unpinned");
+            }
+        }
+        let mut empty = 0u32;
+        let mut loops = 0u32;
+        while !self.stop.load(Ordering::Relaxed) {
+            let n = if self.xsk.rx_ready() {
+                let mut h = self.handler.lock().expect("poisoned");
+                let now = self.started.elapsed().as_nanos() as u64;
+                self.xsk.recv(|frame, tx| h.handle_frame(frame, now, tx))
+            } else {
+                0
+            };
+            if n > 0 || self.xsk.tx_in_flight() > 0 {
+                self.xsk.flush();
+            }
+            if n == 0 {
+                empty += 1;
+                if self.idle && empty >= IDLE_SPINS && self.xsk.tx_in_flight() == 0 {
+                    self.xsk.wait(IDLE_SLEEP_MS);
+                    empty = 0;
+                }
+            } else {
+                empty = 0;
+            }
+            loops = loops.wrapping_add(1);
+            if loops.is_multiple_of(4096) || n == 0 && empty == 1 {
+                *self.published.lock().expect("poisoned") = self.xsk.stats();
+            }
+        }
+        *self.published.lock().expect("poisoned") = self.xsk.stats();
+    }
+}
