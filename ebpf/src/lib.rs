@@ -277,10 +277,36 @@ impl Steer {
     /// Runs the program once on `frame` with `BPF_PROG_TEST_RUN` (no interface needed) and
     /// returns its verdict.
     pub fn test_run(&mut self, frame: &[u8]) -> Result<XdpAction, SteerError> {
+        self.run_test(frame, None)
+    }
+
+    /// Like [`Steer::test_run`], as if the frame arrived on interface `ifindex`, RX queue
+    /// `queue` (so a socket registered for that queue can be the redirect target).
+    pub fn test_run_on(
+        &mut self,
+        frame: &[u8],
+        ifindex: u32,
+        queue: u32,
+    ) -> Result<XdpAction, SteerError> {
+        self.run_test(frame, Some((ifindex, queue)))
+    }
+
+    fn run_test(&mut self, frame: &[u8], on: Option<(u32, u32)>) -> Result<XdpAction, SteerError> {
         let mut out = vec![0u8; frame.len() + 256];
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex (all u32). The kernel wants data 0 and data_end the frame length.
+        let ctx: Vec<u8> = on
+            .map(|(ifindex, queue)| {
+                [0, frame.len() as u32, 0, ifindex, queue, 0]
+                    .iter()
+                    .flat_map(|v| v.to_ne_bytes())
+                    .collect()
+            })
+            .unwrap_or_default();
         let opts = TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
+            ctx_in: on.map(|_| ctx.as_slice()),
             ..Default::default()
         };
         let r = self

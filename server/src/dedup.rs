@@ -87,7 +87,8 @@ impl Dedup {
         Dedup {
             small: Ring::new(capacity.max(1)),
             bulk: Ring::new(bulk_capacity.max(1)),
-            index: HashMap::with_capacity(2 * (capacity.max(1) + bulk_capacity.max(1))),
+            // hashbrown never reallocates below its capacity; entries never exceed the rings.
+            index: HashMap::with_capacity(capacity.max(1) + bulk_capacity.max(1)),
         }
     }
 

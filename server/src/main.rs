@@ -46,8 +46,13 @@ struct Args {
     /// many servers); default is pure busy-polling.
     #[arg(long)]
     idle: bool,
+    /// Run workers at normal priority instead of SCHED_IDLE. SCHED_IDLE (the default) lets the
+    /// kernel's softirq thread preempt a busy-polling worker at once; at normal priority it can
+    /// wait a whole scheduler slice (4 ms stalls seen on veth).
+    #[arg(long)]
+    normal_priority: bool,
     /// UMEM frames per socket (4 KiB each, a power of two; half RX, half TX).
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 2048)]
     frames: u32,
     /// Attach XDP in generic (SKB) mode instead of trying driver mode first.
     #[arg(long)]
@@ -92,6 +97,7 @@ fn main() -> Result<()> {
         arena_bytes: a.arena.as_u64(),
         framing: a.framing,
         idle: a.idle,
+        sched_idle: !a.normal_priority,
         frames: a.frames,
         force_generic: a.generic,
         hugepages: !a.no_hugepages,

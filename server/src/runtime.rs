@@ -50,6 +50,9 @@ pub struct ServerConfig {
     pub framing: Framing,
     /// Sleep in poll() after a run of empty polls.
     pub idle: bool,
+    /// Run workers under SCHED_IDLE so kernel work on their CPU is never starved
+    /// (see [`bluebridge_xsk::busy_poll_thread`]).
+    pub sched_idle: bool,
     /// UMEM frames per socket.
     pub frames: u32,
     /// Attach XDP in generic mode.
@@ -216,6 +219,7 @@ impl Server {
                 published,
                 started,
                 idle: cfg.idle,
+                sched_idle: cfg.sched_idle,
                 core: cfg.cores.get(i).copied(),
             };
             let name = format!("bb-worker-q{}", cfg.queues[i]);
@@ -315,6 +319,7 @@ struct Worker {
     published: Arc<Mutex<XskStats>>,
     started: Instant,
     idle: bool,
+    sched_idle: bool,
     core: Option<usize>,
 }
 
@@ -325,12 +330,8 @@ const IDLE_SLEEP_MS: i32 = 100;
 
 impl Worker {
     fn run(mut self) {
-        if let Some(id) = self.core {
-            if core_affinity::set_for_current(core_affinity::CoreId { id }) {
-                tracing::debug!(core = id, "worker pinned");
-            } else {
-                tracing::warn!(core = id, "could not pin the worker; running unpinned");
-            }
+        if let Err(e) = bluebridge_xsk::busy_poll_thread(self.core, self.sched_idle) {
+            tracing::warn!(error = %e, "worker set-up incomplete; running anyway");
         }
         let mut empty = 0u32;
         let mut loops = 0u32;

@@ -71,6 +71,7 @@ impl Rig {
             arena_bytes: o.arena_bytes,
             framing: o.framing,
             idle: true,
+            sched_idle: false,
             frames: 4096,
             force_generic: false,
             hugepages: false,

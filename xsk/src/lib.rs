@@ -13,6 +13,7 @@
 //! All unsafe code of the data path is in this crate: ring and UMEM access through xsk-rs.
 
 mod link;
+mod thread;
 
 use bluebridge_proto::frame::{self, Endpoints, FrameSink};
 use bluebridge_proto::{BbRepr, FRAME_OVERHEAD};
@@ -20,7 +21,8 @@ use bluebridge_proto::{BbRepr, FRAME_OVERHEAD};
 use std::num::NonZeroU32;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 
-pub use link::{LinkError, link_mac, link_mtu, rx_queue_count};
+pub use link::{LinkError, link_index, link_mac, link_mtu, rx_queue_count};
+pub use thread::{BusyPollError, busy_poll_thread};
 use xsk_rs::config::{
     BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig,
 };

@@ -70,6 +70,26 @@ fn ioctl(
     Ok(())
 }
 
+/// The interface's index.
+pub fn link_index(ifname: &str) -> Result<u32, LinkError> {
+    let mut req = ifreq_for(ifname)?;
+    ioctl(
+        ifname,
+        "reading the interface index",
+        libc::SIOCGIFINDEX,
+        &mut req,
+    )?;
+    // SAFETY: SIOCGIFINDEX filled the ifru_ifindex member of the union.
+    let index = unsafe { req.ifr_ifru.ifru_ifindex };
+    u32::try_from(index).map_err(|_| {
+        err(
+            ifname,
+            "negative index",
+            io::Error::from(io::ErrorKind::InvalidData),
+        )
+    })
+}
+
 /// The interface's MTU.
 pub fn link_mtu(ifname: &str) -> Result<u16, LinkError> {
     let mut req = ifreq_for(ifname)?;
@@ -145,6 +165,7 @@ mod tests {
         assert_eq!(link_mtu("lo").unwrap(), u16::MAX);
         assert_eq!(link_mac("lo").unwrap(), [0; 6]);
         assert!(rx_queue_count("lo").unwrap() >= 1);
+        assert_eq!(link_index("lo").unwrap(), 1);
         assert!(link_mtu("no-such-if0").is_err());
         assert!(link_mtu("").is_err());
     }

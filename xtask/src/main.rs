@@ -2,6 +2,7 @@
 //! and one saying how it ended; any failure ends the run with a non-zero exit.
 #![forbid(unsafe_code)]
 
+mod demo;
 mod packages;
 mod stage;
 
@@ -25,6 +26,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Install missing Debian packages, build, create a client and a server namespace joined
+    /// by a veth pair, run the server (pinned) and a client workload (pinned), print the
+    /// results, tear everything down. Needs root.
+    Demo(demo::DemoArgs),
     /// Install missing Debian packages, then run every check: rustfmt, clippy, unit and
     /// property tests, fuzz corpus replay and a short fuzz run.
     Test {
@@ -51,6 +56,7 @@ enum Cmd {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.cmd {
+        Cmd::Demo(a) => demo::run(&a),
         Cmd::Test {
             fuzz_seconds,
             no_packages,
@@ -67,14 +73,14 @@ fn main() {
 }
 
 /// The workspace root (the parent of this crate's directory).
-fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives in the workspace")
         .into()
 }
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root());
     c
@@ -99,9 +105,22 @@ fn test(fuzz_seconds: u64, no_packages: bool) -> Result<()> {
             "warnings",
         ]))
     })?;
-    s.run("unit and property tests (incl. fuzz corpus replay)", || {
-        stage::status(cargo().args(["test", "--workspace", "--locked"]))
-    })?;
+    s.run(
+        "unit and property tests, XDP program tests (incl. fuzz corpus replay)",
+        || {
+            stage::status(cargo().args([
+                "test",
+                "--workspace",
+                "--locked",
+                "--exclude",
+                "bluebridge-tests",
+            ]))
+        },
+    )?;
+    s.run(
+        "privileged end-to-end tests (namespaces, veth, XDP, AF_XDP)",
+        || stage::status(cargo().args(["test", "--locked", "-p", "bluebridge-tests"])),
+    )?;
     if fuzz_seconds > 0 {
         fuzz(&mut s, fuzz_seconds, None)?;
     }

@@ -1,0 +1,273 @@
+//! `bluebridge-client`: talk to BlueBridge servers from the command line.
+
+use std::net::Ipv6Addr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use bluebridge_client::{Client, EngineConfig, Request, XdpConfig, XdpTransport};
+use bluebridge_proto::{HostId, MacAddr, NetPrefix, Opcode, PAGE_SIZE};
+use clap::{Parser, Subcommand};
+use hdrhistogram::Histogram;
+
+/// A BlueBridge client over AF_XDP.
+///
+/// Loads the steering XDP program for --local on IFACE, opens an AF_XDP socket and sends
+/// requests to the next hop's MAC (no neighbour discovery). Needs root.
+#[derive(Parser, Debug)]
+#[command(name = "bluebridge-client", version)]
+struct Args {
+    /// Network interface to send and receive on.
+    #[arg(short, long, value_name = "IFACE")]
+    iface: String,
+    /// This client's IPv6 address (inside its host's /48 of the prefix).
+    #[arg(long, default_value = "fd00:bb:1::1")]
+    local: Ipv6Addr,
+    /// MAC address of the next hop (the server on a direct link, the switch in a rack).
+    #[arg(long, value_name = "MAC")]
+    next_hop_mac: MacAddr,
+    /// The deployment's network prefix (a /32).
+    #[arg(long, default_value = "fd00:bb::/32")]
+    prefix: NetPrefix,
+    /// CPU core to pin this client to (strongly recommended for measurements).
+    #[arg(long)]
+    core: Option<usize>,
+    /// Keep normal scheduling priority instead of SCHED_IDLE while busy-polling (see the
+    /// server's --normal-priority).
+    #[arg(long)]
+    normal_priority: bool,
+    /// Send pages as MTU-sized segments even where one multi-buffer frame would fit.
+    #[arg(long)]
+    segments: bool,
+    /// Retransmission timeout in microseconds (doubles on every retry).
+    #[arg(long, default_value_t = 1000)]
+    rto_us: u64,
+    /// Retransmissions before a request fails with a timeout.
+    #[arg(long, default_value_t = 8)]
+    retries: u32,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Round-trip a PING to a server.
+    Ping {
+        /// Server host id (decimal or 0x-hex).
+        #[arg(long, value_parser = parse_host)]
+        host: u16,
+        /// How many pings.
+        #[arg(long, default_value_t = 5)]
+        count: u32,
+    },
+    /// Print a server's STAT record.
+    Stat {
+        /// Server host id.
+        #[arg(long, value_parser = parse_host)]
+        host: u16,
+    },
+    /// A short workload: alloc, write, read back and verify, free; window-1 latency of 4 KiB
+    /// READs and small requests; then pipelined 4 KiB READs. Prints what happened.
+    Demo {
+        /// Server host id.
+        #[arg(long, value_parser = parse_host)]
+        host: u16,
+        /// Pages in the working set.
+        #[arg(long, default_value_t = 256)]
+        pages: u16,
+        /// Round trips measured at window 1, per kind.
+        #[arg(long, default_value_t = 20_000)]
+        samples: u32,
+        /// Seconds of pipelined READs.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// Requests in flight during the pipelined phase.
+        #[arg(long, default_value_t = 32)]
+        window: usize,
+    },
+}
+
+fn parse_host(s: &str) -> Result<u16, String> {
+    match s.strip_prefix("0x") {
+        Some(h) => u16::from_str_radix(h, 16),
+        None => s.parse(),
+    }
+    .map_err(|_| format!("`{s}` is not a 16-bit host id"))
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let a = Args::parse();
+    bluebridge_xsk::busy_poll_thread(a.core, !a.normal_priority)
+        .context("setting up the polling thread")?;
+    let mut xc = XdpConfig::new(&a.iface, a.local);
+    xc.multi_buffer = !a.segments;
+    let t = XdpTransport::open(&xc).with_context(|| format!("opening AF_XDP on {}", a.iface))?;
+    let mut ec = EngineConfig::new(a.prefix, a.local, MacAddr(t.mac()), a.next_hop_mac);
+    ec.seg_max = t.frame_data();
+    ec.max_request_data = t.frame_data();
+    ec.rto = Duration::from_micros(a.rto_us);
+    ec.retries = a.retries;
+    let framing = if t.multi_buffer() {
+        "one frame per page".to_owned()
+    } else {
+        format!("segments of {} B", t.frame_data())
+    };
+    eprintln!(
+        "bluebridge-client: {} {} | XDP {:?} | MTU {} | {framing}",
+        a.iface,
+        a.local,
+        t.attach_mode(),
+        t.mtu()
+    );
+    let mut c = Client::new(ec, t);
+    match a.cmd {
+        Cmd::Ping { host, count } => {
+            for i in 0..count {
+                let rtt = c.ping(HostId(host))?;
+                println!("ping {i}: {:.1} µs", rtt.as_secs_f64() * 1e6);
+            }
+        }
+        Cmd::Stat { host } => println!("{:#?}", c.stat(HostId(host))?),
+        Cmd::Demo {
+            host,
+            pages,
+            samples,
+            seconds,
+            window,
+        } => demo(&mut c, HostId(host), pages, samples, seconds, window)?,
+    }
+    Ok(())
+}
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("bounds are valid")
+}
+
+fn us(ns: u64) -> f64 {
+    ns as f64 / 1000.0
+}
+
+fn demo(
+    c: &mut Client<XdpTransport>,
+    host: HostId,
+    pages: u16,
+    samples: u32,
+    seconds: f64,
+    window: usize,
+) -> Result<()> {
+    ensure!(
+        pages >= 1 && window >= 1,
+        "--pages and --window must be at least 1"
+    );
+    // 1. Correctness: allocate, write a distinct pattern per page, read back, verify.
+    let t0 = Instant::now();
+    let mut set = Vec::new();
+    while set.len() < usize::from(pages) {
+        let n = (usize::from(pages) - set.len()).min(128) as u16;
+        set.extend(c.alloc_bulk(host, n, false)?);
+    }
+    let pattern = |i: usize| -> Vec<u8> {
+        (0..PAGE_SIZE)
+            .map(|b| (b ^ i.wrapping_mul(131)) as u8)
+            .collect()
+    };
+    for (i, &p) in set.iter().enumerate() {
+        c.write(p, 0, &pattern(i))?;
+    }
+    let mut verified = 0;
+    for (i, &p) in set.iter().enumerate() {
+        if c.read(p)? != pattern(i) {
+            bail!("page {i} read back differently from what was written");
+        }
+        verified += 1;
+    }
+    println!(
+        "correctness: {} pages allocated, written and read back intact ({verified} verified) in {:.1} ms",
+        set.len(),
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+
+    // 2. Window-1 latency.
+    let mut read4k = hist();
+    let mut small = hist();
+    let mut ping = hist();
+    for i in 0..samples as usize {
+        let p = set[i % set.len()];
+        let t = Instant::now();
+        c.read(p)?;
+        read4k.record(t.elapsed().as_nanos() as u64)?;
+        let t = Instant::now();
+        c.read_range(p, 0, 64)?;
+        small.record(t.elapsed().as_nanos() as u64)?;
+        let t = Instant::now();
+        c.ping(host)?;
+        ping.record(t.elapsed().as_nanos() as u64)?;
+    }
+    println!("latency at window 1 ({samples} round trips each):");
+    for (name, h) in [
+        ("READ 4 KiB", &read4k),
+        ("READ 64 B", &small),
+        ("PING", &ping),
+    ] {
+        println!(
+            "  {name:<11} p50 {:>7.2} µs   p99 {:>7.2} µs   p99.9 {:>7.2} µs   max {:>8.2} µs",
+            us(h.value_at_quantile(0.5)),
+            us(h.value_at_quantile(0.99)),
+            us(h.value_at_quantile(0.999)),
+            us(h.max())
+        );
+    }
+
+    // 3. Pipelined 4 KiB READs.
+    let dur = Duration::from_secs_f64(seconds);
+    let mut lat = hist();
+    let (mut done, mut errors, mut next) = (0u64, 0u64, 0usize);
+    let start = Instant::now();
+    while start.elapsed() < dur || c.in_flight() > 0 {
+        while start.elapsed() < dur && c.in_flight() < window {
+            c.submit(Request::new(Opcode::READ, set[next % set.len()]).range(0, PAGE_SIZE as u16));
+            next += 1;
+        }
+        while let Some(comp) = c.poll() {
+            match comp.result {
+                Ok(r) if r.data.len() == PAGE_SIZE => {
+                    done += 1;
+                    lat.record(comp.latency.as_nanos().max(1) as u64)?;
+                }
+                _ => errors += 1,
+            }
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "pipelined READ 4 KiB, {window} in flight: {done} pages in {secs:.2} s = {:.0} pages/s ({:.2} Gbit/s), \
+         p50 {:.2} µs p99 {:.2} µs, errors {errors}",
+        done as f64 / secs,
+        done as f64 * PAGE_SIZE as f64 * 8.0 / secs / 1e9,
+        us(lat.value_at_quantile(0.5)),
+        us(lat.value_at_quantile(0.99)),
+    );
+
+    // 4. Clean up.
+    for chunk in set.chunks(128) {
+        for r in c.free_bulk(chunk)? {
+            r?;
+        }
+    }
+    let s = c.stats();
+    println!(
+        "client: {} requests, {} retransmissions, {} timeouts, {} errors; all {} pages freed",
+        s.submitted,
+        s.retransmits,
+        s.timeouts,
+        errors,
+        set.len()
+    );
+    ensure!(s.timeouts == 0 && errors == 0, "the demo saw errors");
+    Ok(())
+}
