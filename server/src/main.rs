@@ -60,6 +60,19 @@ struct Args {
     /// Do not try 2 MiB hugepages for the arena and UMEM.
     #[arg(long)]
     no_hugepages: bool,
+    /// Leases (UPDATE) that may be held at once; more acquires get BUSY.
+    #[arg(long, default_value_t = u16::MAX)]
+    max_leases: u16,
+    /// Lease time in ms when a client asks for none.
+    #[arg(long, default_value_t = 1_000)]
+    lease_default_ms: u64,
+    /// Longest lease granted, in ms (longer requests are cut to this).
+    #[arg(long, default_value_t = 60_000)]
+    lease_max_ms: u64,
+    /// Replies remembered for at-most-once execution of ALLOC, FREE, atomics and UPDATE: a
+    /// retransmission is recognised while fewer than this many such requests came after it.
+    #[arg(long, default_value_t = 1 << 17)]
+    dedup_entries: usize,
     /// Seconds between stats lines (0: none).
     #[arg(long, default_value_t = 1.0)]
     stats_interval: f64,
@@ -101,6 +114,10 @@ fn main() -> Result<()> {
         frames: a.frames,
         force_generic: a.generic,
         hugepages: !a.no_hugepages,
+        max_leases: a.max_leases,
+        lease_default_ms: a.lease_default_ms,
+        lease_max_ms: a.lease_max_ms,
+        dedup_entries: a.dedup_entries,
     };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

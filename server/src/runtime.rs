@@ -59,6 +59,39 @@ pub struct ServerConfig {
     pub force_generic: bool,
     /// Put the arena and UMEM on hugepages when available.
     pub hugepages: bool,
+    /// Leases that may be held at once.
+    pub max_leases: u16,
+    /// Lease time when a client asks for none, ms.
+    pub lease_default_ms: u64,
+    /// Longest lease granted, ms.
+    pub lease_max_ms: u64,
+    /// Replies remembered for at-most-once execution (its horizon: that many non-idempotent
+    /// requests).
+    pub dedup_entries: usize,
+}
+
+impl ServerConfig {
+    /// Defaults for serving `host` on `ifname` queue 0.
+    pub fn new(ifname: &str, host: HostId) -> Self {
+        ServerConfig {
+            ifname: ifname.into(),
+            prefix: NetPrefix::DEFAULT,
+            host,
+            queues: vec![0],
+            cores: vec![],
+            arena_bytes: 256 << 20,
+            framing: Framing::Auto,
+            idle: false,
+            sched_idle: true,
+            frames: 2048,
+            force_generic: false,
+            hugepages: true,
+            max_leases: u16::MAX,
+            lease_default_ms: 1_000,
+            lease_max_ms: 60_000,
+            dedup_entries: 1 << 17,
+        }
+    }
 }
 
 /// Errors starting the server.
@@ -139,6 +172,16 @@ impl Server {
                 cfg.queues.len()
             )));
         }
+        if cfg.max_leases == 0 || cfg.dedup_entries == 0 || cfg.lease_default_ms == 0 {
+            return Err(StartError::Config(
+                "lease and duplicate-table sizes and times must be positive".into(),
+            ));
+        }
+        if cfg.lease_default_ms > cfg.lease_max_ms {
+            return Err(StartError::Config(
+                "the default lease time exceeds the longest lease".into(),
+            ));
+        }
         if cfg.host.is_any() {
             return Err(StartError::Config(
                 "host id 0xffff is reserved for anycast".into(),
@@ -200,7 +243,12 @@ impl Server {
             max_frame_for_mtu(mtu).min(chunk)
         };
         let frame_data = max_data_per_frame(max_frame).expect("MTU checked");
-        let handler = Handler::new(HandlerConfig::new(cfg.prefix, cfg.host, frame_data), store);
+        let mut hc = HandlerConfig::new(cfg.prefix, cfg.host, frame_data);
+        hc.lease_capacity = cfg.max_leases;
+        hc.lease_default_ms = cfg.lease_default_ms;
+        hc.lease_max_ms = cfg.lease_max_ms;
+        hc.dedup_capacity = cfg.dedup_entries;
+        let handler = Handler::new(hc, store);
         let overhead_bytes = handler.overhead_bytes();
         let handler = Arc::new(Mutex::new(handler));
         let stop = Arc::new(AtomicBool::new(false));

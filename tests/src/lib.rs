@@ -42,6 +42,8 @@ pub struct RigOptions {
     pub client_multi_buffer: bool,
     /// Arena bytes.
     pub arena_bytes: u64,
+    /// Server lease table size.
+    pub max_leases: u16,
 }
 
 impl Default for RigOptions {
@@ -51,6 +53,7 @@ impl Default for RigOptions {
             framing: Framing::Auto,
             client_multi_buffer: true,
             arena_bytes: 16 << 20,
+            max_leases: 16,
         }
     }
 }
@@ -63,18 +66,15 @@ impl Rig {
         let pair =
             Pair::create(&unique("bbt"), o.mtu).expect("creating namespaces and veth (needs root)");
         let cfg = ServerConfig {
-            ifname: pair.server.ifname.clone(),
-            prefix: NetPrefix::DEFAULT,
-            host: SERVER,
-            queues: vec![0],
-            cores: vec![],
             arena_bytes: o.arena_bytes,
             framing: o.framing,
+            // Tests run in parallel on few cores: no pinning, sleep when idle, normal priority.
             idle: true,
             sched_idle: false,
             frames: 4096,
-            force_generic: false,
             hugepages: false,
+            max_leases: o.max_leases,
+            ..ServerConfig::new(&pair.server.ifname, SERVER)
         };
         let ns = pair.server.ns.clone();
         let (tx, rx) = mpsc::channel();

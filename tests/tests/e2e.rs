@@ -132,6 +132,7 @@ fn every_operation_segmented() {
 fn every_error_status_reaches_the_client() {
     let mut rig = Rig::new(&RigOptions {
         arena_bytes: 2 << 20,
+        max_leases: 1,
         ..RigOptions::default()
     });
     let c = &mut rig.client;
@@ -180,6 +181,12 @@ fn every_error_status_reaches_the_client() {
         c.update_commit(p, wrong, 0, b"x"),
         Err(ClientError::LeaseInvalid)
     );
+    // BUSY: the server's one lease slot is taken.
+    let other = c.alloc(SERVER, false).unwrap();
+    assert_eq!(
+        c.update_acquire(other, 0, 0, 0).map(drop),
+        Err(ClientError::Busy)
+    );
     std::thread::sleep(Duration::from_millis(40));
     assert_eq!(
         c.update_commit(p, lease, 0, b"late"),
@@ -190,11 +197,12 @@ fn every_error_status_reaches_the_client() {
         [0; 4],
         "the late write was rejected"
     );
-    // OUT_OF_MEMORY: 512 pages in a 2 MiB arena, one in use.
+    // OUT_OF_MEMORY: 512 pages in a 2 MiB arena, two in use.
     for _ in 0..3 {
         c.alloc_bulk(SERVER, 128, false).unwrap();
     }
-    c.alloc_bulk(SERVER, 127, false).unwrap();
+    c.alloc_bulk(SERVER, 126, false).unwrap();
+    assert_eq!(c.stat(SERVER).unwrap().pages_used, 512);
     assert_eq!(c.alloc(SERVER, false), Err(ClientError::OutOfMemory));
     // UNSUPPORTED_VERSION: a version-2 request, answered with its request id.
     let ep = Endpoints {
