@@ -77,12 +77,18 @@ fn hdr(offset: u16, length: u16) -> BbRepr {
 }
 
 impl Rig {
-    fn frame(&mut self, op: Opcode, handle: PageHandle, mut h: BbRepr, payload: &[u8]) -> Vec<u8> {
+    fn frame(&mut self, op: Opcode, handle: PageHandle, h: BbRepr, payload: &[u8]) -> Vec<u8> {
+        let dst = RemoteAddr::new(NetPrefix::DEFAULT, HOST, handle, op, OpFlags::NONE);
+        self.frame_to(dst, h, payload)
+    }
+
+    /// A request frame from this rig's client to any address (a request id is assigned when
+    /// `h` has none).
+    fn frame_to(&mut self, dst: RemoteAddr, mut h: BbRepr, payload: &[u8]) -> Vec<u8> {
         if h.request_id == 0 {
             h.request_id = self.next_id;
             self.next_id += 1;
         }
-        let dst = RemoteAddr::new(NetPrefix::DEFAULT, HOST, handle, op, OpFlags::NONE);
         let ep = Endpoints {
             src_mac: MacAddr([2, 0, 0, 0, 0, 1]),
             dst_mac: MacAddr([2, 0, 0, 0, 0, 2]),
@@ -836,26 +842,8 @@ fn malformed_frames_are_counted_and_dropped() {
         Opcode::READ,
         OpFlags::NONE,
     );
-    let ep = Endpoints {
-        src_mac: MacAddr([2, 0, 0, 0, 0, 1]),
-        dst_mac: MacAddr([2, 0, 0, 0, 0, 2]),
-        src: r.client,
-        dst: other.to_ipv6(),
-        src_port: r.port,
-        dst_port: UDP_PORT,
-    };
-    let mut buf = vec![0u8; 500];
-    let n = build(
-        &mut buf,
-        &ep,
-        &BbRepr {
-            request_id: 1,
-            ..hdr(0, 1)
-        },
-        &[],
-    )
-    .unwrap();
-    assert!(r.raw(&buf[..n]).is_empty());
+    let f = r.frame_to(other, hdr(0, 1), &[]);
+    assert!(r.raw(&f).is_empty());
     assert_eq!(r.handler.stats().dropped_not_for_us, before + 1);
     // And the good request still works.
     assert_eq!(r.raw(&good).len(), 1);
@@ -865,26 +853,8 @@ fn malformed_frames_are_counted_and_dropped() {
 fn anycast_alloc_is_served() {
     let mut r = rig();
     let dst = RemoteAddr::host_op(NetPrefix::DEFAULT, HostId::ANY, Opcode::ALLOC);
-    let ep = Endpoints {
-        src_mac: MacAddr([2, 0, 0, 0, 0, 1]),
-        dst_mac: MacAddr([2, 0, 0, 0, 0, 2]),
-        src: r.client,
-        dst: dst.to_ipv6(),
-        src_port: r.port,
-        dst_port: UDP_PORT,
-    };
-    let mut buf = vec![0u8; 500];
-    let n = build(
-        &mut buf,
-        &ep,
-        &BbRepr {
-            request_id: 5,
-            ..hdr(0, 0)
-        },
-        &[],
-    )
-    .unwrap();
-    let rep = r.raw(&buf[..n]);
+    let f = r.frame_to(dst, hdr(0, 0), &[]);
+    let rep = r.raw(&f);
     assert_eq!(rep[0].h.status, Status::OK);
     assert_eq!(
         rep[0].src.host_id(),

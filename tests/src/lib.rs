@@ -9,7 +9,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use bluebridge_client::{Client, EngineConfig, XdpConfig, XdpTransport};
-use bluebridge_proto::{HostId, MacAddr, NetPrefix};
+use bluebridge_proto::frame::{Endpoints, build};
+use bluebridge_proto::{BbRepr, FRAME_OVERHEAD, HostId, MacAddr, NetPrefix, RemoteAddr, UDP_PORT};
 use bluebridge_server::{Framing, Server, ServerConfig};
 use bluebridge_topology::{Pair, unique};
 
@@ -113,6 +114,27 @@ impl Rig {
             server: Some(server),
             pair,
         }
+    }
+
+    /// A request frame from the client to `dst`, as the client's transport would send it
+    /// (for raw injection with `send_raw`), and its endpoints.
+    pub fn raw_request(
+        &self,
+        dst: RemoteAddr,
+        header: &BbRepr,
+        payload: &[u8],
+    ) -> (Vec<u8>, Endpoints) {
+        let ep = Endpoints {
+            src_mac: MacAddr(self.pair.client.mac),
+            dst_mac: MacAddr(self.pair.server.mac),
+            src: client_addr(),
+            dst: dst.to_ipv6(),
+            src_port: 40000,
+            dst_port: UDP_PORT,
+        };
+        let mut f = vec![0u8; FRAME_OVERHEAD + payload.len()];
+        build(&mut f, &ep, header, payload).expect("sized for the frame");
+        (f, ep)
     }
 
     /// The running server.

@@ -4,10 +4,10 @@
 use std::time::{Duration, Instant};
 
 use bluebridge_client::{ClientError, Request};
-use bluebridge_proto::frame::{Endpoints, Envelope, build};
-use bluebridge_proto::{BbRepr, MacAddr, NetPrefix, Opcode, PAGE_SIZE, RemoteAddr, UDP_PORT};
+use bluebridge_proto::frame::Envelope;
+use bluebridge_proto::{BbRepr, NetPrefix, Opcode, PAGE_SIZE, RemoteAddr};
 use bluebridge_server::Framing;
-use bluebridge_tests::{Rig, RigOptions, SERVER, client_addr};
+use bluebridge_tests::{Rig, RigOptions, SERVER};
 
 fn pattern(seed: u8) -> Vec<u8> {
     (0..PAGE_SIZE)
@@ -205,27 +205,13 @@ fn every_error_status_reaches_the_client() {
     assert_eq!(c.stat(SERVER).unwrap().pages_used, 512);
     assert_eq!(c.alloc(SERVER, false), Err(ClientError::OutOfMemory));
     // UNSUPPORTED_VERSION: a version-2 request, answered with its request id.
-    let ep = Endpoints {
-        src_mac: MacAddr(rig.pair.client.mac),
-        dst_mac: MacAddr(rig.pair.server.mac),
-        src: client_addr(),
-        dst: RemoteAddr::host_op(NetPrefix::DEFAULT, SERVER, Opcode::PING).to_ipv6(),
-        src_port: 40000,
-        dst_port: UDP_PORT,
+    let dst = RemoteAddr::host_op(NetPrefix::DEFAULT, SERVER, Opcode::PING);
+    let header = BbRepr {
+        count: 1,
+        request_id: 0xfeed,
+        ..BbRepr::default()
     };
-    let mut f = vec![0u8; 200];
-    let n = build(
-        &mut f,
-        &ep,
-        &BbRepr {
-            count: 1,
-            request_id: 0xfeed,
-            ..BbRepr::default()
-        },
-        &[],
-    )
-    .unwrap();
-    f.truncate(n);
+    let (mut f, ep) = rig.raw_request(dst, &header, &[]);
     f[62] = 2;
     let mut u = bluebridge_proto::wire::udp::UdpPacket::new_unchecked(&mut f[54..]);
     u.fill_checksum(ep.src, ep.dst);
@@ -255,30 +241,14 @@ fn malformed_flood_is_counted_and_dropped() {
     let p = rig.client.alloc(SERVER, false).unwrap();
     let data = pattern(9);
     rig.client.write(p, 0, &data).unwrap();
-    let ep = Endpoints {
-        src_mac: MacAddr(rig.pair.client.mac),
-        dst_mac: MacAddr(rig.pair.server.mac),
-        src: client_addr(),
-        dst: p
-            .with_op(Opcode::READ, bluebridge_proto::OpFlags::NONE)
-            .to_ipv6(),
-        src_port: 40000,
-        dst_port: UDP_PORT,
+    let dst = p.with_op(Opcode::READ, bluebridge_proto::OpFlags::NONE);
+    let header = BbRepr {
+        count: 1,
+        request_id: 1,
+        length: 4096,
+        ..BbRepr::default()
     };
-    let mut good = vec![0u8; 200];
-    let n = build(
-        &mut good,
-        &ep,
-        &BbRepr {
-            count: 1,
-            request_id: 1,
-            length: 4096,
-            ..BbRepr::default()
-        },
-        &[],
-    )
-    .unwrap();
-    good.truncate(n);
+    let (good, ep) = rig.raw_request(dst, &header, &[]);
     let mut rng = 0x2545_f491_4f6c_dd1du64;
     let mut next = || {
         rng ^= rng << 13;
