@@ -168,12 +168,13 @@ impl Handler {
         let Some(request_id) = env.request_id_any_version() else {
             return;
         };
-        // Only answer what looks like a request to us (the port), never a reply.
-        if env.endpoints.dst_port != bluebridge_proto::UDP_PORT
-            || !self.cfg.prefix.contains(env.endpoints.dst)
-        {
+        // Only answer what looks like a request to this server (its port, its /48).
+        if env.endpoints.dst_port != bluebridge_proto::UDP_PORT {
             return;
         }
+        let Some(from) = self.answering_address(env.endpoints.dst) else {
+            return;
+        };
         let h = BbRepr {
             flags: HeaderFlags::REPLY,
             status: Status::UNSUPPORTED_VERSION,
@@ -183,10 +184,34 @@ impl Handler {
         send(
             &mut self.stats,
             sink,
-            &env.endpoints.reply_from(env.endpoints.dst),
+            &env.endpoints.reply_from(from.to_ipv6()),
             &h,
             &[],
         );
+    }
+
+    /// The address this server answers a request to `dst` from: `dst` itself when it is in
+    /// this host's /48, this host's own address for an anycast ALLOC, `None` when the request
+    /// is not this server's to answer.
+    fn answering_address(&self, dst: std::net::Ipv6Addr) -> Option<RemoteAddr> {
+        let a = RemoteAddr::from_ipv6(dst, self.cfg.prefix).ok()?;
+        let alloc = matches!(
+            a.opcode(),
+            Opcode::ALLOC | Opcode::ALLOC_WRITE | Opcode::ALLOC_BULK
+        );
+        if a.host_id() == self.cfg.host {
+            Some(a)
+        } else if a.host_id().is_any() && alloc {
+            Some(RemoteAddr::new(
+                self.cfg.prefix,
+                self.cfg.host,
+                a.handle(),
+                a.opcode(),
+                a.flags(),
+            ))
+        } else {
+            None
+        }
     }
 
     fn addr(&self, handle: PageHandle, op: Opcode) -> RemoteAddr {
@@ -211,6 +236,12 @@ impl Handler {
 
     /// Handles one parsed message.
     pub fn handle_message(&mut self, f: &Frame<'_>, now_ns: u64, sink: &mut impl FrameSink) {
+        // First: is it ours? Nothing — not even an error — is answered for another host's
+        // address, or a reply would claim to come from that host.
+        let Some(from) = self.answering_address(f.endpoints.dst) else {
+            self.stats.dropped_not_for_us += 1;
+            return;
+        };
         let req = match Request::parse(f, self.cfg.prefix) {
             Ok(r) => r,
             Err(e) => {
@@ -218,9 +249,7 @@ impl Handler {
                     None => self.stats.dropped_not_for_us += 1,
                     Some(st) => {
                         self.stats.requests += 1;
-                        if RemoteAddr::from_ipv6(f.endpoints.dst, self.cfg.prefix)
-                            .is_ok_and(|a| a.opcode() == Opcode::WRITE_BLIND)
-                        {
+                        if from.opcode() == Opcode::WRITE_BLIND {
                             self.stats.count_reply(st); // counted, never answered
                             return;
                         }
@@ -228,7 +257,7 @@ impl Handler {
                         send(
                             &mut self.stats,
                             sink,
-                            &f.endpoints.reply_from(f.endpoints.dst),
+                            &f.endpoints.reply_from(from.to_ipv6()),
                             &h,
                             &[],
                         );
@@ -238,12 +267,6 @@ impl Handler {
             }
         };
         let op = req.op();
-        let host = req.target.host_id();
-        let alloc = matches!(op, Opcode::ALLOC | Opcode::ALLOC_WRITE | Opcode::ALLOC_BULK);
-        if host != self.cfg.host && !(host.is_any() && alloc) {
-            self.stats.dropped_not_for_us += 1;
-            return;
-        }
         self.stats.requests += 1;
         self.stats.ops[usize::from(op.0)] += 1;
         let who = ClientKey {

@@ -8,6 +8,8 @@
 #![forbid(unsafe_code)]
 
 pub mod dedup;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handler;
 pub mod lease;
 pub mod runtime;

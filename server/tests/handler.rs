@@ -850,6 +850,41 @@ fn malformed_frames_are_counted_and_dropped() {
 }
 
 #[test]
+fn nothing_is_answered_for_another_host() {
+    // Found by the handler fuzzer: a malformed request to another host's address got an error
+    // reply claiming to come from that host.
+    let mut r = rig();
+    let other = RemoteAddr::new(
+        NetPrefix::DEFAULT,
+        HostId(0),
+        PageHandle::from_bits(5),
+        Opcode(0xee),
+        OpFlags::NONE,
+    );
+    let f = r.frame_to(other, hdr(4000, 200), &[1, 2, 3]);
+    assert!(r.raw(&f).is_empty());
+    let mut v2 = r.frame_to(other.with_op(Opcode::PING, OpFlags::NONE), hdr(0, 0), &[]);
+    v2[62] = 2;
+    let (src, dst) = (r.client, other.to_ipv6());
+    bluebridge_proto::wire::udp::UdpPacket::new_unchecked(&mut v2[54..]).fill_checksum(src, dst);
+    assert!(r.raw(&v2).is_empty());
+    assert_eq!(r.handler.stats().requests, 0);
+    // An anycast request's error comes from this host's own address.
+    let any = RemoteAddr::host_op(NetPrefix::DEFAULT, HostId::ANY, Opcode::ALLOC);
+    let f = r.frame_to(
+        any,
+        BbRepr {
+            count: 2,
+            ..hdr(0, 0)
+        },
+        &[],
+    );
+    let rep = r.raw(&f);
+    assert_eq!(rep[0].h.status, Status::MALFORMED);
+    assert_eq!(rep[0].src.host_id(), HOST);
+}
+
+#[test]
 fn anycast_alloc_is_served() {
     let mut r = rig();
     let dst = RemoteAddr::host_op(NetPrefix::DEFAULT, HostId::ANY, Opcode::ALLOC);

@@ -129,7 +129,7 @@ fn test(fuzz_seconds: u64, no_packages: bool) -> Result<()> {
 }
 
 /// The fuzz workspaces and their targets.
-const FUZZ: &[(&str, &[&str])] = &[("proto/fuzz", &["frame"])];
+const FUZZ: &[(&str, &[&str])] = &[("proto/fuzz", &["frame"]), ("server/fuzz", &["handler"])];
 
 fn fuzz(s: &mut Stages, seconds: u64, only: Option<&str>) -> Result<()> {
     s.run("cargo-fuzz and a nightly toolchain", ensure_cargo_fuzz)?;
