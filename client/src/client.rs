@@ -350,6 +350,12 @@ impl<T: Transport> Client<T> {
         self.call(r).map(drop)
     }
 
+    /// Lets every client use a page this client allocated (by default only the allocating
+    /// client may).
+    pub fn share(&mut self, page: RemoteAddr) -> Result<(), ClientError> {
+        self.call(Request::new(Opcode::SHARE, page)).map(drop)
+    }
+
     /// Frees the page; its address becomes stale.
     pub fn free(&mut self, page: RemoteAddr) -> Result<(), ClientError> {
         self.call(Request::new(Opcode::FREE, page)).map(drop)

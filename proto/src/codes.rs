@@ -100,6 +100,8 @@ wire_code! {
         CAS = 0x60,
         /// Fetch-and-add on an aligned 8-byte word.
         FETCH_ADD = 0x61,
+        /// Let every client use the page (by default only the allocating client may).
+        SHARE = 0x70,
     }
 }
 
@@ -116,6 +118,7 @@ impl Opcode {
                 | Opcode::WRITE
                 | Opcode::WRITE_BLIND
                 | Opcode::WRITE_BULK
+                | Opcode::SHARE
         )
     }
 

@@ -205,7 +205,7 @@ impl<'a> Request<'a> {
                 }
                 empty(true)?
             }
-            Opcode::FREE => empty(true)?,
+            Opcode::FREE | Opcode::SHARE => empty(true)?,
             Opcode::READ_BULK => {
                 range(false)?;
                 let n = bulk_count()?;

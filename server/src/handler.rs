@@ -11,6 +11,7 @@ use bluebridge_proto::{
     BbRepr, HeaderFlags, HostId, NetPrefix, OpFlags, Opcode, PageHandle, RemoteAddr, Status,
 };
 
+use crate::access::{Access, ClientPrefix};
 use crate::dedup::{BULK_PAYLOAD_MAX, Dedup, DedupKey, StoredReply};
 use crate::lease::{ClientKey, Leases};
 use crate::stats::Stats;
@@ -51,6 +52,10 @@ pub struct HandlerConfig {
     pub lease_default_ms: u64,
     /// Longest lease granted, ms.
     pub lease_max_ms: u64,
+    /// Client prefixes allowed to use the server (empty: anyone).
+    pub allowed_clients: Vec<ClientPrefix>,
+    /// Distinct client addresses that may own pages.
+    pub max_owners: usize,
 }
 
 impl HandlerConfig {
@@ -65,6 +70,8 @@ impl HandlerConfig {
             lease_capacity: u16::MAX,
             lease_default_ms: 1_000,
             lease_max_ms: 60_000,
+            allowed_clients: Vec::new(),
+            max_owners: 1 << 16,
         }
     }
 }
@@ -101,6 +108,7 @@ pub struct Handler {
     store: Store,
     leases: Leases,
     dedup: Dedup,
+    access: Access,
     stats: Stats,
     scratch: [u8; BULK_PAYLOAD_MAX],
 }
@@ -111,6 +119,7 @@ impl Handler {
         Handler {
             leases: Leases::new(cfg.lease_capacity, cfg.lease_default_ms, cfg.lease_max_ms),
             dedup: Dedup::new(cfg.dedup_capacity, cfg.dedup_bulk_capacity),
+            access: Access::new(cfg.allowed_clients.clone(), cfg.max_owners),
             cfg,
             store,
             stats: Stats::default(),
@@ -130,7 +139,7 @@ impl Handler {
 
     /// Bytes of server memory besides the arena: page metadata, leases, duplicate table.
     pub fn overhead_bytes(&self) -> usize {
-        self.store.meta_bytes() + self.leases.bytes() + self.dedup.bytes()
+        self.store.meta_bytes() + self.leases.bytes() + self.dedup.bytes() + self.access.bytes()
     }
 
     /// The STAT record as of `now_ns`.
@@ -273,6 +282,21 @@ impl Handler {
             addr: req.endpoints.src.octets(),
             port: req.endpoints.src_port,
         };
+        if !self.access.client_allowed(req.endpoints.src) {
+            if op == Opcode::WRITE_BLIND {
+                self.stats.count_reply(Status::FORBIDDEN);
+            } else {
+                let h = Self::reply_header(&req.header, Status::FORBIDDEN);
+                send(
+                    &mut self.stats,
+                    sink,
+                    &req.endpoints.reply_from(from.to_ipv6()),
+                    &h,
+                    &[],
+                );
+            }
+            return;
+        }
 
         if op.is_idempotent() || op == Opcode::UPDATE_ACQUIRE {
             self.idempotent(&req, who, now_ns, sink);
@@ -436,7 +460,7 @@ impl Handler {
                     &rec,
                 );
             }
-            Opcode::READ => match self.store.resolve(target.handle()) {
+            Opcode::READ => match self.page_for(target.handle(), who) {
                 Ok(p) => {
                     self.send_range(req, p, target, base, sink);
                 }
@@ -452,7 +476,7 @@ impl Handler {
                         item: i as u16,
                         ..base
                     };
-                    match self.store.resolve(handle) {
+                    match self.page_for(handle, who) {
                         Ok(p) => {
                             if !self.send_range(req, p, src, h, sink) {
                                 return;
@@ -464,7 +488,7 @@ impl Handler {
             }
             Opcode::WRITE | Opcode::WRITE_BLIND => {
                 let Body::Data(data) = req.body else { return };
-                let r = self.store.resolve(target.handle()).and_then(|p| {
+                let r = self.page_for(target.handle(), who).and_then(|p| {
                     self.leases.check_writer(&self.store, p, who, now_ns)?;
                     let o = usize::from(req.header.offset);
                     self.store.page_mut(p)[o..o + data.len()].copy_from_slice(data);
@@ -489,8 +513,15 @@ impl Handler {
                 let ep = req.endpoints.reply_from(target.to_ipv6());
                 send(&mut self.stats, sink, &ep, &h, &self.scratch[..n]);
             }
+            Opcode::SHARE => {
+                let r = self
+                    .page_for(target.handle(), who)
+                    .map(|p| self.store.share(p));
+                let st = r.err().unwrap_or(Status::OK);
+                self.reply_status(req, target, base, st, sink);
+            }
             Opcode::UPDATE_ACQUIRE => {
-                let r = self.store.resolve(target.handle()).and_then(|p| {
+                let r = self.page_for(target.handle(), who).and_then(|p| {
                     let g = self.leases.acquire(
                         &mut self.store,
                         p,
@@ -520,7 +551,7 @@ impl Handler {
     fn write_bulk(&mut self, entries: WriteEntries<'_>, who: ClientKey, now_ns: u64) -> usize {
         let mut statuses = [Status::OK; bluebridge_proto::MAX_BULK as usize];
         for (i, e) in entries.iter().enumerate() {
-            let r = self.store.resolve(e.handle).and_then(|p| {
+            let r = self.page_for(e.handle, who).and_then(|p| {
                 self.leases.check_writer(&self.store, p, who, now_ns)?;
                 let o = usize::from(e.offset);
                 self.store.page_mut(p)[o..o + e.data.len()].copy_from_slice(e.data);
@@ -536,45 +567,21 @@ impl Handler {
         let h = &req.header;
         let target = req.target.handle();
         let shared = h.flags.contains(HeaderFlags::SHARED);
+        if matches!(
+            req.op(),
+            Opcode::ALLOC | Opcode::ALLOC_WRITE | Opcode::ALLOC_BULK
+        ) {
+            return match self.access.owner_id(who.addr) {
+                Ok(owner) => self.allocate(req, owner, shared),
+                Err(st) => Outcome {
+                    count: 0,
+                    ..Outcome::status(st, PageHandle::NONE)
+                },
+            };
+        }
         match req.op() {
-            Opcode::ALLOC => match self.store.alloc(shared) {
-                Ok((_, handle)) => Outcome::status(Status::OK, handle),
-                Err(st) => Outcome::status(st, PageHandle::NONE),
-            },
-            Opcode::ALLOC_WRITE => {
-                let Body::Data(data) = req.body else {
-                    unreachable!("validated")
-                };
-                match self.store.alloc(shared) {
-                    Ok((p, handle)) => {
-                        let o = usize::from(h.offset);
-                        self.store.page_mut(p)[o..o + data.len()].copy_from_slice(data);
-                        Outcome::status(Status::OK, handle)
-                    }
-                    Err(st) => Outcome::status(st, PageHandle::NONE),
-                }
-            }
-            Opcode::ALLOC_BULK => {
-                let n = h.count;
-                if !self.store.can_alloc(u32::from(n)) {
-                    return Outcome {
-                        count: 0,
-                        ..Outcome::status(Status::OUT_OF_MEMORY, PageHandle::NONE)
-                    };
-                }
-                let mut handles = [PageHandle::NONE; bluebridge_proto::MAX_BULK as usize];
-                for slot in &mut handles[..usize::from(n)] {
-                    *slot = self.store.alloc(shared).expect("checked can_alloc").1;
-                }
-                let len = put_handles(&mut self.scratch, handles[..usize::from(n)].iter().copied());
-                Outcome {
-                    count: n,
-                    payload_len: len,
-                    ..Outcome::status(Status::OK, handles[0])
-                }
-            }
             Opcode::UPDATE_COMMIT => {
-                let r = self.store.resolve(target).and_then(|p| {
+                let r = self.page_for(target, who).and_then(|p| {
                     self.leases.check(&self.store, p, h.lease, now_ns)?;
                     if let Body::Data(data) = req.body {
                         let o = usize::from(h.offset);
@@ -588,7 +595,7 @@ impl Handler {
                 Outcome::status(r.err().unwrap_or(Status::OK), target)
             }
             Opcode::UPDATE_RELEASE => {
-                let r = self.store.resolve(target).and_then(|p| {
+                let r = self.page_for(target, who).and_then(|p| {
                     self.leases.check(&self.store, p, h.lease, now_ns)?;
                     self.leases.release(&mut self.store, p);
                     Ok(())
@@ -608,7 +615,7 @@ impl Handler {
                 }
             }
             Opcode::CAS | Opcode::FETCH_ADD => {
-                let r = self.store.resolve(target).and_then(|p| {
+                let r = self.page_for(target, who).and_then(|p| {
                     self.leases.check_writer(&self.store, p, who, now_ns)?;
                     let o = usize::from(h.offset);
                     let word: &mut [u8; 8] = (&mut self.store.page_mut(p)[o..o + 8])
@@ -635,8 +642,63 @@ impl Handler {
         }
     }
 
+    /// ALLOC, ALLOC_WRITE, ALLOC_BULK for `owner`.
+    fn allocate(&mut self, req: &Request<'_>, owner: u32, shared: bool) -> Outcome {
+        let h = &req.header;
+        match req.op() {
+            Opcode::ALLOC => match self.store.alloc(owner, shared) {
+                Ok((_, handle)) => Outcome::status(Status::OK, handle),
+                Err(st) => Outcome::status(st, PageHandle::NONE),
+            },
+            Opcode::ALLOC_WRITE => {
+                let Body::Data(data) = req.body else {
+                    unreachable!("validated")
+                };
+                match self.store.alloc(owner, shared) {
+                    Ok((p, handle)) => {
+                        let o = usize::from(h.offset);
+                        self.store.page_mut(p)[o..o + data.len()].copy_from_slice(data);
+                        Outcome::status(Status::OK, handle)
+                    }
+                    Err(st) => Outcome::status(st, PageHandle::NONE),
+                }
+            }
+            Opcode::ALLOC_BULK => {
+                let n = h.count;
+                if !self.store.can_alloc(u32::from(n)) {
+                    return Outcome {
+                        count: 0,
+                        ..Outcome::status(Status::OUT_OF_MEMORY, PageHandle::NONE)
+                    };
+                }
+                let mut handles = [PageHandle::NONE; bluebridge_proto::MAX_BULK as usize];
+                for slot in &mut handles[..usize::from(n)] {
+                    *slot = self
+                        .store
+                        .alloc(owner, shared)
+                        .expect("checked can_alloc")
+                        .1;
+                }
+                let len = put_handles(&mut self.scratch, handles[..usize::from(n)].iter().copied());
+                Outcome {
+                    count: n,
+                    payload_len: len,
+                    ..Outcome::status(Status::OK, handles[0])
+                }
+            }
+            op => unreachable!("{op:?} allocates nothing"),
+        }
+    }
+
+    /// The live page `handle` names, if `who` may use it.
+    fn page_for(&self, handle: PageHandle, who: ClientKey) -> Result<PageIdx, Status> {
+        let p = self.store.resolve(handle)?;
+        self.access.check(&self.store, p, who.addr)?;
+        Ok(p)
+    }
+
     fn free(&mut self, handle: PageHandle, who: ClientKey, now_ns: u64) -> Status {
-        let r = self.store.resolve(handle).and_then(|p| {
+        let r = self.page_for(handle, who).and_then(|p| {
             self.leases.check_writer(&self.store, p, who, now_ns)?;
             self.leases.release(&mut self.store, p);
             self.store.free(p);

@@ -182,7 +182,7 @@ mod tests {
     #[test]
     fn acquire_commit_expire() {
         let mut s = Store::new(2 << 20, false).unwrap();
-        let (p, _) = s.alloc(true).unwrap();
+        let (p, _) = s.alloc(1, true).unwrap();
         let mut l = Leases::new(4, 100, 1000);
         let now = 5 * MS;
         let g = l.acquire(&mut s, p, A, 1, 0, now).unwrap();
@@ -212,8 +212,8 @@ mod tests {
     fn table_full_is_busy() {
         let mut s = Store::new(2 << 20, false).unwrap();
         let mut l = Leases::new(1, 100, 1000);
-        let (p, _) = s.alloc(true).unwrap();
-        let (q, _) = s.alloc(true).unwrap();
+        let (p, _) = s.alloc(1, true).unwrap();
+        let (q, _) = s.alloc(1, true).unwrap();
         l.acquire(&mut s, p, A, 1, 0, 0).unwrap();
         assert_eq!(l.acquire(&mut s, q, A, 2, 0, 0), Err(Status::BUSY));
         l.release(&mut s, p);

@@ -7,6 +7,7 @@
 //! - [`runtime`]: the steering program, AF_XDP sockets and pinned workers.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod dedup;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -73,6 +73,13 @@ struct Args {
     /// retransmission is recognised while fewer than this many such requests came after it.
     #[arg(long, default_value_t = 1 << 17)]
     dedup_entries: usize,
+    /// Only clients inside these prefixes may use the server (comma-separated ADDRESS/LENGTH,
+    /// e.g. fd00:bb:1::/48); others get FORBIDDEN. Default: any client.
+    #[arg(long, value_delimiter = ',')]
+    allow_clients: Vec<bluebridge_server::access::ClientPrefix>,
+    /// Distinct client addresses that may own pages (allocations by more get BUSY).
+    #[arg(long, default_value_t = 1 << 16)]
+    max_owners: usize,
     /// Seconds between stats lines (0: none).
     #[arg(long, default_value_t = 1.0)]
     stats_interval: f64,
@@ -118,6 +125,8 @@ fn main() -> Result<()> {
         lease_default_ms: a.lease_default_ms,
         lease_max_ms: a.lease_max_ms,
         dedup_entries: a.dedup_entries,
+        allowed_clients: a.allow_clients,
+        max_owners: a.max_owners,
     };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

@@ -68,6 +68,10 @@ pub struct ServerConfig {
     /// Replies remembered for at-most-once execution (its horizon: that many non-idempotent
     /// requests).
     pub dedup_entries: usize,
+    /// Client prefixes allowed to use the server (empty: anyone).
+    pub allowed_clients: Vec<crate::access::ClientPrefix>,
+    /// Distinct client addresses that may own pages.
+    pub max_owners: usize,
 }
 
 impl ServerConfig {
@@ -90,6 +94,8 @@ impl ServerConfig {
             lease_default_ms: 1_000,
             lease_max_ms: 60_000,
             dedup_entries: 1 << 17,
+            allowed_clients: Vec::new(),
+            max_owners: 1 << 16,
         }
     }
 }
@@ -172,7 +178,11 @@ impl Server {
                 cfg.queues.len()
             )));
         }
-        if cfg.max_leases == 0 || cfg.dedup_entries == 0 || cfg.lease_default_ms == 0 {
+        if cfg.max_leases == 0
+            || cfg.dedup_entries == 0
+            || cfg.lease_default_ms == 0
+            || cfg.max_owners == 0
+        {
             return Err(StartError::Config(
                 "lease and duplicate-table sizes and times must be positive".into(),
             ));
@@ -248,6 +258,8 @@ impl Server {
         hc.lease_default_ms = cfg.lease_default_ms;
         hc.lease_max_ms = cfg.lease_max_ms;
         hc.dedup_capacity = cfg.dedup_entries;
+        hc.allowed_clients = cfg.allowed_clients.clone();
+        hc.max_owners = cfg.max_owners;
         let handler = Handler::new(hc, store);
         let overhead_bytes = handler.overhead_bytes();
         let handler = Arc::new(Mutex::new(handler));

@@ -26,7 +26,7 @@ const NO_PAGE: u32 = u32::MAX;
 struct PageMeta {
     /// Advances on FREE.
     generation: u32,
-    /// The allocating client's id in the owner table (issue: access control); 0 = anyone.
+    /// The allocating client's id in the handler's owner table.
     owner: u32,
     /// ALLOCATED, SHARED.
     flags: u16,
@@ -169,8 +169,8 @@ impl Store {
         self.meta.capacity() * size_of::<PageMeta>()
     }
 
-    /// Allocates a zeroed page.
-    pub fn alloc(&mut self, shared: bool) -> Result<(PageIdx, PageHandle), Status> {
+    /// Allocates a zeroed page owned by `owner` (an id of the caller's choosing).
+    pub fn alloc(&mut self, owner: u32, shared: bool) -> Result<(PageIdx, PageHandle), Status> {
         let i = self.free_head;
         if i == NO_PAGE {
             return Err(Status::OUT_OF_MEMORY);
@@ -180,6 +180,7 @@ impl Store {
         m.next_free = NO_PAGE;
         m.flags = ALLOCATED | if shared { SHARED } else { 0 };
         m.lease = 0;
+        m.owner = owner;
         let mut h = self.codec.encode(i, m.generation);
         if h.is_none() {
             // The one (index, generation) pair that encodes to handle 0 is skipped.
@@ -255,9 +256,19 @@ impl Store {
         self.meta[p.0 as usize].lease = slot;
     }
 
-    /// Whether the page was allocated with SHARED.
+    /// Whether the page was allocated with SHARED or shared since.
     pub fn is_shared(&self, p: PageIdx) -> bool {
         self.meta[p.0 as usize].flags & SHARED != 0
+    }
+
+    /// Lets every client use the page.
+    pub fn share(&mut self, p: PageIdx) {
+        self.meta[p.0 as usize].flags |= SHARED;
+    }
+
+    /// The owner id given at allocation.
+    pub fn owner(&self, p: PageIdx) -> u32 {
+        self.meta[p.0 as usize].owner
     }
 }
 
@@ -327,7 +338,7 @@ mod tests {
     fn alloc_free_resolve() {
         let mut s = store();
         assert_eq!(s.pages_total(), 512);
-        let (p, h) = s.alloc(false).unwrap();
+        let (p, h) = s.alloc(1, false).unwrap();
         assert_eq!(s.resolve(h), Ok(p));
         assert_eq!(s.handle_of(p), h);
         assert!(s.page(p).iter().all(|&b| b == 0));
@@ -335,7 +346,7 @@ mod tests {
         s.free(p);
         assert_eq!(s.resolve(h), Err(Status::STALE_HANDLE));
         // The page comes back zeroed, under a new handle; the old one stays stale.
-        let (p2, h2) = s.alloc(true).unwrap();
+        let (p2, h2) = s.alloc(1, true).unwrap();
         assert_eq!(p2, p);
         assert_ne!(h2, h);
         assert!(s.page(p2).iter().all(|&b| b == 0));
@@ -347,18 +358,18 @@ mod tests {
     #[test]
     fn exhaustion_and_reuse() {
         let mut s = store();
-        let all: Vec<_> = (0..512).map(|_| s.alloc(false).unwrap()).collect();
-        assert_eq!(s.alloc(false), Err(Status::OUT_OF_MEMORY));
+        let all: Vec<_> = (0..512).map(|_| s.alloc(1, false).unwrap()).collect();
+        assert_eq!(s.alloc(1, false), Err(Status::OUT_OF_MEMORY));
         assert!(!s.can_alloc(1));
         s.free(all[7].0);
         assert!(s.can_alloc(1));
-        assert_eq!(s.alloc(false).unwrap().0, all[7].0);
+        assert_eq!(s.alloc(1, false).unwrap().0, all[7].0);
     }
 
     #[test]
     fn random_handles_are_rejected() {
         let mut s = store();
-        let live: Vec<_> = (0..256).map(|_| s.alloc(false).unwrap().1).collect();
+        let live: Vec<_> = (0..256).map(|_| s.alloc(1, false).unwrap().1).collect();
         let mut rng = 0x9e37_79b9_7f4a_7c15u64;
         for _ in 0..200_000 {
             rng ^= rng << 13;

@@ -850,6 +850,123 @@ fn malformed_frames_are_counted_and_dropped() {
 }
 
 #[test]
+fn pages_belong_to_their_allocating_client() {
+    let mut r = rig();
+    let mine = r.alloc();
+    r.one(Opcode::WRITE, mine, hdr(0, 4), b"mine");
+    let shared = {
+        let a = r.one(
+            Opcode::ALLOC,
+            PageHandle::NONE,
+            BbRepr {
+                flags: HeaderFlags::SHARED,
+                ..hdr(0, 0)
+            },
+            &[],
+        );
+        a.src.handle()
+    };
+    // Another client (address) is refused every page operation on a page it does not own...
+    let owner = r.client;
+    r.client = "fd00:bb:1::99".parse().unwrap();
+    for (op, h, payload) in [
+        (Opcode::READ, hdr(0, 4), &[][..]),
+        (Opcode::WRITE, hdr(0, 4), &b"evil"[..]),
+        (Opcode::UPDATE_ACQUIRE, hdr(0, 4), &[][..]),
+        (Opcode::CAS, hdr(8, 8), &[][..]),
+        (Opcode::FETCH_ADD, hdr(8, 8), &[][..]),
+        (Opcode::SHARE, hdr(0, 0), &[][..]),
+        (Opcode::FREE, hdr(0, 0), &[][..]),
+    ] {
+        assert_eq!(r.status(op, mine, h, payload), Status::FORBIDDEN, "{op:?}");
+    }
+    let mut list = [0u8; 16];
+    bluebridge_proto::message::put_handles(&mut list, [mine, shared]);
+    let items = r.req(
+        Opcode::READ_BULK,
+        mine,
+        BbRepr {
+            count: 2,
+            ..hdr(0, 4)
+        },
+        &list,
+    );
+    assert_eq!(
+        items.iter().find(|f| f.h.item == 0).unwrap().h.status,
+        Status::FORBIDDEN
+    );
+    assert_eq!(
+        items.iter().find(|f| f.h.item == 1).unwrap().h.status,
+        Status::OK
+    );
+    assert!(
+        r.req(Opcode::WRITE_BLIND, mine, hdr(0, 4), b"evil")
+            .is_empty()
+    );
+    // ...but may use shared pages fully.
+    assert_eq!(
+        r.status(Opcode::WRITE, shared, hdr(0, 5), b"ours!"),
+        Status::OK
+    );
+    // The owner shares its page; from then on anyone may use it.
+    r.client = owner;
+    assert_eq!(
+        &r.read(mine, 0, 4),
+        b"mine",
+        "the blind write was refused too"
+    );
+    assert_eq!(r.status(Opcode::SHARE, mine, hdr(0, 0), &[]), Status::OK);
+    r.client = "fd00:bb:1::99".parse().unwrap();
+    assert_eq!(&r.read(mine, 0, 4), b"mine");
+    assert_eq!(r.status(Opcode::FREE, mine, hdr(0, 0), &[]), Status::OK);
+    // Ownership goes by address: the same address from another port is the same owner.
+    r.client = owner;
+    let p = r.alloc();
+    r.port += 7;
+    assert_eq!(r.status(Opcode::READ, p, hdr(0, 8), &[]), Status::OK);
+}
+
+#[test]
+fn servers_may_be_restricted_to_client_prefixes() {
+    let mut r = rig_with(2 << 20, 4096, |c| {
+        c.allowed_clients = vec!["fd00:bb:1::/48".parse().unwrap()]
+    });
+    let p = r.alloc();
+    r.client = "fd00:bb:7::1".parse().unwrap();
+    assert_eq!(
+        r.status(Opcode::PING, PageHandle::NONE, hdr(0, 0), &[]),
+        Status::FORBIDDEN
+    );
+    assert_eq!(
+        r.status(Opcode::ALLOC, PageHandle::NONE, hdr(0, 0), &[]),
+        Status::FORBIDDEN
+    );
+    assert_eq!(r.status(Opcode::READ, p, hdr(0, 8), &[]), Status::FORBIDDEN);
+    assert_eq!(r.handler.store().pages_used(), 1);
+}
+
+#[test]
+fn owner_table_full_is_busy() {
+    let mut r = rig_with(2 << 20, 4096, |c| c.max_owners = 1);
+    r.alloc();
+    r.client = "fd00:bb:1::2".parse().unwrap();
+    assert_eq!(
+        r.status(Opcode::ALLOC, PageHandle::NONE, hdr(0, 0), &[]),
+        Status::BUSY
+    );
+    let b = r.one(
+        Opcode::ALLOC_BULK,
+        PageHandle::NONE,
+        BbRepr {
+            count: 3,
+            ..hdr(0, 0)
+        },
+        &[],
+    );
+    assert_eq!((b.h.status, b.payload.len()), (Status::BUSY, 0));
+}
+
+#[test]
 fn nothing_is_answered_for_another_host() {
     // Found by the handler fuzzer: a malformed request to another host's address got an error
     // reply claiming to come from that host.

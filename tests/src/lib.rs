@@ -45,6 +45,8 @@ pub struct RigOptions {
     pub arena_bytes: u64,
     /// Server lease table size.
     pub max_leases: u16,
+    /// Client prefixes the server accepts (empty: any).
+    pub allowed_clients: Vec<bluebridge_server::access::ClientPrefix>,
 }
 
 impl Default for RigOptions {
@@ -55,6 +57,7 @@ impl Default for RigOptions {
             client_multi_buffer: true,
             arena_bytes: 16 << 20,
             max_leases: 16,
+            allowed_clients: Vec::new(),
         }
     }
 }
@@ -75,6 +78,7 @@ impl Rig {
             frames: 4096,
             hugepages: false,
             max_leases: o.max_leases,
+            allowed_clients: o.allowed_clients.clone(),
             ..ServerConfig::new(&pair.server.ifname, SERVER)
         };
         let ns = pair.server.ns.clone();

@@ -236,6 +236,20 @@ fn every_error_status_reaches_the_client() {
 }
 
 #[test]
+fn a_restricted_server_forbids_other_clients() {
+    let mut rig = Rig::new(&RigOptions {
+        allowed_clients: vec!["fd00:bb:9::/48".parse().unwrap()],
+        ..RigOptions::default()
+    });
+    assert_eq!(
+        rig.client.ping(SERVER).map(drop),
+        Err(ClientError::Forbidden)
+    );
+    assert_eq!(rig.client.alloc(SERVER, false), Err(ClientError::Forbidden));
+    assert_eq!(rig.server().stats().pages_used, 0);
+}
+
+#[test]
 fn malformed_flood_is_counted_and_dropped() {
     let mut rig = Rig::new(&RigOptions::default());
     let p = rig.client.alloc(SERVER, false).unwrap();
