@@ -881,7 +881,7 @@ fn pages_belong_to_their_allocating_client() {
         assert_eq!(r.status(op, mine, h, payload), Status::FORBIDDEN, "{op:?}");
     }
     let mut list = [0u8; 16];
-    bluebridge_proto::message::put_handles(&mut list, [mine, shared]);
+    put_handles(&mut list, [mine, shared]);
     let items = r.req(
         Opcode::READ_BULK,
         mine,
