@@ -47,6 +47,13 @@ pub struct RigOptions {
     pub max_leases: u16,
     /// Client prefixes the server accepts (empty: any).
     pub allowed_clients: Vec<bluebridge_server::access::ClientPrefix>,
+    /// Join the hosts through an impairment relay with this seed (see
+    /// `bluebridge_topology::Relay`).
+    pub relay_seed: Option<u64>,
+    /// Client retransmission timeout.
+    pub rto: Duration,
+    /// Client retransmissions before a timeout.
+    pub retries: u32,
 }
 
 impl Default for RigOptions {
@@ -58,6 +65,10 @@ impl Default for RigOptions {
             arena_bytes: 16 << 20,
             max_leases: 16,
             allowed_clients: Vec::new(),
+            relay_seed: None,
+            // Generous: tests share two CPUs with each other.
+            rto: Duration::from_millis(5),
+            retries: 10,
         }
     }
 }
@@ -67,8 +78,12 @@ impl Rig {
     /// in parallel on few cores) and moves the calling thread into the client namespace to
     /// open the client.
     pub fn new(o: &RigOptions) -> Rig {
-        let pair =
-            Pair::create(&unique("bbt"), o.mtu).expect("creating namespaces and veth (needs root)");
+        let name = unique("bbt");
+        let pair = match o.relay_seed {
+            None => Pair::create(&name, o.mtu),
+            Some(seed) => Pair::create_impaired(&name, o.mtu, seed),
+        }
+        .expect("creating namespaces and veth (needs root)");
         let cfg = ServerConfig {
             arena_bytes: o.arena_bytes,
             framing: o.framing,
@@ -109,9 +124,8 @@ impl Rig {
         );
         ec.seg_max = transport.frame_data();
         ec.max_request_data = transport.frame_data();
-        // Generous: tests share two CPUs with each other.
-        ec.rto = Duration::from_millis(5);
-        ec.retries = 10;
+        ec.rto = o.rto;
+        ec.retries = o.retries;
         let client = Client::new(ec, transport);
         Rig {
             client,

@@ -12,6 +12,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use nix::sched::{CloneFlags, setns};
 
+mod impair;
+pub use impair::{Impairment, Relay, RelayCounters};
+
 /// A topology step failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {
@@ -135,6 +138,10 @@ pub struct Pair {
     pub client: End,
     /// The server side.
     pub server: End,
+    /// With [`Pair::create_impaired`]: the relay between them (stopped before the namespaces
+    /// go).
+    pub relay: Option<Relay>,
+    _middle_ns: Option<Netns>,
     // Dropped after the ends' descriptions, deleting the namespaces (and the veth with them).
     _client_ns: Netns,
     _server_ns: Netns,
@@ -197,6 +204,68 @@ impl Pair {
                 ifname: sif,
                 mac: smac,
             },
+            relay: None,
+            _middle_ns: None,
+            _client_ns: client_ns,
+            _server_ns: server_ns,
+        })
+    }
+
+    /// Like [`Pair::create`], but the two hosts are joined through a middle namespace
+    /// `<name>-m` whose [`Relay`] forwards every frame and can lose, duplicate and reorder them
+    /// (set with `pair.relay.as_ref().unwrap().set(...)`; it starts unimpaired).
+    pub fn create_impaired(name: &str, mtu: u16, seed: u64) -> Result<Self, TopologyError> {
+        let middle = Netns::create(&format!("{name}-m"))?;
+        let client_ns = Netns::create(&format!("{name}-c"))?;
+        let server_ns = Netns::create(&format!("{name}-s"))?;
+        let (cif, sif) = (format!("{name}c"), format!("{name}s"));
+        let (ma, mb) = (format!("{name}a"), format!("{name}b"));
+        let (cmac, smac) = (mac_for(1, 1), mac_for(2, 1));
+        for (end, ns, mac, peer, pmac) in [
+            (&cif, client_ns.name(), cmac, &ma, mac_for(3, 1)),
+            (&sif, server_ns.name(), smac, &mb, mac_for(3, 2)),
+        ] {
+            ip(&[
+                "link",
+                "add",
+                end,
+                "netns",
+                ns,
+                "address",
+                &fmt_mac(mac),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                peer,
+                "netns",
+                middle.name(),
+                "address",
+                &fmt_mac(pmac),
+            ])?;
+        }
+        for (ns, ifname) in [
+            (client_ns.name(), &cif),
+            (server_ns.name(), &sif),
+            (middle.name(), &ma),
+            (middle.name(), &mb),
+        ] {
+            configure_link(ns, ifname, mtu)?;
+        }
+        let relay = Relay::start(middle.name(), &ma, cmac, &mb, smac, seed)?;
+        Ok(Pair {
+            client: End {
+                ns: client_ns.name().into(),
+                ifname: cif,
+                mac: cmac,
+            },
+            server: End {
+                ns: server_ns.name().into(),
+                ifname: sif,
+                mac: smac,
+            },
+            relay: Some(relay),
+            _middle_ns: Some(middle),
             _client_ns: client_ns,
             _server_ns: server_ns,
         })
