@@ -28,6 +28,8 @@ pub struct Rig {
     pub client: Client<XdpTransport>,
     /// The server; `None` once stopped.
     pub server: Option<Server>,
+    /// How the server was started (for restarts).
+    pub server_config: ServerConfig,
     /// The topology; dropped last.
     pub pair: Pair,
 }
@@ -96,18 +98,7 @@ impl Rig {
             allowed_clients: o.allowed_clients.clone(),
             ..ServerConfig::new(&pair.server.ifname, SERVER)
         };
-        let ns = pair.server.ns.clone();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let r = bluebridge_topology::enter(&ns)
-                .map_err(|e| e.to_string())
-                .and_then(|()| Server::start(&cfg).map_err(|e| format!("{e:#}")));
-            tx.send(r).expect("the test waits");
-        });
-        let server = rx
-            .recv()
-            .expect("server thread")
-            .unwrap_or_else(|e| panic!("starting the server: {e}"));
+        let server = start_server(&pair.server.ns, &cfg);
 
         pair.client_ns()
             .enter()
@@ -130,6 +121,7 @@ impl Rig {
         Rig {
             client,
             server: Some(server),
+            server_config: cfg,
             pair,
         }
     }
@@ -155,6 +147,18 @@ impl Rig {
         (f, ep)
     }
 
+    /// Stops the server (workers joined, XDP detached).
+    pub fn stop_server(&mut self) {
+        self.server.take();
+    }
+
+    /// Starts a new server with the same configuration (a fresh store: the old pages and
+    /// handle key are gone, as after a server restart).
+    pub fn start_server(&mut self) {
+        assert!(self.server.is_none(), "stop the server first");
+        self.server = Some(start_server(&self.pair.server.ns, &self.server_config));
+    }
+
     /// The running server.
     pub fn server(&self) -> &Server {
         self.server.as_ref().expect("server running")
@@ -166,4 +170,20 @@ impl Drop for Rig {
         // Workers first, then the namespaces (Pair drops after this).
         self.server.take();
     }
+}
+
+/// Starts a server inside namespace `ns` (from a helper thread, so the caller's namespace does
+/// not change).
+fn start_server(ns: &str, cfg: &ServerConfig) -> Server {
+    let (ns, cfg) = (ns.to_owned(), cfg.clone());
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let r = bluebridge_topology::enter(&ns)
+            .map_err(|e| e.to_string())
+            .and_then(|()| Server::start(&cfg).map_err(|e| format!("{e:#}")));
+        tx.send(r).expect("the caller waits");
+    });
+    rx.recv()
+        .expect("server thread")
+        .unwrap_or_else(|e| panic!("starting the server: {e}"))
 }

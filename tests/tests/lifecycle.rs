@@ -1,0 +1,178 @@
+//! Clients that vanish, servers that stop and start again, and the server binary's exits.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bluebridge_client::ClientError;
+use bluebridge_proto::{BbRepr, OpFlags, Opcode, PAGE_SIZE};
+use bluebridge_tests::{Rig, RigOptions, SERVER};
+use bluebridge_topology::{Pair, ip_in, unique};
+
+#[test]
+fn the_lease_of_a_vanished_client_expires() {
+    let mut rig = Rig::new(&RigOptions::default());
+    let p = rig.client.alloc(SERVER, true).unwrap();
+    // Another client (fd00:bb:1::77) acquires the lease for 80 ms and is never heard of again.
+    let (mut f, ep) = rig.raw_request(
+        p.with_op(Opcode::UPDATE_ACQUIRE, OpFlags::NONE),
+        &BbRepr {
+            count: 1,
+            request_id: 1,
+            operand0: 80,
+            ..BbRepr::default()
+        },
+        &[],
+    );
+    f[22..38].copy_from_slice(
+        &"fd00:bb:1::77"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets(),
+    );
+    bluebridge_proto::wire::udp::UdpPacket::new_unchecked(&mut f[54..])
+        .fill_checksum("fd00:bb:1::77".parse().unwrap(), ep.dst);
+    assert!(rig.client.transport_mut().send_raw(&f));
+    let t = Instant::now();
+    // Until it expires the page is locked against writers.
+    let held = loop {
+        match rig.client.update_acquire(p, 0, 0, 0) {
+            Err(ClientError::LeaseHeld) => break true,
+            Ok((lease, _)) => {
+                // The raw acquire had not arrived yet; give it back and look again.
+                rig.client.update_release(p, lease).unwrap();
+                assert!(
+                    t.elapsed() < Duration::from_secs(1),
+                    "the vanished client's acquire never arrived"
+                );
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert!(held);
+    assert_eq!(rig.client.write(p, 0, b"x"), Err(ClientError::LeaseHeld));
+    std::thread::sleep(Duration::from_millis(100));
+    let (lease, _) = rig.client.update_acquire(p, 0, 8, 0).unwrap();
+    rig.client.update_commit(p, lease, 0, b"mine now").unwrap();
+    assert_eq!(rig.client.read_range(p, 0, 8).unwrap(), b"mine now");
+}
+
+#[test]
+fn a_restarted_server_gives_errors_never_stale_data() {
+    let mut rig = Rig::new(&RigOptions {
+        rto: Duration::from_millis(2),
+        retries: 3,
+        ..RigOptions::default()
+    });
+    let p = rig.client.alloc(SERVER, false).unwrap();
+    let secret = vec![0x5a; PAGE_SIZE];
+    rig.client.write(p, 0, &secret).unwrap();
+
+    rig.stop_server();
+    assert!(
+        matches!(rig.client.read(p), Err(ClientError::Timeout { .. })),
+        "a stopped server times out"
+    );
+
+    rig.start_server();
+    // The old handle means nothing to the new server (new store, new handle key).
+    assert!(matches!(
+        rig.client.read(p),
+        Err(ClientError::InvalidHandle | ClientError::StaleHandle)
+    ));
+    assert!(matches!(
+        rig.client.write(p, 0, b"x"),
+        Err(ClientError::InvalidHandle | ClientError::StaleHandle)
+    ));
+    // New pages are zero: nothing of the old server's memory comes back.
+    for _ in 0..16 {
+        let q = rig.client.alloc(SERVER, false).unwrap();
+        assert!(rig.client.read(q).unwrap().iter().all(|&b| b == 0));
+    }
+}
+
+fn server_binary() -> PathBuf {
+    // target/<profile>/deps/lifecycle-… → target/<profile>/bluebridge-server
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("bluebridge-server");
+    assert!(
+        bin.exists(),
+        "{} is missing: `cargo build -p bluebridge-server` first (cargo xtask test does)",
+        bin.display()
+    );
+    bin
+}
+
+fn xdp_attached(ns: &str, ifname: &str) -> bool {
+    ip_in(ns, &["link", "show", "dev", ifname])
+        .unwrap()
+        .contains("xdp")
+}
+
+#[test]
+fn the_server_binary_detaches_xdp_on_every_exit() {
+    let bin = server_binary();
+    for (sig, graceful) in [("INT", true), ("TERM", true), ("KILL", false)] {
+        let pair = Pair::create(&unique("bbt"), 9000).unwrap();
+        let (ns, ifname) = (pair.server.ns.clone(), pair.server.ifname.clone());
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(&bin)
+            .args([
+                "--iface",
+                &ifname,
+                "--host-id",
+                "2",
+                "--arena",
+                "8MiB",
+                "--no-hugepages",
+                "--stats-interval",
+                "0",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        while !xdp_attached(&ns, &ifname) {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "the server never attached XDP"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Give the workers a moment to run before the signal.
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            Command::new("kill")
+                .arg(format!("-{sig}"))
+                .arg(child.id().to_string())
+                .status()
+                .unwrap()
+                .success()
+        );
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if graceful {
+            assert!(out.status.success(), "SIG{sig}: exit {:?}", out.status);
+            assert!(
+                stdout.contains("XDP detached"),
+                "SIG{sig}: no summary in {stdout:?}"
+            );
+        }
+        // On SIGKILL the kernel drops the BPF link with the process's descriptors.
+        let t = Instant::now();
+        while xdp_attached(&ns, &ifname) {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "SIG{sig}: XDP still attached after exit"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
