@@ -119,7 +119,11 @@ fn test(fuzz_seconds: u64, no_packages: bool) -> Result<()> {
     )?;
     s.run(
         "privileged end-to-end tests (namespaces, veth, XDP, AF_XDP)",
-        || stage::status(cargo().args(["test", "--locked", "-p", "bluebridge-tests"])),
+        || {
+            // The lifecycle tests run the real server binary.
+            stage::status(cargo().args(["build", "--locked", "-p", "bluebridge-server"]))?;
+            stage::status(cargo().args(["test", "--locked", "-p", "bluebridge-tests"]))
+        },
     )?;
     if fuzz_seconds > 0 {
         fuzz(&mut s, fuzz_seconds, None)?;
