@@ -492,6 +492,15 @@ impl Engine {
         }
     }
 
+    /// Takes one BlueBridge message a kernel UDP socket received (`ep`: from where, to whom;
+    /// MACs unused).
+    pub fn handle_datagram(&mut self, ep: Endpoints, data: &[u8], now: Instant) {
+        match Frame::from_message(ep, data) {
+            Ok(f) => self.handle_reply(&f, now),
+            Err(_) => self.stats.malformed += 1,
+        }
+    }
+
     /// Takes one parsed reply (from a frame, or a kernel socket's datagram).
     pub fn handle_reply(&mut self, f: &Frame<'_>, now: Instant) {
         let h = f.header;

@@ -10,8 +10,10 @@ mod client;
 pub mod engine;
 pub mod error;
 pub mod transport;
+mod udp;
 
 pub use client::{Client, Lease};
 pub use engine::{Completion, Engine, EngineConfig, Reply, Request};
 pub use error::ClientError;
-pub use transport::{Transport, TransportError, XdpConfig, XdpTransport};
+pub use transport::{AnyTransport, Transport, TransportError, XdpConfig, XdpTransport};
+pub use udp::UdpTransport;

@@ -19,6 +19,41 @@ pub trait Transport {
     fn receive(&mut self, engine: &mut Engine, now: Instant) -> usize;
 }
 
+/// Either transport, chosen at run time.
+#[derive(Debug)]
+pub enum AnyTransport {
+    /// AF_XDP (boxed: the socket state is large).
+    Xdp(Box<XdpTransport>),
+    /// Kernel UDP (boxed, like the other).
+    Udp(Box<crate::udp::UdpTransport>),
+}
+
+impl AnyTransport {
+    /// The AF_XDP transport, if that is what this is.
+    pub fn xdp_mut(&mut self) -> Option<&mut XdpTransport> {
+        match self {
+            AnyTransport::Xdp(x) => Some(x),
+            AnyTransport::Udp(_) => None,
+        }
+    }
+}
+
+impl Transport for AnyTransport {
+    fn transmit(&mut self, engine: &mut Engine, now: Instant) {
+        match self {
+            AnyTransport::Xdp(t) => t.transmit(engine, now),
+            AnyTransport::Udp(t) => t.transmit(engine, now),
+        }
+    }
+
+    fn receive(&mut self, engine: &mut Engine, now: Instant) -> usize {
+        match self {
+            AnyTransport::Xdp(t) => t.receive(engine, now),
+            AnyTransport::Udp(t) => t.receive(engine, now),
+        }
+    }
+}
+
 /// Opening a transport failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {

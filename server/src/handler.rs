@@ -171,6 +171,31 @@ impl Handler {
         }
     }
 
+    /// Handles one BlueBridge message that a kernel UDP socket received (`ep` says from where
+    /// and to which address; MACs are unused).
+    pub fn handle_datagram(
+        &mut self,
+        ep: Endpoints,
+        data: &[u8],
+        now_ns: u64,
+        sink: &mut impl FrameSink,
+    ) {
+        match Frame::from_message(ep, data) {
+            Ok(f) => self.handle_message(&f, now_ns, sink),
+            Err(FrameError::UnsupportedVersion(v)) => {
+                self.stats
+                    .count_malformed(FrameError::UnsupportedVersion(v));
+                let env = Envelope {
+                    endpoints: ep,
+                    hop_limit: 64,
+                    udp_payload: data,
+                };
+                self.reject_version(&env, sink);
+            }
+            Err(e) => self.stats.count_malformed(e),
+        }
+    }
+
     /// Answers a message of another protocol version: one version-1 header with
     /// UNSUPPORTED_VERSION and the request id (docs/protocol.md §7).
     pub fn reject_version(&mut self, env: &Envelope<'_>, sink: &mut impl FrameSink) {

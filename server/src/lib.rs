@@ -16,8 +16,9 @@ pub mod lease;
 pub mod runtime;
 pub mod stats;
 pub mod store;
+pub mod udp;
 
 pub use handler::{Handler, HandlerConfig};
-pub use runtime::{Framing, Server, ServerConfig, ServerStats};
+pub use runtime::{Framing, Server, ServerConfig, ServerStats, TransportKind};
 pub use stats::Stats;
 pub use store::{Backing, Store, StoreError};

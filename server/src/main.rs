@@ -19,6 +19,11 @@ use clap::Parser;
 #[derive(Parser, Debug)]
 #[command(name = "bluebridge-server", version)]
 struct Args {
+    /// How to receive and send: `xdp` (XDP steering into AF_XDP sockets, the product) or
+    /// `udp` (kernel UDP sockets, the baseline; needs the host's /48 routed locally:
+    /// `ip -6 route add local <prefix>:<host-id>::/48 dev lo`).
+    #[arg(long, value_enum, default_value_t = bluebridge_server::TransportKind::Xdp)]
+    transport: bluebridge_server::TransportKind,
     /// Network interface to serve on.
     #[arg(short, long, value_name = "IFACE")]
     iface: String,
@@ -109,6 +114,7 @@ fn main() -> Result<()> {
         bail!("--stats-interval must be a non-negative number of seconds");
     }
     let cfg = ServerConfig {
+        transport: a.transport,
         ifname: a.iface.clone(),
         prefix: a.prefix,
         host: HostId(a.host_id),
@@ -135,12 +141,13 @@ fn main() -> Result<()> {
     let server = Server::start(&cfg).with_context(|| format!("starting on {}", a.iface))?;
     let i = server.info();
     println!(
-        "bluebridge-server: {} host {:#06x} prefix {} | XDP {:?} | {} pages ({:?}) | {} | MTU {} | \
+        "bluebridge-server: {} host {:#06x} prefix {} | {} | {} pages ({:?}) | {} | MTU {} | \
          {} worker(s) | memory besides arena: {:.1} MiB tables + {:.1} MiB UMEM",
         a.iface,
         a.host_id,
         a.prefix,
-        i.attach,
+        i.attach
+            .map_or("kernel UDP sockets".to_owned(), |m| format!("XDP {m:?}")),
         i.pages,
         i.backing,
         if i.multi_buffer {

@@ -20,6 +20,16 @@ use crate::handler::{Handler, HandlerConfig};
 use crate::stats::Stats;
 use crate::store::{Backing, Store};
 
+/// How the server receives and sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TransportKind {
+    /// XDP steering into AF_XDP sockets, busy-polled: the product.
+    Xdp,
+    /// Kernel UDP sockets (recvmmsg/sendmmsg): the baseline, no XDP. The host's /48 must be
+    /// local (`ip -6 route add local <prefix>:<host>::/48 dev lo`).
+    Udp,
+}
+
 /// How frames carry pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Framing {
@@ -34,6 +44,8 @@ pub enum Framing {
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
+    /// How frames are received and sent.
+    pub transport: TransportKind,
     /// Interface.
     pub ifname: String,
     /// The deployment's prefix.
@@ -78,6 +90,7 @@ impl ServerConfig {
     /// Defaults for serving `host` on `ifname` queue 0.
     pub fn new(ifname: &str, host: HostId) -> Self {
         ServerConfig {
+            transport: TransportKind::Xdp,
             ifname: ifname.into(),
             prefix: NetPrefix::DEFAULT,
             host,
@@ -120,6 +133,12 @@ pub enum StartError {
     Link(#[from] bluebridge_xsk::LinkError),
 }
 
+/// The sockets workers serve.
+enum Sockets {
+    Xdp(Vec<Xsk>),
+    Udp(std::net::UdpSocket),
+}
+
 /// Counters of the whole server, for the periodic line and the summary.
 #[derive(Debug, Clone)]
 pub struct ServerStats {
@@ -136,7 +155,7 @@ pub struct ServerStats {
 /// A running server. Dropping it (or [`Server::stop`]) stops the workers and detaches XDP.
 #[derive(Debug)]
 pub struct Server {
-    steer: Steer,
+    steer: Option<Steer>,
     handler: Arc<Mutex<Handler>>,
     xsk_stats: Vec<Arc<Mutex<XskStats>>>,
     workers: Vec<JoinHandle<()>>,
@@ -147,8 +166,8 @@ pub struct Server {
 /// What the server started with.
 #[derive(Debug, Clone)]
 pub struct ServerInfo {
-    /// How XDP got attached.
-    pub attach: AttachMode,
+    /// How XDP got attached (`None`: kernel UDP transport).
+    pub attach: Option<AttachMode>,
     /// The arena's backing.
     pub backing: Backing,
     /// Pages in the arena.
@@ -228,31 +247,41 @@ impl Server {
         let backing = store.backing();
         let pages = store.pages_total();
 
-        let mut steer = Steer::load()?;
-        steer.add_prefix(cfg.prefix.host_network(cfg.host), HOST_PREFIX_LEN)?;
-        // Anycast ALLOCs (host 0xffff) routed here by a switch.
-        steer.add_prefix(cfg.prefix.host_network(HostId::ANY), HOST_PREFIX_LEN)?;
-        let attach = steer.attach(&cfg.ifname, cfg.force_generic)?;
+        let (steer, attach, sockets, frame_data) = match cfg.transport {
+            TransportKind::Xdp => {
+                let mut steer = Steer::load()?;
+                steer.add_prefix(cfg.prefix.host_network(cfg.host), HOST_PREFIX_LEN)?;
+                // Anycast ALLOCs (host 0xffff) routed here by a switch.
+                steer.add_prefix(cfg.prefix.host_network(HostId::ANY), HOST_PREFIX_LEN)?;
+                let attach = steer.attach(&cfg.ifname, cfg.force_generic)?;
 
-        let mut sockets = Vec::new();
-        for &q in &cfg.queues {
-            let xsk = Xsk::new(&XskConfig {
-                ifname: cfg.ifname.clone(),
-                queue: q,
-                frames: cfg.frames,
-                multi_buffer,
-                hugepages: cfg.hugepages,
-            })?;
-            steer.set_socket(q, xsk.fd())?;
-            sockets.push(xsk);
-        }
-        let chunk = sockets[0].chunk_len();
-        let max_frame = if multi_buffer {
-            max_frame_for_mtu(mtu)
-        } else {
-            max_frame_for_mtu(mtu).min(chunk)
+                let mut sockets = Vec::new();
+                for &q in &cfg.queues {
+                    let xsk = Xsk::new(&XskConfig {
+                        ifname: cfg.ifname.clone(),
+                        queue: q,
+                        frames: cfg.frames,
+                        multi_buffer,
+                        hugepages: cfg.hugepages,
+                    })?;
+                    steer.set_socket(q, xsk.fd())?;
+                    sockets.push(xsk);
+                }
+                let chunk = sockets[0].chunk_len();
+                let max_frame = if multi_buffer {
+                    max_frame_for_mtu(mtu)
+                } else {
+                    max_frame_for_mtu(mtu).min(chunk)
+                };
+                let frame_data = max_data_per_frame(max_frame).expect("MTU checked");
+                (Some(steer), Some(attach), Sockets::Xdp(sockets), frame_data)
+            }
+            TransportKind::Udp => {
+                let sock = crate::udp::bind(cfg)?;
+                let frame_data = max_data_per_frame(max_frame_for_mtu(mtu)).expect("MTU checked");
+                (None, None, Sockets::Udp(sock), frame_data)
+            }
         };
-        let frame_data = max_data_per_frame(max_frame).expect("MTU checked");
         let mut hc = HandlerConfig::new(cfg.prefix, cfg.host, frame_data);
         hc.lease_capacity = cfg.max_leases;
         hc.lease_default_ms = cfg.lease_default_ms;
@@ -265,30 +294,57 @@ impl Server {
         let handler = Arc::new(Mutex::new(handler));
         let stop = Arc::new(AtomicBool::new(false));
         let started = Instant::now();
-        let umem_bytes = sockets.len() * cfg.frames as usize * bluebridge_xsk::CHUNK as usize;
-
         let mut workers = Vec::new();
         let mut xsk_stats = Vec::new();
-        for (i, xsk) in sockets.into_iter().enumerate() {
-            let published = Arc::new(Mutex::new(XskStats::default()));
-            xsk_stats.push(published.clone());
-            let w = Worker {
-                xsk,
-                handler: handler.clone(),
-                stop: stop.clone(),
-                published,
-                started,
-                idle: cfg.idle,
-                sched_idle: cfg.sched_idle,
-                core: cfg.cores.get(i).copied(),
-            };
-            let name = format!("bb-worker-q{}", cfg.queues[i]);
+        let mut spawn = |name: String, f: Box<dyn FnOnce() + Send>| -> Result<(), StartError> {
             let t = std::thread::Builder::new()
                 .name(name)
-                .spawn(move || w.run())
+                .spawn(f)
                 .map_err(|e| StartError::Config(format!("spawning a worker: {e}")))?;
             workers.push(t);
-        }
+            Ok(())
+        };
+        let umem_bytes = match sockets {
+            Sockets::Xdp(sockets) => {
+                let n = sockets.len();
+                for (i, xsk) in sockets.into_iter().enumerate() {
+                    let published = Arc::new(Mutex::new(XskStats::default()));
+                    xsk_stats.push(published.clone());
+                    let w = Worker {
+                        xsk,
+                        handler: handler.clone(),
+                        stop: stop.clone(),
+                        published,
+                        started,
+                        idle: cfg.idle,
+                        sched_idle: cfg.sched_idle,
+                        core: cfg.cores.get(i).copied(),
+                    };
+                    spawn(
+                        format!("bb-worker-q{}", cfg.queues[i]),
+                        Box::new(move || w.run()),
+                    )?;
+                }
+                n * cfg.frames as usize * bluebridge_xsk::CHUNK as usize
+            }
+            Sockets::Udp(sock) => {
+                let published = Arc::new(Mutex::new(XskStats::default()));
+                xsk_stats.push(published.clone());
+                let w = crate::udp::UdpWorker::new(
+                    sock,
+                    handler.clone(),
+                    stop.clone(),
+                    published,
+                    started,
+                    cfg.idle,
+                    cfg.sched_idle,
+                    cfg.cores.first().copied(),
+                )
+                .map_err(|e| StartError::Config(format!("UDP socket: {e}")))?;
+                spawn("bb-worker-udp".into(), Box::new(move || w.run()))?;
+                0
+            }
+        };
         let info = ServerInfo {
             attach,
             backing,
@@ -341,7 +397,11 @@ impl Server {
             handler,
             pages_used,
             xsk,
-            steer: self.steer.counters().unwrap_or_default(),
+            steer: self
+                .steer
+                .as_ref()
+                .and_then(|s| s.counters().ok())
+                .unwrap_or_default(),
         }
     }
 

@@ -8,10 +8,15 @@ use std::net::Ipv6Addr;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use bluebridge_client::{Client, EngineConfig, XdpConfig, XdpTransport};
+use std::net::SocketAddrV6;
+
+use bluebridge_client::{
+    AnyTransport, Client, EngineConfig, UdpTransport, XdpConfig, XdpTransport,
+};
 use bluebridge_proto::frame::{Endpoints, build};
+use bluebridge_proto::segment::{max_data_per_frame, max_frame_for_mtu};
 use bluebridge_proto::{BbRepr, FRAME_OVERHEAD, HostId, MacAddr, NetPrefix, RemoteAddr, UDP_PORT};
-use bluebridge_server::{Framing, Server, ServerConfig};
+use bluebridge_server::{Framing, Server, ServerConfig, TransportKind};
 use bluebridge_topology::{Pair, unique};
 
 /// The server's host id in every rig.
@@ -25,7 +30,7 @@ pub fn client_addr() -> Ipv6Addr {
 #[derive(Debug)]
 pub struct Rig {
     /// The client, in the client namespace (the test's thread is moved there).
-    pub client: Client<XdpTransport>,
+    pub client: Client<AnyTransport>,
     /// The server; `None` once stopped.
     pub server: Option<Server>,
     /// How the server was started (for restarts).
@@ -56,6 +61,10 @@ pub struct RigOptions {
     pub rto: Duration,
     /// Client retransmissions before a timeout.
     pub retries: u32,
+    /// The server's transport.
+    pub server_transport: TransportKind,
+    /// The client uses the kernel-UDP transport instead of AF_XDP.
+    pub client_udp: bool,
 }
 
 impl Default for RigOptions {
@@ -71,6 +80,8 @@ impl Default for RigOptions {
             // Generous: tests share two CPUs with each other.
             rto: Duration::from_millis(5),
             retries: 10,
+            server_transport: TransportKind::Xdp,
+            client_udp: false,
         }
     }
 }
@@ -94,27 +105,48 @@ impl Rig {
             sched_idle: false,
             frames: 4096,
             hugepages: false,
+            transport: o.server_transport,
             max_leases: o.max_leases,
             allowed_clients: o.allowed_clients.clone(),
             ..ServerConfig::new(&pair.server.ifname, SERVER)
         };
+        if o.server_transport == TransportKind::Udp || o.client_udp {
+            pair.route_kernel_udp(
+                "fd00:bb::/32",
+                "fd00:bb:1::1",
+                "fd00:bb:1::/48",
+                "fd00:bb:2::/48",
+            )
+            .expect("kernel routes for the UDP transport");
+        }
         let server = start_server(&pair.server.ns, &cfg);
 
         pair.client_ns()
             .enter()
             .expect("entering the client namespace");
-        let mut xc = XdpConfig::new(&pair.client.ifname, client_addr());
-        xc.multi_buffer = o.client_multi_buffer;
-        let transport =
-            XdpTransport::open(&xc).unwrap_or_else(|e| panic!("opening the client transport: {e}"));
         let mut ec = EngineConfig::new(
             NetPrefix::DEFAULT,
             client_addr(),
             MacAddr(pair.client.mac),
             MacAddr(pair.server.mac),
         );
-        ec.seg_max = transport.frame_data();
-        ec.max_request_data = transport.frame_data();
+        let transport = if o.client_udp {
+            let t = UdpTransport::open(SocketAddrV6::new(client_addr(), 0, 0, 0))
+                .expect("binding the client's UDP socket");
+            let data = max_data_per_frame(max_frame_for_mtu(o.mtu)).expect("MTU ≥ 1280");
+            ec.local_port = t.local().port();
+            ec.seg_max = data;
+            ec.max_request_data = data;
+            AnyTransport::Udp(Box::new(t))
+        } else {
+            let mut xc = XdpConfig::new(&pair.client.ifname, client_addr());
+            xc.multi_buffer = o.client_multi_buffer;
+            let t = XdpTransport::open(&xc)
+                .unwrap_or_else(|e| panic!("opening the client transport: {e}"));
+            ec.seg_max = t.frame_data();
+            ec.max_request_data = t.frame_data();
+            AnyTransport::Xdp(Box::new(t))
+        };
         ec.rto = o.rto;
         ec.retries = o.retries;
         let client = Client::new(ec, transport);
@@ -145,6 +177,14 @@ impl Rig {
         let mut f = vec![0u8; FRAME_OVERHEAD + payload.len()];
         build(&mut f, &ep, header, payload).expect("sized for the frame");
         (f, ep)
+    }
+
+    /// The client's AF_XDP transport (raw frames, counters); panics for a UDP client.
+    pub fn xdp(&mut self) -> &mut XdpTransport {
+        self.client
+            .transport_mut()
+            .xdp_mut()
+            .expect("an AF_XDP client")
     }
 
     /// Stops the server (workers joined, XDP detached).

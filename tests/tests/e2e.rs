@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use bluebridge_client::{ClientError, Request};
 use bluebridge_proto::frame::Envelope;
 use bluebridge_proto::{BbRepr, NetPrefix, Opcode, PAGE_SIZE, RemoteAddr};
-use bluebridge_server::Framing;
+use bluebridge_server::{Framing, TransportKind};
 use bluebridge_tests::{Rig, RigOptions, SERVER};
 
 fn pattern(seed: u8) -> Vec<u8> {
@@ -104,7 +104,7 @@ fn every_operation(rig: &mut Rig) {
 fn every_operation_one_frame_per_page() {
     let mut rig = Rig::new(&RigOptions::default());
     assert!(rig.server().info().multi_buffer);
-    assert!(rig.client.transport().multi_buffer());
+    assert!(rig.xdp().multi_buffer());
     every_operation(&mut rig);
     let s = rig.server().stats();
     assert!(
@@ -126,6 +126,46 @@ fn every_operation_segmented() {
     every_operation(&mut rig);
     let s = rig.server().stats();
     assert_eq!(s.xsk.rx_chains, 0);
+}
+
+#[test]
+fn interop_kernel_udp_server_with_af_xdp_client() {
+    let mut rig = Rig::new(&RigOptions {
+        server_transport: TransportKind::Udp,
+        ..RigOptions::default()
+    });
+    assert_eq!(rig.server().info().attach, None);
+    every_operation(&mut rig);
+    assert_eq!(
+        rig.server().stats().steer.redirected,
+        0,
+        "no XDP on a UDP server"
+    );
+}
+
+#[test]
+fn interop_af_xdp_server_with_kernel_udp_client() {
+    let mut rig = Rig::new(&RigOptions {
+        client_udp: true,
+        ..RigOptions::default()
+    });
+    every_operation(&mut rig);
+    assert!(rig.server().stats().steer.redirected > 0);
+}
+
+#[test]
+fn kernel_udp_both_ends_with_segments() {
+    let mut rig = Rig::new(&RigOptions {
+        server_transport: TransportKind::Udp,
+        client_udp: true,
+        mtu: 1500,
+        framing: Framing::Segments,
+        ..RigOptions::default()
+    });
+    every_operation(&mut rig);
+    // One permanent neighbour entry per host (the next hop), however many pages were used.
+    assert_eq!(rig.pair.client_ns().neighbour_count().unwrap(), 1);
+    assert_eq!(rig.pair.server_ns().neighbour_count().unwrap(), 1);
 }
 
 #[test]
@@ -215,11 +255,11 @@ fn every_error_status_reaches_the_client() {
     f[62] = 2;
     let mut u = bluebridge_proto::wire::udp::UdpPacket::new_unchecked(&mut f[54..]);
     u.fill_checksum(ep.src, ep.dst);
-    assert!(rig.client.transport_mut().send_raw(&f));
+    assert!(rig.xdp().send_raw(&f));
     let t = Instant::now();
     let mut answer = None;
     while answer.is_none() && t.elapsed() < Duration::from_secs(2) {
-        rig.client.transport_mut().recv_raw(|fr| {
+        rig.xdp().recv_raw(|fr| {
             let env = Envelope::parse(fr).unwrap();
             let status = u16::from_be_bytes([env.udp_payload[2], env.udp_payload[3]]);
             answer = Some((env.request_id_any_version(), status, env.udp_payload[0]));
@@ -303,8 +343,8 @@ fn malformed_flood_is_counted_and_dropped() {
         } else {
             to_user += 1
         }
-        while !rig.client.transport_mut().send_raw(&frame) {
-            rig.client.transport_mut().recv_raw(|_| {});
+        while !rig.xdp().send_raw(&frame) {
+            rig.xdp().recv_raw(|_| {});
         }
         if i % 100 == 0 {
             assert_eq!(

@@ -32,7 +32,7 @@ fn the_lease_of_a_vanished_client_expires() {
     );
     bluebridge_proto::wire::udp::UdpPacket::new_unchecked(&mut f[54..])
         .fill_checksum("fd00:bb:1::77".parse().unwrap(), ep.dst);
-    assert!(rig.client.transport_mut().send_raw(&f));
+    assert!(rig.xdp().send_raw(&f));
     let t = Instant::now();
     // Until it expires the page is locked against writers.
     let held = loop {

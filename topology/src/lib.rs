@@ -271,6 +271,105 @@ impl Pair {
         })
     }
 
+    /// Lets the two kernels carry BlueBridge over UDP (the baseline transport) with one
+    /// permanent neighbour entry per host and no neighbour discovery:
+    /// - client: ARP on (a NOARP device would address frames to its own MAC), `client_addr`
+    ///   assigned, the whole `prefix` routed via a link-local next hop whose MAC is the
+    ///   server's;
+    /// - server: ARP on, `server_net` (its /48) local to the kernel ("AnyIP"), `client_net`
+    ///   routed back via a next hop whose MAC is the client's.
+    pub fn route_kernel_udp(
+        &self,
+        prefix: &str,
+        client_addr: &str,
+        client_net: &str,
+        server_net: &str,
+    ) -> Result<(), TopologyError> {
+        let (c, s) = (&self.client, &self.server);
+        // veth hands kernel-sent packets over with checksums still to be filled in (offload);
+        // an AF_XDP peer would see them unfinished. Have the kernel compute them.
+        for e in [c, s] {
+            run(Command::new("ip").args([
+                "netns", "exec", &e.ns, "ethtool", "-K", &e.ifname, "tx", "off",
+            ]))?;
+        }
+        ip_in(&c.ns, &["link", "set", "dev", &c.ifname, "arp", "on"])?;
+        ip_in(
+            &c.ns,
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("{client_addr}/128"),
+                "dev",
+                &c.ifname,
+                "nodad",
+            ],
+        )?;
+        ip_in(
+            &c.ns,
+            &[
+                "-6",
+                "neigh",
+                "replace",
+                "fe80::bb:2",
+                "lladdr",
+                &fmt_mac(s.mac),
+                "dev",
+                &c.ifname,
+                "nud",
+                "permanent",
+            ],
+        )?;
+        ip_in(
+            &c.ns,
+            &[
+                "-6",
+                "route",
+                "add",
+                prefix,
+                "via",
+                "fe80::bb:2",
+                "dev",
+                &c.ifname,
+            ],
+        )?;
+        ip_in(&s.ns, &["link", "set", "dev", &s.ifname, "arp", "on"])?;
+        ip_in(
+            &s.ns,
+            &["-6", "route", "add", "local", server_net, "dev", "lo"],
+        )?;
+        ip_in(
+            &s.ns,
+            &[
+                "-6",
+                "neigh",
+                "replace",
+                "fe80::bb:1",
+                "lladdr",
+                &fmt_mac(c.mac),
+                "dev",
+                &s.ifname,
+                "nud",
+                "permanent",
+            ],
+        )?;
+        ip_in(
+            &s.ns,
+            &[
+                "-6",
+                "route",
+                "add",
+                client_net,
+                "via",
+                "fe80::bb:1",
+                "dev",
+                &s.ifname,
+            ],
+        )?;
+        Ok(())
+    }
+
     /// The client's namespace.
     pub fn client_ns(&self) -> &Netns {
         &self._client_ns

@@ -13,6 +13,7 @@
 //! All unsafe code of the data path is in this crate: ring and UMEM access through xsk-rs.
 
 mod link;
+pub mod mmsg;
 mod thread;
 
 use bluebridge_proto::frame::{self, Endpoints, FrameSink};

@@ -27,6 +27,10 @@ const REQUIRED: &[(&str, &str)] = &[
         "iproute2",
         "network namespaces and veth pairs for the topology and privileged tests",
     ),
+    (
+        "ethtool",
+        "turning off veth checksum offload for the kernel-UDP transport tests",
+    ),
 ];
 
 fn installed(pkg: &str) -> bool {

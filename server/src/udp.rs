@@ -1,0 +1,169 @@
+//! The kernel-UDP baseline: the same handler behind a kernel UDP socket (recvmmsg/sendmmsg),
+//! no XDP. The socket listens on `[::]:47872`; the host's /48 must be local to the kernel
+//! ("AnyIP": `ip -6 route add local <prefix>:<host>::/48 dev lo`) so that datagrams to every page
+//! address are delivered to it, and each reply is sent from the page address it answers
+//! (IPV6_PKTINFO).
+
+use std::net::{Ipv6Addr, SocketAddrV6, UdpSocket};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bluebridge_proto::frame::Endpoints;
+use bluebridge_proto::{MacAddr, UDP_PORT};
+use bluebridge_xsk::XskStats;
+use bluebridge_xsk::mmsg::{DatagramBatch, UdpReceiver};
+use nix::sys::socket::{setsockopt, sockopt};
+
+use crate::handler::Handler;
+use crate::runtime::{ServerConfig, StartError};
+
+/// Binds the server's UDP socket and checks, with a datagram to an address of the host's /48,
+/// that the kernel delivers that /48 to it.
+pub(crate) fn bind(cfg: &ServerConfig) -> Result<UdpSocket, StartError> {
+    let err = |what: &str, e: &dyn std::fmt::Display| StartError::Config(format!("{what}: {e}"));
+    let sock = UdpSocket::bind(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, UDP_PORT, 0, 0))
+        .map_err(|e| err(&format!("binding UDP port {UDP_PORT}"), &e))?;
+    setsockopt(&sock, sockopt::Ipv6RecvPacketInfo, &true)
+        .map_err(|e| err("IPV6_RECVPKTINFO", &e))?;
+    // Replies leave from page addresses, which are routed locally but assigned nowhere.
+    setsockopt(&sock, sockopt::IpFreebind, &true).map_err(|e| err("IP_FREEBIND", &e))?;
+    let net = cfg.prefix.host_network(cfg.host);
+    let probe = {
+        let mut o = net.octets();
+        o[15] = 0xb1;
+        Ipv6Addr::from(o)
+    };
+    let token = *b"bluebridge local-route probe";
+    let delivered = (|| -> std::io::Result<bool> {
+        let tx = UdpSocket::bind("[::]:0")?;
+        tx.send_to(&token, SocketAddrV6::new(probe, UDP_PORT, 0, 0))?;
+        sock.set_read_timeout(Some(std::time::Duration::from_millis(200)))?;
+        let mut buf = [0u8; 64];
+        loop {
+            match sock.recv_from(&mut buf) {
+                Ok((n, _)) if buf[..n] == token => return Ok(true),
+                Ok(_) => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Ok(false);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    })()
+    .unwrap_or(false);
+    if !delivered {
+        return Err(StartError::Config(format!(
+            "datagrams to {net}/48 are not delivered locally; for the UDP transport run \
+             `ip -6 route add local {net}/48 dev lo` (and keep lo up)"
+        )));
+    }
+    sock.set_read_timeout(None)
+        .map_err(|e| err("socket timeout", &e))?;
+    sock.set_nonblocking(true)
+        .map_err(|e| err("non-blocking socket", &e))?;
+    Ok(sock)
+}
+
+/// The worker of the UDP transport.
+pub(crate) struct UdpWorker {
+    sock: UdpSocket,
+    rx: UdpReceiver,
+    tx: DatagramBatch,
+    handler: Arc<Mutex<Handler>>,
+    stop: Arc<AtomicBool>,
+    published: Arc<Mutex<XskStats>>,
+    started: Instant,
+    idle: bool,
+    sched_idle: bool,
+    core: Option<usize>,
+}
+
+impl UdpWorker {
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "mirrors the AF_XDP worker's fields"
+    )]
+    pub(crate) fn new(
+        sock: UdpSocket,
+        handler: Arc<Mutex<Handler>>,
+        stop: Arc<AtomicBool>,
+        published: Arc<Mutex<XskStats>>,
+        started: Instant,
+        idle: bool,
+        sched_idle: bool,
+        core: Option<usize>,
+    ) -> std::io::Result<Self> {
+        let tx = DatagramBatch::new(&sock, true)?;
+        Ok(UdpWorker {
+            sock,
+            rx: UdpReceiver::new(bluebridge_xsk::mmsg::BATCH),
+            tx,
+            handler,
+            stop,
+            published,
+            started,
+            idle,
+            sched_idle,
+            core,
+        })
+    }
+
+    pub(crate) fn run(mut self) {
+        if let Err(e) = bluebridge_xsk::busy_poll_thread(self.core, self.sched_idle) {
+            tracing::warn!(error = %e, "worker set-up incomplete; running anyway");
+        }
+        let mut stats = XskStats::default();
+        let mut empty = 0u32;
+        while !self.stop.load(Ordering::Relaxed) {
+            let mut h = self.handler.lock().expect("poisoned");
+            let now = self.started.elapsed().as_nanos() as u64;
+            let tx = &mut self.tx;
+            let n = self
+                .rx
+                .recv(self.sock.as_fd(), |m| {
+                    let ep = Endpoints {
+                        src_mac: MacAddr::default(),
+                        dst_mac: MacAddr::default(),
+                        src: *m.src.ip(),
+                        dst: m.dst,
+                        src_port: m.src.port(),
+                        dst_port: UDP_PORT,
+                    };
+                    h.handle_datagram(ep, m.data, now, tx);
+                })
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "recvmmsg");
+                    0
+                });
+            drop(h);
+            if !self.tx.is_empty() {
+                stats.tx_frames += self.tx.len() as u64;
+                self.tx.flush();
+            }
+            stats.rx_frames += n as u64;
+            stats.tx_dropped = self.tx.dropped;
+            if n == 0 {
+                empty += 1;
+                if self.idle && empty >= 20_000 {
+                    let mut fds = [nix::poll::PollFd::new(
+                        self.sock.as_fd(),
+                        nix::poll::PollFlags::POLLIN,
+                    )];
+                    let _ = nix::poll::poll(&mut fds, 100u16);
+                    empty = 0;
+                }
+            } else {
+                empty = 0;
+                *self.published.lock().expect("poisoned") = stats;
+            }
+        }
+        *self.published.lock().expect("poisoned") = stats;
+    }
+}
