@@ -392,6 +392,7 @@ impl Server {
             xsk.tx_dropped += s.tx_dropped;
             xsk.tx_kicks += s.tx_kicks;
             xsk.rx_oversize += s.rx_oversize;
+            xsk.fill_deferred += s.fill_deferred;
         }
         ServerStats {
             handler,

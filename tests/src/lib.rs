@@ -17,7 +17,7 @@ use bluebridge_proto::frame::{Endpoints, build};
 use bluebridge_proto::segment::{max_data_per_frame, max_frame_for_mtu};
 use bluebridge_proto::{BbRepr, FRAME_OVERHEAD, HostId, MacAddr, NetPrefix, RemoteAddr, UDP_PORT};
 use bluebridge_server::{Framing, Server, ServerConfig, TransportKind};
-use bluebridge_topology::{Pair, unique};
+use bluebridge_topology::{NdpResponder, Pair, unique};
 
 /// The server's host id in every rig.
 pub const SERVER: HostId = HostId(2);
@@ -35,6 +35,8 @@ pub struct Rig {
     pub server: Option<Server>,
     /// How the server was started (for restarts).
     pub server_config: ServerConfig,
+    /// The NDP proxy of the prototype configuration (dropped before the topology).
+    pub ndp: Option<NdpResponder>,
     /// The topology; dropped last.
     pub pair: Pair,
 }
@@ -65,6 +67,9 @@ pub struct RigOptions {
     pub server_transport: TransportKind,
     /// The client uses the kernel-UDP transport instead of AF_XDP.
     pub client_udp: bool,
+    /// Route like the 2017 prototype (page addresses on-link, an NDP proxy answering for all
+    /// of them); needs `client_udp` and a UDP server.
+    pub prototype_ndp: bool,
 }
 
 impl Default for RigOptions {
@@ -82,6 +87,7 @@ impl Default for RigOptions {
             retries: 10,
             server_transport: TransportKind::Xdp,
             client_udp: false,
+            prototype_ndp: false,
         }
     }
 }
@@ -110,7 +116,17 @@ impl Rig {
             allowed_clients: o.allowed_clients.clone(),
             ..ServerConfig::new(&pair.server.ifname, SERVER)
         };
-        if o.server_transport == TransportKind::Udp || o.client_udp {
+        let mut ndp = None;
+        if o.prototype_ndp {
+            assert!(
+                o.client_udp && o.server_transport == TransportKind::Udp,
+                "the prototype ran on kernel UDP"
+            );
+            ndp = Some(
+                pair.route_prototype("fd00:bb:1::1", "fd00:bb:1::/48", "fd00:bb:2::/48")
+                    .expect("prototype routes and NDP proxy"),
+            );
+        } else if o.server_transport == TransportKind::Udp || o.client_udp {
             pair.route_kernel_udp(
                 "fd00:bb::/32",
                 "fd00:bb:1::1",
@@ -154,6 +170,7 @@ impl Rig {
             client,
             server: Some(server),
             server_config: cfg,
+            ndp,
             pair,
         }
     }

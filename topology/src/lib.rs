@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use nix::sched::{CloneFlags, setns};
 
 mod impair;
+mod ndp;
 pub use impair::{Impairment, Relay, RelayCounters};
+pub use ndp::NdpResponder;
 
 /// A topology step failed.
 #[derive(Debug, thiserror::Error)]
@@ -368,6 +370,83 @@ impl Pair {
             ],
         )?;
         Ok(())
+    }
+
+    /// The 2017 prototype's configuration, for demonstrating its failure: like
+    /// [`Pair::route_kernel_udp`], except that the client routes the server's /48 *on-link*
+    /// (`ip -6 route add <server_net> dev <if>`), so its kernel resolves every page address with
+    /// neighbour discovery; an [`NdpResponder`] (returned; keep it alive) answers for all of
+    /// them as the prototype's proxy did.
+    pub fn route_prototype(
+        &self,
+        client_addr: &str,
+        client_net: &str,
+        server_net: &str,
+    ) -> Result<NdpResponder, TopologyError> {
+        let (c, s) = (&self.client, &self.server);
+        for e in [c, s] {
+            run(Command::new("ip").args([
+                "netns", "exec", &e.ns, "ethtool", "-K", &e.ifname, "tx", "off",
+            ]))?;
+            ip_in(&e.ns, &["link", "set", "dev", &e.ifname, "arp", "on"])?;
+        }
+        ip_in(
+            &c.ns,
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("{client_addr}/128"),
+                "dev",
+                &c.ifname,
+                "nodad",
+            ],
+        )?;
+        ip_in(&c.ns, &["-6", "route", "add", server_net, "dev", &c.ifname])?;
+        ip_in(
+            &s.ns,
+            &["-6", "route", "add", "local", server_net, "dev", "lo"],
+        )?;
+        ip_in(
+            &s.ns,
+            &[
+                "-6",
+                "neigh",
+                "replace",
+                "fe80::bb:1",
+                "lladdr",
+                &fmt_mac(c.mac),
+                "dev",
+                &s.ifname,
+                "nud",
+                "permanent",
+            ],
+        )?;
+        ip_in(
+            &s.ns,
+            &[
+                "-6",
+                "route",
+                "add",
+                client_net,
+                "via",
+                "fe80::bb:1",
+                "dev",
+                &s.ifname,
+            ],
+        )?;
+        let (net, len) = server_net
+            .split_once('/')
+            .ok_or_else(|| TopologyError::Command {
+                cmd: "route_prototype".into(),
+                stderr: format!("{server_net} is not NETWORK/LENGTH"),
+            })?;
+        let net: std::net::Ipv6Addr = net.parse().map_err(|_| TopologyError::Command {
+            cmd: "route_prototype".into(),
+            stderr: format!("{net} is not an IPv6 address"),
+        })?;
+        let len: u8 = len.parse().unwrap_or(48);
+        NdpResponder::start(&s.ns, &s.ifname, s.mac, net, len)
     }
 
     /// The client's namespace.

@@ -106,6 +106,8 @@ pub struct XskStats {
     pub tx_kicks: u64,
     /// Received chains dropped for being longer than [`MAX_FRAME`].
     pub rx_oversize: u64,
+    /// Times received chunks had to wait to go back to the fill ring.
+    pub fill_deferred: u64,
 }
 
 /// TX frames of the UMEM that are not in the kernel's hands, and frames written but not yet
@@ -200,6 +202,7 @@ pub struct Xsk {
     pool: TxPool,
     tx_outstanding: usize,
     batch: Vec<FrameDesc>,
+    fill_backlog: Vec<FrameDesc>,
     assemble: Vec<u8>,
     assembling: bool,
     hugepages: bool,
@@ -298,6 +301,7 @@ impl Xsk {
             },
             tx_outstanding: 0,
             batch: vec![FrameDesc::default(); BATCH],
+            fill_backlog: Vec::with_capacity(half as usize),
             assemble: Vec::with_capacity(MAX_FRAME),
             assembling: false,
             hugepages,
@@ -386,17 +390,40 @@ impl Xsk {
             }
         }
         self.stats.rx_frames += frames;
-        // SAFETY: these chunks were received above and are no longer referenced (`f` got them
-        // by shared borrow for the duration of its call only).
-        let back = unsafe { self.fq.produce(&self.batch[..n]) };
-        debug_assert_eq!(back, n, "the fill ring has room for every RX frame");
+        // These chunks were received above and are no longer referenced (`f` got them by
+        // shared borrow for the duration of its call only): back to the kernel.
+        self.fill_backlog.extend_from_slice(&self.batch[..n]);
+        self.refill();
         frames as usize
+    }
+
+    /// Gives received chunks back to the kernel through the fill ring. The kernel publishes
+    /// its consumer index on the fill ring lazily, so the ring can look full although the
+    /// chunks we hold have already left it: what does not fit now waits in the backlog and is
+    /// offered again on every `recv` and `flush`, so no chunk ever drops out of circulation.
+    fn refill(&mut self) {
+        while !self.fill_backlog.is_empty() {
+            let room = self.fq.nb_free(self.fill_backlog.len() as u32) as usize;
+            let take = room.min(self.fill_backlog.len());
+            if take == 0 {
+                self.stats.fill_deferred += 1;
+                return;
+            }
+            // SAFETY: backlog chunks are RX chunks of this UMEM that we no longer reference.
+            let given = unsafe { self.fq.produce(&self.fill_backlog[..take]) };
+            if given == 0 {
+                self.stats.fill_deferred += 1;
+                return;
+            }
+            self.fill_backlog.drain(..given);
+        }
     }
 
     /// Reclaims completed TX frames, queues pending frames on the TX ring and kicks the kernel
     /// while any are outstanding (copy mode sends at most 32 descriptors per kick, so the kick
     /// repeats on every flush until all have completed).
     pub fn flush(&mut self) {
+        self.refill();
         loop {
             // SAFETY: `batch` is scratch space; completed descriptors are TX frames of this
             // UMEM that the kernel no longer uses.

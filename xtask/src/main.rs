@@ -30,6 +30,15 @@ enum Cmd {
     /// by a veth pair, run the server (pinned) and a client workload (pinned), print the
     /// results, tear everything down. Needs root.
     Demo(demo::DemoArgs),
+    /// The 2017 prototype's failure reproduced and cured: with kernel UDP and page addresses
+    /// on-link, touch 1,000, 2,000 and 5,000 page addresses and watch the neighbour table fill
+    /// and requests fail; with BlueBridge's data path, touch 1,000,000 and watch nothing grow.
+    /// Prints both tables. Needs root.
+    Ndp {
+        /// Do not check or install Debian packages.
+        #[arg(long)]
+        no_packages: bool,
+    },
     /// Install missing Debian packages, then run every check: rustfmt, clippy, unit and
     /// property tests, fuzz corpus replay and a short fuzz run.
     Test {
@@ -57,6 +66,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Demo(a) => demo::run(&a),
+        Cmd::Ndp { no_packages } => ndp(no_packages),
         Cmd::Test {
             fuzz_seconds,
             no_packages,
@@ -128,6 +138,30 @@ fn test(fuzz_seconds: u64, no_packages: bool) -> Result<()> {
     if fuzz_seconds > 0 {
         fuzz(&mut s, fuzz_seconds, None)?;
     }
+    s.finish();
+    Ok(())
+}
+
+fn ndp(no_packages: bool) -> Result<()> {
+    let mut s = Stages::new();
+    if !no_packages {
+        s.run("debian packages", packages::ensure)?;
+    }
+    s.run(
+        "the prototype's neighbour-table failure, and BlueBridge's cure",
+        || {
+            stage::status(cargo().args([
+                "test",
+                "--locked",
+                "-p",
+                "bluebridge-tests",
+                "--test",
+                "ndp",
+                "--",
+                "--nocapture",
+            ]))
+        },
+    )?;
     s.finish();
     Ok(())
 }
