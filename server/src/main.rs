@@ -177,10 +177,12 @@ fn main() -> Result<()> {
         }
     }
     let elapsed = started.elapsed();
+    let xdp = server.info().attach.is_some();
     let s = server.stop();
     println!(
-        "bluebridge-server: stopped after {:.1} s; XDP detached",
-        elapsed.as_secs_f64()
+        "bluebridge-server: stopped after {:.1} s{}",
+        elapsed.as_secs_f64(),
+        if xdp { "; XDP detached" } else { "" }
     );
     println!("{}", summary(&s));
     Ok(())

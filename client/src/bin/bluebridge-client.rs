@@ -1,10 +1,13 @@
 //! `bluebridge-client`: talk to BlueBridge servers from the command line.
 
-use std::net::Ipv6Addr;
+use std::net::{Ipv6Addr, SocketAddrV6};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use bluebridge_client::{Client, EngineConfig, Request, XdpConfig, XdpTransport};
+use bluebridge_client::{
+    AnyTransport, Client, EngineConfig, Request, UdpTransport, XdpConfig, XdpTransport,
+};
+use bluebridge_proto::segment::{max_data_per_frame, max_frame_for_mtu};
 use bluebridge_proto::{HostId, MacAddr, NetPrefix, Opcode, PAGE_SIZE};
 use clap::{Parser, Subcommand};
 use hdrhistogram::Histogram;
@@ -22,9 +25,14 @@ struct Args {
     /// This client's IPv6 address (inside its host's /48 of the prefix).
     #[arg(long, default_value = "fd00:bb:1::1")]
     local: Ipv6Addr,
-    /// MAC address of the next hop (the server on a direct link, the switch in a rack).
+    /// MAC address of the next hop (the server on a direct link, the switch in a rack); needed
+    /// with the AF_XDP transport.
     #[arg(long, value_name = "MAC")]
-    next_hop_mac: MacAddr,
+    next_hop_mac: Option<MacAddr>,
+    /// `xdp` (AF_XDP with our steering program; root) or `udp` (a kernel UDP socket: the
+    /// baseline, no root; --local must be assigned and the prefix routed by the kernel).
+    #[arg(long, value_enum, default_value_t = Kind::Xdp)]
+    transport: Kind,
     /// The deployment's network prefix (a /32).
     #[arg(long, default_value = "fd00:bb::/32")]
     prefix: NetPrefix,
@@ -46,6 +54,15 @@ struct Args {
     retries: u32,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// Which transport.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Kind {
+    /// AF_XDP.
+    Xdp,
+    /// Kernel UDP.
+    Udp,
 }
 
 #[derive(Subcommand, Debug)]
@@ -104,25 +121,59 @@ fn main() -> Result<()> {
     let a = Args::parse();
     bluebridge_xsk::busy_poll_thread(a.core, !a.normal_priority)
         .context("setting up the polling thread")?;
-    let mut xc = XdpConfig::new(&a.iface, a.local);
-    xc.multi_buffer = !a.segments;
-    let t = XdpTransport::open(&xc).with_context(|| format!("opening AF_XDP on {}", a.iface))?;
-    let mut ec = EngineConfig::new(a.prefix, a.local, MacAddr(t.mac()), a.next_hop_mac);
-    ec.seg_max = t.frame_data();
-    ec.max_request_data = t.frame_data();
+    let mtu = bluebridge_xsk::link_mtu(&a.iface).with_context(|| format!("reading {}", a.iface))?;
+    let (t, mac, frame_data, what) = match a.transport {
+        Kind::Xdp => {
+            let next_hop = a
+                .next_hop_mac
+                .context("--next-hop-mac is needed with the AF_XDP transport")?;
+            let mut xc = XdpConfig::new(&a.iface, a.local);
+            xc.multi_buffer = !a.segments;
+            let t = XdpTransport::open(&xc)
+                .with_context(|| format!("opening AF_XDP on {}", a.iface))?;
+            let what = format!(
+                "XDP {:?} | {}",
+                t.attach_mode(),
+                if t.multi_buffer() {
+                    "one frame per page".to_owned()
+                } else {
+                    format!("segments of {} B", t.frame_data())
+                }
+            );
+            let (mac, data) = (t.mac(), t.frame_data());
+            (AnyTransport::Xdp(Box::new(t)), (mac, next_hop), data, what)
+        }
+        Kind::Udp => {
+            let t = UdpTransport::open(SocketAddrV6::new(a.local, 0, 0, 0)).with_context(|| {
+                format!(
+                    "binding a UDP socket to {} (is the address assigned?)",
+                    a.local
+                )
+            })?;
+            let data = max_data_per_frame(max_frame_for_mtu(mtu)).context("MTU below 1280")?;
+            let what = format!(
+                "kernel UDP from port {} | segments of {data} B",
+                t.local().port()
+            );
+            (
+                AnyTransport::Udp(Box::new(t)),
+                ([0; 6], MacAddr([0; 6])),
+                data,
+                what,
+            )
+        }
+    };
+    let mut ec = EngineConfig::new(a.prefix, a.local, MacAddr(mac.0), mac.1);
+    if let AnyTransport::Udp(u) = &t {
+        ec.local_port = u.local().port();
+    }
+    ec.seg_max = frame_data;
+    ec.max_request_data = frame_data;
     ec.rto = Duration::from_micros(a.rto_us);
     ec.retries = a.retries;
-    let framing = if t.multi_buffer() {
-        "one frame per page".to_owned()
-    } else {
-        format!("segments of {} B", t.frame_data())
-    };
     eprintln!(
-        "bluebridge-client: {} {} | XDP {:?} | MTU {} | {framing}",
-        a.iface,
-        a.local,
-        t.attach_mode(),
-        t.mtu()
+        "bluebridge-client: {} {} | MTU {mtu} | {what}",
+        a.iface, a.local
     );
     let mut c = Client::new(ec, t);
     match a.cmd {
@@ -153,7 +204,7 @@ fn us(ns: u64) -> f64 {
 }
 
 fn demo(
-    c: &mut Client<XdpTransport>,
+    c: &mut Client<AnyTransport>,
     host: HostId,
     pages: u16,
     samples: u32,
