@@ -323,7 +323,7 @@ impl Handler {
             return;
         }
 
-        if op.is_idempotent() || op == Opcode::UPDATE_ACQUIRE {
+        if op.is_idempotent() {
             self.idempotent(&req, who, now_ns, sink);
             return;
         }
@@ -331,6 +331,10 @@ impl Handler {
             client: who,
             request_id: req.header.request_id,
         };
+        if op == Opcode::UPDATE_ACQUIRE {
+            self.acquire(&req, key, now_ns, sink);
+            return;
+        }
         if let Some((stored, payload)) = self.dedup.get(&key) {
             self.stats.duplicates += 1;
             let n = payload.len();
@@ -545,7 +549,39 @@ impl Handler {
                 let st = r.err().unwrap_or(Status::OK);
                 self.reply_status(req, target, base, st, sink);
             }
-            Opcode::UPDATE_ACQUIRE => {
+            _ => unreachable!("{op:?} is not idempotent"),
+        }
+    }
+
+    /// UPDATE_ACQUIRE, executed at most once: a retransmission (same client and request id)
+    /// gets the same lease and the page's current bytes while that lease lives; once it is
+    /// gone (committed, released, expired) only a stray duplicate can be asking, and it gets
+    /// LEASE_EXPIRED rather than a second lease nobody would commit.
+    fn acquire(
+        &mut self,
+        req: &Request<'_>,
+        key: DedupKey,
+        now_ns: u64,
+        sink: &mut impl FrameSink,
+    ) {
+        let who = key.client;
+        let target = req.target;
+        let base = Self::reply_header(&req.header, Status::OK);
+        let granted = match self.dedup.get(&key) {
+            Some((stored, _)) => {
+                self.stats.duplicates += 1;
+                if !stored.status.is_ok() {
+                    Err(stored.status)
+                } else {
+                    self.page_for(target.handle(), who).and_then(|p| {
+                        self.leases
+                            .check(&self.store, p, stored.lease, now_ns)
+                            .map_err(|_| Status::LEASE_EXPIRED)?;
+                        Ok((p, stored.lease, stored.operand0))
+                    })
+                }
+            }
+            None => {
                 let r = self.page_for(target.handle(), who).and_then(|p| {
                     let g = self.leases.acquire(
                         &mut self.store,
@@ -555,21 +591,34 @@ impl Handler {
                         req.header.operand0,
                         now_ns,
                     )?;
-                    Ok((p, g))
+                    Ok((p, g.id, g.ms))
                 });
-                match r {
-                    Ok((p, g)) => {
-                        let h = BbRepr {
-                            lease: g.id,
-                            operand0: g.ms,
-                            ..base
-                        };
-                        self.send_range(req, p, target, h, sink);
-                    }
-                    Err(st) => self.reply_status(req, target, base, st, sink),
-                }
+                let (status, lease, operand0) = match r {
+                    Ok((_, id, ms)) => (Status::OK, id, ms),
+                    Err(st) => (st, 0, 0),
+                };
+                let stored = StoredReply {
+                    status,
+                    handle: target.handle(),
+                    lease,
+                    operand0,
+                    count: 1,
+                    has_payload: false,
+                };
+                self.dedup.insert(key, stored, &[]);
+                r
             }
-            _ => unreachable!("{op:?} is not idempotent"),
+        };
+        match granted {
+            Ok((p, lease, ms)) => {
+                let h = BbRepr {
+                    lease,
+                    operand0: ms,
+                    ..base
+                };
+                self.send_range(req, p, target, h, sink);
+            }
+            Err(st) => self.reply_status(req, target, base, st, sink),
         }
     }
 

@@ -304,6 +304,15 @@ impl Server {
             workers.push(t);
             Ok(())
         };
+        let common = |published, core| WorkerCommon {
+            handler: handler.clone(),
+            stop: stop.clone(),
+            published,
+            started,
+            idle: cfg.idle,
+            sched_idle: cfg.sched_idle,
+            core,
+        };
         let umem_bytes = match sockets {
             Sockets::Xdp(sockets) => {
                 let n = sockets.len();
@@ -312,13 +321,7 @@ impl Server {
                     xsk_stats.push(published.clone());
                     let w = Worker {
                         xsk,
-                        handler: handler.clone(),
-                        stop: stop.clone(),
-                        published,
-                        started,
-                        idle: cfg.idle,
-                        sched_idle: cfg.sched_idle,
-                        core: cfg.cores.get(i).copied(),
+                        common: common(published, cfg.cores.get(i).copied()),
                     };
                     spawn(
                         format!("bb-worker-q{}", cfg.queues[i]),
@@ -330,17 +333,9 @@ impl Server {
             Sockets::Udp(sock) => {
                 let published = Arc::new(Mutex::new(XskStats::default()));
                 xsk_stats.push(published.clone());
-                let w = crate::udp::UdpWorker::new(
-                    sock,
-                    handler.clone(),
-                    stop.clone(),
-                    published,
-                    started,
-                    cfg.idle,
-                    cfg.sched_idle,
-                    cfg.cores.first().copied(),
-                )
-                .map_err(|e| StartError::Config(format!("UDP socket: {e}")))?;
+                let w =
+                    crate::udp::UdpWorker::new(sock, common(published, cfg.cores.first().copied()))
+                        .map_err(|e| StartError::Config(format!("UDP socket: {e}")))?;
                 spawn("bb-worker-udp".into(), Box::new(move || w.run()))?;
                 0
             }
@@ -433,33 +428,47 @@ impl Drop for Server {
     }
 }
 
-struct Worker {
-    xsk: Xsk,
-    handler: Arc<Mutex<Handler>>,
-    stop: Arc<AtomicBool>,
-    published: Arc<Mutex<XskStats>>,
-    started: Instant,
-    idle: bool,
-    sched_idle: bool,
-    core: Option<usize>,
+/// What every worker (AF_XDP or UDP) shares with the server and how it runs.
+pub(crate) struct WorkerCommon {
+    pub(crate) handler: Arc<Mutex<Handler>>,
+    pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) published: Arc<Mutex<XskStats>>,
+    pub(crate) started: Instant,
+    pub(crate) idle: bool,
+    pub(crate) sched_idle: bool,
+    pub(crate) core: Option<usize>,
 }
 
-/// Empty polls before an idle worker sleeps.
-const IDLE_SPINS: u32 = 20_000;
-/// Longest sleep, so the stop flag is seen.
-const IDLE_SLEEP_MS: i32 = 100;
-
-impl Worker {
-    fn run(mut self) {
+impl WorkerCommon {
+    /// Pins the calling thread and sets its scheduling policy (see
+    /// [`bluebridge_xsk::busy_poll_thread`]).
+    pub(crate) fn set_up_thread(&self) {
         if let Err(e) = bluebridge_xsk::busy_poll_thread(self.core, self.sched_idle) {
             tracing::warn!(error = %e, "worker set-up incomplete; running anyway");
         }
+    }
+}
+
+struct Worker {
+    xsk: Xsk,
+    common: WorkerCommon,
+}
+
+/// Empty polls before an idle worker sleeps.
+pub(crate) const IDLE_SPINS: u32 = 20_000;
+/// Longest sleep, so the stop flag is seen.
+pub(crate) const IDLE_SLEEP_MS: u16 = 100;
+
+impl Worker {
+    fn run(mut self) {
+        self.common.set_up_thread();
+        let c = &self.common;
         let mut empty = 0u32;
         let mut loops = 0u32;
-        while !self.stop.load(Ordering::Relaxed) {
+        while !c.stop.load(Ordering::Relaxed) {
             let n = if self.xsk.rx_ready() {
-                let mut h = self.handler.lock().expect("poisoned");
-                let now = self.started.elapsed().as_nanos() as u64;
+                let mut h = c.handler.lock().expect("poisoned");
+                let now = c.started.elapsed().as_nanos() as u64;
                 self.xsk.recv(|frame, tx| h.handle_frame(frame, now, tx))
             } else {
                 0
@@ -469,8 +478,8 @@ impl Worker {
             }
             if n == 0 {
                 empty += 1;
-                if self.idle && empty >= IDLE_SPINS && self.xsk.tx_in_flight() == 0 {
-                    self.xsk.wait(IDLE_SLEEP_MS);
+                if c.idle && empty >= IDLE_SPINS && self.xsk.tx_in_flight() == 0 {
+                    self.xsk.wait(i32::from(IDLE_SLEEP_MS));
                     empty = 0;
                 }
             } else {
@@ -478,9 +487,9 @@ impl Worker {
             }
             loops = loops.wrapping_add(1);
             if loops.is_multiple_of(4096) || n == 0 && empty == 1 {
-                *self.published.lock().expect("poisoned") = self.xsk.stats();
+                *c.published.lock().expect("poisoned") = self.xsk.stats();
             }
         }
-        *self.published.lock().expect("poisoned") = self.xsk.stats();
+        *c.published.lock().expect("poisoned") = self.xsk.stats();
     }
 }

@@ -6,9 +6,7 @@
 
 use std::net::{Ipv6Addr, SocketAddrV6, UdpSocket};
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::atomic::Ordering;
 
 use bluebridge_proto::frame::Endpoints;
 use bluebridge_proto::{MacAddr, UDP_PORT};
@@ -16,8 +14,7 @@ use bluebridge_xsk::XskStats;
 use bluebridge_xsk::mmsg::{DatagramBatch, UdpReceiver};
 use nix::sys::socket::{setsockopt, sockopt};
 
-use crate::handler::Handler;
-use crate::runtime::{ServerConfig, StartError};
+use crate::runtime::{IDLE_SLEEP_MS, IDLE_SPINS, ServerConfig, StartError, WorkerCommon};
 
 /// Binds the server's UDP socket and checks, with a datagram to an address of the host's /48,
 /// that the kernel delivers that /48 to it.
@@ -76,54 +73,28 @@ pub(crate) struct UdpWorker {
     sock: UdpSocket,
     rx: UdpReceiver,
     tx: DatagramBatch,
-    handler: Arc<Mutex<Handler>>,
-    stop: Arc<AtomicBool>,
-    published: Arc<Mutex<XskStats>>,
-    started: Instant,
-    idle: bool,
-    sched_idle: bool,
-    core: Option<usize>,
+    common: WorkerCommon,
 }
 
 impl UdpWorker {
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "mirrors the AF_XDP worker's fields"
-    )]
-    pub(crate) fn new(
-        sock: UdpSocket,
-        handler: Arc<Mutex<Handler>>,
-        stop: Arc<AtomicBool>,
-        published: Arc<Mutex<XskStats>>,
-        started: Instant,
-        idle: bool,
-        sched_idle: bool,
-        core: Option<usize>,
-    ) -> std::io::Result<Self> {
+    pub(crate) fn new(sock: UdpSocket, common: WorkerCommon) -> std::io::Result<Self> {
         let tx = DatagramBatch::new(&sock, true)?;
         Ok(UdpWorker {
             sock,
             rx: UdpReceiver::new(bluebridge_xsk::mmsg::BATCH),
             tx,
-            handler,
-            stop,
-            published,
-            started,
-            idle,
-            sched_idle,
-            core,
+            common,
         })
     }
 
     pub(crate) fn run(mut self) {
-        if let Err(e) = bluebridge_xsk::busy_poll_thread(self.core, self.sched_idle) {
-            tracing::warn!(error = %e, "worker set-up incomplete; running anyway");
-        }
+        self.common.set_up_thread();
+        let c = &self.common;
         let mut stats = XskStats::default();
         let mut empty = 0u32;
-        while !self.stop.load(Ordering::Relaxed) {
-            let mut h = self.handler.lock().expect("poisoned");
-            let now = self.started.elapsed().as_nanos() as u64;
+        while !c.stop.load(Ordering::Relaxed) {
+            let mut h = c.handler.lock().expect("poisoned");
+            let now = c.started.elapsed().as_nanos() as u64;
             let tx = &mut self.tx;
             let n = self
                 .rx
@@ -151,19 +122,19 @@ impl UdpWorker {
             stats.tx_dropped = self.tx.dropped;
             if n == 0 {
                 empty += 1;
-                if self.idle && empty >= 20_000 {
+                if c.idle && empty >= IDLE_SPINS {
                     let mut fds = [nix::poll::PollFd::new(
                         self.sock.as_fd(),
                         nix::poll::PollFlags::POLLIN,
                     )];
-                    let _ = nix::poll::poll(&mut fds, 100u16);
+                    let _ = nix::poll::poll(&mut fds, IDLE_SLEEP_MS);
                     empty = 0;
                 }
             } else {
                 empty = 0;
-                *self.published.lock().expect("poisoned") = stats;
+                *c.published.lock().expect("poisoned") = stats;
             }
         }
-        *self.published.lock().expect("poisoned") = stats;
+        *c.published.lock().expect("poisoned") = stats;
     }
 }

@@ -671,6 +671,40 @@ fn update_leases() {
 }
 
 #[test]
+fn a_late_duplicate_acquire_grants_no_second_lease() {
+    // Found by the fault test: a duplicate ACQUIRE arriving after the commit re-acquired the
+    // page for a lease nobody would commit, so the client's next ACQUIRE got LEASE_HELD.
+    let mut r = rig();
+    let p = r.alloc();
+    let acquire = r.frame(
+        Opcode::UPDATE_ACQUIRE,
+        p,
+        BbRepr {
+            request_id: 900,
+            ..hdr(0, 8)
+        },
+        &[],
+    );
+    let lease = r.raw(&acquire)[0].h.lease;
+    // A retransmission while the lease lives: the same lease, the current bytes.
+    let again = r.raw(&acquire);
+    assert_eq!((again[0].h.status, again[0].h.lease), (Status::OK, lease));
+    let commit = BbRepr { lease, ..hdr(0, 8) };
+    assert_eq!(
+        r.status(Opcode::UPDATE_COMMIT, p, commit, &[1; 8]),
+        Status::OK
+    );
+    // The late duplicate: refused, and the page stays free.
+    let late = r.raw(&acquire);
+    assert_eq!(late[0].h.status, Status::LEASE_EXPIRED);
+    assert_eq!(
+        r.status(Opcode::UPDATE_ACQUIRE, p, hdr(0, 8), &[]),
+        Status::OK
+    );
+    assert_eq!(r.handler.stats().duplicates, 2);
+}
+
+#[test]
 fn lease_table_full_is_busy() {
     let mut r = rig_with(2 << 20, 4096, |c| c.lease_capacity = 1);
     let p = r.alloc();

@@ -273,116 +273,17 @@ impl Pair {
         })
     }
 
-    /// Lets the two kernels carry BlueBridge over UDP (the baseline transport) with one
-    /// permanent neighbour entry per host and no neighbour discovery:
-    /// - client: ARP on (a NOARP device would address frames to its own MAC), `client_addr`
-    ///   assigned, the whole `prefix` routed via a link-local next hop whose MAC is the
-    ///   server's;
-    /// - server: ARP on, `server_net` (its /48) local to the kernel ("AnyIP"), `client_net`
-    ///   routed back via a next hop whose MAC is the client's.
-    pub fn route_kernel_udp(
+    /// What both kernel-routed configurations share: checksums computed by the kernel (veth
+    /// would otherwise hand unfinished checksums to an AF_XDP peer), ARP on (a NOARP device
+    /// addresses frames to its own MAC), the client's address assigned, the server's /48
+    /// delivered locally ("AnyIP") and the client's /48 routed back via a next hop with one
+    /// permanent neighbour entry.
+    fn prepare_kernel_routing(
         &self,
-        prefix: &str,
         client_addr: &str,
         client_net: &str,
         server_net: &str,
     ) -> Result<(), TopologyError> {
-        let (c, s) = (&self.client, &self.server);
-        // veth hands kernel-sent packets over with checksums still to be filled in (offload);
-        // an AF_XDP peer would see them unfinished. Have the kernel compute them.
-        for e in [c, s] {
-            run(Command::new("ip").args([
-                "netns", "exec", &e.ns, "ethtool", "-K", &e.ifname, "tx", "off",
-            ]))?;
-        }
-        ip_in(&c.ns, &["link", "set", "dev", &c.ifname, "arp", "on"])?;
-        ip_in(
-            &c.ns,
-            &[
-                "-6",
-                "addr",
-                "add",
-                &format!("{client_addr}/128"),
-                "dev",
-                &c.ifname,
-                "nodad",
-            ],
-        )?;
-        ip_in(
-            &c.ns,
-            &[
-                "-6",
-                "neigh",
-                "replace",
-                "fe80::bb:2",
-                "lladdr",
-                &fmt_mac(s.mac),
-                "dev",
-                &c.ifname,
-                "nud",
-                "permanent",
-            ],
-        )?;
-        ip_in(
-            &c.ns,
-            &[
-                "-6",
-                "route",
-                "add",
-                prefix,
-                "via",
-                "fe80::bb:2",
-                "dev",
-                &c.ifname,
-            ],
-        )?;
-        ip_in(&s.ns, &["link", "set", "dev", &s.ifname, "arp", "on"])?;
-        ip_in(
-            &s.ns,
-            &["-6", "route", "add", "local", server_net, "dev", "lo"],
-        )?;
-        ip_in(
-            &s.ns,
-            &[
-                "-6",
-                "neigh",
-                "replace",
-                "fe80::bb:1",
-                "lladdr",
-                &fmt_mac(c.mac),
-                "dev",
-                &s.ifname,
-                "nud",
-                "permanent",
-            ],
-        )?;
-        ip_in(
-            &s.ns,
-            &[
-                "-6",
-                "route",
-                "add",
-                client_net,
-                "via",
-                "fe80::bb:1",
-                "dev",
-                &s.ifname,
-            ],
-        )?;
-        Ok(())
-    }
-
-    /// The 2017 prototype's configuration, for demonstrating its failure: like
-    /// [`Pair::route_kernel_udp`], except that the client routes the server's /48 *on-link*
-    /// (`ip -6 route add <server_net> dev <if>`), so its kernel resolves every page address with
-    /// neighbour discovery; an [`NdpResponder`] (returned; keep it alive) answers for all of
-    /// them as the prototype's proxy did.
-    pub fn route_prototype(
-        &self,
-        client_addr: &str,
-        client_net: &str,
-        server_net: &str,
-    ) -> Result<NdpResponder, TopologyError> {
         let (c, s) = (&self.client, &self.server);
         for e in [c, s] {
             run(Command::new("ip").args([
@@ -402,26 +303,24 @@ impl Pair {
                 "nodad",
             ],
         )?;
-        ip_in(&c.ns, &["-6", "route", "add", server_net, "dev", &c.ifname])?;
         ip_in(
             &s.ns,
             &["-6", "route", "add", "local", server_net, "dev", "lo"],
         )?;
-        ip_in(
-            &s.ns,
-            &[
-                "-6",
-                "neigh",
-                "replace",
-                "fe80::bb:1",
-                "lladdr",
-                &fmt_mac(c.mac),
-                "dev",
-                &s.ifname,
-                "nud",
-                "permanent",
-            ],
-        )?;
+        let lladdr = fmt_mac(c.mac);
+        let neigh = [
+            "-6",
+            "neigh",
+            "replace",
+            "fe80::bb:1",
+            "lladdr",
+            &lladdr,
+            "dev",
+            &s.ifname,
+            "nud",
+            "permanent",
+        ];
+        ip_in(&s.ns, &neigh)?;
         ip_in(
             &s.ns,
             &[
@@ -435,17 +334,79 @@ impl Pair {
                 &s.ifname,
             ],
         )?;
+        Ok(())
+    }
+
+    /// Lets the two kernels carry BlueBridge over UDP (the baseline transport) with one
+    /// permanent neighbour entry per host and no neighbour discovery: the client routes the
+    /// whole `prefix` via a link-local next hop whose MAC is the server's (see also
+    /// `prepare_kernel_routing`).
+    pub fn route_kernel_udp(
+        &self,
+        prefix: &str,
+        client_addr: &str,
+        client_net: &str,
+        server_net: &str,
+    ) -> Result<(), TopologyError> {
+        self.prepare_kernel_routing(client_addr, client_net, server_net)?;
+        let (c, s) = (&self.client, &self.server);
+        let lladdr = fmt_mac(s.mac);
+        let neigh = [
+            "-6",
+            "neigh",
+            "replace",
+            "fe80::bb:2",
+            "lladdr",
+            &lladdr,
+            "dev",
+            &c.ifname,
+            "nud",
+            "permanent",
+        ];
+        ip_in(&c.ns, &neigh)?;
+        ip_in(
+            &c.ns,
+            &[
+                "-6",
+                "route",
+                "add",
+                prefix,
+                "via",
+                "fe80::bb:2",
+                "dev",
+                &c.ifname,
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The 2017 prototype's configuration, for demonstrating its failure: like
+    /// [`Pair::route_kernel_udp`], except that the client routes the server's /48 *on-link*
+    /// (`ip -6 route add <server_net> dev <if>`), so its kernel resolves every page address with
+    /// neighbour discovery; an [`NdpResponder`] (returned; keep it alive) answers for all of
+    /// them as the prototype's proxy did.
+    pub fn route_prototype(
+        &self,
+        client_addr: &str,
+        client_net: &str,
+        server_net: &str,
+    ) -> Result<NdpResponder, TopologyError> {
+        self.prepare_kernel_routing(client_addr, client_net, server_net)?;
+        let (c, s) = (&self.client, &self.server);
+        ip_in(&c.ns, &["-6", "route", "add", server_net, "dev", &c.ifname])?;
+        let bad = |what: String| TopologyError::Command {
+            cmd: "route_prototype".into(),
+            stderr: what,
+        };
         let (net, len) = server_net
             .split_once('/')
-            .ok_or_else(|| TopologyError::Command {
-                cmd: "route_prototype".into(),
-                stderr: format!("{server_net} is not NETWORK/LENGTH"),
-            })?;
-        let net: std::net::Ipv6Addr = net.parse().map_err(|_| TopologyError::Command {
-            cmd: "route_prototype".into(),
-            stderr: format!("{net} is not an IPv6 address"),
-        })?;
-        let len: u8 = len.parse().unwrap_or(48);
+            .ok_or_else(|| bad(format!("{server_net} is not NETWORK/LENGTH")))?;
+        let net: std::net::Ipv6Addr = net
+            .parse()
+            .map_err(|_| bad(format!("{net} is not an IPv6 address")))?;
+        let len: u8 = len
+            .parse()
+            .map_err(|_| bad(format!("{len} is not a prefix length")))?;
         NdpResponder::start(&s.ns, &s.ifname, s.mac, net, len)
     }
 
