@@ -205,6 +205,7 @@ pub struct Xsk {
     fill_backlog: Vec<FrameDesc>,
     assemble: Vec<u8>,
     assembling: bool,
+    oversize: bool,
     hugepages: bool,
     stats: XskStats,
 }
@@ -304,6 +305,7 @@ impl Xsk {
             fill_backlog: Vec::with_capacity(half as usize),
             assemble: Vec::with_capacity(MAX_FRAME),
             assembling: false,
+            oversize: false,
             hugepages,
             stats: XskStats::default(),
         })
@@ -371,22 +373,23 @@ impl Xsk {
                 f(data.contents(), &mut tx);
                 continue;
             }
-            // Part of a chain (possibly split across batches): collect it.
-            if self.assemble.len() + data.contents().len() <= MAX_FRAME {
+            // Part of a chain (possibly split across batches): collect it, unless it has
+            // already grown past MAX_FRAME, in which case the rest is skipped and it is dropped.
+            if !self.oversize && self.assemble.len() + data.contents().len() <= MAX_FRAME {
                 self.assemble.extend_from_slice(data.contents());
-            } else {
-                self.assemble.clear();
-                self.assemble.push(0); // poison: dropped below
+            } else if !self.oversize {
+                self.oversize = true;
                 self.stats.rx_oversize += 1;
             }
             self.assembling = more;
             if !more {
-                if self.assemble.len() > 1 || self.assemble.first() != Some(&0) {
+                if !self.oversize {
                     frames += 1;
                     self.stats.rx_chains += 1;
                     f(&self.assemble, &mut tx);
                 }
                 self.assemble.clear();
+                self.oversize = false;
             }
         }
         self.stats.rx_frames += frames;
