@@ -2,16 +2,13 @@
 //! reserve hugepages, run the server pinned on one core and a client workload on the other,
 //! print what happened, and undo everything — also on failure or Ctrl-C.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::sync::atomic::Ordering;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use bluebridge_topology::{Pair, fmt_mac, namespaces_with_prefix};
 
+use crate::lab::{self, Hugepages, ServerProc};
 use crate::stage::{self, Stages};
 use crate::{cargo, packages, root};
 
@@ -42,76 +39,9 @@ pub(crate) struct DemoArgs {
 }
 
 const NAME: &str = "bbdemo";
-const HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
-
-/// Raises the hugepage reservation and puts the old value back on drop.
-struct Hugepages {
-    before: u64,
-}
-
-impl Hugepages {
-    fn reserve(extra: u64) -> Result<Self> {
-        let before: u64 = std::fs::read_to_string(HUGEPAGES)?.trim().parse()?;
-        std::fs::write(HUGEPAGES, (before + extra).to_string()).context("reserving hugepages")?;
-        let now: u64 = std::fs::read_to_string(HUGEPAGES)?.trim().parse()?;
-        println!(
-            "      hugepages: {before} -> {now} reserved (asked {}){}",
-            before + extra,
-            if now < before + extra {
-                "; the rest falls back to ordinary pages"
-            } else {
-                ""
-            }
-        );
-        Ok(Hugepages { before })
-    }
-}
-
-impl Drop for Hugepages {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::write(HUGEPAGES, self.before.to_string()) {
-            eprintln!("xtask: restoring {HUGEPAGES} to {}: {e}", self.before);
-        }
-    }
-}
-
-/// The server process; interrupted (then killed) on drop.
-struct ServerProc {
-    child: Child,
-    output: mpsc::Receiver<String>,
-}
-
-impl ServerProc {
-    fn interrupt(&mut self, wait: Duration) -> Option<std::process::ExitStatus> {
-        let _ = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
-        let t = Instant::now();
-        while t.elapsed() < wait {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                return Some(st);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        None
-    }
-}
-
-impl Drop for ServerProc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.interrupt(Duration::from_secs(5));
-        }
-    }
-}
 
 pub(crate) fn run(a: &DemoArgs) -> Result<()> {
-    let interrupted = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, interrupted.clone())?;
-    }
+    let interrupted = lab::interrupt_flag()?;
     let mut s = Stages::new();
     if !a.no_packages {
         s.run("debian packages", packages::ensure)?;
@@ -150,57 +80,35 @@ pub(crate) fn run(a: &DemoArgs) -> Result<()> {
         },
     )?;
     let pair = pair.expect("created");
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let (client_core, server_core) = if cores >= 2 { (0, 1) } else { (0, 0) };
+    let (client_core, server_core) = lab::cores();
 
     let mut server = None;
     s.run(
         &format!("start bluebridge-server in {NAME}-s, pinned to CPU {server_core}"),
         || {
-            let mut cmd = Command::new("ip");
-            cmd.args(["netns", "exec", &pair.server.ns])
-                .arg(bin.join("bluebridge-server"))
-                .args([
-                    "--iface",
-                    &pair.server.ifname,
-                    "--host-id",
-                    "2",
-                    "--cores",
-                    &server_core.to_string(),
-                ])
-                .args(["--arena", &a.arena.to_string().replace(' ', "")])
-                .args(["--framing", if a.segments { "segments" } else { "auto" }])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit());
-            let mut child = cmd.spawn().context("starting the server")?;
-            let out = child.stdout.take().expect("piped");
-            let (tx, rx) = mpsc::channel();
-            std::thread::spawn(move || {
-                for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    println!("      server | {line}");
-                    let _ = tx.send(line);
-                }
-            });
-            let mut p = ServerProc { child, output: rx };
-            let t = Instant::now();
-            loop {
-                if let Ok(line) = p.output.recv_timeout(Duration::from_millis(100))
-                    && line.starts_with("bluebridge-server:")
-                {
-                    break;
-                }
-                if let Ok(Some(st)) = p.child.try_wait() {
-                    bail!("the server exited during start-up: {st}");
-                }
-                if t.elapsed() > Duration::from_secs(30) || interrupted.load(Ordering::Relaxed) {
-                    bail!("the server did not come up");
-                }
-            }
+            let args = [
+                "--iface".to_owned(),
+                pair.server.ifname.clone(),
+                "--host-id".into(),
+                "2".into(),
+                "--cores".into(),
+                server_core.to_string(),
+                "--arena".into(),
+                a.arena.to_string().replace(' ', ""),
+                "--framing".into(),
+                if a.segments { "segments" } else { "auto" }.into(),
+            ];
+            let p = ServerProc::start(
+                &pair.server.ns,
+                &bin.join("bluebridge-server"),
+                &args,
+                &interrupted,
+            )?;
             server = Some(p);
             Ok(())
         },
     )?;
-    let mut server = server.expect("started");
+    let server = server.expect("started");
 
     let client_ok = s.run(
         &format!("client workload in {NAME}-c, pinned to CPU {client_core}"),
@@ -229,14 +137,7 @@ pub(crate) fn run(a: &DemoArgs) -> Result<()> {
         },
     );
     let stopped = s.run("stop the server (SIGINT) and tear down", || {
-        match server.interrupt(Duration::from_secs(10)) {
-            Some(st) if st.success() => {}
-            Some(st) => bail!("the server exited with {st}"),
-            None => bail!("the server did not stop on SIGINT; killed"),
-        }
-        while let Ok(line) = server.output.try_recv() {
-            let _ = line;
-        }
+        server.stop()?;
         drop(pair);
         let left = namespaces_with_prefix(NAME);
         if !left.is_empty() {

@@ -2,7 +2,9 @@
 //! and one saying how it ended; any failure ends the run with a non-zero exit.
 #![forbid(unsafe_code)]
 
+mod bench;
 mod demo;
+mod lab;
 mod packages;
 mod stage;
 
@@ -30,6 +32,10 @@ enum Cmd {
     /// by a veth pair, run the server (pinned) and a client workload (pinned), print the
     /// results, tear everything down. Needs root.
     Demo(demo::DemoArgs),
+    /// Benchmark AF_XDP against the kernel-UDP baseline in one run: READ and WRITE latency at
+    /// window 1, pipelined READ throughput at window 32; JSON reports in results/ and the
+    /// comparison printed. `--quick` is the smoke run CI does. Needs root.
+    Bench(bench::BenchArgs),
     /// The 2017 prototype's failure reproduced and cured: with kernel UDP and page addresses
     /// on-link, touch 1,000, 2,000 and 5,000 page addresses and watch the neighbour table fill
     /// and requests fail; with BlueBridge's data path, touch 1,000,000 and watch nothing grow.
@@ -66,6 +72,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Demo(a) => demo::run(&a),
+        Cmd::Bench(a) => bench::run(&a),
         Cmd::Ndp { no_packages } => ndp(no_packages),
         Cmd::Test {
             fuzz_seconds,
@@ -133,6 +140,19 @@ fn test(fuzz_seconds: u64, no_packages: bool) -> Result<()> {
             // The lifecycle tests run the real server binary.
             stage::status(cargo().args(["build", "--locked", "-p", "bluebridge-server"]))?;
             stage::status(cargo().args(["test", "--locked", "-p", "bluebridge-tests"]))
+        },
+    )?;
+    s.run(
+        "benchmark smoke run (cargo xtask bench --quick; no timing assertions)",
+        || {
+            stage::status(cargo().args([
+                "xtask",
+                "bench",
+                "--quick",
+                "--no-packages",
+                "--out",
+                "target/bench-smoke",
+            ]))
         },
     )?;
     if fuzz_seconds > 0 {

@@ -1,0 +1,203 @@
+//! `cargo xtask bench [--quick]`: one topology that carries both transports, the server pinned
+//! on one core and `bluebridge-bench` on the other, the standard scenarios for AF_XDP and the
+//! kernel-UDP baseline back to back, JSON reports in `results/`, and the comparison printed.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::Ordering;
+
+use anyhow::{Context, Result, bail};
+use bluebridge_topology::{Pair, fmt_mac, namespaces_with_prefix};
+
+use crate::lab::{self, Hugepages, ServerProc};
+use crate::stage::{self, Stages};
+use crate::{cargo, packages, root};
+
+/// Options of the bench run.
+#[derive(Debug, clap::Args)]
+pub(crate) struct BenchArgs {
+    /// A smoke run (about a minute): short measurements, same scenarios.
+    #[arg(long)]
+    quick: bool,
+    /// Where the JSON reports go.
+    #[arg(long, default_value = "results")]
+    out: PathBuf,
+    /// Do not check or install Debian packages.
+    #[arg(long)]
+    no_packages: bool,
+}
+
+const NAME: &str = "bbbench";
+
+/// (name, mix, window): READ and WRITE latency at window 1, pipelined READ throughput.
+const SCENARIOS: [(&str, &str, usize); 3] = [
+    ("read-w1", "read=100", 1),
+    ("write-w1", "write=100", 1),
+    ("read-w32", "read=100", 32),
+];
+const TRANSPORTS: [&str; 2] = ["xdp", "udp"];
+
+pub(crate) fn run(a: &BenchArgs) -> Result<()> {
+    let interrupted = lab::interrupt_flag()?;
+    let mut s = Stages::new();
+    if !a.no_packages {
+        s.run("debian packages", packages::ensure)?;
+    }
+    s.run(
+        "build bluebridge-server and bluebridge-bench (release)",
+        || {
+            stage::status(cargo().args([
+                "build",
+                "--release",
+                "--locked",
+                "-p",
+                "bluebridge-server",
+                "-p",
+                "bluebridge-bench",
+            ]))
+        },
+    )?;
+    let bin = root().join("target/release");
+    let out = root().join(&a.out);
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    for ns in namespaces_with_prefix(NAME) {
+        let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+    }
+    let _huge = Hugepages::reserve(64 + 2 * 8 + 4)?;
+    let mut pair = None;
+    s.run(
+        &format!("topology: {NAME}-c ⇄ {NAME}-s, MTU 9000, kernel routes for the UDP baseline"),
+        || {
+            let p = Pair::create(NAME, 9000)?;
+            p.route_kernel_udp(
+                "fd00:bb::/32",
+                "fd00:bb:1::1",
+                "fd00:bb:1::/48",
+                "fd00:bb:2::/48",
+            )?;
+            pair = Some(p);
+            Ok(())
+        },
+    )?;
+    let pair = pair.expect("created");
+    let (client_core, server_core) = lab::cores();
+    let (seconds, warmup) = if a.quick { ("1", "0.5") } else { ("5", "1") };
+
+    for transport in TRANSPORTS {
+        if interrupted.load(Ordering::Relaxed) {
+            bail!("interrupted");
+        }
+        let mut server = None;
+        s.run(
+            &format!("start bluebridge-server --transport {transport} (CPU {server_core})"),
+            || {
+                let args: Vec<String> = [
+                    "--transport",
+                    transport,
+                    "--iface",
+                    &pair.server.ifname,
+                    "--host-id",
+                    "2",
+                    "--cores",
+                    &server_core.to_string(),
+                    "--arena",
+                    "128MiB",
+                    "--stats-interval",
+                    "0",
+                ]
+                .iter()
+                .map(|x| (*x).to_owned())
+                .collect();
+                server = Some(ServerProc::start(
+                    &pair.server.ns,
+                    &bin.join("bluebridge-server"),
+                    &args,
+                    &interrupted,
+                )?);
+                Ok(())
+            },
+        )?;
+        let server = server.expect("started");
+        for (name, mix, window) in SCENARIOS {
+            let json = out.join(format!("{transport}-{name}.json"));
+            s.run(
+                &format!("{transport}: {name} ({mix}, window {window}, {seconds} s)"),
+                || {
+                    stage::status(
+                        Command::new("ip")
+                            .args(["netns", "exec", &pair.client.ns])
+                            .arg(bin.join("bluebridge-bench"))
+                            .args(["--transport", transport, "--iface", &pair.client.ifname])
+                            .args(["--next-hop-mac", &fmt_mac(pair.server.mac), "--host", "2"])
+                            .args([
+                                "--core",
+                                &client_core.to_string(),
+                                "--mix",
+                                mix,
+                                "--window",
+                                &window.to_string(),
+                            ])
+                            .args([
+                                "--seconds",
+                                seconds,
+                                "--warmup",
+                                warmup,
+                                "--quiet",
+                                "--json",
+                            ])
+                            .arg(&json),
+                    )
+                },
+            )?;
+        }
+        s.run(&format!("stop the {transport} server"), || server.stop())?;
+    }
+    drop(pair);
+    let left = namespaces_with_prefix(NAME);
+    if !left.is_empty() {
+        bail!("namespaces left behind: {left:?}");
+    }
+    print_comparison(&out)?;
+    s.finish();
+    Ok(())
+}
+
+fn load(out: &std::path::Path, transport: &str, name: &str) -> Result<serde_json::Value> {
+    let p = out.join(format!("{transport}-{name}.json"));
+    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+fn print_comparison(out: &std::path::Path) -> Result<()> {
+    println!(
+        "\nAF_XDP against the kernel-UDP baseline, measured in this run (reports in {}):",
+        out.display()
+    );
+    println!(
+        "| scenario | AF_XDP p50 / p99 µs | kernel UDP p50 / p99 µs | p50 ratio | AF_XDP ops/s | UDP ops/s | rate ratio |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (name, mix, _) in SCENARIOS {
+        let op = if mix.starts_with("read") {
+            "READ"
+        } else {
+            "WRITE"
+        };
+        let x = load(out, "xdp", name)?;
+        let u = load(out, "udp", name)?;
+        let f = |v: &serde_json::Value, k: &str| v["latency"][op][k].as_f64().unwrap_or(f64::NAN);
+        let r = |v: &serde_json::Value| v["ops_per_second"].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "| {name} | {:.2} / {:.2} | {:.2} / {:.2} | {:.2}× | {:.0} | {:.0} | {:.2}× |",
+            f(&x, "p50_us"),
+            f(&x, "p99_us"),
+            f(&u, "p50_us"),
+            f(&u, "p99_us"),
+            f(&u, "p50_us") / f(&x, "p50_us"),
+            r(&x),
+            r(&u),
+            r(&x) / r(&u),
+        );
+    }
+    Ok(())
+}
