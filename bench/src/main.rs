@@ -1,15 +1,12 @@
 //! `bluebridge-bench`: closed-loop load against a BlueBridge server.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv6Addr, SocketAddrV6};
+use std::net::Ipv6Addr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use bluebridge_bench::{Access, Latencies, Mix, Report};
-use bluebridge_client::{
-    AnyTransport, Client, EngineConfig, Request, UdpTransport, XdpConfig, XdpTransport,
-};
-use bluebridge_proto::segment::{max_data_per_frame, max_frame_for_mtu};
+use bluebridge_client::{Client, Connect, Request, TransportKind};
 use bluebridge_proto::{HostId, MacAddr, NetPrefix, Opcode, PAGE_SIZE, RemoteAddr};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -26,8 +23,8 @@ struct Args {
     #[arg(short, long)]
     iface: String,
     /// `xdp` (AF_XDP; root) or `udp` (kernel UDP, the baseline).
-    #[arg(long, value_enum, default_value_t = Kind::Xdp)]
-    transport: Kind,
+    #[arg(long, value_enum, default_value_t = TransportKind::Xdp)]
+    transport: TransportKind,
     /// This client's address.
     #[arg(long, default_value = "fd00:bb:1::1")]
     local: Ipv6Addr,
@@ -82,15 +79,6 @@ struct Args {
     quiet: bool,
 }
 
-#[derive(Clone, Copy, Debug, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-enum Kind {
-    /// AF_XDP.
-    Xdp,
-    /// Kernel UDP.
-    Udp,
-}
-
 fn parse_host(s: &str) -> Result<u16, String> {
     match s.strip_prefix("0x") {
         Some(h) => u16::from_str_radix(h, 16),
@@ -123,32 +111,17 @@ fn main() -> Result<()> {
     bluebridge_xsk::busy_poll_thread(a.core, true).context("setting up the load thread")?;
 
     let mtu = bluebridge_xsk::link_mtu(&a.iface).with_context(|| format!("reading {}", a.iface))?;
-    let mut ec;
-    let transport = match a.transport {
-        Kind::Xdp => {
-            let mac = a
-                .next_hop_mac
-                .context("--next-hop-mac is needed with the AF_XDP transport")?;
-            let mut xc = XdpConfig::new(&a.iface, a.local);
-            xc.multi_buffer = !a.segments;
-            let t = XdpTransport::open(&xc)
-                .with_context(|| format!("opening AF_XDP on {}", a.iface))?;
-            ec = EngineConfig::new(a.prefix, a.local, MacAddr(t.mac()), mac);
-            ec.seg_max = t.frame_data();
-            ec.max_request_data = t.frame_data();
-            AnyTransport::Xdp(Box::new(t))
-        }
-        Kind::Udp => {
-            let t = UdpTransport::open(SocketAddrV6::new(a.local, 0, 0, 0))
-                .with_context(|| format!("binding a UDP socket to {}", a.local))?;
-            let data = max_data_per_frame(max_frame_for_mtu(mtu)).context("MTU below 1280")?;
-            ec = EngineConfig::new(a.prefix, a.local, MacAddr::default(), MacAddr::default());
-            ec.local_port = t.local().port();
-            ec.seg_max = data;
-            ec.max_request_data = data;
-            AnyTransport::Udp(Box::new(t))
-        }
+    let connect = Connect {
+        kind: a.transport,
+        ifname: a.iface.clone(),
+        local: a.local,
+        next_hop_mac: a.next_hop_mac,
+        prefix: a.prefix,
+        segments: a.segments,
     };
+    let (transport, mut ec) = connect
+        .open()
+        .with_context(|| format!("opening the {:?} transport on {}", a.transport, a.iface))?;
     ec.rto = Duration::from_micros(a.rto_us);
     ec.retries = a.retries;
     let segment = ec.max_request_data;
@@ -242,7 +215,7 @@ fn main() -> Result<()> {
     }
     let report = Report {
         config: serde_json::json!({
-            "transport": a.transport, "window": a.window, "mix": a.mix.to_string(),
+            "transport": format!("{:?}", a.transport).to_lowercase(), "window": a.window, "mix": a.mix.to_string(),
             "pages": a.pages, "payload_bytes": a.payload, "zipf": a.zipf, "seconds": a.seconds, "warmup": a.warmup,
             "segments": a.segments, "rto_us": a.rto_us, "retries": a.retries, "core": a.core,
         }),

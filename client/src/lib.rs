@@ -15,5 +15,8 @@ mod udp;
 pub use client::{Client, Lease};
 pub use engine::{Completion, Engine, EngineConfig, Reply, Request};
 pub use error::ClientError;
-pub use transport::{AnyTransport, Transport, TransportError, XdpConfig, XdpTransport};
+pub use transport::{
+    AnyTransport, Connect, ConnectError, Transport, TransportError, TransportKind, XdpConfig,
+    XdpTransport,
+};
 pub use udp::UdpTransport;

@@ -2,14 +2,17 @@
 //! the client's interface behind our own steering program, sending to the configured next-hop
 //! MAC (no neighbour discovery, no kernel state per remote page).
 
-use std::net::Ipv6Addr;
+use std::net::{Ipv6Addr, SocketAddrV6};
 use std::time::Instant;
 
 use bluebridge_ebpf::{AttachMode, Steer, SteerCounters, SteerError};
 use bluebridge_proto::segment::{max_data_per_frame, max_frame_for_mtu};
 use bluebridge_xsk::{LinkError, Xsk, XskConfig, XskError, XskStats};
 
-use crate::engine::Engine;
+use bluebridge_proto::{MacAddr, NetPrefix};
+
+use crate::engine::{Engine, EngineConfig};
+use crate::udp::UdpTransport;
 
 /// Something that carries an engine's frames.
 pub trait Transport {
@@ -25,7 +28,7 @@ pub enum AnyTransport {
     /// AF_XDP (boxed: the socket state is large).
     Xdp(Box<XdpTransport>),
     /// Kernel UDP (boxed, like the other).
-    Udp(Box<crate::udp::UdpTransport>),
+    Udp(Box<UdpTransport>),
 }
 
 impl AnyTransport {
@@ -50,6 +53,114 @@ impl Transport for AnyTransport {
         match self {
             AnyTransport::Xdp(t) => t.receive(engine, now),
             AnyTransport::Udp(t) => t.receive(engine, now),
+        }
+    }
+}
+
+/// Which transport to open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TransportKind {
+    /// AF_XDP behind our steering program (root).
+    Xdp,
+    /// A kernel UDP socket: the baseline; no root.
+    Udp,
+}
+
+/// What opening a transport and configuring its engine needs.
+#[derive(Debug, Clone)]
+pub struct Connect {
+    /// Which transport.
+    pub kind: TransportKind,
+    /// Interface (its MTU sizes segments; AF_XDP runs on it).
+    pub ifname: String,
+    /// This client's address.
+    pub local: Ipv6Addr,
+    /// The next hop's MAC (AF_XDP only).
+    pub next_hop_mac: Option<MacAddr>,
+    /// The deployment's prefix.
+    pub prefix: NetPrefix,
+    /// Carry pages as segments even where one frame would do (AF_XDP).
+    pub segments: bool,
+}
+
+/// Opening a transport by [`Connect`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// AF_XDP needs the next hop's MAC.
+    #[error("the AF_XDP transport needs the next hop's MAC")]
+    NoNextHop,
+    /// The AF_XDP transport failed.
+    #[error(transparent)]
+    Xdp(#[from] TransportError),
+    /// The UDP socket could not be bound.
+    #[error("binding a UDP socket to {addr} (is the address assigned?): {source}")]
+    Udp {
+        /// The address.
+        addr: Ipv6Addr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Connect {
+    /// Opens the transport and returns it with an engine configuration that matches it (local
+    /// port, MACs, page bytes per frame); timeouts are left at their defaults.
+    pub fn open(&self) -> Result<(AnyTransport, EngineConfig), ConnectError> {
+        match self.kind {
+            TransportKind::Xdp => {
+                let next_hop = self.next_hop_mac.ok_or(ConnectError::NoNextHop)?;
+                let mut xc = XdpConfig::new(&self.ifname, self.local);
+                xc.multi_buffer = !self.segments;
+                let t = XdpTransport::open(&xc)?;
+                let mut ec = EngineConfig::new(self.prefix, self.local, MacAddr(t.mac()), next_hop);
+                ec.seg_max = t.frame_data();
+                ec.max_request_data = t.frame_data();
+                Ok((AnyTransport::Xdp(Box::new(t)), ec))
+            }
+            TransportKind::Udp => {
+                let mtu = bluebridge_xsk::link_mtu(&self.ifname).map_err(TransportError::from)?;
+                let data =
+                    max_data_per_frame(max_frame_for_mtu(mtu)).ok_or(TransportError::Mtu {
+                        ifname: self.ifname.clone(),
+                        mtu,
+                    })?;
+                let t = UdpTransport::open(SocketAddrV6::new(self.local, 0, 0, 0)).map_err(
+                    |source| ConnectError::Udp {
+                        addr: self.local,
+                        source,
+                    },
+                )?;
+                let mut ec = EngineConfig::new(
+                    self.prefix,
+                    self.local,
+                    MacAddr::default(),
+                    MacAddr::default(),
+                );
+                ec.local_port = t.local().port();
+                ec.seg_max = data;
+                ec.max_request_data = data;
+                Ok((AnyTransport::Udp(Box::new(t)), ec))
+            }
+        }
+    }
+}
+
+impl AnyTransport {
+    /// One line saying what this is (for banners).
+    pub fn describe(&self) -> String {
+        match self {
+            AnyTransport::Xdp(t) => format!(
+                "XDP {:?} | MTU {} | {}",
+                t.attach_mode(),
+                t.mtu(),
+                if t.multi_buffer() {
+                    "one frame per page".to_owned()
+                } else {
+                    format!("segments of {} B", t.frame_data())
+                }
+            ),
+            AnyTransport::Udp(t) => format!("kernel UDP from port {}", t.local().port()),
         }
     }
 }

@@ -8,13 +8,10 @@ use std::net::Ipv6Addr;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use std::net::SocketAddrV6;
-
 use bluebridge_client::{
-    AnyTransport, Client, EngineConfig, UdpTransport, XdpConfig, XdpTransport,
+    AnyTransport, Client, Connect, TransportKind as ClientTransport, XdpTransport,
 };
 use bluebridge_proto::frame::{Endpoints, build};
-use bluebridge_proto::segment::{max_data_per_frame, max_frame_for_mtu};
 use bluebridge_proto::{BbRepr, FRAME_OVERHEAD, HostId, MacAddr, NetPrefix, RemoteAddr, UDP_PORT};
 use bluebridge_server::{Framing, Server, ServerConfig, TransportKind};
 use bluebridge_topology::{NdpResponder, Pair, unique};
@@ -140,29 +137,21 @@ impl Rig {
         pair.client_ns()
             .enter()
             .expect("entering the client namespace");
-        let mut ec = EngineConfig::new(
-            NetPrefix::DEFAULT,
-            client_addr(),
-            MacAddr(pair.client.mac),
-            MacAddr(pair.server.mac),
-        );
-        let transport = if o.client_udp {
-            let t = UdpTransport::open(SocketAddrV6::new(client_addr(), 0, 0, 0))
-                .expect("binding the client's UDP socket");
-            let data = max_data_per_frame(max_frame_for_mtu(o.mtu)).expect("MTU ≥ 1280");
-            ec.local_port = t.local().port();
-            ec.seg_max = data;
-            ec.max_request_data = data;
-            AnyTransport::Udp(Box::new(t))
-        } else {
-            let mut xc = XdpConfig::new(&pair.client.ifname, client_addr());
-            xc.multi_buffer = o.client_multi_buffer;
-            let t = XdpTransport::open(&xc)
-                .unwrap_or_else(|e| panic!("opening the client transport: {e}"));
-            ec.seg_max = t.frame_data();
-            ec.max_request_data = t.frame_data();
-            AnyTransport::Xdp(Box::new(t))
+        let connect = Connect {
+            kind: if o.client_udp {
+                ClientTransport::Udp
+            } else {
+                ClientTransport::Xdp
+            },
+            ifname: pair.client.ifname.clone(),
+            local: client_addr(),
+            next_hop_mac: Some(MacAddr(pair.server.mac)),
+            prefix: NetPrefix::DEFAULT,
+            segments: !o.client_multi_buffer,
         };
+        let (transport, mut ec) = connect
+            .open()
+            .unwrap_or_else(|e| panic!("opening the client transport: {e}"));
         ec.rto = o.rto;
         ec.retries = o.retries;
         let client = Client::new(ec, transport);

@@ -1,13 +1,10 @@
 //! `bluebridge-client`: talk to BlueBridge servers from the command line.
 
-use std::net::{Ipv6Addr, SocketAddrV6};
+use std::net::Ipv6Addr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use bluebridge_client::{
-    AnyTransport, Client, EngineConfig, Request, UdpTransport, XdpConfig, XdpTransport,
-};
-use bluebridge_proto::segment::{max_data_per_frame, max_frame_for_mtu};
+use bluebridge_client::{AnyTransport, Client, Connect, Request, TransportKind};
 use bluebridge_proto::{HostId, MacAddr, NetPrefix, Opcode, PAGE_SIZE};
 use clap::{Parser, Subcommand};
 use hdrhistogram::Histogram;
@@ -31,8 +28,8 @@ struct Args {
     next_hop_mac: Option<MacAddr>,
     /// `xdp` (AF_XDP with our steering program; root) or `udp` (a kernel UDP socket: the
     /// baseline, no root; --local must be assigned and the prefix routed by the kernel).
-    #[arg(long, value_enum, default_value_t = Kind::Xdp)]
-    transport: Kind,
+    #[arg(long, value_enum, default_value_t = TransportKind::Xdp)]
+    transport: TransportKind,
     /// The deployment's network prefix (a /32).
     #[arg(long, default_value = "fd00:bb::/32")]
     prefix: NetPrefix,
@@ -54,15 +51,6 @@ struct Args {
     retries: u32,
     #[command(subcommand)]
     cmd: Cmd,
-}
-
-/// Which transport.
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-enum Kind {
-    /// AF_XDP.
-    Xdp,
-    /// Kernel UDP.
-    Udp,
 }
 
 #[derive(Subcommand, Debug)]
@@ -121,59 +109,24 @@ fn main() -> Result<()> {
     let a = Args::parse();
     bluebridge_xsk::busy_poll_thread(a.core, !a.normal_priority)
         .context("setting up the polling thread")?;
-    let mtu = bluebridge_xsk::link_mtu(&a.iface).with_context(|| format!("reading {}", a.iface))?;
-    let (t, mac, frame_data, what) = match a.transport {
-        Kind::Xdp => {
-            let next_hop = a
-                .next_hop_mac
-                .context("--next-hop-mac is needed with the AF_XDP transport")?;
-            let mut xc = XdpConfig::new(&a.iface, a.local);
-            xc.multi_buffer = !a.segments;
-            let t = XdpTransport::open(&xc)
-                .with_context(|| format!("opening AF_XDP on {}", a.iface))?;
-            let what = format!(
-                "XDP {:?} | {}",
-                t.attach_mode(),
-                if t.multi_buffer() {
-                    "one frame per page".to_owned()
-                } else {
-                    format!("segments of {} B", t.frame_data())
-                }
-            );
-            let (mac, data) = (t.mac(), t.frame_data());
-            (AnyTransport::Xdp(Box::new(t)), (mac, next_hop), data, what)
-        }
-        Kind::Udp => {
-            let t = UdpTransport::open(SocketAddrV6::new(a.local, 0, 0, 0)).with_context(|| {
-                format!(
-                    "binding a UDP socket to {} (is the address assigned?)",
-                    a.local
-                )
-            })?;
-            let data = max_data_per_frame(max_frame_for_mtu(mtu)).context("MTU below 1280")?;
-            let what = format!(
-                "kernel UDP from port {} | segments of {data} B",
-                t.local().port()
-            );
-            (
-                AnyTransport::Udp(Box::new(t)),
-                ([0; 6], MacAddr([0; 6])),
-                data,
-                what,
-            )
-        }
+    let connect = Connect {
+        kind: a.transport,
+        ifname: a.iface.clone(),
+        local: a.local,
+        next_hop_mac: a.next_hop_mac,
+        prefix: a.prefix,
+        segments: a.segments,
     };
-    let mut ec = EngineConfig::new(a.prefix, a.local, MacAddr(mac.0), mac.1);
-    if let AnyTransport::Udp(u) = &t {
-        ec.local_port = u.local().port();
-    }
-    ec.seg_max = frame_data;
-    ec.max_request_data = frame_data;
+    let (t, mut ec) = connect
+        .open()
+        .with_context(|| format!("opening the {:?} transport on {}", a.transport, a.iface))?;
     ec.rto = Duration::from_micros(a.rto_us);
     ec.retries = a.retries;
     eprintln!(
-        "bluebridge-client: {} {} | MTU {mtu} | {what}",
-        a.iface, a.local
+        "bluebridge-client: {} {} | {}",
+        a.iface,
+        a.local,
+        t.describe()
     );
     let mut c = Client::new(ec, t);
     match a.cmd {
