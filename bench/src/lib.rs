@@ -159,6 +159,9 @@ pub struct Percentiles {
     pub mean_us: f64,
 }
 
+/// The label under which the bare-echo baseline is recorded (not an opcode of the protocol).
+pub const ECHO: Opcode = Opcode(0);
+
 /// Per-operation latency histograms (nanoseconds, 3 significant digits, up to 60 s).
 #[derive(Debug, Clone, Default)]
 pub struct Latencies {
@@ -181,7 +184,11 @@ impl Latencies {
             .iter()
             .map(|(op, h)| {
                 (
-                    format!("{op:?}"),
+                    if *op == ECHO {
+                        "ECHO".to_owned()
+                    } else {
+                        format!("{op:?}")
+                    },
                     Percentiles {
                         count: h.len(),
                         p50_us: us(h.value_at_quantile(0.5)),

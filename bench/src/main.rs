@@ -74,6 +74,11 @@ struct Args {
     /// Write the report as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Bare-echo baseline: against a `bluebridge-server --echo`, time raw frames of 110 +
+    /// `--payload` bytes bounced back unparsed (window 1; AF_XDP only). BASELINES-style
+    /// ratios compare the operations against this, measured in the same run.
+    #[arg(long)]
+    echo: bool,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -127,6 +132,9 @@ fn main() -> Result<()> {
     let segment = ec.max_request_data;
     let mut c = Client::new(ec, transport);
     let host = HostId(a.host);
+    if a.echo {
+        return echo(&mut c, &a, host, mtu, cpus);
+    }
 
     // The working set.
     let mut pages: Vec<RemoteAddr> = Vec::with_capacity(a.pages);
@@ -230,16 +238,7 @@ fn main() -> Result<()> {
         retransmissions: after.retransmits - stats_at.retransmits,
         timeouts: after.timeouts - stats_at.timeouts,
     };
-    print_table(&report);
-    if let Some(path) = &a.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-        println!("report written to {}", path.display());
-    }
-    if !report.errors.is_empty() {
-        bail!("the run saw errors: {:?}", report.errors);
-    }
-    Ok(())
+    finish(&report, a.json.as_deref())
 }
 
 fn print_table(r: &Report) {
@@ -258,4 +257,96 @@ fn print_table(r: &Report) {
     for (e, n) in &r.errors {
         println!("error: {e}: {n}");
     }
+}
+
+/// The bare-echo baseline: one raw frame at a time, timed from send to the first frame back.
+fn echo(
+    c: &mut Client<bluebridge_client::AnyTransport>,
+    a: &Args,
+    host: HostId,
+    mtu: u16,
+    cpus: usize,
+) -> Result<()> {
+    let next_hop = a.next_hop_mac.context("--echo needs --next-hop-mac")?;
+    let x = c
+        .transport_mut()
+        .xdp_mut()
+        .context("--echo needs the AF_XDP transport")?;
+    let ep = bluebridge_proto::frame::Endpoints {
+        src_mac: MacAddr(x.mac()),
+        dst_mac: next_hop,
+        src: a.local,
+        dst: RemoteAddr::host_op(a.prefix, host, Opcode::PING).to_ipv6(),
+        src_port: 40000,
+        dst_port: bluebridge_proto::UDP_PORT,
+    };
+    let payload = vec![0x5au8; usize::from(a.payload)];
+    let mut frame = vec![0u8; bluebridge_proto::FRAME_OVERHEAD + payload.len()];
+    let header = bluebridge_proto::BbRepr {
+        count: 1,
+        ..Default::default()
+    };
+    bluebridge_proto::frame::build(&mut frame, &ep, &header, &payload)?;
+    let mut lat = Latencies::default();
+    let (warmup, measure) = (
+        Duration::from_secs_f64(a.warmup),
+        Duration::from_secs_f64(a.seconds),
+    );
+    let start = Instant::now();
+    let (mut done, mut lost) = (0u64, 0u64);
+    let mut since = None;
+    while start.elapsed() < warmup + measure {
+        if since.is_none() && start.elapsed() >= warmup {
+            since = Some(Instant::now());
+        }
+        let t = Instant::now();
+        while !x.send_raw(&frame) {
+            x.recv_raw(|_| {});
+        }
+        let mut back = false;
+        while !back && t.elapsed() < Duration::from_secs(1) {
+            x.recv_raw(|_| back = true);
+        }
+        if since.is_some() {
+            if back {
+                done += 1;
+                lat.record(bluebridge_bench::ECHO, t.elapsed().as_nanos() as u64);
+            } else {
+                lost += 1;
+            }
+        }
+    }
+    let secs = since.map_or(0.0, |s| s.elapsed().as_secs_f64()).max(1e-9);
+    let mut errors = BTreeMap::new();
+    if lost > 0 {
+        errors.insert("no echo within 1 s".to_owned(), lost);
+    }
+    let report = Report {
+        config: serde_json::json!({
+            "transport": "xdp", "echo": true, "frame_bytes": frame.len(), "seconds": a.seconds,
+            "warmup": a.warmup, "core": a.core,
+        }),
+        environment: serde_json::json!({ "iface": a.iface, "mtu": mtu, "cpus": cpus }),
+        seconds: secs,
+        ops_per_second: done as f64 / secs,
+        latency: lat.percentiles(),
+        errors,
+        retransmissions: 0,
+        timeouts: lost,
+    };
+    finish(&report, a.json.as_deref())
+}
+
+/// Prints the report, writes the JSON, and fails if there were errors.
+fn finish(report: &Report, json: Option<&std::path::Path>) -> Result<()> {
+    print_table(report);
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_string_pretty(report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("report written to {}", path.display());
+    }
+    if !report.errors.is_empty() {
+        bail!("the run saw errors: {:?}", report.errors);
+    }
+    Ok(())
 }

@@ -242,6 +242,27 @@ pub fn build_with(
     Ok(total)
 }
 
+/// Turns a received frame around in place: MACs, IPv6 addresses and UDP ports swapped, so it
+/// goes back to where it came from. The UDP checksum stays valid (the pseudo-header and the
+/// ports are summed symmetrically). For the bare-echo baseline of the benchmarks.
+pub fn swap_endpoints(frame: &mut [u8]) -> Result<(), FrameError> {
+    let eth = EthernetFrame::new_checked(&*frame)?;
+    if eth.ethertype() != ETHERTYPE_IPV6 {
+        return Err(FrameError::NotIpv6(eth.ethertype()));
+    }
+    if frame.len() < ethernet::HEADER_LEN + ipv6::HEADER_LEN + udp::HEADER_LEN {
+        return Err(FrameError::Truncated(Layer::Udp));
+    }
+    let swap = |f: &mut [u8], a: usize, b: usize, n: usize| {
+        let (x, y) = f.split_at_mut(b);
+        x[a..a + n].swap_with_slice(&mut y[..n]);
+    };
+    swap(frame, 0, 6, 6);
+    swap(frame, 22, 38, 16);
+    swap(frame, 54, 56, 2);
+    Ok(())
+}
+
 /// [`build_with`] for a payload already in a slice.
 pub fn build(
     buf: &mut [u8],
@@ -437,6 +458,29 @@ pub(crate) mod tests {
                 need: 114,
                 have: 100
             })
+        );
+    }
+
+    #[test]
+    fn swapped_frames_go_back_with_a_valid_checksum() {
+        let mut f = WRITE_FRAME;
+        swap_endpoints(&mut f).unwrap();
+        let g = Frame::parse(&f).unwrap();
+        let ep = write_endpoints();
+        assert_eq!((g.endpoints.src, g.endpoints.dst), (ep.dst, ep.src));
+        assert_eq!(
+            (g.endpoints.src_mac, g.endpoints.dst_mac),
+            (ep.dst_mac, ep.src_mac)
+        );
+        assert_eq!(
+            (g.endpoints.src_port, g.endpoints.dst_port),
+            (ep.dst_port, ep.src_port)
+        );
+        assert_eq!(g.header, write_header());
+        assert_eq!(swap_endpoints(&mut [0u8; 20]), Err(FrameError::NotIpv6(0)));
+        assert_eq!(
+            swap_endpoints(&mut f[..60]),
+            Err(FrameError::Truncated(Layer::Udp))
         );
     }
 

@@ -85,6 +85,10 @@ struct Args {
     /// Distinct client addresses that may own pages (allocations by more get BUSY).
     #[arg(long, default_value_t = 1 << 16)]
     max_owners: usize,
+    /// Bare-echo baseline for benchmarks: bounce every steered frame back with its endpoints
+    /// swapped, without parsing it or touching the store (AF_XDP only).
+    #[arg(long)]
+    echo: bool,
     /// Seconds between stats lines (0: none).
     #[arg(long, default_value_t = 1.0)]
     stats_interval: f64,
@@ -132,6 +136,7 @@ fn main() -> Result<()> {
         lease_max_ms: a.lease_max_ms,
         dedup_entries: a.dedup_entries,
         allowed_clients: a.allow_clients,
+        echo: a.echo,
         max_owners: a.max_owners,
     };
     let stop = Arc::new(AtomicBool::new(false));

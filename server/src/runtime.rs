@@ -71,6 +71,9 @@ pub struct ServerConfig {
     pub force_generic: bool,
     /// Put the arena and UMEM on hugepages when available.
     pub hugepages: bool,
+    /// Bare-echo baseline: bounce every steered frame back (endpoints swapped) without
+    /// parsing it or touching the store (AF_XDP only; for benchmarks).
+    pub echo: bool,
     /// Leases that may be held at once.
     pub max_leases: u16,
     /// Lease time when a client asks for none, ms.
@@ -103,6 +106,7 @@ impl ServerConfig {
             frames: 2048,
             force_generic: false,
             hugepages: true,
+            echo: false,
             max_leases: u16::MAX,
             lease_default_ms: 1_000,
             lease_max_ms: 60_000,
@@ -209,6 +213,11 @@ impl Server {
         if cfg.lease_default_ms > cfg.lease_max_ms {
             return Err(StartError::Config(
                 "the default lease time exceeds the longest lease".into(),
+            ));
+        }
+        if cfg.echo && cfg.transport != TransportKind::Xdp {
+            return Err(StartError::Config(
+                "--echo is a baseline of the AF_XDP transport".into(),
             ));
         }
         if cfg.host.is_any() {
@@ -322,6 +331,7 @@ impl Server {
                     let w = Worker {
                         xsk,
                         common: common(published, cfg.cores.get(i).copied()),
+                        echo: cfg.echo,
                     };
                     spawn(
                         format!("bb-worker-q{}", cfg.queues[i]),
@@ -452,6 +462,7 @@ impl WorkerCommon {
 struct Worker {
     xsk: Xsk,
     common: WorkerCommon,
+    echo: bool,
 }
 
 /// Empty polls before an idle worker sleeps.
@@ -466,7 +477,15 @@ impl Worker {
         let mut empty = 0u32;
         let mut loops = 0u32;
         while !c.stop.load(Ordering::Relaxed) {
-            let n = if self.xsk.rx_ready() {
+            let n = if self.echo {
+                self.xsk.recv(|frame, tx| {
+                    tx.send_with(frame.len(), |b| {
+                        b.copy_from_slice(frame);
+                        // Not an IPv6/UDP frame: it goes back as it came.
+                        let _ = bluebridge_proto::frame::swap_endpoints(b);
+                    });
+                })
+            } else if self.xsk.rx_ready() {
                 let mut h = c.handler.lock().expect("poisoned");
                 let now = c.started.elapsed().as_nanos() as u64;
                 self.xsk.recv(|frame, tx| h.handle_frame(frame, now, tx))

@@ -36,6 +36,8 @@ const SCENARIOS: [(&str, &str, usize); 3] = [
     ("read-w32", "read=100", 32),
 ];
 const TRANSPORTS: [&str; 2] = ["xdp", "udp"];
+/// (name, payload bytes) of the bare-echo baseline: a small frame and a whole page.
+const ECHOES: [(&str, u16); 2] = [("echo-small", 8), ("echo-page", 4096)];
 
 pub(crate) fn run(a: &BenchArgs) -> Result<()> {
     let interrupted = lab::interrupt_flag()?;
@@ -152,6 +154,78 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
         }
         s.run(&format!("stop the {transport} server"), || server.stop())?;
     }
+    // The bare AF_XDP echo (frames bounced unparsed), in the same run, for the ratios.
+    let mut server = None;
+    s.run(
+        &format!("start bluebridge-server --echo (CPU {server_core})"),
+        || {
+            let args: Vec<String> = [
+                "--echo",
+                "--iface",
+                &pair.server.ifname,
+                "--host-id",
+                "2",
+                "--cores",
+                &server_core.to_string(),
+                "--arena",
+                "2MiB",
+                "--stats-interval",
+                "0",
+            ]
+            .iter()
+            .map(|x| (*x).to_owned())
+            .collect();
+            server = Some(ServerProc::start(
+                &pair.server.ns,
+                &bin.join("bluebridge-server"),
+                &args,
+                &interrupted,
+            )?);
+            Ok(())
+        },
+    )?;
+    let server = server.expect("started");
+    for (name, payload) in ECHOES {
+        let json = out.join(format!("xdp-{name}.json"));
+        s.run(
+            &format!(
+                "bare echo: {name} ({} B frames, window 1, {seconds} s)",
+                110 + payload
+            ),
+            || {
+                stage::status(
+                    Command::new("ip")
+                        .args(["netns", "exec", &pair.client.ns])
+                        .arg(bin.join("bluebridge-bench"))
+                        .args([
+                            "--echo",
+                            "--iface",
+                            &pair.client.ifname,
+                            "--next-hop-mac",
+                            &fmt_mac(pair.server.mac),
+                        ])
+                        .args([
+                            "--host",
+                            "2",
+                            "--core",
+                            &client_core.to_string(),
+                            "--payload",
+                            &payload.to_string(),
+                        ])
+                        .args([
+                            "--seconds",
+                            seconds,
+                            "--warmup",
+                            warmup,
+                            "--quiet",
+                            "--json",
+                        ])
+                        .arg(&json),
+                )
+            },
+        )?;
+    }
+    s.run("stop the echo server", || server.stop())?;
     drop(pair);
     let left = namespaces_with_prefix(NAME);
     if !left.is_empty() {
@@ -199,5 +273,28 @@ fn print_comparison(out: &std::path::Path) -> Result<()> {
             r(&x) / r(&u),
         );
     }
+    let p50 = |t: &str, name: &str, op: &str| -> Result<f64> {
+        Ok(load(out, t, name)?["latency"][op]["p50_us"]
+            .as_f64()
+            .unwrap_or(f64::NAN))
+    };
+    let (small, page) = (
+        p50("xdp", "echo-small", "ECHO")?,
+        p50("xdp", "echo-page", "ECHO")?,
+    );
+    let echo_rate = load(out, "xdp", "echo-page")?["ops_per_second"]
+        .as_f64()
+        .unwrap_or(f64::NAN);
+    println!(
+        "\nAgainst the bare AF_XDP echo of this run (118 B frames p50 {small:.2} µs; 4,206 B page frames p50 {page:.2} µs, {echo_rate:.0}/s at window 1):"
+    );
+    println!(
+        "- READ 4 KiB p50 / page-echo p50: {:.2}×",
+        p50("xdp", "read-w1", "READ")? / page
+    );
+    println!(
+        "- WRITE 4 KiB p50 / page-echo p50: {:.2}×",
+        p50("xdp", "write-w1", "WRITE")? / page
+    );
     Ok(())
 }
