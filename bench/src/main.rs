@@ -35,8 +35,8 @@ struct Args {
     #[arg(long, default_value = "fd00:bb::/32")]
     prefix: NetPrefix,
     /// Server host id (decimal or 0x-hex).
-    #[arg(long, value_parser = parse_host)]
-    host: u16,
+    #[arg(long)]
+    host: HostId,
     /// CPU to pin the load thread to.
     #[arg(long)]
     core: Option<usize>,
@@ -84,14 +84,6 @@ struct Args {
     quiet: bool,
 }
 
-fn parse_host(s: &str) -> Result<u16, String> {
-    match s.strip_prefix("0x") {
-        Some(h) => u16::from_str_radix(h, 16),
-        None => s.parse(),
-    }
-    .map_err(|_| format!("`{s}` is not a 16-bit host id"))
-}
-
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -131,7 +123,7 @@ fn main() -> Result<()> {
     ec.retries = a.retries;
     let segment = ec.max_request_data;
     let mut c = Client::new(ec, transport);
-    let host = HostId(a.host);
+    let host = a.host;
     if a.echo {
         return echo(&mut c, &a, host, mtu, cpus);
     }

@@ -43,6 +43,9 @@ pub enum AddrError {
         /// The configured network prefix.
         prefix: NetPrefix,
     },
+    /// A host id that is not a 16-bit number (decimal or 0x-hex).
+    #[error("a host id is a 16-bit number, decimal or 0x-hex")]
+    BadHostId,
     /// A prefix was given with a length other than /32, or with host bits set.
     #[error("a BlueBridge network prefix is an IPv6 /32 with no bits set past it")]
     BadPrefix,
@@ -142,6 +145,20 @@ impl HostId {
     /// Whether this is the reserved anycast id.
     pub const fn is_any(self) -> bool {
         self.0 == Self::ANY.0
+    }
+}
+
+/// Parses `258` or `0x0102`.
+impl FromStr for HostId {
+    type Err = AddrError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+            Some(hex) => u16::from_str_radix(hex, 16),
+            None => s.parse(),
+        }
+        .map(HostId)
+        .map_err(|_| AddrError::BadHostId)
     }
 }
 
@@ -377,6 +394,16 @@ mod tests {
                 prefix: NetPrefix::DEFAULT
             })
         );
+    }
+
+    #[test]
+    fn host_id_parsing() {
+        assert_eq!("258".parse::<HostId>(), Ok(HostId(258)));
+        assert_eq!("0x0102".parse::<HostId>(), Ok(HostId(0x0102)));
+        assert_eq!("0XFFFF".parse::<HostId>(), Ok(HostId::ANY));
+        assert_eq!("65536".parse::<HostId>(), Err(AddrError::BadHostId));
+        assert_eq!("0x".parse::<HostId>(), Err(AddrError::BadHostId));
+        assert_eq!("two".parse::<HostId>(), Err(AddrError::BadHostId));
     }
 
     #[test]

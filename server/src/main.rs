@@ -95,15 +95,11 @@ struct Args {
 }
 
 fn parse_host(s: &str) -> Result<u16, String> {
-    let v = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        Some(hex) => u16::from_str_radix(hex, 16),
-        None => s.parse(),
-    }
-    .map_err(|_| format!("`{s}` is not a 16-bit host id (decimal or 0x-hex)"))?;
-    if HostId(v).is_any() {
+    let h: HostId = s.parse().map_err(|e| format!("`{s}`: {e}"))?;
+    if h.is_any() {
         return Err("0xffff is reserved for anycast ALLOC".into());
     }
-    Ok(v)
+    Ok(h.0)
 }
 
 fn main() -> Result<()> {

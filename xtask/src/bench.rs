@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail};
 use bluebridge_topology::{Pair, fmt_mac, namespaces_with_prefix};
@@ -39,6 +39,87 @@ const TRANSPORTS: [&str; 2] = ["xdp", "udp"];
 /// (name, payload bytes) of the bare-echo baseline: a small frame and a whole page.
 const ECHOES: [(&str, u16); 2] = [("echo-small", 8), ("echo-page", 4096)];
 
+/// The topology and binaries of one run, and how to start a server and a load in it.
+struct Lab<'a> {
+    pair: Pair,
+    bin: PathBuf,
+    interrupted: &'a AtomicBool,
+    cores: (usize, usize),
+    seconds: &'static str,
+    warmup: &'static str,
+}
+
+impl Lab<'_> {
+    /// Starts `bluebridge-server <extra> …` pinned to the server CPU.
+    fn server(&self, s: &mut Stages, extra: &[&str]) -> Result<ServerProc> {
+        let server_core = self.cores.1.to_string();
+        let mut args: Vec<String> = extra.iter().map(|x| (*x).to_owned()).collect();
+        for x in [
+            "--iface",
+            &self.pair.server.ifname,
+            "--host-id",
+            "2",
+            "--cores",
+            &server_core,
+            "--stats-interval",
+            "0",
+        ] {
+            args.push(x.to_owned());
+        }
+        let mut proc = None;
+        s.run(
+            &format!(
+                "start bluebridge-server {} (CPU {server_core})",
+                extra.join(" ")
+            ),
+            || {
+                proc = Some(ServerProc::start(
+                    &self.pair.server.ns,
+                    &self.bin.join("bluebridge-server"),
+                    &args,
+                    self.interrupted,
+                )?);
+                Ok(())
+            },
+        )?;
+        Ok(proc.expect("started"))
+    }
+
+    /// Runs `bluebridge-bench <args> …` pinned to the client CPU, writing `json`.
+    fn load(
+        &self,
+        s: &mut Stages,
+        label: &str,
+        args: &[&str],
+        json: &std::path::Path,
+    ) -> Result<()> {
+        s.run(&format!("{label} ({} s)", self.seconds), || {
+            stage::status(
+                Command::new("ip")
+                    .args(["netns", "exec", &self.pair.client.ns])
+                    .arg(self.bin.join("bluebridge-bench"))
+                    .args(args)
+                    .args([
+                        "--iface",
+                        &self.pair.client.ifname,
+                        "--next-hop-mac",
+                        &fmt_mac(self.pair.server.mac),
+                    ])
+                    .args(["--host", "2", "--core", &self.cores.0.to_string()])
+                    .args([
+                        "--seconds",
+                        self.seconds,
+                        "--warmup",
+                        self.warmup,
+                        "--quiet",
+                        "--json",
+                    ])
+                    .arg(json),
+            )
+        })
+    }
+}
+
 pub(crate) fn run(a: &BenchArgs) -> Result<()> {
     let interrupted = lab::interrupt_flag()?;
     let mut s = Stages::new();
@@ -59,7 +140,6 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
             ]))
         },
     )?;
-    let bin = root().join("target/release");
     let out = root().join(&a.out);
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     for ns in namespaces_with_prefix(NAME) {
@@ -81,152 +161,48 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
             Ok(())
         },
     )?;
-    let pair = pair.expect("created");
-    let (client_core, server_core) = lab::cores();
     let (seconds, warmup) = if a.quick { ("1", "0.5") } else { ("5", "1") };
+    let lab = Lab {
+        pair: pair.expect("created"),
+        bin: root().join("target/release"),
+        interrupted: &interrupted,
+        cores: lab::cores(),
+        seconds,
+        warmup,
+    };
 
     for transport in TRANSPORTS {
         if interrupted.load(Ordering::Relaxed) {
             bail!("interrupted");
         }
-        let mut server = None;
-        s.run(
-            &format!("start bluebridge-server --transport {transport} (CPU {server_core})"),
-            || {
-                let args: Vec<String> = [
-                    "--transport",
-                    transport,
-                    "--iface",
-                    &pair.server.ifname,
-                    "--host-id",
-                    "2",
-                    "--cores",
-                    &server_core.to_string(),
-                    "--arena",
-                    "128MiB",
-                    "--stats-interval",
-                    "0",
-                ]
-                .iter()
-                .map(|x| (*x).to_owned())
-                .collect();
-                server = Some(ServerProc::start(
-                    &pair.server.ns,
-                    &bin.join("bluebridge-server"),
-                    &args,
-                    &interrupted,
-                )?);
-                Ok(())
-            },
-        )?;
-        let server = server.expect("started");
+        let server = lab.server(&mut s, &["--transport", transport, "--arena", "128MiB"])?;
         for (name, mix, window) in SCENARIOS {
             let json = out.join(format!("{transport}-{name}.json"));
-            s.run(
-                &format!("{transport}: {name} ({mix}, window {window}, {seconds} s)"),
-                || {
-                    stage::status(
-                        Command::new("ip")
-                            .args(["netns", "exec", &pair.client.ns])
-                            .arg(bin.join("bluebridge-bench"))
-                            .args(["--transport", transport, "--iface", &pair.client.ifname])
-                            .args(["--next-hop-mac", &fmt_mac(pair.server.mac), "--host", "2"])
-                            .args([
-                                "--core",
-                                &client_core.to_string(),
-                                "--mix",
-                                mix,
-                                "--window",
-                                &window.to_string(),
-                            ])
-                            .args([
-                                "--seconds",
-                                seconds,
-                                "--warmup",
-                                warmup,
-                                "--quiet",
-                                "--json",
-                            ])
-                            .arg(&json),
-                    )
-                },
+            let w = window.to_string();
+            let label = format!("{transport}: {name} ({mix}, window {window})");
+            lab.load(
+                &mut s,
+                &label,
+                &["--transport", transport, "--mix", mix, "--window", &w],
+                &json,
             )?;
         }
         s.run(&format!("stop the {transport} server"), || server.stop())?;
     }
     // The bare AF_XDP echo (frames bounced unparsed), in the same run, for the ratios.
-    let mut server = None;
-    s.run(
-        &format!("start bluebridge-server --echo (CPU {server_core})"),
-        || {
-            let args: Vec<String> = [
-                "--echo",
-                "--iface",
-                &pair.server.ifname,
-                "--host-id",
-                "2",
-                "--cores",
-                &server_core.to_string(),
-                "--arena",
-                "2MiB",
-                "--stats-interval",
-                "0",
-            ]
-            .iter()
-            .map(|x| (*x).to_owned())
-            .collect();
-            server = Some(ServerProc::start(
-                &pair.server.ns,
-                &bin.join("bluebridge-server"),
-                &args,
-                &interrupted,
-            )?);
-            Ok(())
-        },
-    )?;
-    let server = server.expect("started");
+    let server = lab.server(&mut s, &["--echo", "--arena", "2MiB"])?;
     for (name, payload) in ECHOES {
         let json = out.join(format!("xdp-{name}.json"));
-        s.run(
-            &format!(
-                "bare echo: {name} ({} B frames, window 1, {seconds} s)",
-                110 + payload
-            ),
-            || {
-                stage::status(
-                    Command::new("ip")
-                        .args(["netns", "exec", &pair.client.ns])
-                        .arg(bin.join("bluebridge-bench"))
-                        .args([
-                            "--echo",
-                            "--iface",
-                            &pair.client.ifname,
-                            "--next-hop-mac",
-                            &fmt_mac(pair.server.mac),
-                        ])
-                        .args([
-                            "--host",
-                            "2",
-                            "--core",
-                            &client_core.to_string(),
-                            "--payload",
-                            &payload.to_string(),
-                        ])
-                        .args([
-                            "--seconds",
-                            seconds,
-                            "--warmup",
-                            warmup,
-                            "--quiet",
-                            "--json",
-                        ])
-                        .arg(&json),
-                )
-            },
+        let label = format!("bare echo: {name} ({} B frames, window 1)", 110 + payload);
+        lab.load(
+            &mut s,
+            &label,
+            &["--echo", "--payload", &payload.to_string()],
+            &json,
         )?;
     }
     s.run("stop the echo server", || server.stop())?;
-    drop(pair);
+    drop(lab);
     let left = namespaces_with_prefix(NAME);
     if !left.is_empty() {
         bail!("namespaces left behind: {left:?}");

@@ -58,8 +58,8 @@ enum Cmd {
     /// Round-trip a PING to a server.
     Ping {
         /// Server host id (decimal or 0x-hex).
-        #[arg(long, value_parser = parse_host)]
-        host: u16,
+        #[arg(long)]
+        host: HostId,
         /// How many pings.
         #[arg(long, default_value_t = 5)]
         count: u32,
@@ -67,15 +67,15 @@ enum Cmd {
     /// Print a server's STAT record.
     Stat {
         /// Server host id.
-        #[arg(long, value_parser = parse_host)]
-        host: u16,
+        #[arg(long)]
+        host: HostId,
     },
     /// A short workload: alloc, write, read back and verify, free; window-1 latency of 4 KiB
     /// READs and small requests; then pipelined 4 KiB READs. Prints what happened.
     Demo {
         /// Server host id.
-        #[arg(long, value_parser = parse_host)]
-        host: u16,
+        #[arg(long)]
+        host: HostId,
         /// Pages in the working set.
         #[arg(long, default_value_t = 256)]
         pages: u16,
@@ -89,14 +89,6 @@ enum Cmd {
         #[arg(long, default_value_t = 32)]
         window: usize,
     },
-}
-
-fn parse_host(s: &str) -> Result<u16, String> {
-    match s.strip_prefix("0x") {
-        Some(h) => u16::from_str_radix(h, 16),
-        None => s.parse(),
-    }
-    .map_err(|_| format!("`{s}` is not a 16-bit host id"))
 }
 
 fn main() -> Result<()> {
@@ -132,18 +124,18 @@ fn main() -> Result<()> {
     match a.cmd {
         Cmd::Ping { host, count } => {
             for i in 0..count {
-                let rtt = c.ping(HostId(host))?;
+                let rtt = c.ping(host)?;
                 println!("ping {i}: {:.1} µs", rtt.as_secs_f64() * 1e6);
             }
         }
-        Cmd::Stat { host } => println!("{:#?}", c.stat(HostId(host))?),
+        Cmd::Stat { host } => println!("{:#?}", c.stat(host)?),
         Cmd::Demo {
             host,
             pages,
             samples,
             seconds,
             window,
-        } => demo(&mut c, HostId(host), pages, samples, seconds, window)?,
+        } => demo(&mut c, host, pages, samples, seconds, window)?,
     }
     Ok(())
 }
