@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Context, Result, bail};
 use bluebridge_topology::{Pair, fmt_mac, namespaces_with_prefix};
 
-use crate::lab::{self, Hugepages, ServerProc};
+use crate::lab::{self, ServerProc};
+use crate::root;
 use crate::stage::{self, Stages};
-use crate::{cargo, packages, root};
 
 /// Options of the bench run.
 #[derive(Debug, clap::Args)]
@@ -123,29 +123,15 @@ impl Lab<'_> {
 pub(crate) fn run(a: &BenchArgs) -> Result<()> {
     let interrupted = lab::interrupt_flag()?;
     let mut s = Stages::new();
-    if !a.no_packages {
-        s.run("debian packages", packages::ensure)?;
-    }
-    s.run(
-        "build bluebridge-server and bluebridge-bench (release)",
-        || {
-            stage::status(cargo().args([
-                "build",
-                "--release",
-                "--locked",
-                "-p",
-                "bluebridge-server",
-                "-p",
-                "bluebridge-bench",
-            ]))
-        },
+    let _huge = lab::prepare(
+        &mut s,
+        a.no_packages,
+        &["bluebridge-server", "bluebridge-bench"],
+        NAME,
+        64 + 2 * 8 + 4,
     )?;
     let out = root().join(&a.out);
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    for ns in namespaces_with_prefix(NAME) {
-        let _ = Command::new("ip").args(["netns", "del", &ns]).status();
-    }
-    let _huge = Hugepages::reserve(64 + 2 * 8 + 4)?;
     let mut pair = None;
     s.run(
         &format!("topology: {NAME}-c ⇄ {NAME}-s, MTU 9000, kernel routes for the UDP baseline"),

@@ -8,9 +8,9 @@ use std::sync::atomic::Ordering;
 use anyhow::{Result, bail};
 use bluebridge_topology::{Pair, fmt_mac, namespaces_with_prefix};
 
-use crate::lab::{self, Hugepages, ServerProc};
+use crate::lab::{self, ServerProc};
+use crate::root;
 use crate::stage::{self, Stages};
-use crate::{cargo, packages, root};
 
 /// Options of the demo.
 #[derive(Debug, clap::Args)]
@@ -43,31 +43,15 @@ const NAME: &str = "bbdemo";
 pub(crate) fn run(a: &DemoArgs) -> Result<()> {
     let interrupted = lab::interrupt_flag()?;
     let mut s = Stages::new();
-    if !a.no_packages {
-        s.run("debian packages", packages::ensure)?;
-    }
-    s.run(
-        "build bluebridge-server and bluebridge-client (release)",
-        || {
-            stage::status(cargo().args([
-                "build",
-                "--release",
-                "--locked",
-                "-p",
-                "bluebridge-server",
-                "-p",
-                "bluebridge-client",
-            ]))
-        },
+    let arena_pages = a.arena.as_u64().div_ceil(2 << 20);
+    let _huge = lab::prepare(
+        &mut s,
+        a.no_packages,
+        &["bluebridge-server", "bluebridge-client"],
+        NAME,
+        arena_pages + 2 * 8 + 4,
     )?;
     let bin = root().join("target/release");
-
-    // Leftovers of an earlier run that was killed outright.
-    for ns in namespaces_with_prefix(NAME) {
-        let _ = Command::new("ip").args(["netns", "del", &ns]).status();
-    }
-    let arena_pages = a.arena.as_u64().div_ceil(2 << 20);
-    let _huge = Hugepages::reserve(arena_pages + 2 * 8 + 4)?;
     let mut pair = None;
     s.run(
         &format!(

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::stage::Stages;
+
 const HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
 
 /// A flag set by SIGINT or SIGTERM, so the caller can clean up instead of dying.
@@ -139,4 +141,34 @@ impl ServerProc {
             None => bail!("the server did not stop on SIGINT; killed"),
         }
     }
+}
+
+/// What every run starts with: Debian packages (unless `no_packages`), a release build of
+/// `packages`, removal of the namespaces a killed earlier run left under `ns_prefix`, and a
+/// reservation of `hugepages` more 2 MiB pages (undone when the guard drops).
+pub(crate) fn prepare(
+    s: &mut Stages,
+    no_packages: bool,
+    packages: &[&str],
+    ns_prefix: &str,
+    hugepages: u64,
+) -> Result<Hugepages> {
+    if !no_packages {
+        s.run("debian packages", crate::packages::ensure)?;
+    }
+    s.run(
+        &format!("build {} (release)", packages.join(" and ")),
+        || {
+            let mut cmd = crate::cargo();
+            cmd.args(["build", "--release", "--locked"]);
+            for p in packages {
+                cmd.args(["-p", p]);
+            }
+            crate::stage::status(&mut cmd)
+        },
+    )?;
+    for ns in bluebridge_topology::namespaces_with_prefix(ns_prefix) {
+        let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+    }
+    Hugepages::reserve(hugepages)
 }
