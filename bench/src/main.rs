@@ -1,13 +1,12 @@
 //! `bluebridge-bench`: closed-loop load against a BlueBridge server.
 
 use std::collections::BTreeMap;
-use std::net::Ipv6Addr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use bluebridge_bench::{Access, Latencies, Mix, Report};
-use bluebridge_client::{Client, Connect, Request, TransportKind};
-use bluebridge_proto::{HostId, MacAddr, NetPrefix, Opcode, PAGE_SIZE, RemoteAddr};
+use bluebridge_client::{Client, NetArgs, Request};
+use bluebridge_proto::{HostId, MacAddr, Opcode, PAGE_SIZE, RemoteAddr};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{RngExt, SeedableRng};
@@ -19,21 +18,8 @@ use rand::{RngExt, SeedableRng};
 #[derive(Parser, Debug)]
 #[command(name = "bluebridge-bench", version)]
 struct Args {
-    /// Network interface.
-    #[arg(short, long)]
-    iface: String,
-    /// `xdp` (AF_XDP; root) or `udp` (kernel UDP, the baseline).
-    #[arg(long, value_enum, default_value_t = TransportKind::Xdp)]
-    transport: TransportKind,
-    /// This client's address.
-    #[arg(long, default_value = "fd00:bb:1::1")]
-    local: Ipv6Addr,
-    /// Next hop's MAC (AF_XDP only).
-    #[arg(long)]
-    next_hop_mac: Option<MacAddr>,
-    /// The deployment's prefix.
-    #[arg(long, default_value = "fd00:bb::/32")]
-    prefix: NetPrefix,
+    #[command(flatten)]
+    net: NetArgs,
     /// Server host id (decimal or 0x-hex).
     #[arg(long)]
     host: HostId,
@@ -62,15 +48,6 @@ struct Args {
     /// Seconds of load before measuring.
     #[arg(long, default_value_t = 1.0)]
     warmup: f64,
-    /// Carry pages as segments even where one frame would do (AF_XDP).
-    #[arg(long)]
-    segments: bool,
-    /// Retransmission timeout, µs.
-    #[arg(long, default_value_t = 1000)]
-    rto_us: u64,
-    /// Retransmissions before a timeout.
-    #[arg(long, default_value_t = 8)]
-    retries: u32,
     /// Write the report as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -107,20 +84,14 @@ fn main() -> Result<()> {
         .unwrap_or(0);
     bluebridge_xsk::busy_poll_thread(a.core, true).context("setting up the load thread")?;
 
-    let mtu = bluebridge_xsk::link_mtu(&a.iface).with_context(|| format!("reading {}", a.iface))?;
-    let connect = Connect {
-        kind: a.transport,
-        ifname: a.iface.clone(),
-        local: a.local,
-        next_hop_mac: a.next_hop_mac,
-        prefix: a.prefix,
-        segments: a.segments,
-    };
-    let (transport, mut ec) = connect
-        .open()
-        .with_context(|| format!("opening the {:?} transport on {}", a.transport, a.iface))?;
-    ec.rto = Duration::from_micros(a.rto_us);
-    ec.retries = a.retries;
+    let mtu = bluebridge_xsk::link_mtu(&a.net.iface)
+        .with_context(|| format!("reading {}", a.net.iface))?;
+    let (transport, ec) = a.net.open().with_context(|| {
+        format!(
+            "opening the {:?} transport on {}",
+            a.net.transport, a.net.iface
+        )
+    })?;
     let segment = ec.max_request_data;
     let mut c = Client::new(ec, transport);
     let host = a.host;
@@ -181,7 +152,7 @@ fn main() -> Result<()> {
                 }
                 _ => Request::new(
                     Opcode::PING,
-                    RemoteAddr::host_op(a.prefix, host, Opcode::PING),
+                    RemoteAddr::host_op(a.net.prefix, host, Opcode::PING),
                 ),
             };
             // The tag carries the operation back with the completion.
@@ -215,12 +186,12 @@ fn main() -> Result<()> {
     }
     let report = Report {
         config: serde_json::json!({
-            "transport": format!("{:?}", a.transport).to_lowercase(), "window": a.window, "mix": a.mix.to_string(),
+            "transport": format!("{:?}", a.net.transport).to_lowercase(), "window": a.window, "mix": a.mix.to_string(),
             "pages": a.pages, "payload_bytes": a.payload, "zipf": a.zipf, "seconds": a.seconds, "warmup": a.warmup,
-            "segments": a.segments, "rto_us": a.rto_us, "retries": a.retries, "core": a.core,
+            "segments": a.net.segments, "rto_us": a.net.rto_us, "retries": a.net.retries, "core": a.core,
         }),
         environment: serde_json::json!({
-            "iface": a.iface, "mtu": mtu, "cpus": cpus,
+            "iface": a.net.iface, "mtu": mtu, "cpus": cpus,
             "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
         }),
         seconds: secs,
@@ -259,7 +230,7 @@ fn echo(
     mtu: u16,
     cpus: usize,
 ) -> Result<()> {
-    let next_hop = a.next_hop_mac.context("--echo needs --next-hop-mac")?;
+    let next_hop = a.net.next_hop_mac.context("--echo needs --next-hop-mac")?;
     let x = c
         .transport_mut()
         .xdp_mut()
@@ -267,8 +238,8 @@ fn echo(
     let ep = bluebridge_proto::frame::Endpoints {
         src_mac: MacAddr(x.mac()),
         dst_mac: next_hop,
-        src: a.local,
-        dst: RemoteAddr::host_op(a.prefix, host, Opcode::PING).to_ipv6(),
+        src: a.net.local,
+        dst: RemoteAddr::host_op(a.net.prefix, host, Opcode::PING).to_ipv6(),
         src_port: 40000,
         dst_port: bluebridge_proto::UDP_PORT,
     };
@@ -318,7 +289,7 @@ fn echo(
             "transport": "xdp", "echo": true, "frame_bytes": frame.len(), "seconds": a.seconds,
             "warmup": a.warmup, "core": a.core,
         }),
-        environment: serde_json::json!({ "iface": a.iface, "mtu": mtu, "cpus": cpus }),
+        environment: serde_json::json!({ "iface": a.net.iface, "mtu": mtu, "cpus": cpus }),
         seconds: secs,
         ops_per_second: done as f64 / secs,
         latency: lat.percentiles(),

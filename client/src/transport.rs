@@ -146,6 +146,59 @@ impl Connect {
     }
 }
 
+/// The command-line options every BlueBridge client tool shares (flatten into a clap parser).
+#[derive(Debug, Clone, clap::Args)]
+pub struct NetArgs {
+    /// Network interface to send and receive on.
+    #[arg(short, long, value_name = "IFACE")]
+    pub iface: String,
+    /// `xdp` (AF_XDP with our steering program; root) or `udp` (a kernel UDP socket: the
+    /// baseline, no root; --local must be assigned and the prefix routed by the kernel).
+    #[arg(long, value_enum, default_value_t = TransportKind::Xdp)]
+    pub transport: TransportKind,
+    /// This client's IPv6 address (inside its host's /48 of the prefix).
+    #[arg(long, default_value = "fd00:bb:1::1")]
+    pub local: Ipv6Addr,
+    /// MAC address of the next hop (the server on a direct link, the switch in a rack); needed
+    /// with the AF_XDP transport.
+    #[arg(long, value_name = "MAC")]
+    pub next_hop_mac: Option<MacAddr>,
+    /// The deployment's network prefix (a /32).
+    #[arg(long, default_value = "fd00:bb::/32")]
+    pub prefix: NetPrefix,
+    /// Send pages as MTU-sized segments even where one multi-buffer frame would fit (AF_XDP).
+    #[arg(long)]
+    pub segments: bool,
+    /// Retransmission timeout in microseconds (doubles on every retry).
+    #[arg(long, default_value_t = 1000)]
+    pub rto_us: u64,
+    /// Retransmissions before a request fails with a timeout.
+    #[arg(long, default_value_t = 8)]
+    pub retries: u32,
+}
+
+impl NetArgs {
+    /// What these options ask to open.
+    pub fn connect(&self) -> Connect {
+        Connect {
+            kind: self.transport,
+            ifname: self.iface.clone(),
+            local: self.local,
+            next_hop_mac: self.next_hop_mac,
+            prefix: self.prefix,
+            segments: self.segments,
+        }
+    }
+
+    /// Opens the transport; the engine configuration carries the timeout and retry budget.
+    pub fn open(&self) -> Result<(AnyTransport, EngineConfig), ConnectError> {
+        let (t, mut ec) = self.connect().open()?;
+        ec.rto = std::time::Duration::from_micros(self.rto_us);
+        ec.retries = self.retries;
+        Ok((t, ec))
+    }
+}
+
 impl AnyTransport {
     /// One line saying what this is (for banners).
     pub fn describe(&self) -> String {

@@ -1,11 +1,10 @@
 //! `bluebridge-client`: talk to BlueBridge servers from the command line.
 
-use std::net::Ipv6Addr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use bluebridge_client::{AnyTransport, Client, Connect, Request, TransportKind};
-use bluebridge_proto::{HostId, MacAddr, NetPrefix, Opcode, PAGE_SIZE};
+use bluebridge_client::{AnyTransport, Client, NetArgs, Request};
+use bluebridge_proto::{HostId, Opcode, PAGE_SIZE};
 use clap::{Parser, Subcommand};
 use hdrhistogram::Histogram;
 
@@ -16,23 +15,8 @@ use hdrhistogram::Histogram;
 #[derive(Parser, Debug)]
 #[command(name = "bluebridge-client", version)]
 struct Args {
-    /// Network interface to send and receive on.
-    #[arg(short, long, value_name = "IFACE")]
-    iface: String,
-    /// This client's IPv6 address (inside its host's /48 of the prefix).
-    #[arg(long, default_value = "fd00:bb:1::1")]
-    local: Ipv6Addr,
-    /// MAC address of the next hop (the server on a direct link, the switch in a rack); needed
-    /// with the AF_XDP transport.
-    #[arg(long, value_name = "MAC")]
-    next_hop_mac: Option<MacAddr>,
-    /// `xdp` (AF_XDP with our steering program; root) or `udp` (a kernel UDP socket: the
-    /// baseline, no root; --local must be assigned and the prefix routed by the kernel).
-    #[arg(long, value_enum, default_value_t = TransportKind::Xdp)]
-    transport: TransportKind,
-    /// The deployment's network prefix (a /32).
-    #[arg(long, default_value = "fd00:bb::/32")]
-    prefix: NetPrefix,
+    #[command(flatten)]
+    net: NetArgs,
     /// CPU core to pin this client to (strongly recommended for measurements).
     #[arg(long)]
     core: Option<usize>,
@@ -40,15 +24,6 @@ struct Args {
     /// server's --normal-priority).
     #[arg(long)]
     normal_priority: bool,
-    /// Send pages as MTU-sized segments even where one multi-buffer frame would fit.
-    #[arg(long)]
-    segments: bool,
-    /// Retransmission timeout in microseconds (doubles on every retry).
-    #[arg(long, default_value_t = 1000)]
-    rto_us: u64,
-    /// Retransmissions before a request fails with a timeout.
-    #[arg(long, default_value_t = 8)]
-    retries: u32,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -101,23 +76,16 @@ fn main() -> Result<()> {
     let a = Args::parse();
     bluebridge_xsk::busy_poll_thread(a.core, !a.normal_priority)
         .context("setting up the polling thread")?;
-    let connect = Connect {
-        kind: a.transport,
-        ifname: a.iface.clone(),
-        local: a.local,
-        next_hop_mac: a.next_hop_mac,
-        prefix: a.prefix,
-        segments: a.segments,
-    };
-    let (t, mut ec) = connect
-        .open()
-        .with_context(|| format!("opening the {:?} transport on {}", a.transport, a.iface))?;
-    ec.rto = Duration::from_micros(a.rto_us);
-    ec.retries = a.retries;
+    let (t, ec) = a.net.open().with_context(|| {
+        format!(
+            "opening the {:?} transport on {}",
+            a.net.transport, a.net.iface
+        )
+    })?;
     eprintln!(
         "bluebridge-client: {} {} | {}",
-        a.iface,
-        a.local,
+        a.net.iface,
+        a.net.local,
         t.describe()
     );
     let mut c = Client::new(ec, t);
