@@ -87,8 +87,10 @@ impl<T: Transport> Client<T> {
 
     /// Sends, receives and retransmits once.
     pub fn progress(&mut self) {
+        self.transport.transmit(&mut self.engine, Instant::now());
+        // A fresh clock: sending can take microseconds (on veth the kick runs the peer's
+        // receive path), and a reply that arrived meanwhile must not look instantaneous.
         let now = Instant::now();
-        self.transport.transmit(&mut self.engine, now);
         self.transport.receive(&mut self.engine, now);
         if self.engine.next_deadline().is_some_and(|d| d <= now) {
             self.engine.handle_timeouts(now);
@@ -146,8 +148,13 @@ impl<T: Transport> Client<T> {
         self.wait(id)
     }
 
-    fn seg(&self) -> u16 {
+    /// The most page bytes one request frame carries (a larger write is several requests).
+    pub fn max_request_data(&self) -> u16 {
         self.engine.config().max_request_data
+    }
+
+    fn seg(&self) -> u16 {
+        self.max_request_data()
     }
 
     // ---- blocking API ----

@@ -16,7 +16,7 @@ pub use client::{Client, Lease};
 pub use engine::{Completion, Engine, EngineConfig, Reply, Request};
 pub use error::ClientError;
 pub use transport::{
-    AnyTransport, Connect, ConnectError, NetArgs, Transport, TransportError, TransportKind,
-    XdpConfig, XdpTransport,
+    AnyTransport, Connect, ConnectError, NetArgs, SharedSteer, Transport, TransportError,
+    TransportKind, XdpConfig, XdpTransport,
 };
 pub use udp::UdpTransport;

@@ -3,6 +3,7 @@
 //! MAC (no neighbour discovery, no kernel state per remote page).
 
 use std::net::{Ipv6Addr, SocketAddrV6};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use bluebridge_ebpf::{AttachMode, Steer, SteerCounters, SteerError};
@@ -107,12 +108,28 @@ impl Connect {
     /// Opens the transport and returns it with an engine configuration that matches it (local
     /// port, MACs, page bytes per frame); timeouts are left at their defaults.
     pub fn open(&self) -> Result<(AnyTransport, EngineConfig), ConnectError> {
+        self.open_on(0, None)
+    }
+
+    /// Like [`Connect::open`], on RX queue `queue`. An AF_XDP transport joins `shared` (the
+    /// steering program another transport already attached to this interface, see
+    /// [`XdpTransport::steer`]) instead of loading its own: one program per interface, one
+    /// socket per queue. UDP ignores both.
+    pub fn open_on(
+        &self,
+        queue: u32,
+        shared: Option<&SharedSteer>,
+    ) -> Result<(AnyTransport, EngineConfig), ConnectError> {
         match self.kind {
             TransportKind::Xdp => {
                 let next_hop = self.next_hop_mac.ok_or(ConnectError::NoNextHop)?;
                 let mut xc = XdpConfig::new(&self.ifname, self.local);
                 xc.multi_buffer = !self.segments;
-                let t = XdpTransport::open(&xc)?;
+                xc.queue = queue;
+                let t = match shared {
+                    Some(steer) => XdpTransport::open_with(&xc, steer.clone())?,
+                    None => XdpTransport::open(&xc)?,
+                };
                 let mut ec = EngineConfig::new(self.prefix, self.local, MacAddr(t.mac()), next_hop);
                 ec.seg_max = t.frame_data();
                 ec.max_request_data = t.frame_data();
@@ -192,7 +209,16 @@ impl NetArgs {
 
     /// Opens the transport; the engine configuration carries the timeout and retry budget.
     pub fn open(&self) -> Result<(AnyTransport, EngineConfig), ConnectError> {
-        let (t, mut ec) = self.connect().open()?;
+        self.open_on(0, None)
+    }
+
+    /// Opens on RX queue `queue`, joining a shared steering program (see [`Connect::open_on`]).
+    pub fn open_on(
+        &self,
+        queue: u32,
+        shared: Option<&SharedSteer>,
+    ) -> Result<(AnyTransport, EngineConfig), ConnectError> {
+        let (t, mut ec) = self.connect().open_on(queue, shared)?;
         ec.rto = std::time::Duration::from_micros(self.rto_us);
         ec.retries = self.retries;
         Ok((t, ec))
@@ -271,11 +297,15 @@ impl XdpConfig {
     }
 }
 
+/// One interface's steering program, shared by the transports on its queues; detached when the
+/// last of them is dropped.
+pub type SharedSteer = Arc<Mutex<Steer>>;
+
 /// The AF_XDP transport.
 #[derive(Debug)]
 pub struct XdpTransport {
     xsk: Xsk,
-    steer: Steer,
+    steer: SharedSteer,
     mtu: u16,
     mac: [u8; 6],
     frame_data: u16,
@@ -285,6 +315,15 @@ impl XdpTransport {
     /// Loads the steering program for `cfg.local`/128 on the interface, opens the socket and
     /// registers it. Multi-buffer is used only if asked and the MTU carries a page per frame.
     pub fn open(cfg: &XdpConfig) -> Result<Self, TransportError> {
+        let mut steer = Steer::load()?;
+        steer.add_prefix(cfg.local, 128)?;
+        steer.attach(&cfg.ifname, cfg.force_generic)?;
+        Self::open_with(cfg, Arc::new(Mutex::new(steer)))
+    }
+
+    /// Opens the socket on `cfg.queue` and registers it with `steer`, a program already steering
+    /// `cfg.local` on this interface (another transport's [`XdpTransport::steer`]).
+    pub fn open_with(cfg: &XdpConfig, steer: SharedSteer) -> Result<Self, TransportError> {
         let mtu = bluebridge_xsk::link_mtu(&cfg.ifname)?;
         if mtu < bluebridge_proto::MIN_MTU {
             return Err(TransportError::Mtu {
@@ -294,9 +333,6 @@ impl XdpTransport {
         }
         let mac = bluebridge_xsk::link_mac(&cfg.ifname)?;
         let multi_buffer = cfg.multi_buffer && mtu >= bluebridge_proto::PAGE_MTU;
-        let mut steer = Steer::load()?;
-        steer.add_prefix(cfg.local, 128)?;
-        steer.attach(&cfg.ifname, cfg.force_generic)?;
         let xsk = Xsk::new(&XskConfig {
             ifname: cfg.ifname.clone(),
             queue: cfg.queue,
@@ -304,7 +340,10 @@ impl XdpTransport {
             multi_buffer,
             hugepages: true,
         })?;
-        steer.set_socket(cfg.queue, xsk.fd())?;
+        steer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .set_socket(cfg.queue, xsk.fd())?;
         let max_frame = if multi_buffer {
             max_frame_for_mtu(mtu)
         } else {
@@ -342,7 +381,16 @@ impl XdpTransport {
 
     /// How the program is attached.
     pub fn attach_mode(&self) -> Option<AttachMode> {
-        self.steer.attached().map(|(_, m)| m)
+        self.steer_lock().attached().map(|(_, m)| m)
+    }
+
+    /// The steering program, to open more sockets on other queues of this interface.
+    pub fn steer(&self) -> SharedSteer {
+        self.steer.clone()
+    }
+
+    fn steer_lock(&self) -> std::sync::MutexGuard<'_, Steer> {
+        self.steer.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Socket counters.
@@ -370,7 +418,7 @@ impl XdpTransport {
 
     /// Steering program counters.
     pub fn steer_counters(&self) -> Result<SteerCounters, SteerError> {
-        self.steer.counters()
+        self.steer_lock().counters()
     }
 }
 

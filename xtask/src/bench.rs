@@ -1,12 +1,14 @@
-//! `cargo xtask bench [--quick]`: one topology that carries both transports, the server pinned
-//! on one core and `bluebridge-bench` on the other, the standard scenarios for AF_XDP and the
-//! kernel-UDP baseline back to back, JSON reports in `results/`, and the comparison printed.
+//! `cargo xtask bench [--quick | --table1]`: one topology that carries both transports, the
+//! server pinned on one core and `bluebridge-bench` on the other, the standard scenarios for
+//! AF_XDP and the kernel-UDP baseline back to back, the paper's Table 1, JSON reports and SVG
+//! plots in `results/`, and the comparison printed.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail};
+use bluebridge_bench::{ECHO, PAPER_TABLE1, Percentiles, Report, Run, plot};
 use bluebridge_topology::{Pair, fmt_mac, namespaces_with_prefix};
 
 use crate::lab::{self, ServerProc};
@@ -25,16 +27,26 @@ pub(crate) struct BenchArgs {
     /// Do not check or install Debian packages.
     #[arg(long)]
     no_packages: bool,
+    /// Only the paper's Table 1: 1,500 each of ALLOC, READ, UPDATE and FREE over both
+    /// transports, median and p95 next to the paper's UDP and RDMA columns.
+    #[arg(long)]
+    table1: bool,
 }
 
 const NAME: &str = "bbbench";
 
-/// (name, mix, window): READ and WRITE latency at window 1, pipelined READ throughput.
-const SCENARIOS: [(&str, &str, usize); 3] = [
-    ("read-w1", "read=100", 1),
-    ("write-w1", "write=100", 1),
-    ("read-w32", "read=100", 32),
+/// (name, mix, window, payload): READ and WRITE latency at window 1, pipelined READ
+/// throughput, and the small-request rate one server core sustains.
+const SCENARIOS: [(&str, &str, usize, u16); 4] = [
+    ("read-w1", "read=100", 1, 4096),
+    ("write-w1", "write=100", 1, 4096),
+    ("read-w32", "read=100", 32, 4096),
+    ("read64-w32", "read=100", 32, 64),
 ];
+/// The open-loop sweep of 4 KiB READs: (from, to, step) requests/s, full and quick, and the
+/// p99 target in µs. 1 ms, because on this VM kind DAMON's `kdamond` takes a busy-polling CPU
+/// for ~1 ms several times a second: at 100 µs the sweep measures that noise, not the system.
+const SWEEP: (&str, &str, &str) = ("25000:400000:25000", "50000:150000:50000", "1000");
 const TRANSPORTS: [&str; 2] = ["xdp", "udp"];
 /// (name, payload bytes) of the bare-echo baseline: a small frame and a whole page.
 const ECHOES: [(&str, u16); 2] = [("echo-small", 8), ("echo-page", 4096)];
@@ -47,6 +59,7 @@ struct Lab<'a> {
     cores: (usize, usize),
     seconds: &'static str,
     warmup: &'static str,
+    out: PathBuf,
 }
 
 impl Lab<'_> {
@@ -85,15 +98,22 @@ impl Lab<'_> {
         Ok(proc.expect("started"))
     }
 
-    /// Runs `bluebridge-bench <args> …` pinned to the client CPU, writing `json`.
-    fn load(
+    /// Runs `bluebridge-bench <args> …` pinned to the client CPU, writing `results/<name>.json`.
+    fn load(&self, s: &mut Stages, label: &str, args: &[&str], name: &str) -> Result<()> {
+        self.load_for(s, label, args, name, (self.seconds, self.warmup))
+    }
+
+    /// [`Lab::load`] measuring `(seconds, warm-up)` instead of the run's default.
+    fn load_for(
         &self,
         s: &mut Stages,
         label: &str,
         args: &[&str],
-        json: &std::path::Path,
+        name: &str,
+        (seconds, warmup): (&str, &str),
     ) -> Result<()> {
-        s.run(&format!("{label} ({} s)", self.seconds), || {
+        let json = self.out.join(format!("{name}.json"));
+        s.run(label, || {
             stage::status(
                 Command::new("ip")
                     .args(["netns", "exec", &self.pair.client.ns])
@@ -108,13 +128,13 @@ impl Lab<'_> {
                     .args(["--host", "2", "--core", &self.cores.0.to_string()])
                     .args([
                         "--seconds",
-                        self.seconds,
+                        seconds,
                         "--warmup",
-                        self.warmup,
+                        warmup,
                         "--quiet",
                         "--json",
                     ])
-                    .arg(json),
+                    .arg(&json),
             )
         })
     }
@@ -155,56 +175,177 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
         cores: lab::cores(),
         seconds,
         warmup,
+        out: out.clone(),
     };
+    let ops = if a.quick { "300" } else { "1500" };
 
     for transport in TRANSPORTS {
         if interrupted.load(Ordering::Relaxed) {
             bail!("interrupted");
         }
         let server = lab.server(&mut s, &["--transport", transport, "--arena", "128MiB"])?;
-        for (name, mix, window) in SCENARIOS {
-            let json = out.join(format!("{transport}-{name}.json"));
-            let w = window.to_string();
-            let label = format!("{transport}: {name} ({mix}, window {window})");
-            lab.load(
+        let table1 = format!("{transport}-table1");
+        lab.load(
+            &mut s,
+            &format!("{transport}: Table 1 ({ops} each of ALLOC, READ, UPDATE, FREE)"),
+            &["--transport", transport, "--table1", "--ops", ops],
+            &table1,
+        )?;
+        if !a.table1 {
+            for (name, mix, window, payload) in SCENARIOS {
+                let (w, p) = (window.to_string(), payload.to_string());
+                let label = format!(
+                    "{transport}: {name} ({mix}, {payload} B, window {window}; {seconds} s)"
+                );
+                lab.load(
+                    &mut s,
+                    &label,
+                    &[
+                        "--transport",
+                        transport,
+                        "--mix",
+                        mix,
+                        "--window",
+                        &w,
+                        "--payload",
+                        &p,
+                    ],
+                    &format!("{transport}-{name}"),
+                )?;
+            }
+            let (rates, timing) = if a.quick {
+                (SWEEP.1, ("0.5", "0.2"))
+            } else {
+                (SWEEP.0, ("2", "0.5"))
+            };
+            lab.load_for(
                 &mut s,
-                &label,
-                &["--transport", transport, "--mix", mix, "--window", &w],
-                &json,
+                &format!(
+                    "{transport}: open-loop sweep of 4 KiB READs, {rates} requests/s (Poisson, {} s each), p99 target {} µs",
+                    timing.0, SWEEP.2
+                ),
+                &[
+                    "--transport",
+                    transport,
+                    "--sweep",
+                    rates,
+                    "--p99-target-us",
+                    SWEEP.2,
+                ],
+                &format!("{transport}-sweep"),
+                timing,
             )?;
         }
         s.run(&format!("stop the {transport} server"), || server.stop())?;
     }
-    // The bare AF_XDP echo (frames bounced unparsed), in the same run, for the ratios.
-    let server = lab.server(&mut s, &["--echo", "--arena", "2MiB"])?;
-    for (name, payload) in ECHOES {
-        let json = out.join(format!("xdp-{name}.json"));
-        let label = format!("bare echo: {name} ({} B frames, window 1)", 110 + payload);
-        lab.load(
-            &mut s,
-            &label,
-            &["--echo", "--payload", &payload.to_string()],
-            &json,
-        )?;
+    if !a.table1 {
+        // The bare AF_XDP echo (frames bounced unparsed), in the same run, for the ratios.
+        let server = lab.server(&mut s, &["--echo", "--arena", "2MiB"])?;
+        for (name, payload) in ECHOES {
+            let label = format!(
+                "bare echo: {name} ({} B frames, window 1; {seconds} s)",
+                110 + payload
+            );
+            lab.load(
+                &mut s,
+                &label,
+                &["--echo", "--payload", &payload.to_string()],
+                &format!("xdp-{name}"),
+            )?;
+        }
+        s.run("stop the echo server", || server.stop())?;
     }
-    s.run("stop the echo server", || server.stop())?;
     drop(lab);
     let left = namespaces_with_prefix(NAME);
     if !left.is_empty() {
         bail!("namespaces left behind: {left:?}");
     }
-    print_comparison(&out)?;
+    s.run("plots", || plots(&out, a.table1))?;
+    print_table1(&out)?;
+    if !a.table1 {
+        print_comparison(&out)?;
+    }
     s.finish();
     Ok(())
 }
 
-fn load(out: &std::path::Path, transport: &str, name: &str) -> Result<serde_json::Value> {
-    let p = out.join(format!("{transport}-{name}.json"));
+fn load(out: &Path, name: &str) -> Result<Report> {
+    let p = out.join(format!("{name}.json"));
     let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-    Ok(serde_json::from_str(&text)?)
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
 }
 
-fn print_comparison(out: &std::path::Path) -> Result<()> {
+/// Merges the runs of several reports into one (for a chart of them side by side).
+fn merged(out: &Path, names: &[&str]) -> Result<Report> {
+    let mut all = load(out, names[0])?;
+    for n in &names[1..] {
+        let r = load(out, n)?;
+        all.runs.extend(r.runs);
+        all.best_rate.extend(r.best_rate);
+    }
+    Ok(all)
+}
+
+/// `results/latency.svg` (CDFs of READ and WRITE at window 1 and the page echo),
+/// `results/sweep.svg` (throughput against latency, both transports), `results/table1.svg`.
+fn plots(out: &Path, table1_only: bool) -> Result<()> {
+    let mut charts = vec![("table1.svg", vec!["xdp-table1", "udp-table1"])];
+    if !table1_only {
+        charts.push((
+            "latency.svg",
+            vec![
+                "xdp-read-w1",
+                "udp-read-w1",
+                "xdp-write-w1",
+                "udp-write-w1",
+                "xdp-echo-page",
+            ],
+        ));
+        charts.push(("sweep.svg", vec!["xdp-sweep", "udp-sweep"]));
+    }
+    for (file, names) in charts {
+        let mut r = merged(out, &names)?;
+        if file == "latency.svg" {
+            // Tell the echo apart from the AF_XDP operations in the legend.
+            for run in r.runs.iter_mut().filter(|run| run.cdf.contains_key(ECHO)) {
+                run.transport = "bare".into();
+            }
+        }
+        let path = out.join(file);
+        plot::write(&r, &path)?;
+        println!("      {}", path.display());
+    }
+    Ok(())
+}
+
+fn print_table1(out: &Path) -> Result<()> {
+    let r = merged(out, &["xdp-table1", "udp-table1"])?;
+    println!(
+        "\nThe paper's Table 1 (µs; ours: median / p95 of {} operations each, one at a time):",
+        r.runs[0].latency.get("READ").map_or(0, |p| p.count)
+    );
+    println!(
+        "| operation | AF_XDP (ours) | kernel UDP (ours) | UDP / AF_XDP | paper UDP | paper RDMA |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (op, udp, rdma) in PAPER_TABLE1 {
+        let p = |t: &str| r.run(t).and_then(|run| run.latency.get(op).copied());
+        let (Some(x), Some(u)) = (p("xdp"), p("udp")) else {
+            bail!("{op} missing from the Table 1 reports");
+        };
+        println!(
+            "| {op} | {:.2} / {:.2} | {:.2} / {:.2} | {:.2}× | {udp:.1} | {rdma:.2} |",
+            x.p50_us,
+            x.p95_us,
+            u.p50_us,
+            u.p95_us,
+            u.p50_us / x.p50_us
+        );
+    }
+    Ok(())
+}
+
+fn print_comparison(out: &Path) -> Result<()> {
     println!(
         "\nAF_XDP against the kernel-UDP baseline, measured in this run (reports in {}):",
         out.display()
@@ -213,50 +354,69 @@ fn print_comparison(out: &std::path::Path) -> Result<()> {
         "| scenario | AF_XDP p50 / p99 µs | kernel UDP p50 / p99 µs | p50 ratio | AF_XDP ops/s | UDP ops/s | rate ratio |"
     );
     println!("|---|---|---|---|---|---|---|");
-    for (name, mix, _) in SCENARIOS {
+    for (name, mix, _, _) in SCENARIOS {
         let op = if mix.starts_with("read") {
             "READ"
         } else {
             "WRITE"
         };
-        let x = load(out, "xdp", name)?;
-        let u = load(out, "udp", name)?;
-        let f = |v: &serde_json::Value, k: &str| v["latency"][op][k].as_f64().unwrap_or(f64::NAN);
-        let r = |v: &serde_json::Value| v["ops_per_second"].as_f64().unwrap_or(f64::NAN);
+        let x = load(out, &format!("xdp-{name}"))?;
+        let u = load(out, &format!("udp-{name}"))?;
+        let (x, u) = (&x.runs[0], &u.runs[0]);
+        let f = |r: &Run, k: fn(&Percentiles) -> f64| r.latency.get(op).map_or(f64::NAN, k);
         println!(
             "| {name} | {:.2} / {:.2} | {:.2} / {:.2} | {:.2}× | {:.0} | {:.0} | {:.2}× |",
-            f(&x, "p50_us"),
-            f(&x, "p99_us"),
-            f(&u, "p50_us"),
-            f(&u, "p99_us"),
-            f(&u, "p50_us") / f(&x, "p50_us"),
-            r(&x),
-            r(&u),
-            r(&x) / r(&u),
+            f(x, |p| p.p50_us),
+            f(x, |p| p.p99_us),
+            f(u, |p| p.p50_us),
+            f(u, |p| p.p99_us),
+            f(u, |p| p.p50_us) / f(x, |p| p.p50_us),
+            x.ops_per_second,
+            u.ops_per_second,
+            x.ops_per_second / u.ops_per_second,
         );
     }
-    let p50 = |t: &str, name: &str, op: &str| -> Result<f64> {
-        Ok(load(out, t, name)?["latency"][op]["p50_us"]
-            .as_f64()
-            .unwrap_or(f64::NAN))
+    let best = |t: &str| -> Result<Option<f64>> {
+        Ok(load(out, &format!("{t}-sweep"))?
+            .best_rate
+            .get(t)
+            .copied()
+            .flatten())
     };
-    let (small, page) = (
-        p50("xdp", "echo-small", "ECHO")?,
-        p50("xdp", "echo-page", "ECHO")?,
+    let show = |r: Option<f64>| r.map_or("none".to_owned(), |r| format!("{r:.0}/s"));
+    let (bx, bu) = (best("xdp")?, best("udp")?);
+    println!(
+        "\nOpen-loop sweep (4 KiB READ, Poisson), highest offered rate with p99 ≤ {} µs: AF_XDP {}, kernel UDP {}{}",
+        SWEEP.2,
+        show(bx),
+        show(bu),
+        match (bx, bu) {
+            (Some(x), Some(u)) => format!(" ({:.2}×)", x / u),
+            _ => String::new(),
+        }
     );
-    let echo_rate = load(out, "xdp", "echo-page")?["ops_per_second"]
-        .as_f64()
-        .unwrap_or(f64::NAN);
+    let small = load(out, "xdp-read64-w32")?.runs[0].ops_per_second;
+    println!(
+        "Small requests (64 B READ, window 32) on one server core: {small:.0} ops/s (target 1 M; the single client core generating them is the limit when the server core is not saturated)"
+    );
+    let p50 = |name: &str, op: &str| -> Result<f64> {
+        Ok(load(out, name)?.runs[0]
+            .latency
+            .get(op)
+            .map_or(f64::NAN, |p| p.p50_us))
+    };
+    let (small, page) = (p50("xdp-echo-small", ECHO)?, p50("xdp-echo-page", ECHO)?);
+    let echo_rate = load(out, "xdp-echo-page")?.runs[0].ops_per_second;
     println!(
         "\nAgainst the bare AF_XDP echo of this run (118 B frames p50 {small:.2} µs; 4,206 B page frames p50 {page:.2} µs, {echo_rate:.0}/s at window 1):"
     );
     println!(
         "- READ 4 KiB p50 / page-echo p50: {:.2}×",
-        p50("xdp", "read-w1", "READ")? / page
+        p50("xdp-read-w1", "READ")? / page
     );
     println!(
         "- WRITE 4 KiB p50 / page-echo p50: {:.2}×",
-        p50("xdp", "write-w1", "WRITE")? / page
+        p50("xdp-write-w1", "WRITE")? / page
     );
     Ok(())
 }

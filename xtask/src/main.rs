@@ -32,9 +32,11 @@ enum Cmd {
     /// by a veth pair, run the server (pinned) and a client workload (pinned), print the
     /// results, tear everything down. Needs root.
     Demo(demo::DemoArgs),
-    /// Benchmark AF_XDP against the kernel-UDP baseline in one run: READ and WRITE latency at
-    /// window 1, pipelined READ throughput at window 32; JSON reports in results/ and the
-    /// comparison printed. `--quick` is the smoke run CI does. Needs root.
+    /// Benchmark AF_XDP against the kernel-UDP baseline in one run: the paper's Table 1, READ
+    /// and WRITE latency at window 1, pipelined READ throughput at window 32, small-request
+    /// rate, an open-loop rate sweep, and the bare AF_XDP echo; JSON reports and SVG plots in
+    /// results/ and the comparison printed. `--quick` is the smoke run CI does; `--table1`
+    /// runs only Table 1. Needs root.
     Bench(bench::BenchArgs),
     /// The 2017 prototype's failure reproduced and cured: with kernel UDP and page addresses
     /// on-link, touch 1,000, 2,000 and 5,000 page addresses and watch the neighbour table fill
