@@ -29,7 +29,10 @@ pub struct EngineConfig {
     pub local_mac: MacAddr,
     /// The next hop's MAC: the server on a direct link, the switch in a rack.
     pub next_hop_mac: MacAddr,
-    /// Time before the first retransmission; doubles with every retry (up to 16×).
+    /// The least time before the first retransmission, and the time used until a round trip
+    /// has been measured. Past that the timeout follows the measured round trips (RFC 6298:
+    /// smoothed RTT + 4 × its variation, at most 64× this), so queueing under load does not
+    /// trigger spurious retransmissions; it doubles with every retry (up to 16×).
     pub rto: Duration,
     /// Retransmissions before a request fails with [`ClientError::Timeout`].
     pub retries: u32,
@@ -218,6 +221,9 @@ pub struct Engine {
     queue: VecDeque<u64>,
     done: VecDeque<Completion>,
     stats: EngineStats,
+    /// Smoothed round-trip time and its variation, from requests answered at the first try.
+    srtt: Option<Duration>,
+    rttvar: Duration,
 }
 
 impl std::fmt::Debug for Engine {
@@ -251,6 +257,30 @@ impl Engine {
             queue: VecDeque::with_capacity(1024),
             done: VecDeque::with_capacity(1024),
             stats: EngineStats::default(),
+            srtt: None,
+            rttvar: Duration::ZERO,
+        }
+    }
+
+    /// The current retransmission timeout (before any backoff).
+    pub fn rto(&self) -> Duration {
+        match self.srtt {
+            None => self.cfg.rto,
+            Some(srtt) => (srtt + 4 * self.rttvar).clamp(self.cfg.rto, self.cfg.rto * 64),
+        }
+    }
+
+    /// Takes one round-trip sample (RFC 6298 §2; Karn: only from requests sent once).
+    fn sample_rtt(&mut self, r: Duration) {
+        match self.srtt {
+            None => {
+                self.srtt = Some(r);
+                self.rttvar = r / 2;
+            }
+            Some(srtt) => {
+                self.rttvar = (self.rttvar * 3 + srtt.abs_diff(r)) / 4;
+                self.srtt = Some((srtt * 7 + r) / 8);
+            }
         }
     }
 
@@ -384,6 +414,7 @@ impl Engine {
 
     /// Sends queued requests (new ones and retransmissions) until the sink is full.
     pub fn transmit(&mut self, now: Instant, sink: &mut impl FrameSink) {
+        let rto = self.rto();
         while let Some(&id) = self.queue.front() {
             let Some(p) = self.pending.get_mut(&id) else {
                 self.queue.pop_front();
@@ -427,7 +458,7 @@ impl Engine {
             }
             p.tries += 1;
             let backoff = 1u32 << (p.tries - 1).min(4);
-            p.deadline = now + self.cfg.rto * backoff;
+            p.deadline = now + rto * backoff;
             if p.req.op == Opcode::WRITE_BLIND {
                 let p = self.pending.remove(&id).expect("present");
                 self.done.push_back(Completion {
@@ -619,15 +650,19 @@ impl Engine {
             other => other,
         };
         self.queue.retain(|q| *q != id);
+        let latency = p
+            .first_sent
+            .map(|s| now.saturating_duration_since(s))
+            .unwrap_or_default();
+        if p.tries == 1 {
+            self.sample_rtt(latency);
+        }
         self.done.push_back(Completion {
             id,
             tag: p.req.tag,
             result,
             retransmits: p.tries - 1,
-            latency: p
-                .first_sent
-                .map(|s| now.saturating_duration_since(s))
-                .unwrap_or_default(),
+            latency,
         });
     }
 

@@ -353,3 +353,47 @@ fn stray_and_foreign_replies_are_ignored() {
         Err(ClientError::InvalidHandle | ClientError::StaleHandle)
     ));
 }
+
+#[test]
+fn the_timeout_follows_growing_queueing_delay() {
+    // Replies come back later and later (queueing: 100 µs growing to 4 ms, one request at a
+    // time, time checked every 50 µs). A fixed 1 ms timeout would retransmit every request
+    // from the 10th on; the adaptive one stays ahead of the delay and retransmits nothing.
+    let mut s = Sim::new(0.0, 0.0, 0.0, 4096);
+    let mut cfg = s.engine.config().clone();
+    cfg.rto = Duration::from_millis(1);
+    s.engine = Engine::new(cfg);
+    for i in 1..=40u64 {
+        let delay = Duration::from_micros(100 * i);
+        let id = s.submit(Request::new(Opcode::PING, host_addr(Opcode::PING)));
+        let mut out = Frames::default();
+        s.engine.transmit(s.now(), &mut out);
+        let mut replies = Frames::default();
+        for f in out.0 {
+            s.server
+                .handle_frame(&f, s.t.as_nanos() as u64, &mut replies);
+        }
+        let arrive = s.t + delay;
+        while s.t < arrive {
+            s.t += Duration::from_micros(50);
+            s.engine.handle_timeouts(s.now());
+            s.engine.transmit(s.now(), &mut Frames::default());
+        }
+        for f in replies.0 {
+            s.engine.handle_frame(&f, s.now());
+        }
+        let c = s.engine.poll_completion().expect("answered");
+        assert_eq!(c.id, id);
+        assert!(c.result.is_ok());
+        assert_eq!(
+            c.retransmits, 0,
+            "request {i} ({delay:?}) was retransmitted"
+        );
+    }
+    assert_eq!(s.engine.stats().retransmits, 0);
+    assert!(
+        s.engine.rto() > Duration::from_millis(4),
+        "{:?}",
+        s.engine.rto()
+    );
+}
