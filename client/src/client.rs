@@ -148,6 +148,11 @@ impl<T: Transport> Client<T> {
         self.wait(id)
     }
 
+    /// The deployment's prefix.
+    pub fn prefix(&self) -> bluebridge_proto::NetPrefix {
+        self.engine.config().prefix
+    }
+
     /// The most page bytes one request frame carries (a larger write is several requests).
     pub fn max_request_data(&self) -> u16 {
         self.engine.config().max_request_data

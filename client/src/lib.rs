@@ -4,17 +4,21 @@
 //! - [`transport`]: moving frames; [`XdpTransport`] over AF_XDP.
 //! - [`Client`]: blocking calls for every operation and a pipelined submit/poll interface.
 //! - [`ClientError`]: one variant per error status, plus timeouts.
-#![forbid(unsafe_code)]
+//! - [`region`]: remote memory mapped into the process ([`RemoteRegion`], userfaultfd paging);
+//!   the only module with unsafe code (in `region::sys`).
+#![deny(unsafe_code)]
 
 mod client;
 pub mod engine;
 pub mod error;
+pub mod region;
 pub mod transport;
 mod udp;
 
 pub use client::{Client, Lease};
 pub use engine::{Completion, Engine, EngineConfig, Reply, Request};
 pub use error::ClientError;
+pub use region::{RegionOptions, RemoteRegion};
 pub use transport::{
     AnyTransport, Connect, ConnectError, NetArgs, SharedSteer, Transport, TransportError,
     TransportKind, XdpConfig, XdpTransport,

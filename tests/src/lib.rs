@@ -23,7 +23,9 @@ pub fn client_addr() -> Ipv6Addr {
     "fd00:bb:1::1".parse().expect("literal")
 }
 
-/// A running client/server pair.
+/// A running client/server pair. Fields drop in order: client, server (workers joined, XDP
+/// detached), then the topology. A test may move `client` out (e.g. into a `RemoteRegion`);
+/// the rest still cleans up.
 #[derive(Debug)]
 pub struct Rig {
     /// The client, in the client namespace (the test's thread is moved there).
@@ -208,13 +210,6 @@ impl Rig {
     /// The running server.
     pub fn server(&self) -> &Server {
         self.server.as_ref().expect("server running")
-    }
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        // Workers first, then the namespaces (Pair drops after this).
-        self.server.take();
     }
 }
 

@@ -1,0 +1,696 @@
+//! Remote memory mapped into the process: a [`RemoteRegion`] is a range of ordinary virtual
+//! memory whose pages live on BlueBridge servers and come in on first touch.
+//!
+//! How it works (see `docs/paging.md`):
+//! - The range is reserved with `mmap` and registered with userfaultfd for missing-page and
+//!   write-protect faults. One handler thread, pinned by default to the CPU of the thread that
+//!   created the region, owns the client and resolves every fault.
+//! - A missing-page fault READs the page and installs it with `UFFDIO_COPY`; a read installs it
+//!   write-protected (clean), a write installs it writable (dirty).
+//! - The first write to a clean page takes a write-protect fault: the page becomes dirty and
+//!   writable. (Synchronous write-protect faults: `WP_ASYNC` with `PAGEMAP_SCAN` would avoid
+//!   that fault, but leaves no way to stop a write racing the eviction of the page it lands
+//!   on; this is the variant that cannot lose a write.)
+//! - Beyond the resident budget the oldest resident page is evicted: a dirty one is
+//!   write-protected first (writers now wait), written back, and only then dropped with
+//!   `MADV_DONTNEED`; a clean one is dropped directly. The next access faults it in again.
+//! - A fetch that fails (server gone, timeout, an error status) is reported to the error
+//!   callback and recorded, and the page is poisoned (`UFFDIO_POISON`): the faulting access
+//!   gets **SIGBUS** (a syscall reading or writing it gets `EFAULT`) instead of waiting
+//!   forever or seeing zeros.
+//!
+//! Rules for the application: don't `munmap`, `mremap` or `madvise` the region yourself, and
+//! pin the threads that touch it (a same-CPU fault costs a few µs, a cross-CPU wake-up tens).
+
+mod file;
+mod remote;
+#[allow(
+    unsafe_code,
+    reason = "mmap, userfaultfd ioctls and madvise: the region's only unsafe code besides the two slice views below"
+)]
+mod sys;
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use bluebridge_proto::PAGE_SIZE;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+pub use file::FileBacking;
+pub use remote::{Directory, RemoteBacking, RemoteRegion};
+pub use sys::AlignedPage;
+
+use sys::{FaultEvent, Faults, Mapping};
+
+/// An error of a backing store (the network, a file), boxed.
+pub type BackingError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Where a region's pages live. The handler thread calls these one at a time.
+pub trait Backing: Send + 'static {
+    /// Finds page `index` before [`Backing::fetch`] (a directory lookup, for backings that
+    /// need one; the default does nothing). Timed apart in fault traces.
+    fn locate(&mut self, index: usize) -> Result<(), BackingError> {
+        let _ = index;
+        Ok(())
+    }
+    /// Reads page `index` into `page`.
+    fn fetch(&mut self, index: usize, page: &mut AlignedPage) -> Result<(), BackingError>;
+    /// Writes page `index` back.
+    fn store(&mut self, index: usize, page: &AlignedPage) -> Result<(), BackingError>;
+    /// The region is going away: release the pages (`free`) or leave them for a later attach.
+    fn close(&mut self, free: bool) -> Result<(), BackingError>;
+}
+
+/// A callback for the errors the fault handler meets (it runs on the handler thread).
+pub type ErrorCallback = Box<dyn Fn(&RegionError) + Send>;
+
+/// What happens to the backing pages when the region closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnClose {
+    /// Free them (dirty pages are not written back).
+    Free,
+    /// Write dirty pages back and keep them, to attach again later.
+    Detach,
+}
+
+/// Where the fault-handling thread runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandlerCpu {
+    /// The CPU the creating thread is on at creation (the fast case when the application's
+    /// threads are pinned there: no cross-CPU wake-up per fault).
+    Caller,
+    /// This CPU.
+    Cpu(usize),
+    /// Wherever the scheduler puts it.
+    Any,
+}
+
+/// Settings of a region.
+pub struct RegionOptions {
+    /// Most pages resident at once (0: all of them).
+    pub resident_pages: usize,
+    /// What closing the region does with the backing pages.
+    pub on_close: OnClose,
+    /// Where the handler runs.
+    pub handler_cpu: HandlerCpu,
+    /// Record a [`FaultTrace`] per missing-page fault (for the paging benchmark).
+    pub trace: bool,
+    /// Called on the handler thread for every error it meets (a failed fetch, a failed write
+    /// back); the error is also counted and kept as [`RemoteRegion::last_error`].
+    pub on_error: Option<ErrorCallback>,
+}
+
+impl Default for RegionOptions {
+    fn default() -> Self {
+        RegionOptions {
+            resident_pages: 0,
+            on_close: OnClose::Free,
+            handler_cpu: HandlerCpu::Caller,
+            trace: false,
+            on_error: None,
+        }
+    }
+}
+
+impl fmt::Debug for RegionOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegionOptions")
+            .field("resident_pages", &self.resident_pages)
+            .field("on_close", &self.on_close)
+            .field("handler_cpu", &self.handler_cpu)
+            .field("trace", &self.trace)
+            .field("on_error", &self.on_error.is_some())
+            .finish()
+    }
+}
+
+/// What went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum RegionError {
+    /// The region could not be set up.
+    #[error("setting up the region: {0}")]
+    Setup(String),
+    /// Fetching a page failed; the access that wanted it got SIGBUS (or EFAULT).
+    #[error("fetching page {page}: {source}")]
+    Fetch {
+        /// Page index in the region.
+        page: usize,
+        /// Why.
+        source: BackingError,
+    },
+    /// Writing a dirty page back failed; the page stays resident and dirty.
+    #[error("writing page {page} back: {source}")]
+    WriteBack {
+        /// Page index in the region.
+        page: usize,
+        /// Why.
+        source: BackingError,
+    },
+    /// Releasing the backing pages failed.
+    #[error("releasing the backing pages: {0}")]
+    Close(BackingError),
+    /// A userfaultfd call failed.
+    #[error("{call} on page {page}: {errno}")]
+    Kernel {
+        /// Which call.
+        call: &'static str,
+        /// Page index.
+        page: usize,
+        /// The error.
+        errno: nix::errno::Errno,
+    },
+    /// The handler thread is gone (it panicked).
+    #[error("the fault handler thread is gone")]
+    HandlerGone,
+}
+
+/// Counters of a region, readable while it runs.
+#[derive(Debug, Default)]
+struct Counters {
+    faults: AtomicU64,
+    write_faults: AtomicU64,
+    evictions: AtomicU64,
+    writebacks: AtomicU64,
+    errors: AtomicU64,
+    resident: AtomicU64,
+}
+
+/// A snapshot of a region's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RegionStats {
+    /// Missing-page faults resolved by fetching (or poisoning) a page.
+    pub faults: u64,
+    /// Write-protect faults: first writes to clean pages.
+    pub write_faults: u64,
+    /// Pages evicted to stay within the budget.
+    pub evictions: u64,
+    /// Dirty pages written back (on eviction, flush or detach).
+    pub writebacks: u64,
+    /// Errors met (failed fetches, failed write-backs).
+    pub errors: u64,
+    /// Pages resident now.
+    pub resident: u64,
+}
+
+/// Timestamps of one missing-page fault, as the handler saw it.
+#[derive(Debug, Clone, Copy)]
+pub struct FaultTrace {
+    /// Page index.
+    pub page: usize,
+    /// The handler read the fault.
+    pub entered: Instant,
+    /// The page was located (after the directory step, if any).
+    pub located: Instant,
+    /// The page's data arrived.
+    pub fetched: Instant,
+    /// The page was installed and the faulting thread woken.
+    pub installed: Instant,
+}
+
+enum Command {
+    Flush(mpsc::Sender<Result<u64, RegionError>>),
+    Close(mpsc::Sender<Result<(), RegionError>>),
+}
+
+/// Memory backed by pages elsewhere, paged in by a userfaultfd handler thread.
+pub struct PagedRegion<B: Backing> {
+    mapping: Arc<Mapping>,
+    handler: Option<JoinHandle<B>>,
+    commands: mpsc::Sender<Command>,
+    wake: Arc<EventFd>,
+    counters: Arc<Counters>,
+    last_error: Arc<Mutex<Option<String>>>,
+    traces: Arc<Mutex<Vec<FaultTrace>>>,
+    closed: bool,
+}
+
+impl<B: Backing> fmt::Debug for PagedRegion<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PagedRegion")
+            .field("base", &self.mapping.base())
+            .field("pages", &self.pages())
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: Backing> PagedRegion<B> {
+    /// Reserves `pages` pages backed by `backing` and starts the fault handler.
+    pub fn with_backing(
+        backing: B,
+        pages: usize,
+        options: RegionOptions,
+    ) -> Result<Self, RegionError> {
+        let setup = |what: &str, e: &dyn fmt::Display| RegionError::Setup(format!("{what}: {e}"));
+        let mapping = Arc::new(Mapping::reserve(pages).map_err(|e| setup("mmap", &e))?);
+        let faults = Faults::register(&mapping).map_err(|e| {
+            setup(
+                "userfaultfd (needs Linux 5.7+ and root, or vm.unprivileged_userfaultfd=1)",
+                &e,
+            )
+        })?;
+        let wake =
+            Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC).map_err(|e| setup("eventfd", &e))?);
+        let cpu = match options.handler_cpu {
+            HandlerCpu::Caller => sys::current_cpu(),
+            HandlerCpu::Cpu(c) => Some(c),
+            HandlerCpu::Any => None,
+        };
+        let (commands, rx) = mpsc::channel();
+        let counters = Arc::new(Counters::default());
+        let last_error = Arc::new(Mutex::new(None));
+        let traces = Arc::new(Mutex::new(Vec::new()));
+        let budget = if options.resident_pages == 0 {
+            pages
+        } else {
+            options.resident_pages.min(pages)
+        };
+        let handler = Handler {
+            mapping: mapping.clone(),
+            faults,
+            backing,
+            state: vec![PageState::Missing; pages],
+            resident: VecDeque::with_capacity(budget),
+            budget,
+            buf: AlignedPage::boxed(),
+            counters: counters.clone(),
+            last_error: last_error.clone(),
+            traces: options.trace.then(|| traces.clone()),
+            on_error: options.on_error,
+            on_close: options.on_close,
+        };
+        let wake2 = wake.clone();
+        let thread = std::thread::Builder::new()
+            .name("bb-uffd".into())
+            .spawn(move || {
+                if let Some(c) = cpu {
+                    core_affinity::set_for_current(core_affinity::CoreId { id: c });
+                }
+                handler.run(&rx, &wake2)
+            })
+            .map_err(|e| setup("spawning the handler", &e))?;
+        Ok(PagedRegion {
+            mapping,
+            handler: Some(thread),
+            commands,
+            wake,
+            counters,
+            last_error,
+            traces,
+            closed: false,
+        })
+    }
+
+    /// The first byte of the region.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.mapping.base()
+    }
+
+    /// Bytes in the region.
+    pub fn len(&self) -> usize {
+        self.mapping.len()
+    }
+
+    /// Never: a region has at least one page.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Pages in the region.
+    pub fn pages(&self) -> usize {
+        self.mapping.len() / PAGE_SIZE
+    }
+
+    /// The region as a byte slice: touching a page faults it in. A page whose fetch failed
+    /// raises SIGBUS.
+    pub fn as_slice(&self) -> &[u8] {
+        #[allow(unsafe_code, reason = "a view of the mapping tied to this borrow")]
+        // SAFETY: borrowed from `self`, so it cannot outlive the mapping; mutable slices need
+        // `&mut self`, so none coexists with this one.
+        unsafe {
+            self.mapping.slice()
+        }
+    }
+
+    /// The region as a mutable byte slice (split it, e.g. with `chunks_mut`, to write from
+    /// several threads).
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        #[allow(unsafe_code, reason = "a view of the mapping tied to this borrow")]
+        // SAFETY: the exclusive borrow of `self` makes this the only slice, and it cannot
+        // outlive the mapping.
+        unsafe {
+            self.mapping.slice_mut()
+        }
+    }
+
+    /// Counters, now.
+    pub fn stats(&self) -> RegionStats {
+        let c = &self.counters;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        RegionStats {
+            faults: g(&c.faults),
+            write_faults: g(&c.write_faults),
+            evictions: g(&c.evictions),
+            writebacks: g(&c.writebacks),
+            errors: g(&c.errors),
+            resident: g(&c.resident),
+        }
+    }
+
+    /// The most recent error, as text.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The fault traces recorded so far (with [`RegionOptions::trace`]), emptied.
+    pub fn take_traces(&self) -> Vec<FaultTrace> {
+        std::mem::take(&mut *self.traces.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn command<R>(
+        &self,
+        make: impl FnOnce(mpsc::Sender<Result<R, RegionError>>) -> Command,
+    ) -> Result<R, RegionError> {
+        let (tx, rx) = mpsc::channel();
+        self.commands
+            .send(make(tx))
+            .map_err(|_| RegionError::HandlerGone)?;
+        self.wake.write(1).map_err(|_| RegionError::HandlerGone)?;
+        rx.recv().map_err(|_| RegionError::HandlerGone)?
+    }
+
+    /// Writes every dirty page back (they stay resident, clean); returns how many.
+    pub fn flush(&self) -> Result<u64, RegionError> {
+        self.command(Command::Flush)
+    }
+
+    /// Closes the region as configured ([`OnClose`]) and returns the backing.
+    pub fn close(mut self) -> Result<B, RegionError> {
+        self.close_inner()?;
+        self.handler
+            .take()
+            .ok_or(RegionError::HandlerGone)?
+            .join()
+            .map_err(|_| RegionError::HandlerGone)
+    }
+
+    fn close_inner(&mut self) -> Result<(), RegionError> {
+        if self.closed {
+            return Ok(());
+        }
+        self.closed = true;
+        self.command(Command::Close)
+    }
+}
+
+impl<B: Backing> Drop for PagedRegion<B> {
+    fn drop(&mut self) {
+        if let Err(e) = self.close_inner() {
+            tracing::warn!(error = %e, "closing a remote region");
+        }
+        if let Some(h) = self.handler.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PageState {
+    /// No memory: the next access faults.
+    Missing,
+    /// Resident and write-protected: matches the backing.
+    Clean,
+    /// Resident and writable: differs from the backing (or may).
+    Dirty,
+    /// Its fetch failed: accesses raise SIGBUS.
+    Poisoned,
+}
+
+struct Handler<B: Backing> {
+    mapping: Arc<Mapping>,
+    faults: Faults,
+    backing: B,
+    state: Vec<PageState>,
+    /// Resident pages, oldest first (eviction order).
+    resident: VecDeque<usize>,
+    budget: usize,
+    buf: Box<AlignedPage>,
+    counters: Arc<Counters>,
+    last_error: Arc<Mutex<Option<String>>>,
+    traces: Option<Arc<Mutex<Vec<FaultTrace>>>>,
+    on_error: Option<ErrorCallback>,
+    on_close: OnClose,
+}
+
+impl<B: Backing> Handler<B> {
+    fn run(mut self, commands: &mpsc::Receiver<Command>, wake: &EventFd) -> B {
+        let mut events = userfaultfd::EventBuffer::new(64);
+        let mut pending = Vec::with_capacity(64);
+        loop {
+            let mut fds = [
+                PollFd::new(self.faults.as_fd(), PollFlags::POLLIN),
+                PollFd::new(wake.as_fd(), PollFlags::POLLIN),
+            ];
+            if let Err(e) = poll(&mut fds, PollTimeout::NONE) {
+                if e == nix::errno::Errno::EINTR {
+                    continue;
+                }
+                tracing::error!(error = %e, "poll on the userfaultfd failed; the handler stops");
+                return self.backing;
+            }
+            let commanded = fds[1]
+                .revents()
+                .is_some_and(|r| r.contains(PollFlags::POLLIN));
+            pending.clear();
+            if let Err(e) = self.faults.read(&self.mapping, &mut events, &mut pending) {
+                tracing::error!(error = %e, "reading userfaultfd events");
+            }
+            for &ev in &pending {
+                match ev {
+                    FaultEvent::Missing { page, write } => self.missing(page, write),
+                    FaultEvent::WriteProtect { page } => self.write_protect_fault(page),
+                }
+            }
+            if commanded {
+                let _ = wake.read();
+                while let Ok(cmd) = commands.try_recv() {
+                    match cmd {
+                        Command::Flush(reply) => {
+                            let _ = reply.send(self.flush());
+                        }
+                        Command::Close(reply) => {
+                            let r = self.close();
+                            let _ = reply.send(r);
+                            return self.backing;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn report(&self, e: RegionError) {
+        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(error = %e, "remote region");
+        if let Some(cb) = &self.on_error {
+            cb(&e);
+        }
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(e.to_string());
+    }
+
+    fn kernel(&self, call: &'static str, page: usize, r: Result<(), nix::errno::Errno>) {
+        if let Err(errno) = r {
+            self.report(RegionError::Kernel { call, page, errno });
+        }
+    }
+
+    /// A missing-page fault on `page`.
+    fn missing(&mut self, page: usize, write: bool) {
+        match self.state[page] {
+            PageState::Missing => {}
+            // A second thread's fault on a page the first one's brought in, or on a page
+            // already poisoned: let it retry.
+            _ => {
+                let r = self.faults.wake(&self.mapping, page);
+                self.kernel("UFFDIO_WAKE", page, r);
+                return;
+            }
+        }
+        let entered = Instant::now();
+        self.counters.faults.fetch_add(1, Ordering::Relaxed);
+        while self.resident.len() >= self.budget {
+            if !self.evict_one() {
+                break;
+            }
+        }
+        let fetched = self
+            .backing
+            .locate(page)
+            .map(|()| Instant::now())
+            .and_then(|located| self.backing.fetch(page, &mut self.buf).map(|()| located));
+        let located = match fetched {
+            Ok(t) => t,
+            Err(source) => {
+                self.report(RegionError::Fetch { page, source });
+                self.state[page] = PageState::Poisoned;
+                let r = self.faults.poison(&self.mapping, page);
+                self.kernel("UFFDIO_POISON", page, r);
+                return;
+            }
+        };
+        let fetched = Instant::now();
+        // Book-keeping first: installing wakes the faulting thread, which may look at the
+        // counters at once. A write fault installs the page writable and dirty (no second
+        // fault for it); a read installs it write-protected and clean.
+        self.state[page] = if write {
+            PageState::Dirty
+        } else {
+            PageState::Clean
+        };
+        self.resident.push_back(page);
+        self.counters
+            .resident
+            .store(self.resident.len() as u64, Ordering::Relaxed);
+        if let Err(errno) = self.faults.install(&self.mapping, page, &self.buf, !write) {
+            self.state[page] = PageState::Missing;
+            self.resident.pop_back();
+            self.counters
+                .resident
+                .store(self.resident.len() as u64, Ordering::Relaxed);
+            self.report(RegionError::Kernel {
+                call: "UFFDIO_COPY",
+                page,
+                errno,
+            });
+            return;
+        }
+        if let Some(t) = &self.traces {
+            t.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(FaultTrace {
+                    page,
+                    entered,
+                    located,
+                    fetched,
+                    installed: Instant::now(),
+                });
+        }
+    }
+
+    /// A write to a write-protected page.
+    fn write_protect_fault(&mut self, page: usize) {
+        match self.state[page] {
+            PageState::Clean | PageState::Dirty => {
+                if self.state[page] == PageState::Clean {
+                    self.counters.write_faults.fetch_add(1, Ordering::Relaxed);
+                }
+                self.state[page] = PageState::Dirty;
+                let r = self.faults.unprotect(&self.mapping, page);
+                self.kernel("UFFDIO_WRITEPROTECT", page, r);
+            }
+            // Evicted (or poisoned) while the writer waited: it retries and faults anew.
+            PageState::Missing | PageState::Poisoned => {
+                let r = self.faults.wake(&self.mapping, page);
+                self.kernel("UFFDIO_WAKE", page, r);
+            }
+        }
+    }
+
+    /// Writes dirty `page` back, leaving it resident, clean and write-protected. On failure it
+    /// stays dirty (and write-protected: a write faults and makes it writable again).
+    fn write_back(&mut self, page: usize) -> Result<(), RegionError> {
+        // Protect first: from here on no write can slip in between the copy and the store.
+        self.faults
+            .protect(&self.mapping, page)
+            .map_err(|errno| RegionError::Kernel {
+                call: "UFFDIO_WRITEPROTECT",
+                page,
+                errno,
+            })?;
+        self.mapping.read_present(page, &mut self.buf);
+        self.backing
+            .store(page, &self.buf)
+            .map_err(|source| RegionError::WriteBack { page, source })?;
+        self.state[page] = PageState::Clean;
+        self.counters.writebacks.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Evicts the oldest resident page; false if it could not be (its write-back failed).
+    fn evict_one(&mut self) -> bool {
+        let Some(victim) = self.resident.pop_front() else {
+            return false;
+        };
+        if self.state[victim] == PageState::Dirty
+            && let Err(e) = self.write_back(victim)
+        {
+            self.report(e);
+            self.resident.push_back(victim);
+            return false;
+        }
+        if let Err(e) = self.mapping.discard(victim) {
+            self.report(RegionError::Kernel {
+                call: "madvise(MADV_DONTNEED)",
+                page: victim,
+                errno: nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0)),
+            });
+            self.resident.push_back(victim);
+            return false;
+        }
+        self.state[victim] = PageState::Missing;
+        self.counters.evictions.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .resident
+            .store(self.resident.len() as u64, Ordering::Relaxed);
+        true
+    }
+
+    fn flush(&mut self) -> Result<u64, RegionError> {
+        let dirty: Vec<usize> = self
+            .resident
+            .iter()
+            .copied()
+            .filter(|&p| self.state[p] == PageState::Dirty)
+            .collect();
+        let mut first = Ok(());
+        for &p in &dirty {
+            if let Err(e) = self.write_back(p) {
+                if first.is_ok() {
+                    first = Err(RegionError::WriteBack {
+                        page: p,
+                        source: e.to_string().into(),
+                    });
+                }
+                self.report(e);
+            }
+        }
+        first.map(|()| dirty.len() as u64)
+    }
+
+    fn close(&mut self) -> Result<(), RegionError> {
+        let flushed = match self.on_close {
+            OnClose::Detach => self.flush().map(|_| ()),
+            OnClose::Free => Ok(()),
+        };
+        // Faults stop here: threads that touch the region afterwards see zero pages.
+        let r = self.faults.unregister(&self.mapping);
+        self.kernel("UFFDIO_UNREGISTER", 0, r);
+        let closed = self
+            .backing
+            .close(self.on_close == OnClose::Free)
+            .map_err(RegionError::Close);
+        flushed.and(closed)
+    }
+}

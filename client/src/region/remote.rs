@@ -1,0 +1,193 @@
+//! Pages on BlueBridge servers: [`RemoteBacking`] and the [`RemoteRegion`] built on it, plus a
+//! [`Directory`] for reproducing the 2017 prototype's directory-service round trip.
+
+use bluebridge_proto::{HostId, PAGE_SIZE, RemoteAddr};
+
+use super::{AlignedPage, Backing, BackingError, PagedRegion, RegionError, RegionOptions};
+use crate::{Client, ClientError, Transport};
+
+/// Bytes of one directory entry: the page's address.
+const ENTRY: usize = 16;
+/// Entries per directory page.
+const PER_PAGE: usize = PAGE_SIZE / ENTRY;
+
+/// A directory service: a table on a server mapping region page index → page address, read
+/// with one small READ before every fetch. BlueBridge needs none (the address is the route);
+/// this exists to measure what the prototype's "remote with directory service" paid.
+#[derive(Debug, Clone)]
+pub struct Directory {
+    table: Vec<RemoteAddr>,
+}
+
+impl Directory {
+    /// Writes the entries for `pages` into freshly allocated pages on `host`.
+    pub fn publish<T: Transport>(
+        client: &mut Client<T>,
+        host: HostId,
+        pages: &[RemoteAddr],
+    ) -> Result<Directory, ClientError> {
+        let mut table = Vec::new();
+        for chunk in pages.chunks(PER_PAGE) {
+            let mut data = Vec::with_capacity(PAGE_SIZE);
+            for p in chunk {
+                data.extend_from_slice(&p.to_ipv6().octets());
+            }
+            let d = client.alloc(host, false)?;
+            client.write(d, 0, &data)?;
+            table.push(d);
+        }
+        Ok(Directory { table })
+    }
+
+    /// Looks page `index` up (one READ of its 16-byte entry).
+    fn lookup<T: Transport>(
+        &self,
+        client: &mut Client<T>,
+        index: usize,
+    ) -> Result<RemoteAddr, BackingError> {
+        let page = self.table[index / PER_PAGE];
+        let at = ((index % PER_PAGE) * ENTRY) as u16;
+        let e = client.read_range(page, at, ENTRY as u16)?;
+        let octets: [u8; ENTRY] = e
+            .as_slice()
+            .try_into()
+            .map_err(|_| "short directory entry")?;
+        let prefix = client.prefix();
+        Ok(RemoteAddr::from_ipv6(octets.into(), prefix)
+            .map_err(|e| format!("directory entry {index}: {e}"))?)
+    }
+}
+
+/// Pages on BlueBridge servers, reached through a [`Client`].
+#[derive(Debug)]
+pub struct RemoteBacking<T: Transport> {
+    client: Client<T>,
+    pages: Vec<RemoteAddr>,
+    directory: Option<Directory>,
+    located: Option<RemoteAddr>,
+}
+
+impl<T: Transport> RemoteBacking<T> {
+    /// Pages `pages` (region page i is `pages[i]`), through `client`.
+    pub fn new(client: Client<T>, pages: Vec<RemoteAddr>) -> Self {
+        RemoteBacking {
+            client,
+            pages,
+            directory: None,
+            located: None,
+        }
+    }
+
+    /// Looks every page up in `directory` before fetching it (the prototype's way).
+    pub fn with_directory(mut self, directory: Directory) -> Self {
+        self.directory = Some(directory);
+        self
+    }
+
+    /// The page addresses (to attach another region to them later).
+    pub fn pages(&self) -> &[RemoteAddr] {
+        &self.pages
+    }
+
+    /// The client (for other requests once the region is closed).
+    pub fn into_client(self) -> Client<T> {
+        self.client
+    }
+
+    /// The client, borrowed.
+    pub fn client_mut(&mut self) -> &mut Client<T> {
+        &mut self.client
+    }
+}
+
+impl<T: Transport + Send + 'static> Backing for RemoteBacking<T> {
+    fn locate(&mut self, index: usize) -> Result<(), BackingError> {
+        self.located = Some(match &self.directory {
+            Some(d) => d.lookup(&mut self.client, index)?,
+            None => self.pages[index],
+        });
+        Ok(())
+    }
+
+    fn fetch(&mut self, index: usize, page: &mut AlignedPage) -> Result<(), BackingError> {
+        let addr = self.located.take().unwrap_or(self.pages[index]);
+        let data = self.client.read(addr)?;
+        if data.len() != PAGE_SIZE {
+            return Err(format!("READ returned {} bytes", data.len()).into());
+        }
+        page.0.copy_from_slice(&data);
+        Ok(())
+    }
+
+    fn store(&mut self, index: usize, page: &AlignedPage) -> Result<(), BackingError> {
+        Ok(self.client.write(self.pages[index], 0, &page.0)?)
+    }
+
+    fn close(&mut self, free: bool) -> Result<(), BackingError> {
+        if !free {
+            return Ok(());
+        }
+        let dir = self.directory.take().map(|d| d.table).unwrap_or_default();
+        for chunk in self.pages.chunks(128).chain(dir.chunks(128)) {
+            for r in self.client.free_bulk(chunk)? {
+                r?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A region of remote pages.
+pub type RemoteRegion<T> = PagedRegion<RemoteBacking<T>>;
+
+impl<T: Transport + Send + 'static> PagedRegion<RemoteBacking<T>> {
+    /// Allocates `pages` remote pages round-robin across `hosts` and maps them (fresh pages
+    /// read as zeros).
+    pub fn new(
+        mut client: Client<T>,
+        pages: usize,
+        hosts: &[HostId],
+        options: RegionOptions,
+    ) -> Result<Self, RegionError> {
+        if hosts.is_empty() || pages == 0 {
+            return Err(RegionError::Setup(
+                "a region needs at least one page and one host".into(),
+            ));
+        }
+        let mut addrs = Vec::with_capacity(pages);
+        let per_host = pages.div_ceil(hosts.len());
+        for (i, &h) in hosts.iter().enumerate() {
+            let want = per_host.min(pages - (i * per_host).min(pages));
+            let mut got = 0;
+            while got < want {
+                let n = (want - got).min(128) as u16;
+                let a = client
+                    .alloc_bulk(h, n, false)
+                    .map_err(|e| RegionError::Setup(format!("allocating on host {h}: {e}")))?;
+                got += a.len();
+                addrs.extend(a);
+            }
+        }
+        // Interleave the hosts page by page.
+        let mut ordered = Vec::with_capacity(pages);
+        for k in 0..per_host {
+            for h in 0..hosts.len() {
+                if let Some(&a) = addrs.get(h * per_host + k) {
+                    ordered.push(a);
+                }
+            }
+        }
+        ordered.truncate(pages);
+        Self::with_backing(RemoteBacking::new(client, ordered), pages, options)
+    }
+
+    /// Maps existing remote pages (e.g. a detached region's, from [`RemoteBacking::pages`]).
+    pub fn attach(
+        client: Client<T>,
+        pages: Vec<RemoteAddr>,
+        options: RegionOptions,
+    ) -> Result<Self, RegionError> {
+        let n = pages.len();
+        Self::with_backing(RemoteBacking::new(client, pages), n, options)
+    }
+}
