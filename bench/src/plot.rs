@@ -145,3 +145,88 @@ fn sweep(report: &Report, path: &Path) -> Result<(), Failure> {
     root.present()?;
     Ok(())
 }
+
+/// The paging benchmark's chart (like the paper's Figure 5): one stacked bar of median
+/// components per kind of fault, the p95 of the total marked above it.
+pub fn paging(report: &crate::paging::PagingReport, path: &Path) -> Result<(), PlotError> {
+    paging_bars(report, path).map_err(|e| PlotError {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+fn paging_bars(report: &crate::paging::PagingReport, path: &Path) -> Result<(), Failure> {
+    let vs = &report.variants;
+    let n = vs.len().max(1);
+    let top = vs
+        .iter()
+        .map(|v| {
+            v.total
+                .p95_us
+                .max(v.enter.p50_us + v.directory.p50_us + v.data.p50_us + v.exit.p50_us)
+        })
+        .fold(1.0, f64::max)
+        * 1.15;
+    let root = SVGBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE)?;
+    let names: Vec<String> = vs.iter().map(|v| v.name.clone()).collect();
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Page fault latency: median components, p95 of the total marked",
+            ("sans-serif", 22),
+        )
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0.0..n as f64, 0.0..top)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(n * 2 + 1)
+        .x_label_formatter(&|x| {
+            let i = x.floor() as usize;
+            if (x - i as f64 - 0.5).abs() < 0.01 {
+                names.get(i).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc("µs")
+        .draw()?;
+    type Part = (&'static str, fn(&crate::paging::Variant) -> f64);
+    let parts: [Part; 4] = [
+        ("enter handler", |v| v.enter.p50_us),
+        ("directory", |v| v.directory.p50_us),
+        ("get data", |v| v.data.p50_us),
+        ("install and return", |v| v.exit.p50_us),
+    ];
+    for (k, (label, value)) in parts.iter().enumerate() {
+        let colour = palette(k);
+        chart
+            .draw_series(vs.iter().enumerate().map(|(i, v)| {
+                let below: f64 = parts[..k].iter().map(|(_, f)| f(v)).sum();
+                let x = i as f64;
+                Rectangle::new(
+                    [(x + 0.2, below), (x + 0.8, below + value(v))],
+                    colour.filled(),
+                )
+            }))?
+            .label(*label)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], colour.filled()));
+    }
+    chart.draw_series(vs.iter().enumerate().map(|(i, v)| {
+        let x = i as f64;
+        PathElement::new(
+            [(x + 0.3, v.total.p95_us), (x + 0.7, v.total.p95_us)],
+            BLACK.stroke_width(2),
+        )
+    }))?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}

@@ -8,6 +8,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail};
+use bluebridge_bench::paging::{PAPER_FAULTS, PagingReport};
 use bluebridge_bench::{ECHO, PAPER_TABLE1, Percentiles, Report, Run, plot};
 use bluebridge_topology::{Pair, fmt_mac, namespaces_with_prefix};
 
@@ -29,8 +30,13 @@ pub(crate) struct BenchArgs {
     no_packages: bool,
     /// Only the paper's Table 1: 1,500 each of ALLOC, READ, UPDATE and FREE over both
     /// transports, median and p95 next to the paper's UDP and RDMA columns.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "paging")]
     table1: bool,
+    /// Only remote paging (the paper's Figures 4 and 5): 1,500 page faults each through a
+    /// RemoteRegion, with a directory-service round trip, and from the local disk (O_DIRECT and
+    /// cached), with their breakdown; then the remote-sort example.
+    #[arg(long)]
+    paging: bool,
 }
 
 const NAME: &str = "bbbench";
@@ -98,6 +104,52 @@ impl Lab<'_> {
         Ok(proc.expect("started"))
     }
 
+    /// `bin --iface … --next-hop-mac … --host 2 --core <client CPU>` in the client namespace.
+    fn client_command(&self, bin: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.pair.client.ns])
+            .arg(bin)
+            .args([
+                "--iface",
+                &self.pair.client.ifname,
+                "--next-hop-mac",
+                &fmt_mac(self.pair.server.mac),
+            ])
+            .args(["--host", "2", "--core", &self.cores.0.to_string()]);
+        c
+    }
+
+    /// The paging benchmark (`--faults` each; JSON and SVG into results/) and the remote-sort
+    /// example, against an AF_XDP server.
+    fn paging(&self, s: &mut Stages, faults: &str, sort_pages: &str) -> Result<()> {
+        let server = self.server(s, &["--arena", "128MiB"])?;
+        s.run(
+            &format!(
+                "paging: {faults} faults each, BlueBridge / with a directory service / disk O_DIRECT / disk cached"
+            ),
+            || {
+                stage::status(
+                    self.client_command(&self.bin.join("bluebridge-paging"))
+                        .args(["--faults", faults, "--json"])
+                        .arg(self.out.join("paging.json"))
+                        .arg("--plot")
+                        .arg(self.out.join("paging.svg")),
+                )
+            },
+        )?;
+        s.run(
+            &format!("example: sort {sort_pages} pages of u64 in a RemoteRegion (25% resident) and locally"),
+            || {
+                let budget = (sort_pages.parse::<usize>()? / 4).to_string();
+                stage::status(
+                    self.client_command(&self.bin.join("examples/remote_sort"))
+                        .args(["--pages", sort_pages, "--budget", &budget]),
+                )
+            },
+        )?;
+        s.run("stop the server", || server.stop())
+    }
+
     /// Runs `bluebridge-bench <args> …` pinned to the client CPU, writing `results/<name>.json`.
     fn load(&self, s: &mut Stages, label: &str, args: &[&str], name: &str) -> Result<()> {
         self.load_for(s, label, args, name, (self.seconds, self.warmup))
@@ -115,17 +167,8 @@ impl Lab<'_> {
         let json = self.out.join(format!("{name}.json"));
         s.run(label, || {
             stage::status(
-                Command::new("ip")
-                    .args(["netns", "exec", &self.pair.client.ns])
-                    .arg(self.bin.join("bluebridge-bench"))
+                self.client_command(&self.bin.join("bluebridge-bench"))
                     .args(args)
-                    .args([
-                        "--iface",
-                        &self.pair.client.ifname,
-                        "--next-hop-mac",
-                        &fmt_mac(self.pair.server.mac),
-                    ])
-                    .args(["--host", "2", "--core", &self.cores.0.to_string()])
                     .args([
                         "--seconds",
                         seconds,
@@ -150,6 +193,19 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
         NAME,
         64 + 2 * 8 + 4,
     )?;
+    if !a.table1 {
+        s.run("build the remote_sort example (release)", || {
+            stage::status(crate::cargo().args([
+                "build",
+                "--release",
+                "--locked",
+                "-p",
+                "bluebridge-client",
+                "--example",
+                "remote_sort",
+            ]))
+        })?;
+    }
     let out = root().join(&a.out);
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let mut pair = None;
@@ -178,8 +234,12 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
         out: out.clone(),
     };
     let ops = if a.quick { "300" } else { "1500" };
+    let everything = !a.table1 && !a.paging;
 
     for transport in TRANSPORTS {
+        if a.paging {
+            break;
+        }
         if interrupted.load(Ordering::Relaxed) {
             bail!("interrupted");
         }
@@ -191,7 +251,7 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
             &["--transport", transport, "--table1", "--ops", ops],
             &table1,
         )?;
-        if !a.table1 {
+        if everything {
             for (name, mix, window, payload) in SCENARIOS {
                 let (w, p) = (window.to_string(), payload.to_string());
                 let label = format!(
@@ -238,7 +298,7 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
         }
         s.run(&format!("stop the {transport} server"), || server.stop())?;
     }
-    if !a.table1 {
+    if everything {
         // The bare AF_XDP echo (frames bounced unparsed), in the same run, for the ratios.
         let server = lab.server(&mut s, &["--echo", "--arena", "2MiB"])?;
         for (name, payload) in ECHOES {
@@ -255,15 +315,28 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
         }
         s.run("stop the echo server", || server.stop())?;
     }
+    if !a.table1 {
+        let (faults, sort_pages) = if a.quick {
+            ("300", "512")
+        } else {
+            ("1500", "2048")
+        };
+        lab.paging(&mut s, faults, sort_pages)?;
+    }
     drop(lab);
     let left = namespaces_with_prefix(NAME);
     if !left.is_empty() {
         bail!("namespaces left behind: {left:?}");
     }
-    s.run("plots", || plots(&out, a.table1))?;
-    print_table1(&out)?;
-    if !a.table1 {
+    s.run("plots", || plots(&out, a))?;
+    if !a.paging {
+        print_table1(&out)?;
+    }
+    if !a.table1 && !a.paging {
         print_comparison(&out)?;
+    }
+    if !a.table1 {
+        print_paging(&out)?;
     }
     s.finish();
     Ok(())
@@ -287,10 +360,14 @@ fn merged(out: &Path, names: &[&str]) -> Result<Report> {
 }
 
 /// `results/latency.svg` (CDFs of READ and WRITE at window 1 and the page echo),
-/// `results/sweep.svg` (throughput against latency, both transports), `results/table1.svg`.
-fn plots(out: &Path, table1_only: bool) -> Result<()> {
-    let mut charts = vec![("table1.svg", vec!["xdp-table1", "udp-table1"])];
-    if !table1_only {
+/// `results/sweep.svg` (throughput against latency, both transports), `results/table1.svg`
+/// (the paging chart is drawn by `bluebridge-paging` itself).
+fn plots(out: &Path, a: &BenchArgs) -> Result<()> {
+    let mut charts = Vec::new();
+    if !a.paging {
+        charts.push(("table1.svg", vec!["xdp-table1", "udp-table1"]));
+    }
+    if !a.table1 && !a.paging {
         charts.push((
             "latency.svg",
             vec![
@@ -314,6 +391,36 @@ fn plots(out: &Path, table1_only: bool) -> Result<()> {
         let path = out.join(file);
         plot::write(&r, &path)?;
         println!("      {}", path.display());
+    }
+    Ok(())
+}
+
+fn print_paging(out: &Path) -> Result<()> {
+    let p = out.join("paging.json");
+    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    let r: PagingReport = serde_json::from_str(&text)?;
+    println!(
+        "\nPage faults (the paper's Figures 4 and 5; µs, {} faults each on distinct pages; components are medians):",
+        r.variants.first().map_or(0, |v| v.faults)
+    );
+    println!(
+        "| variant | total p50 / p95 | enter handler | directory | get data | install + return |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for v in &r.variants {
+        println!(
+            "| {} | {:.2} / {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            v.name,
+            v.total.p50_us,
+            v.total.p95_us,
+            v.enter.p50_us,
+            v.directory.p50_us,
+            v.data.p50_us,
+            v.exit.p50_us
+        );
+    }
+    for (what, us) in PAPER_FAULTS {
+        println!("- paper, {what}: {us} µs");
     }
     Ok(())
 }

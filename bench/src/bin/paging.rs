@@ -1,0 +1,316 @@
+//! `bluebridge-paging`: page-fault latency through a `RemoteRegion` and its breakdown, next to
+//! the prototype's directory-service variant and a local disk (the BlueBridge paper's
+//! Figures 4 and 5).
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail, ensure};
+use bluebridge_bench::paging::{FaultSample, PAPER_FAULTS, PagingReport, Variant};
+use bluebridge_client::region::{
+    Backing, Directory, FileBacking, HandlerCpu, OnClose, PagedRegion, RemoteBacking,
+};
+use bluebridge_client::{AnyTransport, Client, NetArgs, RegionOptions};
+use bluebridge_proto::{HostId, PAGE_SIZE};
+use clap::Parser;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+
+/// Page-fault latency: `--faults` first touches of distinct pages of a userfaultfd region, one
+/// at a time from a pinned thread, each timed and split into entering the handler, locating
+/// the page, getting its data, and installing it and returning. Variants: BlueBridge (the page
+/// address is the route), the prototype's "remote with directory service" (a READ of a
+/// directory entry first), the handler on another CPU, and a local disk with `O_DIRECT` and
+/// through the page cache. Prints a table next to the paper's numbers; `--json`, `--plot`.
+#[derive(Parser, Debug)]
+#[command(name = "bluebridge-paging", version)]
+struct Args {
+    #[command(flatten)]
+    net: NetArgs,
+    /// Server host id holding the pages (decimal or 0x-hex).
+    #[arg(long)]
+    host: HostId,
+    /// Host id of the directory server for the directory-service variant (default --host).
+    #[arg(long)]
+    directory_host: Option<HostId>,
+    /// Faults measured per variant (each on a distinct page).
+    #[arg(long, default_value_t = 1500)]
+    faults: usize,
+    /// Untimed faults before measuring, per variant.
+    #[arg(long, default_value_t = 100)]
+    warmup: usize,
+    /// CPU for the faulting thread (and the handler).
+    #[arg(long)]
+    core: Option<usize>,
+    /// Also measure with the handler on this other CPU (a cross-CPU wake-up per fault). It
+    /// must be a CPU nothing else busy-polls on: a server's pinned worker there would be
+    /// starved by the handler's wait for its own reply.
+    #[arg(long)]
+    xcpu_core: Option<usize>,
+    /// File for the disk variants (created, 64 MiB or 4 pages per fault, whichever is more;
+    /// removed afterwards). Put it on the disk you want measured.
+    #[arg(long, default_value = "/var/tmp/bluebridge-paging.img")]
+    disk_file: PathBuf,
+    /// Skip the disk variants.
+    #[arg(long)]
+    no_disk: bool,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Draw the breakdown as an SVG bar chart here.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let a = Args::parse();
+    ensure!(a.faults >= 1, "--faults must be at least 1");
+    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if let Some(c) = a.core {
+        ensure!(c < ncpu, "--core {c}: this machine has {ncpu} CPUs");
+    }
+    let core = a.core.unwrap_or(0);
+    // The faulting thread is pinned at normal priority: the handler must be able to run on
+    // the same CPU while it waits.
+    bluebridge_xsk::busy_poll_thread(Some(core), false).context("pinning")?;
+    if let Some(x) = a.xcpu_core {
+        ensure!(
+            x < ncpu && x != core,
+            "--xcpu-core must be another CPU of this machine"
+        );
+    }
+    let n = a.faults + a.warmup;
+    let dir_host = a.directory_host.unwrap_or(a.host);
+    let mut variants = Vec::new();
+
+    let (t, ec) = a.net.open().context("opening the transport")?;
+    let mut client = Client::new(ec, t);
+    let pages = alloc(&mut client, a.host, n)?;
+    let directory =
+        Directory::publish(&mut client, dir_host, &pages).context("writing the directory")?;
+    let mut backing = RemoteBacking::new(client, pages.clone());
+
+    for (name, description, dir, cpu) in [
+        (
+            "bluebridge",
+            "BlueBridge: READ from the page's own address (no directory)",
+            false,
+            HandlerCpu::Caller,
+        ),
+        (
+            "remote-ds",
+            "remote with a directory service: READ the page's directory entry, then the page",
+            true,
+            HandlerCpu::Caller,
+        ),
+        (
+            "bluebridge-xcpu",
+            "BlueBridge with the handler on another CPU (a cross-CPU wake-up per fault)",
+            false,
+            HandlerCpu::Cpu(a.xcpu_core.unwrap_or(usize::MAX)),
+        ),
+    ] {
+        if cpu == HandlerCpu::Cpu(usize::MAX) {
+            continue;
+        }
+        let b = RemoteBacking::new(backing.into_client(), pages.clone());
+        let b = if dir {
+            b.with_directory(directory.clone())
+        } else {
+            b
+        };
+        let (samples, b) = measure(b, n, a.warmup, cpu)?;
+        backing = b;
+        variants.push(Variant::new(name, description, &samples));
+    }
+    // Free the pages and the directory.
+    RemoteBacking::new(backing.into_client(), pages)
+        .with_directory(directory)
+        .close(true)
+        .map_err(|e| anyhow::anyhow!("freeing the pages: {e}"))?;
+
+    if !a.no_disk {
+        let file_pages = (64 << 20) / PAGE_SIZE;
+        let file_pages = file_pages.max(4 * n);
+        prepare_file(&a.disk_file, file_pages)?;
+        let mut offsets: Vec<u64> = (0..file_pages as u64)
+            .map(|p| p * PAGE_SIZE as u64)
+            .collect();
+        offsets.shuffle(&mut rand::rngs::SmallRng::seed_from_u64(7));
+        offsets.truncate(n);
+        for (name, description, direct) in [
+            (
+                "disk-direct",
+                "local disk: the handler reads the page with O_DIRECT at a random offset",
+                true,
+            ),
+            (
+                "disk-cached",
+                "local disk through the page cache (file read once before: the paper's disk numbers came from the buffer cache)",
+                false,
+            ),
+        ] {
+            if !direct {
+                let f = std::fs::File::open(&a.disk_file)?;
+                let mut buf = vec![0u8; 1 << 20];
+                let mut at = 0u64;
+                while at < (file_pages * PAGE_SIZE) as u64 {
+                    at += f.read_at(&mut buf, at)? as u64;
+                }
+            }
+            let b = FileBacking::open(&a.disk_file, offsets.clone(), direct)
+                .with_context(|| format!("opening {}", a.disk_file.display()))?;
+            let (samples, _) = measure(b, n, a.warmup, HandlerCpu::Caller)?;
+            variants.push(Variant::new(name, description, &samples));
+        }
+        let _ = std::fs::remove_file(&a.disk_file);
+    }
+
+    println!(
+        "{} faults per variant on distinct pages (after {} untimed), one at a time, thread on CPU {core}:",
+        a.faults, a.warmup
+    );
+    println!(
+        "| variant | total p50 / p95 µs | enter handler | directory | get data | install + return |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for v in &variants {
+        println!(
+            "| {} | {:.2} / {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            v.name,
+            v.total.p50_us,
+            v.total.p95_us,
+            v.enter.p50_us,
+            v.directory.p50_us,
+            v.data.p50_us,
+            v.exit.p50_us
+        );
+    }
+    println!("(components are medians; they need not add up to the median total)");
+    for (what, us) in PAPER_FAULTS {
+        println!("paper: {what}: {us} µs");
+    }
+    let report = PagingReport {
+        config: serde_json::json!({
+            "host": a.host.to_string(), "directory_host": dir_host.to_string(),
+            "faults": a.faults, "warmup": a.warmup, "core": core,
+            "transport": format!("{:?}", a.net.transport).to_lowercase(),
+            "disk_file": a.disk_file, "disk": !a.no_disk,
+        }),
+        environment: serde_json::json!({
+            "iface": a.net.iface, "cpus": ncpu,
+            "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+            "noisy_kernel_threads": bluebridge_bench::noisy_kernel_threads(),
+        }),
+        variants,
+    };
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+        println!("report written to {}", p.display());
+    }
+    if let Some(p) = &a.plot {
+        bluebridge_bench::plot::paging(&report, p)?;
+        println!("plot written to {}", p.display());
+    }
+    Ok(())
+}
+
+fn alloc(
+    c: &mut Client<AnyTransport>,
+    host: HostId,
+    n: usize,
+) -> Result<Vec<bluebridge_proto::RemoteAddr>> {
+    let mut pages = Vec::with_capacity(n);
+    while pages.len() < n {
+        let k = (n - pages.len()).min(128) as u16;
+        pages.extend(c.alloc_bulk(host, k, false).context("allocating pages")?);
+    }
+    Ok(pages)
+}
+
+/// Faults every page of a fresh region over `backing` once, in a shuffled order, timing each
+/// from the access to its return, and matches the handler's timestamps to it.
+fn measure<B: Backing>(
+    backing: B,
+    n: usize,
+    warmup: usize,
+    cpu: HandlerCpu,
+) -> Result<(Vec<FaultSample>, B)> {
+    let region = PagedRegion::with_backing(
+        backing,
+        n,
+        RegionOptions {
+            trace: true,
+            on_close: OnClose::Detach,
+            handler_cpu: cpu,
+            ..RegionOptions::default()
+        },
+    )?;
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut rand::rngs::SmallRng::seed_from_u64(42));
+    let mem = region.as_slice();
+    let mut app = Vec::with_capacity(n);
+    for &p in &order {
+        let t0 = Instant::now();
+        std::hint::black_box(mem[p * PAGE_SIZE]);
+        app.push((p, t0, Instant::now()));
+    }
+    let stats = region.stats();
+    if stats.errors > 0 {
+        bail!(
+            "{} faults failed: {}",
+            stats.errors,
+            region.last_error().unwrap_or_default()
+        );
+    }
+    // The handler files a fault's trace just after waking the thread, so the last one may
+    // still be on its way.
+    let mut traces = vec![None; n];
+    let (mut got, since) = (0, Instant::now());
+    while got < n && since.elapsed() < std::time::Duration::from_secs(2) {
+        for t in region.take_traces() {
+            got += usize::from(traces[t.page].replace(t).is_none());
+        }
+    }
+    let backing = region.close()?;
+    let mut samples = Vec::with_capacity(n - warmup);
+    for &(p, t0, t1) in &app[warmup..] {
+        let t = traces[p].with_context(|| format!("no handler trace for page {p}"))?;
+        let ns = |a: Instant, b: Instant| b.saturating_duration_since(a).as_nanos() as u64;
+        samples.push(FaultSample {
+            enter_ns: ns(t0, t.entered),
+            directory_ns: ns(t.entered, t.located),
+            data_ns: ns(t.located, t.fetched),
+            exit_ns: ns(t.fetched, t1),
+        });
+    }
+    Ok((samples, backing))
+}
+
+/// A file of `pages` pages of non-zero data, synced to disk.
+fn prepare_file(path: &std::path::Path, pages: usize) -> Result<()> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    let chunk: Vec<u8> = (0..(1 << 20)).map(|i| (i % 251) as u8 + 1).collect();
+    let mut at = 0u64;
+    while at < (pages * PAGE_SIZE) as u64 {
+        f.write_all_at(&chunk, at)?;
+        at += chunk.len() as u64;
+    }
+    // On disk: O_DIRECT reads go to the device whatever the page cache holds.
+    f.sync_all()?;
+    Ok(())
+}

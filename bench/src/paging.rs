@@ -1,0 +1,133 @@
+//! The paging benchmark's numbers: per-fault breakdowns (the BlueBridge paper's Figures 4
+//! and 5) summarised as median, p95 and mean per component, and their report.
+
+use serde::{Deserialize, Serialize};
+
+/// One fault, in nanoseconds per component.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FaultSample {
+    /// From the access to the handler reading the fault.
+    pub enter_ns: u64,
+    /// Locating the page (the directory round trip, when there is one).
+    pub directory_ns: u64,
+    /// Getting the data (the READ, or the disk read).
+    pub data_ns: u64,
+    /// Installing the page, waking the thread, and the access completing.
+    pub exit_ns: u64,
+}
+
+impl FaultSample {
+    /// The whole fault, access to access.
+    pub fn total_ns(&self) -> u64 {
+        self.enter_ns + self.directory_ns + self.data_ns + self.exit_ns
+    }
+}
+
+/// Median, 95th percentile and mean of one component, µs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    /// Median.
+    pub p50_us: f64,
+    /// 95th percentile.
+    pub p95_us: f64,
+    /// Mean.
+    pub mean_us: f64,
+}
+
+impl Summary {
+    /// Of `ns` (nearest-rank percentiles over the exact samples).
+    pub fn of(mut ns: Vec<u64>) -> Summary {
+        if ns.is_empty() {
+            return Summary::default();
+        }
+        ns.sort_unstable();
+        let rank = |q: f64| ns[((q * ns.len() as f64).ceil() as usize).clamp(1, ns.len()) - 1];
+        Summary {
+            p50_us: rank(0.5) as f64 / 1000.0,
+            p95_us: rank(0.95) as f64 / 1000.0,
+            mean_us: ns.iter().sum::<u64>() as f64 / ns.len() as f64 / 1000.0,
+        }
+    }
+}
+
+/// One kind of fault measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Variant {
+    /// Short name (`bluebridge`, `remote-ds`, `disk-direct`, ...).
+    pub name: String,
+    /// What it is.
+    pub description: String,
+    /// Faults measured.
+    pub faults: usize,
+    /// The whole fault.
+    pub total: Summary,
+    /// Access → handler.
+    pub enter: Summary,
+    /// Directory step.
+    pub directory: Summary,
+    /// Data.
+    pub data: Summary,
+    /// Install, wake, return.
+    pub exit: Summary,
+}
+
+impl Variant {
+    /// Summarises `samples`.
+    pub fn new(name: &str, description: &str, samples: &[FaultSample]) -> Variant {
+        let col = |f: fn(&FaultSample) -> u64| Summary::of(samples.iter().map(f).collect());
+        Variant {
+            name: name.to_owned(),
+            description: description.to_owned(),
+            faults: samples.len(),
+            total: col(FaultSample::total_ns),
+            enter: col(|s| s.enter_ns),
+            directory: col(|s| s.directory_ns),
+            data: col(|s| s.data_ns),
+            exit: col(|s| s.exit_ns),
+        }
+    }
+}
+
+/// The paper's fault latencies (µs) this benchmark is compared with.
+pub const PAPER_FAULTS: [(&str, f64); 2] = [
+    ("remote without directory service, RDMA", 22.1),
+    ("local disk", 24.3),
+];
+
+/// The paging benchmark's JSON document.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PagingReport {
+    /// Settings.
+    pub config: serde_json::Value,
+    /// Machine.
+    pub environment: serde_json::Value,
+    /// One entry per kind of fault.
+    pub variants: Vec<Variant>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summaries_of_known_samples() {
+        let s = Summary::of((1..=100).map(|us| us * 1000).collect());
+        assert_eq!((s.p50_us, s.p95_us), (50.0, 95.0));
+        assert!((s.mean_us - 50.5).abs() < 1e-9);
+        assert_eq!(Summary::of(vec![]), Summary::default());
+        let samples: Vec<FaultSample> = (1..=20)
+            .map(|i| FaultSample {
+                enter_ns: 1000,
+                directory_ns: 0,
+                data_ns: i * 1000,
+                exit_ns: 2000,
+            })
+            .collect();
+        let v = Variant::new("x", "test", &samples);
+        assert_eq!(v.faults, 20);
+        assert_eq!(v.data.p50_us, 10.0);
+        assert_eq!(v.total.p50_us, 13.0);
+        assert_eq!(v.total.p95_us, 22.0);
+        assert_eq!(v.enter.p95_us, 1.0);
+    }
+}
