@@ -103,6 +103,9 @@ pub struct PagingReport {
     pub environment: serde_json::Value,
     /// One entry per kind of fault.
     pub variants: Vec<Variant>,
+    /// The first write to a clean resident page (a write-protect fault), if measured.
+    #[serde(default)]
+    pub first_write: Option<Summary>,
 }
 
 #[cfg(test)]

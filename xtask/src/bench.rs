@@ -419,6 +419,12 @@ fn print_paging(out: &Path) -> Result<()> {
             v.exit.p50_us
         );
     }
+    if let Some(w) = r.first_write {
+        println!(
+            "- first write to a clean resident page (write-protect fault): p50 {:.2} µs, p95 {:.2} µs",
+            w.p50_us, w.p95_us
+        );
+    }
     for (what, us) in PAPER_FAULTS {
         println!("- paper, {what}: {us} µs");
     }

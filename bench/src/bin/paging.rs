@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
-use bluebridge_bench::paging::{FaultSample, PAPER_FAULTS, PagingReport, Variant};
+use bluebridge_bench::paging::{FaultSample, PAPER_FAULTS, PagingReport, Summary, Variant};
 use bluebridge_client::region::{
     Backing, Directory, FileBacking, HandlerCpu, OnClose, PagedRegion, RemoteBacking,
 };
@@ -90,6 +90,7 @@ fn main() -> Result<()> {
     let n = a.faults + a.warmup;
     let dir_host = a.directory_host.unwrap_or(a.host);
     let mut variants = Vec::new();
+    let mut first_write = None;
 
     let (t, ec) = a.net.open().context("opening the transport")?;
     let mut client = Client::new(ec, t);
@@ -127,9 +128,12 @@ fn main() -> Result<()> {
         } else {
             b
         };
-        let (samples, b) = measure(b, n, a.warmup, cpu)?;
+        let (samples, writes, b) = measure(b, n, a.warmup, cpu, name == "bluebridge")?;
         backing = b;
         variants.push(Variant::new(name, description, &samples));
+        if !writes.is_empty() {
+            first_write = Some(Summary::of(writes));
+        }
     }
     // Free the pages and the directory.
     RemoteBacking::new(backing.into_client(), pages)
@@ -168,7 +172,7 @@ fn main() -> Result<()> {
             }
             let b = FileBacking::open(&a.disk_file, offsets.clone(), direct)
                 .with_context(|| format!("opening {}", a.disk_file.display()))?;
-            let (samples, _) = measure(b, n, a.warmup, HandlerCpu::Caller)?;
+            let (samples, _, _) = measure(b, n, a.warmup, HandlerCpu::Caller, false)?;
             variants.push(Variant::new(name, description, &samples));
         }
         let _ = std::fs::remove_file(&a.disk_file);
@@ -195,6 +199,12 @@ fn main() -> Result<()> {
         );
     }
     println!("(components are medians; they need not add up to the median total)");
+    if let Some(w) = first_write {
+        println!(
+            "first write to a clean resident page (a write-protect fault: dirty tracking): p50 {:.2} µs, p95 {:.2} µs",
+            w.p50_us, w.p95_us
+        );
+    }
     for (what, us) in PAPER_FAULTS {
         println!("paper: {what}: {us} µs");
     }
@@ -211,6 +221,7 @@ fn main() -> Result<()> {
             "noisy_kernel_threads": bluebridge_bench::noisy_kernel_threads(),
         }),
         variants,
+        first_write,
     };
     if let Some(p) = &a.json {
         std::fs::write(p, serde_json::to_string_pretty(&report)?)
@@ -239,13 +250,16 @@ fn alloc(
 
 /// Faults every page of a fresh region over `backing` once, in a shuffled order, timing each
 /// from the access to its return, and matches the handler's timestamps to it.
+/// With `first_writes`, then also times the first write to each (now clean) page: a
+/// write-protect fault, ns each.
 fn measure<B: Backing>(
     backing: B,
     n: usize,
     warmup: usize,
     cpu: HandlerCpu,
-) -> Result<(Vec<FaultSample>, B)> {
-    let region = PagedRegion::with_backing(
+    first_writes: bool,
+) -> Result<(Vec<FaultSample>, Vec<u64>, B)> {
+    let mut region = PagedRegion::with_backing(
         backing,
         n,
         RegionOptions {
@@ -263,6 +277,15 @@ fn measure<B: Backing>(
         let t0 = Instant::now();
         std::hint::black_box(mem[p * PAGE_SIZE]);
         app.push((p, t0, Instant::now()));
+    }
+    let mut writes = Vec::new();
+    if first_writes {
+        let mem = region.as_mut_slice();
+        for &p in &order[warmup..] {
+            let t0 = Instant::now();
+            mem[p * PAGE_SIZE] = 1;
+            writes.push(t0.elapsed().as_nanos() as u64);
+        }
     }
     let stats = region.stats();
     if stats.errors > 0 {
@@ -293,7 +316,7 @@ fn measure<B: Backing>(
             exit_ns: ns(t.fetched, t1),
         });
     }
-    Ok((samples, backing))
+    Ok((samples, writes, backing))
 }
 
 /// A file of `pages` pages of non-zero data, synced to disk.
