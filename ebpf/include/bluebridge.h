@@ -25,6 +25,48 @@
 #define BB_STEER_NO_SOCKET 6      /* ours, but no AF_XDP socket on this RX queue; passed */
 #define BB_STEER_NR 7
 
+/* tor.bpf.c (the software top-of-rack switch): capacities. */
+#define BB_TOR_MAX_ROUTES 1048576   /* host /48s, page-range and single-page /112 routes */
+#define BB_TOR_MAX_ROUTE_IDS 65536  /* per-route counters are kept for ids below this */
+#define BB_TOR_MAX_PORTS 256
+#define BB_TOR_MAX_SOURCES 4096     /* allowed source prefixes, all ports together */
+
+/* tor.bpf.c counters: index into the per-CPU `tor_counters` array. */
+#define BB_TOR_FORWARDED 0        /* routed and redirected out of its egress port */
+#define BB_TOR_NO_ROUTE 1         /* BlueBridge, but no route for the destination: dropped */
+#define BB_TOR_SPOOFED 2          /* source outside every prefix of the ingress port: dropped */
+#define BB_TOR_OTHER_DROPPED 3    /* not BlueBridge (not IPv6/UDP on our port): dropped */
+#define BB_TOR_OTHER_PASSED 4     /* not BlueBridge: passed to the switch's kernel (config) */
+#define BB_TOR_MALFORMED 5        /* headers cut short: dropped */
+#define BB_TOR_HOP_LIMIT 6        /* hop limit exhausted: dropped */
+#define BB_TOR_NO_PORT 7          /* the route's egress port is not in the device map */
+#define BB_TOR_NR 8
+
+/* `tor_config` flags (entry 0). */
+#define BB_TOR_PASS_OTHER 1       /* pass non-BlueBridge frames to the kernel instead of dropping */
+
+/* A route: where frames for a prefix go. */
+struct bb_tor_route {
+	__u32 ifindex;      /* egress port */
+	__u32 route_id;     /* index of its counters (>= BB_TOR_MAX_ROUTE_IDS: not counted) */
+	__u8 dst_mac[6];    /* the next hop behind that port (the host) */
+	__u8 src_mac[6];    /* the egress port's own MAC */
+};
+
+/* Key of the `sources` LPM trie: the ingress port, then the source address. A port's allowed
+ * prefix P/len is stored with prefixlen 32 + len; a frame is looked up with 160. */
+struct bb_tor_source_key {
+	__u32 prefixlen;
+	__u32 ifindex;      /* big-endian, so it is the most significant part of the key */
+	__u8 addr[16];
+};
+
+/* Counters of a route or a port. */
+struct bb_tor_stats {
+	__u64 packets;
+	__u64 bytes;
+};
+
 /* Key of the `prefixes` LPM trie: the kernel's struct bpf_lpm_trie_key with an IPv6 address. */
 struct bb_lpm_key {
 	__u32 prefixlen;

@@ -1,10 +1,16 @@
-//! The XDP programs of BlueBridge and their loader.
+//! The XDP programs of BlueBridge and their loaders.
 //!
-//! `steer.bpf.c` runs on every host: it sends BlueBridge frames for this host's prefixes to
-//! the AF_XDP socket of their RX queue and passes everything else to the kernel untouched.
-//! [`Steer`] loads it (aya), attaches it in driver mode (generic mode as a fallback, with a
-//! warning), fills its maps, reads its counters, and detaches it when dropped.
+//! - `steer.bpf.c` runs on every host: it sends BlueBridge frames for this host's prefixes to
+//!   the AF_XDP socket of their RX queue and passes everything else to the kernel untouched.
+//!   [`Steer`] loads it (aya), attaches it in driver mode (generic mode as a fallback, with a
+//!   warning), fills its maps, reads its counters, and detaches it when dropped.
+//! - `tor.bpf.c` is the software top-of-rack switch: longest-prefix-match routing of BlueBridge
+//!   frames between the ports of a switch namespace, anti-spoofing, counters. [`Tor`] loads it.
 #![forbid(unsafe_code)]
+
+mod tor;
+
+pub use tor::{Route, Tor, TorCounters, TrafficCounters};
 
 use std::net::Ipv6Addr;
 use std::os::fd::AsRawFd;
@@ -66,12 +72,18 @@ pub enum AttachMode {
     Generic,
 }
 
-/// Errors of loading, attaching and using the steering program.
+/// Errors of loading, attaching and using an XDP program.
 #[derive(Debug, thiserror::Error)]
-pub enum SteerError {
+pub enum XdpError {
     /// The object could not be loaded (BPF not permitted, verifier rejection, ...).
-    #[error("loading steer.bpf.o: {0} (needs root or CAP_BPF+CAP_NET_ADMIN)")]
-    Load(#[from] EbpfError),
+    #[error("loading {object}: {source} (needs root or CAP_BPF+CAP_NET_ADMIN)")]
+    Load {
+        /// Which object.
+        object: &'static str,
+        /// Why.
+        #[source]
+        source: EbpfError,
+    },
     /// The kernel refused the program or an attach.
     #[error("{what}: {source}")]
     Program {
@@ -91,11 +103,111 @@ pub enum SteerError {
         source: aya::maps::MapError,
     },
     /// The object lacks a map or program the loader expects (a build mismatch).
-    #[error("steer.bpf.o has no {0}")]
+    #[error("the BPF object has no {0}")]
     Missing(&'static str),
     /// A prefix length above 128.
     #[error("prefix length {0} is above 128")]
     BadPrefixLen(u8),
+    /// A device-map operation failed.
+    #[error("{what}: {source}")]
+    DevMap {
+        /// What was attempted.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: aya::maps::xdp::XdpMapError,
+    },
+    /// The CPUs could not be counted (for per-CPU maps).
+    #[error("counting CPUs: {0}")]
+    Cpus(#[source] std::io::Error),
+    /// An interface that does not exist (in this network namespace).
+    #[error("no interface {ifname}: {source}")]
+    NoInterface {
+        /// Its name.
+        ifname: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The steering program's errors (the crate's one error type).
+pub type SteerError = XdpError;
+
+/// Attaches `prog` to `ifname` in driver mode, or generic mode if the driver refuses (logged as
+/// a warning); with `force_generic` driver mode is not tried.
+fn attach_xdp(
+    prog: &mut Xdp,
+    name: &str,
+    ifname: &str,
+    force_generic: bool,
+) -> Result<AttachMode, XdpError> {
+    let mode = if force_generic {
+        Err(None)
+    } else {
+        prog.attach(ifname, XdpMode::Driver)
+            .map(|_| AttachMode::Driver)
+            .map_err(Some)
+    };
+    let mode = match mode {
+        Ok(m) => m,
+        Err(e) => {
+            if let Some(e) = e {
+                tracing::warn!(
+                    %ifname, error = %e,
+                    "driver-mode XDP refused; falling back to generic mode (slower)"
+                );
+            }
+            prog.attach(ifname, XdpMode::Skb)
+                .map_err(|source| XdpError::Program {
+                    what: format!("attaching {name} to {ifname}"),
+                    source,
+                })?;
+            AttachMode::Generic
+        }
+    };
+    tracing::info!(%ifname, ?mode, "{name} attached");
+    Ok(mode)
+}
+
+/// Runs `prog` once on `frame` with `BPF_PROG_TEST_RUN`, as if it arrived on `(ifindex,
+/// queue)` if given; returns the verdict and the frame as the program left it.
+fn test_run_xdp(
+    prog: &mut Xdp,
+    frame: &[u8],
+    on: Option<(u32, u32)>,
+) -> Result<(XdpAction, Vec<u8>), XdpError> {
+    let mut out = vec![0u8; frame.len() + 256];
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+    // egress_ifindex (all u32). The kernel wants data 0 and data_end the frame length.
+    let ctx: Vec<u8> = on
+        .map(|(ifindex, queue)| {
+            [0, frame.len() as u32, 0, ifindex, queue, 0]
+                .iter()
+                .flat_map(|v| v.to_ne_bytes())
+                .collect()
+        })
+        .unwrap_or_default();
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ctx_in: on.map(|_| ctx.as_slice()),
+        ..Default::default()
+    };
+    let r = prog.test_run(opts).map_err(|source| XdpError::Program {
+        what: "BPF_PROG_TEST_RUN".into(),
+        source,
+    })?;
+    out.truncate(r.data_size_out as usize);
+    Ok((XdpAction::from(r.return_value), out))
+}
+
+/// The interface index of `ifname` in this thread's network namespace.
+pub fn ifindex(ifname: &str) -> Result<u32, XdpError> {
+    nix::net::if_::if_nametoindex(ifname).map_err(|e| XdpError::NoInterface {
+        ifname: ifname.to_owned(),
+        source: e.into(),
+    })
 }
 
 /// The steer program's counters, summed over CPUs. See `bluebridge.h` for each reason.
@@ -130,7 +242,10 @@ pub struct Steer {
 impl Steer {
     /// Loads the program into the kernel (not attached yet).
     pub fn load() -> Result<Self, SteerError> {
-        let mut ebpf = Ebpf::load(STEER_OBJ)?;
+        let mut ebpf = Ebpf::load(STEER_OBJ).map_err(|source| XdpError::Load {
+            object: "steer.bpf.o",
+            source,
+        })?;
         let map = |e: &mut Ebpf, n: &'static str| e.take_map(n).ok_or(SteerError::Missing(n));
         let xsks = XskMap::try_from(map(&mut ebpf, "xsks")?).map_err(|source| SteerError::Map {
             what: "xsks map".into(),
@@ -176,32 +291,7 @@ impl Steer {
     /// Attaches to `ifname` in driver mode, or generic mode if the driver refuses (logged as a
     /// warning). With `force_generic` driver mode is not tried.
     pub fn attach(&mut self, ifname: &str, force_generic: bool) -> Result<AttachMode, SteerError> {
-        let prog = self.program()?;
-        let mode = if force_generic {
-            Err(None)
-        } else {
-            prog.attach(ifname, XdpMode::Driver)
-                .map(|_| AttachMode::Driver)
-                .map_err(Some)
-        };
-        let mode = match mode {
-            Ok(m) => m,
-            Err(e) => {
-                if let Some(e) = e {
-                    tracing::warn!(
-                        %ifname, error = %e,
-                        "driver-mode XDP refused; falling back to generic mode (slower)"
-                    );
-                }
-                prog.attach(ifname, XdpMode::Skb)
-                    .map_err(|source| SteerError::Program {
-                        what: format!("attaching bb_steer to {ifname}"),
-                        source,
-                    })?;
-                AttachMode::Generic
-            }
-        };
-        tracing::info!(%ifname, ?mode, "bb_steer attached");
+        let mode = attach_xdp(self.program()?, "bb_steer", ifname, force_generic)?;
         self.attached = Some((ifname.to_owned(), mode));
         Ok(mode)
     }
@@ -292,31 +382,7 @@ impl Steer {
     }
 
     fn run_test(&mut self, frame: &[u8], on: Option<(u32, u32)>) -> Result<XdpAction, SteerError> {
-        let mut out = vec![0u8; frame.len() + 256];
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-        // egress_ifindex (all u32). The kernel wants data 0 and data_end the frame length.
-        let ctx: Vec<u8> = on
-            .map(|(ifindex, queue)| {
-                [0, frame.len() as u32, 0, ifindex, queue, 0]
-                    .iter()
-                    .flat_map(|v| v.to_ne_bytes())
-                    .collect()
-            })
-            .unwrap_or_default();
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: on.map(|_| ctx.as_slice()),
-            ..Default::default()
-        };
-        let r = self
-            .program()?
-            .test_run(opts)
-            .map_err(|source| SteerError::Program {
-                what: "BPF_PROG_TEST_RUN".into(),
-                source,
-            })?;
-        Ok(XdpAction::from(r.return_value))
+        Ok(test_run_xdp(self.program()?, frame, on)?.0)
     }
 }
 

@@ -1,7 +1,8 @@
 //! Harness for the privileged end-to-end tests in `tests/`: a client namespace and a server
 //! namespace joined by a veth pair, a real server (steering program, AF_XDP sockets, worker)
 //! in one, a real client (its own steering program and socket) in the other. Everything is
-//! removed when the [`Rig`] is dropped, also when a test fails.
+//! removed when the [`Rig`] is dropped, also when a test fails. [`RackRig`]: the same around
+//! the XDP top-of-rack switch.
 #![forbid(unsafe_code)]
 
 use std::net::Ipv6Addr;
@@ -11,10 +12,11 @@ use std::time::Duration;
 use bluebridge_client::{
     AnyTransport, Client, Connect, TransportKind as ClientTransport, XdpTransport,
 };
+use bluebridge_ebpf::{Route, Tor};
 use bluebridge_proto::frame::{Endpoints, build};
 use bluebridge_proto::{BbRepr, FRAME_OVERHEAD, HostId, MacAddr, NetPrefix, RemoteAddr, UDP_PORT};
 use bluebridge_server::{Framing, Server, ServerConfig, TransportKind};
-use bluebridge_topology::{NdpResponder, Pair, unique};
+use bluebridge_topology::{NdpResponder, Pair, Rack, unique};
 
 /// The server's host id in every rig.
 pub const SERVER: HostId = HostId(2);
@@ -215,7 +217,7 @@ impl Rig {
 
 /// Starts a server inside namespace `ns` (from a helper thread, so the caller's namespace does
 /// not change).
-fn start_server(ns: &str, cfg: &ServerConfig) -> Server {
+pub fn start_server(ns: &str, cfg: &ServerConfig) -> Server {
     let (ns, cfg) = (ns.to_owned(), cfg.clone());
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -227,4 +229,138 @@ fn start_server(ns: &str, cfg: &ServerConfig) -> Server {
     rx.recv()
         .expect("server thread")
         .unwrap_or_else(|e| panic!("starting the server: {e}"))
+}
+
+/// The client address of rack host `h`: inside its /48, in the /64 the switch routes to the
+/// host's client link (`fd00:bb:<h>:ffff::1`).
+pub fn rack_client_addr(h: HostId) -> Ipv6Addr {
+    let mut o = NetPrefix::DEFAULT.host_network(h).octets();
+    o[6] = 0xff;
+    o[7] = 0xff;
+    o[15] = 1;
+    Ipv6Addr::from(o)
+}
+
+/// The /64 of a rack host's client link.
+pub fn rack_client_net(h: HostId) -> Ipv6Addr {
+    let mut o = rack_client_addr(h).octets();
+    o[15] = 0;
+    Ipv6Addr::from(o)
+}
+
+/// A rack around the XDP switch: every host's server and client ports registered, each host's
+/// /48 routed to its server link and its client /64 to its client link, sources restricted to
+/// those prefixes; servers running on the hosts in `servers` (indices).
+#[derive(Debug)]
+pub struct RackRig {
+    /// The switch program (its ports were set up inside the switch namespace).
+    pub tor: Tor,
+    /// Port interface indices per host: (server port, client port).
+    pub ports: Vec<(u32, u32)>,
+    /// Running servers, by host index.
+    pub servers: Vec<(usize, Server)>,
+    /// The topology; dropped last.
+    pub rack: Rack,
+}
+
+impl RackRig {
+    /// Builds a rack of `hosts` hosts (MTU 9000) and starts servers on the hosts listed.
+    pub fn new(hosts: usize, servers: &[usize]) -> RackRig {
+        let rack =
+            Rack::create(&unique("bbt"), hosts, 9000).expect("creating the rack (needs root)");
+        let (sw, hs) = (rack.switch.clone(), rack.hosts.clone());
+        let (tor, ports) = std::thread::spawn(move || {
+            bluebridge_topology::enter(&sw).expect("entering the switch namespace");
+            let mut tor = Tor::load().expect("loading tor.bpf.o (needs root)");
+            let mut ports = Vec::new();
+            for h in &hs {
+                let s = tor.add_port(&h.server_port, false).expect("server port");
+                let c = tor.add_port(&h.client_port, false).expect("client port");
+                ports.push((s, c));
+            }
+            (tor, ports)
+        })
+        .join()
+        .expect("switch set-up");
+        let mut rig = RackRig {
+            tor,
+            ports,
+            servers: Vec::new(),
+            rack,
+        };
+        for i in 0..hosts {
+            rig.route_host(i);
+        }
+        for &i in servers {
+            let h = &rig.rack.hosts[i];
+            let cfg = ServerConfig {
+                arena_bytes: 16 << 20,
+                idle: true,
+                sched_idle: false,
+                frames: 4096,
+                hugepages: false,
+                ..ServerConfig::new(&h.server_if, HostId(h.host_id))
+            };
+            let server = start_server(&h.ns, &cfg);
+            rig.servers.push((i, server));
+        }
+        rig
+    }
+
+    /// Host `i`'s routes and allowed sources: its /48 to the server link, its client /64 to
+    /// the client link (route ids 2i and 2i + 1).
+    pub fn route_host(&mut self, i: usize) {
+        let h = self.rack.hosts[i].clone();
+        let id = HostId(h.host_id);
+        let (sp, cp) = self.ports[i];
+        let net = NetPrefix::DEFAULT.host_network(id);
+        self.tor.allow_source(sp, net, 48).expect("server source");
+        self.tor
+            .allow_source(cp, rack_client_net(id), 64)
+            .expect("client source");
+        self.tor
+            .add_route(
+                net,
+                48,
+                Route {
+                    ifindex: sp,
+                    dst_mac: h.server_mac,
+                    src_mac: h.server_port_mac,
+                    id: 2 * i as u32,
+                },
+            )
+            .expect("host route");
+        self.tor
+            .add_route(
+                rack_client_net(id),
+                64,
+                Route {
+                    ifindex: cp,
+                    dst_mac: h.client_mac,
+                    src_mac: h.client_port_mac,
+                    id: 2 * i as u32 + 1,
+                },
+            )
+            .expect("client route");
+    }
+
+    /// A client on host `i` (the calling thread moves into its namespace).
+    pub fn client(&self, i: usize) -> Client<AnyTransport> {
+        let h = &self.rack.hosts[i];
+        self.rack.host_ns(i).enter().expect("entering the host");
+        let connect = Connect {
+            kind: ClientTransport::Xdp,
+            ifname: h.client_if.clone(),
+            local: rack_client_addr(HostId(h.host_id)),
+            next_hop_mac: Some(MacAddr(h.client_port_mac)),
+            prefix: NetPrefix::DEFAULT,
+            segments: false,
+        };
+        let (t, mut ec) = connect
+            .open()
+            .unwrap_or_else(|e| panic!("opening the client transport: {e}"));
+        ec.rto = Duration::from_millis(5);
+        ec.retries = 10;
+        Client::new(ec, t)
+    }
 }

@@ -14,8 +14,10 @@ use nix::sched::{CloneFlags, setns};
 
 mod impair;
 mod ndp;
+mod rack;
 pub use impair::{Impairment, Relay, RelayCounters};
 pub use ndp::NdpResponder;
+pub use rack::{Rack, RackHost};
 
 /// A topology step failed.
 #[derive(Debug, thiserror::Error)]

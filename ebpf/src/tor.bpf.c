@@ -1,0 +1,174 @@
+/* SPDX-License-Identifier: (MIT OR Apache-2.0) */
+/*
+ * tor: the software top-of-rack switch. Attached to every port of the switch namespace. A
+ * BlueBridge frame (IPv6/UDP with the BlueBridge port on either side) is routed by longest-
+ * prefix match on its destination address (host /48s, page-range and single-page /112 routes,
+ * installed by the controller): its Ethernet header is rewritten for the egress port (the
+ * host's MAC as destination, the port's as source), its hop limit decremented, and it leaves
+ * through the device map. No neighbour table anywhere: routes carry the next hop's MAC.
+ *
+ * Dropped and counted: frames with no route, frames whose source address lies outside every
+ * prefix assigned to their ingress port (anti-spoofing), exhausted hop limits, malformed
+ * headers. Other traffic is dropped, or passed to the switch's kernel if configured; it is never
+ * forwarded blindly.
+ *
+ * Section "xdp.frags": whole-page multi-buffer frames are forwarded as they are; all the
+ * headers read or written (62 bytes) are in the first buffer.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ipv6.h>
+#include <linux/udp.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#include "bluebridge.h"
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, BB_TOR_MAX_ROUTES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct bb_lpm_key);
+	__type(value, struct bb_tor_route);
+} routes SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, BB_TOR_MAX_SOURCES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct bb_tor_source_key);
+	__type(value, __u32);
+} sources SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_DEVMAP_HASH);
+	__uint(max_entries, BB_TOR_MAX_PORTS);
+	__type(key, __u32);
+	__type(value, __u32);
+} tx_ports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, BB_TOR_NR);
+	__type(key, __u32);
+	__type(value, __u64);
+} tor_counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, BB_TOR_MAX_ROUTE_IDS);
+	__type(key, __u32);
+	__type(value, struct bb_tor_stats);
+} route_stats SEC(".maps");
+
+/* Per port (by ifindex): frames received and sent. Entries are created by the loader. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, BB_TOR_MAX_PORTS * 2);
+	__type(key, __u64);     /* ifindex << 1 | 0 for rx, | 1 for tx */
+	__type(value, struct bb_tor_stats);
+} port_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} tor_config SEC(".maps");
+
+static __always_inline int count(__u32 reason, int action)
+{
+	__u64 *c = bpf_map_lookup_elem(&tor_counters, &reason);
+
+	if (c)
+		*c += 1;
+	return action;
+}
+
+static __always_inline void add(struct bb_tor_stats *s, __u64 bytes)
+{
+	if (s) {
+		s->packets += 1;
+		s->bytes += bytes;
+	}
+}
+
+static __always_inline int other(void)
+{
+	__u32 zero = 0;
+	__u32 *cfg = bpf_map_lookup_elem(&tor_config, &zero);
+
+	if (cfg && (*cfg & BB_TOR_PASS_OTHER))
+		return count(BB_TOR_OTHER_PASSED, XDP_PASS);
+	return count(BB_TOR_OTHER_DROPPED, XDP_DROP);
+}
+
+static __always_inline int forward(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct ipv6hdr *ip6;
+	struct udphdr *udp;
+	struct bb_lpm_key dst;
+	struct bb_tor_source_key src;
+	struct bb_tor_route *r;
+	__u64 len = bpf_xdp_get_buff_len(ctx);
+	__u64 port_key;
+
+	if ((void *)(eth + 1) > data_end)
+		return count(BB_TOR_MALFORMED, XDP_DROP);
+	if (eth->h_proto != bpf_htons(ETH_P_IPV6))
+		return other();
+	ip6 = (void *)(eth + 1);
+	if ((void *)(ip6 + 1) > data_end)
+		return count(BB_TOR_MALFORMED, XDP_DROP);
+	if (ip6->nexthdr != IPPROTO_UDP)
+		return other();
+	udp = (void *)(ip6 + 1);
+	if ((void *)(udp + 1) > data_end)
+		return count(BB_TOR_MALFORMED, XDP_DROP);
+	if (udp->dest != bpf_htons(BB_UDP_PORT) && udp->source != bpf_htons(BB_UDP_PORT))
+		return other();
+
+	port_key = (__u64)ctx->ingress_ifindex << 1;
+	add(bpf_map_lookup_elem(&port_stats, &port_key), len);
+
+	src.prefixlen = 160;
+	src.ifindex = bpf_htonl(ctx->ingress_ifindex);
+	__builtin_memcpy(src.addr, &ip6->saddr, sizeof(src.addr));
+	if (!bpf_map_lookup_elem(&sources, &src))
+		return count(BB_TOR_SPOOFED, XDP_DROP);
+
+	dst.prefixlen = 128;
+	__builtin_memcpy(dst.addr, &ip6->daddr, sizeof(dst.addr));
+	r = bpf_map_lookup_elem(&routes, &dst);
+	if (!r)
+		return count(BB_TOR_NO_ROUTE, XDP_DROP);
+	if (ip6->hop_limit <= 1)
+		return count(BB_TOR_HOP_LIMIT, XDP_DROP);
+	if (!bpf_map_lookup_elem(&tx_ports, &r->ifindex))
+		return count(BB_TOR_NO_PORT, XDP_DROP);
+
+	ip6->hop_limit -= 1;
+	__builtin_memcpy(eth->h_dest, r->dst_mac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, r->src_mac, ETH_ALEN);
+	if (r->route_id < BB_TOR_MAX_ROUTE_IDS) {
+		__u32 id = r->route_id;
+
+		add(bpf_map_lookup_elem(&route_stats, &id), len);
+	}
+	port_key = ((__u64)r->ifindex << 1) | 1;
+	add(bpf_map_lookup_elem(&port_stats, &port_key), len);
+	count(BB_TOR_FORWARDED, 0);
+	return bpf_redirect_map(&tx_ports, r->ifindex, 0);
+}
+
+SEC("xdp.frags")
+int bb_tor(struct xdp_md *ctx)
+{
+	return forward(ctx);
+}
+
+char LICENSE[] SEC("license") = "Dual MIT/GPL";

@@ -1,0 +1,329 @@
+//! [`Tor`]: the loader of `tor.bpf.c`, the software top-of-rack switch.
+
+use std::net::Ipv6Addr;
+
+use aya::Ebpf;
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, DevMapHash, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use aya::programs::Xdp;
+
+use crate::{AttachMode, XdpAction, XdpError, attach_xdp, consts, ifindex, test_run_xdp};
+
+static TOR_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tor.bpf.o"));
+
+/// Where frames for a prefix go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    /// The egress port's interface index.
+    pub ifindex: u32,
+    /// The next hop's MAC (the host behind the port).
+    pub dst_mac: [u8; 6],
+    /// The egress port's own MAC.
+    pub src_mac: [u8; 6],
+    /// Index of the route's counters (below `BB_TOR_MAX_ROUTE_IDS`; above: not counted).
+    pub id: u32,
+}
+
+impl Route {
+    /// `struct bb_tor_route` as bytes.
+    fn to_bytes(self) -> [u8; 20] {
+        let mut b = [0u8; 20];
+        b[0..4].copy_from_slice(&self.ifindex.to_ne_bytes());
+        b[4..8].copy_from_slice(&self.id.to_ne_bytes());
+        b[8..14].copy_from_slice(&self.dst_mac);
+        b[14..20].copy_from_slice(&self.src_mac);
+        b
+    }
+
+    fn from_bytes(b: [u8; 20]) -> Route {
+        let u = |i: usize| u32::from_ne_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+        Route {
+            ifindex: u(0),
+            id: u(4),
+            dst_mac: b[8..14].try_into().expect("6 bytes"),
+            src_mac: b[14..20].try_into().expect("6 bytes"),
+        }
+    }
+}
+
+/// Packets and bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TrafficCounters {
+    /// Frames.
+    pub packets: u64,
+    /// Bytes (whole frames, all buffers).
+    pub bytes: u64,
+}
+
+/// The switch's verdict counters, summed over CPUs (see `bluebridge.h`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TorCounters {
+    /// Routed and sent out of their egress port.
+    pub forwarded: u64,
+    /// BlueBridge frames with no route: dropped.
+    pub no_route: u64,
+    /// Source outside the ingress port's prefixes: dropped.
+    pub spoofed: u64,
+    /// Not BlueBridge: dropped.
+    pub other_dropped: u64,
+    /// Not BlueBridge: passed to the switch's kernel.
+    pub other_passed: u64,
+    /// Headers cut short: dropped.
+    pub malformed: u64,
+    /// Hop limit exhausted: dropped.
+    pub hop_limit: u64,
+    /// The route's egress port is not a switch port: dropped.
+    pub no_port: u64,
+}
+
+/// The loaded switch program and its maps; dropping it detaches it from every port.
+pub struct Tor {
+    ebpf: Ebpf,
+    routes: LpmTrie<MapData, [u8; 16], [u8; 20]>,
+    sources: LpmTrie<MapData, [u8; 20], u32>,
+    tx_ports: DevMapHash<MapData>,
+    counters: PerCpuArray<MapData, u64>,
+    route_stats: PerCpuArray<MapData, [u64; 2]>,
+    port_stats: PerCpuHashMap<MapData, u64, [u64; 2]>,
+    config: Array<MapData, u32>,
+    ports: Vec<(String, u32, AttachMode)>,
+}
+
+fn map_err(what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> XdpError {
+    let what = what.into();
+    move |source| XdpError::Map { what, source }
+}
+
+impl Tor {
+    /// Loads the program into the kernel (no port yet).
+    pub fn load() -> Result<Self, XdpError> {
+        let mut ebpf = Ebpf::load(TOR_OBJ).map_err(|source| XdpError::Load {
+            object: "tor.bpf.o",
+            source,
+        })?;
+        let mut take = |n: &'static str| ebpf.take_map(n).ok_or(XdpError::Missing(n));
+        let routes = LpmTrie::try_from(take("routes")?).map_err(map_err("routes map"))?;
+        let sources = LpmTrie::try_from(take("sources")?).map_err(map_err("sources map"))?;
+        let tx_ports = DevMapHash::try_from(take("tx_ports")?).map_err(map_err("tx_ports map"))?;
+        let counters =
+            PerCpuArray::try_from(take("tor_counters")?).map_err(map_err("tor_counters map"))?;
+        let route_stats =
+            PerCpuArray::try_from(take("route_stats")?).map_err(map_err("route_stats map"))?;
+        let port_stats =
+            PerCpuHashMap::try_from(take("port_stats")?).map_err(map_err("port_stats map"))?;
+        let config = Array::try_from(take("tor_config")?).map_err(map_err("tor_config map"))?;
+        let mut t = Tor {
+            ebpf,
+            routes,
+            sources,
+            tx_ports,
+            counters,
+            route_stats,
+            port_stats,
+            config,
+            ports: Vec::new(),
+        };
+        t.program()?.load().map_err(|source| XdpError::Program {
+            what: "loading bb_tor".into(),
+            source,
+        })?;
+        Ok(t)
+    }
+
+    fn program(&mut self) -> Result<&mut Xdp, XdpError> {
+        self.ebpf
+            .program_mut("bb_tor")
+            .ok_or(XdpError::Missing("program bb_tor"))?
+            .try_into()
+            .map_err(|source| XdpError::Program {
+                what: "bb_tor type".into(),
+                source,
+            })
+    }
+
+    /// Makes `ifname` (in this thread's namespace) a switch port: frames can leave through it,
+    /// and the program runs on what arrives (driver mode, generic as a fallback). Returns its
+    /// interface index. Frames from it are dropped as spoofed until [`Tor::allow_source`].
+    pub fn add_port(&mut self, ifname: &str, force_generic: bool) -> Result<u32, XdpError> {
+        let idx = ifindex(ifname)?;
+        self.tx_ports
+            .insert(idx, idx, None, 0)
+            .map_err(|source| XdpError::DevMap {
+                what: format!("adding port {ifname}"),
+                source,
+            })?;
+        for dir in [0u64, 1] {
+            self.port_stats
+                .insert(u64::from(idx) << 1 | dir, zero_stats()?, 0)
+                .map_err(map_err(format!("counters of port {ifname}")))?;
+        }
+        let mode = attach_xdp(self.program()?, "bb_tor", ifname, force_generic)?;
+        self.ports.push((ifname.to_owned(), idx, mode));
+        Ok(idx)
+    }
+
+    /// The ports: name, interface index, attach mode.
+    pub fn ports(&self) -> &[(String, u32, AttachMode)] {
+        &self.ports
+    }
+
+    /// Accepts frames arriving on port `ifindex` whose source lies in `network/len`.
+    pub fn allow_source(
+        &mut self,
+        ifindex: u32,
+        network: Ipv6Addr,
+        len: u8,
+    ) -> Result<(), XdpError> {
+        let key = source_key(ifindex, network, len)?;
+        self.sources.insert(&key, 1, 0).map_err(map_err(format!(
+            "allowing {network}/{len} on port {ifindex}"
+        )))
+    }
+
+    /// Stops accepting `network/len` on port `ifindex`.
+    pub fn disallow_source(
+        &mut self,
+        ifindex: u32,
+        network: Ipv6Addr,
+        len: u8,
+    ) -> Result<(), XdpError> {
+        let key = source_key(ifindex, network, len)?;
+        self.sources.remove(&key).map_err(map_err(format!(
+            "disallowing {network}/{len} on port {ifindex}"
+        )))
+    }
+
+    /// Installs (or replaces) the route for `network/len`.
+    pub fn add_route(&mut self, network: Ipv6Addr, len: u8, route: Route) -> Result<(), XdpError> {
+        if len > 128 {
+            return Err(XdpError::BadPrefixLen(len));
+        }
+        if route.id < consts::BB_TOR_MAX_ROUTE_IDS {
+            // A reused id starts from zero.
+            self.route_stats
+                .set(route.id, zero_stats()?, 0)
+                .map_err(map_err(format!("counters of route {}", route.id)))?;
+        }
+        let key = Key::new(u32::from(len), network.octets());
+        self.routes
+            .insert(&key, route.to_bytes(), 0)
+            .map_err(map_err(format!("adding route {network}/{len}")))
+    }
+
+    /// Removes the route for exactly `network/len`.
+    pub fn remove_route(&mut self, network: Ipv6Addr, len: u8) -> Result<(), XdpError> {
+        let key = Key::new(u32::from(len), network.octets());
+        self.routes
+            .remove(&key)
+            .map_err(map_err(format!("removing route {network}/{len}")))
+    }
+
+    /// Every route: network, length, where to.
+    pub fn routes(&self) -> Result<Vec<(Ipv6Addr, u8, Route)>, XdpError> {
+        self.routes
+            .iter()
+            .map(|r| {
+                let (k, v) = r.map_err(map_err("listing routes"))?;
+                Ok((
+                    Ipv6Addr::from(k.data()),
+                    k.prefix_len() as u8,
+                    Route::from_bytes(v),
+                ))
+            })
+            .collect()
+    }
+
+    /// Passes non-BlueBridge frames to the switch's kernel (`true`) or drops them (the
+    /// default).
+    pub fn set_pass_other(&mut self, pass: bool) -> Result<(), XdpError> {
+        let v = if pass { consts::BB_TOR_PASS_OTHER } else { 0 };
+        self.config.set(0, v, 0).map_err(map_err("tor_config"))
+    }
+
+    /// The verdict counters, summed over CPUs.
+    pub fn counters(&self) -> Result<TorCounters, XdpError> {
+        let get = |i: u32| -> Result<u64, XdpError> {
+            Ok(self
+                .counters
+                .get(&i, 0)
+                .map_err(map_err("reading tor_counters"))?
+                .iter()
+                .sum())
+        };
+        Ok(TorCounters {
+            forwarded: get(consts::BB_TOR_FORWARDED)?,
+            no_route: get(consts::BB_TOR_NO_ROUTE)?,
+            spoofed: get(consts::BB_TOR_SPOOFED)?,
+            other_dropped: get(consts::BB_TOR_OTHER_DROPPED)?,
+            other_passed: get(consts::BB_TOR_OTHER_PASSED)?,
+            malformed: get(consts::BB_TOR_MALFORMED)?,
+            hop_limit: get(consts::BB_TOR_HOP_LIMIT)?,
+            no_port: get(consts::BB_TOR_NO_PORT)?,
+        })
+    }
+
+    /// Frames forwarded along route `id`.
+    pub fn route_counters(&self, id: u32) -> Result<TrafficCounters, XdpError> {
+        let v = self
+            .route_stats
+            .get(&id, 0)
+            .map_err(map_err(format!("reading the counters of route {id}")))?;
+        Ok(sum(v.iter()))
+    }
+
+    /// BlueBridge frames received on and sent out of port `ifindex`.
+    pub fn port_counters(
+        &self,
+        ifindex: u32,
+    ) -> Result<(TrafficCounters, TrafficCounters), XdpError> {
+        let get = |dir: u64| -> Result<TrafficCounters, XdpError> {
+            let v = self
+                .port_stats
+                .get(&(u64::from(ifindex) << 1 | dir), 0)
+                .map_err(map_err(format!("reading the counters of port {ifindex}")))?;
+            Ok(sum(v.iter()))
+        };
+        Ok((get(0)?, get(1)?))
+    }
+
+    /// Runs the program once on `frame` as if it arrived on `ifindex` (no traffic needed);
+    /// returns the verdict and the frame as the program left it.
+    pub fn test_run(
+        &mut self,
+        frame: &[u8],
+        ifindex: u32,
+    ) -> Result<(XdpAction, Vec<u8>), XdpError> {
+        test_run_xdp(self.program()?, frame, Some((ifindex, 0)))
+    }
+}
+
+/// Zeroed per-CPU counters.
+fn zero_stats() -> Result<PerCpuValues<[u64; 2]>, XdpError> {
+    let ncpu = aya::util::nr_cpus().map_err(|(_, e)| XdpError::Cpus(e))?;
+    PerCpuValues::try_from(vec![[0u64; 2]; ncpu]).map_err(XdpError::Cpus)
+}
+
+fn sum<'a>(v: impl Iterator<Item = &'a [u64; 2]>) -> TrafficCounters {
+    v.fold(TrafficCounters::default(), |t, c| TrafficCounters {
+        packets: t.packets + c[0],
+        bytes: t.bytes + c[1],
+    })
+}
+
+fn source_key(ifindex: u32, network: Ipv6Addr, len: u8) -> Result<Key<[u8; 20]>, XdpError> {
+    if len > 128 {
+        return Err(XdpError::BadPrefixLen(len));
+    }
+    let mut data = [0u8; 20];
+    data[..4].copy_from_slice(&ifindex.to_be_bytes());
+    data[4..].copy_from_slice(&network.octets());
+    Ok(Key::new(32 + u32::from(len), data))
+}
+
+impl std::fmt::Debug for Tor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tor")
+            .field("ports", &self.ports)
+            .finish_non_exhaustive()
+    }
+}

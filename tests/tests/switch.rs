@@ -1,0 +1,233 @@
+//! The XDP top-of-rack switch over real packets: hosts reach each other's pages only through
+//! it, by longest-prefix match on the destination; spoofed sources, destinations without a
+//! route and non-BlueBridge frames are dropped and counted; a /112 beats a /48.
+
+use std::time::Duration;
+
+use bluebridge_client::ClientError;
+use bluebridge_ebpf::{Route, XdpAction};
+use bluebridge_proto::frame::{Endpoints, build};
+use bluebridge_proto::{
+    BbRepr, FRAME_OVERHEAD, HostId, MacAddr, NetPrefix, OpFlags, Opcode, PAGE_SIZE, UDP_PORT,
+};
+use bluebridge_tests::{RackRig, rack_client_addr};
+
+fn frame(src: std::net::Ipv6Addr, dst: std::net::Ipv6Addr, hop_limit_probe: bool) -> Vec<u8> {
+    let ep = Endpoints {
+        src_mac: MacAddr([2, 0, 0, 0, 0, 1]),
+        dst_mac: MacAddr([2, 0, 0, 0, 0, 2]),
+        src,
+        dst,
+        src_port: 40000,
+        dst_port: UDP_PORT,
+    };
+    let mut f = vec![0u8; FRAME_OVERHEAD];
+    let h = BbRepr {
+        count: 1,
+        request_id: 99,
+        ..Default::default()
+    };
+    build(&mut f, &ep, &h, &[]).unwrap();
+    if hop_limit_probe {
+        f[21] = 1;
+    }
+    f
+}
+
+#[test]
+fn pages_travel_through_the_switch_by_longest_prefix_match() {
+    let rig = RackRig::new(3, &[1, 2]);
+    let before = rig.tor.counters().unwrap();
+    let mut c = rig.client(0);
+    let data: Vec<u8> = (0..PAGE_SIZE).map(|i| (i * 13) as u8).collect();
+    for host in [HostId(2), HostId(3)] {
+        let p = c.alloc(host, false).expect("ALLOC through the switch");
+        assert_eq!(p.host_id(), host);
+        c.write(p, 0, &data).unwrap();
+        assert_eq!(c.read(p).unwrap(), data, "a whole page, one frame each way");
+        c.free(p).unwrap();
+    }
+    let after = rig.tor.counters().unwrap();
+    // Every request frame the client sent and every reply it got crossed the switch once (idle
+    // servers may be slow to wake, so a retransmission or a duplicate reply can occur).
+    let st = c.stats();
+    let frames = st.sent + st.retransmits + st.replies + st.stray;
+    assert_eq!(st.sent, 8);
+    assert_eq!(
+        after.forwarded - before.forwarded,
+        frames,
+        "{after:?} {st:?}"
+    );
+    assert_eq!(
+        after.no_route + after.spoofed + after.malformed,
+        0,
+        "{after:?}"
+    );
+    for i in [1usize, 2] {
+        let r = rig.tor.route_counters(2 * i as u32).unwrap();
+        assert!(
+            r.packets >= 4,
+            "requests routed to host {i}'s server: {r:?}"
+        );
+        // The WRITE carried a page: whole multi-buffer frames are counted.
+        assert!(r.bytes > PAGE_SIZE as u64, "{r:?}");
+        let (rx, tx) = rig.tor.port_counters(rig.ports[i].0).unwrap();
+        assert_eq!(
+            tx.packets, r.packets,
+            "host {i}'s server port sent what its route carried"
+        );
+        assert!(rx.packets >= 4, "host {i}'s server port: replies {rx:?}");
+    }
+    let replies = rig.tor.route_counters(1).unwrap();
+    assert_eq!(
+        replies.packets,
+        st.replies + st.stray,
+        "replies to host 0's client"
+    );
+    assert!(
+        replies.bytes > 2 * PAGE_SIZE as u64,
+        "two READ replies: {replies:?}"
+    );
+
+    // No route for host 9: dropped at the switch (counted), the client times out.
+    let t0 = rig.tor.counters().unwrap().no_route;
+    match c.alloc(HostId(9), false) {
+        Err(ClientError::Timeout { .. }) => {}
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert_eq!(
+        rig.tor.counters().unwrap().no_route - t0,
+        11,
+        "every transmission dropped"
+    );
+
+    // A spoofed source (host 7's prefix from host 0's client port) never reaches a server.
+    let spoofed = frame(
+        NetPrefix::DEFAULT.host_network(HostId(7)),
+        NetPrefix::DEFAULT.host_network(HostId(2)),
+        false,
+    );
+    let s0 = rig.tor.counters().unwrap().spoofed;
+    assert!(c.transport_mut().xdp_mut().unwrap().send_raw(&spoofed));
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(rig.tor.counters().unwrap().spoofed - s0, 1);
+
+    // Not BlueBridge: an IPv6 frame with another UDP port is dropped, never forwarded.
+    let mut other = frame(
+        rack_client_addr(HostId(1)),
+        NetPrefix::DEFAULT.host_network(HostId(2)),
+        false,
+    );
+    other[56..58].copy_from_slice(&53u16.to_be_bytes());
+    let o0 = rig.tor.counters().unwrap();
+    assert!(c.transport_mut().xdp_mut().unwrap().send_raw(&other));
+    std::thread::sleep(Duration::from_millis(50));
+    let o1 = rig.tor.counters().unwrap();
+    assert_eq!(
+        (
+            o1.other_dropped - o0.other_dropped,
+            o1.forwarded - o0.forwarded
+        ),
+        (1, 0)
+    );
+}
+
+#[test]
+fn the_longest_prefix_wins_and_headers_are_rewritten() {
+    let mut rig = RackRig::new(3, &[]);
+    let ingress = rig.ports[0].1;
+    let page = bluebridge_proto::RemoteAddr::new(
+        NetPrefix::DEFAULT,
+        HostId(2),
+        bluebridge_proto::PageHandle::from_bits(0x1234),
+        Opcode::READ,
+        OpFlags::NONE,
+    );
+    let src = rack_client_addr(HostId(1));
+    let to_page = frame(src, page.to_ipv6(), false);
+    let (h1, h2) = (rig.rack.hosts[1].clone(), rig.rack.hosts[2].clone());
+
+    // The /48 of host 2 (hosts[1]) carries it.
+    let (v, out) = rig.tor.test_run(&to_page, ingress).unwrap();
+    assert_eq!(v, XdpAction::Redirect);
+    assert_eq!(&out[0..6], &h1.server_mac, "destination: host 2's server");
+    assert_eq!(&out[6..12], &h1.server_port_mac, "source: the egress port");
+    assert_eq!(out[21], to_page[21] - 1, "hop limit decremented");
+    assert_eq!(
+        &out[12..],
+        &{
+            let mut t = to_page.clone();
+            t[21] -= 1;
+            t
+        }[12..],
+        "nothing else changes"
+    );
+
+    // A /112 for this one page (all its opcodes) to host 3's server (hosts[2]) wins.
+    let mut net = page.to_ipv6().octets();
+    net[14] = 0;
+    net[15] = 0;
+    rig.tor
+        .add_route(
+            net.into(),
+            112,
+            Route {
+                ifindex: rig.ports[2].0,
+                dst_mac: h2.server_mac,
+                src_mac: h2.server_port_mac,
+                id: 100,
+            },
+        )
+        .unwrap();
+    let (v, out) = rig.tor.test_run(&to_page, ingress).unwrap();
+    assert_eq!(v, XdpAction::Redirect);
+    assert_eq!(&out[0..6], &h2.server_mac, "the page's own route");
+    // Another page of host 2 still follows the /48.
+    let other = page.with_handle(bluebridge_proto::PageHandle::from_bits(0x9999));
+    let (_, out) = rig
+        .tor
+        .test_run(&frame(src, other.to_ipv6(), false), ingress)
+        .unwrap();
+    assert_eq!(&out[0..6], &h1.server_mac);
+    // The route table lists what was installed.
+    let routes = rig.tor.routes().unwrap();
+    assert!(
+        routes
+            .iter()
+            .any(|(n, l, r)| *n == std::net::Ipv6Addr::from(net) && *l == 112 && r.id == 100)
+    );
+    assert_eq!(routes.len(), 2 * 3 + 1);
+    // Removing it restores the /48.
+    rig.tor.remove_route(net.into(), 112).unwrap();
+    let (_, out) = rig.tor.test_run(&to_page, ingress).unwrap();
+    assert_eq!(&out[0..6], &h1.server_mac);
+
+    // Exhausted hop limit, short frames, other EtherTypes: dropped and counted.
+    let c0 = rig.tor.counters().unwrap();
+    assert_eq!(
+        rig.tor
+            .test_run(&frame(src, page.to_ipv6(), true), ingress)
+            .unwrap()
+            .0,
+        XdpAction::Drop
+    );
+    assert_eq!(
+        rig.tor.test_run(&to_page[..40], ingress).unwrap().0,
+        XdpAction::Drop
+    );
+    let mut arp = to_page.clone();
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    assert_eq!(rig.tor.test_run(&arp, ingress).unwrap().0, XdpAction::Drop);
+    rig.tor.set_pass_other(true).unwrap();
+    assert_eq!(rig.tor.test_run(&arp, ingress).unwrap().0, XdpAction::Pass);
+    let c1 = rig.tor.counters().unwrap();
+    assert_eq!(c1.hop_limit - c0.hop_limit, 1);
+    assert_eq!(c1.malformed - c0.malformed, 1);
+    assert_eq!(
+        (
+            c1.other_dropped - c0.other_dropped,
+            c1.other_passed - c0.other_passed
+        ),
+        (1, 1)
+    );
+}
