@@ -31,6 +31,7 @@ pub struct Client<T: Transport> {
     engine: Engine,
     transport: T,
     stash: VecDeque<Completion>,
+    yield_when_idle: bool,
 }
 
 /// A page's address with opcode and flags cleared: what the API hands out for a page.
@@ -51,7 +52,15 @@ impl<T: Transport> Client<T> {
             engine: Engine::new(cfg),
             transport,
             stash: VecDeque::new(),
+            yield_when_idle: false,
         }
+    }
+
+    /// Gives the CPU away (`sched_yield`) between polls while waiting in the blocking calls,
+    /// instead of spinning. For many clients sharing few CPUs (a rack on one machine); costs
+    /// latency when a client has its CPU to itself.
+    pub fn set_yield_when_idle(&mut self, on: bool) {
+        self.yield_when_idle = on;
     }
 
     /// The transport.
@@ -119,6 +128,9 @@ impl<T: Transport> Client<T> {
                 self.stash.push_back(c);
             }
             self.progress();
+            if self.yield_when_idle {
+                std::thread::yield_now();
+            }
         }
     }
 
@@ -138,6 +150,9 @@ impl<T: Transport> Client<T> {
             }
             if left > 0 {
                 self.progress();
+                if self.yield_when_idle {
+                    std::thread::yield_now();
+                }
             }
         }
         out.into_iter().map(|r| r.expect("all collected")).collect()

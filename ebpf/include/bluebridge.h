@@ -30,6 +30,7 @@
 #define BB_TOR_MAX_ROUTE_IDS 65536  /* per-route counters are kept for ids below this */
 #define BB_TOR_MAX_PORTS 256
 #define BB_TOR_MAX_SOURCES 4096     /* allowed source prefixes, all ports together */
+#define BB_TOR_HOT_PAGES 65536      /* per-page counters kept (least recently used evicted) */
 
 /* tor.bpf.c counters: index into the per-CPU `tor_counters` array. */
 #define BB_TOR_FORWARDED 0        /* routed and redirected out of its egress port */

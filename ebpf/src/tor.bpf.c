@@ -70,6 +70,15 @@ struct {
 	__type(value, struct bb_tor_stats);
 } port_stats SEC(".maps");
 
+/* Per page (destination with opcode and flags cleared: the page's /112): frames forwarded to
+ * it. The least recently used pages make room for new ones. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);
+	__uint(max_entries, BB_TOR_HOT_PAGES);
+	__type(key, struct in6_addr);
+	__type(value, struct bb_tor_stats);
+} page_stats SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
@@ -91,6 +100,23 @@ static __always_inline void add(struct bb_tor_stats *s, __u64 bytes)
 	if (s) {
 		s->packets += 1;
 		s->bytes += bytes;
+	}
+}
+
+static __always_inline void count_page(const struct in6_addr *dst, __u64 bytes)
+{
+	struct in6_addr page = *dst;
+	struct bb_tor_stats *s;
+
+	page.s6_addr[14] = 0;
+	page.s6_addr[15] = 0;
+	s = bpf_map_lookup_elem(&page_stats, &page);
+	if (s) {
+		add(s, bytes);
+	} else {
+		struct bb_tor_stats first = { .packets = 1, .bytes = bytes };
+
+		bpf_map_update_elem(&page_stats, &page, &first, BPF_NOEXIST);
 	}
 }
 
@@ -161,6 +187,8 @@ static __always_inline int forward(struct xdp_md *ctx)
 	}
 	port_key = ((__u64)r->ifindex << 1) | 1;
 	add(bpf_map_lookup_elem(&port_stats, &port_key), len);
+	if (udp->dest == bpf_htons(BB_UDP_PORT))
+		count_page(&ip6->daddr, len);
 	count(BB_TOR_FORWARDED, 0);
 	return bpf_redirect_map(&tx_ports, r->ifindex, 0);
 }

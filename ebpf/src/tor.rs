@@ -85,6 +85,7 @@ pub struct Tor {
     counters: PerCpuArray<MapData, u64>,
     route_stats: PerCpuArray<MapData, [u64; 2]>,
     port_stats: PerCpuHashMap<MapData, u64, [u64; 2]>,
+    page_stats: PerCpuHashMap<MapData, [u8; 16], [u64; 2]>,
     config: Array<MapData, u32>,
     ports: Vec<(String, u32, AttachMode)>,
 }
@@ -111,6 +112,8 @@ impl Tor {
             PerCpuArray::try_from(take("route_stats")?).map_err(map_err("route_stats map"))?;
         let port_stats =
             PerCpuHashMap::try_from(take("port_stats")?).map_err(map_err("port_stats map"))?;
+        let page_stats =
+            PerCpuHashMap::try_from(take("page_stats")?).map_err(map_err("page_stats map"))?;
         let config = Array::try_from(take("tor_config")?).map_err(map_err("tor_config map"))?;
         let mut t = Tor {
             ebpf,
@@ -120,6 +123,7 @@ impl Tor {
             counters,
             route_stats,
             port_stats,
+            page_stats,
             config,
             ports: Vec::new(),
         };
@@ -284,6 +288,19 @@ impl Tor {
             Ok(sum(v.iter()))
         };
         Ok((get(0)?, get(1)?))
+    }
+
+    /// The `top` pages that received the most requests through the switch (of the most
+    /// recently used 65,536), as page addresses (opcode and flags zero) with their counters.
+    pub fn hot_pages(&self, top: usize) -> Result<Vec<(Ipv6Addr, TrafficCounters)>, XdpError> {
+        let mut all = Vec::new();
+        for e in self.page_stats.iter() {
+            let (k, v) = e.map_err(map_err("reading page_stats"))?;
+            all.push((Ipv6Addr::from(k), sum(v.iter())));
+        }
+        all.sort_by(|a, b| b.1.packets.cmp(&a.1.packets).then(a.0.cmp(&b.0)));
+        all.truncate(top);
+        Ok(all)
     }
 
     /// Runs the program once on `frame` as if it arrived on `ifindex` (no traffic needed);

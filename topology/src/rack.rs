@@ -5,7 +5,7 @@
 use crate::{Netns, TopologyError, configure_link, fmt_mac, ip};
 
 /// One host of a rack.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RackHost {
     /// BlueBridge host id of its server (1-based: host i of the rack is id i + 1).
     pub host_id: u16,

@@ -100,19 +100,45 @@ impl ServerProc {
         args: &[String],
         interrupted: &AtomicBool,
     ) -> Result<Self> {
+        Self::start_with(ns, bin, args, interrupted, true)
+    }
+
+    /// Like [`ServerProc::start`], without echoing the server's output (for many servers).
+    pub(crate) fn start_quiet(
+        ns: &str,
+        bin: &Path,
+        args: &[String],
+        interrupted: &AtomicBool,
+    ) -> Result<Self> {
+        Self::start_with(ns, bin, args, interrupted, false)
+    }
+
+    fn start_with(
+        ns: &str,
+        bin: &Path,
+        args: &[String],
+        interrupted: &AtomicBool,
+        echo: bool,
+    ) -> Result<Self> {
         let mut child = Command::new("ip")
             .args(["netns", "exec", ns])
             .arg(bin)
             .args(args)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(if echo {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .spawn()
             .context("starting the server")?;
         let out = child.stdout.take().expect("piped");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
-                println!("      server | {line}");
+                if echo {
+                    println!("      server | {line}");
+                }
                 let _ = tx.send(line);
             }
         });

@@ -6,6 +6,7 @@ mod bench;
 mod demo;
 mod lab;
 mod packages;
+mod rack;
 mod stage;
 
 use std::path::{Path, PathBuf};
@@ -38,6 +39,12 @@ enum Cmd {
     /// results/ and the comparison printed. `--quick` is the smoke run CI does; `--table1`
     /// runs only Table 1. Needs root.
     Bench(bench::BenchArgs),
+    /// A rack on this machine: a switch namespace running the XDP top-of-rack switch and its
+    /// controller (bluebridge-ctl), N hosts each with a server (idle mode) and a client; then
+    /// the paper's failed 42-host experiment: all clients allocate, write, read back and free
+    /// pages on random other hosts for 100 iterations, then one client for 1,000. Reports
+    /// completion, errors, latency and switch counters (results/rack*.json). Needs root.
+    Rack(rack::RackArgs),
     /// The 2017 prototype's failure reproduced and cured: with kernel UDP and page addresses
     /// on-link, touch 1,000, 2,000 and 5,000 page addresses and watch the neighbour table fill
     /// and requests fail; with BlueBridge's data path, touch 1,000,000 and watch nothing grow.
@@ -75,6 +82,7 @@ fn main() {
     let result = match cli.cmd {
         Cmd::Demo(a) => demo::run(&a),
         Cmd::Bench(a) => bench::run(&a),
+        Cmd::Rack(a) => rack::run(&a),
         Cmd::Ndp { no_packages } => ndp(no_packages),
         Cmd::Test {
             fuzz_seconds,

@@ -1,0 +1,307 @@
+//! `bluebridge-rack`: the BlueBridge paper's failed experiment, run. Every host of a rack has
+//! a client; in each iteration all of them at once allocate a page on a random other host,
+//! write it, read it back (byte for byte) and free it; then one client does the same alone for
+//! many more iterations. Reports completion, errors and per-operation latency.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use bluebridge_bench::{Latencies, Percentiles};
+use bluebridge_client::{AnyTransport, Client, Connect, TransportKind};
+use bluebridge_proto::{HostId, MacAddr, NetPrefix, PAGE_SIZE};
+use bluebridge_topology::RackHost;
+use clap::Parser;
+use rand::{RngExt, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+/// Drives the clients of a rack built by `cargo xtask rack` (its layout file names every
+/// host's namespace, client interface and switch port). Needs root.
+#[derive(Parser, Debug)]
+#[command(name = "bluebridge-rack", version)]
+struct Args {
+    /// The rack layout (JSON: the hosts as `bluebridge_topology::RackHost`).
+    #[arg(long)]
+    layout: PathBuf,
+    /// Iterations in which every host's client works at once.
+    #[arg(long, default_value_t = 100)]
+    iterations: usize,
+    /// Iterations of host 0's client alone afterwards.
+    #[arg(long, default_value_t = 1000)]
+    single: usize,
+    /// Random seed (targets, page contents).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Client retransmission timeout, µs (the minimum; it adapts).
+    #[arg(long, default_value_t = 1000)]
+    rto_us: u64,
+    /// Client retransmissions before an operation fails.
+    #[arg(long, default_value_t = 12)]
+    retries: u32,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// The report.
+#[derive(Debug, Serialize, Deserialize)]
+struct Report {
+    hosts: usize,
+    iterations: usize,
+    single: usize,
+    /// Phase name → results.
+    phases: BTreeMap<String, Phase>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Phase {
+    cycles: u64,
+    operations: u64,
+    errors: BTreeMap<String, u64>,
+    seconds: f64,
+    latency: BTreeMap<String, Percentiles>,
+    retransmissions: u64,
+    timeouts: u64,
+}
+
+/// One cycle's results.
+struct Cycle {
+    lat: Latencies,
+    errors: Vec<String>,
+    retransmissions: u64,
+    timeouts: u64,
+}
+
+fn client_addr(id: u16) -> std::net::Ipv6Addr {
+    let mut o = NetPrefix::DEFAULT.host_network(HostId(id)).octets();
+    o[6] = 0xff;
+    o[7] = 0xff;
+    o[15] = 1;
+    o.into()
+}
+
+/// A client thread on `h`: waits for targets, runs one cycle per target.
+fn spawn_client(
+    h: RackHost,
+    a: &Args,
+    results: mpsc::Sender<(usize, Cycle)>,
+    idx: usize,
+) -> Result<mpsc::Sender<(u16, u64)>> {
+    let (tx, rx) = mpsc::channel::<(u16, u64)>();
+    let (rto, retries) = (Duration::from_micros(a.rto_us), a.retries);
+    let (ready_tx, ready_rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name(format!("rack-client-{}", h.host_id))
+        .spawn(move || {
+            let opened = (|| -> Result<Client<AnyTransport>> {
+                bluebridge_topology::enter(&h.ns)?;
+                let c = Connect {
+                    kind: TransportKind::Xdp,
+                    ifname: h.client_if.clone(),
+                    local: client_addr(h.host_id),
+                    next_hop_mac: Some(MacAddr(h.client_port_mac)),
+                    prefix: NetPrefix::DEFAULT,
+                    segments: false,
+                };
+                let (t, mut ec) = c.open()?;
+                ec.rto = rto;
+                ec.retries = retries;
+                let mut client = Client::new(ec, t);
+                client.set_yield_when_idle(true);
+                Ok(client)
+            })();
+            let mut c = match opened {
+                Ok(c) => {
+                    let _ = ready_tx.send(Ok(()));
+                    c
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            while let Ok((target, seed)) = rx.recv() {
+                let cycle = run_cycle(&mut c, HostId(target), seed);
+                if results.send((idx, cycle)).is_err() {
+                    break;
+                }
+            }
+        })?;
+    ready_rx
+        .recv()
+        .context("a client thread died")?
+        .with_context(|| format!("opening host {}'s client", idx + 1))?;
+    Ok(tx)
+}
+
+/// ALLOC on `target`, WRITE a page, READ it back and compare, FREE.
+fn run_cycle(c: &mut Client<AnyTransport>, target: HostId, seed: u64) -> Cycle {
+    let before = c.stats();
+    let mut lat = Latencies::default();
+    let mut errors = Vec::new();
+    let data: Vec<u8> = {
+        let mut r = rand::rngs::SmallRng::seed_from_u64(seed);
+        (0..PAGE_SIZE).map(|_| r.random()).collect()
+    };
+    let mut timed =
+        |label: &'static str, t: Instant| lat.record(label, t.elapsed().as_nanos() as u64);
+    let t = Instant::now();
+    match c.alloc(target, false) {
+        Err(e) => errors.push(format!("ALLOC on host {target}: {e}")),
+        Ok(p) => {
+            timed("ALLOC", t);
+            let t = Instant::now();
+            match c.write(p, 0, &data) {
+                Err(e) => errors.push(format!("WRITE: {e}")),
+                Ok(()) => timed("WRITE", t),
+            }
+            let t = Instant::now();
+            match c.read(p) {
+                Err(e) => errors.push(format!("READ: {e}")),
+                Ok(d) if d != data => {
+                    errors.push("READ: the page differs from what was written".into())
+                }
+                Ok(_) => timed("READ", t),
+            }
+            let t = Instant::now();
+            match c.free(p) {
+                Err(e) => errors.push(format!("FREE: {e}")),
+                Ok(()) => timed("FREE", t),
+            }
+        }
+    }
+    let after = c.stats();
+    Cycle {
+        lat,
+        errors,
+        retransmissions: after.retransmits - before.retransmits,
+        timeouts: after.timeouts - before.timeouts,
+    }
+}
+
+fn phase(cycles: Vec<Cycle>, seconds: f64) -> Phase {
+    let mut lat = Latencies::default();
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    let (mut retx, mut to) = (0, 0);
+    let n = cycles.len() as u64;
+    for c in cycles {
+        lat.merge(&c.lat);
+        for e in c.errors {
+            *errors.entry(e).or_default() += 1;
+        }
+        retx += c.retransmissions;
+        to += c.timeouts;
+    }
+    Phase {
+        cycles: n,
+        operations: lat.count(),
+        errors,
+        seconds,
+        latency: lat.percentiles(),
+        retransmissions: retx,
+        timeouts: to,
+    }
+}
+
+fn print_phase(name: &str, p: &Phase) {
+    println!(
+        "{name}: {} cycles, {} operations acknowledged in {:.2} s, {} errors, {} retransmissions, {} timeouts",
+        p.cycles,
+        p.operations,
+        p.seconds,
+        p.errors.values().sum::<u64>(),
+        p.retransmissions,
+        p.timeouts
+    );
+    println!("| operation | count | p50 µs | p99 µs | max µs |\n|---|---|---|---|---|");
+    for (op, l) in &p.latency {
+        println!(
+            "| {op} | {} | {:.1} | {:.1} | {:.1} |",
+            l.count, l.p50_us, l.p99_us, l.max_us
+        );
+    }
+    for (e, n) in &p.errors {
+        println!("error ×{n}: {e}");
+    }
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let a = Args::parse();
+    let text = std::fs::read_to_string(&a.layout)
+        .with_context(|| format!("reading {}", a.layout.display()))?;
+    let hosts: Vec<RackHost> = serde_json::from_str(&text).context("parsing the layout")?;
+    ensure!(hosts.len() >= 2, "a rack run needs at least two hosts");
+    let (res_tx, res_rx) = mpsc::channel();
+    let mut clients = Vec::new();
+    for (i, h) in hosts.iter().enumerate() {
+        clients.push(spawn_client(h.clone(), &a, res_tx.clone(), i)?);
+    }
+    println!(
+        "{} clients open (one per host, AF_XDP through the switch)",
+        clients.len()
+    );
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(a.seed);
+    let mut pick = |me: usize| loop {
+        let t = rng.random_range(0..hosts.len());
+        if t != me {
+            return (hosts[t].host_id, rng.random::<u64>());
+        }
+    };
+
+    let mut report = Report {
+        hosts: hosts.len(),
+        iterations: a.iterations,
+        single: a.single,
+        phases: BTreeMap::new(),
+    };
+    let t = Instant::now();
+    let mut all = Vec::new();
+    for it in 0..a.iterations {
+        for (i, c) in clients.iter().enumerate() {
+            c.send(pick(i)).context("a client thread exited")?;
+        }
+        for _ in 0..clients.len() {
+            let (_, cycle) = res_rx
+                .recv_timeout(Duration::from_secs(60))
+                .with_context(|| format!("iteration {it}: a client did not finish within 60 s"))?;
+            all.push(cycle);
+        }
+    }
+    let p = phase(all, t.elapsed().as_secs_f64());
+    print_phase(&format!("all {} hosts at once", hosts.len()), &p);
+    report.phases.insert("all".into(), p);
+
+    let t = Instant::now();
+    let mut one = Vec::new();
+    for _ in 0..a.single {
+        clients[0].send(pick(0)).context("host 1's client exited")?;
+        one.push(res_rx.recv_timeout(Duration::from_secs(60))?.1);
+    }
+    let p = phase(one, t.elapsed().as_secs_f64());
+    print_phase("host 1's client alone", &p);
+    report.phases.insert("single".into(), p);
+    drop(clients);
+
+    if let Some(path) = &a.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("report written to {}", path.display());
+    }
+    let errors: u64 = report
+        .phases
+        .values()
+        .map(|p| p.errors.values().sum::<u64>())
+        .sum();
+    if errors > 0 {
+        bail!("{errors} operations failed");
+    }
+    Ok(())
+}

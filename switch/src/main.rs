@@ -1,0 +1,212 @@
+//! `bluebridge-ctl`: the BlueBridge controller daemon and its command-line client.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::{Context, Result};
+use bluebridge_proto::NetPrefix;
+use bluebridge_switch::api::{self, Request};
+use bluebridge_switch::{Controller, Counters, HostSpec, HotPage, RouteInfo};
+use clap::{Parser, Subcommand};
+
+/// The BlueBridge controller: `daemon` loads the XDP top-of-rack switch into the switch's
+/// network namespace and serves its control API on a Unix socket; the other commands talk to
+/// that daemon.
+#[derive(Parser, Debug)]
+#[command(name = "bluebridge-ctl", version)]
+struct Cli {
+    /// The control socket.
+    #[arg(long, global = true, default_value = "/run/bluebridge/ctl.sock")]
+    socket: PathBuf,
+    /// Print answers as JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the controller (as root, inside the switch's network namespace, e.g. with `ip netns
+    /// exec`): loads tor.bpf.c, attaches it to each port as hosts are registered, serves the
+    /// control socket until SIGINT or SIGTERM (the program is detached on exit).
+    Daemon {
+        /// The deployment's /32 prefix.
+        #[arg(long, default_value = "fd00:bb::/32")]
+        prefix: NetPrefix,
+        /// Pass non-BlueBridge frames to the switch's kernel instead of dropping them.
+        #[arg(long)]
+        pass_other: bool,
+        /// Attach in generic (SKB) mode instead of trying driver mode first.
+        #[arg(long)]
+        generic: bool,
+    },
+    /// Is the daemon there?
+    Ping,
+    /// Register a host: route its /48 to its server's port (and its client prefix to its
+    /// client's port), allow those sources on those ports.
+    RegisterHost {
+        /// Host id (1 to 32767).
+        #[arg(long)]
+        id: u16,
+        /// Switch port (interface in the switch namespace) of its server.
+        #[arg(long)]
+        server_port: String,
+        /// The server interface's MAC.
+        #[arg(long)]
+        server_mac: String,
+        /// Switch port of its client link.
+        #[arg(long, requires_all = ["client_mac", "client_net"])]
+        client_port: Option<String>,
+        /// The client interface's MAC.
+        #[arg(long)]
+        client_mac: Option<String>,
+        /// The client link's prefix, NETWORK/LEN inside the host's /48.
+        #[arg(long)]
+        client_net: Option<String>,
+    },
+    /// Withdraw a host's routes.
+    UnregisterHost {
+        /// Host id.
+        #[arg(long)]
+        id: u16,
+    },
+    /// The registered hosts.
+    Hosts,
+    /// The switch's routes.
+    Routes,
+    /// The switch's verdicts and per-host traffic.
+    Counters,
+    /// The pages with the most requests through the switch.
+    HotPages {
+        /// How many.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+    },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let req = match cli.cmd {
+        Cmd::Daemon {
+            prefix,
+            pass_other,
+            generic,
+        } => {
+            let stop = Arc::new(AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register(sig, stop.clone())?;
+            }
+            let ctl = Controller::new(prefix, pass_other, generic)
+                .context("loading the switch program (needs root, in the switch namespace)")?;
+            println!(
+                "bluebridge-ctl: controller for {prefix} on {}",
+                cli.socket.display()
+            );
+            api::serve(ctl, &cli.socket, &stop)
+                .with_context(|| format!("serving {}", cli.socket.display()))?;
+            println!("bluebridge-ctl: stopped; switch program detached");
+            return Ok(());
+        }
+        Cmd::Ping => Request::Ping,
+        Cmd::RegisterHost {
+            id,
+            server_port,
+            server_mac,
+            client_port,
+            client_mac,
+            client_net,
+        } => Request::RegisterHost(HostSpec {
+            id,
+            server_port,
+            server_mac,
+            client_port,
+            client_mac,
+            client_net,
+        }),
+        Cmd::UnregisterHost { id } => Request::UnregisterHost { id },
+        Cmd::Hosts => Request::Hosts,
+        Cmd::Routes => Request::Routes,
+        Cmd::Counters => Request::Counters,
+        Cmd::HotPages { top } => Request::HotPages { top },
+    };
+    let v = api::call(&cli.socket, &req)?;
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    match req {
+        Request::Routes => {
+            let routes: Vec<RouteInfo> = serde_json::from_value(v)?;
+            println!("| prefix | port | next hop | id |\n|---|---|---|---|");
+            for r in routes {
+                println!("| {} | {} | {} | {} |", r.prefix, r.port, r.next_hop, r.id);
+            }
+        }
+        Request::Counters => {
+            let c: Counters = serde_json::from_value(v)?;
+            let s = c.switch;
+            println!(
+                "switch: forwarded {} | dropped: no route {}, spoofed {}, not BlueBridge {}, malformed {}, hop limit {}, no port {} | passed to kernel {}",
+                s.forwarded,
+                s.no_route,
+                s.spoofed,
+                s.other_dropped,
+                s.malformed,
+                s.hop_limit,
+                s.no_port,
+                s.other_passed
+            );
+            println!(
+                "| host | requests to server | replies from server | to client | from client |\n|---|---|---|---|---|"
+            );
+            for h in c.hosts {
+                println!(
+                    "| {} | {} ({} B) | {} ({} B) | {} | {} |",
+                    h.id,
+                    h.to_server.packets,
+                    h.to_server.bytes,
+                    h.from_server.packets,
+                    h.from_server.bytes,
+                    h.to_client.packets,
+                    h.from_client.packets
+                );
+            }
+        }
+        Request::HotPages { .. } => {
+            let pages: Vec<HotPage> = serde_json::from_value(v)?;
+            println!("| page | host | requests | bytes |\n|---|---|---|---|");
+            for p in pages {
+                println!(
+                    "| {} | {} | {} | {} |",
+                    p.page, p.host, p.requests.packets, p.requests.bytes
+                );
+            }
+        }
+        Request::Hosts => {
+            let hosts: Vec<HostSpec> = serde_json::from_value(v)?;
+            println!(
+                "| host | server port | server MAC | client port | client prefix |\n|---|---|---|---|---|"
+            );
+            for h in hosts {
+                println!(
+                    "| {} | {} | {} | {} | {} |",
+                    h.id,
+                    h.server_port,
+                    h.server_mac,
+                    h.client_port.unwrap_or_default(),
+                    h.client_net.unwrap_or_default()
+                );
+            }
+        }
+        _ => println!("{}", v.as_str().unwrap_or("ok")),
+    }
+    Ok(())
+}
