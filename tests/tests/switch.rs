@@ -231,3 +231,134 @@ fn the_longest_prefix_wins_and_headers_are_rewritten() {
         (1, 1)
     );
 }
+
+#[test]
+fn the_controller_registers_hosts_and_reports_over_its_socket() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use bluebridge_switch::api::{self, ApiError, Request};
+    use bluebridge_switch::{Controller, Counters, HostSpec, HotPage, RouteInfo};
+    use bluebridge_topology::{Rack, fmt_mac, unique};
+
+    let rack = Rack::create(&unique("bbt"), 3, 9000).unwrap();
+    let socket = std::env::temp_dir().join(format!("{}.sock", unique("bbt-ctl")));
+    let stop = Arc::new(AtomicBool::new(false));
+    let daemon = {
+        let (sw, socket, stop) = (rack.switch.clone(), socket.clone(), stop.clone());
+        std::thread::spawn(move || {
+            bluebridge_topology::enter(&sw).unwrap();
+            let ctl = Controller::new(NetPrefix::DEFAULT, false, false).unwrap();
+            api::serve(ctl, &socket, &stop).unwrap();
+        })
+    };
+    let call = |r: &Request| {
+        for _ in 0..200 {
+            match api::call(&socket, r) {
+                Err(ApiError::Io { .. }) => std::thread::sleep(Duration::from_millis(10)),
+                other => return other,
+            }
+        }
+        api::call(&socket, r)
+    };
+    assert_eq!(call(&Request::Ping).unwrap(), "pong");
+    for h in &rack.hosts {
+        let client = h.host_id == 1;
+        call(&Request::RegisterHost(HostSpec {
+            id: h.host_id,
+            server_port: h.server_port.clone(),
+            server_mac: fmt_mac(h.server_mac),
+            client_port: client.then(|| h.client_port.clone()),
+            client_mac: client.then(|| fmt_mac(h.client_mac)),
+            client_net: client.then(|| "fd00:bb:1:ffff::/64".to_owned()),
+        }))
+        .unwrap();
+    }
+    // Bad requests are refused with a reason, and change nothing.
+    let bad = call(&Request::RegisterHost(HostSpec {
+        id: 9,
+        server_port: "nosuchport".into(),
+        server_mac: "02:00:00:00:00:09".into(),
+        client_port: None,
+        client_mac: None,
+        client_net: None,
+    }));
+    assert!(
+        matches!(bad, Err(ApiError::Refused(ref e)) if e.contains("nosuchport")),
+        "{bad:?}"
+    );
+    let routes: Vec<RouteInfo> = serde_json::from_value(call(&Request::Routes).unwrap()).unwrap();
+    let prefixes: Vec<&str> = routes.iter().map(|r| r.prefix.as_str()).collect();
+    assert_eq!(
+        prefixes,
+        [
+            "fd00:bb:1::/48",
+            "fd00:bb:1:ffff::/64",
+            "fd00:bb:2::/48",
+            "fd00:bb:3::/48"
+        ]
+    );
+
+    // Real traffic: host 1's client uses host 2's server through the switch.
+    let h2 = &rack.hosts[1];
+    let server = bluebridge_tests::start_server(
+        &h2.ns,
+        &bluebridge_server::ServerConfig {
+            arena_bytes: 16 << 20,
+            idle: true,
+            sched_idle: false,
+            hugepages: false,
+            ..bluebridge_server::ServerConfig::new(&h2.server_if, HostId(2))
+        },
+    );
+    rack.host_ns(0).enter().unwrap();
+    let h1 = &rack.hosts[0];
+    let (t, mut ec) = bluebridge_client::Connect {
+        kind: bluebridge_client::TransportKind::Xdp,
+        ifname: h1.client_if.clone(),
+        local: rack_client_addr(HostId(1)),
+        next_hop_mac: Some(MacAddr(h1.client_port_mac)),
+        prefix: NetPrefix::DEFAULT,
+        segments: false,
+    }
+    .open()
+    .unwrap();
+    ec.rto = Duration::from_millis(5);
+    ec.retries = 4;
+    let mut c = bluebridge_client::Client::new(ec, t);
+    let p = c.alloc(HostId(2), false).unwrap();
+    for _ in 0..5 {
+        c.read(p).unwrap();
+    }
+    let counters: Counters = serde_json::from_value(call(&Request::Counters).unwrap()).unwrap();
+    let host2 = counters.hosts.iter().find(|h| h.id == 2).unwrap();
+    let st = c.stats();
+    assert_eq!(
+        host2.to_server.packets,
+        st.sent + st.retransmits,
+        "{counters:?}"
+    );
+    assert_eq!(
+        counters.switch.forwarded,
+        st.sent + st.retransmits + st.replies + st.stray
+    );
+    let hot: Vec<HotPage> =
+        serde_json::from_value(call(&Request::HotPages { top: 1 }).unwrap()).unwrap();
+    assert_eq!(hot.len(), 1);
+    assert_eq!(
+        (hot[0].host, hot[0].page.as_str()),
+        (2, p.to_ipv6().to_string().as_str())
+    );
+    assert!(hot[0].requests.packets >= 5, "{hot:?}");
+
+    // Withdrawn: host 2's /48 is gone, requests to it are dropped at the switch.
+    call(&Request::UnregisterHost { id: 2 }).unwrap();
+    assert!(matches!(c.read(p), Err(ClientError::Timeout { .. })));
+    let counters: Counters = serde_json::from_value(call(&Request::Counters).unwrap()).unwrap();
+    assert_eq!(counters.switch.no_route, 5, "1 + 4 retries, all dropped");
+    assert!(counters.hosts.iter().all(|h| h.id != 2));
+
+    drop(server);
+    stop.store(true, Ordering::Relaxed);
+    daemon.join().unwrap();
+}
