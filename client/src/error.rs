@@ -53,6 +53,9 @@ pub enum ClientError {
     /// INTERNAL.
     #[error("the server failed internally")]
     Internal,
+    /// UNREACHABLE: the switch answered for a host the controller took out of service.
+    #[error("the page's host is down (withdrawn by the controller)")]
+    Unreachable,
     /// A status this client does not know.
     #[error("unknown status {0}")]
     UnknownStatus(u16),
@@ -90,6 +93,7 @@ impl ClientError {
             Status::TOO_MANY => ClientError::TooMany,
             Status::BUSY => ClientError::Busy,
             Status::INTERNAL => ClientError::Internal,
+            Status::UNREACHABLE => ClientError::Unreachable,
             other => ClientError::UnknownStatus(other.0),
         }
     }

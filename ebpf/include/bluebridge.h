@@ -41,10 +41,24 @@
 #define BB_TOR_MALFORMED 5        /* headers cut short: dropped */
 #define BB_TOR_HOP_LIMIT 6        /* hop limit exhausted: dropped */
 #define BB_TOR_NO_PORT 7          /* the route's egress port is not in the device map */
-#define BB_TOR_NR 8
+#define BB_TOR_REJECTED 8         /* a request to a withdrawn host: bounced as UNREACHABLE */
+#define BB_TOR_NR 9
 
-/* `tor_config` flags (entry 0). */
+/* `tor_config` entries. */
+#define BB_TOR_CONFIG_FLAGS 0
+#define BB_TOR_CONFIG_CONTROLLER 1
+#define BB_TOR_CONFIG_NR 2
+
+/* `tor_config` flags (entry BB_TOR_CONFIG_FLAGS). */
 #define BB_TOR_PASS_OTHER 1       /* pass non-BlueBridge frames to the kernel instead of dropping */
+
+/* `bb_tor_route.flags`. */
+#define BB_TOR_ROUTE_REJECT 1     /* the host is down: answer requests with UNREACHABLE */
+
+/* BlueBridge header bits the switch writes when it answers itself (docs/protocol.md). */
+#define BB_HEADER_OFFSET 62       /* Ethernet 14 + IPv6 40 + UDP 8 */
+#define BB_FLAG_REPLY 1
+#define BB_STATUS_UNREACHABLE 17
 
 /* A route: where frames for a prefix go. */
 struct bb_tor_route {
@@ -52,6 +66,7 @@ struct bb_tor_route {
 	__u32 route_id;     /* index of its counters (>= BB_TOR_MAX_ROUTE_IDS: not counted) */
 	__u8 dst_mac[6];    /* the next hop behind that port (the host) */
 	__u8 src_mac[6];    /* the egress port's own MAC */
+	__u32 flags;        /* BB_TOR_ROUTE_* */
 };
 
 /* Key of the `sources` LPM trie: the ingress port, then the source address. A port's allowed

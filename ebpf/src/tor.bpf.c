@@ -79,9 +79,12 @@ struct {
 	__type(value, struct bb_tor_stats);
 } page_stats SEC(".maps");
 
+/* Entry BB_TOR_CONFIG_FLAGS: BB_TOR_PASS_OTHER; entry BB_TOR_CONFIG_CONTROLLER: the
+ * controller's port (its health checks pass through reject routes, so a host that comes back
+ * can be seen). */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, BB_TOR_CONFIG_NR);
 	__type(key, __u32);
 	__type(value, __u32);
 } tor_config SEC(".maps");
@@ -120,10 +123,77 @@ static __always_inline void count_page(const struct in6_addr *dst, __u64 bytes)
 	}
 }
 
+/* One's-complement checksum update for a 16-bit word changing from `old` to `new` (RFC 1624,
+ * eqn. 3), all in network byte order. */
+static __always_inline __u16 csum_replace(__u16 check, __u16 old, __u16 new)
+{
+	__u32 sum = (__u16)~check + (__u16)~old + new;
+
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return ~sum;
+}
+
+/* Bounces a request for a withdrawn host back to its sender as an UNREACHABLE reply: Ethernet
+ * and IPv6 addresses and UDP ports swapped (the checksum does not change), REPLY set and the
+ * status written into the BlueBridge header (the checksum updated for those two words), the
+ * payload kept. Replies and anything too short for a header are dropped. */
+static __always_inline int reject(struct xdp_md *ctx, struct udphdr *udp)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct ipv6hdr *ip6 = (void *)(eth + 1);
+	__u8 *bb = (__u8 *)data + BB_HEADER_OFFSET;
+	__u8 mac[ETH_ALEN];
+	struct in6_addr a;
+	__u16 port, old, new;
+
+	if ((void *)(bb + 4) > data_end || (void *)(udp + 1) > data_end)
+		return count(BB_TOR_MALFORMED, XDP_DROP);
+	if (bb[1] & BB_FLAG_REPLY)
+		return count(BB_TOR_NO_ROUTE, XDP_DROP);
+
+	__builtin_memcpy(mac, eth->h_dest, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, mac, ETH_ALEN);
+	a = ip6->saddr;
+	ip6->saddr = ip6->daddr;
+	ip6->daddr = a;
+	ip6->hop_limit = 64;
+	port = udp->source;
+	udp->source = udp->dest;
+	udp->dest = port;
+
+	old = *(__u16 *)bb;
+	bb[1] |= BB_FLAG_REPLY;
+	new = *(__u16 *)bb;
+	if (udp->check)
+		udp->check = csum_replace(udp->check, old, new);
+	old = *(__u16 *)(bb + 2);
+	bb[2] = BB_STATUS_UNREACHABLE >> 8;
+	bb[3] = BB_STATUS_UNREACHABLE & 0xff;
+	new = *(__u16 *)(bb + 2);
+	if (udp->check) {
+		udp->check = csum_replace(udp->check, old, new);
+		if (!udp->check)
+			udp->check = 0xffff;
+	}
+	return count(BB_TOR_REJECTED, XDP_TX);
+}
+
+static __always_inline int from_controller(struct xdp_md *ctx)
+{
+	__u32 key = BB_TOR_CONFIG_CONTROLLER;
+	__u32 *port = bpf_map_lookup_elem(&tor_config, &key);
+
+	return port && *port && *port == ctx->ingress_ifindex;
+}
+
 static __always_inline int other(void)
 {
-	__u32 zero = 0;
-	__u32 *cfg = bpf_map_lookup_elem(&tor_config, &zero);
+	__u32 key = BB_TOR_CONFIG_FLAGS;
+	__u32 *cfg = bpf_map_lookup_elem(&tor_config, &key);
 
 	if (cfg && (*cfg & BB_TOR_PASS_OTHER))
 		return count(BB_TOR_OTHER_PASSED, XDP_PASS);
@@ -172,6 +242,8 @@ static __always_inline int forward(struct xdp_md *ctx)
 	r = bpf_map_lookup_elem(&routes, &dst);
 	if (!r)
 		return count(BB_TOR_NO_ROUTE, XDP_DROP);
+	if ((r->flags & BB_TOR_ROUTE_REJECT) && !from_controller(ctx))
+		return reject(ctx, udp);
 	if (ip6->hop_limit <= 1)
 		return count(BB_TOR_HOP_LIMIT, XDP_DROP);
 	if (!bpf_map_lookup_elem(&tx_ports, &r->ifindex))

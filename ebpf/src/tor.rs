@@ -22,26 +22,36 @@ pub struct Route {
     pub src_mac: [u8; 6],
     /// Index of the route's counters (below `BB_TOR_MAX_ROUTE_IDS`; above: not counted).
     pub id: u32,
+    /// The host is down: the switch answers requests with UNREACHABLE itself instead of
+    /// forwarding them.
+    pub reject: bool,
 }
 
 impl Route {
     /// `struct bb_tor_route` as bytes.
-    fn to_bytes(self) -> [u8; 20] {
-        let mut b = [0u8; 20];
+    fn to_bytes(self) -> [u8; 24] {
+        let mut b = [0u8; 24];
         b[0..4].copy_from_slice(&self.ifindex.to_ne_bytes());
         b[4..8].copy_from_slice(&self.id.to_ne_bytes());
         b[8..14].copy_from_slice(&self.dst_mac);
         b[14..20].copy_from_slice(&self.src_mac);
+        let flags = if self.reject {
+            consts::BB_TOR_ROUTE_REJECT
+        } else {
+            0
+        };
+        b[20..24].copy_from_slice(&flags.to_ne_bytes());
         b
     }
 
-    fn from_bytes(b: [u8; 20]) -> Route {
+    fn from_bytes(b: [u8; 24]) -> Route {
         let u = |i: usize| u32::from_ne_bytes(b[i..i + 4].try_into().expect("4 bytes"));
         Route {
             ifindex: u(0),
             id: u(4),
             dst_mac: b[8..14].try_into().expect("6 bytes"),
             src_mac: b[14..20].try_into().expect("6 bytes"),
+            reject: u(20) & consts::BB_TOR_ROUTE_REJECT != 0,
         }
     }
 }
@@ -74,12 +84,14 @@ pub struct TorCounters {
     pub hop_limit: u64,
     /// The route's egress port is not a switch port: dropped.
     pub no_port: u64,
+    /// Requests to a withdrawn host, answered UNREACHABLE by the switch.
+    pub rejected: u64,
 }
 
 /// The loaded switch program and its maps; dropping it detaches it from every port.
 pub struct Tor {
     ebpf: Ebpf,
-    routes: LpmTrie<MapData, [u8; 16], [u8; 20]>,
+    routes: LpmTrie<MapData, [u8; 16], [u8; 24]>,
     sources: LpmTrie<MapData, [u8; 20], u32>,
     tx_ports: DevMapHash<MapData>,
     counters: PerCpuArray<MapData, u64>,
@@ -241,7 +253,17 @@ impl Tor {
     /// default).
     pub fn set_pass_other(&mut self, pass: bool) -> Result<(), XdpError> {
         let v = if pass { consts::BB_TOR_PASS_OTHER } else { 0 };
-        self.config.set(0, v, 0).map_err(map_err("tor_config"))
+        self.config
+            .set(consts::BB_TOR_CONFIG_FLAGS, v, 0)
+            .map_err(map_err("tor_config"))
+    }
+
+    /// Marks port `ifindex` as the controller's: its requests pass through reject routes (health
+    /// checks must reach a withdrawn host to see it come back).
+    pub fn set_controller_port(&mut self, ifindex: u32) -> Result<(), XdpError> {
+        self.config
+            .set(consts::BB_TOR_CONFIG_CONTROLLER, ifindex, 0)
+            .map_err(map_err("tor_config"))
     }
 
     /// The verdict counters, summed over CPUs.
@@ -263,6 +285,7 @@ impl Tor {
             malformed: get(consts::BB_TOR_MALFORMED)?,
             hop_limit: get(consts::BB_TOR_HOP_LIMIT)?,
             no_port: get(consts::BB_TOR_NO_PORT)?,
+            rejected: get(consts::BB_TOR_REJECTED)?,
         })
     }
 

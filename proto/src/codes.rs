@@ -189,6 +189,9 @@ wire_code! {
         BUSY = 15,
         /// The server failed in a way that is not the client's fault.
         INTERNAL = 16,
+        /// No live server holds this address: the controller withdrew its host after failed
+        /// health checks. Sent by the switch, not by a server.
+        UNREACHABLE = 17,
     }
 }
 

@@ -28,6 +28,8 @@ pub enum Request {
     },
     /// The registered hosts.
     Hosts,
+    /// Every host's health and occupancy, and where new pages go.
+    Status,
     /// Every route.
     Routes,
     /// Switch and per-host counters.
@@ -84,6 +86,7 @@ fn execute(ctl: &mut Controller, req: Request) -> Result<serde_json::Value, CtlE
             Ok(serde_json::Value::Null)
         }
         Request::Hosts => json(serde_json::to_value(ctl.hosts())),
+        Request::Status => json(serde_json::to_value(ctl.status())),
         Request::Routes => json(serde_json::to_value(ctl.routes()?)),
         Request::Counters => json(serde_json::to_value(ctl.counters()?)),
         Request::HotPages { top } => json(serde_json::to_value(ctl.hot_pages(top)?)),
@@ -120,7 +123,7 @@ fn serve_connection(ctl: &Mutex<Controller>, stream: UnixStream) -> std::io::Res
 }
 
 /// Serves `ctl` on a Unix socket at `path` (replacing a stale one) until `stop` is set.
-pub fn serve(ctl: Controller, path: &Path, stop: &AtomicBool) -> std::io::Result<()> {
+pub fn serve(ctl: Arc<Mutex<Controller>>, path: &Path, stop: &AtomicBool) -> std::io::Result<()> {
     if path.exists() {
         // A live daemon would answer; a dead one's socket is in the way.
         if UnixStream::connect(path).is_ok() {
@@ -136,7 +139,6 @@ pub fn serve(ctl: Controller, path: &Path, stop: &AtomicBool) -> std::io::Result
     }
     let listener = UnixListener::bind(path)?;
     listener.set_nonblocking(true)?;
-    let ctl = Arc::new(Mutex::new(ctl));
     tracing::info!(socket = %path.display(), "controller listening");
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {

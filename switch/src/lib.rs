@@ -7,10 +7,14 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+mod supervise;
+
+pub use supervise::{SuperviseConfig, supervise};
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv6Addr;
 
+use bluebridge_client::{AnyTransport, Client, Connect, TransportKind};
 use bluebridge_ebpf::{Route, Tor, TorCounters, TrafficCounters, XdpError};
 use bluebridge_proto::{HostId, MacAddr, NetPrefix};
 use serde::{Deserialize, Serialize};
@@ -61,7 +65,46 @@ struct Host {
     spec: HostSpec,
     server: Link,
     client: Option<Link>,
+    health: Health,
 }
+
+/// What the health checks know of a host.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    /// Withdrawn: its /48 answers UNREACHABLE at the switch.
+    pub down: bool,
+    /// Health checks missed in a row.
+    pub misses: u32,
+    /// Pages in use at the last check.
+    pub pages_used: u64,
+    /// Pages in its arena (0: never answered yet).
+    pub pages_total: u64,
+}
+
+/// A host's state, for listings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostStatus {
+    /// Host id.
+    pub id: u16,
+    /// Health.
+    pub health: Health,
+    /// Whether ALLOCs to the "any server" address go to it now.
+    pub placement: bool,
+}
+
+/// The controller's own link into the switch (both ends in the switch namespace).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkSpec {
+    /// The controller's interface (its client runs AF_XDP here).
+    pub ifname: String,
+    /// The switch port at the other end.
+    pub port: String,
+}
+
+/// The host id whose /48 the controller's own address lives in.
+pub const CONTROLLER_HOST: HostId = HostId(0x7fff);
+/// Counter id of the "any server" route.
+const ANY_ROUTE_ID: u32 = 0xfffe;
 
 /// One installed route, for listings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,6 +171,8 @@ pub struct SwitchCounters {
     pub hop_limit: u64,
     /// Egress port missing: dropped.
     pub no_port: u64,
+    /// Requests to withdrawn hosts answered UNREACHABLE.
+    pub rejected: u64,
 }
 
 impl From<TorCounters> for SwitchCounters {
@@ -141,6 +186,7 @@ impl From<TorCounters> for SwitchCounters {
             malformed: c.malformed,
             hop_limit: c.hop_limit,
             no_port: c.no_port,
+            rejected: c.rejected,
         }
     }
 }
@@ -173,6 +219,10 @@ pub struct Controller {
     force_generic: bool,
     ports: HashMap<String, u32>,
     hosts: BTreeMap<u16, Host>,
+    /// Where ALLOCs to the "any server" address go.
+    placement: Option<u16>,
+    /// Health checks missed in a row before a host is withdrawn.
+    misses_allowed: u32,
 }
 
 fn parse_mac(s: &str) -> Result<[u8; 6], CtlError> {
@@ -209,7 +259,162 @@ impl Controller {
             force_generic,
             ports: HashMap::new(),
             hosts: BTreeMap::new(),
+            placement: None,
+            misses_allowed: 3,
         })
+    }
+
+    /// Withdraws a host after `n` health checks in a row go unanswered (default 3).
+    pub fn set_misses_allowed(&mut self, n: u32) {
+        self.misses_allowed = n.max(1);
+    }
+
+    /// Gives the controller its own address (`fd00:bb:7fff::1`) behind switch port `link.port`
+    /// and opens a client on `link.ifname`, for health checks, placement and other requests it
+    /// makes itself.
+    pub fn attach_link(&mut self, link: &LinkSpec) -> Result<Client<AnyTransport>, CtlError> {
+        let port = self.port(&link.port)?;
+        let port_mac = Self::port_mac(&link.port)?;
+        let mac = Self::port_mac(&link.ifname)?;
+        let net = self.prefix.host_network(CONTROLLER_HOST);
+        self.tor.allow_source(port, net, 48)?;
+        self.tor.set_controller_port(port)?;
+        self.tor.add_route(
+            net,
+            48,
+            Route {
+                ifindex: port,
+                dst_mac: mac,
+                src_mac: port_mac,
+                id: 2 * u32::from(CONTROLLER_HOST.0),
+                reject: false,
+            },
+        )?;
+        let mut local = net.octets();
+        local[15] = 1;
+        let (t, mut ec) = Connect {
+            kind: TransportKind::Xdp,
+            ifname: link.ifname.clone(),
+            local: local.into(),
+            next_hop_mac: Some(MacAddr(port_mac)),
+            prefix: self.prefix,
+            segments: false,
+        }
+        .open()
+        .map_err(|e| {
+            CtlError::Invalid(format!(
+                "opening the controller's client on {}: {e}",
+                link.ifname
+            ))
+        })?;
+        // Health checks: a dead host costs 2 + 4 + 8 ms per round, not a long backoff.
+        ec.rto = std::time::Duration::from_millis(2);
+        ec.retries = 2;
+        let mut c = Client::new(ec, t);
+        c.set_yield_when_idle(true);
+        Ok(c)
+    }
+
+    /// The registered hosts' ids.
+    pub fn host_ids(&self) -> Vec<u16> {
+        self.hosts.keys().copied().collect()
+    }
+
+    fn server_route(h: &Host, id: u32, reject: bool) -> Route {
+        Route {
+            ifindex: h.server.ifindex,
+            dst_mac: h.server.mac,
+            src_mac: h.server.port_mac,
+            id,
+            reject,
+        }
+    }
+
+    /// A health check of `id` answered: occupancy noted; a withdrawn host is restored.
+    pub fn health_ok(
+        &mut self,
+        id: u16,
+        pages_used: u64,
+        pages_total: u64,
+    ) -> Result<(), CtlError> {
+        let Some(h) = self.hosts.get_mut(&id) else {
+            return Ok(());
+        };
+        let was_down = h.health.down;
+        h.health = Health {
+            down: false,
+            misses: 0,
+            pages_used,
+            pages_total,
+        };
+        if was_down {
+            let r = Self::server_route(h, 2 * u32::from(id), false);
+            let net = h.server.net;
+            self.tor.add_route(net, 48, r)?;
+            tracing::warn!(host = id, "host answers again; its route is restored");
+        }
+        Ok(())
+    }
+
+    /// A health check of `id` went unanswered; after enough in a row its /48 is switched to
+    /// answer UNREACHABLE (clients fail fast instead of timing out).
+    pub fn health_missed(&mut self, id: u16) -> Result<(), CtlError> {
+        let allowed = self.misses_allowed;
+        let Some(h) = self.hosts.get_mut(&id) else {
+            return Ok(());
+        };
+        h.health.misses += 1;
+        if h.health.down || h.health.misses < allowed {
+            return Ok(());
+        }
+        h.health.down = true;
+        let r = Self::server_route(h, 2 * u32::from(id), true);
+        let (net, misses) = (h.server.net, h.health.misses);
+        self.tor.add_route(net, 48, r)?;
+        tracing::warn!(
+            host = id,
+            misses,
+            "host withdrawn: its requests are answered UNREACHABLE"
+        );
+        Ok(())
+    }
+
+    /// Points the "any server" /48 at the live host with the lowest arena occupancy (or makes
+    /// it answer UNREACHABLE when none is live). Returns the chosen host.
+    pub fn place(&mut self) -> Result<Option<u16>, CtlError> {
+        let best = self
+            .hosts
+            .iter()
+            .filter(|(_, h)| !h.health.down && h.health.pages_total > 0)
+            .min_by(|(a, x), (b, y)| {
+                let occ = |h: &Health| h.pages_used as f64 / h.pages_total as f64;
+                occ(&x.health).total_cmp(&occ(&y.health)).then(a.cmp(b))
+            })
+            .map(|(&id, _)| id);
+        if best == self.placement {
+            return Ok(best);
+        }
+        let any = self.prefix.host_network(HostId::ANY);
+        let target = best.or(self.hosts.keys().next().copied());
+        if let Some(h) = target.and_then(|id| self.hosts.get(&id)) {
+            let r = Self::server_route(h, ANY_ROUTE_ID, best.is_none());
+            self.tor.add_route(any, 48, r)?;
+        }
+        tracing::info!(host = ?best, "placement: new pages go to");
+        self.placement = best;
+        Ok(best)
+    }
+
+    /// Every host's health and whether it takes new pages.
+    pub fn status(&self) -> Vec<HostStatus> {
+        self.hosts
+            .iter()
+            .map(|(&id, h)| HostStatus {
+                id,
+                health: h.health,
+                placement: self.placement == Some(id),
+            })
+            .collect()
     }
 
     /// The switch program (for tests and diagnostics).
@@ -291,6 +496,7 @@ impl Controller {
                     dst_mac: l.mac,
                     src_mac: l.port_mac,
                     id: rid,
+                    reject: false,
                 },
             )?;
         }
@@ -301,6 +507,7 @@ impl Controller {
                 spec,
                 server,
                 client,
+                health: Health::default(),
             },
         );
         Ok(())
@@ -315,6 +522,12 @@ impl Controller {
         for l in std::iter::once(&h.server).chain(h.client.as_ref()) {
             self.tor.remove_route(l.net, l.len)?;
             self.tor.disallow_source(l.ifindex, l.net, l.len)?;
+        }
+        if self.placement == Some(id) {
+            self.placement = None;
+            let _ = self
+                .tor
+                .remove_route(self.prefix.host_network(HostId::ANY), 48);
         }
         tracing::info!(host = id, "host unregistered");
         Ok(())

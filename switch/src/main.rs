@@ -1,13 +1,17 @@
 //! `bluebridge-ctl`: the BlueBridge controller daemon and its command-line client.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use bluebridge_proto::NetPrefix;
 use bluebridge_switch::api::{self, Request};
-use bluebridge_switch::{Controller, Counters, HostSpec, HotPage, RouteInfo};
+use bluebridge_switch::{
+    Controller, Counters, HostSpec, HostStatus, HotPage, LinkSpec, RouteInfo, SuperviseConfig,
+    supervise,
+};
 use clap::{Parser, Subcommand};
 
 /// The BlueBridge controller: `daemon` loads the XDP top-of-rack switch into the switch's
@@ -41,6 +45,20 @@ enum Cmd {
         /// Attach in generic (SKB) mode instead of trying driver mode first.
         #[arg(long)]
         generic: bool,
+        /// The controller's own interface (in the switch namespace) for health checks and
+        /// placement; without it neither runs.
+        #[arg(long, requires = "link_port")]
+        link: Option<String>,
+        /// The switch port cabled to --link.
+        #[arg(long)]
+        link_port: Option<String>,
+        /// Milliseconds between health-check rounds (a STAT to every host).
+        #[arg(long, default_value_t = 100)]
+        health_interval_ms: u64,
+        /// Health checks missed in a row before a host is withdrawn (its requests are then
+        /// answered UNREACHABLE by the switch).
+        #[arg(long, default_value_t = 3)]
+        health_misses: u32,
     },
     /// Is the daemon there?
     Ping,
@@ -74,6 +92,8 @@ enum Cmd {
     },
     /// The registered hosts.
     Hosts,
+    /// Health, occupancy and placement per host.
+    Status,
     /// The switch's routes.
     Routes,
     /// The switch's verdicts and per-host traffic.
@@ -99,19 +119,48 @@ fn main() -> Result<()> {
             prefix,
             pass_other,
             generic,
+            link,
+            link_port,
+            health_interval_ms,
+            health_misses,
         } => {
             let stop = Arc::new(AtomicBool::new(false));
             for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
                 signal_hook::flag::register(sig, stop.clone())?;
             }
-            let ctl = Controller::new(prefix, pass_other, generic)
+            let mut ctl = Controller::new(prefix, pass_other, generic)
                 .context("loading the switch program (needs root, in the switch namespace)")?;
+            ctl.set_misses_allowed(health_misses);
+            let client = match (link, link_port) {
+                (Some(ifname), Some(port)) => Some(
+                    ctl.attach_link(&LinkSpec { ifname, port })
+                        .context("setting up the controller's link")?,
+                ),
+                _ => None,
+            };
+            let ctl = Arc::new(Mutex::new(ctl));
+            let supervisor = client.map(|mut client| {
+                let (ctl, stop) = (ctl.clone(), stop.clone());
+                let cfg = SuperviseConfig {
+                    interval: Duration::from_millis(health_interval_ms),
+                };
+                std::thread::spawn(move || supervise(&ctl, &mut client, cfg, &stop))
+            });
             println!(
-                "bluebridge-ctl: controller for {prefix} on {}",
-                cli.socket.display()
+                "bluebridge-ctl: controller for {prefix} on {}{}",
+                cli.socket.display(),
+                if supervisor.is_some() {
+                    format!("; health checks every {health_interval_ms} ms, placement on")
+                } else {
+                    "; no link: no health checks or placement".into()
+                }
             );
             api::serve(ctl, &cli.socket, &stop)
                 .with_context(|| format!("serving {}", cli.socket.display()))?;
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            if let Some(s) = supervisor {
+                let _ = s.join();
+            }
             println!("bluebridge-ctl: stopped; switch program detached");
             return Ok(());
         }
@@ -133,6 +182,7 @@ fn main() -> Result<()> {
         }),
         Cmd::UnregisterHost { id } => Request::UnregisterHost { id },
         Cmd::Hosts => Request::Hosts,
+        Cmd::Status => Request::Status,
         Cmd::Routes => Request::Routes,
         Cmd::Counters => Request::Counters,
         Cmd::HotPages { top } => Request::HotPages { top },
@@ -203,6 +253,23 @@ fn main() -> Result<()> {
                     h.server_mac,
                     h.client_port.unwrap_or_default(),
                     h.client_net.unwrap_or_default()
+                );
+            }
+        }
+        Request::Status => {
+            let hosts: Vec<HostStatus> = serde_json::from_value(v)?;
+            println!(
+                "| host | state | missed checks | pages used / total | new pages |\n|---|---|---|---|---|"
+            );
+            for h in hosts {
+                println!(
+                    "| {} | {} | {} | {} / {} | {} |",
+                    h.id,
+                    if h.health.down { "DOWN" } else { "up" },
+                    h.health.misses,
+                    h.health.pages_used,
+                    h.health.pages_total,
+                    if h.placement { "here" } else { "" }
                 );
             }
         }

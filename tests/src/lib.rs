@@ -327,6 +327,7 @@ impl RackRig {
                     dst_mac: h.server_mac,
                     src_mac: h.server_port_mac,
                     id: 2 * i as u32,
+                    reject: false,
                 },
             )
             .expect("host route");
@@ -339,6 +340,7 @@ impl RackRig {
                     dst_mac: h.client_mac,
                     src_mac: h.client_port_mac,
                     id: 2 * i as u32 + 1,
+                    reject: false,
                 },
             )
             .expect("client route");

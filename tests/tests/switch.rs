@@ -135,6 +135,8 @@ fn pages_travel_through_the_switch_by_longest_prefix_match() {
 #[test]
 fn the_longest_prefix_wins_and_headers_are_rewritten() {
     let mut rig = RackRig::new(3, &[]);
+    // BPF_PROG_TEST_RUN resolves the ingress interface in the caller's namespace.
+    rig.rack.switch_ns().enter().unwrap();
     let ingress = rig.ports[0].1;
     let page = bluebridge_proto::RemoteAddr::new(
         NetPrefix::DEFAULT,
@@ -176,6 +178,7 @@ fn the_longest_prefix_wins_and_headers_are_rewritten() {
                 dst_mac: h2.server_mac,
                 src_mac: h2.server_port_mac,
                 id: 100,
+                reject: false,
             },
         )
         .unwrap();
@@ -249,7 +252,7 @@ fn the_controller_registers_hosts_and_reports_over_its_socket() {
         std::thread::spawn(move || {
             bluebridge_topology::enter(&sw).unwrap();
             let ctl = Controller::new(NetPrefix::DEFAULT, false, false).unwrap();
-            api::serve(ctl, &socket, &stop).unwrap();
+            api::serve(Arc::new(std::sync::Mutex::new(ctl)), &socket, &stop).unwrap();
         })
     };
     let call = |r: &Request| {
@@ -361,4 +364,147 @@ fn the_controller_registers_hosts_and_reports_over_its_socket() {
     drop(server);
     stop.store(true, Ordering::Relaxed);
     daemon.join().unwrap();
+}
+
+#[test]
+fn failed_hosts_are_withdrawn_and_new_pages_go_to_the_emptiest_server() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use bluebridge_switch::{Controller, HostSpec, LinkSpec, SuperviseConfig, supervise};
+    use bluebridge_topology::{Rack, fmt_mac, unique};
+
+    let rack = Rack::create(&unique("bbt"), 3, 9000).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ctl_tx, ctl_rx) = std::sync::mpsc::channel();
+    let switch = {
+        let (sw, hosts, stop) = (rack.switch.clone(), rack.hosts.clone(), stop.clone());
+        let link = LinkSpec {
+            ifname: rack.controller_if.clone(),
+            port: rack.controller_port.clone(),
+        };
+        std::thread::spawn(move || {
+            bluebridge_topology::enter(&sw).unwrap();
+            let mut ctl = Controller::new(NetPrefix::DEFAULT, false, false).unwrap();
+            for h in &hosts {
+                let client = h.host_id == 1;
+                ctl.register(HostSpec {
+                    id: h.host_id,
+                    server_port: h.server_port.clone(),
+                    server_mac: fmt_mac(h.server_mac),
+                    client_port: client.then(|| h.client_port.clone()),
+                    client_mac: client.then(|| fmt_mac(h.client_mac)),
+                    client_net: client.then(|| "fd00:bb:1:ffff::/64".to_owned()),
+                })
+                .unwrap();
+            }
+            ctl.set_misses_allowed(2);
+            let mut client = ctl.attach_link(&link).unwrap();
+            let ctl = Arc::new(Mutex::new(ctl));
+            ctl_tx.send(ctl.clone()).unwrap();
+            let cfg = SuperviseConfig {
+                interval: Duration::from_millis(20),
+            };
+            supervise(&ctl, &mut client, cfg, &stop);
+        })
+    };
+    let ctl = ctl_rx.recv().unwrap();
+    let server_cfg = |i: usize| bluebridge_server::ServerConfig {
+        arena_bytes: 16 << 20,
+        idle: true,
+        sched_idle: false,
+        hugepages: false,
+        ..bluebridge_server::ServerConfig::new(
+            &rack.hosts[i].server_if,
+            HostId(rack.hosts[i].host_id),
+        )
+    };
+    let start = |i: usize| bluebridge_tests::start_server(&rack.hosts[i].ns, &server_cfg(i));
+    let mut s2 = Some(start(1));
+    let mut s3 = Some(start(2));
+    let wait_for = |what: &str, f: &dyn Fn(&Controller) -> bool| {
+        let t = std::time::Instant::now();
+        while !f(&ctl.lock().unwrap()) {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "waiting for {what}: {:?}",
+                ctl.lock().unwrap().status()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let status = |c: &Controller, id: u16| c.status().into_iter().find(|s| s.id == id).unwrap();
+
+    rack.host_ns(0).enter().unwrap();
+    let h1 = &rack.hosts[0];
+    let (t, mut ec) = bluebridge_client::Connect {
+        kind: bluebridge_client::TransportKind::Xdp,
+        ifname: h1.client_if.clone(),
+        local: rack_client_addr(HostId(1)),
+        next_hop_mac: Some(MacAddr(h1.client_port_mac)),
+        prefix: NetPrefix::DEFAULT,
+        segments: false,
+    }
+    .open()
+    .unwrap();
+    ec.rto = Duration::from_millis(5);
+    ec.retries = 6;
+    let mut c = bluebridge_client::Client::new(ec, t);
+
+    // Placement: fill host 2 a little; new pages go to host 3, then the other way round.
+    wait_for("both servers checked", &|c| {
+        status(c, 2).health.pages_total > 0 && status(c, 3).health.pages_total > 0
+    });
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.extend(c.alloc_bulk(HostId(2), 100, false).unwrap());
+    }
+    wait_for("placement on host 3", &|c| status(c, 3).placement);
+    let p = c.alloc(HostId::ANY, false).unwrap();
+    assert_eq!(
+        p.host_id(),
+        HostId(3),
+        "ALLOC to any server went to the emptiest"
+    );
+    for _ in 0..6 {
+        held.extend(c.alloc_bulk(HostId(3), 100, false).unwrap());
+    }
+    wait_for("placement on host 2", &|c| status(c, 2).placement);
+    assert_eq!(c.alloc(HostId::ANY, false).unwrap().host_id(), HostId(2));
+    // Host 1 runs no server: withdrawn, never chosen.
+    assert!(status(&ctl.lock().unwrap(), 1).health.down);
+
+    // Failover: host 3's server stops; the controller withdraws it; requests to it fail fast
+    // with a typed error from the switch, at the first transmission.
+    drop(s3.take());
+    wait_for("host 3 withdrawn", &|c| status(c, 3).health.down);
+    let (before, r0) = (
+        c.stats(),
+        ctl.lock().unwrap().counters().unwrap().switch.rejected,
+    );
+    assert!(matches!(c.read(p), Err(ClientError::Unreachable)));
+    assert_eq!(
+        c.stats().retransmits,
+        before.retransmits,
+        "answered at once, no retry"
+    );
+    assert_eq!(
+        ctl.lock().unwrap().counters().unwrap().switch.rejected - r0,
+        1
+    );
+    assert_eq!(
+        c.alloc(HostId::ANY, false).unwrap().host_id(),
+        HostId(2),
+        "placement skips it"
+    );
+
+    // Back: a new server on host 3 is noticed and routed to again.
+    s3 = Some(start(2));
+    wait_for("host 3 restored", &|c| !status(c, 3).health.down);
+    let q = c.alloc(HostId(3), false).unwrap();
+    assert_eq!(q.host_id(), HostId(3));
+
+    stop.store(true, Ordering::Relaxed);
+    switch.join().unwrap();
+    drop((s2.take(), s3.take()));
 }

@@ -36,13 +36,18 @@ pub struct Rack {
     pub hosts: Vec<RackHost>,
     /// The switch namespace's name.
     pub switch: String,
+    /// The controller's own link, both ends in the switch namespace: its interface (where the
+    /// controller's client talks to the servers) ...
+    pub controller_if: String,
+    /// ... and the switch port it is cabled to.
+    pub controller_port: String,
     // Dropped last: hosts first (their veths go with them), then the switch.
     _host_ns: Vec<Netns>,
     _switch_ns: Netns,
 }
 
-/// `02:bb:<kind>:<i hi>:<i lo>:<side>`: readable in captures. Kind 1 server link, 2 client link;
-/// side 1 the host end, 2 the switch port.
+/// `02:bb:<kind>:<i hi>:<i lo>:<side>`: readable in captures. Kind 1 server link, 2 client link,
+/// 3 the controller's link; side 1 the host end, 2 the switch port.
 fn mac(kind: u8, i: usize, side: u8) -> [u8; 6] {
     [0x02, 0xbb, kind, (i >> 8) as u8, i as u8, side]
 }
@@ -58,6 +63,28 @@ impl Rack {
             });
         }
         let switch_ns = Netns::create(&format!("{name}-sw"))?;
+        let (controller_if, controller_port) = (format!("{name}k"), format!("{name}K"));
+        ip(&[
+            "link",
+            "add",
+            &controller_if,
+            "netns",
+            switch_ns.name(),
+            "address",
+            &fmt_mac(mac(3, 0, 1)),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &controller_port,
+            "netns",
+            switch_ns.name(),
+            "address",
+            &fmt_mac(mac(3, 0, 2)),
+        ])?;
+        for i in [&controller_if, &controller_port] {
+            configure_link(switch_ns.name(), i, mtu)?;
+        }
         let mut host_ns = Vec::with_capacity(hosts);
         let mut out = Vec::with_capacity(hosts);
         for i in 0..hosts {
@@ -110,6 +137,8 @@ impl Rack {
         Ok(Rack {
             hosts: out,
             switch: switch_ns.name().to_owned(),
+            controller_if,
+            controller_port,
             _host_ns: host_ns,
             _switch_ns: switch_ns,
         })

@@ -95,7 +95,7 @@ pub(crate) fn run(a: &RackArgs) -> Result<()> {
     let socket = std::env::temp_dir().join(format!("{NAME}-{}.sock", std::process::id()));
     let mut daemon = None;
     s.run(
-        "controller: bluebridge-ctl daemon in the switch namespace",
+        "controller: bluebridge-ctl daemon in the switch namespace (health checks, placement)",
         || {
             let child = Command::new("ip")
                 .args(["netns", "exec", &rack.switch])
@@ -103,6 +103,12 @@ pub(crate) fn run(a: &RackArgs) -> Result<()> {
                 .arg("--socket")
                 .arg(&socket)
                 .arg("daemon")
+                .args([
+                    "--link",
+                    &rack.controller_if,
+                    "--link-port",
+                    &rack.controller_port,
+                ])
                 .stdout(Stdio::inherit())
                 .stderr(Stdio::inherit())
                 .spawn()
@@ -218,6 +224,9 @@ pub(crate) fn run(a: &RackArgs) -> Result<()> {
             )
         },
     )?;
+    s.run("host status (bluebridge-ctl status)", || {
+        stage::status(&mut ctl(&bin, &socket, &["status"]))
+    })?;
     s.run("switch counters (bluebridge-ctl counters)", || {
         let o = ctl(&bin, &socket, &["--json", "counters"]).output()?;
         if !o.status.success() {
