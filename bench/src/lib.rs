@@ -200,7 +200,7 @@ impl Schedule {
 }
 
 /// Latency percentiles of one operation, in microseconds.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
 pub struct Percentiles {
     /// Completed operations.
     pub count: u64,

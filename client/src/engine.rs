@@ -320,11 +320,13 @@ impl Engine {
             return id;
         }
         let collect = match req.op {
-            Opcode::READ | Opcode::UPDATE_ACQUIRE if req.length > 0 => Collect::Range {
-                reasm: Box::new(Reassembly::new(req.offset, req.length).expect("checked")),
-                data: vec![0u8; usize::from(req.length)],
-                first: None,
-            },
+            Opcode::READ | Opcode::UPDATE_ACQUIRE | Opcode::MIGRATE_OUT if req.length > 0 => {
+                Collect::Range {
+                    reasm: Box::new(Reassembly::new(req.offset, req.length).expect("checked")),
+                    data: vec![0u8; usize::from(req.length)],
+                    first: None,
+                }
+            }
             Opcode::READ_BULK => {
                 let items = (0..req.count)
                     .map(|_| {

@@ -141,6 +141,9 @@ pub struct HostId(pub u16);
 impl HostId {
     /// Reserved: "any server"; the switch picks one (anycast ALLOC).
     pub const ANY: HostId = HostId(0xffff);
+    /// The controller's host id: its address is in this /48, and only requests from it may
+    /// migrate pages.
+    pub const CONTROLLER: HostId = HostId(0x7fff);
 
     /// Whether this is the reserved anycast id.
     pub const fn is_any(self) -> bool {

@@ -102,6 +102,15 @@ wire_code! {
         FETCH_ADD = 0x61,
         /// Let every client use the page (by default only the allocating client may).
         SHARE = 0x70,
+        /// Controller only: freeze the page for migration and return it. From now on this
+        /// server answers MOVED for it; the reply carries the page (like a READ of 0..4096),
+        /// its owner's address in operand0 (high half) and operand1, and SHARED if shared.
+        MIGRATE_OUT = 0x80,
+        /// Controller only, to the destination host: adopt a page migrating here. `count` is the
+        /// page's original host id, `lease` its original handle, operand0/operand1 its owner's
+        /// address, SHARED whether it is shared; the payload is the whole page (offset 0,
+        /// length 4096, one frame). The host then answers for that address.
+        MIGRATE_IN = 0x81,
     }
 }
 
@@ -119,6 +128,7 @@ impl Opcode {
                 | Opcode::WRITE_BLIND
                 | Opcode::WRITE_BULK
                 | Opcode::SHARE
+                | Opcode::MIGRATE_OUT
         )
     }
 
@@ -126,7 +136,12 @@ impl Opcode {
     pub const fn is_host_op(self) -> bool {
         matches!(
             self,
-            Opcode::PING | Opcode::STAT | Opcode::ALLOC | Opcode::ALLOC_WRITE | Opcode::ALLOC_BULK
+            Opcode::PING
+                | Opcode::STAT
+                | Opcode::ALLOC
+                | Opcode::ALLOC_WRITE
+                | Opcode::ALLOC_BULK
+                | Opcode::MIGRATE_IN
         )
     }
 
@@ -134,7 +149,11 @@ impl Opcode {
     pub const fn request_carries_data(self) -> bool {
         matches!(
             self,
-            Opcode::ALLOC_WRITE | Opcode::WRITE | Opcode::WRITE_BLIND | Opcode::UPDATE_COMMIT
+            Opcode::ALLOC_WRITE
+                | Opcode::WRITE
+                | Opcode::WRITE_BLIND
+                | Opcode::UPDATE_COMMIT
+                | Opcode::MIGRATE_IN
         )
     }
 
@@ -142,7 +161,7 @@ impl Opcode {
     pub const fn reply_carries_data(self) -> bool {
         matches!(
             self,
-            Opcode::READ | Opcode::READ_BULK | Opcode::UPDATE_ACQUIRE
+            Opcode::READ | Opcode::READ_BULK | Opcode::UPDATE_ACQUIRE | Opcode::MIGRATE_OUT
         )
     }
 

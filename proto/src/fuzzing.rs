@@ -87,11 +87,16 @@ pub(crate) fn seeds() -> impl Iterator<Item = (&'static str, std::vec::Vec<u8>)>
             Opcode::WRITE | Opcode::WRITE_BLIND | Opcode::ALLOC_WRITE | Opcode::UPDATE_COMMIT => {
                 (0, 64)
             }
-            Opcode::READ | Opcode::READ_BULK | Opcode::UPDATE_ACQUIRE => (0, 4096),
+            Opcode::READ
+            | Opcode::READ_BULK
+            | Opcode::UPDATE_ACQUIRE
+            | Opcode::MIGRATE_OUT
+            | Opcode::MIGRATE_IN => (0, 4096),
             _ => (0, 0),
         };
         let mut payload = std::vec![0u8; 0];
-        let mut count = 1;
+        // MIGRATE_IN: `count` is the page's original host.
+        let mut count = if op == Opcode::MIGRATE_IN { 3 } else { 1 };
         if op.request_carries_data() {
             payload = (0..length).map(|i| i as u8).collect();
         }

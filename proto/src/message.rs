@@ -183,6 +183,25 @@ impl<'a> Request<'a> {
                 range(false)?;
                 empty(true)?
             }
+            Opcode::MIGRATE_OUT => {
+                if (h.offset, h.length) != (0, PAGE_SIZE as u16) {
+                    return Err(RequestError::Malformed("MIGRATE_OUT takes the whole page"));
+                }
+                empty(true)?
+            }
+            Opcode::MIGRATE_IN => {
+                if (h.offset, h.length) != (0, PAGE_SIZE as u16) {
+                    return Err(RequestError::Malformed(
+                        "MIGRATE_IN carries the whole page in one frame",
+                    ));
+                }
+                if h.lease == 0 || h.count == 0 || h.count == 0xffff {
+                    return Err(RequestError::Malformed(
+                        "MIGRATE_IN needs the page's original host and handle",
+                    ));
+                }
+                data()?
+            }
             Opcode::UPDATE_ACQUIRE => {
                 range(true)?;
                 empty(true)?

@@ -90,6 +90,11 @@ impl Access {
         Ok(id)
     }
 
+    /// The address behind owner id `id` (a scan: for the rare migration, not the data path).
+    pub fn owner_addr(&self, id: u32) -> Option<[u8; 16]> {
+        self.owners.iter().find(|&(_, &v)| v == id).map(|(a, _)| *a)
+    }
+
     /// Whether `client` may use page `p`: shared, or its own.
     pub fn check(&self, store: &Store, p: PageIdx, client: [u8; 16]) -> Result<(), Status> {
         if store.is_shared(p) || self.owners.get(&client) == Some(&store.owner(p)) {

@@ -1,6 +1,9 @@
 //! Request handling as pure code: a frame (or a BlueBridge message from a kernel socket) and
 //! the time go in, reply frames come out through a [`FrameSink`]. No sockets, no clocks, no
-//! allocation per request: every table is sized when the handler is made.
+//! allocation per request: every table is sized when the handler is made (the table of pages
+//! migrated here grows with migrations, which the controller drives, not clients).
+
+use std::collections::HashMap;
 
 use bluebridge_proto::frame::{Endpoints, Envelope, Frame, FrameError, FrameSink};
 use bluebridge_proto::message::{
@@ -111,6 +114,10 @@ pub struct Handler {
     access: Access,
     stats: Stats,
     scratch: [u8; BULK_PAYLOAD_MAX],
+    /// Pages migrated here from other hosts: (original host, original handle) → local handle.
+    adopted: HashMap<(u16, u64), PageHandle>,
+    /// The host the request being handled is addressed to (ours, or an adopted page's).
+    addressed: HostId,
 }
 
 impl Handler {
@@ -124,6 +131,8 @@ impl Handler {
             store,
             stats: Stats::default(),
             scratch: [0; BULK_PAYLOAD_MAX],
+            adopted: HashMap::new(),
+            addressed: HostId(0),
         }
     }
 
@@ -235,6 +244,12 @@ impl Handler {
         );
         if a.host_id() == self.cfg.host {
             Some(a)
+        } else if self
+            .adopted
+            .contains_key(&(a.host_id().0, a.handle().to_bits()))
+        {
+            // A page migrated here: answered from its own (original) address.
+            Some(a)
         } else if a.host_id().is_any() && alloc {
             Some(RemoteAddr::new(
                 self.cfg.prefix,
@@ -303,6 +318,11 @@ impl Handler {
         let op = req.op();
         self.stats.requests += 1;
         self.stats.ops[usize::from(op.0)] += 1;
+        self.addressed = if req.target.host_id().is_any() {
+            self.cfg.host
+        } else {
+            req.target.host_id()
+        };
         let who = ClientKey {
             addr: req.endpoints.src.octets(),
             port: req.endpoints.src_port,
@@ -377,7 +397,9 @@ impl Handler {
         h.lease = o.lease;
         h.operand0 = o.operand0;
         h.count = o.count;
-        let src = if o.handle.is_none() {
+        // The address asked answers (an adopted page's is another host's); a new page's
+        // own address answers for ALLOC.
+        let src = if o.handle.is_none() || o.handle == req.target.handle() {
             req.target
         } else {
             self.addr(o.handle, op)
@@ -549,6 +571,7 @@ impl Handler {
                 let st = r.err().unwrap_or(Status::OK);
                 self.reply_status(req, target, base, st, sink);
             }
+            Opcode::MIGRATE_OUT => self.migrate_out(req, sink),
             _ => unreachable!("{op:?} is not idempotent"),
         }
     }
@@ -677,6 +700,7 @@ impl Handler {
                 Outcome::status(r.err().unwrap_or(Status::OK), target)
             }
             Opcode::FREE => Outcome::status(self.free(target, who, now_ns), target),
+            Opcode::MIGRATE_IN => Outcome::status(self.migrate_in(req), PageHandle::NONE),
             Opcode::FREE_BULK => {
                 let Body::Handles(list) = req.body else {
                     unreachable!("validated")
@@ -764,9 +788,26 @@ impl Handler {
         }
     }
 
-    /// The live page `handle` names, if `who` may use it.
+    /// The slot `handle` names on the host the request is addressed to (ours, or an adopted
+    /// page's original host), moved or not.
+    fn resolve_addressed(&self, handle: PageHandle) -> Result<PageIdx, Status> {
+        let local = if self.addressed == self.cfg.host {
+            handle
+        } else {
+            *self
+                .adopted
+                .get(&(self.addressed.0, handle.to_bits()))
+                .ok_or(Status::INVALID_HANDLE)?
+        };
+        self.store.resolve(local)
+    }
+
+    /// The live page `handle` names, if `who` may use it; MOVED once it migrated away.
     fn page_for(&self, handle: PageHandle, who: ClientKey) -> Result<PageIdx, Status> {
-        let p = self.store.resolve(handle)?;
+        let p = self.resolve_addressed(handle)?;
+        if self.store.is_moved(p) {
+            return Err(Status::MOVED);
+        }
         self.access.check(&self.store, p, who.addr)?;
         Ok(p)
     }
@@ -778,7 +819,95 @@ impl Handler {
             self.store.free(p);
             Ok(())
         });
+        // An adopted page keeps its entry: its local handle is stale now, so later requests get
+        // STALE_HANDLE rather than silence.
         r.err().unwrap_or(Status::OK)
+    }
+
+    /// Whether the request comes from the controller's /48 (the switch lets no one else use
+    /// those sources).
+    fn sent_by_controller(&self, req: &Request<'_>) -> bool {
+        let c = self.cfg.prefix.host_network(HostId::CONTROLLER).octets();
+        req.endpoints.src.octets()[..6] == c[..6]
+    }
+
+    /// MIGRATE_OUT: freeze the page (MOVED from now on) and send it with its owner and flags.
+    fn migrate_out(&mut self, req: &Request<'_>, sink: &mut impl FrameSink) {
+        let target = req.target;
+        let base = Self::reply_header(&req.header, Status::OK);
+        if !self.sent_by_controller(req) {
+            return self.reply_status(req, target, base, Status::FORBIDDEN, sink);
+        }
+        let p = match self.resolve_addressed(target.handle()) {
+            Ok(p) => p,
+            Err(st) => return self.reply_status(req, target, base, st, sink),
+        };
+        if self.store.lease_slot(p) != 0 {
+            // Someone is mid-update: the controller tries again later.
+            return self.reply_status(req, target, base, Status::LEASE_HELD, sink);
+        }
+        self.store.mark_moved(p);
+        let owner = self
+            .access
+            .owner_addr(self.store.owner(p))
+            .unwrap_or([0; 16]);
+        let mut h = base;
+        h.operand0 = u64::from_be_bytes(owner[..8].try_into().expect("8 bytes"));
+        h.operand1 = u64::from_be_bytes(owner[8..].try_into().expect("8 bytes"));
+        if self.store.is_shared(p) {
+            h.flags = h.flags.with(HeaderFlags::SHARED);
+        }
+        self.send_range(req, p, target, h, sink);
+    }
+
+    /// MIGRATE_IN: adopt a page migrating here (or take back one of ours that comes home).
+    fn migrate_in(&mut self, req: &Request<'_>) -> Status {
+        if !self.sent_by_controller(req) {
+            return Status::FORBIDDEN;
+        }
+        let h = &req.header;
+        let Body::Data(data) = req.body else {
+            return Status::MALFORMED;
+        };
+        let key = (h.count, h.lease);
+        if h.count == self.cfg.host.0 {
+            // One of ours, back from elsewhere: the slot kept answering MOVED until now.
+            return match self.store.resolve(PageHandle::from_bits(h.lease)) {
+                Ok(p) => {
+                    self.store.page_mut(p).copy_from_slice(data);
+                    self.store.unmark_moved(p);
+                    Status::OK
+                }
+                Err(st) => st,
+            };
+        }
+        if let Some(&local) = self.adopted.get(&key) {
+            // Here before (it moved on and comes back, or a retransmission the duplicate table
+            // lost): take the data and answer for it again.
+            if let Ok(p) = self.store.resolve(local) {
+                self.store.page_mut(p).copy_from_slice(data);
+                self.store.unmark_moved(p);
+            }
+            return Status::OK;
+        }
+        let mut owner_addr = [0u8; 16];
+        owner_addr[..8].copy_from_slice(&h.operand0.to_be_bytes());
+        owner_addr[8..].copy_from_slice(&h.operand1.to_be_bytes());
+        let owner = match self.access.owner_id(owner_addr) {
+            Ok(o) => o,
+            Err(st) => return st,
+        };
+        match self
+            .store
+            .alloc(owner, h.flags.contains(HeaderFlags::SHARED))
+        {
+            Ok((p, local)) => {
+                self.store.page_mut(p).copy_from_slice(data);
+                self.adopted.insert(key, local);
+                Status::OK
+            }
+            Err(st) => st,
+        }
     }
 
     fn free_bulk(&mut self, list: HandleList<'_>, who: ClientKey, now_ns: u64) -> usize {

@@ -85,6 +85,10 @@ struct Args {
     /// Distinct client addresses that may own pages (allocations by more get BUSY).
     #[arg(long, default_value_t = 1 << 16)]
     max_owners: usize,
+    /// Behind a BlueBridge switch: serve every BlueBridge frame the switch delivers here, so
+    /// pages migrated to this host from others are answered (the switch decides what arrives).
+    #[arg(long)]
+    accept_routed: bool,
     /// Bare-echo baseline for benchmarks: bounce every steered frame back with its endpoints
     /// swapped, without parsing it or touching the store (AF_XDP only).
     #[arg(long)]
@@ -134,6 +138,7 @@ fn main() -> Result<()> {
         allowed_clients: a.allow_clients,
         echo: a.echo,
         max_owners: a.max_owners,
+        accept_routed: a.accept_routed,
     };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

@@ -87,6 +87,10 @@ pub struct ServerConfig {
     pub allowed_clients: Vec<crate::access::ClientPrefix>,
     /// Distinct client addresses that may own pages.
     pub max_owners: usize,
+    /// Behind a BlueBridge switch: take every BlueBridge frame the switch delivers (the
+    /// whole deployment prefix), so pages migrated here from other hosts are served. Without
+    /// it only this host's /48 (and the any-server /48) is steered.
+    pub accept_routed: bool,
 }
 
 impl ServerConfig {
@@ -113,6 +117,7 @@ impl ServerConfig {
             dedup_entries: 1 << 17,
             allowed_clients: Vec::new(),
             max_owners: 1 << 16,
+            accept_routed: false,
         }
     }
 }
@@ -262,6 +267,9 @@ impl Server {
                 steer.add_prefix(cfg.prefix.host_network(cfg.host), HOST_PREFIX_LEN)?;
                 // Anycast ALLOCs (host 0xffff) routed here by a switch.
                 steer.add_prefix(cfg.prefix.host_network(HostId::ANY), HOST_PREFIX_LEN)?;
+                if cfg.accept_routed {
+                    steer.add_prefix(cfg.prefix.network(), 32)?;
+                }
                 let attach = steer.attach(&cfg.ifname, cfg.force_generic)?;
 
                 let mut sockets = Vec::new();

@@ -18,6 +18,7 @@ pub struct PageIdx(pub u32);
 
 const ALLOCATED: u16 = 1;
 const SHARED: u16 = 2;
+const MOVED: u16 = 4;
 const NO_PAGE: u32 = u32::MAX;
 
 /// Per-page metadata: 16 bytes.
@@ -28,7 +29,7 @@ struct PageMeta {
     generation: u32,
     /// The allocating client's id in the handler's owner table.
     owner: u32,
-    /// ALLOCATED, SHARED.
+    /// ALLOCATED, SHARED, MOVED.
     flags: u16,
     /// Lease slot + 1, or 0.
     lease: u16,
@@ -264,6 +265,22 @@ impl Store {
     /// Lets every client use the page.
     pub fn share(&mut self, p: PageIdx) {
         self.meta[p.0 as usize].flags |= SHARED;
+    }
+
+    /// Marks the page as migrated away: requests for it are answered MOVED. It stays allocated
+    /// (its handle must keep answering MOVED rather than STALE_HANDLE) until freed.
+    pub fn mark_moved(&mut self, p: PageIdx) {
+        self.meta[p.0 as usize].flags |= MOVED;
+    }
+
+    /// The page is back (migrated home again).
+    pub fn unmark_moved(&mut self, p: PageIdx) {
+        self.meta[p.0 as usize].flags &= !MOVED;
+    }
+
+    /// Whether the page was migrated away.
+    pub fn is_moved(&self, p: PageIdx) -> bool {
+        self.meta[p.0 as usize].flags & MOVED != 0
     }
 
     /// The owner id given at allocation.

@@ -1078,3 +1078,92 @@ fn memory_overhead_fits_the_budget() {
     let at_4g = fixed + (4 << 30) / PAGE_SIZE * 16;
     assert!(at_4g < 64 << 20, "{at_4g} bytes");
 }
+
+#[test]
+fn pages_migrate_out_and_in_only_for_the_controller() {
+    let controller: Ipv6Addr = "fd00:bb:7fff::1".parse().unwrap();
+    let user: Ipv6Addr = "fd00:bb:1::1".parse().unwrap();
+    // Host 2 holds a page written by the user.
+    let mut a = rig();
+    let p = a.alloc();
+    let data = pattern(9);
+    assert_eq!(a.status(Opcode::WRITE, p, hdr(0, 4096), &data), Status::OK);
+    // Nobody but the controller may move it.
+    assert_eq!(
+        a.status(Opcode::MIGRATE_OUT, p, hdr(0, 4096), &[]),
+        Status::FORBIDDEN
+    );
+    a.client = controller;
+    let out = a.one(Opcode::MIGRATE_OUT, p, hdr(0, 4096), &[]);
+    assert_eq!(out.h.status, Status::OK);
+    assert_eq!(out.payload, data, "the page, in one frame");
+    let mut owner = [0u8; 16];
+    owner[..8].copy_from_slice(&out.h.operand0.to_be_bytes());
+    owner[8..].copy_from_slice(&out.h.operand1.to_be_bytes());
+    assert_eq!(Ipv6Addr::from(owner), user);
+    // Frozen: its owner now gets MOVED (and retries elsewhere), nothing is written here.
+    a.client = user;
+    assert_eq!(
+        a.status(Opcode::WRITE, p, hdr(0, 8), &[1; 8]),
+        Status::MOVED
+    );
+    assert_eq!(a.status(Opcode::READ, p, hdr(0, 8), &[]), Status::MOVED);
+
+    // Host 3 adopts it and answers for host 2's address.
+    let mut b = rig_with(2 << 20, 4096, |c| c.host = HostId(3));
+    let page_addr = RemoteAddr::new(NetPrefix::DEFAULT, HOST, p, Opcode::READ, OpFlags::NONE);
+    let adopt = |b: &mut Rig| {
+        let h = BbRepr {
+            count: HOST.0,
+            lease: p.to_bits(),
+            operand0: out.h.operand0,
+            operand1: out.h.operand1,
+            offset: 0,
+            length: 4096,
+            ..BbRepr::default()
+        };
+        let f = b.frame_to(
+            RemoteAddr::host_op(NetPrefix::DEFAULT, HostId(3), Opcode::MIGRATE_IN),
+            h,
+            &out.payload,
+        );
+        b.raw(&f).pop().unwrap().h.status
+    };
+    b.client = user;
+    assert_eq!(adopt(&mut b), Status::FORBIDDEN);
+    // Not adopted: host 2's address is not ours, nothing is answered.
+    let f = b.frame_to(page_addr, hdr(0, 8), &[]);
+    assert!(b.raw(&f).is_empty());
+    b.client = controller;
+    assert_eq!(adopt(&mut b), Status::OK);
+    b.client = user;
+    let f = b.frame_to(page_addr, hdr(0, 4096), &[]);
+    let r = b.raw(&f);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].h.status, Status::OK);
+    assert_eq!(r[0].src, page_addr, "answered from the page's own address");
+    assert_eq!(r[0].payload, data);
+    // Its owner kept: another client is refused.
+    b.client = "fd00:bb:9::9".parse().unwrap();
+    let f = b.frame_to(page_addr, hdr(0, 8), &[]);
+    assert_eq!(b.raw(&f)[0].h.status, Status::FORBIDDEN);
+    // Coming home: host 2 takes it back and answers again.
+    a.client = controller;
+    let h = BbRepr {
+        count: HOST.0,
+        lease: p.to_bits(),
+        offset: 0,
+        length: 4096,
+        ..BbRepr::default()
+    };
+    let mut newer = data.clone();
+    newer[0] = 0xee;
+    let f = a.frame_to(
+        RemoteAddr::host_op(NetPrefix::DEFAULT, HOST, Opcode::MIGRATE_IN),
+        h,
+        &newer,
+    );
+    assert_eq!(a.raw(&f).pop().unwrap().h.status, Status::OK);
+    a.client = user;
+    assert_eq!(a.read(p, 0, 4096), newer);
+}

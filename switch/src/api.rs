@@ -39,6 +39,13 @@ pub enum Request {
         /// How many.
         top: usize,
     },
+    /// Move a page to another host; clients keep its address.
+    Migrate {
+        /// The page's address.
+        page: String,
+        /// The host to move it to.
+        to: u16,
+    },
 }
 
 /// The answer line.
@@ -90,6 +97,7 @@ fn execute(ctl: &mut Controller, req: Request) -> Result<serde_json::Value, CtlE
         Request::Routes => json(serde_json::to_value(ctl.routes()?)),
         Request::Counters => json(serde_json::to_value(ctl.counters()?)),
         Request::HotPages { top } => json(serde_json::to_value(ctl.hot_pages(top)?)),
+        Request::Migrate { page, to } => json(serde_json::to_value(ctl.migrate(&page, to)?)),
     }
 }
 

@@ -223,6 +223,29 @@ pub struct Controller {
     placement: Option<u16>,
     /// Health checks missed in a row before a host is withdrawn.
     misses_allowed: u32,
+    /// The controller's own client (with a link).
+    client: Option<Client<AnyTransport>>,
+    /// Pages migrated away from their home host: page /112 → the host holding it.
+    page_routes: BTreeMap<Ipv6Addr, u16>,
+}
+
+/// What a migration did and how long its steps took.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Migration {
+    /// The page's address.
+    pub page: String,
+    /// The host that held it.
+    pub from: u16,
+    /// The host that holds it now.
+    pub to: u16,
+    /// MIGRATE_OUT: the page frozen at `from` (MOVED from then on) and copied out, µs.
+    pub copy_out_us: f64,
+    /// MIGRATE_IN: adopted by `to`, µs.
+    pub copy_in_us: f64,
+    /// The switch's route changed (a /112 installed or removed), µs.
+    pub route_update_us: f64,
+    /// From the freeze to the new route: how long requests for the page were answered MOVED.
+    pub cutover_us: f64,
 }
 
 fn parse_mac(s: &str) -> Result<[u8; 6], CtlError> {
@@ -261,6 +284,8 @@ impl Controller {
             hosts: BTreeMap::new(),
             placement: None,
             misses_allowed: 3,
+            client: None,
+            page_routes: BTreeMap::new(),
         })
     }
 
@@ -272,7 +297,7 @@ impl Controller {
     /// Gives the controller its own address (`fd00:bb:7fff::1`) behind switch port `link.port`
     /// and opens a client on `link.ifname`, for health checks, placement and other requests it
     /// makes itself.
-    pub fn attach_link(&mut self, link: &LinkSpec) -> Result<Client<AnyTransport>, CtlError> {
+    pub fn attach_link(&mut self, link: &LinkSpec) -> Result<(), CtlError> {
         let port = self.port(&link.port)?;
         let port_mac = Self::port_mac(&link.port)?;
         let mac = Self::port_mac(&link.ifname)?;
@@ -312,7 +337,138 @@ impl Controller {
         ec.retries = 2;
         let mut c = Client::new(ec, t);
         c.set_yield_when_idle(true);
-        Ok(c)
+        self.client = Some(c);
+        Ok(())
+    }
+
+    /// One health check of `id` (a STAT through the controller's link): noted, and the
+    /// placement updated.
+    pub fn check_host(&mut self, id: u16) -> Result<(), CtlError> {
+        let Some(c) = self.client.as_mut() else {
+            return Ok(());
+        };
+        match c.stat(HostId(id)) {
+            Ok(s) => self.health_ok(id, s.pages_used, s.pages_total)?,
+            Err(e) => {
+                tracing::debug!(host = id, error = %e, "health check missed");
+                self.health_missed(id)?;
+            }
+        }
+        self.place().map(|_| ())
+    }
+
+    /// Moves `page` (an address, any opcode) to host `to` while clients keep using the same
+    /// address: the holder freezes it and hands it over (from then on it answers MOVED, which
+    /// clients retry), `to` adopts it, and the switch routes the page's /112 to `to` (or drops
+    /// that route when the page comes home). Nothing acknowledged is lost: a write the holder
+    /// acknowledged is in the copy, one it answered MOVED is retried at `to`.
+    pub fn migrate(&mut self, page: &str, to: u16) -> Result<Migration, CtlError> {
+        use bluebridge_client::Request;
+        use bluebridge_proto::{HeaderFlags, OpFlags, Opcode, PAGE_SIZE, RemoteAddr};
+
+        let addr: Ipv6Addr = page
+            .parse()
+            .map_err(|_| CtlError::Invalid(format!("`{page}` is not an IPv6 address")))?;
+        let page = RemoteAddr::from_ipv6(addr, self.prefix)
+            .map_err(|e| CtlError::Invalid(format!("{addr}: {e}")))?
+            .with_op(Opcode(0), OpFlags::NONE);
+        if page.handle().is_none() {
+            return Err(CtlError::Invalid(format!(
+                "{addr} names a host, not a page"
+            )));
+        }
+        let dest = self
+            .hosts
+            .get(&to)
+            .cloned()
+            .ok_or_else(|| CtlError::Invalid(format!("host {to} is not registered")))?;
+        if dest.health.down {
+            return Err(CtlError::Invalid(format!("host {to} is down")));
+        }
+        let key = page.to_ipv6();
+        let home = page.host_id().0;
+        let from = self.page_routes.get(&key).copied().unwrap_or(home);
+        if from == to {
+            return Err(CtlError::Invalid(format!(
+                "the page is on host {to} already"
+            )));
+        }
+        let prefix = self.prefix;
+        let c = self.client.as_mut().ok_or_else(|| {
+            CtlError::Invalid("the controller has no link (start it with --link)".into())
+        })?;
+        let fail = |what: &str, e: bluebridge_client::ClientError| {
+            CtlError::Invalid(format!("{what}: {e}"))
+        };
+        let t0 = std::time::Instant::now();
+        let id = c.submit(Request::new(Opcode::MIGRATE_OUT, page).range(0, PAGE_SIZE as u16));
+        let out = c.wait(id).map_err(|e| fail("MIGRATE_OUT", e))?;
+        let t1 = std::time::Instant::now();
+        let adopt = |c: &mut Client<AnyTransport>, host: u16| {
+            let mut r = Request::new(
+                Opcode::MIGRATE_IN,
+                RemoteAddr::host_op(prefix, HostId(host), Opcode::MIGRATE_IN),
+            )
+            .range(0, PAGE_SIZE as u16)
+            .payload(out.data.clone());
+            r.count = home;
+            r.lease = page.handle().to_bits();
+            r.operand0 = out.header.operand0;
+            r.operand1 = out.header.operand1;
+            if out.header.flags.contains(HeaderFlags::SHARED) {
+                r.flags = HeaderFlags::SHARED;
+            }
+            let id = c.submit(r);
+            c.wait(id)
+        };
+        if let Err(e) = adopt(c, to) {
+            // Give it back to its holder (unfrozen at home, or re-adopted where it was).
+            if let Err(e2) = adopt(c, from) {
+                tracing::error!(error = %e2, page = %key, "could not give a page back after a failed migration");
+            }
+            return Err(fail("MIGRATE_IN", e));
+        }
+        let t2 = std::time::Instant::now();
+        // The holder answers from the page's address, which is outside its own /48: its port
+        // must let that source through (and the previous holder's no longer).
+        if from != home
+            && let Some(h) = self.hosts.get(&from)
+        {
+            self.tor.disallow_source(h.server.ifindex, key, 112)?;
+        }
+        if to != home {
+            self.tor.allow_source(dest.server.ifindex, key, 112)?;
+        }
+        if to == home {
+            self.tor.remove_route(key, 112)?;
+            self.page_routes.remove(&key);
+        } else {
+            self.tor.add_route(
+                key,
+                112,
+                Route {
+                    ifindex: dest.server.ifindex,
+                    dst_mac: dest.server.mac,
+                    src_mac: dest.server.port_mac,
+                    // Page routes are not counted per route (the hot-page counters are).
+                    id: u32::MAX,
+                    reject: false,
+                },
+            )?;
+            self.page_routes.insert(key, to);
+        }
+        let t3 = std::time::Instant::now();
+        let us = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e6;
+        tracing::info!(page = %key, from, to, cutover_us = us(t0, t3), "page migrated");
+        Ok(Migration {
+            page: key.to_string(),
+            from,
+            to,
+            copy_out_us: us(t0, t1),
+            copy_in_us: us(t1, t2),
+            route_update_us: us(t2, t3),
+            cutover_us: us(t0, t3),
+        })
     }
 
     /// The registered hosts' ids.

@@ -9,8 +9,8 @@ use anyhow::{Context, Result};
 use bluebridge_proto::NetPrefix;
 use bluebridge_switch::api::{self, Request};
 use bluebridge_switch::{
-    Controller, Counters, HostSpec, HostStatus, HotPage, LinkSpec, RouteInfo, SuperviseConfig,
-    supervise,
+    Controller, Counters, HostSpec, HostStatus, HotPage, LinkSpec, Migration, RouteInfo,
+    SuperviseConfig, supervise,
 };
 use clap::{Parser, Subcommand};
 
@@ -104,6 +104,16 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         top: usize,
     },
+    /// Move a page to another host while clients keep using its address (needs the daemon's
+    /// --link).
+    Migrate {
+        /// The page's address (any opcode).
+        #[arg(long)]
+        page: String,
+        /// The host to move it to.
+        #[arg(long)]
+        to: u16,
+    },
 }
 
 fn main() -> Result<()> {
@@ -131,20 +141,21 @@ fn main() -> Result<()> {
             let mut ctl = Controller::new(prefix, pass_other, generic)
                 .context("loading the switch program (needs root, in the switch namespace)")?;
             ctl.set_misses_allowed(health_misses);
-            let client = match (link, link_port) {
-                (Some(ifname), Some(port)) => Some(
+            let linked = match (link, link_port) {
+                (Some(ifname), Some(port)) => {
                     ctl.attach_link(&LinkSpec { ifname, port })
-                        .context("setting up the controller's link")?,
-                ),
-                _ => None,
+                        .context("setting up the controller's link")?;
+                    true
+                }
+                _ => false,
             };
             let ctl = Arc::new(Mutex::new(ctl));
-            let supervisor = client.map(|mut client| {
+            let supervisor = linked.then(|| {
                 let (ctl, stop) = (ctl.clone(), stop.clone());
                 let cfg = SuperviseConfig {
                     interval: Duration::from_millis(health_interval_ms),
                 };
-                std::thread::spawn(move || supervise(&ctl, &mut client, cfg, &stop))
+                std::thread::spawn(move || supervise(&ctl, cfg, &stop))
             });
             println!(
                 "bluebridge-ctl: controller for {prefix} on {}{}",
@@ -186,6 +197,7 @@ fn main() -> Result<()> {
         Cmd::Routes => Request::Routes,
         Cmd::Counters => Request::Counters,
         Cmd::HotPages { top } => Request::HotPages { top },
+        Cmd::Migrate { page, to } => Request::Migrate { page, to },
     };
     let v = api::call(&cli.socket, &req)?;
     if cli.json {
@@ -255,6 +267,13 @@ fn main() -> Result<()> {
                     h.client_net.unwrap_or_default()
                 );
             }
+        }
+        Request::Migrate { .. } => {
+            let m: Migration = serde_json::from_value(v)?;
+            println!(
+                "{} moved from host {} to host {}: cut-over {:.0} µs (copy out {:.0}, copy in {:.0}, route {:.0})",
+                m.page, m.from, m.to, m.cutover_us, m.copy_out_us, m.copy_in_us, m.route_update_us
+            );
         }
         Request::Status => {
             let hosts: Vec<HostStatus> = serde_json::from_value(v)?;

@@ -399,13 +399,13 @@ fn failed_hosts_are_withdrawn_and_new_pages_go_to_the_emptiest_server() {
                 .unwrap();
             }
             ctl.set_misses_allowed(2);
-            let mut client = ctl.attach_link(&link).unwrap();
+            ctl.attach_link(&link).unwrap();
             let ctl = Arc::new(Mutex::new(ctl));
             ctl_tx.send(ctl.clone()).unwrap();
             let cfg = SuperviseConfig {
                 interval: Duration::from_millis(20),
             };
-            supervise(&ctl, &mut client, cfg, &stop);
+            supervise(&ctl, cfg, &stop);
         })
     };
     let ctl = ctl_rx.recv().unwrap();
@@ -507,4 +507,135 @@ fn failed_hosts_are_withdrawn_and_new_pages_go_to_the_emptiest_server() {
     stop.store(true, Ordering::Relaxed);
     switch.join().unwrap();
     drop((s2.take(), s3.take()));
+}
+
+#[test]
+fn a_page_migrates_while_a_client_keeps_writing_it() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use bluebridge_switch::{Controller, HostSpec, LinkSpec, Migration};
+    use bluebridge_topology::{Rack, fmt_mac, unique};
+
+    let rack = Rack::create(&unique("bbt"), 3, 9000).unwrap();
+    let (ctl_tx, ctl_rx) = std::sync::mpsc::channel();
+    {
+        let (sw, hosts) = (rack.switch.clone(), rack.hosts.clone());
+        let link = LinkSpec {
+            ifname: rack.controller_if.clone(),
+            port: rack.controller_port.clone(),
+        };
+        std::thread::spawn(move || {
+            bluebridge_topology::enter(&sw).unwrap();
+            let mut ctl = Controller::new(NetPrefix::DEFAULT, false, false).unwrap();
+            for h in &hosts {
+                let client = h.host_id == 1;
+                ctl.register(HostSpec {
+                    id: h.host_id,
+                    server_port: h.server_port.clone(),
+                    server_mac: fmt_mac(h.server_mac),
+                    client_port: client.then(|| h.client_port.clone()),
+                    client_mac: client.then(|| fmt_mac(h.client_mac)),
+                    client_net: client.then(|| "fd00:bb:1:ffff::/64".to_owned()),
+                })
+                .unwrap();
+            }
+            ctl.attach_link(&link).unwrap();
+            ctl_tx.send(Arc::new(Mutex::new(ctl))).unwrap();
+        })
+        .join()
+        .unwrap();
+    }
+    let ctl: Arc<Mutex<Controller>> = ctl_rx.recv().unwrap();
+    let servers: Vec<_> = [1usize, 2]
+        .iter()
+        .map(|&i| {
+            let h = &rack.hosts[i];
+            bluebridge_tests::start_server(
+                &h.ns,
+                &bluebridge_server::ServerConfig {
+                    arena_bytes: 16 << 20,
+                    idle: true,
+                    sched_idle: false,
+                    hugepages: false,
+                    accept_routed: true,
+                    ..bluebridge_server::ServerConfig::new(&h.server_if, HostId(h.host_id))
+                },
+            )
+        })
+        .collect();
+
+    rack.host_ns(0).enter().unwrap();
+    let h1 = &rack.hosts[0];
+    let (t, mut ec) = bluebridge_client::Connect {
+        kind: bluebridge_client::TransportKind::Xdp,
+        ifname: h1.client_if.clone(),
+        local: rack_client_addr(HostId(1)),
+        next_hop_mac: Some(MacAddr(h1.client_port_mac)),
+        prefix: NetPrefix::DEFAULT,
+        segments: false,
+    }
+    .open()
+    .unwrap();
+    ec.retries = 12;
+    let mut c = bluebridge_client::Client::new(ec, t);
+    let p = c.alloc(HostId(2), false).unwrap();
+    let page: Vec<u8> = (0..PAGE_SIZE).map(|i| (i * 7) as u8).collect();
+    c.write(p, 0, &page).unwrap();
+
+    // Host 2 → 3 → 2 (home) → 3, while the client writes a counter and reads it back.
+    let done = Arc::new(AtomicBool::new(false));
+    let mover = {
+        let (ctl, done) = (ctl.clone(), done.clone());
+        let addr = p.to_ipv6().to_string();
+        std::thread::spawn(move || {
+            let mut moves: Vec<Migration> = Vec::new();
+            for to in [3u16, 2, 3] {
+                std::thread::sleep(Duration::from_millis(30));
+                moves.push(ctl.lock().unwrap().migrate(&addr, to).expect("migration"));
+            }
+            std::thread::sleep(Duration::from_millis(30));
+            done.store(true, Ordering::Relaxed);
+            moves
+        })
+    };
+    let mut last = 0u64;
+    while !done.load(Ordering::Relaxed) {
+        last += 1;
+        c.write(p, 0, &last.to_le_bytes())
+            .unwrap_or_else(|e| panic!("write {last}: {e}"));
+        let back = c.read_range(p, 0, 8).unwrap();
+        assert_eq!(
+            u64::from_le_bytes(back.try_into().unwrap()),
+            last,
+            "read after write {last}"
+        );
+    }
+    let moves = mover.join().unwrap();
+    assert_eq!(
+        moves.iter().map(|m| (m.from, m.to)).collect::<Vec<_>>(),
+        [(2, 3), (3, 2), (2, 3)]
+    );
+    // Nothing acknowledged was lost, nothing else changed.
+    let data = c.read(p).unwrap();
+    assert_eq!(u64::from_le_bytes(data[..8].try_into().unwrap()), last);
+    assert_eq!(&data[8..], &page[8..]);
+    let st = c.stats();
+    assert!(
+        st.moved_retries > 0,
+        "requests met a cut-over and were retried: {st:?}"
+    );
+    assert_eq!(st.timeouts, 0);
+    // The switch holds the page's /112 to host 3.
+    let routes = ctl.lock().unwrap().routes().unwrap();
+    let r = routes
+        .iter()
+        .find(|r| r.prefix == format!("{}/112", p.to_ipv6()))
+        .expect("the page's route");
+    assert_eq!(r.port, rack.hosts[2].server_port);
+    // It is host 3's now: freed there, a typed error after.
+    c.free(p).unwrap();
+    assert!(matches!(c.read(p), Err(ClientError::StaleHandle)));
+    eprintln!("{last} writes; migrations: {moves:?}");
+    drop(servers);
 }

@@ -27,6 +27,10 @@ pub(crate) struct RackArgs {
     /// Iterations of one client alone afterwards.
     #[arg(long, default_value_t = 1000)]
     single: usize,
+    /// Then page migrations under load: one client keeps writing and reading back 16 pages
+    /// while the controller moves them between hosts this many times.
+    #[arg(long, default_value_t = 200)]
+    migrations: usize,
     /// Where the JSON reports go.
     #[arg(long, default_value = "results")]
     out: PathBuf,
@@ -184,6 +188,7 @@ pub(crate) fn run(a: &RackArgs) -> Result<()> {
                     "--idle",
                     "--normal-priority",
                     "--no-hugepages",
+                    "--accept-routed",
                     "--dedup-entries",
                     "4096",
                     "--max-owners",
@@ -209,8 +214,8 @@ pub(crate) fn run(a: &RackArgs) -> Result<()> {
     let report = out.join("rack.json");
     s.run(
         &format!(
-            "workload: {} iterations of all {} clients at once, then {} of one client (ALLOC, WRITE, READ back, FREE on a random other host each)",
-            a.iterations, a.hosts, a.single
+            "workload: {} iterations of all {} clients at once, then {} of one client (ALLOC, WRITE, READ back, FREE on a random other host each), then {} page migrations under load",
+            a.iterations, a.hosts, a.single, a.migrations
         ),
         || {
             stage::status(
@@ -219,6 +224,9 @@ pub(crate) fn run(a: &RackArgs) -> Result<()> {
                     .arg(&layout)
                     .args(["--iterations", &a.iterations.to_string()])
                     .args(["--single", &a.single.to_string()])
+                    .args(["--migrations", &a.migrations.to_string()])
+                    .arg("--controller")
+                    .arg(&socket)
                     .arg("--json")
                     .arg(&report),
             )

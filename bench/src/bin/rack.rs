@@ -34,6 +34,13 @@ struct Args {
     /// Random seed (targets, page contents).
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Migrations under load: host 1's client keeps writing and reading back a set of pages
+    /// while the controller (at --controller) moves them between hosts this many times.
+    #[arg(long, default_value_t = 0)]
+    migrations: usize,
+    /// The controller's control socket (for --migrations).
+    #[arg(long)]
+    controller: Option<PathBuf>,
     /// Client retransmission timeout, µs (the minimum; it adapts).
     #[arg(long, default_value_t = 1000)]
     rto_us: u64,
@@ -53,6 +60,23 @@ struct Report {
     single: usize,
     /// Phase name → results.
     phases: BTreeMap<String, Phase>,
+    /// The migration run, if any.
+    #[serde(default)]
+    migration: Option<MigrationRun>,
+}
+
+/// Pages moved between hosts while a client writes and reads them back.
+#[derive(Debug, Serialize, Deserialize)]
+struct MigrationRun {
+    pages: usize,
+    migrations: usize,
+    /// Writes acknowledged during the run; each was read back before the next.
+    writes: u64,
+    /// Requests that met a cut-over (MOVED) and were retried.
+    moved_retries: u64,
+    errors: u64,
+    cutover_us: Percentiles,
+    route_update_us: Percentiles,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -82,17 +106,20 @@ fn client_addr(id: u16) -> std::net::Ipv6Addr {
     o.into()
 }
 
+/// Where a client thread gets its work: (target host, seed) per cycle.
+type Targets = mpsc::Sender<(u16, u64)>;
+
 /// A client thread on `h`: waits for targets, runs one cycle per target.
 fn spawn_client(
     h: RackHost,
     a: &Args,
     results: mpsc::Sender<(usize, Cycle)>,
     idx: usize,
-) -> Result<mpsc::Sender<(u16, u64)>> {
+) -> Result<(Targets, std::thread::JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel::<(u16, u64)>();
     let (rto, retries) = (Duration::from_micros(a.rto_us), a.retries);
     let (ready_tx, ready_rx) = mpsc::channel();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name(format!("rack-client-{}", h.host_id))
         .spawn(move || {
             let opened = (|| -> Result<Client<AnyTransport>> {
@@ -133,7 +160,7 @@ fn spawn_client(
         .recv()
         .context("a client thread died")?
         .with_context(|| format!("opening host {}'s client", idx + 1))?;
-    Ok(tx)
+    Ok((tx, thread))
 }
 
 /// ALLOC on `target`, WRITE a page, READ it back and compare, FREE.
@@ -227,6 +254,133 @@ fn print_phase(name: &str, p: &Phase) {
     }
 }
 
+/// Host 1's client writes a counter into each of `PAGES` pages in turn and reads it back,
+/// while another thread asks the controller to move a random page to a random other host,
+/// `a.migrations` times. Every write must be acknowledged and read back exactly.
+fn migrate_under_load(
+    hosts: &[RackHost],
+    a: &Args,
+    socket: &std::path::Path,
+) -> Result<MigrationRun> {
+    use bluebridge_switch::Migration;
+    use bluebridge_switch::api::{self, Request};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    const PAGES: usize = 16;
+    let h = hosts[0].clone();
+    let (rto, retries) = (Duration::from_micros(a.rto_us), a.retries);
+    let done = Arc::new(AtomicBool::new(false));
+    let (page_tx, page_rx) = mpsc::channel();
+    let writer = {
+        let (done, hosts) = (done.clone(), hosts.to_vec());
+        std::thread::spawn(move || -> Result<(u64, u64)> {
+            bluebridge_topology::enter(&h.ns)?;
+            let (t, mut ec) = Connect {
+                kind: TransportKind::Xdp,
+                ifname: h.client_if.clone(),
+                local: client_addr(h.host_id),
+                next_hop_mac: Some(MacAddr(h.client_port_mac)),
+                prefix: NetPrefix::DEFAULT,
+                segments: false,
+            }
+            .open()?;
+            ec.rto = rto;
+            ec.retries = retries;
+            let mut c = Client::new(ec, t);
+            c.set_yield_when_idle(true);
+            let pages: Vec<_> = (0..PAGES)
+                .map(|i| c.alloc(HostId(hosts[1 + i % (hosts.len() - 1)].host_id), false))
+                .collect::<Result<_, _>>()?;
+            page_tx.send(pages.clone())?;
+            let mut writes = 0u64;
+            while !done.load(Ordering::Relaxed) {
+                for (i, &p) in pages.iter().enumerate() {
+                    writes += 1;
+                    c.write(p, 8 * (i as u16 % 8), &writes.to_le_bytes())
+                        .with_context(|| format!("write {writes}"))?;
+                    let back = c.read_range(p, 8 * (i as u16 % 8), 8)?;
+                    ensure!(
+                        back == writes.to_le_bytes(),
+                        "page {i}: read back another value than the acknowledged write {writes}"
+                    );
+                }
+            }
+            for p in &pages {
+                c.free(*p)?;
+            }
+            Ok((writes, c.stats().moved_retries))
+        })
+    };
+    let pages = match page_rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(p) => p,
+        Err(_) => {
+            let why = match writer.join() {
+                Ok(Err(e)) => format!("{e:#}"),
+                _ => "it died".into(),
+            };
+            bail!("the migration run's writer did not start: {why}");
+        }
+    };
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(a.seed ^ 0x316);
+    let mut moves: Vec<Migration> = Vec::new();
+    let mut errors = 0u64;
+    let mut at: Vec<u16> = pages.iter().map(|p| p.host_id().0).collect();
+    for _ in 0..a.migrations {
+        std::thread::sleep(Duration::from_millis(5));
+        let i = rng.random_range(0..pages.len());
+        let to = loop {
+            let t = hosts[rng.random_range(0..hosts.len())].host_id;
+            if t != at[i] {
+                break t;
+            }
+        };
+        match api::call(
+            socket,
+            &Request::Migrate {
+                page: pages[i].to_ipv6().to_string(),
+                to,
+            },
+        ) {
+            Ok(v) => {
+                moves.push(serde_json::from_value(v)?);
+                at[i] = to;
+            }
+            Err(e) => {
+                eprintln!("migration of page {i} to host {to}: {e}");
+                errors += 1;
+            }
+        }
+    }
+    done.store(true, Ordering::Relaxed);
+    let (writes, moved_retries) = match writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("the writer panicked"))?
+    {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("writer: {e:#}");
+            errors += 1;
+            (0, 0)
+        }
+    };
+    let mut cut = Latencies::default();
+    let mut route = Latencies::default();
+    for m in &moves {
+        cut.record("cut-over", (m.cutover_us * 1000.0) as u64);
+        route.record("route", (m.route_update_us * 1000.0) as u64);
+    }
+    Ok(MigrationRun {
+        pages: pages.len(),
+        migrations: moves.len(),
+        writes,
+        moved_retries,
+        errors,
+        cutover_us: cut.percentiles().remove("cut-over").unwrap_or_default(),
+        route_update_us: route.percentiles().remove("route").unwrap_or_default(),
+    })
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -241,8 +395,11 @@ fn main() -> Result<()> {
     ensure!(hosts.len() >= 2, "a rack run needs at least two hosts");
     let (res_tx, res_rx) = mpsc::channel();
     let mut clients = Vec::new();
+    let mut threads = Vec::new();
     for (i, h) in hosts.iter().enumerate() {
-        clients.push(spawn_client(h.clone(), &a, res_tx.clone(), i)?);
+        let (tx, t) = spawn_client(h.clone(), &a, res_tx.clone(), i)?;
+        clients.push(tx);
+        threads.push(t);
     }
     println!(
         "{} clients open (one per host, AF_XDP through the switch)",
@@ -261,6 +418,7 @@ fn main() -> Result<()> {
         iterations: a.iterations,
         single: a.single,
         phases: BTreeMap::new(),
+        migration: None,
     };
     let t = Instant::now();
     let mut all = Vec::new();
@@ -288,7 +446,35 @@ fn main() -> Result<()> {
     let p = phase(one, t.elapsed().as_secs_f64());
     print_phase("host 1's client alone", &p);
     report.phases.insert("single".into(), p);
+    // Each client's steering program leaves its interface when its thread ends.
     drop(clients);
+    for t in threads {
+        let _ = t.join();
+    }
+    if a.migrations > 0 {
+        let socket = a
+            .controller
+            .as_deref()
+            .context("--migrations needs --controller")?;
+        let m = migrate_under_load(&hosts, &a, socket)?;
+        println!(
+            "migrations under load: {} moves of {} pages while {} writes were acknowledged and read back; {} requests met a cut-over and were retried; {} errors",
+            m.migrations, m.pages, m.writes, m.moved_retries, m.errors
+        );
+        println!(
+            "cut-over p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs; switch route update p50 {:.1} µs, max {:.1} µs",
+            m.cutover_us.p50_us,
+            m.cutover_us.p99_us,
+            m.cutover_us.max_us,
+            m.route_update_us.p50_us,
+            m.route_update_us.max_us
+        );
+        let errors = m.errors;
+        report.migration = Some(m);
+        if errors > 0 {
+            bail!("{errors} errors during the migrations");
+        }
+    }
 
     if let Some(path) = &a.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
