@@ -163,6 +163,13 @@ impl<T: Transport> Client<T> {
         self.wait(id)
     }
 
+    /// Whether the controller reported `page` freed: requests for it fail with
+    /// [`ClientError::Invalidated`] at once. Notices arrive with the client's other traffic
+    /// (any blocking call or [`Client::progress`] takes them in).
+    pub fn is_invalidated(&self, page: RemoteAddr) -> bool {
+        self.engine.is_invalidated(page)
+    }
+
     /// The deployment's prefix.
     pub fn prefix(&self) -> bluebridge_proto::NetPrefix {
         self.engine.config().prefix

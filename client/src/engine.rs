@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use bluebridge_proto::frame::{Endpoints, Frame, FrameSink};
 use bluebridge_proto::segment::{Reassembly, SegmentError};
 use bluebridge_proto::{
-    BbRepr, HeaderFlags, MacAddr, NetPrefix, OpFlags, Opcode, PAGE_SIZE, RemoteAddr, Status,
-    UDP_PORT,
+    BbRepr, HeaderFlags, HostId, MacAddr, NetPrefix, OpFlags, Opcode, PAGE_SIZE, RemoteAddr,
+    Status, UDP_PORT,
 };
 
 use crate::error::ClientError;
@@ -183,6 +183,17 @@ pub struct EngineStats {
     pub malformed: u64,
     /// MOVED answers that led to a retry.
     pub moved_retries: u64,
+    /// Pages the controller reported freed (INVALIDATE notices).
+    pub invalidations: u64,
+}
+
+/// Pages remembered as freed, at most (the oldest are forgotten first).
+const INVALIDATED_MAX: usize = 1 << 16;
+
+/// A page's identity: its address without opcode and flags.
+fn page_key(a: RemoteAddr) -> [u8; 14] {
+    let o = a.to_ipv6().octets();
+    o[..14].try_into().expect("14 bytes")
 }
 
 enum Collect {
@@ -224,6 +235,9 @@ pub struct Engine {
     /// Smoothed round-trip time and its variation, from requests answered at the first try.
     srtt: Option<Duration>,
     rttvar: Duration,
+    /// Pages the controller reported freed, and their order (to forget the oldest).
+    invalidated: std::collections::HashSet<[u8; 14]>,
+    invalidated_order: VecDeque<[u8; 14]>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -259,6 +273,46 @@ impl Engine {
             stats: EngineStats::default(),
             srtt: None,
             rttvar: Duration::ZERO,
+            invalidated: std::collections::HashSet::new(),
+            invalidated_order: VecDeque::new(),
+        }
+    }
+
+    /// Whether the controller reported `page` freed (requests for it fail with
+    /// [`ClientError::Invalidated`] without being sent).
+    pub fn is_invalidated(&self, page: RemoteAddr) -> bool {
+        self.invalidated.contains(&page_key(page))
+    }
+
+    /// An INVALIDATE notice: remember the page, fail what is waiting for it.
+    fn invalidate(&mut self, page: RemoteAddr, now: Instant) {
+        let key = page_key(page);
+        self.stats.invalidations += 1;
+        if self.invalidated.insert(key) {
+            self.invalidated_order.push_back(key);
+            if self.invalidated_order.len() > INVALIDATED_MAX
+                && let Some(old) = self.invalidated_order.pop_front()
+            {
+                self.invalidated.remove(&old);
+            }
+        }
+        let gone: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| !p.req.op.is_host_op() && page_key(p.target) == key)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            let p = self.pending.remove(&id).expect("present");
+            self.queue.retain(|q| *q != id);
+            self.fail(
+                id,
+                p.req.tag,
+                p.first_sent,
+                p.tries,
+                ClientError::Invalidated,
+                now,
+            );
         }
     }
 
@@ -317,6 +371,10 @@ impl Engine {
         };
         if let Err(e) = self.check(&req) {
             self.fail(id, req.tag, None, 0, e, now);
+            return id;
+        }
+        if !req.op.is_host_op() && self.invalidated.contains(&page_key(target)) {
+            self.fail(id, req.tag, None, 0, ClientError::Invalidated, now);
             return id;
         }
         let collect = match req.op {
@@ -545,6 +603,19 @@ impl Engine {
             self.stats.malformed += 1;
             return;
         };
+        if src.opcode() == Opcode::INVALIDATE
+            && src.host_id() == HostId::CONTROLLER
+            && h.request_id == 0
+        {
+            let page = <[u8; 16]>::try_from(f.payload)
+                .ok()
+                .and_then(|b| RemoteAddr::from_ipv6(b.into(), self.cfg.prefix).ok());
+            match page {
+                Some(p) => self.invalidate(p, now),
+                None => self.stats.malformed += 1,
+            }
+            return;
+        }
         let id = h.request_id;
         let Some(p) = self.pending.get_mut(&id) else {
             self.stats.stray += 1;

@@ -53,6 +53,9 @@ pub enum ClientError {
     /// INTERNAL.
     #[error("the server failed internally")]
     Internal,
+    /// The controller reported the page freed (an INVALIDATE notice); not sent.
+    #[error("the page was freed (the controller's notice)")]
+    Invalidated,
     /// UNREACHABLE: the switch answered for a host the controller took out of service.
     #[error("the page's host is down (withdrawn by the controller)")]
     Unreachable,

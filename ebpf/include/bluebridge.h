@@ -31,6 +31,11 @@
 #define BB_TOR_MAX_PORTS 256
 #define BB_TOR_MAX_SOURCES 4096     /* allowed source prefixes, all ports together */
 #define BB_TOR_HOT_PAGES 65536      /* per-page counters kept (least recently used evicted) */
+#define BB_TOR_FREED_RING 65536     /* bytes of the ring of freed pages read by the controller */
+
+/* The FREE opcode (byte 14 of an address; docs/protocol.md §4): the switch reports pages whose
+ * FREE succeeded. */
+#define BB_OP_FREE 80
 
 /* tor.bpf.c counters: index into the per-CPU `tor_counters` array. */
 #define BB_TOR_FORWARDED 0        /* routed and redirected out of its egress port */

@@ -30,6 +30,7 @@ pub mod consts {
 }
 
 const _: () = assert!(consts::BB_UDP_PORT == bluebridge_proto::UDP_PORT as u32);
+const _: () = assert!(consts::BB_OP_FREE == bluebridge_proto::Opcode::FREE.0 as u32);
 
 static STEER_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/steer.bpf.o"));
 

@@ -70,6 +70,13 @@ struct {
 	__type(value, struct bb_tor_stats);
 } port_stats SEC(".maps");
 
+/* Pages freed (a FREE answered OK passed through): their /112s, for the controller to
+ * invalidate routes and tell clients. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, BB_TOR_FREED_RING);
+} freed SEC(".maps");
+
 /* Per page (destination with opcode and flags cleared: the page's /112): frames forwarded to
  * it. The least recently used pages make room for new ones. */
 struct {
@@ -182,6 +189,25 @@ static __always_inline int reject(struct xdp_md *ctx, struct udphdr *udp)
 	return count(BB_TOR_REJECTED, XDP_TX);
 }
 
+/* A reply from a page's FREE address with status OK: the page is gone; tell the controller. */
+static __always_inline void report_free(void *data, void *data_end, struct ipv6hdr *ip6)
+{
+	__u8 *bb = (__u8 *)data + BB_HEADER_OFFSET;
+	struct in6_addr *page;
+
+	if ((void *)(bb + 4) > data_end)
+		return;
+	if (ip6->saddr.s6_addr[14] != BB_OP_FREE || !(bb[1] & BB_FLAG_REPLY) || bb[2] || bb[3])
+		return;
+	page = bpf_ringbuf_reserve(&freed, sizeof(*page), 0);
+	if (!page)
+		return;
+	*page = ip6->saddr;
+	page->s6_addr[14] = 0;
+	page->s6_addr[15] = 0;
+	bpf_ringbuf_submit(page, 0);
+}
+
 static __always_inline int from_controller(struct xdp_md *ctx)
 {
 	__u32 key = BB_TOR_CONFIG_CONTROLLER;
@@ -261,6 +287,8 @@ static __always_inline int forward(struct xdp_md *ctx)
 	add(bpf_map_lookup_elem(&port_stats, &port_key), len);
 	if (udp->dest == bpf_htons(BB_UDP_PORT))
 		count_page(&ip6->daddr, len);
+	else
+		report_free(data, data_end, ip6);
 	count(BB_TOR_FORWARDED, 0);
 	return bpf_redirect_map(&tx_ports, r->ifindex, 0);
 }

@@ -4,7 +4,7 @@ use std::net::Ipv6Addr;
 
 use aya::Ebpf;
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, DevMapHash, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use aya::maps::{Array, DevMapHash, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf};
 use aya::programs::Xdp;
 
 use crate::{AttachMode, XdpAction, XdpError, attach_xdp, consts, ifindex, test_run_xdp};
@@ -98,6 +98,7 @@ pub struct Tor {
     route_stats: PerCpuArray<MapData, [u64; 2]>,
     port_stats: PerCpuHashMap<MapData, u64, [u64; 2]>,
     page_stats: PerCpuHashMap<MapData, [u8; 16], [u64; 2]>,
+    freed: RingBuf<MapData>,
     config: Array<MapData, u32>,
     ports: Vec<(String, u32, AttachMode)>,
 }
@@ -126,6 +127,7 @@ impl Tor {
             PerCpuHashMap::try_from(take("port_stats")?).map_err(map_err("port_stats map"))?;
         let page_stats =
             PerCpuHashMap::try_from(take("page_stats")?).map_err(map_err("page_stats map"))?;
+        let freed = RingBuf::try_from(take("freed")?).map_err(map_err("freed map"))?;
         let config = Array::try_from(take("tor_config")?).map_err(map_err("tor_config map"))?;
         let mut t = Tor {
             ebpf,
@@ -136,6 +138,7 @@ impl Tor {
             route_stats,
             port_stats,
             page_stats,
+            freed,
             config,
             ports: Vec::new(),
         };
@@ -311,6 +314,18 @@ impl Tor {
             Ok(sum(v.iter()))
         };
         Ok((get(0)?, get(1)?))
+    }
+
+    /// Pages freed since the last call (a FREE answered OK went through the switch), as page
+    /// addresses (opcode and flags zero).
+    pub fn take_freed(&mut self) -> Vec<Ipv6Addr> {
+        let mut out = Vec::new();
+        while let Some(item) = self.freed.next() {
+            if let Ok(b) = <[u8; 16]>::try_from(&*item) {
+                out.push(Ipv6Addr::from(b));
+            }
+        }
+        out
     }
 
     /// The `top` pages that received the most requests through the switch (of the most

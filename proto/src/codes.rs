@@ -111,6 +111,11 @@ wire_code! {
         /// address, SHARED whether it is shared; the payload is the whole page (offset 0,
         /// length 4096, one frame). The host then answers for that address.
         MIGRATE_IN = 0x81,
+        /// Controller → clients, a notice rather than a request: reply-shaped (REPLY set,
+        /// status OK, request id 0), from the controller's host address with this opcode,
+        /// payload the 16-byte address of a page that was freed. Clients fail later requests
+        /// for that page at once (`Invalidated`).
+        INVALIDATE = 0x90,
     }
 }
 

@@ -73,69 +73,74 @@ pub(crate) fn seeds() -> impl Iterator<Item = (&'static str, std::vec::Vec<u8>)>
     use crate::wire::header::BbRepr;
     use crate::{HostId, PageHandle, RemoteAddr};
 
-    Opcode::ALL.iter().map(|&op| {
-        let mut ep = endpoints();
-        let handle = if op.is_host_op() {
-            PageHandle::NONE
-        } else {
-            PageHandle::from_bits(0x1_0000_0007)
-        };
-        ep.dst =
-            RemoteAddr::new(NetPrefix::DEFAULT, HostId(2), handle, op, OpFlags::NONE).to_ipv6();
-        let (offset, length) = match op {
-            Opcode::CAS | Opcode::FETCH_ADD => (64, 8),
-            Opcode::WRITE | Opcode::WRITE_BLIND | Opcode::ALLOC_WRITE | Opcode::UPDATE_COMMIT => {
-                (0, 64)
-            }
-            Opcode::READ
-            | Opcode::READ_BULK
-            | Opcode::UPDATE_ACQUIRE
-            | Opcode::MIGRATE_OUT
-            | Opcode::MIGRATE_IN => (0, 4096),
-            _ => (0, 0),
-        };
-        let mut payload = std::vec![0u8; 0];
-        // MIGRATE_IN: `count` is the page's original host.
-        let mut count = if op == Opcode::MIGRATE_IN { 3 } else { 1 };
-        if op.request_carries_data() {
-            payload = (0..length).map(|i| i as u8).collect();
-        }
-        if matches!(op, Opcode::READ_BULK | Opcode::FREE_BULK) {
-            count = 2;
-            payload = std::vec![0u8; 16];
-            crate::message::put_handles(&mut payload, [handle, PageHandle::from_bits(9)]);
-        }
-        if op == Opcode::WRITE_BULK {
-            payload = std::vec![0u8; 32];
-            let e = crate::message::WriteEntry {
-                handle,
-                offset: 8,
-                data: &[1, 2, 3, 4, 5],
-            };
-            let end = crate::message::put_write_entry(&mut payload, 0, &e).unwrap();
-            payload.truncate(end);
-        }
-        let h = BbRepr {
-            flags: if op == Opcode::UPDATE_COMMIT {
-                HeaderFlags::MORE
+    // INVALIDATE is a notice to clients, not a request.
+    Opcode::ALL
+        .iter()
+        .filter(|&&op| op != Opcode::INVALIDATE)
+        .map(|&op| {
+            let mut ep = endpoints();
+            let handle = if op.is_host_op() {
+                PageHandle::NONE
             } else {
-                HeaderFlags::NONE
-            },
-            count,
-            request_id: 0x55,
-            offset,
-            length,
-            seg_max: 1184,
-            lease: 7,
-            operand0: 1,
-            operand1: 2,
-            ..BbRepr::default()
-        };
-        let mut buf = std::vec![0u8; 4400];
-        let n = frame::build(&mut buf, &ep, &h, &payload).unwrap();
-        buf.truncate(n);
-        (op.name().unwrap(), buf)
-    })
+                PageHandle::from_bits(0x1_0000_0007)
+            };
+            ep.dst =
+                RemoteAddr::new(NetPrefix::DEFAULT, HostId(2), handle, op, OpFlags::NONE).to_ipv6();
+            let (offset, length) = match op {
+                Opcode::CAS | Opcode::FETCH_ADD => (64, 8),
+                Opcode::WRITE
+                | Opcode::WRITE_BLIND
+                | Opcode::ALLOC_WRITE
+                | Opcode::UPDATE_COMMIT => (0, 64),
+                Opcode::READ
+                | Opcode::READ_BULK
+                | Opcode::UPDATE_ACQUIRE
+                | Opcode::MIGRATE_OUT
+                | Opcode::MIGRATE_IN => (0, 4096),
+                _ => (0, 0),
+            };
+            let mut payload = std::vec![0u8; 0];
+            // MIGRATE_IN: `count` is the page's original host.
+            let mut count = if op == Opcode::MIGRATE_IN { 3 } else { 1 };
+            if op.request_carries_data() {
+                payload = (0..length).map(|i| i as u8).collect();
+            }
+            if matches!(op, Opcode::READ_BULK | Opcode::FREE_BULK) {
+                count = 2;
+                payload = std::vec![0u8; 16];
+                crate::message::put_handles(&mut payload, [handle, PageHandle::from_bits(9)]);
+            }
+            if op == Opcode::WRITE_BULK {
+                payload = std::vec![0u8; 32];
+                let e = crate::message::WriteEntry {
+                    handle,
+                    offset: 8,
+                    data: &[1, 2, 3, 4, 5],
+                };
+                let end = crate::message::put_write_entry(&mut payload, 0, &e).unwrap();
+                payload.truncate(end);
+            }
+            let h = BbRepr {
+                flags: if op == Opcode::UPDATE_COMMIT {
+                    HeaderFlags::MORE
+                } else {
+                    HeaderFlags::NONE
+                },
+                count,
+                request_id: 0x55,
+                offset,
+                length,
+                seg_max: 1184,
+                lease: 7,
+                operand0: 1,
+                operand1: 2,
+                ..BbRepr::default()
+            };
+            let mut buf = std::vec![0u8; 4400];
+            let n = frame::build(&mut buf, &ep, &h, &payload).unwrap();
+            buf.truncate(n);
+            (op.name().unwrap(), buf)
+        })
 }
 
 #[cfg(test)]
@@ -179,6 +184,6 @@ mod tests {
             check_frame(&bytes);
             n += 1;
         }
-        assert!(n >= crate::Opcode::ALL.len(), "only {n} corpus entries");
+        assert!(n >= seeds().count(), "only {n} corpus entries");
     }
 }

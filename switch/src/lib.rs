@@ -196,6 +196,9 @@ impl From<TorCounters> for SwitchCounters {
 pub struct Counters {
     /// Verdicts.
     pub switch: SwitchCounters,
+    /// Freed pages the controller told the clients about.
+    #[serde(default)]
+    pub invalidations: u64,
     /// Per registered host.
     pub hosts: Vec<HostCounters>,
 }
@@ -227,6 +230,10 @@ pub struct Controller {
     client: Option<Client<AnyTransport>>,
     /// Pages migrated away from their home host: page /112 → the host holding it.
     page_routes: BTreeMap<Ipv6Addr, u16>,
+    /// The controller link's switch-port MAC (its next hop), once attached.
+    link_port_mac: Option<[u8; 6]>,
+    /// Freed pages reported to the clients.
+    invalidations: u64,
 }
 
 /// What a migration did and how long its steps took.
@@ -286,6 +293,8 @@ impl Controller {
             misses_allowed: 3,
             client: None,
             page_routes: BTreeMap::new(),
+            link_port_mac: None,
+            invalidations: 0,
         })
     }
 
@@ -338,7 +347,62 @@ impl Controller {
         let mut c = Client::new(ec, t);
         c.set_yield_when_idle(true);
         self.client = Some(c);
+        self.link_port_mac = Some(port_mac);
         Ok(())
+    }
+
+    /// Invalidation: takes the pages the switch saw freed (a FREE answered OK), removes the
+    /// routes of those that had migrated, and sends every registered client link an
+    /// INVALIDATE notice (to `<client prefix>::1`), after which its client fails requests for
+    /// the page at once. Returns how many pages.
+    pub fn drain_freed(&mut self) -> Result<usize, CtlError> {
+        let freed = self.tor.take_freed();
+        for &page in &freed {
+            if let Some(holder) = self.page_routes.remove(&page) {
+                self.tor.remove_route(page, 112)?;
+                if let Some(h) = self.hosts.get(&holder) {
+                    self.tor.disallow_source(h.server.ifindex, page, 112)?;
+                }
+            }
+            self.invalidations += 1;
+            self.notify_freed(page);
+        }
+        Ok(freed.len())
+    }
+
+    fn notify_freed(&mut self, page: Ipv6Addr) {
+        use bluebridge_proto::frame::{Endpoints, build};
+        use bluebridge_proto::{BbRepr, FRAME_OVERHEAD, HeaderFlags, Opcode, RemoteAddr, UDP_PORT};
+
+        let (Some(c), Some(port_mac)) = (self.client.as_mut(), self.link_port_mac) else {
+            return;
+        };
+        let Some(x) = c.transport_mut().xdp_mut() else {
+            return;
+        };
+        let src = RemoteAddr::host_op(self.prefix, CONTROLLER_HOST, Opcode::INVALIDATE).to_ipv6();
+        let h = BbRepr {
+            flags: HeaderFlags::REPLY,
+            count: 1,
+            ..BbRepr::default()
+        };
+        for host in self.hosts.values() {
+            let Some(client) = &host.client else { continue };
+            let mut dst = client.net.octets();
+            dst[15] = 1;
+            let ep = Endpoints {
+                src_mac: MacAddr(x.mac()),
+                dst_mac: MacAddr(port_mac),
+                src,
+                dst: dst.into(),
+                src_port: UDP_PORT,
+                dst_port: 40000,
+            };
+            let mut frame = [0u8; FRAME_OVERHEAD + 16];
+            if build(&mut frame, &ep, &h, &page.octets()).is_ok() && !x.send_raw(&frame) {
+                tracing::warn!(%page, host = host.spec.id, "no room to send an INVALIDATE notice");
+            }
+        }
     }
 
     /// One health check of `id` (a STAT through the controller's link): noted, and the
@@ -733,6 +797,7 @@ impl Controller {
         }
         Ok(Counters {
             switch: self.tor.counters()?.into(),
+            invalidations: self.invalidations,
             hosts,
         })
     }

@@ -1,6 +1,7 @@
 //! The controller's own traffic: a STAT to every registered host each round, which is both the
 //! health check (a host that misses enough in a row is withdrawn; one that answers again is
-//! restored) and the occupancy that placement needs.
+//! restored) and the occupancy that placement needs; and, every millisecond, the pages the
+//! switch saw freed, which it invalidates.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -18,6 +19,11 @@ pub struct SuperviseConfig {
 /// Runs rounds until `stop` is set.
 pub fn supervise(ctl: &Mutex<Controller>, cfg: SuperviseConfig, stop: &AtomicBool) {
     let lock = || ctl.lock().unwrap_or_else(PoisonError::into_inner);
+    let drain = || {
+        if let Err(e) = lock().drain_freed() {
+            tracing::error!(error = %e, "invalidating freed pages");
+        }
+    };
     while !stop.load(Ordering::Relaxed) {
         let ids = lock().host_ids();
         for id in ids {
@@ -25,7 +31,13 @@ pub fn supervise(ctl: &Mutex<Controller>, cfg: SuperviseConfig, stop: &AtomicBoo
             if let Err(e) = lock().check_host(id) {
                 tracing::error!(error = %e, "updating the switch after a health check");
             }
+            drain();
         }
-        std::thread::sleep(cfg.interval);
+        // Freed pages are reported within a millisecond, health checks once per interval.
+        let until = std::time::Instant::now() + cfg.interval;
+        while std::time::Instant::now() < until && !stop.load(Ordering::Relaxed) {
+            drain();
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 }

@@ -10,7 +10,12 @@ use bluebridge_proto::frame::{Endpoints, build};
 use bluebridge_proto::{
     BbRepr, FRAME_OVERHEAD, HostId, MacAddr, NetPrefix, OpFlags, Opcode, PAGE_SIZE, UDP_PORT,
 };
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bluebridge_switch::{Controller, HostSpec, LinkSpec, Migration, SuperviseConfig, supervise};
 use bluebridge_tests::{RackRig, rack_client_addr};
+use bluebridge_topology::{Rack, fmt_mac, unique};
 
 fn frame(src: std::net::Ipv6Addr, dst: std::net::Ipv6Addr, hop_limit_probe: bool) -> Vec<u8> {
     let ep = Endpoints {
@@ -237,12 +242,8 @@ fn the_longest_prefix_wins_and_headers_are_rewritten() {
 
 #[test]
 fn the_controller_registers_hosts_and_reports_over_its_socket() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-
     use bluebridge_switch::api::{self, ApiError, Request};
-    use bluebridge_switch::{Controller, Counters, HostSpec, HotPage, RouteInfo};
-    use bluebridge_topology::{Rack, fmt_mac, unique};
+    use bluebridge_switch::{Counters, HotPage, RouteInfo};
 
     let rack = Rack::create(&unique("bbt"), 3, 9000).unwrap();
     let socket = std::env::temp_dir().join(format!("{}.sock", unique("bbt-ctl")));
@@ -252,7 +253,7 @@ fn the_controller_registers_hosts_and_reports_over_its_socket() {
         std::thread::spawn(move || {
             bluebridge_topology::enter(&sw).unwrap();
             let ctl = Controller::new(NetPrefix::DEFAULT, false, false).unwrap();
-            api::serve(Arc::new(std::sync::Mutex::new(ctl)), &socket, &stop).unwrap();
+            api::serve(Arc::new(Mutex::new(ctl)), &socket, &stop).unwrap();
         })
     };
     let call = |r: &Request| {
@@ -366,24 +367,27 @@ fn the_controller_registers_hosts_and_reports_over_its_socket() {
     daemon.join().unwrap();
 }
 
-#[test]
-fn failed_hosts_are_withdrawn_and_new_pages_go_to_the_emptiest_server() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Mutex};
+/// A 3-host rack whose switch is run by a controller with its own link (host 1 has the client
+/// link), optionally supervising (health checks, placement, invalidation) every `interval`.
+struct Controlled {
+    ctl: Arc<Mutex<Controller>>,
+    stop: Arc<AtomicBool>,
+    supervisor: Option<std::thread::JoinHandle<()>>,
+    rack: Rack,
+}
 
-    use bluebridge_switch::{Controller, HostSpec, LinkSpec, SuperviseConfig, supervise};
-    use bluebridge_topology::{Rack, fmt_mac, unique};
-
-    let rack = Rack::create(&unique("bbt"), 3, 9000).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ctl_tx, ctl_rx) = std::sync::mpsc::channel();
-    let switch = {
-        let (sw, hosts, stop) = (rack.switch.clone(), rack.hosts.clone(), stop.clone());
+impl Controlled {
+    fn new(interval: Option<Duration>) -> Controlled {
+        let rack = Rack::create(&unique("bbt"), 3, 9000).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ctl_tx, ctl_rx) = std::sync::mpsc::channel();
+        let (sw, hosts, stop2) = (rack.switch.clone(), rack.hosts.clone(), stop.clone());
         let link = LinkSpec {
             ifname: rack.controller_if.clone(),
             port: rack.controller_port.clone(),
         };
-        std::thread::spawn(move || {
+        // The supervisor must live in the switch namespace, so it is this thread.
+        let thread = std::thread::spawn(move || {
             bluebridge_topology::enter(&sw).unwrap();
             let mut ctl = Controller::new(NetPrefix::DEFAULT, false, false).unwrap();
             for h in &hosts {
@@ -402,64 +406,103 @@ fn failed_hosts_are_withdrawn_and_new_pages_go_to_the_emptiest_server() {
             ctl.attach_link(&link).unwrap();
             let ctl = Arc::new(Mutex::new(ctl));
             ctl_tx.send(ctl.clone()).unwrap();
-            let cfg = SuperviseConfig {
-                interval: Duration::from_millis(20),
-            };
-            supervise(&ctl, cfg, &stop);
-        })
-    };
-    let ctl = ctl_rx.recv().unwrap();
-    let server_cfg = |i: usize| bluebridge_server::ServerConfig {
-        arena_bytes: 16 << 20,
-        idle: true,
-        sched_idle: false,
-        hugepages: false,
-        ..bluebridge_server::ServerConfig::new(
-            &rack.hosts[i].server_if,
-            HostId(rack.hosts[i].host_id),
+            if let Some(interval) = interval {
+                supervise(&ctl, SuperviseConfig { interval }, &stop2);
+            }
+        });
+        let ctl = ctl_rx.recv().unwrap();
+        let supervisor = if interval.is_some() {
+            Some(thread)
+        } else {
+            thread.join().unwrap();
+            None
+        };
+        Controlled {
+            ctl,
+            stop,
+            supervisor,
+            rack,
+        }
+    }
+
+    /// A server on host index `i` (accepting what the switch routes to it).
+    fn server(&self, i: usize) -> bluebridge_server::Server {
+        let h = &self.rack.hosts[i];
+        bluebridge_tests::start_server(
+            &h.ns,
+            &bluebridge_server::ServerConfig {
+                arena_bytes: 16 << 20,
+                idle: true,
+                sched_idle: false,
+                hugepages: false,
+                accept_routed: true,
+                ..bluebridge_server::ServerConfig::new(&h.server_if, HostId(h.host_id))
+            },
         )
-    };
-    let start = |i: usize| bluebridge_tests::start_server(&rack.hosts[i].ns, &server_cfg(i));
-    let mut s2 = Some(start(1));
-    let mut s3 = Some(start(2));
-    let wait_for = |what: &str, f: &dyn Fn(&Controller) -> bool| {
+    }
+
+    /// Host 1's client (the calling thread moves into host 1's namespace).
+    fn client(&self, retries: u32) -> bluebridge_client::Client<bluebridge_client::AnyTransport> {
+        self.rack.host_ns(0).enter().unwrap();
+        let h1 = &self.rack.hosts[0];
+        let (t, mut ec) = bluebridge_client::Connect {
+            kind: bluebridge_client::TransportKind::Xdp,
+            ifname: h1.client_if.clone(),
+            local: rack_client_addr(HostId(1)),
+            next_hop_mac: Some(MacAddr(h1.client_port_mac)),
+            prefix: NetPrefix::DEFAULT,
+            segments: false,
+        }
+        .open()
+        .unwrap();
+        ec.rto = Duration::from_millis(5);
+        ec.retries = retries;
+        bluebridge_client::Client::new(ec, t)
+    }
+
+    /// Waits (5 s at most) for `f` to hold of the controller.
+    fn wait_for(&self, what: &str, f: &dyn Fn(&Controller) -> bool) {
         let t = std::time::Instant::now();
-        while !f(&ctl.lock().unwrap()) {
+        while !f(&self.ctl.lock().unwrap()) {
             assert!(
                 t.elapsed() < Duration::from_secs(5),
                 "waiting for {what}: {:?}",
-                ctl.lock().unwrap().status()
+                self.ctl.lock().unwrap().status()
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-    };
-    let status = |c: &Controller, id: u16| c.status().into_iter().find(|s| s.id == id).unwrap();
-
-    rack.host_ns(0).enter().unwrap();
-    let h1 = &rack.hosts[0];
-    let (t, mut ec) = bluebridge_client::Connect {
-        kind: bluebridge_client::TransportKind::Xdp,
-        ifname: h1.client_if.clone(),
-        local: rack_client_addr(HostId(1)),
-        next_hop_mac: Some(MacAddr(h1.client_port_mac)),
-        prefix: NetPrefix::DEFAULT,
-        segments: false,
     }
-    .open()
-    .unwrap();
-    ec.rto = Duration::from_millis(5);
-    ec.retries = 6;
-    let mut c = bluebridge_client::Client::new(ec, t);
+}
+
+impl Drop for Controlled {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.supervisor.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn status(c: &Controller, id: u16) -> bluebridge_switch::HostStatus {
+    c.status().into_iter().find(|s| s.id == id).unwrap()
+}
+
+#[test]
+fn failed_hosts_are_withdrawn_and_new_pages_go_to_the_emptiest_server() {
+    let rig = Controlled::new(Some(Duration::from_millis(20)));
+    let s2 = rig.server(1);
+    let mut s3 = Some(rig.server(2));
+    let mut c = rig.client(6);
 
     // Placement: fill host 2 a little; new pages go to host 3, then the other way round.
-    wait_for("both servers checked", &|c| {
+    rig.wait_for("both servers checked", &|c| {
         status(c, 2).health.pages_total > 0 && status(c, 3).health.pages_total > 0
     });
     let mut held = Vec::new();
     for _ in 0..3 {
         held.extend(c.alloc_bulk(HostId(2), 100, false).unwrap());
     }
-    wait_for("placement on host 3", &|c| status(c, 3).placement);
+    rig.wait_for("placement on host 3", &|c| status(c, 3).placement);
     let p = c.alloc(HostId::ANY, false).unwrap();
     assert_eq!(
         p.host_id(),
@@ -469,19 +512,17 @@ fn failed_hosts_are_withdrawn_and_new_pages_go_to_the_emptiest_server() {
     for _ in 0..6 {
         held.extend(c.alloc_bulk(HostId(3), 100, false).unwrap());
     }
-    wait_for("placement on host 2", &|c| status(c, 2).placement);
+    rig.wait_for("placement on host 2", &|c| status(c, 2).placement);
     assert_eq!(c.alloc(HostId::ANY, false).unwrap().host_id(), HostId(2));
     // Host 1 runs no server: withdrawn, never chosen.
-    assert!(status(&ctl.lock().unwrap(), 1).health.down);
+    assert!(status(&rig.ctl.lock().unwrap(), 1).health.down);
 
     // Failover: host 3's server stops; the controller withdraws it; requests to it fail fast
     // with a typed error from the switch, at the first transmission.
     drop(s3.take());
-    wait_for("host 3 withdrawn", &|c| status(c, 3).health.down);
-    let (before, r0) = (
-        c.stats(),
-        ctl.lock().unwrap().counters().unwrap().switch.rejected,
-    );
+    rig.wait_for("host 3 withdrawn", &|c| status(c, 3).health.down);
+    let r0 = rig.ctl.lock().unwrap().counters().unwrap().switch.rejected;
+    let before = c.stats();
     assert!(matches!(c.read(p), Err(ClientError::Unreachable)));
     assert_eq!(
         c.stats().retransmits,
@@ -489,7 +530,7 @@ fn failed_hosts_are_withdrawn_and_new_pages_go_to_the_emptiest_server() {
         "answered at once, no retry"
     );
     assert_eq!(
-        ctl.lock().unwrap().counters().unwrap().switch.rejected - r0,
+        rig.ctl.lock().unwrap().counters().unwrap().switch.rejected - r0,
         1
     );
     assert_eq!(
@@ -499,86 +540,18 @@ fn failed_hosts_are_withdrawn_and_new_pages_go_to_the_emptiest_server() {
     );
 
     // Back: a new server on host 3 is noticed and routed to again.
-    s3 = Some(start(2));
-    wait_for("host 3 restored", &|c| !status(c, 3).health.down);
+    s3 = Some(rig.server(2));
+    rig.wait_for("host 3 restored", &|c| !status(c, 3).health.down);
     let q = c.alloc(HostId(3), false).unwrap();
     assert_eq!(q.host_id(), HostId(3));
-
-    stop.store(true, Ordering::Relaxed);
-    switch.join().unwrap();
-    drop((s2.take(), s3.take()));
+    drop((s2, s3));
 }
 
 #[test]
 fn a_page_migrates_while_a_client_keeps_writing_it() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Mutex};
-
-    use bluebridge_switch::{Controller, HostSpec, LinkSpec, Migration};
-    use bluebridge_topology::{Rack, fmt_mac, unique};
-
-    let rack = Rack::create(&unique("bbt"), 3, 9000).unwrap();
-    let (ctl_tx, ctl_rx) = std::sync::mpsc::channel();
-    {
-        let (sw, hosts) = (rack.switch.clone(), rack.hosts.clone());
-        let link = LinkSpec {
-            ifname: rack.controller_if.clone(),
-            port: rack.controller_port.clone(),
-        };
-        std::thread::spawn(move || {
-            bluebridge_topology::enter(&sw).unwrap();
-            let mut ctl = Controller::new(NetPrefix::DEFAULT, false, false).unwrap();
-            for h in &hosts {
-                let client = h.host_id == 1;
-                ctl.register(HostSpec {
-                    id: h.host_id,
-                    server_port: h.server_port.clone(),
-                    server_mac: fmt_mac(h.server_mac),
-                    client_port: client.then(|| h.client_port.clone()),
-                    client_mac: client.then(|| fmt_mac(h.client_mac)),
-                    client_net: client.then(|| "fd00:bb:1:ffff::/64".to_owned()),
-                })
-                .unwrap();
-            }
-            ctl.attach_link(&link).unwrap();
-            ctl_tx.send(Arc::new(Mutex::new(ctl))).unwrap();
-        })
-        .join()
-        .unwrap();
-    }
-    let ctl: Arc<Mutex<Controller>> = ctl_rx.recv().unwrap();
-    let servers: Vec<_> = [1usize, 2]
-        .iter()
-        .map(|&i| {
-            let h = &rack.hosts[i];
-            bluebridge_tests::start_server(
-                &h.ns,
-                &bluebridge_server::ServerConfig {
-                    arena_bytes: 16 << 20,
-                    idle: true,
-                    sched_idle: false,
-                    hugepages: false,
-                    accept_routed: true,
-                    ..bluebridge_server::ServerConfig::new(&h.server_if, HostId(h.host_id))
-                },
-            )
-        })
-        .collect();
-
-    rack.host_ns(0).enter().unwrap();
-    let h1 = &rack.hosts[0];
-    let (t, mut ec) = bluebridge_client::Connect {
-        kind: bluebridge_client::TransportKind::Xdp,
-        ifname: h1.client_if.clone(),
-        local: rack_client_addr(HostId(1)),
-        next_hop_mac: Some(MacAddr(h1.client_port_mac)),
-        prefix: NetPrefix::DEFAULT,
-        segments: false,
-    }
-    .open()
-    .unwrap();
-    ec.retries = 12;
-    let mut c = bluebridge_client::Client::new(ec, t);
+    let rig = Controlled::new(None);
+    let servers = [rig.server(1), rig.server(2)];
+    let mut c = rig.client(12);
     let p = c.alloc(HostId(2), false).unwrap();
     let page: Vec<u8> = (0..PAGE_SIZE).map(|i| (i * 7) as u8).collect();
     c.write(p, 0, &page).unwrap();
@@ -586,7 +559,7 @@ fn a_page_migrates_while_a_client_keeps_writing_it() {
     // Host 2 → 3 → 2 (home) → 3, while the client writes a counter and reads it back.
     let done = Arc::new(AtomicBool::new(false));
     let mover = {
-        let (ctl, done) = (ctl.clone(), done.clone());
+        let (ctl, done) = (rig.ctl.clone(), done.clone());
         let addr = p.to_ipv6().to_string();
         std::thread::spawn(move || {
             let mut moves: Vec<Migration> = Vec::new();
@@ -627,15 +600,55 @@ fn a_page_migrates_while_a_client_keeps_writing_it() {
     );
     assert_eq!(st.timeouts, 0);
     // The switch holds the page's /112 to host 3.
-    let routes = ctl.lock().unwrap().routes().unwrap();
+    let routes = rig.ctl.lock().unwrap().routes().unwrap();
     let r = routes
         .iter()
         .find(|r| r.prefix == format!("{}/112", p.to_ipv6()))
         .expect("the page's route");
-    assert_eq!(r.port, rack.hosts[2].server_port);
+    assert_eq!(r.port, rig.rack.hosts[2].server_port);
     // It is host 3's now: freed there, a typed error after.
     c.free(p).unwrap();
     assert!(matches!(c.read(p), Err(ClientError::StaleHandle)));
     eprintln!("{last} writes; migrations: {moves:?}");
+    drop(servers);
+}
+
+#[test]
+fn freed_pages_are_invalidated_at_the_switch_and_at_the_clients() {
+    let rig = Controlled::new(Some(Duration::from_millis(50)));
+    let servers = [rig.server(1), rig.server(2)];
+    let mut c = rig.client(6);
+    let p = c.alloc(HostId(2), false).unwrap();
+    let q = c.alloc(HostId(2), false).unwrap();
+    rig.ctl
+        .lock()
+        .unwrap()
+        .migrate(&p.to_ipv6().to_string(), 3)
+        .unwrap();
+    let page_route = format!("{}/112", p.to_ipv6());
+    let has_route = |ctl: &Controller| ctl.routes().unwrap().iter().any(|r| r.prefix == page_route);
+    assert!(has_route(&rig.ctl.lock().unwrap()));
+
+    for x in [p, q] {
+        assert!(!c.is_invalidated(x));
+        c.free(x).unwrap();
+        // The notice arrives with the client's traffic: poll until it is in.
+        let t = std::time::Instant::now();
+        while !c.is_invalidated(x) {
+            assert!(
+                t.elapsed() < Duration::from_secs(2),
+                "no INVALIDATE notice for {x:?}"
+            );
+            c.progress();
+            std::thread::yield_now();
+        }
+        let sent = c.stats().sent;
+        assert!(matches!(c.read(x), Err(ClientError::Invalidated)));
+        assert_eq!(c.stats().sent, sent, "failed without a request on the wire");
+    }
+    // The migrated page's route went with it; both frees were counted.
+    assert!(!has_route(&rig.ctl.lock().unwrap()));
+    assert_eq!(rig.ctl.lock().unwrap().counters().unwrap().invalidations, 2);
+    assert_eq!(c.stats().invalidations, 2);
     drop(servers);
 }
