@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod fabric;
 mod supervise;
 
 pub use supervise::{SuperviseConfig, supervise};
@@ -17,6 +18,7 @@ use std::net::Ipv6Addr;
 use bluebridge_client::{AnyTransport, Client, Connect, TransportKind};
 use bluebridge_ebpf::{Route, Tor, TorCounters, TrafficCounters, XdpError};
 use bluebridge_proto::{HostId, MacAddr, NetPrefix};
+use fabric::Fabric;
 use serde::{Deserialize, Serialize};
 
 /// A host to register: its server link and, optionally, its client link.
@@ -215,9 +217,8 @@ pub struct HotPage {
 }
 
 /// The controller's state: the switch program and the registered hosts.
-#[derive(Debug)]
 pub struct Controller {
-    tor: Tor,
+    fabric: Box<dyn Fabric>,
     prefix: NetPrefix,
     force_generic: bool,
     ports: HashMap<String, u32>,
@@ -255,6 +256,16 @@ pub struct Migration {
     pub cutover_us: f64,
 }
 
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller")
+            .field("backend", &self.fabric.kind())
+            .field("hosts", &self.hosts.keys().collect::<Vec<_>>())
+            .field("page_routes", &self.page_routes.len())
+            .finish_non_exhaustive()
+    }
+}
+
 fn parse_mac(s: &str) -> Result<[u8; 6], CtlError> {
     s.parse::<MacAddr>()
         .map(|m| m.0)
@@ -283,8 +294,22 @@ impl Controller {
     pub fn new(prefix: NetPrefix, pass_other: bool, force_generic: bool) -> Result<Self, CtlError> {
         let mut tor = Tor::load()?;
         tor.set_pass_other(pass_other)?;
-        Ok(Controller {
-            tor,
+        Ok(Self::with_fabric(prefix, Box::new(tor), force_generic))
+    }
+
+    /// A controller over the switch namespace's kernel forwarding table instead of the XDP
+    /// switch (no source filters, counters, failover answers or invalidation: routes only).
+    pub fn new_kernel(prefix: NetPrefix) -> Result<Self, CtlError> {
+        Ok(Self::with_fabric(
+            prefix,
+            Box::new(fabric::KernelFabric::new()?),
+            false,
+        ))
+    }
+
+    fn with_fabric(prefix: NetPrefix, fabric: Box<dyn Fabric>, force_generic: bool) -> Self {
+        Controller {
+            fabric,
             prefix,
             force_generic,
             ports: HashMap::new(),
@@ -295,7 +320,12 @@ impl Controller {
             page_routes: BTreeMap::new(),
             link_port_mac: None,
             invalidations: 0,
-        })
+        }
+    }
+
+    /// `xdp` or `kernel`.
+    pub fn backend(&self) -> &'static str {
+        self.fabric.kind()
     }
 
     /// Withdraws a host after `n` health checks in a row go unanswered (default 3).
@@ -311,9 +341,9 @@ impl Controller {
         let port_mac = Self::port_mac(&link.port)?;
         let mac = Self::port_mac(&link.ifname)?;
         let net = self.prefix.host_network(CONTROLLER_HOST);
-        self.tor.allow_source(port, net, 48)?;
-        self.tor.set_controller_port(port)?;
-        self.tor.add_route(
+        self.fabric.allow_source(port, net, 48)?;
+        self.fabric.set_controller_port(port)?;
+        self.fabric.add_route(
             net,
             48,
             Route {
@@ -356,12 +386,12 @@ impl Controller {
     /// INVALIDATE notice (to `<client prefix>::1`), after which its client fails requests for
     /// the page at once. Returns how many pages.
     pub fn drain_freed(&mut self) -> Result<usize, CtlError> {
-        let freed = self.tor.take_freed();
+        let freed = self.fabric.take_freed();
         for &page in &freed {
             if let Some(holder) = self.page_routes.remove(&page) {
-                self.tor.remove_route(page, 112)?;
+                self.fabric.remove_route(page, 112)?;
                 if let Some(h) = self.hosts.get(&holder) {
-                    self.tor.disallow_source(h.server.ifindex, page, 112)?;
+                    self.fabric.disallow_source(h.server.ifindex, page, 112)?;
                 }
             }
             self.invalidations += 1;
@@ -498,16 +528,16 @@ impl Controller {
         if from != home
             && let Some(h) = self.hosts.get(&from)
         {
-            self.tor.disallow_source(h.server.ifindex, key, 112)?;
+            self.fabric.disallow_source(h.server.ifindex, key, 112)?;
         }
         if to != home {
-            self.tor.allow_source(dest.server.ifindex, key, 112)?;
+            self.fabric.allow_source(dest.server.ifindex, key, 112)?;
         }
         if to == home {
-            self.tor.remove_route(key, 112)?;
+            self.fabric.remove_route(key, 112)?;
             self.page_routes.remove(&key);
         } else {
-            self.tor.add_route(
+            self.fabric.add_route(
                 key,
                 112,
                 Route {
@@ -570,7 +600,7 @@ impl Controller {
         if was_down {
             let r = Self::server_route(h, 2 * u32::from(id), false);
             let net = h.server.net;
-            self.tor.add_route(net, 48, r)?;
+            self.fabric.add_route(net, 48, r)?;
             tracing::warn!(host = id, "host answers again; its route is restored");
         }
         Ok(())
@@ -590,7 +620,7 @@ impl Controller {
         h.health.down = true;
         let r = Self::server_route(h, 2 * u32::from(id), true);
         let (net, misses) = (h.server.net, h.health.misses);
-        self.tor.add_route(net, 48, r)?;
+        self.fabric.add_route(net, 48, r)?;
         tracing::warn!(
             host = id,
             misses,
@@ -618,7 +648,7 @@ impl Controller {
         let target = best.or(self.hosts.keys().next().copied());
         if let Some(h) = target.and_then(|id| self.hosts.get(&id)) {
             let r = Self::server_route(h, ANY_ROUTE_ID, best.is_none());
-            self.tor.add_route(any, 48, r)?;
+            self.fabric.add_route(any, 48, r)?;
         }
         tracing::info!(host = ?best, "placement: new pages go to");
         self.placement = best;
@@ -637,16 +667,11 @@ impl Controller {
             .collect()
     }
 
-    /// The switch program (for tests and diagnostics).
-    pub fn tor(&mut self) -> &mut Tor {
-        &mut self.tor
-    }
-
     fn port(&mut self, name: &str) -> Result<u32, CtlError> {
         if let Some(&i) = self.ports.get(name) {
             return Ok(i);
         }
-        let i = self.tor.add_port(name, self.force_generic)?;
+        let i = self.fabric.add_port(name, self.force_generic)?;
         self.ports.insert(name.to_owned(), i);
         Ok(i)
     }
@@ -707,8 +732,8 @@ impl Controller {
             (client.as_ref(), 2 * u32::from(spec.id) + 1),
         ] {
             let Some(l) = link else { continue };
-            self.tor.allow_source(l.ifindex, l.net, l.len)?;
-            self.tor.add_route(
+            self.fabric.allow_source(l.ifindex, l.net, l.len)?;
+            self.fabric.add_route(
                 l.net,
                 l.len,
                 Route {
@@ -740,13 +765,13 @@ impl Controller {
             .remove(&id)
             .ok_or_else(|| CtlError::Invalid(format!("host {id} is not registered")))?;
         for l in std::iter::once(&h.server).chain(h.client.as_ref()) {
-            self.tor.remove_route(l.net, l.len)?;
-            self.tor.disallow_source(l.ifindex, l.net, l.len)?;
+            self.fabric.remove_route(l.net, l.len)?;
+            self.fabric.disallow_source(l.ifindex, l.net, l.len)?;
         }
         if self.placement == Some(id) {
             self.placement = None;
             let _ = self
-                .tor
+                .fabric
                 .remove_route(self.prefix.host_network(HostId::ANY), 48);
         }
         tracing::info!(host = id, "host unregistered");
@@ -762,7 +787,7 @@ impl Controller {
     pub fn routes(&self) -> Result<Vec<RouteInfo>, CtlError> {
         let names: HashMap<u32, &str> = self.ports.iter().map(|(n, i)| (*i, n.as_str())).collect();
         let mut v: Vec<RouteInfo> = self
-            .tor
+            .fabric
             .routes()?
             .into_iter()
             .map(|(net, len, r)| RouteInfo {
@@ -782,21 +807,21 @@ impl Controller {
     pub fn counters(&self) -> Result<Counters, CtlError> {
         let mut hosts = Vec::new();
         for (&id, h) in &self.hosts {
-            let (from_server, _) = self.tor.port_counters(h.server.ifindex)?;
+            let (from_server, _) = self.fabric.port_counters(h.server.ifindex)?;
             let from_client = match &h.client {
-                Some(c) => self.tor.port_counters(c.ifindex)?.0.into(),
+                Some(c) => self.fabric.port_counters(c.ifindex)?.0.into(),
                 None => Traffic::default(),
             };
             hosts.push(HostCounters {
                 id,
-                to_server: self.tor.route_counters(2 * u32::from(id))?.into(),
-                to_client: self.tor.route_counters(2 * u32::from(id) + 1)?.into(),
+                to_server: self.fabric.route_counters(2 * u32::from(id))?.into(),
+                to_client: self.fabric.route_counters(2 * u32::from(id) + 1)?.into(),
                 from_server: from_server.into(),
                 from_client,
             });
         }
         Ok(Counters {
-            switch: self.tor.counters()?.into(),
+            switch: self.fabric.counters()?.into(),
             invalidations: self.invalidations,
             hosts,
         })
@@ -805,7 +830,7 @@ impl Controller {
     /// The `top` pages with the most requests.
     pub fn hot_pages(&self, top: usize) -> Result<Vec<HotPage>, CtlError> {
         Ok(self
-            .tor
+            .fabric
             .hot_pages(top)?
             .into_iter()
             .map(|(a, t)| {

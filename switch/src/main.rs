@@ -30,6 +30,15 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// The forwarding plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Backend {
+    /// The XDP top-of-rack switch.
+    Xdp,
+    /// The kernel's IPv6 forwarding table.
+    Kernel,
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run the controller (as root, inside the switch's network namespace, e.g. with `ip netns
@@ -45,6 +54,11 @@ enum Cmd {
         /// Attach in generic (SKB) mode instead of trying driver mode first.
         #[arg(long)]
         generic: bool,
+        /// What forwards: `xdp` (tor.bpf.c: routes, source filters, counters, failover
+        /// answers, invalidation) or `kernel` (the switch namespace's own IPv6 forwarding
+        /// table over rtnetlink: routes and one neighbour entry per port, nothing else).
+        #[arg(long, value_enum, default_value_t = Backend::Xdp)]
+        backend: Backend,
         /// The controller's own interface (in the switch namespace) for health checks and
         /// placement; without it neither runs.
         #[arg(long, requires = "link_port")]
@@ -129,6 +143,7 @@ fn main() -> Result<()> {
             prefix,
             pass_other,
             generic,
+            backend,
             link,
             link_port,
             health_interval_ms,
@@ -138,8 +153,12 @@ fn main() -> Result<()> {
             for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
                 signal_hook::flag::register(sig, stop.clone())?;
             }
-            let mut ctl = Controller::new(prefix, pass_other, generic)
-                .context("loading the switch program (needs root, in the switch namespace)")?;
+            let mut ctl = match backend {
+                Backend::Xdp => Controller::new(prefix, pass_other, generic)
+                    .context("loading the switch program (needs root, in the switch namespace)")?,
+                Backend::Kernel => Controller::new_kernel(prefix)
+                    .context("programming the kernel's forwarding table (needs root)")?,
+            };
             ctl.set_misses_allowed(health_misses);
             let linked = match (link, link_port) {
                 (Some(ifname), Some(port)) => {
@@ -158,7 +177,8 @@ fn main() -> Result<()> {
                 std::thread::spawn(move || supervise(&ctl, cfg, &stop))
             });
             println!(
-                "bluebridge-ctl: controller for {prefix} on {}{}",
+                "bluebridge-ctl: controller ({} backend) for {prefix} on {}{}",
+                ctl.lock().map(|c| c.backend()).unwrap_or("?"),
                 cli.socket.display(),
                 if supervisor.is_some() {
                     format!("; health checks every {health_interval_ms} ms, placement on")

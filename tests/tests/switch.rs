@@ -378,6 +378,12 @@ struct Controlled {
 
 impl Controlled {
     fn new(interval: Option<Duration>) -> Controlled {
+        Self::with_backend(interval, false)
+    }
+
+    /// With `kernel`, the controller programs the switch namespace's kernel forwarding table
+    /// instead of the XDP switch.
+    fn with_backend(interval: Option<Duration>, kernel: bool) -> Controlled {
         let rack = Rack::create(&unique("bbt"), 3, 9000).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let (ctl_tx, ctl_rx) = std::sync::mpsc::channel();
@@ -389,7 +395,11 @@ impl Controlled {
         // The supervisor must live in the switch namespace, so it is this thread.
         let thread = std::thread::spawn(move || {
             bluebridge_topology::enter(&sw).unwrap();
-            let mut ctl = Controller::new(NetPrefix::DEFAULT, false, false).unwrap();
+            let mut ctl = if kernel {
+                Controller::new_kernel(NetPrefix::DEFAULT).unwrap()
+            } else {
+                Controller::new(NetPrefix::DEFAULT, false, false).unwrap()
+            };
             for h in &hosts {
                 let client = h.host_id == 1;
                 ctl.register(HostSpec {
@@ -549,7 +559,57 @@ fn failed_hosts_are_withdrawn_and_new_pages_go_to_the_emptiest_server() {
 
 #[test]
 fn a_page_migrates_while_a_client_keeps_writing_it() {
-    let rig = Controlled::new(None);
+    migrate_under_writes(false);
+}
+
+#[test]
+fn a_page_migrates_through_the_kernel_backend_too() {
+    migrate_under_writes(true);
+}
+
+#[test]
+fn the_kernel_backend_routes_pages_with_one_neighbour_entry_per_port() {
+    let rig = Controlled::with_backend(None, true);
+    assert_eq!(rig.ctl.lock().unwrap().backend(), "kernel");
+    let servers = [rig.server(1), rig.server(2)];
+    let mut c = rig.client(6);
+    let data: Vec<u8> = (0..PAGE_SIZE).map(|i| (i * 11) as u8).collect();
+    let mut pages = Vec::new();
+    for host in [HostId(2), HostId(3)] {
+        for _ in 0..50 {
+            let p = c
+                .alloc(host, false)
+                .expect("ALLOC through the kernel's forwarding");
+            c.write(p, 0, &data).unwrap();
+            assert_eq!(c.read(p).unwrap(), data);
+            pages.push(p);
+        }
+    }
+    // 100 pages on 2 hosts: the switch's kernel holds routes per host and neighbour entries
+    // per port, none per page.
+    let sw = rig.rack.switch.clone();
+    let neigh = bluebridge_topology::ip_in(&sw, &["-6", "neigh", "show"]).unwrap();
+    let routes = bluebridge_topology::ip_in(&sw, &["-6", "route", "show"]).unwrap();
+    let entries: Vec<&str> = neigh.lines().filter(|l| !l.trim().is_empty()).collect();
+    // One per link: 3 server links, host 1's client link, the controller's link.
+    assert_eq!(entries.len(), 5, "neighbour entries: {neigh}");
+    assert!(
+        entries
+            .iter()
+            .all(|e| e.starts_with("fe80::bb:1 ") && e.contains("PERMANENT")),
+        "{neigh}"
+    );
+    for net in ["fd00:bb:2::/48", "fd00:bb:3::/48", "fd00:bb:1:ffff::/64"] {
+        assert!(routes.contains(net), "{net} missing from {routes}");
+    }
+    for p in pages {
+        c.free(p).unwrap();
+    }
+    drop(servers);
+}
+
+fn migrate_under_writes(kernel: bool) {
+    let rig = Controlled::with_backend(None, kernel);
     let servers = [rig.server(1), rig.server(2)];
     let mut c = rig.client(12);
     let p = c.alloc(HostId(2), false).unwrap();

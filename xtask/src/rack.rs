@@ -31,6 +31,10 @@ pub(crate) struct RackArgs {
     /// while the controller moves them between hosts this many times.
     #[arg(long, default_value_t = 200)]
     migrations: usize,
+    /// What forwards in the switch namespace: `xdp` (the XDP switch) or `kernel` (its own IPv6
+    /// forwarding table, programmed by the controller over rtnetlink).
+    #[arg(long, default_value = "xdp", value_parser = ["xdp", "kernel"])]
+    backend: String,
     /// Where the JSON reports go.
     #[arg(long, default_value = "results")]
     out: PathBuf,
@@ -99,7 +103,10 @@ pub(crate) fn run(a: &RackArgs) -> Result<()> {
     let socket = std::env::temp_dir().join(format!("{NAME}-{}.sock", std::process::id()));
     let mut daemon = None;
     s.run(
-        "controller: bluebridge-ctl daemon in the switch namespace (health checks, placement)",
+        &format!(
+            "controller: bluebridge-ctl daemon in the switch namespace ({} backend; health checks, placement)",
+            a.backend
+        ),
         || {
             let child = Command::new("ip")
                 .args(["netns", "exec", &rack.switch])
@@ -107,6 +114,7 @@ pub(crate) fn run(a: &RackArgs) -> Result<()> {
                 .arg("--socket")
                 .arg(&socket)
                 .arg("daemon")
+                .args(["--backend", &a.backend])
                 .args([
                     "--link",
                     &rack.controller_if,
@@ -211,7 +219,7 @@ pub(crate) fn run(a: &RackArgs) -> Result<()> {
     )?;
     let layout = out.join("rack-layout.json");
     std::fs::write(&layout, serde_json::to_string_pretty(&rack.hosts)?)?;
-    let report = out.join("rack.json");
+    let report = out.join(format!("rack-{}.json", a.backend));
     s.run(
         &format!(
             "workload: {} iterations of all {} clients at once, then {} of one client (ALLOC, WRITE, READ back, FREE on a random other host each), then {} page migrations under load",
@@ -240,7 +248,10 @@ pub(crate) fn run(a: &RackArgs) -> Result<()> {
         if !o.status.success() {
             bail!("bluebridge-ctl counters failed");
         }
-        std::fs::write(out.join("rack-switch.json"), &o.stdout)?;
+        std::fs::write(
+            out.join(format!("rack-{}-switch.json", a.backend)),
+            &o.stdout,
+        )?;
         let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
         println!("      switch: {}", v["switch"]);
         Ok(())
