@@ -24,6 +24,12 @@ pub trait Fabric: Send {
     fn remove_route(&mut self, net: Ipv6Addr, len: u8) -> Result<(), CtlError>;
     /// The routes (kernel: the BlueBridge ones this controller installed).
     fn routes(&self) -> Result<Vec<(Ipv6Addr, u8, Route)>, CtlError>;
+    /// Whether a withdrawn host's route can answer UNREACHABLE while still letting the
+    /// controller's health checks through (XDP only). Otherwise a down host keeps its route:
+    /// placement avoids it, clients time out.
+    fn answers_for_withdrawn(&self) -> bool {
+        false
+    }
     /// Lets the controller's port through reject routes (XDP only).
     fn set_controller_port(&mut self, _port: u32) -> Result<(), CtlError> {
         Ok(())
@@ -71,6 +77,9 @@ impl Fabric for Tor {
     }
     fn routes(&self) -> Result<Vec<(Ipv6Addr, u8, Route)>, CtlError> {
         Ok(Tor::routes(self)?)
+    }
+    fn answers_for_withdrawn(&self) -> bool {
+        true
     }
     fn set_controller_port(&mut self, port: u32) -> Result<(), CtlError> {
         Ok(Tor::set_controller_port(self, port)?)

@@ -597,7 +597,7 @@ impl Controller {
             pages_used,
             pages_total,
         };
-        if was_down {
+        if was_down && self.fabric.answers_for_withdrawn() {
             let r = Self::server_route(h, 2 * u32::from(id), false);
             let net = h.server.net;
             self.fabric.add_route(net, 48, r)?;
@@ -618,6 +618,15 @@ impl Controller {
             return Ok(());
         }
         h.health.down = true;
+        if !self.fabric.answers_for_withdrawn() {
+            // Its route stays (the controller's checks must still reach it); placement
+            // avoids it.
+            tracing::warn!(
+                host = id,
+                "host down (its route stays: this backend cannot answer for it)"
+            );
+            return Ok(());
+        }
         let r = Self::server_route(h, 2 * u32::from(id), true);
         let (net, misses) = (h.server.net, h.health.misses);
         self.fabric.add_route(net, 48, r)?;

@@ -256,6 +256,21 @@ pub(crate) fn run(a: &RackArgs) -> Result<()> {
         println!("      switch: {}", v["switch"]);
         Ok(())
     })?;
+    if a.backend == "kernel" {
+        s.run("the switch kernel's tables (ip -6 route / neigh)", || {
+            let count = |what: &str| -> Result<usize> {
+                let t = bluebridge_topology::ip_in(&rack.switch, &["-6", what, "show"])?;
+                Ok(t.lines().filter(|l| !l.trim().is_empty()).count())
+            };
+            println!(
+                "      {} routes, {} neighbour entries (one per link: {} hosts × 2 + the controller's), after every page above",
+                count("route")?,
+                count("neigh")?,
+                a.hosts
+            );
+            Ok(())
+        })?;
+    }
     s.run("stop the servers", || {
         for p in servers.drain(..) {
             p.stop()?;
