@@ -17,6 +17,7 @@ use bluebridge_proto::frame::{Endpoints, build};
 use bluebridge_proto::{BbRepr, FRAME_OVERHEAD, HostId, MacAddr, NetPrefix, RemoteAddr, UDP_PORT};
 use bluebridge_server::{Framing, Server, ServerConfig, TransportKind};
 use bluebridge_topology::{NdpResponder, Pair, Rack, unique};
+pub use bluebridge_topology::{rack_client_addr, rack_client_net};
 
 /// The server's host id in every rig.
 pub const SERVER: HostId = HostId(2);
@@ -229,23 +230,6 @@ pub fn start_server(ns: &str, cfg: &ServerConfig) -> Server {
     rx.recv()
         .expect("server thread")
         .unwrap_or_else(|e| panic!("starting the server: {e}"))
-}
-
-/// The client address of rack host `h`: inside its /48, in the /64 the switch routes to the
-/// host's client link (`fd00:bb:<h>:ffff::1`).
-pub fn rack_client_addr(h: HostId) -> Ipv6Addr {
-    let mut o = NetPrefix::DEFAULT.host_network(h).octets();
-    o[6] = 0xff;
-    o[7] = 0xff;
-    o[15] = 1;
-    Ipv6Addr::from(o)
-}
-
-/// The /64 of a rack host's client link.
-pub fn rack_client_net(h: HostId) -> Ipv6Addr {
-    let mut o = rack_client_addr(h).octets();
-    o[15] = 0;
-    Ipv6Addr::from(o)
 }
 
 /// A rack around the XDP switch: every host's server and client ports registered, each host's

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bluebridge_switch::{Controller, HostSpec, LinkSpec, Migration, SuperviseConfig, supervise};
-use bluebridge_tests::{RackRig, rack_client_addr};
+use bluebridge_tests::{RackRig, rack_client_addr, rack_client_net};
 use bluebridge_topology::{Rack, fmt_mac, unique};
 
 fn frame(src: std::net::Ipv6Addr, dst: std::net::Ipv6Addr, hop_limit_probe: bool) -> Vec<u8> {
@@ -274,7 +274,7 @@ fn the_controller_registers_hosts_and_reports_over_its_socket() {
             server_mac: fmt_mac(h.server_mac),
             client_port: client.then(|| h.client_port.clone()),
             client_mac: client.then(|| fmt_mac(h.client_mac)),
-            client_net: client.then(|| "fd00:bb:1:ffff::/64".to_owned()),
+            client_net: client.then(|| format!("{}/64", rack_client_net(HostId(1)))),
         }))
         .unwrap();
     }
@@ -408,7 +408,7 @@ impl Controlled {
                     server_mac: fmt_mac(h.server_mac),
                     client_port: client.then(|| h.client_port.clone()),
                     client_mac: client.then(|| fmt_mac(h.client_mac)),
-                    client_net: client.then(|| "fd00:bb:1:ffff::/64".to_owned()),
+                    client_net: client.then(|| format!("{}/64", rack_client_net(HostId(1)))),
                 })
                 .unwrap();
             }

@@ -17,7 +17,7 @@ mod ndp;
 mod rack;
 pub use impair::{Impairment, Relay, RelayCounters};
 pub use ndp::NdpResponder;
-pub use rack::{Rack, RackHost};
+pub use rack::{Rack, RackHost, rack_client_addr, rack_client_net};
 
 /// A topology step failed.
 #[derive(Debug, thiserror::Error)]

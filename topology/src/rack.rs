@@ -2,7 +2,27 @@
 //! the switch, one for its server and one for its client (each runs its own XDP program and
 //! AF_XDP socket, and an interface holds one XDP program).
 
+use std::net::Ipv6Addr;
+
+use bluebridge_proto::{HostId, NetPrefix};
+
 use crate::{Netns, TopologyError, configure_link, fmt_mac, ip};
+
+/// The /64 of rack host `id`'s client link, inside its /48: `fd00:bb:<id>:ffff::/64` (the
+/// switch routes it to the client link, the rest of the /48 to the server link).
+pub fn rack_client_net(id: HostId) -> Ipv6Addr {
+    let mut o = NetPrefix::DEFAULT.host_network(id).octets();
+    o[6] = 0xff;
+    o[7] = 0xff;
+    Ipv6Addr::from(o)
+}
+
+/// The address of rack host `id`'s client: `fd00:bb:<id>:ffff::1`.
+pub fn rack_client_addr(id: HostId) -> Ipv6Addr {
+    let mut o = rack_client_net(id).octets();
+    o[15] = 1;
+    Ipv6Addr::from(o)
+}
 
 /// One host of a rack.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

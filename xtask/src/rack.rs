@@ -152,7 +152,10 @@ pub(crate) fn run(a: &RackArgs) -> Result<()> {
         || {
             for h in &rack.hosts {
                 let id = h.host_id.to_string();
-                let net = format!("fd00:bb:{:x}:ffff::/64", h.host_id);
+                let net = format!(
+                    "{}/64",
+                    bluebridge_topology::rack_client_net(bluebridge_proto::HostId(h.host_id))
+                );
                 stage::status(&mut ctl(
                     &bin,
                     &socket,

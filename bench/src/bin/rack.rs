@@ -98,14 +98,6 @@ struct Cycle {
     timeouts: u64,
 }
 
-fn client_addr(id: u16) -> std::net::Ipv6Addr {
-    let mut o = NetPrefix::DEFAULT.host_network(HostId(id)).octets();
-    o[6] = 0xff;
-    o[7] = 0xff;
-    o[15] = 1;
-    o.into()
-}
-
 /// Where a client thread gets its work: (target host, seed) per cycle.
 type Targets = mpsc::Sender<(u16, u64)>;
 
@@ -127,7 +119,7 @@ fn spawn_client(
                 let c = Connect {
                     kind: TransportKind::Xdp,
                     ifname: h.client_if.clone(),
-                    local: client_addr(h.host_id),
+                    local: bluebridge_topology::rack_client_addr(HostId(h.host_id)),
                     next_hop_mac: Some(MacAddr(h.client_port_mac)),
                     prefix: NetPrefix::DEFAULT,
                     segments: false,
@@ -279,7 +271,7 @@ fn migrate_under_load(
             let (t, mut ec) = Connect {
                 kind: TransportKind::Xdp,
                 ifname: h.client_if.clone(),
-                local: client_addr(h.host_id),
+                local: bluebridge_topology::rack_client_addr(HostId(h.host_id)),
                 next_hop_mac: Some(MacAddr(h.client_port_mac)),
                 prefix: NetPrefix::DEFAULT,
                 segments: false,
