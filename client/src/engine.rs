@@ -296,10 +296,16 @@ impl Engine {
                 self.invalidated.remove(&old);
             }
         }
+        // A FREE of the page is what set the notice off (ours or another client's): it finishes
+        // as the server answers it, not as invalidated.
         let gone: Vec<u64> = self
             .pending
             .iter()
-            .filter(|(_, p)| !p.req.op.is_host_op() && page_key(p.target) == key)
+            .filter(|(_, p)| {
+                !p.req.op.is_host_op()
+                    && !matches!(p.req.op, Opcode::FREE | Opcode::FREE_BULK)
+                    && page_key(p.target) == key
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in gone {

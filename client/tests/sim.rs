@@ -8,7 +8,8 @@ use bluebridge_client::ClientError;
 use bluebridge_client::engine::{Completion, Engine, EngineConfig, Request};
 use bluebridge_proto::frame::{Endpoints, FrameSink, build};
 use bluebridge_proto::{
-    BbRepr, HostId, MacAddr, NetPrefix, OpFlags, Opcode, PageHandle, RemoteAddr,
+    BbRepr, HeaderFlags, HostId, MacAddr, NetPrefix, OpFlags, Opcode, PageHandle, RemoteAddr,
+    UDP_PORT,
 };
 use bluebridge_server::{Handler, HandlerConfig, Store};
 
@@ -396,4 +397,72 @@ fn the_timeout_follows_growing_queueing_delay() {
         "{:?}",
         s.engine.rto()
     );
+}
+
+/// An INVALIDATE notice for `page`, as the controller sends it.
+fn notice(page: RemoteAddr) -> Vec<u8> {
+    let ep = Endpoints {
+        src_mac: MacAddr([2, 0, 0, 0, 0, 9]),
+        dst_mac: MacAddr([2, 0, 0, 0, 0, 1]),
+        src: RemoteAddr::host_op(prefix(), HostId::CONTROLLER, Opcode::INVALIDATE).to_ipv6(),
+        dst: "fd00:bb:1::1".parse().unwrap(),
+        src_port: UDP_PORT,
+        dst_port: 40000,
+    };
+    let h = BbRepr {
+        flags: HeaderFlags::REPLY,
+        count: 1,
+        ..BbRepr::default()
+    };
+    let mut f = vec![0u8; 200];
+    let n = build(&mut f, &ep, &h, &page.to_ipv6().octets()).unwrap();
+    f.truncate(n);
+    f
+}
+
+#[test]
+fn an_invalidated_page_fails_fast_but_its_own_free_completes() {
+    let mut s = Sim::new(0.0, 0.0, 0.0, 4096);
+    let p = page(&s.run(Request::new(Opcode::ALLOC, host_addr(Opcode::ALLOC))));
+    // A READ and the FREE in flight when the controller's notice comes in (the FREE's reply
+    // is still on its way: the notice can overtake it).
+    let read =
+        s.submit(Request::new(Opcode::READ, p.with_op(Opcode::READ, OpFlags::NONE)).range(0, 8));
+    let free = s.submit(Request::new(
+        Opcode::FREE,
+        p.with_op(Opcode::FREE, OpFlags::NONE),
+    ));
+    let now = s.now();
+    s.engine.handle_frame(&notice(p), now);
+    assert!(s.engine.is_invalidated(p));
+    let c = s.engine.poll_completion().expect("the READ fails at once");
+    assert_eq!(
+        (c.id, c.result.unwrap_err()),
+        (read, ClientError::Invalidated)
+    );
+    // The FREE goes on and completes as the server answers it.
+    loop {
+        if let Some(c) = s.done.remove(&free) {
+            assert!(c.result.is_ok(), "{:?}", c.result);
+            break;
+        }
+        s.step();
+    }
+    // Later requests for the page are not sent at all.
+    let sent = s.engine.stats().sent;
+    let c = s.run(Request::new(Opcode::READ, p.with_op(Opcode::READ, OpFlags::NONE)).range(0, 8));
+    assert_eq!(c.result.unwrap_err(), ClientError::Invalidated);
+    assert_eq!(s.engine.stats().sent, sent);
+    assert_eq!(s.engine.stats().invalidations, 1);
+    // A notice from anyone but the controller is ignored.
+    let mut forged = notice(p.with_handle(PageHandle::from_bits(77)));
+    forged[22 + 4..22 + 6].copy_from_slice(&5u16.to_be_bytes());
+    let src = std::net::Ipv6Addr::from(<[u8; 16]>::try_from(&forged[22..38]).unwrap());
+    bluebridge_proto::wire::udp::UdpPacket::new_unchecked(&mut forged[54..])
+        .fill_checksum(src, "fd00:bb:1::1".parse().unwrap());
+    let before = s.engine.stats();
+    s.engine.handle_frame(&forged, now);
+    let after = s.engine.stats();
+    assert_eq!(after.invalidations, before.invalidations);
+    assert_eq!(after.stray, before.stray + 1, "a reply to nothing, ignored");
 }

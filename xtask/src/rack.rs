@@ -144,41 +144,7 @@ pub(crate) fn run(a: &RackArgs) -> Result<()> {
         },
     )?;
     let _daemon = daemon.expect("started");
-    s.run(
-        &format!(
-            "register {} hosts: /48 → server port, client /64 → client port",
-            a.hosts
-        ),
-        || {
-            for h in &rack.hosts {
-                let id = h.host_id.to_string();
-                let net = format!(
-                    "{}/64",
-                    bluebridge_topology::rack_client_net(bluebridge_proto::HostId(h.host_id))
-                );
-                stage::status(&mut ctl(
-                    &bin,
-                    &socket,
-                    &[
-                        "register-host",
-                        "--id",
-                        &id,
-                        "--server-port",
-                        &h.server_port,
-                        "--server-mac",
-                        &fmt_mac(h.server_mac),
-                        "--client-port",
-                        &h.client_port,
-                        "--client-mac",
-                        &fmt_mac(h.client_mac),
-                        "--client-net",
-                        &net,
-                    ],
-                ))?;
-            }
-            Ok(())
-        },
-    )?;
+    // Servers first, so the controller's first health checks find them up.
     let mut servers: Vec<ServerProc> = Vec::new();
     s.run(
         &format!("start {} servers (idle mode, 16 MiB arena each)", a.hosts),
@@ -216,6 +182,41 @@ pub(crate) fn run(a: &RackArgs) -> Result<()> {
                     &args,
                     &interrupted,
                 )?);
+            }
+            Ok(())
+        },
+    )?;
+    s.run(
+        &format!(
+            "register {} hosts: /48 → server port, client /64 → client port",
+            a.hosts
+        ),
+        || {
+            for h in &rack.hosts {
+                let id = h.host_id.to_string();
+                let net = format!(
+                    "{}/64",
+                    bluebridge_topology::rack_client_net(bluebridge_proto::HostId(h.host_id))
+                );
+                stage::status(&mut ctl(
+                    &bin,
+                    &socket,
+                    &[
+                        "register-host",
+                        "--id",
+                        &id,
+                        "--server-port",
+                        &h.server_port,
+                        "--server-mac",
+                        &fmt_mac(h.server_mac),
+                        "--client-port",
+                        &h.client_port,
+                        "--client-mac",
+                        &fmt_mac(h.client_mac),
+                        "--client-net",
+                        &net,
+                    ],
+                ))?;
             }
             Ok(())
         },
