@@ -325,14 +325,14 @@ fn stray_and_foreign_replies_are_ignored() {
         dst_mac: MacAddr([2, 0, 0, 0, 0, 1]),
         src: p.to_ipv6(),
         dst: "fd00:bb:1::1".parse().unwrap(),
-        src_port: bluebridge_proto::UDP_PORT,
+        src_port: UDP_PORT,
         dst_port: 40000,
     };
     let mut f = Frames::default();
     f.send(
         &ep,
         &BbRepr {
-            flags: bluebridge_proto::HeaderFlags::REPLY,
+            flags: HeaderFlags::REPLY,
             request_id: 5,
             ..BbRepr::default()
         },

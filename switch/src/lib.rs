@@ -371,9 +371,10 @@ impl Controller {
                 link.ifname
             ))
         })?;
-        // Health checks: a dead host costs 2 + 4 + 8 ms per round, not a long backoff.
-        ec.rto = std::time::Duration::from_millis(2);
-        ec.retries = 2;
+        // Health checks: a dead host costs 5 + 10 + 20 + 40 ms per round, not a long backoff
+        // (idle servers on a busy machine can take tens of ms to wake).
+        ec.rto = std::time::Duration::from_millis(5);
+        ec.retries = 3;
         let mut c = Client::new(ec, t);
         c.set_yield_when_idle(true);
         self.client = Some(c);
@@ -494,9 +495,25 @@ impl Controller {
         let fail = |what: &str, e: bluebridge_client::ClientError| {
             CtlError::Invalid(format!("{what}: {e}"))
         };
+        // Both steps may be repeated (MIGRATE_OUT is idempotent, a repeated MIGRATE_IN refreshes
+        // the adopted copy), so a slow host gets more than one retry budget: a freeze whose
+        // answer was lost must not leave the page frozen.
+        let call = |c: &mut Client<AnyTransport>, r: Request| {
+            let mut tries = 0;
+            loop {
+                let id = c.submit(r.clone());
+                match c.wait(id) {
+                    Err(bluebridge_client::ClientError::Timeout { .. }) if tries < 4 => tries += 1,
+                    other => return other,
+                }
+            }
+        };
         let t0 = std::time::Instant::now();
-        let id = c.submit(Request::new(Opcode::MIGRATE_OUT, page).range(0, PAGE_SIZE as u16));
-        let out = c.wait(id).map_err(|e| fail("MIGRATE_OUT", e))?;
+        let out = call(
+            c,
+            Request::new(Opcode::MIGRATE_OUT, page).range(0, PAGE_SIZE as u16),
+        )
+        .map_err(|e| fail("MIGRATE_OUT", e))?;
         let t1 = std::time::Instant::now();
         let adopt = |c: &mut Client<AnyTransport>, host: u16| {
             let mut r = Request::new(
@@ -512,8 +529,7 @@ impl Controller {
             if out.header.flags.contains(HeaderFlags::SHARED) {
                 r.flags = HeaderFlags::SHARED;
             }
-            let id = c.submit(r);
-            c.wait(id)
+            call(c, r)
         };
         if let Err(e) = adopt(c, to) {
             // Give it back to its holder (unfrozen at home, or re-adopted where it was).
