@@ -153,12 +153,7 @@ impl Sweep {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    bluebridge_client::init_logging("warn");
     let a = Args::parse();
     ensure!(a.window >= 1, "--window must be at least 1");
     ensure!(a.threads >= 1, "--threads must be at least 1");

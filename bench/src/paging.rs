@@ -108,6 +108,28 @@ pub struct PagingReport {
     pub first_write: Option<Summary>,
 }
 
+impl PagingReport {
+    /// The variants as a Markdown table (µs; components are medians).
+    pub fn table(&self) -> String {
+        let mut t = String::from(
+            "| variant | total p50 / p95 µs | enter handler | directory | get data | install + return |\n|---|---|---|---|---|---|\n",
+        );
+        for v in &self.variants {
+            t += &format!(
+                "| {} | {:.2} / {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+                v.name,
+                v.total.p50_us,
+                v.total.p95_us,
+                v.enter.p50_us,
+                v.directory.p50_us,
+                v.data.p50_us,
+                v.exit.p50_us
+            );
+        }
+        t
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

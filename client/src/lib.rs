@@ -24,3 +24,15 @@ pub use transport::{
     TransportKind, XdpConfig, XdpTransport,
 };
 pub use udp::UdpTransport;
+
+/// Logs of a BlueBridge command-line tool: `tracing` to standard error, filtered by `RUST_LOG`
+/// (`default` when it is unset, e.g. `"warn"`).
+pub fn init_logging(default: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -131,12 +131,7 @@ enum Cmd {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    bluebridge_client::init_logging("info");
     let cli = Cli::parse();
     let req = match cli.cmd {
         Cmd::Daemon {

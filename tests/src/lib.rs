@@ -332,21 +332,27 @@ impl RackRig {
 
     /// A client on host `i` (the calling thread moves into its namespace).
     pub fn client(&self, i: usize) -> Client<AnyTransport> {
-        let h = &self.rack.hosts[i];
-        self.rack.host_ns(i).enter().expect("entering the host");
-        let connect = Connect {
-            kind: ClientTransport::Xdp,
-            ifname: h.client_if.clone(),
-            local: rack_client_addr(HostId(h.host_id)),
-            next_hop_mac: Some(MacAddr(h.client_port_mac)),
-            prefix: NetPrefix::DEFAULT,
-            segments: false,
-        };
-        let (t, mut ec) = connect
-            .open()
-            .unwrap_or_else(|e| panic!("opening the client transport: {e}"));
-        ec.rto = Duration::from_millis(5);
-        ec.retries = 10;
-        Client::new(ec, t)
+        rack_client(&self.rack, i, 10)
     }
+}
+
+/// An AF_XDP client on rack host `i`'s client link (the calling thread moves into the host's
+/// namespace): 5 ms RTO, `retries` retries.
+pub fn rack_client(rack: &Rack, i: usize, retries: u32) -> Client<AnyTransport> {
+    let h = &rack.hosts[i];
+    rack.host_ns(i).enter().expect("entering the host");
+    let connect = Connect {
+        kind: ClientTransport::Xdp,
+        ifname: h.client_if.clone(),
+        local: rack_client_addr(HostId(h.host_id)),
+        next_hop_mac: Some(MacAddr(h.client_port_mac)),
+        prefix: NetPrefix::DEFAULT,
+        segments: false,
+    };
+    let (t, mut ec) = connect
+        .open()
+        .unwrap_or_else(|e| panic!("opening the client transport: {e}"));
+    ec.rto = Duration::from_millis(5);
+    ec.retries = retries;
+    Client::new(ec, t)
 }

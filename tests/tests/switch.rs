@@ -315,21 +315,7 @@ fn the_controller_registers_hosts_and_reports_over_its_socket() {
             ..bluebridge_server::ServerConfig::new(&h2.server_if, HostId(2))
         },
     );
-    rack.host_ns(0).enter().unwrap();
-    let h1 = &rack.hosts[0];
-    let (t, mut ec) = bluebridge_client::Connect {
-        kind: bluebridge_client::TransportKind::Xdp,
-        ifname: h1.client_if.clone(),
-        local: rack_client_addr(HostId(1)),
-        next_hop_mac: Some(MacAddr(h1.client_port_mac)),
-        prefix: NetPrefix::DEFAULT,
-        segments: false,
-    }
-    .open()
-    .unwrap();
-    ec.rto = Duration::from_millis(5);
-    ec.retries = 4;
-    let mut c = bluebridge_client::Client::new(ec, t);
+    let mut c = bluebridge_tests::rack_client(&rack, 0, 4);
     let p = c.alloc(HostId(2), false).unwrap();
     for _ in 0..5 {
         c.read(p).unwrap();
@@ -453,21 +439,7 @@ impl Controlled {
 
     /// Host 1's client (the calling thread moves into host 1's namespace).
     fn client(&self, retries: u32) -> bluebridge_client::Client<bluebridge_client::AnyTransport> {
-        self.rack.host_ns(0).enter().unwrap();
-        let h1 = &self.rack.hosts[0];
-        let (t, mut ec) = bluebridge_client::Connect {
-            kind: bluebridge_client::TransportKind::Xdp,
-            ifname: h1.client_if.clone(),
-            local: rack_client_addr(HostId(1)),
-            next_hop_mac: Some(MacAddr(h1.client_port_mac)),
-            prefix: NetPrefix::DEFAULT,
-            segments: false,
-        }
-        .open()
-        .unwrap();
-        ec.rto = Duration::from_millis(5);
-        ec.retries = retries;
-        bluebridge_client::Client::new(ec, t)
+        bluebridge_tests::rack_client(&self.rack, 0, retries)
     }
 
     /// Waits (5 s at most) for `f` to hold of the controller.

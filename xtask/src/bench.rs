@@ -403,22 +403,7 @@ fn print_paging(out: &Path) -> Result<()> {
         "\nPage faults (the paper's Figures 4 and 5; µs, {} faults each on distinct pages; components are medians):",
         r.variants.first().map_or(0, |v| v.faults)
     );
-    println!(
-        "| variant | total p50 / p95 | enter handler | directory | get data | install + return |"
-    );
-    println!("|---|---|---|---|---|---|");
-    for v in &r.variants {
-        println!(
-            "| {} | {:.2} / {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
-            v.name,
-            v.total.p50_us,
-            v.total.p95_us,
-            v.enter.p50_us,
-            v.directory.p50_us,
-            v.data.p50_us,
-            v.exit.p50_us
-        );
-    }
+    print!("{}", r.table());
     if let Some(w) = r.first_write {
         println!(
             "- first write to a clean resident page (write-protect fault): p50 {:.2} µs, p95 {:.2} µs",

@@ -65,12 +65,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    bluebridge_client::init_logging("warn");
     let a = Args::parse();
     ensure!(a.faults >= 1, "--faults must be at least 1");
     let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -178,36 +173,6 @@ fn main() -> Result<()> {
         let _ = std::fs::remove_file(&a.disk_file);
     }
 
-    println!(
-        "{} faults per variant on distinct pages (after {} untimed), one at a time, thread on CPU {core}:",
-        a.faults, a.warmup
-    );
-    println!(
-        "| variant | total p50 / p95 µs | enter handler | directory | get data | install + return |"
-    );
-    println!("|---|---|---|---|---|---|");
-    for v in &variants {
-        println!(
-            "| {} | {:.2} / {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
-            v.name,
-            v.total.p50_us,
-            v.total.p95_us,
-            v.enter.p50_us,
-            v.directory.p50_us,
-            v.data.p50_us,
-            v.exit.p50_us
-        );
-    }
-    println!("(components are medians; they need not add up to the median total)");
-    if let Some(w) = first_write {
-        println!(
-            "first write to a clean resident page (a write-protect fault: dirty tracking): p50 {:.2} µs, p95 {:.2} µs",
-            w.p50_us, w.p95_us
-        );
-    }
-    for (what, us) in PAPER_FAULTS {
-        println!("paper: {what}: {us} µs");
-    }
     let report = PagingReport {
         config: serde_json::json!({
             "host": a.host.to_string(), "directory_host": dir_host.to_string(),
@@ -223,6 +188,21 @@ fn main() -> Result<()> {
         variants,
         first_write,
     };
+    println!(
+        "{} faults per variant on distinct pages (after {} untimed), one at a time, thread on CPU {core}:",
+        a.faults, a.warmup
+    );
+    print!("{}", report.table());
+    println!("(components are medians; they need not add up to the median total)");
+    if let Some(w) = report.first_write {
+        println!(
+            "first write to a clean resident page (a write-protect fault: dirty tracking): p50 {:.2} µs, p95 {:.2} µs",
+            w.p50_us, w.p95_us
+        );
+    }
+    for (what, us) in PAPER_FAULTS {
+        println!("paper: {what}: {us} µs");
+    }
     if let Some(p) = &a.json {
         std::fs::write(p, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", p.display()))?;

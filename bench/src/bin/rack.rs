@@ -374,12 +374,7 @@ fn migrate_under_load(
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    bluebridge_client::init_logging("warn");
     let a = Args::parse();
     let text = std::fs::read_to_string(&a.layout)
         .with_context(|| format!("reading {}", a.layout.display()))?;

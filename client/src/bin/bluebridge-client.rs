@@ -67,12 +67,7 @@ enum Cmd {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    bluebridge_client::init_logging("warn");
     let a = Args::parse();
     bluebridge_xsk::busy_poll_thread(a.core, !a.normal_priority)
         .context("setting up the polling thread")?;
