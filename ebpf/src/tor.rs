@@ -57,7 +57,7 @@ impl Route {
 }
 
 /// Packets and bytes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TrafficCounters {
     /// Frames.
     pub packets: u64,
@@ -66,7 +66,7 @@ pub struct TrafficCounters {
 }
 
 /// The switch's verdict counters, summed over CPUs (see `bluebridge.h`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TorCounters {
     /// Routed and sent out of their egress port.
     pub forwarded: u64,

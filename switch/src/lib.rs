@@ -121,23 +121,8 @@ pub struct RouteInfo {
     pub id: u32,
 }
 
-/// Frames and bytes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Traffic {
-    /// Frames.
-    pub packets: u64,
-    /// Bytes.
-    pub bytes: u64,
-}
-
-impl From<TrafficCounters> for Traffic {
-    fn from(t: TrafficCounters) -> Self {
-        Traffic {
-            packets: t.packets,
-            bytes: t.bytes,
-        }
-    }
-}
+/// Frames and bytes (the switch program's counters).
+pub type Traffic = TrafficCounters;
 
 /// A host's counters at the switch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -154,44 +139,8 @@ pub struct HostCounters {
     pub from_client: Traffic,
 }
 
-/// The switch's verdicts.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SwitchCounters {
-    /// Routed and sent.
-    pub forwarded: u64,
-    /// No route: dropped.
-    pub no_route: u64,
-    /// Source not allowed on its port: dropped.
-    pub spoofed: u64,
-    /// Not BlueBridge: dropped.
-    pub other_dropped: u64,
-    /// Not BlueBridge: passed to the switch's kernel.
-    pub other_passed: u64,
-    /// Malformed: dropped.
-    pub malformed: u64,
-    /// Hop limit exhausted: dropped.
-    pub hop_limit: u64,
-    /// Egress port missing: dropped.
-    pub no_port: u64,
-    /// Requests to withdrawn hosts answered UNREACHABLE.
-    pub rejected: u64,
-}
-
-impl From<TorCounters> for SwitchCounters {
-    fn from(c: TorCounters) -> Self {
-        SwitchCounters {
-            forwarded: c.forwarded,
-            no_route: c.no_route,
-            spoofed: c.spoofed,
-            other_dropped: c.other_dropped,
-            other_passed: c.other_passed,
-            malformed: c.malformed,
-            hop_limit: c.hop_limit,
-            no_port: c.no_port,
-            rejected: c.rejected,
-        }
-    }
-}
+/// The switch's verdicts (the switch program's counters).
+pub type SwitchCounters = TorCounters;
 
 /// Everything the switch counts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -834,19 +783,19 @@ impl Controller {
         for (&id, h) in &self.hosts {
             let (from_server, _) = self.fabric.port_counters(h.server.ifindex)?;
             let from_client = match &h.client {
-                Some(c) => self.fabric.port_counters(c.ifindex)?.0.into(),
+                Some(c) => self.fabric.port_counters(c.ifindex)?.0,
                 None => Traffic::default(),
             };
             hosts.push(HostCounters {
                 id,
-                to_server: self.fabric.route_counters(2 * u32::from(id))?.into(),
-                to_client: self.fabric.route_counters(2 * u32::from(id) + 1)?.into(),
-                from_server: from_server.into(),
+                to_server: self.fabric.route_counters(2 * u32::from(id))?,
+                to_client: self.fabric.route_counters(2 * u32::from(id) + 1)?,
+                from_server,
                 from_client,
             });
         }
         Ok(Counters {
-            switch: self.fabric.counters()?.into(),
+            switch: self.fabric.counters()?,
             invalidations: self.invalidations,
             hosts,
         })
@@ -863,7 +812,7 @@ impl Controller {
                 HotPage {
                     page: a.to_string(),
                     host: u16::from_be_bytes([o[4], o[5]]),
-                    requests: t.into(),
+                    requests: t,
                 }
             })
             .collect())

@@ -240,6 +240,20 @@ fn the_longest_prefix_wins_and_headers_are_rewritten() {
     );
 }
 
+/// How the controller tests register a rack host: its server link, and for host 1 its client
+/// link too.
+fn host_spec(h: &bluebridge_topology::RackHost) -> HostSpec {
+    let client = h.host_id == 1;
+    HostSpec {
+        id: h.host_id,
+        server_port: h.server_port.clone(),
+        server_mac: fmt_mac(h.server_mac),
+        client_port: client.then(|| h.client_port.clone()),
+        client_mac: client.then(|| fmt_mac(h.client_mac)),
+        client_net: client.then(|| format!("{}/64", rack_client_net(HostId(h.host_id)))),
+    }
+}
+
 #[test]
 fn the_controller_registers_hosts_and_reports_over_its_socket() {
     use bluebridge_switch::api::{self, ApiError, Request};
@@ -267,16 +281,7 @@ fn the_controller_registers_hosts_and_reports_over_its_socket() {
     };
     assert_eq!(call(&Request::Ping).unwrap(), "pong");
     for h in &rack.hosts {
-        let client = h.host_id == 1;
-        call(&Request::RegisterHost(HostSpec {
-            id: h.host_id,
-            server_port: h.server_port.clone(),
-            server_mac: fmt_mac(h.server_mac),
-            client_port: client.then(|| h.client_port.clone()),
-            client_mac: client.then(|| fmt_mac(h.client_mac)),
-            client_net: client.then(|| format!("{}/64", rack_client_net(HostId(1)))),
-        }))
-        .unwrap();
+        call(&Request::RegisterHost(host_spec(h))).unwrap();
     }
     // Bad requests are refused with a reason, and change nothing.
     let bad = call(&Request::RegisterHost(HostSpec {
@@ -387,16 +392,7 @@ impl Controlled {
                 Controller::new(NetPrefix::DEFAULT, false, false).unwrap()
             };
             for h in &hosts {
-                let client = h.host_id == 1;
-                ctl.register(HostSpec {
-                    id: h.host_id,
-                    server_port: h.server_port.clone(),
-                    server_mac: fmt_mac(h.server_mac),
-                    client_port: client.then(|| h.client_port.clone()),
-                    client_mac: client.then(|| fmt_mac(h.client_mac)),
-                    client_net: client.then(|| format!("{}/64", rack_client_net(HostId(1)))),
-                })
-                .unwrap();
+                ctl.register(host_spec(h)).unwrap();
             }
             ctl.set_misses_allowed(2);
             ctl.attach_link(&link).unwrap();

@@ -98,6 +98,26 @@ struct Cycle {
     timeouts: u64,
 }
 
+/// Moves the calling thread into host `h`'s namespace and opens its client (AF_XDP on the
+/// client link, giving the CPU away between polls: 84 threads share this machine's CPUs).
+fn open_client(h: &RackHost, rto: Duration, retries: u32) -> Result<Client<AnyTransport>> {
+    bluebridge_topology::enter(&h.ns)?;
+    let (t, mut ec) = Connect {
+        kind: TransportKind::Xdp,
+        ifname: h.client_if.clone(),
+        local: bluebridge_topology::rack_client_addr(HostId(h.host_id)),
+        next_hop_mac: Some(MacAddr(h.client_port_mac)),
+        prefix: NetPrefix::DEFAULT,
+        segments: false,
+    }
+    .open()?;
+    ec.rto = rto;
+    ec.retries = retries;
+    let mut c = Client::new(ec, t);
+    c.set_yield_when_idle(true);
+    Ok(c)
+}
+
 /// Where a client thread gets its work: (target host, seed) per cycle.
 type Targets = mpsc::Sender<(u16, u64)>;
 
@@ -114,24 +134,7 @@ fn spawn_client(
     let thread = std::thread::Builder::new()
         .name(format!("rack-client-{}", h.host_id))
         .spawn(move || {
-            let opened = (|| -> Result<Client<AnyTransport>> {
-                bluebridge_topology::enter(&h.ns)?;
-                let c = Connect {
-                    kind: TransportKind::Xdp,
-                    ifname: h.client_if.clone(),
-                    local: bluebridge_topology::rack_client_addr(HostId(h.host_id)),
-                    next_hop_mac: Some(MacAddr(h.client_port_mac)),
-                    prefix: NetPrefix::DEFAULT,
-                    segments: false,
-                };
-                let (t, mut ec) = c.open()?;
-                ec.rto = rto;
-                ec.retries = retries;
-                let mut client = Client::new(ec, t);
-                client.set_yield_when_idle(true);
-                Ok(client)
-            })();
-            let mut c = match opened {
+            let mut c = match open_client(&h, rto, retries) {
                 Ok(c) => {
                     let _ = ready_tx.send(Ok(()));
                     c
@@ -267,20 +270,7 @@ fn migrate_under_load(
     let writer = {
         let (done, hosts) = (done.clone(), hosts.to_vec());
         std::thread::spawn(move || -> Result<(u64, u64)> {
-            bluebridge_topology::enter(&h.ns)?;
-            let (t, mut ec) = Connect {
-                kind: TransportKind::Xdp,
-                ifname: h.client_if.clone(),
-                local: bluebridge_topology::rack_client_addr(HostId(h.host_id)),
-                next_hop_mac: Some(MacAddr(h.client_port_mac)),
-                prefix: NetPrefix::DEFAULT,
-                segments: false,
-            }
-            .open()?;
-            ec.rto = rto;
-            ec.retries = retries;
-            let mut c = Client::new(ec, t);
-            c.set_yield_when_idle(true);
+            let mut c = open_client(&h, rto, retries)?;
             let pages: Vec<_> = (0..PAGES)
                 .map(|i| c.alloc(HostId(hosts[1 + i % (hosts.len() - 1)].host_id), false))
                 .collect::<Result<_, _>>()?;
