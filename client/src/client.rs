@@ -422,13 +422,20 @@ impl<T: Transport> Client<T> {
         Ok(self.call(r)?.header.operand0)
     }
 
-    /// Reads the same range of several pages of one host in one request (≤ 128 pages).
+    /// Reads the same range of several pages of one host (≤ 128 pages): one request per
+    /// server shard the pages are on.
     pub fn read_bulk(
         &mut self,
         pages: &[RemoteAddr],
         offset: u16,
         length: u16,
     ) -> Result<Vec<Result<Vec<u8>, ClientError>>, ClientError> {
+        if let Some(groups) = shard_groups(pages) {
+            return per_group(&groups, |idx| {
+                let sub: Vec<RemoteAddr> = idx.iter().map(|&i| pages[i]).collect();
+                self.read_bulk(&sub, offset, length)
+            });
+        }
         let (first, n) = bulk_of(pages)?;
         let mut list = vec![0u8; pages.len() * 8];
         put_handles(&mut list, pages.iter().map(|p| p.handle()));
@@ -443,12 +450,19 @@ impl<T: Transport> Client<T> {
             .collect())
     }
 
-    /// Writes ranges of several pages of one host in one frame; a result per write.
+    /// Writes ranges of several pages of one host, one frame per server shard the pages are
+    /// on; a result per write.
     pub fn write_bulk(
         &mut self,
         writes: &[(RemoteAddr, u16, &[u8])],
     ) -> Result<Vec<Result<(), ClientError>>, ClientError> {
         let pages: Vec<RemoteAddr> = writes.iter().map(|w| w.0).collect();
+        if let Some(groups) = shard_groups(&pages) {
+            return per_group(&groups, |idx| {
+                let sub: Vec<(RemoteAddr, u16, &[u8])> = idx.iter().map(|&i| writes[i]).collect();
+                self.write_bulk(&sub)
+            });
+        }
         let (first, n) = bulk_of(&pages)?;
         let size: usize = writes
             .iter()
@@ -484,11 +498,18 @@ impl<T: Transport> Client<T> {
             .collect()
     }
 
-    /// Frees several pages of one host; a result per page.
+    /// Frees several pages of one host (one request per server shard they are on); a result
+    /// per page.
     pub fn free_bulk(
         &mut self,
         pages: &[RemoteAddr],
     ) -> Result<Vec<Result<(), ClientError>>, ClientError> {
+        if let Some(groups) = shard_groups(pages) {
+            return per_group(&groups, |idx| {
+                let sub: Vec<RemoteAddr> = idx.iter().map(|&i| pages[i]).collect();
+                self.free_bulk(&sub)
+            });
+        }
         let (first, n) = bulk_of(pages)?;
         let mut list = vec![0u8; pages.len() * 8];
         put_handles(&mut list, pages.iter().map(|p| p.handle()));
@@ -513,6 +534,44 @@ fn range_len(offset: u16, data: &[u8]) -> Result<u16, ClientError> {
         ));
     }
     Ok(len)
+}
+
+/// The positions of `pages` by the shard field of their handles (a server takes a bulk
+/// request's items on the first page's shard only), in order of first appearance; `None` when
+/// they are all on one shard.
+fn shard_groups(pages: &[RemoteAddr]) -> Option<Vec<Vec<usize>>> {
+    let first = pages.first()?.handle().shard_field();
+    if pages.iter().all(|p| p.handle().shard_field() == first) {
+        return None;
+    }
+    let mut groups: Vec<(u8, Vec<usize>)> = Vec::new();
+    for (i, p) in pages.iter().enumerate() {
+        let f = p.handle().shard_field();
+        match groups.iter_mut().find(|(g, _)| *g == f) {
+            Some((_, idx)) => idx.push(i),
+            None => groups.push((f, vec![i])),
+        }
+    }
+    Some(groups.into_iter().map(|(_, idx)| idx).collect())
+}
+
+/// Runs `call` for every group of positions and puts its per-item results back in place.
+fn per_group<R>(
+    groups: &[Vec<usize>],
+    mut call: impl FnMut(&[usize]) -> Result<Vec<R>, ClientError>,
+) -> Result<Vec<R>, ClientError> {
+    let mut out: Vec<Option<R>> = (0..groups.iter().map(Vec::len).sum())
+        .map(|_| None)
+        .collect();
+    for idx in groups {
+        for (&i, r) in idx.iter().zip(call(idx)?) {
+            out[i] = Some(r);
+        }
+    }
+    Ok(out
+        .into_iter()
+        .map(|r| r.expect("every position is in a group"))
+        .collect())
 }
 
 /// The first page and the count of a bulk request; all pages must be on one host.

@@ -11,7 +11,7 @@ use bluebridge_proto::frame::{Endpoints, Frame, FrameSink};
 use bluebridge_proto::segment::{Reassembly, SegmentError};
 use bluebridge_proto::{
     BbRepr, HeaderFlags, HostId, MacAddr, NetPrefix, OpFlags, Opcode, PAGE_SIZE, RemoteAddr,
-    Status, UDP_PORT,
+    SESSION_SLOT_BITS, SESSION_SLOTS, Status, UDP_PORT,
 };
 
 use crate::error::ClientError;
@@ -152,7 +152,7 @@ pub struct Reply {
 /// A finished request.
 #[derive(Debug, Clone)]
 pub struct Completion {
-    /// Its id.
+    /// Its id (as [`Engine::submit`] returned it; not the request id on the wire).
     pub id: u64,
     /// The caller's tag.
     pub tag: u64,
@@ -215,6 +215,11 @@ enum Collect {
 
 struct Pending {
     req: Request,
+    /// The request id on the wire: the session slot in the low bits, that slot's sequence
+    /// above (`None` until a slot is free for it).
+    wire_id: Option<u64>,
+    /// Whether it waits in a send queue.
+    queued: bool,
     target: RemoteAddr,
     first_sent: Option<Instant>,
     deadline: Instant,
@@ -224,12 +229,29 @@ struct Pending {
     collect: Collect,
 }
 
+/// One session slot: the request using it (0: free) and the sequence its next use gets.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    ticket: u64,
+    seq: u64,
+}
+
 /// The engine.
+///
+/// Request ids on the wire follow the server's session slots (docs/protocol.md §8): a request
+/// takes a free slot of [`SESSION_SLOTS`] when it is first sent and keeps it until it completes
+/// or fails, and every use of a slot carries a higher sequence number, so a server can tell a
+/// retransmission from a new request exactly. At most [`SESSION_SLOTS`] requests are on the
+/// wire at once; more wait in order for a slot.
 pub struct Engine {
     cfg: EngineConfig,
     next_id: u64,
     pending: HashMap<u64, Pending>,
+    /// Requests to send the first time (they need a slot), and retransmissions (they have one).
     queue: VecDeque<u64>,
+    retx: VecDeque<u64>,
+    slots: Vec<Slot>,
+    free_slots: Vec<u16>,
     done: VecDeque<Completion>,
     stats: EngineStats,
     /// Smoothed round-trip time and its variation, from requests answered at the first try.
@@ -250,25 +272,30 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    /// An engine. Request ids start at a random value, so a restarted client on the same
-    /// address and port never collides with its predecessor's entries in a server's
-    /// duplicate table.
+    /// An engine. Slot sequences start at the wall clock in microseconds, so a restarted
+    /// client on the same address and port continues above its predecessor's (a slot is used
+    /// at most once per round trip, far less than once a microsecond) and its first requests
+    /// are new to the server, never taken for old retransmissions.
     pub fn new(cfg: EngineConfig) -> Self {
-        let mut seed = [0u8; 8];
-        // Falls back to the clock if the kernel has no randomness to give; collisions then are
-        // merely unlikely rather than negligible.
-        if getrandom::fill(&mut seed).is_err() {
-            seed = (std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_nanos() as u64)
-                .to_le_bytes();
-        }
+        let seq0 = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_micros() as u64
+            & (u64::MAX >> SESSION_SLOT_BITS);
         Engine {
             cfg,
-            next_id: u64::from_le_bytes(seed) >> 1 | 1,
+            next_id: 1,
             pending: HashMap::with_capacity(1024),
             queue: VecDeque::with_capacity(1024),
+            retx: VecDeque::with_capacity(SESSION_SLOTS),
+            slots: vec![
+                Slot {
+                    ticket: 0,
+                    seq: seq0
+                };
+                SESSION_SLOTS
+            ],
+            free_slots: (0..SESSION_SLOTS as u16).rev().collect(),
             done: VecDeque::with_capacity(1024),
             stats: EngineStats::default(),
             srtt: None,
@@ -309,8 +336,7 @@ impl Engine {
             .map(|(id, _)| *id)
             .collect();
         for id in gone {
-            let p = self.pending.remove(&id).expect("present");
-            self.queue.retain(|q| *q != id);
+            let p = self.finish(id);
             self.fail(
                 id,
                 p.req.tag,
@@ -320,6 +346,27 @@ impl Engine {
                 now,
             );
         }
+    }
+
+    /// Removes a finished request and frees its slot (its queue entries are skipped later).
+    fn finish(&mut self, id: u64) -> Pending {
+        let p = self.pending.remove(&id).expect("present");
+        if let Some(w) = p.wire_id {
+            let i = (w % SESSION_SLOTS as u64) as usize;
+            let slot = &mut self.slots[i];
+            debug_assert_eq!(slot.ticket, id);
+            slot.ticket = 0;
+            slot.seq += 1;
+            self.free_slots.push(i as u16);
+        }
+        p
+    }
+
+    /// The request a reply's wire id names, if it is still waiting.
+    fn ticket_of(&self, wire_id: u64) -> Option<u64> {
+        let slot = self.slots[(wire_id % SESSION_SLOTS as u64) as usize];
+        let p = self.pending.get(&slot.ticket)?;
+        (slot.ticket != 0 && p.wire_id == Some(wire_id)).then_some(slot.ticket)
     }
 
     /// The current retransmission timeout (before any backoff).
@@ -362,7 +409,7 @@ impl Engine {
     /// Queues a request; it leaves at the next [`Engine::transmit`]. Returns its id.
     pub fn submit(&mut self, req: Request, now: Instant) -> u64 {
         let id = self.next_id;
-        self.next_id = self.next_id.wrapping_add(1).max(1);
+        self.next_id += 1;
         self.stats.submitted += 1;
         let Some(target) = req.target else {
             self.fail(
@@ -418,6 +465,8 @@ impl Engine {
             id,
             Pending {
                 req,
+                wire_id: None,
+                queued: true,
                 target,
                 first_sent: None,
                 deadline: now,
@@ -478,17 +527,42 @@ impl Engine {
         });
     }
 
-    /// Sends queued requests (new ones and retransmissions) until the sink is full.
+    /// Sends queued requests (retransmissions first, then new ones while session slots are
+    /// free) until the sink is full.
     pub fn transmit(&mut self, now: Instant, sink: &mut impl FrameSink) {
         let rto = self.rto();
-        while let Some(&id) = self.queue.front() {
-            let Some(p) = self.pending.get_mut(&id) else {
-                self.queue.pop_front();
+        loop {
+            let (id, retry) = if let Some(&id) = self.retx.front() {
+                (id, true)
+            } else if let Some(&id) = self.queue.front() {
+                (id, false)
+            } else {
+                break;
+            };
+            let queue = if retry {
+                &mut self.retx
+            } else {
+                &mut self.queue
+            };
+            let Some(p) = self.pending.get_mut(&id).filter(|p| p.queued) else {
+                queue.pop_front(); // finished while queued
                 continue;
             };
-            let retry = p.tries > 0;
+            let wire_id = match p.wire_id {
+                Some(w) => w,
+                None => {
+                    let Some(slot) = self.free_slots.pop() else {
+                        break; // every slot is on the wire: wait for a completion
+                    };
+                    let s = &mut self.slots[usize::from(slot)];
+                    s.ticket = id;
+                    let w = s.seq << SESSION_SLOT_BITS | u64::from(slot);
+                    p.wire_id = Some(w);
+                    w
+                }
+            };
             let h = BbRepr {
-                flags: if retry {
+                flags: if p.tries > 0 {
                     p.req.flags | HeaderFlags::RETRY
                 } else {
                     p.req.flags
@@ -496,7 +570,7 @@ impl Engine {
                 status: Status::OK,
                 item: 0,
                 count: p.req.count,
-                request_id: id,
+                request_id: wire_id,
                 offset: p.req.offset,
                 length: p.req.length,
                 seg_max: self.cfg.seg_max,
@@ -515,8 +589,9 @@ impl Engine {
             if !sink.send(&ep, &h, &p.req.payload) {
                 break;
             }
-            self.queue.pop_front();
-            if retry {
+            queue.pop_front();
+            p.queued = false;
+            if p.tries > 0 {
                 self.stats.retransmits += 1;
             } else {
                 self.stats.sent += 1;
@@ -526,7 +601,7 @@ impl Engine {
             let backoff = 1u32 << (p.tries - 1).min(4);
             p.deadline = now + rto * backoff;
             if p.req.op == Opcode::WRITE_BLIND {
-                let p = self.pending.remove(&id).expect("present");
+                let p = self.finish(id);
                 self.done.push_back(Completion {
                     id,
                     tag: p.req.tag,
@@ -564,8 +639,7 @@ impl Engine {
         for id in expired {
             let p = self.pending.get_mut(&id).expect("present");
             if p.tries > self.cfg.retries {
-                let p = self.pending.remove(&id).expect("present");
-                self.queue.retain(|q| *q != id);
+                let p = self.finish(id);
                 let e = if p.moved {
                     ClientError::Moved
                 } else {
@@ -573,10 +647,11 @@ impl Engine {
                     ClientError::Timeout { tries: p.tries }
                 };
                 self.fail(id, p.req.tag, p.first_sent, p.tries, e, now);
-            } else if !self.queue.contains(&id) {
+            } else if !p.queued {
                 // Not sendable again until queued; the deadline moves when it is sent.
                 p.deadline = now + self.cfg.rto * 64;
-                self.queue.push_back(id);
+                p.queued = true;
+                self.retx.push_back(id);
             }
         }
     }
@@ -622,11 +697,11 @@ impl Engine {
             }
             return;
         }
-        let id = h.request_id;
-        let Some(p) = self.pending.get_mut(&id) else {
+        let Some(id) = self.ticket_of(h.request_id) else {
             self.stats.stray += 1;
             return;
         };
+        let p = self.pending.get_mut(&id).expect("ticket_of found it");
         if p.tries == 0 {
             // A reply to a request not yet (re)sent: an old duplicate of a reused id.
             self.stats.stray += 1;
@@ -721,14 +796,13 @@ impl Engine {
             }
         };
         let Some(result) = finished else { return };
-        let p = self.pending.remove(&id).expect("present");
+        let p = self.finish(id);
         let result = match result {
             Ok(r) if !r.header.status.is_ok() && p.req.op != Opcode::READ_BULK => {
                 Err(ClientError::from_status(r.header.status))
             }
             other => other,
         };
-        self.queue.retain(|q| *q != id);
         let latency = p
             .first_sent
             .map(|s| now.saturating_duration_since(s))

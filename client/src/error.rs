@@ -59,6 +59,10 @@ pub enum ClientError {
     /// UNREACHABLE: the switch answered for a host the controller took out of service.
     #[error("the page's host is down (withdrawn by the controller)")]
     Unreachable,
+    /// OTHER_SHARD: a bulk item named a page of another shard of the server than the
+    /// request's first page (the client's bulk calls split by shard, so this means a bug).
+    #[error("a bulk item's page is on another shard of the server")]
+    OtherShard,
     /// A status this client does not know.
     #[error("unknown status {0}")]
     UnknownStatus(u16),
@@ -97,6 +101,7 @@ impl ClientError {
             Status::BUSY => ClientError::Busy,
             Status::INTERNAL => ClientError::Internal,
             Status::UNREACHABLE => ClientError::Unreachable,
+            Status::OTHER_SHARD => ClientError::OtherShard,
             other => ClientError::UnknownStatus(other.0),
         }
     }

@@ -1,6 +1,8 @@
-//! Transports move the engine's frames. [`XdpTransport`] is the product: an AF_XDP socket on
-//! the client's interface behind our own steering program, sending to the configured next-hop
-//! MAC (no neighbour discovery, no kernel state per remote page).
+//! Transports move the engine's frames. [`XdpTransport`] is the product: AF_XDP sockets on
+//! the client's interface (one per queue) behind our own steering program, sending to the
+//! configured next-hop MAC (no neighbour discovery, no kernel state per remote page). A request
+//! for a page leaves on the queue of the page's shard (its handle's shard field), so on a link
+//! that keeps queue numbers (veth) it reaches the server worker that owns the page.
 
 use std::net::{Ipv6Addr, SocketAddrV6};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -10,7 +12,8 @@ use bluebridge_ebpf::{AttachMode, Steer, SteerCounters, SteerError};
 use bluebridge_proto::segment::{max_data_per_frame, max_frame_for_mtu};
 use bluebridge_xsk::{LinkError, Xsk, XskConfig, XskError, XskStats};
 
-use bluebridge_proto::{MacAddr, NetPrefix};
+use bluebridge_proto::frame::{Endpoints, FrameSink};
+use bluebridge_proto::{BbRepr, MacAddr, NetPrefix, PageHandle, SESSION_SLOT_BITS};
 
 use crate::engine::{Engine, EngineConfig};
 use crate::udp::UdpTransport;
@@ -106,9 +109,17 @@ pub enum ConnectError {
 
 impl Connect {
     /// Opens the transport and returns it with an engine configuration that matches it (local
-    /// port, MACs, page bytes per frame); timeouts are left at their defaults.
+    /// port, MACs, page bytes per frame); timeouts are left at their defaults. AF_XDP opens a
+    /// socket on every RX queue of the interface and sends each request on its page's shard's.
     pub fn open(&self) -> Result<(AnyTransport, EngineConfig), ConnectError> {
-        self.open_on(0, None)
+        match self.kind {
+            TransportKind::Xdp => {
+                let n =
+                    bluebridge_xsk::rx_queue_count(&self.ifname).map_err(TransportError::from)?;
+                self.open_xdp((0..n.max(1)).collect(), None)
+            }
+            TransportKind::Udp => self.open_on(0, None),
+        }
     }
 
     /// Like [`Connect::open`], on RX queue `queue`. An AF_XDP transport joins `shared` (the
@@ -121,20 +132,7 @@ impl Connect {
         shared: Option<&SharedSteer>,
     ) -> Result<(AnyTransport, EngineConfig), ConnectError> {
         match self.kind {
-            TransportKind::Xdp => {
-                let next_hop = self.next_hop_mac.ok_or(ConnectError::NoNextHop)?;
-                let mut xc = XdpConfig::new(&self.ifname, self.local);
-                xc.multi_buffer = !self.segments;
-                xc.queue = queue;
-                let t = match shared {
-                    Some(steer) => XdpTransport::open_with(&xc, steer.clone())?,
-                    None => XdpTransport::open(&xc)?,
-                };
-                let mut ec = EngineConfig::new(self.prefix, self.local, MacAddr(t.mac()), next_hop);
-                ec.seg_max = t.frame_data();
-                ec.max_request_data = t.frame_data();
-                Ok((AnyTransport::Xdp(Box::new(t)), ec))
-            }
+            TransportKind::Xdp => self.open_xdp(vec![queue], shared),
             TransportKind::Udp => {
                 let mtu = bluebridge_xsk::link_mtu(&self.ifname).map_err(TransportError::from)?;
                 let data =
@@ -160,6 +158,27 @@ impl Connect {
                 Ok((AnyTransport::Udp(Box::new(t)), ec))
             }
         }
+    }
+}
+
+impl Connect {
+    fn open_xdp(
+        &self,
+        queues: Vec<u32>,
+        shared: Option<&SharedSteer>,
+    ) -> Result<(AnyTransport, EngineConfig), ConnectError> {
+        let next_hop = self.next_hop_mac.ok_or(ConnectError::NoNextHop)?;
+        let mut xc = XdpConfig::new(&self.ifname, self.local);
+        xc.multi_buffer = !self.segments;
+        xc.queues = queues;
+        let t = match shared {
+            Some(steer) => XdpTransport::open_with(&xc, steer.clone())?,
+            None => XdpTransport::open(&xc)?,
+        };
+        let mut ec = EngineConfig::new(self.prefix, self.local, MacAddr(t.mac()), next_hop);
+        ec.seg_max = t.frame_data();
+        ec.max_request_data = t.frame_data();
+        Ok((AnyTransport::Xdp(Box::new(t)), ec))
     }
 }
 
@@ -207,9 +226,13 @@ impl NetArgs {
         }
     }
 
-    /// Opens the transport; the engine configuration carries the timeout and retry budget.
+    /// Opens the transport (AF_XDP: a socket on every queue); the engine configuration
+    /// carries the timeout and retry budget.
     pub fn open(&self) -> Result<(AnyTransport, EngineConfig), ConnectError> {
-        self.open_on(0, None)
+        let (t, mut ec) = self.connect().open()?;
+        ec.rto = std::time::Duration::from_micros(self.rto_us);
+        ec.retries = self.retries;
+        Ok((t, ec))
     }
 
     /// Opens on RX queue `queue`, joining a shared steering program (see [`Connect::open_on`]).
@@ -230,8 +253,9 @@ impl AnyTransport {
     pub fn describe(&self) -> String {
         match self {
             AnyTransport::Xdp(t) => format!(
-                "XDP {:?} | MTU {} | {}",
+                "XDP {:?} | {} queue(s) | MTU {} | {}",
                 t.attach_mode(),
+                t.queues().len(),
                 t.mtu(),
                 if t.multi_buffer() {
                     "one frame per page".to_owned()
@@ -271,8 +295,9 @@ pub enum TransportError {
 pub struct XdpConfig {
     /// Interface.
     pub ifname: String,
-    /// RX queue.
-    pub queue: u32,
+    /// RX queues, a socket on each (requests for a page of shard `s` leave on the `s`-th,
+    /// modulo their number).
+    pub queues: Vec<u32>,
     /// This client's address: the steering program sends frames to it into the socket.
     pub local: Ipv6Addr,
     /// One frame per page where the MTU allows (multi-buffer), else segments.
@@ -288,7 +313,7 @@ impl XdpConfig {
     pub fn new(ifname: &str, local: Ipv6Addr) -> Self {
         XdpConfig {
             ifname: ifname.into(),
-            queue: 0,
+            queues: vec![0],
             local,
             multi_buffer: true,
             frames: 4096,
@@ -304,7 +329,8 @@ pub type SharedSteer = Arc<Mutex<Steer>>;
 /// The AF_XDP transport.
 #[derive(Debug)]
 pub struct XdpTransport {
-    xsk: Xsk,
+    xsks: Vec<Xsk>,
+    queues: Vec<u32>,
     steer: SharedSteer,
     mtu: u16,
     mac: [u8; 6],
@@ -321,8 +347,8 @@ impl XdpTransport {
         Self::open_with(cfg, Arc::new(Mutex::new(steer)))
     }
 
-    /// Opens the socket on `cfg.queue` and registers it with `steer`, a program already steering
-    /// `cfg.local` on this interface (another transport's [`XdpTransport::steer`]).
+    /// Opens a socket on each of `cfg.queues` and registers it with `steer`, a program already
+    /// steering `cfg.local` on this interface (another transport's [`XdpTransport::steer`]).
     pub fn open_with(cfg: &XdpConfig, steer: SharedSteer) -> Result<Self, TransportError> {
         let mtu = bluebridge_xsk::link_mtu(&cfg.ifname)?;
         if mtu < bluebridge_proto::MIN_MTU {
@@ -333,25 +359,31 @@ impl XdpTransport {
         }
         let mac = bluebridge_xsk::link_mac(&cfg.ifname)?;
         let multi_buffer = cfg.multi_buffer && mtu >= bluebridge_proto::PAGE_MTU;
-        let xsk = Xsk::new(&XskConfig {
-            ifname: cfg.ifname.clone(),
-            queue: cfg.queue,
-            frames: cfg.frames,
-            multi_buffer,
-            hugepages: true,
-        })?;
-        steer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .set_socket(cfg.queue, xsk.fd())?;
+        let mut xsks = Vec::with_capacity(cfg.queues.len());
+        for &queue in &cfg.queues {
+            let xsk = Xsk::new(&XskConfig {
+                ifname: cfg.ifname.clone(),
+                queue,
+                frames: cfg.frames,
+                multi_buffer,
+                hugepages: true,
+            })?;
+            steer
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .set_socket(queue, xsk.fd())?;
+            xsks.push(xsk);
+        }
+        let chunk = xsks.first().map_or(usize::MAX, Xsk::chunk_len);
         let max_frame = if multi_buffer {
             max_frame_for_mtu(mtu)
         } else {
-            max_frame_for_mtu(mtu).min(xsk.chunk_len())
+            max_frame_for_mtu(mtu).min(chunk)
         };
         let frame_data = max_data_per_frame(max_frame).expect("MTU checked above");
         Ok(XdpTransport {
-            xsk,
+            xsks,
+            queues: cfg.queues.clone(),
             steer,
             mtu,
             mac,
@@ -376,7 +408,12 @@ impl XdpTransport {
 
     /// Whether whole pages travel in one (multi-buffer) frame.
     pub fn multi_buffer(&self) -> bool {
-        self.xsk.multi_buffer()
+        self.xsks[0].multi_buffer()
+    }
+
+    /// The RX queues it has a socket on.
+    pub fn queues(&self) -> &[u32] {
+        &self.queues
     }
 
     /// How the program is attached.
@@ -393,26 +430,45 @@ impl XdpTransport {
         self.steer.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Socket counters.
+    /// Socket counters, summed over the queues.
     pub fn xsk_stats(&self) -> XskStats {
-        self.xsk.stats()
+        let mut t = XskStats::default();
+        for s in self.xsks.iter().map(Xsk::stats) {
+            t.rx_frames += s.rx_frames;
+            t.rx_chains += s.rx_chains;
+            t.tx_frames += s.tx_frames;
+            t.tx_dropped += s.tx_dropped;
+            t.tx_kicks += s.tx_kicks;
+            t.rx_oversize += s.rx_oversize;
+            t.fill_deferred += s.fill_deferred;
+        }
+        t
     }
 
-    /// Sends one frame as given (for diagnostics and tests: malformed or foreign frames).
-    /// Returns false if no TX frame was free.
+    /// Sends one frame as given on the first queue (for diagnostics and tests: malformed or
+    /// foreign frames). Returns false if no TX frame was free.
     pub fn send_raw(&mut self, frame: &[u8]) -> bool {
-        let ok = self
-            .xsk
+        self.send_raw_on(0, frame)
+    }
+
+    /// Like [`XdpTransport::send_raw`], on the `i`-th of [`XdpTransport::queues`].
+    pub fn send_raw_on(&mut self, i: usize, frame: &[u8]) -> bool {
+        let xsk = &mut self.xsks[i];
+        let ok = xsk
             .tx()
             .send_with(frame.len(), |b| b.copy_from_slice(frame));
-        self.xsk.flush();
+        xsk.flush();
         ok
     }
 
-    /// Receives frames without the engine (for diagnostics and tests); returns how many.
+    /// Receives frames on every queue without the engine (for diagnostics and tests); returns
+    /// how many.
     pub fn recv_raw(&mut self, mut f: impl FnMut(&[u8])) -> usize {
-        let n = self.xsk.recv(|frame, _| f(frame));
-        self.xsk.flush();
+        let mut n = 0;
+        for xsk in &mut self.xsks {
+            n += xsk.recv(|frame, _| f(frame));
+            xsk.flush();
+        }
         n
     }
 
@@ -422,16 +478,56 @@ impl XdpTransport {
     }
 }
 
+/// Sends each frame on the socket of its page's shard.
+struct ShardedTx<'a> {
+    xsks: &'a mut [Xsk],
+}
+
+impl FrameSink for ShardedTx<'_> {
+    fn send(&mut self, ep: &Endpoints, header: &BbRepr, payload: &[u8]) -> bool {
+        let n = self.xsks.len();
+        let i = if n == 1 {
+            0
+        } else {
+            queue_for(ep.dst, header.request_id, n)
+        };
+        self.xsks[i].tx().send(ep, header, payload)
+    }
+}
+
+/// The index (of `n` queues) a request to `dst` leaves on: its page's shard, or for a host
+/// operation (no page) one picked by its request id, which a retransmission keeps (so it
+/// reaches the same shard, whose session recognises it).
+pub fn queue_for(dst: Ipv6Addr, request_id: u64, n: usize) -> usize {
+    let o = dst.octets();
+    let handle = PageHandle::from_bits(u64::from_be_bytes(o[6..14].try_into().expect("8 bytes")));
+    // Slot and sequence both: a client making one call at a time reuses one slot, and its
+    // sequence walks the queues.
+    handle
+        .shard(n)
+        .unwrap_or(((request_id ^ request_id >> SESSION_SLOT_BITS) % n as u64) as usize)
+}
+
 impl Transport for XdpTransport {
     fn transmit(&mut self, engine: &mut Engine, now: Instant) {
-        engine.transmit(now, &mut self.xsk.tx());
-        self.xsk.flush();
+        engine.transmit(
+            now,
+            &mut ShardedTx {
+                xsks: &mut self.xsks,
+            },
+        );
+        for xsk in &mut self.xsks {
+            xsk.flush();
+        }
     }
 
     fn receive(&mut self, engine: &mut Engine, now: Instant) -> usize {
-        let n = self.xsk.recv(|frame, _| engine.handle_frame(frame, now));
-        if self.xsk.tx_in_flight() > 0 {
-            self.xsk.flush();
+        let mut n = 0;
+        for xsk in &mut self.xsks {
+            n += xsk.recv(|frame, _| engine.handle_frame(frame, now));
+            if xsk.tx_in_flight() > 0 {
+                xsk.flush();
+            }
         }
         n
     }

@@ -16,7 +16,7 @@ use core::str::FromStr;
 
 use crate::codes::{OpFlags, Opcode};
 
-mod field {
+pub(crate) mod field {
     use core::ops::Range;
     pub(crate) const PREFIX: Range<usize> = 0..4;
     pub(crate) const HOST: Range<usize> = 4..6;
@@ -184,6 +184,13 @@ impl fmt::Display for HostId {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct PageHandle(u64);
 
+/// Where a handle's shard field starts (it takes the top 8 bits).
+const SHARD_SHIFT: u32 = 56;
+/// The opaque bits under the shard field.
+pub const SHARD_BITS_MASK: u64 = (1 << SHARD_SHIFT) - 1;
+/// The most shards a server may have (the shard field is 1 + the shard index, in a byte).
+pub const MAX_SHARDS: usize = 255;
+
 impl PageHandle {
     /// The handle of no page.
     pub const NONE: PageHandle = PageHandle(0);
@@ -201,6 +208,28 @@ impl PageHandle {
     /// Whether this is [`PageHandle::NONE`].
     pub const fn is_none(self) -> bool {
         self.0 == 0
+    }
+
+    /// The handle's shard field, in the clear in its top 8 bits (address byte 6): 1 + the
+    /// index of the server shard (worker) that owns the page, or 0 for no shard (handle 0).
+    /// Everything below it is opaque.
+    pub const fn shard_field(self) -> u8 {
+        (self.0 >> SHARD_SHIFT) as u8
+    }
+
+    /// The shard, of `shards`, that owns the page this handle names: `None` for a handle
+    /// with no shard field (handle 0: host operations, served by whichever shard receives
+    /// them). A field past `shards` wraps, so every handle has exactly one owner.
+    pub const fn shard(self, shards: usize) -> Option<usize> {
+        match self.shard_field() {
+            0 => None,
+            f => Some((f as usize - 1) % if shards == 0 { 1 } else { shards }),
+        }
+    }
+
+    /// `bits` (at most 56 of them) under the shard field of shard `index`.
+    pub const fn with_shard(index: u8, bits: u64) -> Self {
+        PageHandle(((index as u64 + 1) << SHARD_SHIFT) | (bits & SHARD_BITS_MASK))
     }
 }
 

@@ -216,6 +216,9 @@ wire_code! {
         /// No live server holds this address: the controller withdrew its host after failed
         /// health checks. Sent by the switch, not by a server.
         UNREACHABLE = 17,
+        /// A bulk item's handle belongs to another shard of the server than the request's
+        /// first page: send it in a bulk request of its own (docs/protocol.md §5.16).
+        OTHER_SHARD = 18,
     }
 }
 

@@ -53,6 +53,28 @@ pub enum FrameError {
     PayloadTooLarge(usize),
 }
 
+/// The shard (of `shards`) that must serve the request in `buf`, read from the raw frame
+/// without parsing or checking it: the shard field of the destination's page handle, or for
+/// MIGRATE_IN (a host operation) that of the migrating page's original handle in the `lease`
+/// field. `None` for host operations and for anything too short to say: whichever shard
+/// receives those serves them (and drops what is malformed). A worker calls this for every
+/// frame it receives, so it costs a few loads.
+pub fn request_shard(buf: &[u8], shards: usize) -> Option<usize> {
+    let dst = ethernet::HEADER_LEN + ipv6::field::DST.start;
+    let handle =
+        buf.get(dst + crate::addr::field::HANDLE.start..dst + crate::addr::field::HANDLE.end)?;
+    let handle = crate::PageHandle::from_bits(u64::from_be_bytes(handle.try_into().ok()?));
+    if !handle.is_none() {
+        return handle.shard(shards);
+    }
+    if buf.get(dst + crate::addr::field::OPCODE) != Some(&crate::Opcode::MIGRATE_IN.0) {
+        return None;
+    }
+    let lease = ethernet::HEADER_LEN + ipv6::HEADER_LEN + udp::HEADER_LEN + header::field::LEASE;
+    let original = buf.get(lease..lease + 8)?;
+    crate::PageHandle::from_bits(u64::from_be_bytes(original.try_into().ok()?)).shard(shards)
+}
+
 /// Everything below the BlueBridge header: who talks to whom.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Endpoints {

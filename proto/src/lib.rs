@@ -47,3 +47,9 @@ pub const MIN_SEG_MAX: u16 = 512;
 pub const MIN_MTU: u16 = 1280;
 /// The smallest MTU at which one frame carries a whole page.
 pub const PAGE_MTU: u16 = (FRAME_OVERHEAD - wire::ethernet::HEADER_LEN + PAGE_SIZE) as u16;
+/// Bits of a request id that name the client's session slot (docs/protocol.md §8): the low
+/// 7 bits; the rest is a sequence number the client raises each time it reuses the slot.
+pub const SESSION_SLOT_BITS: u32 = 7;
+/// Slots of a client session: the most non-idempotent requests one client endpoint (address
+/// and port) has outstanding at a server shard at once.
+pub const SESSION_SLOTS: usize = 1 << SESSION_SLOT_BITS;

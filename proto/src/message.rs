@@ -456,11 +456,19 @@ pub struct StatRecord {
     pub leases_held: u64,
     /// Milliseconds since the server started.
     pub uptime_ms: u64,
+    /// Shards (workers each owning a part of the pages) the server runs; 0 from a server
+    /// that does not say.
+    pub shards: u64,
+    /// Frames a shard received for another shard's page and handed to it.
+    pub handoffs: u64,
 }
 
 impl StatRecord {
-    /// Length of the record.
-    pub const LEN: usize = 64;
+    /// Length of the record a server sends.
+    pub const LEN: usize = 80;
+    /// Length of the oldest record (the first eight fields); later fields read as 0 when
+    /// absent.
+    pub const MIN_LEN: usize = 64;
 
     /// Writes the record into `buf` (at least [`StatRecord::LEN`] bytes).
     pub fn emit(&self, buf: &mut [u8]) {
@@ -473,16 +481,18 @@ impl StatRecord {
             self.malformed,
             self.leases_held,
             self.uptime_ms,
+            self.shards,
+            self.handoffs,
         ];
         for (i, v) in f.into_iter().enumerate() {
             put64(buf, i * 8, v);
         }
     }
 
-    /// Reads a record; `None` if the payload is shorter than [`StatRecord::LEN`].
+    /// Reads a record; `None` if the payload is shorter than [`StatRecord::MIN_LEN`].
     pub fn parse(buf: &[u8]) -> Option<Self> {
-        let b = buf.get(..Self::LEN)?;
-        let g = |i: usize| be64(b, i * 8);
+        buf.get(..Self::MIN_LEN)?;
+        let g = |i: usize| buf.get(i * 8..i * 8 + 8).map_or(0, |_| be64(buf, i * 8));
         Some(StatRecord {
             pages_total: g(0),
             pages_used: g(1),
@@ -492,6 +502,8 @@ impl StatRecord {
             malformed: g(5),
             leases_held: g(6),
             uptime_ms: g(7),
+            shards: g(8),
+            handoffs: g(9),
         })
     }
 }
@@ -854,11 +866,16 @@ mod tests {
             malformed: 6,
             leases_held: 7,
             uptime_ms: 8,
+            shards: 9,
+            handoffs: 10,
         };
         let mut b = [0u8; StatRecord::LEN + 8];
         s.emit(&mut b);
         assert_eq!(&b[..16], &[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 2]);
         assert_eq!(StatRecord::parse(&b), Some(s));
+        // An older server's record: the fields it does not have read as 0.
+        let old = StatRecord::parse(&b[..StatRecord::MIN_LEN]).unwrap();
+        assert_eq!((old.uptime_ms, old.shards, old.handoffs), (8, 0, 0));
         assert_eq!(StatRecord::parse(&b[..63]), None);
         let mut st = [0u8; 4];
         assert_eq!(

@@ -67,8 +67,12 @@ fn client(i: u8) -> (std::net::Ipv6Addr, u16) {
 /// Runs the interpreter over `data`; panics when an invariant breaks.
 pub fn check_requests(data: &[u8]) {
     let mut cfg = HandlerConfig::new(NetPrefix::DEFAULT, HOST, 1184 + 8 * 64);
-    cfg.dedup_capacity = 16;
-    cfg.dedup_bulk_capacity = 2;
+    cfg.sessions = crate::session::SessionConfig {
+        sessions: 2,
+        idle_ms: 50,
+        bulk_payloads: 2,
+        bulk_per_session: 1,
+    };
     cfg.lease_capacity = 4;
     let store = Store::new(2 << 20, false).expect("a 2 MiB store");
     let total = store.pages_total();
@@ -125,7 +129,10 @@ pub fn check_requests(data: &[u8]) {
             let hdr = BbRepr {
                 flags: HeaderFlags(c.u8() & 0x0f),
                 count,
-                request_id: u64::from(c.u8() % 8),
+                // Eight slots; their sequence advances every 16 steps, so ids are new,
+                // retransmitted and stale in turn.
+                request_id: u64::from(c.u8() % 8)
+                    | (steps as u64 / 16) << bluebridge_proto::SESSION_SLOT_BITS,
                 offset,
                 length,
                 seg_max: [0, 512, 1184, c.u16()][usize::from(c.u8() % 4)],

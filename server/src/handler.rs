@@ -4,6 +4,7 @@
 //! migrated here grows with migrations, which the controller drives, not clients).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use bluebridge_proto::frame::{Endpoints, Envelope, Frame, FrameError, FrameSink};
 use bluebridge_proto::message::{
@@ -15,14 +16,14 @@ use bluebridge_proto::{
 };
 
 use crate::access::{Access, ClientPrefix};
-use crate::dedup::{BULK_PAYLOAD_MAX, Dedup, DedupKey, StoredReply};
 use crate::lease::{ClientKey, Leases};
-use crate::stats::Stats;
+use crate::session::{BULK_PAYLOAD_MAX, Lookup, SessionConfig, Sessions, StoredReply};
+use crate::stats::{HostCounters, ShardCounters, Stats};
 use crate::store::{PageIdx, Store};
 
 /// Sends one reply and counts it.
 fn send(
-    stats: &mut Stats,
+    stats: &ShardCounters,
     sink: &mut impl FrameSink,
     ep: &Endpoints,
     h: &BbRepr,
@@ -31,7 +32,7 @@ fn send(
     stats.count_reply(h.status);
     let ok = sink.send(ep, h, payload);
     if !ok {
-        stats.tx_dropped += 1;
+        stats.tx_dropped.inc();
     }
     ok
 }
@@ -45,10 +46,10 @@ pub struct HandlerConfig {
     pub host: HostId,
     /// Most page bytes one reply frame carries (from the MTU and framing mode).
     pub max_reply_data: u16,
-    /// Replies remembered for at-most-once execution.
-    pub dedup_capacity: usize,
-    /// Of those, bulk replies with payloads.
-    pub dedup_bulk_capacity: usize,
+    /// Shards of the server (this handler is the one its store belongs to).
+    pub shards: usize,
+    /// The session table for at-most-once execution.
+    pub sessions: SessionConfig,
     /// Leases that may be held at once (≤ 65535).
     pub lease_capacity: u16,
     /// Lease time when a client asks for none, ms.
@@ -68,8 +69,8 @@ impl HandlerConfig {
             prefix,
             host,
             max_reply_data,
-            dedup_capacity: 1 << 17,
-            dedup_bulk_capacity: 1 << 12,
+            shards: 1,
+            sessions: SessionConfig::DEFAULT,
             lease_capacity: u16::MAX,
             lease_default_ms: 1_000,
             lease_max_ms: 60_000,
@@ -104,15 +105,17 @@ impl Outcome {
     }
 }
 
-/// The request handler: store, leases, duplicate table, counters.
+/// The request handler of one shard: its store, leases, sessions, owners and counters. Only its
+/// worker's thread touches it.
 #[derive(Debug)]
 pub struct Handler {
     cfg: HandlerConfig,
+    shard: usize,
     store: Store,
     leases: Leases,
-    dedup: Dedup,
+    sessions: Sessions,
     access: Access,
-    stats: Stats,
+    counters: Arc<HostCounters>,
     scratch: [u8; BULK_PAYLOAD_MAX],
     /// Pages migrated here from other hosts: (original host, original handle) → local handle.
     adopted: HashMap<(u16, u64), PageHandle>,
@@ -121,24 +124,55 @@ pub struct Handler {
 }
 
 impl Handler {
-    /// A handler over `store`.
+    /// A handler over `store`, counting into counters of its own.
     pub fn new(cfg: HandlerConfig, store: Store) -> Self {
+        let counters = Arc::new(HostCounters::new(cfg.shards.max(store.shard() + 1)));
+        Self::with_counters(cfg, store, counters)
+    }
+
+    /// The handler of `store`'s shard, counting into that shard's entry of `counters` (which
+    /// the STAT reply sums over every shard).
+    pub fn with_counters(cfg: HandlerConfig, store: Store, counters: Arc<HostCounters>) -> Self {
+        let shard = store.shard();
+        assert!(shard < counters.len(), "counters for shard {shard}");
+        let c = counters.shard(shard);
+        c.pages_total.set(u64::from(store.pages_total()));
+        c.pages_used.set(u64::from(store.pages_used()));
         Handler {
             leases: Leases::new(cfg.lease_capacity, cfg.lease_default_ms, cfg.lease_max_ms),
-            dedup: Dedup::new(cfg.dedup_capacity, cfg.dedup_bulk_capacity),
+            sessions: Sessions::new(cfg.sessions),
             access: Access::new(cfg.allowed_clients.clone(), cfg.max_owners),
+            shard,
             cfg,
             store,
-            stats: Stats::default(),
+            counters,
             scratch: [0; BULK_PAYLOAD_MAX],
             adopted: HashMap::new(),
             addressed: HostId(0),
         }
     }
 
-    /// The counters.
-    pub fn stats(&self) -> &Stats {
-        &self.stats
+    /// This shard's counters.
+    fn c(&self) -> &ShardCounters {
+        self.counters.shard(self.shard)
+    }
+
+    /// A snapshot of this shard's counters.
+    pub fn stats(&self) -> Stats {
+        self.c().snapshot()
+    }
+
+    /// The shard this handler serves.
+    pub fn shard(&self) -> usize {
+        self.shard
+    }
+
+    /// Whether `handle` belongs to another shard of this server (a bulk item that must be
+    /// sent in a request of its own).
+    fn other_shard(&self, handle: PageHandle) -> bool {
+        handle
+            .shard(self.cfg.shards)
+            .is_some_and(|s| s != self.shard)
     }
 
     /// The store.
@@ -148,20 +182,27 @@ impl Handler {
 
     /// Bytes of server memory besides the arena: page metadata, leases, duplicate table.
     pub fn overhead_bytes(&self) -> usize {
-        self.store.meta_bytes() + self.leases.bytes() + self.dedup.bytes() + self.access.bytes()
+        self.store.meta_bytes()
+            + self.leases.bytes()
+            + self.sessions.bytes()
+            + self.access.bytes()
+            + size_of::<Self>()
     }
 
-    /// The STAT record as of `now_ns`.
+    /// The STAT record of the whole server (every shard's counters summed) as of `now_ns`.
     pub fn stat_record(&self, now_ns: u64) -> StatRecord {
+        let t = self.counters.total();
         StatRecord {
-            pages_total: u64::from(self.store.pages_total()),
-            pages_used: u64::from(self.store.pages_used()),
-            requests: self.stats.requests,
-            errors: self.stats.errors(),
-            duplicates: self.stats.duplicates,
-            malformed: self.stats.malformed_total(),
-            leases_held: self.leases.held(now_ns),
+            pages_total: t.pages_total,
+            pages_used: t.pages_used,
+            requests: t.requests,
+            errors: t.errors(),
+            duplicates: t.duplicates,
+            malformed: t.malformed_total(),
+            leases_held: t.leases_held,
             uptime_ms: now_ns / 1_000_000,
+            shards: self.counters.len() as u64,
+            handoffs: t.handoffs,
         }
     }
 
@@ -170,13 +211,12 @@ impl Handler {
         match Frame::parse(buf) {
             Ok(f) => self.handle_message(&f, now_ns, sink),
             Err(FrameError::UnsupportedVersion(v)) => {
-                self.stats
-                    .count_malformed(FrameError::UnsupportedVersion(v));
+                self.c().count_malformed(FrameError::UnsupportedVersion(v));
                 if let Ok(env) = Envelope::parse(buf) {
                     self.reject_version(&env, sink);
                 }
             }
-            Err(e) => self.stats.count_malformed(e),
+            Err(e) => self.c().count_malformed(e),
         }
     }
 
@@ -192,8 +232,7 @@ impl Handler {
         match Frame::from_message(ep, data) {
             Ok(f) => self.handle_message(&f, now_ns, sink),
             Err(FrameError::UnsupportedVersion(v)) => {
-                self.stats
-                    .count_malformed(FrameError::UnsupportedVersion(v));
+                self.c().count_malformed(FrameError::UnsupportedVersion(v));
                 let env = Envelope {
                     endpoints: ep,
                     hop_limit: 64,
@@ -201,7 +240,7 @@ impl Handler {
                 };
                 self.reject_version(&env, sink);
             }
-            Err(e) => self.stats.count_malformed(e),
+            Err(e) => self.c().count_malformed(e),
         }
     }
 
@@ -225,7 +264,7 @@ impl Handler {
             ..BbRepr::default()
         };
         send(
-            &mut self.stats,
+            self.counters.shard(self.shard),
             sink,
             &env.endpoints.reply_from(from.to_ipv6()),
             &h,
@@ -288,23 +327,23 @@ impl Handler {
         // First: is it ours? Nothing — not even an error — is answered for another host's
         // address, or a reply would claim to come from that host.
         let Some(from) = self.answering_address(f.endpoints.dst) else {
-            self.stats.dropped_not_for_us += 1;
+            self.c().dropped_not_for_us.inc();
             return;
         };
         let req = match Request::parse(f, self.cfg.prefix) {
             Ok(r) => r,
             Err(e) => {
                 match e.status() {
-                    None => self.stats.dropped_not_for_us += 1,
+                    None => self.c().dropped_not_for_us.inc(),
                     Some(st) => {
-                        self.stats.requests += 1;
+                        self.c().requests.inc();
                         if from.opcode() == Opcode::WRITE_BLIND {
-                            self.stats.count_reply(st); // counted, never answered
+                            self.c().count_reply(st); // counted, never answered
                             return;
                         }
                         let h = Self::reply_header(&f.header, st);
                         send(
-                            &mut self.stats,
+                            self.counters.shard(self.shard),
                             sink,
                             &f.endpoints.reply_from(from.to_ipv6()),
                             &h,
@@ -316,8 +355,8 @@ impl Handler {
             }
         };
         let op = req.op();
-        self.stats.requests += 1;
-        self.stats.ops[usize::from(op.0)] += 1;
+        self.c().requests.inc();
+        self.c().ops[usize::from(op.0)].inc();
         self.addressed = if req.target.host_id().is_any() {
             self.cfg.host
         } else {
@@ -329,11 +368,11 @@ impl Handler {
         };
         if !self.access.client_allowed(req.endpoints.src) {
             if op == Opcode::WRITE_BLIND {
-                self.stats.count_reply(Status::FORBIDDEN);
+                self.c().count_reply(Status::FORBIDDEN);
             } else {
                 let h = Self::reply_header(&req.header, Status::FORBIDDEN);
                 send(
-                    &mut self.stats,
+                    self.counters.shard(self.shard),
                     sink,
                     &req.endpoints.reply_from(from.to_ipv6()),
                     &h,
@@ -345,45 +384,63 @@ impl Handler {
 
         if op.is_idempotent() {
             self.idempotent(&req, who, now_ns, sink);
-            return;
+        } else if op == Opcode::UPDATE_ACQUIRE {
+            self.acquire(&req, who, now_ns, sink);
+        } else {
+            self.at_most_once(&req, who, now_ns, sink);
         }
-        let key = DedupKey {
-            client: who,
-            request_id: req.header.request_id,
+        let c = self.c();
+        c.pages_used.set(u64::from(self.store.pages_used()));
+        c.leases_held.set(self.leases.in_use());
+    }
+
+    /// A non-idempotent request other than UPDATE_ACQUIRE: run once, its reply kept in the
+    /// client's session slot for retransmissions.
+    fn at_most_once(
+        &mut self,
+        req: &Request<'_>,
+        who: ClientKey,
+        now_ns: u64,
+        sink: &mut impl FrameSink,
+    ) {
+        let op = req.op();
+        let bulk = matches!(op, Opcode::ALLOC_BULK | Opcode::FREE_BULK);
+        let at = match self
+            .sessions
+            .lookup(who, req.header.request_id, bulk, now_ns)
+        {
+            Lookup::New(at) => at,
+            Lookup::Duplicate(stored, payload) => {
+                self.counters.shard(self.shard).duplicates.inc();
+                let n = payload.len();
+                self.scratch[..n].copy_from_slice(payload);
+                let o = Outcome {
+                    status: stored.status,
+                    handle: stored.handle,
+                    lease: stored.lease,
+                    operand0: stored.operand0,
+                    count: stored.count,
+                    payload_len: n,
+                };
+                return self.reply_outcome(req, op, o, sink);
+            }
+            Lookup::Stale => return self.c().stale.inc(),
+            Lookup::Busy => {
+                let base = Self::reply_header(&req.header, Status::OK);
+                return self.reply_status(req, req.target, base, Status::BUSY, sink);
+            }
         };
-        if op == Opcode::UPDATE_ACQUIRE {
-            self.acquire(&req, key, now_ns, sink);
-            return;
-        }
-        if let Some((stored, payload)) = self.dedup.get(&key) {
-            self.stats.duplicates += 1;
-            let n = payload.len();
-            self.scratch[..n].copy_from_slice(payload);
-            let o = Outcome {
-                status: stored.status,
-                handle: stored.handle,
-                lease: stored.lease,
-                operand0: stored.operand0,
-                count: stored.count,
-                payload_len: n,
-            };
-            self.reply_outcome(&req, op, o, sink);
-            return;
-        }
-        let o = self.execute(&req, who, now_ns);
-        self.dedup.insert(
-            key,
-            StoredReply {
-                status: o.status,
-                handle: o.handle,
-                lease: o.lease,
-                operand0: o.operand0,
-                count: o.count,
-                has_payload: false,
-            },
-            &self.scratch[..o.payload_len],
-        );
-        self.reply_outcome(&req, op, o, sink);
+        let o = self.execute(req, who, now_ns);
+        let stored = StoredReply {
+            status: o.status,
+            handle: o.handle,
+            lease: o.lease,
+            operand0: o.operand0,
+            count: o.count,
+        };
+        self.sessions
+            .record(at, stored, &self.scratch[..o.payload_len]);
+        self.reply_outcome(req, op, o, sink);
     }
 
     fn reply_outcome(
@@ -414,7 +471,7 @@ impl Handler {
             } else {
                 &self.scratch[..o.payload_len]
             };
-        send(&mut self.stats, sink, &ep, &h, payload);
+        send(self.counters.shard(self.shard), sink, &ep, &h, payload);
     }
 
     /// Sends the frames of a page range (READ, READ_BULK items, UPDATE_ACQUIRE) with header `h`
@@ -432,7 +489,7 @@ impl Handler {
         if length == 0 {
             h.offset = offset;
             h.length = 0;
-            return send(&mut self.stats, sink, &ep, &h, &[]);
+            return send(self.counters.shard(self.shard), sink, &ep, &h, &[]);
         }
         let max = match req.header.seg_max {
             0 => self.cfg.max_reply_data,
@@ -443,7 +500,7 @@ impl Handler {
             h.offset = o;
             h.length = l;
             let data = &page[usize::from(o)..usize::from(o) + usize::from(l)];
-            if !send(&mut self.stats, sink, &ep, &h, data) {
+            if !send(self.counters.shard(self.shard), sink, &ep, &h, data) {
                 return false;
             }
         }
@@ -466,7 +523,7 @@ impl Handler {
             ..h
         };
         send(
-            &mut self.stats,
+            self.counters.shard(self.shard),
             sink,
             &req.endpoints.reply_from(src.to_ipv6()),
             &h,
@@ -493,7 +550,7 @@ impl Handler {
                     ..base
                 };
                 send(
-                    &mut self.stats,
+                    self.counters.shard(self.shard),
                     sink,
                     &req.endpoints.reply_from(target.to_ipv6()),
                     &h,
@@ -504,7 +561,7 @@ impl Handler {
                 let mut rec = [0u8; StatRecord::LEN];
                 self.stat_record(now_ns).emit(&mut rec);
                 send(
-                    &mut self.stats,
+                    self.counters.shard(self.shard),
                     sink,
                     &req.endpoints.reply_from(target.to_ipv6()),
                     &base,
@@ -527,6 +584,10 @@ impl Handler {
                         item: i as u16,
                         ..base
                     };
+                    if self.other_shard(handle) {
+                        self.reply_status(req, src, h, Status::OTHER_SHARD, sink);
+                        continue;
+                    }
                     match self.page_for(handle, who) {
                         Ok(p) => {
                             if !self.send_range(req, p, src, h, sink) {
@@ -547,7 +608,7 @@ impl Handler {
                 });
                 let st = r.err().unwrap_or(Status::OK);
                 if op == Opcode::WRITE_BLIND {
-                    self.stats.count_reply(st); // counted, never answered
+                    self.c().count_reply(st); // counted, never answered
                 } else {
                     self.reply_status(req, target, base, st, sink);
                 }
@@ -562,7 +623,13 @@ impl Handler {
                     ..base
                 };
                 let ep = req.endpoints.reply_from(target.to_ipv6());
-                send(&mut self.stats, sink, &ep, &h, &self.scratch[..n]);
+                send(
+                    self.counters.shard(self.shard),
+                    sink,
+                    &ep,
+                    &h,
+                    &self.scratch[..n],
+                );
             }
             Opcode::SHARE => {
                 let r = self
@@ -583,16 +650,20 @@ impl Handler {
     fn acquire(
         &mut self,
         req: &Request<'_>,
-        key: DedupKey,
+        who: ClientKey,
         now_ns: u64,
         sink: &mut impl FrameSink,
     ) {
-        let who = key.client;
         let target = req.target;
         let base = Self::reply_header(&req.header, Status::OK);
-        let granted = match self.dedup.get(&key) {
-            Some((stored, _)) => {
-                self.stats.duplicates += 1;
+        let granted = match self
+            .sessions
+            .lookup(who, req.header.request_id, false, now_ns)
+        {
+            Lookup::Stale => return self.c().stale.inc(),
+            Lookup::Busy => return self.reply_status(req, target, base, Status::BUSY, sink),
+            Lookup::Duplicate(stored, _) => {
+                self.c().duplicates.inc();
                 if !stored.status.is_ok() {
                     Err(stored.status)
                 } else {
@@ -604,7 +675,7 @@ impl Handler {
                     })
                 }
             }
-            None => {
+            Lookup::New(at) => {
                 let r = self.page_for(target.handle(), who).and_then(|p| {
                     let g = self.leases.acquire(
                         &mut self.store,
@@ -626,9 +697,8 @@ impl Handler {
                     lease,
                     operand0,
                     count: 1,
-                    has_payload: false,
                 };
-                self.dedup.insert(key, stored, &[]);
+                self.sessions.record(at, stored, &[]);
                 r
             }
         };
@@ -648,6 +718,10 @@ impl Handler {
     fn write_bulk(&mut self, entries: WriteEntries<'_>, who: ClientKey, now_ns: u64) -> usize {
         let mut statuses = [Status::OK; bluebridge_proto::MAX_BULK as usize];
         for (i, e) in entries.iter().enumerate() {
+            if self.other_shard(e.handle) {
+                statuses[i] = Status::OTHER_SHARD;
+                continue;
+            }
             let r = self.page_for(e.handle, who).and_then(|p| {
                 self.leases.check_writer(&self.store, p, who, now_ns)?;
                 let o = usize::from(e.offset);
@@ -913,7 +987,11 @@ impl Handler {
     fn free_bulk(&mut self, list: HandleList<'_>, who: ClientKey, now_ns: u64) -> usize {
         let mut statuses = [Status::OK; bluebridge_proto::MAX_BULK as usize];
         for (i, handle) in list.iter().enumerate() {
-            statuses[i] = self.free(handle, who, now_ns);
+            statuses[i] = if self.other_shard(handle) {
+                Status::OTHER_SHARD
+            } else {
+                self.free(handle, who, now_ns)
+            };
         }
         put_bulk_statuses(&mut self.scratch, statuses[..list.len()].iter().copied())
     }

@@ -150,6 +150,11 @@ impl Leases {
         self.clear(store, p);
     }
 
+    /// Leases granted and not yet ended (expired ones count until they are reclaimed).
+    pub fn in_use(&self) -> u64 {
+        (self.slots.len() - self.free.len()) as u64
+    }
+
     /// Live leases.
     pub fn held(&self, now_ns: u64) -> u64 {
         self.slots

@@ -1,19 +1,21 @@
 //! The BlueBridge page server.
 //!
 //! - [`store`]: the hugepage-backed page arena and handle validation.
-//! - [`lease`], [`dedup`]: UPDATE leases and at-most-once execution.
+//! - [`lease`], [`session`]: UPDATE leases and at-most-once execution.
 //! - [`handler`]: request handling as pure code — frames in, frames out.
 //! - [`stats`]: the counters a running server shows.
-//! - [`runtime`]: the steering program, AF_XDP sockets and pinned workers.
+//! - [`runtime`]: the steering program, AF_XDP sockets and pinned workers, one shard each;
+//!   [`handoff`]: frames passed between shards.
 #![forbid(unsafe_code)]
 
 pub mod access;
-pub mod dedup;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod handler;
+pub mod handoff;
 pub mod lease;
 pub mod runtime;
+pub mod session;
 pub mod stats;
 pub mod store;
 pub mod udp;

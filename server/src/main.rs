@@ -34,14 +34,17 @@ struct Args {
     /// The deployment's network prefix (a /32).
     #[arg(long, default_value = "fd00:bb::/32")]
     prefix: NetPrefix,
-    /// RX queues to serve, one worker each (comma-separated).
+    /// RX queues to serve, one worker and one shard of the pages each (comma-separated, at
+    /// most 255). A page's requests belong to the shard in its handle; install NIC rules that
+    /// steer them to its queue (docs/running.md), frames on another queue are handed over.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     queues: Vec<u32>,
     /// CPU cores to pin the workers to, one per queue in the same order (comma-separated).
     /// Without it workers are not pinned (slower: waking an idle vCPU costs 15-60 µs).
     #[arg(long, value_delimiter = ',')]
     cores: Vec<usize>,
-    /// Size of the page arena, e.g. 256MiB or 4GiB (a multiple of 2 MiB).
+    /// Size of the page arena, e.g. 256MiB or 4GiB, split evenly between the workers (a
+    /// multiple of 2 MiB per worker).
     #[arg(long, default_value = "256MiB")]
     arena: bytesize::ByteSize,
     /// How pages travel: one multi-buffer frame per page (MTU ≥ 4192) or MTU-sized segments.
@@ -65,7 +68,8 @@ struct Args {
     /// Do not try 2 MiB hugepages for the arena and UMEM.
     #[arg(long)]
     no_hugepages: bool,
-    /// Leases (UPDATE) that may be held at once; more acquires get BUSY.
+    /// Leases (UPDATE) that may be held at once, split evenly between the workers; more
+    /// acquires get BUSY.
     #[arg(long, default_value_t = u16::MAX)]
     max_leases: u16,
     /// Lease time in ms when a client asks for none.
@@ -74,10 +78,15 @@ struct Args {
     /// Longest lease granted, in ms (longer requests are cut to this).
     #[arg(long, default_value_t = 60_000)]
     lease_max_ms: u64,
-    /// Replies remembered for at-most-once execution of ALLOC, FREE, atomics and UPDATE: a
-    /// retransmission is recognised while fewer than this many such requests came after it.
-    #[arg(long, default_value_t = 1 << 17)]
-    dedup_entries: usize,
+    /// Client sessions per worker for at-most-once execution of ALLOC, FREE, atomics and
+    /// UPDATE (one per client address and port, each remembering its 128 latest such
+    /// requests, 6 KiB each). A new client finding none free or idle gets BUSY.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    sessions: u32,
+    /// Milliseconds a session must be unused before a new client may take it over (clients
+    /// must retransmit sooner than this).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    session_idle_ms: u64,
     /// Only clients inside these prefixes may use the server (comma-separated ADDRESS/LENGTH,
     /// e.g. fd00:bb:1::/48); others get FORBIDDEN. Default: any client.
     #[arg(long, value_delimiter = ',')]
@@ -134,7 +143,9 @@ fn main() -> Result<()> {
         max_leases: a.max_leases,
         lease_default_ms: a.lease_default_ms,
         lease_max_ms: a.lease_max_ms,
-        dedup_entries: a.dedup_entries,
+        sessions: a.sessions as usize,
+        session_idle_ms: a.session_idle_ms,
+        handoff_depth: 64,
         allowed_clients: a.allow_clients,
         echo: a.echo,
         max_owners: a.max_owners,
@@ -148,7 +159,7 @@ fn main() -> Result<()> {
     let i = server.info();
     println!(
         "bluebridge-server: {} host {:#06x} prefix {} | {} | {} pages ({:?}) | {} | MTU {} | \
-         {} worker(s) | memory besides arena: {:.1} MiB tables + {:.1} MiB UMEM",
+         {} worker(s), one shard each | memory besides arena: {:.1} MiB tables + {:.1} MiB UMEM",
         a.iface,
         a.host_id,
         a.prefix,
@@ -162,7 +173,7 @@ fn main() -> Result<()> {
             format!("segments of {} B", i.frame_data)
         },
         i.mtu,
-        cfg.queues.len(),
+        i.shards,
         i.overhead_bytes as f64 / 1048576.0,
         i.umem_bytes as f64 / 1048576.0,
     );
@@ -208,26 +219,48 @@ fn line(a: &ServerStats, b: &ServerStats, dt: Duration) -> String {
         ops.push("idle".into());
     }
     format!(
-        "ops/s {} | total {:.0}/s | errors {} | dup {} | malformed {} | tx drops {} | pages {}",
+        "ops/s {} | total {:.0}/s | per shard {} | errors {} | dup {} | stale {} | handoffs {} \
+         (dropped {}) | malformed {} | tx drops {} | pages {}",
         ops.join(" "),
         rate(a.handler.requests, b.handler.requests),
+        a.shards
+            .iter()
+            .zip(&b.shards)
+            .map(|(x, y)| format!("{:.0}", rate(x.requests, y.requests)))
+            .collect::<Vec<_>>()
+            .join("/"),
         b.handler.errors() - a.handler.errors(),
         b.handler.duplicates - a.handler.duplicates,
+        b.handler.stale - a.handler.stale,
+        b.handler.handoffs - a.handler.handoffs,
+        b.handler.handoff_dropped - a.handler.handoff_dropped,
         b.handler.malformed_total() - a.handler.malformed_total(),
-        b.xsk.tx_dropped - a.xsk.tx_dropped,
+        b.xsk.tx_dropped + b.handler.tx_dropped - a.xsk.tx_dropped - a.handler.tx_dropped,
         b.pages_used,
     )
 }
 
 fn summary(s: &ServerStats) -> String {
     let mut out = format!(
-        "requests {} | frames rx {} tx {} | pages in use {} | duplicates answered {} | tx drops {}\n",
+        "requests {} | frames rx {} tx {} | pages in use {} | duplicates answered {} | stale \
+         dropped {} | handed off {} (dropped {}) | tx drops {}\n",
         s.handler.requests,
         s.xsk.rx_frames,
         s.xsk.tx_frames,
         s.pages_used,
         s.handler.duplicates,
-        s.xsk.tx_dropped
+        s.handler.stale,
+        s.handler.handoffs,
+        s.handler.handoff_dropped,
+        s.xsk.tx_dropped + s.handler.tx_dropped
+    );
+    out += &format!(
+        "requests by shard: {}\n",
+        s.shards
+            .iter()
+            .map(|x| x.requests.to_string())
+            .collect::<Vec<_>>()
+            .join(" / ")
     );
     let ops: Vec<String> = s
         .handler

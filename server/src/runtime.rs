@@ -1,12 +1,16 @@
-//! The running server: the steering program on the interface, one AF_XDP socket and one pinned
-//! worker per RX queue, all sharing one request handler.
+//! The running server: the steering program on the interface, one AF_XDP socket, one pinned
+//! worker and one shard per RX queue.
 //!
-//! Workers busy-poll their socket in batches; the handler is locked once per received batch,
-//! not per frame. With `idle`, a worker that found nothing for a while sleeps in `poll()` until
-//! a frame arrives, so many servers can share a machine.
+//! Shards share nothing on the hot path: each worker owns its shard's handler (store, leases,
+//! sessions, owners), writes only its own counters, and answers through its own socket. A frame
+//! for a page of another shard (read from the handle's clear shard field) is handed to that
+//! shard's worker over a lock-free channel ([`crate::handoff`]), which answers it. With `idle`,
+//! a worker that found nothing for a while sleeps in `poll()` until a frame (or a hand-off)
+//! arrives, so many servers can share a machine.
 
+use std::os::fd::AsFd;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -17,7 +21,9 @@ use bluebridge_proto::{HostId, NetPrefix};
 use bluebridge_xsk::{Xsk, XskConfig, XskStats};
 
 use crate::handler::{Handler, HandlerConfig};
-use crate::stats::Stats;
+use crate::handoff::Handoff;
+use crate::session::SessionConfig;
+use crate::stats::{HostCounters, ShardCounters, Stats};
 use crate::store::{Backing, Store};
 
 /// How the server receives and sends.
@@ -52,11 +58,11 @@ pub struct ServerConfig {
     pub prefix: NetPrefix,
     /// This host's id: the server answers for `<prefix>:<host>::/48`.
     pub host: HostId,
-    /// RX queues to serve, one worker each.
+    /// RX queues to serve, one worker and one shard each (the UDP transport runs one).
     pub queues: Vec<u32>,
     /// CPU per worker (same order as `queues`); empty: unpinned.
     pub cores: Vec<usize>,
-    /// Arena size in bytes (a multiple of 2 MiB).
+    /// Arena size in bytes, split evenly between the shards (a multiple of 2 MiB per shard).
     pub arena_bytes: u64,
     /// Framing of pages.
     pub framing: Framing,
@@ -74,15 +80,19 @@ pub struct ServerConfig {
     /// Bare-echo baseline: bounce every steered frame back (endpoints swapped) without
     /// parsing it or touching the store (AF_XDP only; for benchmarks).
     pub echo: bool,
-    /// Leases that may be held at once.
+    /// Leases that may be held at once (split evenly between the shards).
     pub max_leases: u16,
     /// Lease time when a client asks for none, ms.
     pub lease_default_ms: u64,
     /// Longest lease granted, ms.
     pub lease_max_ms: u64,
-    /// Replies remembered for at-most-once execution (its horizon: that many non-idempotent
-    /// requests).
-    pub dedup_entries: usize,
+    /// Client sessions per shard for at-most-once execution (each remembers the replies of
+    /// up to 128 outstanding requests of one client address and port).
+    pub sessions: usize,
+    /// A session unused this long may be given to a new client, ms.
+    pub session_idle_ms: u64,
+    /// Frames each pair of shards can have in hand-off at once.
+    pub handoff_depth: usize,
     /// Client prefixes allowed to use the server (empty: anyone).
     pub allowed_clients: Vec<crate::access::ClientPrefix>,
     /// Distinct client addresses that may own pages.
@@ -114,7 +124,9 @@ impl ServerConfig {
             max_leases: u16::MAX,
             lease_default_ms: 1_000,
             lease_max_ms: 60_000,
-            dedup_entries: 1 << 17,
+            sessions: SessionConfig::DEFAULT.sessions,
+            session_idle_ms: SessionConfig::DEFAULT.idle_ms,
+            handoff_depth: 64,
             allowed_clients: Vec::new(),
             max_owners: 1 << 16,
             accept_routed: false,
@@ -151,8 +163,10 @@ enum Sockets {
 /// Counters of the whole server, for the periodic line and the summary.
 #[derive(Debug, Clone)]
 pub struct ServerStats {
-    /// Request handling.
+    /// Request handling, summed over shards.
     pub handler: Stats,
+    /// Each shard's own (same order as the queues).
+    pub shards: Vec<Stats>,
     /// Pages allocated now.
     pub pages_used: u32,
     /// Sockets, summed over workers.
@@ -165,8 +179,7 @@ pub struct ServerStats {
 #[derive(Debug)]
 pub struct Server {
     steer: Option<Steer>,
-    handler: Arc<Mutex<Handler>>,
-    xsk_stats: Vec<Arc<Mutex<XskStats>>>,
+    counters: Arc<HostCounters>,
     workers: Vec<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
     info: ServerInfo,
@@ -179,15 +192,17 @@ pub struct ServerInfo {
     pub attach: Option<AttachMode>,
     /// The arena's backing.
     pub backing: Backing,
-    /// Pages in the arena.
+    /// Pages in the arena (all shards).
     pub pages: u32,
+    /// Shards (workers), each owning `pages / shards` pages.
+    pub shards: usize,
     /// Whether pages travel as one multi-buffer frame.
     pub multi_buffer: bool,
     /// Page bytes per reply frame.
     pub frame_data: u16,
     /// MTU.
     pub mtu: u16,
-    /// Memory besides the arena and the UMEMs: metadata and tables.
+    /// Memory besides the arena and the UMEMs: metadata, tables and hand-off buffers.
     pub overhead_bytes: usize,
     /// UMEM bytes over all sockets.
     pub umem_bytes: usize,
@@ -206,14 +221,40 @@ impl Server {
                 cfg.queues.len()
             )));
         }
+        let shards = match cfg.transport {
+            TransportKind::Xdp => cfg.queues.len(),
+            TransportKind::Udp => 1,
+        };
+        if shards > bluebridge_proto::addr::MAX_SHARDS {
+            return Err(StartError::Config(format!(
+                "{shards} queues: a server runs at most {} workers",
+                bluebridge_proto::addr::MAX_SHARDS
+            )));
+        }
         if cfg.max_leases == 0
-            || cfg.dedup_entries == 0
+            || cfg.sessions == 0
+            || cfg.session_idle_ms == 0
             || cfg.lease_default_ms == 0
             || cfg.max_owners == 0
+            || cfg.handoff_depth == 0
         {
             return Err(StartError::Config(
-                "lease and duplicate-table sizes and times must be positive".into(),
+                "lease, session, owner and hand-off sizes and times must be positive".into(),
             ));
+        }
+        if usize::from(cfg.max_leases) < shards {
+            return Err(StartError::Config(format!(
+                "{} leases cannot be split between {shards} shards",
+                cfg.max_leases
+            )));
+        }
+        let shard_bytes = cfg.arena_bytes / shards as u64;
+        if shard_bytes * shards as u64 != cfg.arena_bytes || !shard_bytes.is_multiple_of(2 << 20) {
+            return Err(StartError::Config(format!(
+                "an arena of {} bytes does not split into {shards} shards of a multiple of \
+                 2 MiB each",
+                cfg.arena_bytes
+            )));
         }
         if cfg.lease_default_ms > cfg.lease_max_ms {
             return Err(StartError::Config(
@@ -257,9 +298,15 @@ impl Server {
             Framing::Segments => false,
         };
 
-        let store = Store::new(cfg.arena_bytes, cfg.hugepages)?;
-        let backing = store.backing();
-        let pages = store.pages_total();
+        let stores = (0..shards)
+            .map(|i| Store::for_shard(i, shard_bytes, cfg.hugepages))
+            .collect::<Result<Vec<_>, _>>()?;
+        let backing = if stores.iter().all(|s| s.backing() == Backing::Huge2M) {
+            Backing::Huge2M
+        } else {
+            Backing::Normal
+        };
+        let pages = stores.iter().map(Store::pages_total).sum();
 
         let (steer, attach, sockets, frame_data) = match cfg.transport {
             TransportKind::Xdp => {
@@ -300,19 +347,35 @@ impl Server {
             }
         };
         let mut hc = HandlerConfig::new(cfg.prefix, cfg.host, frame_data);
-        hc.lease_capacity = cfg.max_leases;
+        hc.shards = shards;
+        hc.lease_capacity = cfg.max_leases / shards as u16;
         hc.lease_default_ms = cfg.lease_default_ms;
         hc.lease_max_ms = cfg.lease_max_ms;
-        hc.dedup_capacity = cfg.dedup_entries;
+        hc.sessions = SessionConfig {
+            sessions: cfg.sessions,
+            idle_ms: cfg.session_idle_ms,
+            ..SessionConfig::DEFAULT
+        };
         hc.allowed_clients = cfg.allowed_clients.clone();
         hc.max_owners = cfg.max_owners;
-        let handler = Handler::new(hc, store);
-        let overhead_bytes = handler.overhead_bytes();
-        let handler = Arc::new(Mutex::new(handler));
+        let counters = Arc::new(HostCounters::new(shards));
+        let mut handlers: Vec<Handler> = stores
+            .into_iter()
+            .map(|st| Handler::with_counters(hc.clone(), st, counters.clone()))
+            .collect();
+        let handoff = Arc::new(
+            Handoff::new(
+                shards,
+                cfg.handoff_depth,
+                usize::from(mtu) + bluebridge_proto::wire::ethernet::HEADER_LEN,
+            )
+            .map_err(|e| StartError::Config(format!("hand-off eventfd: {e}")))?,
+        );
+        let overhead_bytes =
+            handlers.iter().map(Handler::overhead_bytes).sum::<usize>() + handoff.bytes();
         let stop = Arc::new(AtomicBool::new(false));
         let started = Instant::now();
         let mut workers = Vec::new();
-        let mut xsk_stats = Vec::new();
         let mut spawn = |name: String, f: Box<dyn FnOnce() + Send>| -> Result<(), StartError> {
             let t = std::thread::Builder::new()
                 .name(name)
@@ -321,10 +384,11 @@ impl Server {
             workers.push(t);
             Ok(())
         };
-        let common = |published, core| WorkerCommon {
-            handler: handler.clone(),
+        let common = |handler: Handler, core| WorkerCommon {
+            counters: counters.clone(),
+            shard: handler.shard(),
+            handler,
             stop: stop.clone(),
-            published,
             started,
             idle: cfg.idle,
             sched_idle: cfg.sched_idle,
@@ -333,12 +397,11 @@ impl Server {
         let umem_bytes = match sockets {
             Sockets::Xdp(sockets) => {
                 let n = sockets.len();
-                for (i, xsk) in sockets.into_iter().enumerate() {
-                    let published = Arc::new(Mutex::new(XskStats::default()));
-                    xsk_stats.push(published.clone());
+                for (i, (xsk, handler)) in sockets.into_iter().zip(handlers).enumerate() {
                     let w = Worker {
                         xsk,
-                        common: common(published, cfg.cores.get(i).copied()),
+                        common: common(handler, cfg.cores.get(i).copied()),
+                        handoff: handoff.clone(),
                         echo: cfg.echo,
                     };
                     spawn(
@@ -349,10 +412,9 @@ impl Server {
                 n * cfg.frames as usize * bluebridge_xsk::CHUNK as usize
             }
             Sockets::Udp(sock) => {
-                let published = Arc::new(Mutex::new(XskStats::default()));
-                xsk_stats.push(published.clone());
+                let handler = handlers.pop().expect("one shard");
                 let w =
-                    crate::udp::UdpWorker::new(sock, common(published, cfg.cores.first().copied()))
+                    crate::udp::UdpWorker::new(sock, common(handler, cfg.cores.first().copied()))
                         .map_err(|e| StartError::Config(format!("UDP socket: {e}")))?;
                 spawn("bb-worker-udp".into(), Box::new(move || w.run()))?;
                 0
@@ -362,6 +424,7 @@ impl Server {
             attach,
             backing,
             pages,
+            shards,
             multi_buffer,
             frame_data,
             mtu,
@@ -370,12 +433,11 @@ impl Server {
         };
         tracing::info!(
             ifname = %cfg.ifname, host = %cfg.host, prefix = %cfg.prefix, ?attach, ?backing, pages,
-            multi_buffer, frame_data, mtu, workers = workers.len(), "serving"
+            multi_buffer, frame_data, mtu, shards, "serving"
         );
         Ok(Server {
             steer,
-            handler,
-            xsk_stats,
+            counters,
             workers,
             stop,
             info,
@@ -387,30 +449,19 @@ impl Server {
         &self.info
     }
 
-    /// A snapshot of every counter.
+    /// A snapshot of every counter, read without stopping any worker (each counter is
+    /// current; they are not one atomic picture).
     pub fn stats(&self) -> ServerStats {
-        let (handler, pages_used) = {
-            let h = self
-                .handler
-                .lock()
-                .expect("a worker panicked holding the handler");
-            (h.stats().clone(), h.store().pages_used())
-        };
-        let mut xsk = XskStats::default();
-        for s in &self.xsk_stats {
-            let s = *s.lock().expect("poisoned");
-            xsk.rx_frames += s.rx_frames;
-            xsk.rx_chains += s.rx_chains;
-            xsk.tx_frames += s.tx_frames;
-            xsk.tx_dropped += s.tx_dropped;
-            xsk.tx_kicks += s.tx_kicks;
-            xsk.rx_oversize += s.rx_oversize;
-            xsk.fill_deferred += s.fill_deferred;
-        }
+        let shards: Vec<Stats> = (0..self.counters.len())
+            .map(|i| self.counters.shard(i).snapshot())
+            .collect();
+        let mut handler = Stats::default();
+        shards.iter().for_each(|s| handler.add(s));
         ServerStats {
+            pages_used: handler.pages_used as u32,
             handler,
-            pages_used,
-            xsk,
+            shards,
+            xsk: self.counters.xsk_total(),
             steer: self
                 .steer
                 .as_ref()
@@ -446,11 +497,13 @@ impl Drop for Server {
     }
 }
 
-/// What every worker (AF_XDP or UDP) shares with the server and how it runs.
+/// What every worker (AF_XDP or UDP) owns or shares with the server, and how it runs.
 pub(crate) struct WorkerCommon {
-    pub(crate) handler: Arc<Mutex<Handler>>,
+    /// Its shard: touched by this worker's thread only.
+    pub(crate) handler: Handler,
+    pub(crate) shard: usize,
+    pub(crate) counters: Arc<HostCounters>,
     pub(crate) stop: Arc<AtomicBool>,
-    pub(crate) published: Arc<Mutex<XskStats>>,
     pub(crate) started: Instant,
     pub(crate) idle: bool,
     pub(crate) sched_idle: bool,
@@ -465,11 +518,22 @@ impl WorkerCommon {
             tracing::warn!(error = %e, "worker set-up incomplete; running anyway");
         }
     }
+
+    /// This worker's counters.
+    pub(crate) fn counters(&self) -> &ShardCounters {
+        self.counters.shard(self.shard)
+    }
+
+    /// Nanoseconds since the server started.
+    pub(crate) fn now_ns(&self) -> u64 {
+        self.started.elapsed().as_nanos() as u64
+    }
 }
 
 struct Worker {
     xsk: Xsk,
     common: WorkerCommon,
+    handoff: Arc<Handoff>,
     echo: bool,
 }
 
@@ -481,11 +545,12 @@ pub(crate) const IDLE_SLEEP_MS: u16 = 100;
 impl Worker {
     fn run(mut self) {
         self.common.set_up_thread();
-        let c = &self.common;
+        let me = self.common.shard;
+        let shards = self.handoff_shards();
         let mut empty = 0u32;
         let mut loops = 0u32;
-        while !c.stop.load(Ordering::Relaxed) {
-            let n = if self.echo {
+        while !self.common.stop.load(Ordering::Relaxed) {
+            let mut n = if self.echo {
                 self.xsk.recv(|frame, tx| {
                     tx.send_with(frame.len(), |b| {
                         b.copy_from_slice(frame);
@@ -494,19 +559,40 @@ impl Worker {
                     });
                 })
             } else if self.xsk.rx_ready() {
-                let mut h = c.handler.lock().expect("poisoned");
-                let now = c.started.elapsed().as_nanos() as u64;
-                self.xsk.recv(|frame, tx| h.handle_frame(frame, now, tx))
+                let c = &mut self.common;
+                let now = c.now_ns();
+                let (handoff, counters) = (&self.handoff, c.counters.shard(me));
+                let h = &mut c.handler;
+                self.xsk.recv(|frame, tx| {
+                    match bluebridge_proto::frame::request_shard(frame, shards) {
+                        Some(owner) if owner != me => {
+                            if handoff.send(me, owner, frame) {
+                                counters.handoffs.inc();
+                            } else {
+                                counters.handoff_dropped.inc();
+                            }
+                        }
+                        _ => h.handle_frame(frame, now, tx),
+                    }
+                })
             } else {
                 0
             };
+            if shards > 1 && self.handoff.pending(me) {
+                let now = self.common.now_ns();
+                let h = &mut self.common.handler;
+                let mut tx = self.xsk.tx();
+                n += self
+                    .handoff
+                    .drain(me, |frame| h.handle_frame(frame, now, &mut tx));
+            }
             if n > 0 || self.xsk.tx_in_flight() > 0 {
                 self.xsk.flush();
             }
             if n == 0 {
                 empty += 1;
-                if c.idle && empty >= IDLE_SPINS && self.xsk.tx_in_flight() == 0 {
-                    self.xsk.wait(i32::from(IDLE_SLEEP_MS));
+                if self.common.idle && empty >= IDLE_SPINS && self.xsk.tx_in_flight() == 0 {
+                    self.sleep();
                     empty = 0;
                 }
             } else {
@@ -514,9 +600,28 @@ impl Worker {
             }
             loops = loops.wrapping_add(1);
             if loops.is_multiple_of(4096) || n == 0 && empty == 1 {
-                *c.published.lock().expect("poisoned") = self.xsk.stats();
+                self.common.counters().publish_xsk(&self.xsk.stats());
             }
         }
-        *c.published.lock().expect("poisoned") = self.xsk.stats();
+        self.common.counters().publish_xsk(&self.xsk.stats());
+    }
+
+    fn handoff_shards(&self) -> usize {
+        self.common.counters.len()
+    }
+
+    /// Sleeps until a frame arrives on the socket, another shard hands one over, or the
+    /// longest sleep passes (so the stop flag is seen).
+    fn sleep(&mut self) {
+        let me = self.common.shard;
+        if !self.handoff.sleep(me) {
+            return;
+        }
+        let mut fds = [
+            nix::poll::PollFd::new(self.xsk.as_fd(), nix::poll::PollFlags::POLLIN),
+            nix::poll::PollFd::new(self.handoff.wake_fd(me), nix::poll::PollFlags::POLLIN),
+        ];
+        let _ = nix::poll::poll(&mut fds, IDLE_SLEEP_MS);
+        self.handoff.woke(me);
     }
 }

@@ -1,7 +1,15 @@
-//! Counters of a handler: requests by opcode, replies by status, drops by reason.
+//! Counters: requests by opcode, replies by status, drops by reason, per shard.
+//!
+//! Each shard writes its own [`ShardCounters`] (single writer: a plain load and store per
+//! increment, no locked instruction, no cache line shared with another writer); anyone may
+//! read them at any time without stopping the worker, and [`HostCounters::total`] sums the
+//! shards. [`Stats`] is a plain snapshot.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use bluebridge_proto::frame::FrameError;
 use bluebridge_proto::{Opcode, Status};
+use bluebridge_xsk::XskStats;
 
 /// Why frames were dropped as malformed.
 pub const MALFORMED_REASONS: [&str; 9] = [
@@ -16,9 +24,9 @@ pub const MALFORMED_REASONS: [&str; 9] = [
     "other",
 ];
 
-const STATUS_SLOTS: usize = 18;
+const STATUS_SLOTS: usize = 20;
 
-/// The counters. Plain numbers: a worker owns its handler, a reader takes a copy.
+/// A snapshot of counters (one shard's, or summed over shards).
 #[derive(Debug, Clone)]
 pub struct Stats {
     /// Requests handled (valid or answered with an error).
@@ -35,6 +43,19 @@ pub struct Stats {
     pub dropped_not_for_us: u64,
     /// Replies that found no room to be sent.
     pub tx_dropped: u64,
+    /// Old retransmissions of requests their client had finished with: dropped unexecuted.
+    pub stale: u64,
+    /// Frames this shard received for a page of another shard and handed to it.
+    pub handoffs: u64,
+    /// Frames for another shard dropped because its hand-off ring was full (the client
+    /// retransmits).
+    pub handoff_dropped: u64,
+    /// Pages allocated now.
+    pub pages_used: u64,
+    /// Pages the arena holds.
+    pub pages_total: u64,
+    /// Leases granted and not yet committed, released or reclaimed.
+    pub leases_held: u64,
 }
 
 impl Default for Stats {
@@ -47,31 +68,17 @@ impl Default for Stats {
             malformed: [0; MALFORMED_REASONS.len()],
             dropped_not_for_us: 0,
             tx_dropped: 0,
+            stale: 0,
+            handoffs: 0,
+            handoff_dropped: 0,
+            pages_used: 0,
+            pages_total: 0,
+            leases_held: 0,
         }
     }
 }
 
 impl Stats {
-    pub(crate) fn count_reply(&mut self, st: Status) {
-        let i = usize::from(st.0).min(STATUS_SLOTS - 1);
-        self.statuses[i] += 1;
-    }
-
-    pub(crate) fn count_malformed(&mut self, e: FrameError) {
-        let i = match e {
-            FrameError::Truncated(_) => 0,
-            FrameError::BadLength(_) => 1,
-            FrameError::NotIpv6(_) => 2,
-            FrameError::BadIpVersion(_) => 3,
-            FrameError::NotUdp(_) => 4,
-            FrameError::WrongPort(..) => 5,
-            FrameError::BadChecksum => 6,
-            FrameError::UnsupportedVersion(_) => 7,
-            _ => 8,
-        };
-        self.malformed[i] += 1;
-    }
-
     /// Replies with a status other than OK.
     pub fn errors(&self) -> u64 {
         self.statuses[1..].iter().sum()
@@ -87,12 +94,18 @@ impl Stats {
         self.malformed.iter().sum()
     }
 
-    /// Adds another handler's counters (for a total over workers).
+    /// Adds another shard's counters (for a total over shards).
     pub fn add(&mut self, o: &Stats) {
         self.requests += o.requests;
         self.duplicates += o.duplicates;
         self.dropped_not_for_us += o.dropped_not_for_us;
         self.tx_dropped += o.tx_dropped;
+        self.stale += o.stale;
+        self.handoffs += o.handoffs;
+        self.handoff_dropped += o.handoff_dropped;
+        self.pages_used += o.pages_used;
+        self.pages_total += o.pages_total;
+        self.leases_held += o.leases_held;
         self.ops.iter_mut().zip(o.ops).for_each(|(a, b)| *a += b);
         self.statuses
             .iter_mut()
@@ -121,5 +134,239 @@ impl Stats {
             .skip(1)
             .filter(|(_, n)| **n > 0)
             .map(|(i, n)| (Status(i as u16), *n))
+    }
+}
+
+/// A counter with one writer and any number of readers.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds `n`. Only the counter's one writer may call this: it is a load and a store, not
+    /// an atomic read-modify-write (Relaxed: readers want a recent value, not an ordering).
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0.store(self.0.load(Relaxed).wrapping_add(n), Relaxed);
+    }
+
+    /// Adds 1 (single writer, as [`Counter::add`]).
+    #[inline]
+    pub fn inc(&self) {
+        self.add(1);
+    }
+
+    /// Subtracts 1 (single writer, as [`Counter::add`]).
+    #[inline]
+    pub fn dec(&self) {
+        self.0.store(self.0.load(Relaxed).wrapping_sub(1), Relaxed);
+    }
+
+    /// Sets the value (single writer).
+    #[inline]
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Relaxed);
+    }
+
+    /// The current value.
+    #[inline]
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+fn counters<const N: usize>() -> [Counter; N] {
+    std::array::from_fn(|_| Counter::default())
+}
+
+fn read<const N: usize>(c: &[Counter; N]) -> [u64; N] {
+    std::array::from_fn(|i| c[i].get())
+}
+
+/// One shard's counters, written by its worker only. Aligned to keep shards' counters off
+/// each other's cache lines.
+#[derive(Debug)]
+#[repr(align(128))]
+pub struct ShardCounters {
+    /// Requests handled (valid or answered with an error).
+    pub requests: Counter,
+    /// Requests by opcode byte.
+    pub ops: [Counter; 256],
+    /// Replies by status (the last slot: unknown values).
+    pub statuses: [Counter; STATUS_SLOTS],
+    /// Retransmissions answered from the session table.
+    pub duplicates: Counter,
+    /// Malformed frames by [`MALFORMED_REASONS`].
+    pub malformed: [Counter; MALFORMED_REASONS.len()],
+    /// Valid frames not meant for this server.
+    pub dropped_not_for_us: Counter,
+    /// Replies that found no room to be sent.
+    pub tx_dropped: Counter,
+    /// Old retransmissions dropped unexecuted.
+    pub stale: Counter,
+    /// Frames handed to another shard.
+    pub handoffs: Counter,
+    /// Frames for another shard dropped on a full ring.
+    pub handoff_dropped: Counter,
+    /// Pages allocated now.
+    pub pages_used: Counter,
+    /// Pages the shard's arena holds.
+    pub pages_total: Counter,
+    /// Leases granted and not yet ended.
+    pub leases_held: Counter,
+    /// The shard's socket counters, as its worker last published them.
+    pub xsk: [Counter; 7],
+}
+
+impl Default for ShardCounters {
+    fn default() -> Self {
+        ShardCounters {
+            requests: Counter::default(),
+            ops: counters(),
+            statuses: counters(),
+            duplicates: Counter::default(),
+            malformed: counters(),
+            dropped_not_for_us: Counter::default(),
+            tx_dropped: Counter::default(),
+            stale: Counter::default(),
+            handoffs: Counter::default(),
+            handoff_dropped: Counter::default(),
+            pages_used: Counter::default(),
+            pages_total: Counter::default(),
+            leases_held: Counter::default(),
+            xsk: counters(),
+        }
+    }
+}
+
+impl ShardCounters {
+    pub(crate) fn count_reply(&self, st: Status) {
+        self.statuses[usize::from(st.0).min(STATUS_SLOTS - 1)].inc();
+    }
+
+    pub(crate) fn count_malformed(&self, e: FrameError) {
+        let i = match e {
+            FrameError::Truncated(_) => 0,
+            FrameError::BadLength(_) => 1,
+            FrameError::NotIpv6(_) => 2,
+            FrameError::BadIpVersion(_) => 3,
+            FrameError::NotUdp(_) => 4,
+            FrameError::WrongPort(..) => 5,
+            FrameError::BadChecksum => 6,
+            FrameError::UnsupportedVersion(_) => 7,
+            _ => 8,
+        };
+        self.malformed[i].inc();
+    }
+
+    /// A snapshot.
+    pub fn snapshot(&self) -> Stats {
+        Stats {
+            requests: self.requests.get(),
+            ops: read(&self.ops),
+            statuses: read(&self.statuses),
+            duplicates: self.duplicates.get(),
+            malformed: read(&self.malformed),
+            dropped_not_for_us: self.dropped_not_for_us.get(),
+            tx_dropped: self.tx_dropped.get(),
+            stale: self.stale.get(),
+            handoffs: self.handoffs.get(),
+            handoff_dropped: self.handoff_dropped.get(),
+            pages_used: self.pages_used.get(),
+            pages_total: self.pages_total.get(),
+            leases_held: self.leases_held.get(),
+        }
+    }
+
+    /// Publishes the shard's socket counters (its worker only).
+    pub fn publish_xsk(&self, s: &XskStats) {
+        let v = [
+            s.rx_frames,
+            s.rx_chains,
+            s.tx_frames,
+            s.tx_dropped,
+            s.tx_kicks,
+            s.rx_oversize,
+            s.fill_deferred,
+        ];
+        for (c, v) in self.xsk.iter().zip(v) {
+            c.set(v);
+        }
+    }
+
+    /// The socket counters last published.
+    pub fn xsk(&self) -> XskStats {
+        let [
+            rx_frames,
+            rx_chains,
+            tx_frames,
+            tx_dropped,
+            tx_kicks,
+            rx_oversize,
+            fill_deferred,
+        ] = read(&self.xsk);
+        XskStats {
+            rx_frames,
+            rx_chains,
+            tx_frames,
+            tx_dropped,
+            tx_kicks,
+            rx_oversize,
+            fill_deferred,
+        }
+    }
+}
+
+/// The counters of every shard of a server.
+#[derive(Debug)]
+pub struct HostCounters {
+    shards: Box<[ShardCounters]>,
+}
+
+impl HostCounters {
+    /// Counters for `n` shards, all zero.
+    pub fn new(n: usize) -> Self {
+        HostCounters {
+            shards: (0..n.max(1)).map(|_| ShardCounters::default()).collect(),
+        }
+    }
+
+    /// Shard `i`'s counters.
+    pub fn shard(&self, i: usize) -> &ShardCounters {
+        &self.shards[i]
+    }
+
+    /// Shards.
+    pub fn len(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Always false: a server has at least one shard.
+    pub fn is_empty(&self) -> bool {
+        self.shards.is_empty()
+    }
+
+    /// Every shard's counters summed.
+    pub fn total(&self) -> Stats {
+        let mut t = Stats::default();
+        for s in self.shards.iter() {
+            t.add(&s.snapshot());
+        }
+        t
+    }
+
+    /// Every shard's socket counters summed.
+    pub fn xsk_total(&self) -> XskStats {
+        let mut t = XskStats::default();
+        for s in self.shards.iter() {
+            let x = s.xsk();
+            t.rx_frames += x.rx_frames;
+            t.rx_chains += x.rx_chains;
+            t.tx_frames += x.tx_frames;
+            t.tx_dropped += x.tx_dropped;
+            t.tx_kicks += x.tx_kicks;
+            t.rx_oversize += x.rx_oversize;
+            t.fill_deferred += x.fill_deferred;
+        }
+        t
     }
 }

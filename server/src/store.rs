@@ -1,10 +1,14 @@
 //! The page store: a hugepage-backed arena of 4 KiB pages, 16 bytes of metadata per page, and
 //! handles that the server validates on every use.
 //!
-//! A handle is a keyed 64-bit permutation (a 4-round Feistel network with SipHash-1-3 rounds)
-//! of (page index, generation). Generations start at a random value per page and advance on
-//! every FREE, so a freed handle decodes to an older generation (STALE_HANDLE) and a guessed
-//! one almost never decodes to a live page (INVALID_HANDLE or STALE_HANDLE).
+//! A server has one store per shard (worker); each owns its own arena, metadata and free list
+//! and is touched by its shard's thread only. A handle carries the shard in the clear in its
+//! top byte ([`PageHandle::shard_field`]: 1 + the shard index), so the NIC or the client can
+//! steer a page's requests to its shard; the other 56 bits are a keyed permutation (a 4-round
+//! Feistel network of 28-bit halves with SipHash-1-3 rounds) of (page index, generation).
+//! Generations start at a random value per page and advance on every FREE, so a freed handle
+//! decodes to an older generation (STALE_HANDLE) and a guessed one almost never decodes to a
+//! live page (INVALID_HANDLE or STALE_HANDLE).
 
 use std::hash::Hasher;
 
@@ -20,6 +24,11 @@ const ALLOCATED: u16 = 1;
 const SHARED: u16 = 2;
 const MOVED: u16 = 4;
 const NO_PAGE: u32 = u32::MAX;
+/// Bits of each Feistel half: page index and generation.
+const HALF_BITS: u32 = 28;
+const HALF_MASK: u32 = (1 << HALF_BITS) - 1;
+/// Pages one shard can hold (2^28: 1 TiB).
+pub const MAX_SHARD_PAGES: u64 = 1 << HALF_BITS;
 
 /// Per-page metadata: 16 bytes.
 #[derive(Debug, Clone, Copy, Default)]
@@ -44,8 +53,13 @@ const _: () = assert!(size_of::<PageMeta>() == 16);
 pub enum StoreError {
     /// The arena size is not a positive multiple of 2 MiB, or holds more pages than handles
     /// can name.
-    #[error("arena size {0} bytes: must be a positive multiple of 2 MiB and at most 16 TiB")]
+    #[error(
+        "arena size {0} bytes per shard: must be a positive multiple of 2 MiB and at most 1 TiB"
+    )]
     BadSize(u64),
+    /// The shard index does not fit a handle's shard field.
+    #[error("shard {0}: a server has at most 255 shards")]
+    BadShard(usize),
     /// The memory could not be mapped at all.
     #[error("mapping a {bytes}-byte arena: {source}")]
     Map {
@@ -71,6 +85,7 @@ pub enum Backing {
 
 /// The page store.
 pub struct Store {
+    shard: u8,
     mem: MmapMut,
     backing: Backing,
     meta: Vec<PageMeta>,
@@ -82,6 +97,7 @@ pub struct Store {
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
+            .field("shard", &self.shard)
             .field("pages", &self.meta.len())
             .field("used", &self.used)
             .field("backing", &self.backing)
@@ -92,12 +108,21 @@ impl std::fmt::Debug for Store {
 const HUGE: u64 = 2 << 20;
 
 impl Store {
-    /// A store of `arena_bytes` (a multiple of 2 MiB), on hugepages when `try_huge` and the
-    /// kernel has them reserved, else on ordinary pages with a warning. All memory is touched
-    /// up front (MAP_POPULATE), so a request never faults.
+    /// The store of a server with one shard: [`Store::for_shard`] of shard 0.
     pub fn new(arena_bytes: u64, try_huge: bool) -> Result<Self, StoreError> {
+        Self::for_shard(0, arena_bytes, try_huge)
+    }
+
+    /// The store of shard `shard` (its handles carry it): `arena_bytes` (a multiple of 2 MiB),
+    /// on hugepages when `try_huge` and the kernel has them reserved, else on ordinary pages
+    /// with a warning. All memory is touched up front (MAP_POPULATE), so a request never faults.
+    pub fn for_shard(shard: usize, arena_bytes: u64, try_huge: bool) -> Result<Self, StoreError> {
+        let shard = u8::try_from(shard)
+            .ok()
+            .filter(|&s| usize::from(s) < bluebridge_proto::addr::MAX_SHARDS)
+            .ok_or(StoreError::BadShard(shard))?;
         let pages = arena_bytes / PAGE_SIZE as u64;
-        if arena_bytes == 0 || !arena_bytes.is_multiple_of(HUGE) || pages >= u64::from(NO_PAGE) {
+        if arena_bytes == 0 || !arena_bytes.is_multiple_of(HUGE) || pages > MAX_SHARD_PAGES {
             return Err(StoreError::BadSize(arena_bytes));
         }
         let len = usize::try_from(arena_bytes).map_err(|_| StoreError::BadSize(arena_bytes))?;
@@ -141,6 +166,7 @@ impl Store {
             })
             .collect();
         Ok(Store {
+            shard,
             mem,
             backing,
             meta,
@@ -148,6 +174,11 @@ impl Store {
             used: 0,
             codec,
         })
+    }
+
+    /// The shard this store belongs to.
+    pub fn shard(&self) -> usize {
+        usize::from(self.shard)
     }
 
     /// What backs the arena.
@@ -182,12 +213,7 @@ impl Store {
         m.flags = ALLOCATED | if shared { SHARED } else { 0 };
         m.lease = 0;
         m.owner = owner;
-        let mut h = self.codec.encode(i, m.generation);
-        if h.is_none() {
-            // The one (index, generation) pair that encodes to handle 0 is skipped.
-            m.generation = m.generation.wrapping_add(1);
-            h = self.codec.encode(i, m.generation);
-        }
+        let h = self.codec.encode(self.shard, i, m.generation);
         self.used += 1;
         Ok((PageIdx(i), h))
     }
@@ -200,6 +226,9 @@ impl Store {
     /// The page a handle names, if it is live: INVALID_HANDLE for a handle this store never
     /// made, STALE_HANDLE for one whose page has been freed since.
     pub fn resolve(&self, h: PageHandle) -> Result<PageIdx, Status> {
+        if h.shard_field() != self.shard + 1 {
+            return Err(Status::INVALID_HANDLE);
+        }
         let (i, generation) = self.codec.decode(h);
         let Some(m) = self.meta.get(i as usize) else {
             return Err(Status::INVALID_HANDLE);
@@ -208,8 +237,8 @@ impl Store {
             return Ok(PageIdx(i));
         }
         // Generations before the current one (within half the circle) were freed.
-        let behind = m.generation.wrapping_sub(generation);
-        if behind != 0 && behind < 1 << 31 {
+        let behind = m.generation.wrapping_sub(generation) & HALF_MASK;
+        if behind != 0 && behind < 1 << (HALF_BITS - 1) {
             Err(Status::STALE_HANDLE)
         } else {
             Err(Status::INVALID_HANDLE)
@@ -218,7 +247,8 @@ impl Store {
 
     /// The handle of a live page.
     pub fn handle_of(&self, p: PageIdx) -> PageHandle {
-        self.codec.encode(p.0, self.meta[p.0 as usize].generation)
+        self.codec
+            .encode(self.shard, p.0, self.meta[p.0 as usize].generation)
     }
 
     /// Zeroes and frees a live page; its handle becomes stale.
@@ -226,7 +256,7 @@ impl Store {
         self.page_mut(p).fill(0);
         let m = &mut self.meta[p.0 as usize];
         debug_assert!(m.flags & ALLOCATED != 0);
-        m.generation = m.generation.wrapping_add(1);
+        m.generation = m.generation.wrapping_add(1) & HALF_MASK;
         m.flags = 0;
         m.lease = 0;
         m.owner = 0;
@@ -306,27 +336,30 @@ impl HandleCodec {
     fn f(&self, r: usize, x: u32) -> u32 {
         let mut h = self.keys[r];
         h.write_u32(x);
-        h.finish() as u32
+        h.finish() as u32 & HALF_MASK
     }
 
     fn initial_generation(&self, i: u32) -> u32 {
         // Another input domain than the rounds use (they hash 4 bytes, this 8).
         let mut h = self.keys[0];
         h.write_u64(u64::from(i) | 1 << 63);
-        h.finish() as u32
+        h.finish() as u32 & HALF_MASK
     }
 
-    fn encode(&self, index: u32, generation: u32) -> PageHandle {
-        let (mut l, mut r) = (index, generation);
+    /// The handle of (index, generation), both below 2^28, on `shard`. Never handle 0: the
+    /// shard field is at least 1.
+    fn encode(&self, shard: u8, index: u32, generation: u32) -> PageHandle {
+        let (mut l, mut r) = (index & HALF_MASK, generation & HALF_MASK);
         for k in 0..4 {
             (l, r) = (r, l ^ self.f(k, r));
         }
-        PageHandle::from_bits(u64::from(l) << 32 | u64::from(r))
+        PageHandle::with_shard(shard, u64::from(l) << HALF_BITS | u64::from(r))
     }
 
+    /// (index, generation) of a handle's opaque bits (the shard field is the caller's to check).
     fn decode(&self, h: PageHandle) -> (u32, u32) {
         let b = h.to_bits();
-        let (mut l, mut r) = ((b >> 32) as u32, b as u32);
+        let (mut l, mut r) = ((b >> HALF_BITS) as u32 & HALF_MASK, b as u32 & HALF_MASK);
         for k in (0..4).rev() {
             (l, r) = (r ^ self.f(k, l), l);
         }
@@ -345,10 +378,14 @@ mod tests {
     #[test]
     fn codec_is_a_permutation() {
         let c = HandleCodec::new([7; 32]);
-        for (i, g) in [(0, 0), (1, 0), (0, 1), (u32::MAX, u32::MAX), (12345, 678)] {
-            assert_eq!(c.decode(c.encode(i, g)), (i, g));
+        for (i, g) in [(0, 0), (1, 0), (0, 1), (HALF_MASK, HALF_MASK), (12345, 678)] {
+            for shard in [0, 3, 254] {
+                let h = c.encode(shard, i, g);
+                assert_eq!(c.decode(h), (i, g));
+                assert_eq!(h.shard_field(), shard + 1);
+                assert!(!h.is_none());
+            }
         }
-        assert_ne!(c.encode(0, 0).to_bits(), 0);
     }
 
     #[test]
@@ -398,6 +435,24 @@ mod tests {
             }
             assert!(s.resolve(h).is_err(), "random handle {h:?} resolved");
         }
+    }
+
+    #[test]
+    fn handles_carry_their_shard() {
+        let mut a = Store::for_shard(0, 2 << 20, false).unwrap();
+        let mut b = Store::for_shard(3, 2 << 20, false).unwrap();
+        let (_, ha) = a.alloc(1, false).unwrap();
+        let (pb, hb) = b.alloc(1, false).unwrap();
+        assert_eq!(ha.shard(4), Some(0));
+        assert_eq!(hb.shard(4), Some(3));
+        assert_eq!(b.resolve(hb), Ok(pb));
+        // A handle of another shard is none of this store's, whatever its other bits say.
+        assert_eq!(a.resolve(hb), Err(Status::INVALID_HANDLE));
+        assert_eq!(b.resolve(ha), Err(Status::INVALID_HANDLE));
+        assert!(matches!(
+            Store::for_shard(255, 2 << 20, false),
+            Err(StoreError::BadShard(255))
+        ));
     }
 
     #[test]

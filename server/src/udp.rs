@@ -89,12 +89,11 @@ impl UdpWorker {
 
     pub(crate) fn run(mut self) {
         self.common.set_up_thread();
-        let c = &self.common;
         let mut stats = XskStats::default();
         let mut empty = 0u32;
-        while !c.stop.load(Ordering::Relaxed) {
-            let mut h = c.handler.lock().expect("poisoned");
-            let now = c.started.elapsed().as_nanos() as u64;
+        while !self.common.stop.load(Ordering::Relaxed) {
+            let now = self.common.now_ns();
+            let h = &mut self.common.handler;
             let tx = &mut self.tx;
             let n = self
                 .rx
@@ -113,7 +112,6 @@ impl UdpWorker {
                     tracing::warn!(error = %e, "recvmmsg");
                     0
                 });
-            drop(h);
             if !self.tx.is_empty() {
                 stats.tx_frames += self.tx.len() as u64;
                 self.tx.flush();
@@ -122,7 +120,7 @@ impl UdpWorker {
             stats.tx_dropped = self.tx.dropped;
             if n == 0 {
                 empty += 1;
-                if c.idle && empty >= IDLE_SPINS {
+                if self.common.idle && empty >= IDLE_SPINS {
                     let mut fds = [nix::poll::PollFd::new(
                         self.sock.as_fd(),
                         nix::poll::PollFlags::POLLIN,
@@ -132,9 +130,9 @@ impl UdpWorker {
                 }
             } else {
                 empty = 0;
-                *c.published.lock().expect("poisoned") = stats;
+                self.common.counters().publish_xsk(&stats);
             }
         }
-        *c.published.lock().expect("poisoned") = stats;
+        self.common.counters().publish_xsk(&stats);
     }
 }

@@ -50,8 +50,6 @@ struct Rig {
 
 fn rig_with(arena: u64, max_reply_data: u16, tweak: impl FnOnce(&mut HandlerConfig)) -> Rig {
     let mut cfg = HandlerConfig::new(NetPrefix::DEFAULT, HOST, max_reply_data);
-    cfg.dedup_capacity = 64;
-    cfg.dedup_bulk_capacity = 8;
     tweak(&mut cfg);
     Rig {
         handler: Handler::new(cfg, Store::new(arena, false).unwrap()),
@@ -1166,4 +1164,138 @@ fn pages_migrate_out_and_in_only_for_the_controller() {
     assert_eq!(a.raw(&f).pop().unwrap().h.status, Status::OK);
     a.client = user;
     assert_eq!(a.read(p, 0, 4096), newer);
+}
+
+/// A request id in session slot `slot`, sequence `seq` (docs/protocol.md §8).
+fn slot_id(slot: u64, seq: u64) -> u64 {
+    seq << bluebridge_proto::SESSION_SLOT_BITS | slot
+}
+
+#[test]
+fn at_most_once_holds_against_a_flood_of_other_clients() {
+    // One client's FETCH_ADDs lose their replies and are retransmitted only after a flood of
+    // requests from more distinct clients than the old global table (131,072 entries) held.
+    let mut r = rig();
+    let p = r.alloc();
+    let victim = (r.client, r.port);
+    let add = |r: &mut Rig, id: u64| {
+        let h = BbRepr {
+            request_id: id,
+            operand0: 1,
+            ..hdr(0, 8)
+        };
+        let reply = r.one(Opcode::FETCH_ADD, p, h, &[]);
+        assert_eq!(reply.h.status, Status::OK);
+        reply.h.operand0
+    };
+    const ROUNDS: u64 = 20;
+    const FLOOD: u64 = 7_500;
+    let mut flooders = 0u64;
+    for round in 0..ROUNDS {
+        let id = slot_id(round % 4, 1 + round / 4);
+        (r.client, r.port) = victim;
+        let first = add(&mut r, id); // its reply is "lost"
+        assert_eq!(first, round, "executed once per round");
+        for _ in 0..FLOOD {
+            flooders += 1;
+            let mut a = [0xfd, 0, 0, 0xbb, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+            a[8..].copy_from_slice(&flooders.to_be_bytes());
+            r.client = Ipv6Addr::from(a);
+            let st = r.status(Opcode::FREE, p, hdr(0, 0), &[]);
+            // Refused: not theirs, or no session left for them; never run on the victim's.
+            assert!(matches!(st, Status::FORBIDDEN | Status::BUSY), "{st:?}");
+        }
+        (r.client, r.port) = victim;
+        assert_eq!(
+            add(&mut r, id),
+            first,
+            "the retransmission gets the stored reply"
+        );
+    }
+    assert!(flooders > 131_072);
+    assert_eq!(
+        u64::from_le_bytes(r.read(p, 0, 8).try_into().unwrap()),
+        ROUNDS,
+        "no FETCH_ADD ran twice"
+    );
+    let s = r.handler.stats();
+    assert_eq!(s.duplicates, ROUNDS);
+    assert!(
+        s.replies(Status::BUSY) > 0,
+        "the flood was refused, not remembered"
+    );
+    // An old retransmission, after its slot moved on, is dropped unexecuted.
+    let h = BbRepr {
+        request_id: slot_id(0, 1),
+        operand0: 1,
+        ..hdr(0, 8)
+    };
+    assert!(r.req(Opcode::FETCH_ADD, p, h, &[]).is_empty());
+    assert_eq!(r.handler.stats().stale, 1);
+    assert_eq!(
+        u64::from_le_bytes(r.read(p, 0, 8).try_into().unwrap()),
+        ROUNDS
+    );
+}
+
+#[test]
+fn a_migrated_page_lands_on_the_shard_its_address_names() {
+    use bluebridge_proto::frame::request_shard;
+    use bluebridge_server::stats::HostCounters;
+    use std::sync::Arc;
+    // A server of two shards (what the runtime builds): each handler owns one store.
+    let counters = Arc::new(HostCounters::new(2));
+    let mut shards: Vec<Rig> = (0..2)
+        .map(|i| {
+            let mut cfg = HandlerConfig::new(NetPrefix::DEFAULT, HostId(3), 4096);
+            cfg.shards = 2;
+            let store = Store::for_shard(i, 2 << 20, false).unwrap();
+            Rig {
+                handler: Handler::with_counters(cfg, store, counters.clone()),
+                ..rig()
+            }
+        })
+        .collect();
+    // A page of host 2 whose handle names shard 1 (shard field 2) migrates to host 3.
+    let original = PageHandle::from_bits(0x0200_1234_5678_9abc);
+    assert_eq!(original.shard(2), Some(1));
+    let data = pattern(4);
+    let user = shards[1].client.octets();
+    let h = BbRepr {
+        count: HOST.0,
+        lease: original.to_bits(),
+        operand0: u64::from_be_bytes(user[..8].try_into().unwrap()),
+        operand1: u64::from_be_bytes(user[8..].try_into().unwrap()),
+        offset: 0,
+        length: 4096,
+        ..BbRepr::default()
+    };
+    let controller: Ipv6Addr = "fd00:bb:7fff::1".parse().unwrap();
+    shards[0].client = controller;
+    let f = shards[0].frame_to(
+        RemoteAddr::host_op(NetPrefix::DEFAULT, HostId(3), Opcode::MIGRATE_IN),
+        h,
+        &data,
+    );
+    // The runtime reads the original handle out of the frame and hands it to shard 1.
+    let owner = request_shard(&f, 2).expect("MIGRATE_IN names its page's shard");
+    assert_eq!(owner, 1);
+    assert_eq!(shards[owner].raw(&f).pop().unwrap().h.status, Status::OK);
+    // Requests to the page's original address are steered to shard 1, which answers them.
+    let addr = RemoteAddr::new(
+        NetPrefix::DEFAULT,
+        HOST,
+        original,
+        Opcode::READ,
+        OpFlags::NONE,
+    );
+    let f = shards[1].frame_to(addr, hdr(0, 4096), &[]);
+    assert_eq!(request_shard(&f, 2), Some(1));
+    let r = shards[1].raw(&f);
+    assert_eq!(r.len(), 1);
+    assert_eq!((r[0].h.status, r[0].src), (Status::OK, addr));
+    assert_eq!(r[0].payload, data);
+    // The STAT of either shard sums both.
+    assert_eq!(shards[0].handler.stat_record(0).pages_used, 1);
+    assert_eq!(shards[0].handler.stat_record(0).shards, 2);
 }

@@ -72,6 +72,9 @@ pub struct RigOptions {
     /// Route like the 2017 prototype (page addresses on-link, an NDP proxy answering for all
     /// of them); needs `client_udp` and a UDP server.
     pub prototype_ndp: bool,
+    /// RX/TX queues of the veth pair: the server runs one worker (shard) per queue and the
+    /// AF_XDP client a socket per queue.
+    pub queues: u32,
 }
 
 impl Default for RigOptions {
@@ -90,6 +93,7 @@ impl Default for RigOptions {
             server_transport: TransportKind::Xdp,
             client_udp: false,
             prototype_ndp: false,
+            queues: 1,
         }
     }
 }
@@ -101,7 +105,7 @@ impl Rig {
     pub fn new(o: &RigOptions) -> Rig {
         let name = unique("bbt");
         let pair = match o.relay_seed {
-            None => Pair::create(&name, o.mtu),
+            None => Pair::create_multiqueue(&name, o.mtu, o.queues),
             Some(seed) => Pair::create_impaired(&name, o.mtu, seed),
         }
         .expect("creating namespaces and veth (needs root)");
@@ -116,6 +120,7 @@ impl Rig {
             transport: o.server_transport,
             max_leases: o.max_leases,
             allowed_clients: o.allowed_clients.clone(),
+            queues: (0..o.queues.max(1)).collect(),
             ..ServerConfig::new(&pair.server.ifname, SERVER)
         };
         let mut ndp = None;

@@ -172,10 +172,18 @@ impl Pair {
     /// Creates namespaces `<name>-c` and `<name>-s` joined by veth `<name>c` ⇄ `<name>s` (the
     /// interface names stay within 15 bytes for names up to 14 bytes), links up at `mtu`.
     pub fn create(name: &str, mtu: u16) -> Result<Self, TopologyError> {
+        Self::create_multiqueue(name, mtu, 1)
+    }
+
+    /// Like [`Pair::create`], with `queues` RX and TX queues on each end. A frame sent on TX
+    /// queue `q` of one end arrives on RX queue `q` of the other (with an XDP program attached
+    /// there), so a client picks the server queue, and with it the shard, that gets a request.
+    pub fn create_multiqueue(name: &str, mtu: u16, queues: u32) -> Result<Self, TopologyError> {
         let client_ns = Netns::create(&format!("{name}-c"))?;
         let server_ns = Netns::create(&format!("{name}-s"))?;
         let (cif, sif) = (format!("{name}c"), format!("{name}s"));
         let (cmac, smac) = (mac_for(1, 1), mac_for(2, 1));
+        let q = queues.max(1).to_string();
         ip(&[
             "link",
             "add",
@@ -184,6 +192,10 @@ impl Pair {
             client_ns.name(),
             "address",
             &fmt_mac(cmac),
+            "numtxqueues",
+            &q,
+            "numrxqueues",
+            &q,
             "type",
             "veth",
             "peer",
@@ -193,6 +205,10 @@ impl Pair {
             server_ns.name(),
             "address",
             &fmt_mac(smac),
+            "numtxqueues",
+            &q,
+            "numrxqueues",
+            &q,
         ])?;
         for (ns, ifname) in [(client_ns.name(), &cif), (server_ns.name(), &sif)] {
             configure_link(ns, ifname, mtu)?;

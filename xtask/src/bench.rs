@@ -35,8 +35,12 @@ pub(crate) struct BenchArgs {
     /// Only remote paging (the paper's Figures 4 and 5): 1,500 page faults each through a
     /// RemoteRegion, with a directory-service round trip, and from the local disk (O_DIRECT and
     /// cached), with their breakdown; then the remote-sort example.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "table1")]
     paging: bool,
+    /// Only the shard scaling of the server's request path (parse, shard, store, reply frame;
+    /// no sockets) on 1 and on 2 pinned threads, and its cost per READ, WRITE and FETCH_ADD.
+    #[arg(long, conflicts_with_all = ["table1", "paging"])]
+    scaling: bool,
 }
 
 const NAME: &str = "bbbench";
@@ -193,6 +197,30 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
         NAME,
         64 + 2 * 8 + 4,
     )?;
+    let out = root().join(&a.out);
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let bin = root().join("target/release");
+    if a.scaling || !a.table1 && !a.paging {
+        // Before any traffic: it needs both CPUs to itself.
+        let (seconds, repeats) = if a.quick { ("0.3", "1") } else { ("1", "3") };
+        s.run(
+            &format!(
+                "scaling: the request path (parse, shard, store, reply frame; no sockets) on 1 \
+                 and 2 shards, {seconds} s each, {repeats} time(s)"
+            ),
+            || {
+                stage::status(
+                    Command::new(bin.join("bluebridge-scaling"))
+                        .args(["--seconds", seconds, "--repeats", repeats, "--json"])
+                        .arg(out.join("scaling.json")),
+                )
+            },
+        )?;
+    }
+    if a.scaling {
+        s.finish();
+        return print_scaling(&out);
+    }
     if !a.table1 {
         s.run("build the remote_sort example (release)", || {
             stage::status(crate::cargo().args([
@@ -206,8 +234,6 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
             ]))
         })?;
     }
-    let out = root().join(&a.out);
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let mut pair = None;
     s.run(
         &format!("topology: {NAME}-c ⇄ {NAME}-s, MTU 9000, kernel routes for the UDP baseline"),
@@ -226,7 +252,7 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
     let (seconds, warmup) = if a.quick { ("1", "0.5") } else { ("5", "1") };
     let lab = Lab {
         pair: pair.expect("created"),
-        bin: root().join("target/release"),
+        bin,
         interrupted: &interrupted,
         cores: lab::cores(),
         seconds,
@@ -338,7 +364,32 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
     if !a.table1 {
         print_paging(&out)?;
     }
+    if !a.table1 && !a.paging {
+        print_scaling(&out)?;
+    }
     s.finish();
+    Ok(())
+}
+
+/// The scaling line and the per-request costs, from `results/scaling.json`.
+fn print_scaling(out: &Path) -> Result<()> {
+    let p = out.join("scaling.json");
+    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    let num = |x: &serde_json::Value| x.as_f64().unwrap_or(f64::NAN);
+    println!(
+        "scaling: 1 shard {:.0} ops/s, 2 shards {:.0} ops/s, ratio {:.2}",
+        num(&v["ops_per_s"]["1"]),
+        num(&v["ops_per_s"]["2"]),
+        num(&v["ratio"])
+    );
+    if let Some(costs) = v["ns_per_request"].as_object() {
+        let c: Vec<String> = costs
+            .iter()
+            .map(|(op, ns)| format!("{op} {:.0} ns", num(ns)))
+            .collect();
+        println!("cost per request (one core): {}", c.join(", "));
+    }
     Ok(())
 }
 

@@ -22,7 +22,7 @@ use crate::codes::{HeaderFlags, Status};
 use crate::wire::Layer;
 use crate::{FrameError, VERSION};
 
-mod field {
+pub(crate) mod field {
     pub(crate) const VERSION: usize = 0;
     pub(crate) const FLAGS: usize = 1;
     pub(crate) const STATUS: usize = 2;

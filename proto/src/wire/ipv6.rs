@@ -6,7 +6,7 @@ use super::{be16, be32, put16, put32};
 use crate::FrameError;
 use crate::wire::Layer;
 
-mod field {
+pub(crate) mod field {
     use core::ops::Range;
     pub(crate) const VER_TC_FLOW: usize = 0;
     pub(crate) const PAYLOAD_LEN: usize = 4;
