@@ -98,8 +98,8 @@ struct Args {
     #[arg(long, default_value_t = 1500)]
     ops: usize,
     /// Bare-echo baseline: against a `bluebridge-server --echo`, time raw frames of 110 +
-    /// `--payload` bytes bounced back unparsed (window 1; AF_XDP only). BASELINES-style
-    /// ratios compare the operations against this, measured in the same run.
+    /// `--payload` bytes bounced back unparsed, `--window` of them in flight (AF_XDP only).
+    /// BASELINES-style ratios compare the operations against this, measured in the same run.
     #[arg(long)]
     echo: bool,
     /// Write the report as JSON to this file.
@@ -544,7 +544,60 @@ fn echo(a: &Args, mtu: u16, environment: serde_json::Value) -> Result<()> {
     let start = Instant::now();
     let (mut done, mut lost) = (0u64, 0u64);
     let mut since = None;
-    while start.elapsed() < warmup + measure {
+    if a.window > 1 {
+        // Pipelined: `window` frames in flight, each numbered in its request-id field (the
+        // echo bounces frames unparsed, so the checksum is left as built); a frame back is
+        // timed against its own send and replaced by the next one.
+        const ID_AT: usize = 62 + 8;
+        let w = a.window as u64;
+        let mut sent_at = vec![Instant::now(); a.window];
+        let mut next = 0u64;
+        // Sends frame `next` (spinning while the TX ring is full: each try reclaims
+        // completions) and notes when.
+        let send = |x: &mut bluebridge_client::XdpTransport,
+                    frame: &mut [u8],
+                    sent_at: &mut [Instant],
+                    next: &mut u64| {
+            frame[ID_AT..ID_AT + 8].copy_from_slice(&next.to_be_bytes());
+            while !x.send_raw(frame) {}
+            sent_at[(*next % w) as usize] = Instant::now();
+            *next += 1;
+        };
+        while next < w {
+            send(x, &mut frame, &mut sent_at, &mut next);
+        }
+        let mut last_back = Instant::now();
+        while start.elapsed() < warmup + measure {
+            if since.is_none() && start.elapsed() >= warmup {
+                since = Some(Instant::now());
+            }
+            let mut back = Vec::new();
+            x.recv_raw(|f| {
+                if let Some(id) = f.get(ID_AT..ID_AT + 8) {
+                    back.push(u64::from_be_bytes(id.try_into().expect("8 bytes")));
+                }
+            });
+            if back.is_empty() {
+                if last_back.elapsed() > Duration::from_secs(1) {
+                    bail!(
+                        "the echo stopped answering with {} frames in flight",
+                        a.window
+                    );
+                }
+                continue;
+            }
+            last_back = Instant::now();
+            for id in back {
+                if since.is_some() {
+                    done += 1;
+                    let t = sent_at[(id % w) as usize];
+                    lat.record(ECHO, t.elapsed().as_nanos() as u64);
+                }
+                send(x, &mut frame, &mut sent_at, &mut next);
+            }
+        }
+    }
+    while a.window <= 1 && start.elapsed() < warmup + measure {
         if since.is_none() && start.elapsed() >= warmup {
             since = Some(Instant::now());
         }

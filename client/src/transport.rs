@@ -367,6 +367,8 @@ impl XdpTransport {
                 frames: cfg.frames,
                 multi_buffer,
                 hugepages: true,
+                zero_copy: true,
+                busy_poll: None,
             })?;
             steer
                 .lock()
@@ -441,6 +443,7 @@ impl XdpTransport {
             t.tx_kicks += s.tx_kicks;
             t.rx_oversize += s.rx_oversize;
             t.fill_deferred += s.fill_deferred;
+            t.rx_kicks += s.rx_kicks;
         }
         t
     }

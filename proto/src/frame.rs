@@ -264,6 +264,78 @@ pub fn build_with(
     Ok(total)
 }
 
+/// A frame being written in pieces (a multi-buffer frame straight into its UMEM chunks): the
+/// headers go into the first piece by [`FrameWriter::start`], the payload follows through
+/// [`FrameWriter::payload`] with its checksum summed while it is copied, and
+/// [`FrameWriter::finish`] puts the UDP checksum into the first piece.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameWriter {
+    csum: crate::checksum::Checksum,
+}
+
+/// Where the UDP checksum sits in a frame.
+const UDP_CHECKSUM_AT: usize = ethernet::HEADER_LEN + ipv6::HEADER_LEN + 6;
+
+impl FrameWriter {
+    /// Writes the Ethernet, IPv6, UDP (checksum still 0) and BlueBridge headers of a frame
+    /// with `payload_len` payload bytes into `first[..FRAME_OVERHEAD]`.
+    pub fn start(
+        first: &mut [u8],
+        ep: &Endpoints,
+        header: &BbRepr,
+        payload_len: usize,
+    ) -> Result<Self, FrameError> {
+        if first.len() < FRAME_OVERHEAD {
+            return Err(FrameError::BufferTooSmall {
+                need: FRAME_OVERHEAD,
+                have: first.len(),
+            });
+        }
+        let udp_len = FRAME_OVERHEAD - ethernet::HEADER_LEN - ipv6::HEADER_LEN + payload_len;
+        let udp_len16 =
+            u16::try_from(udp_len).map_err(|_| FrameError::PayloadTooLarge(payload_len))?;
+        let (eth_buf, rest) = first[..FRAME_OVERHEAD].split_at_mut(ethernet::HEADER_LEN);
+        EthernetRepr {
+            src: ep.src_mac,
+            dst: ep.dst_mac,
+            ethertype: ETHERTYPE_IPV6,
+        }
+        .emit(&mut EthernetFrame::new_unchecked(eth_buf));
+        let (ip_buf, udp_buf) = rest.split_at_mut(ipv6::HEADER_LEN);
+        Ipv6Repr {
+            src: ep.src,
+            dst: ep.dst,
+            next_header: NEXT_HEADER_UDP,
+            payload_len: udp_len16,
+            hop_limit: DEFAULT_HOP_LIMIT,
+        }
+        .emit(&mut Ipv6Packet::new_unchecked(ip_buf));
+        let (udp_hdr, bb_buf) = udp_buf.split_at_mut(udp::HEADER_LEN);
+        header.emit(&mut BbPacket::new_unchecked(&mut *bb_buf));
+        // The UDP header by hand: its view checks the length against the (absent) payload.
+        udp_hdr[0..2].copy_from_slice(&ep.src_port.to_be_bytes());
+        udp_hdr[2..4].copy_from_slice(&ep.dst_port.to_be_bytes());
+        udp_hdr[4..6].copy_from_slice(&udp_len16.to_be_bytes());
+        udp_hdr[6..8].copy_from_slice(&[0, 0]);
+        let mut csum = crate::checksum::Checksum::new();
+        csum.add_pseudo_header(ep.src, ep.dst, NEXT_HEADER_UDP, udp_len as u32)
+            .add_bytes(udp_hdr)
+            .add_bytes(bb_buf);
+        Ok(FrameWriter { csum })
+    }
+
+    /// Copies the next `src.len()` payload bytes into `dst`, summing them on the way.
+    pub fn payload(&mut self, dst: &mut [u8], src: &[u8]) {
+        self.csum.copy_and_add(dst, src);
+    }
+
+    /// Puts the UDP checksum into the frame's first piece.
+    pub fn finish(self, first: &mut [u8]) {
+        let c = crate::checksum::udp_field(&self.csum);
+        first[UDP_CHECKSUM_AT..UDP_CHECKSUM_AT + 2].copy_from_slice(&c.to_be_bytes());
+    }
+}
+
 /// Turns a received frame around in place: MACs, IPv6 addresses and UDP ports swapped, so it
 /// goes back to where it came from. The UDP checksum stays valid (the pseudo-header and the
 /// ports are summed symmetrically). For the bare-echo baseline of the benchmarks.
@@ -292,9 +364,17 @@ pub fn build(
     header: &BbRepr,
     payload: &[u8],
 ) -> Result<usize, FrameError> {
-    build_with(buf, ep, header, payload.len(), |p| {
-        p.copy_from_slice(payload)
-    })
+    let total = FRAME_OVERHEAD + payload.len();
+    if total > buf.len() {
+        return Err(FrameError::BufferTooSmall {
+            need: total,
+            have: buf.len(),
+        });
+    }
+    let mut w = FrameWriter::start(buf, ep, header, payload.len())?;
+    w.payload(&mut buf[FRAME_OVERHEAD..total], payload);
+    w.finish(buf);
+    Ok(total)
 }
 
 #[cfg(test)]

@@ -461,11 +461,13 @@ pub struct StatRecord {
     pub shards: u64,
     /// Frames a shard received for another shard's page and handed to it.
     pub handoffs: u64,
+    /// Shards whose AF_XDP socket runs in zero-copy mode (the rest copy).
+    pub zero_copy: u64,
 }
 
 impl StatRecord {
     /// Length of the record a server sends.
-    pub const LEN: usize = 80;
+    pub const LEN: usize = 88;
     /// Length of the oldest record (the first eight fields); later fields read as 0 when
     /// absent.
     pub const MIN_LEN: usize = 64;
@@ -483,6 +485,7 @@ impl StatRecord {
             self.uptime_ms,
             self.shards,
             self.handoffs,
+            self.zero_copy,
         ];
         for (i, v) in f.into_iter().enumerate() {
             put64(buf, i * 8, v);
@@ -504,6 +507,7 @@ impl StatRecord {
             uptime_ms: g(7),
             shards: g(8),
             handoffs: g(9),
+            zero_copy: g(10),
         })
     }
 }
@@ -868,6 +872,7 @@ mod tests {
             uptime_ms: 8,
             shards: 9,
             handoffs: 10,
+            zero_copy: 11,
         };
         let mut b = [0u8; StatRecord::LEN + 8];
         s.emit(&mut b);

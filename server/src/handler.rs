@@ -203,6 +203,7 @@ impl Handler {
             uptime_ms: now_ns / 1_000_000,
             shards: self.counters.len() as u64,
             handoffs: t.handoffs,
+            zero_copy: t.zero_copy,
         }
     }
 

@@ -65,6 +65,18 @@ struct Args {
     /// Attach XDP in generic (SKB) mode instead of trying driver mode first.
     #[arg(long)]
     generic: bool,
+    /// Bind the AF_XDP sockets in copy mode without asking for zero-copy first (by default
+    /// zero-copy is tried and copy mode taken, with a log line, where the driver has none).
+    #[arg(long)]
+    copy: bool,
+    /// Preferred busy polling: each worker's ring polls drive its queue's NAPI for up to this
+    /// many microseconds (SO_PREFER_BUSY_POLL + SO_BUSY_POLL; 0: off). For NICs with
+    /// napi_defer_hard_irqs and gro_flush_timeout set (docs/running.md).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    busy_poll_us: u32,
+    /// Packets one busy poll may process (SO_BUSY_POLL_BUDGET), with --busy-poll-us.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    busy_poll_budget: u16,
     /// Do not try 2 MiB hugepages for the arena and UMEM.
     #[arg(long)]
     no_hugepages: bool,
@@ -139,6 +151,11 @@ fn main() -> Result<()> {
         sched_idle: !a.normal_priority,
         frames: a.frames,
         force_generic: a.generic,
+        zero_copy: !a.copy,
+        busy_poll: (a.busy_poll_us > 0).then_some(bluebridge_xsk::BusyPoll {
+            usecs: a.busy_poll_us,
+            budget: a.busy_poll_budget,
+        }),
         hugepages: !a.no_hugepages,
         max_leases: a.max_leases,
         lease_default_ms: a.lease_default_ms,
@@ -159,7 +176,8 @@ fn main() -> Result<()> {
     let i = server.info();
     println!(
         "bluebridge-server: {} host {:#06x} prefix {} | {} | {} pages ({:?}) | {} | MTU {} | \
-         {} worker(s), one shard each | memory besides arena: {:.1} MiB tables + {:.1} MiB UMEM",
+         {} worker(s), one shard each | AF_XDP {} | memory besides arena: {:.1} MiB tables + \
+         {:.1} MiB UMEM",
         a.iface,
         a.host_id,
         a.prefix,
@@ -174,6 +192,7 @@ fn main() -> Result<()> {
         },
         i.mtu,
         i.shards,
+        socket_modes(&i.sockets),
         i.overhead_bytes as f64 / 1048576.0,
         i.umem_bytes as f64 / 1048576.0,
     );
@@ -203,6 +222,26 @@ fn main() -> Result<()> {
     );
     println!("{}", summary(&s));
     Ok(())
+}
+
+/// "zero-copy" / "copy" (per socket if they differ), need-wakeup and busy polling.
+fn socket_modes(m: &[bluebridge_xsk::XskMode]) -> String {
+    if m.is_empty() {
+        return "none (kernel UDP)".into();
+    }
+    let zc = m.iter().filter(|m| m.zero_copy).count();
+    let mut s = match zc {
+        0 => "copy mode".to_owned(),
+        z if z == m.len() => "zero-copy".to_owned(),
+        z => format!("zero-copy on {z} of {} sockets, copy on the rest", m.len()),
+    };
+    if m.iter().all(|m| m.need_wakeup) {
+        s += ", need-wakeup";
+    }
+    if m.iter().any(|m| m.busy_poll) {
+        s += ", preferred busy polling";
+    }
+    s
 }
 
 fn line(a: &ServerStats, b: &ServerStats, dt: Duration) -> String {

@@ -75,6 +75,11 @@ pub struct ServerConfig {
     pub frames: u32,
     /// Attach XDP in generic mode.
     pub force_generic: bool,
+    /// Ask for zero-copy AF_XDP sockets first (falling back to copy mode with a log line);
+    /// `false`: copy mode.
+    pub zero_copy: bool,
+    /// Preferred busy polling on every socket (for NICs; docs/running.md).
+    pub busy_poll: Option<bluebridge_xsk::BusyPoll>,
     /// Put the arena and UMEM on hugepages when available.
     pub hugepages: bool,
     /// Bare-echo baseline: bounce every steered frame back (endpoints swapped) without
@@ -119,6 +124,8 @@ impl ServerConfig {
             sched_idle: true,
             frames: 2048,
             force_generic: false,
+            zero_copy: true,
+            busy_poll: None,
             hugepages: true,
             echo: false,
             max_leases: u16::MAX,
@@ -206,6 +213,8 @@ pub struct ServerInfo {
     pub overhead_bytes: usize,
     /// UMEM bytes over all sockets.
     pub umem_bytes: usize,
+    /// How each AF_XDP socket got bound (same order as the queues; empty for kernel UDP).
+    pub sockets: Vec<bluebridge_xsk::XskMode>,
 }
 
 impl Server {
@@ -327,6 +336,8 @@ impl Server {
                         frames: cfg.frames,
                         multi_buffer,
                         hugepages: cfg.hugepages,
+                        zero_copy: cfg.zero_copy,
+                        busy_poll: cfg.busy_poll,
                     })?;
                     steer.set_socket(q, xsk.fd())?;
                     sockets.push(xsk);
@@ -394,6 +405,13 @@ impl Server {
             sched_idle: cfg.sched_idle,
             core,
         };
+        let modes: Vec<_> = match &sockets {
+            Sockets::Xdp(s) => s.iter().map(Xsk::mode).collect(),
+            Sockets::Udp(_) => Vec::new(),
+        };
+        for (i, m) in modes.iter().enumerate() {
+            counters.shard(i).zero_copy.set(u64::from(m.zero_copy));
+        }
         let umem_bytes = match sockets {
             Sockets::Xdp(sockets) => {
                 let n = sockets.len();
@@ -430,6 +448,7 @@ impl Server {
             mtu,
             overhead_bytes,
             umem_bytes,
+            sockets: modes,
         };
         tracing::info!(
             ifname = %cfg.ifname, host = %cfg.host, prefix = %cfg.prefix, ?attach, ?backing, pages,
@@ -576,6 +595,7 @@ impl Worker {
                     }
                 })
             } else {
+                self.xsk.kick_rx();
                 0
             };
             if shards > 1 && self.handoff.pending(me) {

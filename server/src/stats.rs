@@ -56,6 +56,8 @@ pub struct Stats {
     pub pages_total: u64,
     /// Leases granted and not yet committed, released or reclaimed.
     pub leases_held: u64,
+    /// Shards whose AF_XDP socket is in zero-copy mode.
+    pub zero_copy: u64,
 }
 
 impl Default for Stats {
@@ -74,6 +76,7 @@ impl Default for Stats {
             pages_used: 0,
             pages_total: 0,
             leases_held: 0,
+            zero_copy: 0,
         }
     }
 }
@@ -106,6 +109,7 @@ impl Stats {
         self.pages_used += o.pages_used;
         self.pages_total += o.pages_total;
         self.leases_held += o.leases_held;
+        self.zero_copy += o.zero_copy;
         self.ops.iter_mut().zip(o.ops).for_each(|(a, b)| *a += b);
         self.statuses
             .iter_mut()
@@ -213,8 +217,10 @@ pub struct ShardCounters {
     pub pages_total: Counter,
     /// Leases granted and not yet ended.
     pub leases_held: Counter,
+    /// 1 if the shard's AF_XDP socket is in zero-copy mode.
+    pub zero_copy: Counter,
     /// The shard's socket counters, as its worker last published them.
-    pub xsk: [Counter; 7],
+    pub xsk: [Counter; 8],
 }
 
 impl Default for ShardCounters {
@@ -233,6 +239,7 @@ impl Default for ShardCounters {
             pages_used: Counter::default(),
             pages_total: Counter::default(),
             leases_held: Counter::default(),
+            zero_copy: Counter::default(),
             xsk: counters(),
         }
     }
@@ -274,6 +281,7 @@ impl ShardCounters {
             pages_used: self.pages_used.get(),
             pages_total: self.pages_total.get(),
             leases_held: self.leases_held.get(),
+            zero_copy: self.zero_copy.get(),
         }
     }
 
@@ -287,6 +295,7 @@ impl ShardCounters {
             s.tx_kicks,
             s.rx_oversize,
             s.fill_deferred,
+            s.rx_kicks,
         ];
         for (c, v) in self.xsk.iter().zip(v) {
             c.set(v);
@@ -303,6 +312,7 @@ impl ShardCounters {
             tx_kicks,
             rx_oversize,
             fill_deferred,
+            rx_kicks,
         ] = read(&self.xsk);
         XskStats {
             rx_frames,
@@ -312,6 +322,7 @@ impl ShardCounters {
             tx_kicks,
             rx_oversize,
             fill_deferred,
+            rx_kicks,
         }
     }
 }
@@ -366,6 +377,7 @@ impl HostCounters {
             t.tx_kicks += x.tx_kicks;
             t.rx_oversize += x.rx_oversize;
             t.fill_deferred += x.fill_deferred;
+            t.rx_kicks += x.rx_kicks;
         }
         t
     }

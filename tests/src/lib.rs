@@ -75,6 +75,8 @@ pub struct RigOptions {
     /// RX/TX queues of the veth pair: the server runs one worker (shard) per queue and the
     /// AF_XDP client a socket per queue.
     pub queues: u32,
+    /// Preferred busy polling on the server's sockets.
+    pub busy_poll: Option<bluebridge_xsk::BusyPoll>,
 }
 
 impl Default for RigOptions {
@@ -94,6 +96,7 @@ impl Default for RigOptions {
             client_udp: false,
             prototype_ndp: false,
             queues: 1,
+            busy_poll: None,
         }
     }
 }
@@ -121,6 +124,7 @@ impl Rig {
             max_leases: o.max_leases,
             allowed_clients: o.allowed_clients.clone(),
             queues: (0..o.queues.max(1)).collect(),
+            busy_poll: o.busy_poll,
             ..ServerConfig::new(&pair.server.ifname, SERVER)
         };
         let mut ndp = None;

@@ -53,6 +53,13 @@ fn every_operation_on_every_shard(queues: u32) {
     });
     let n = queues as usize;
     assert_eq!(rig.server().info().shards, n);
+    // veth has no zero-copy: every socket fell back to copy mode, with need-wakeup.
+    let modes = &rig.server().info().sockets;
+    assert_eq!(modes.len(), n);
+    assert!(
+        modes.iter().all(|m| !m.zero_copy && m.need_wakeup),
+        "{modes:?}"
+    );
     assert_eq!(rig.xdp().queues().len(), n, "a client socket per queue");
     let c = &mut rig.client;
     let by_shard = pages_on_every_shard(c, n, 2, false);
@@ -97,6 +104,7 @@ fn every_operation_on_every_shard(queues: u32) {
     assert!(bulk.iter().all(|p| p.handle().shard_field() == shard));
     let st = c.stat(SERVER).unwrap();
     assert_eq!(st.shards, n as u64);
+    assert_eq!(st.zero_copy, 0);
     assert_eq!(st.pages_used, (all.len() + 4) as u64);
     let mut gone = all.clone();
     gone.extend(&bulk);
@@ -307,4 +315,25 @@ fn concurrent_atomics_from_many_clients_across_shards_are_exact() {
     for (i, sh) in s.shards.iter().enumerate() {
         assert!(sh.requests > 0, "shard {i} served nothing");
     }
+}
+
+#[test]
+fn a_server_with_preferred_busy_polling_serves_every_shard() {
+    let mut rig = Rig::new(&RigOptions {
+        queues: 2,
+        busy_poll: Some(bluebridge_xsk::BusyPoll {
+            usecs: 20,
+            budget: 16,
+        }),
+        ..RigOptions::default()
+    });
+    assert!(rig.server().info().sockets.iter().all(|m| m.busy_poll));
+    let by_shard = pages_on_every_shard(&mut rig.client, 2, 1, false);
+    for (s, pages) in by_shard.iter().enumerate() {
+        rig.client.write(pages[0], 0, &pattern(s as u8)).unwrap();
+        assert_eq!(rig.client.read(pages[0]).unwrap(), pattern(s as u8));
+    }
+    // Idle polls went to the kernel to drive NAPI (the stats are published when idle).
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(rig.server().stats().xsk.rx_kicks > 0);
 }

@@ -51,6 +51,33 @@ pub struct XskConfig {
     pub multi_buffer: bool,
     /// Put the UMEM on 2 MiB hugepages if the kernel has them (falls back with a warning).
     pub hugepages: bool,
+    /// Ask for zero-copy first and fall back to copy mode (with a log line) when the driver
+    /// cannot; `false` binds in copy mode straight away.
+    pub zero_copy: bool,
+    /// Preferred busy polling (`SO_PREFER_BUSY_POLL`, `SO_BUSY_POLL`, `SO_BUSY_POLL_BUDGET`):
+    /// the application's own ring polls drive the NIC queue's NAPI instead of interrupts. For
+    /// NICs with `napi_defer_hard_irqs` and `gro_flush_timeout` set (docs/running.md).
+    pub busy_poll: Option<BusyPoll>,
+}
+
+/// Preferred busy-polling settings of a socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BusyPoll {
+    /// `SO_BUSY_POLL`: microseconds a busy poll may spin in the kernel.
+    pub usecs: u32,
+    /// `SO_BUSY_POLL_BUDGET`: packets one busy poll may process.
+    pub budget: u16,
+}
+
+/// How a socket got bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct XskMode {
+    /// Zero-copy (the NIC writes into the UMEM) rather than copy mode.
+    pub zero_copy: bool,
+    /// `XDP_USE_NEED_WAKEUP`: the kernel says when it needs a system call to go on.
+    pub need_wakeup: bool,
+    /// Preferred busy polling is on.
+    pub busy_poll: bool,
 }
 
 impl XskConfig {
@@ -62,6 +89,8 @@ impl XskConfig {
             frames: 4096,
             multi_buffer: false,
             hugepages: true,
+            zero_copy: true,
+            busy_poll: None,
         }
     }
 }
@@ -108,6 +137,9 @@ pub struct XskStats {
     pub rx_oversize: u64,
     /// Times received chunks had to wait to go back to the fill ring.
     pub fill_deferred: u64,
+    /// System calls made because the fill ring asked for a wake-up (need-wakeup mode) or to
+    /// drive preferred busy polling.
+    pub rx_kicks: u64,
 }
 
 /// TX frames of the UMEM that are not in the kernel's hands, and frames written but not yet
@@ -184,16 +216,62 @@ impl Tx<'_> {
 }
 
 impl FrameSink for Tx<'_> {
-    /// Builds the frame straight into a UMEM chunk (or a chain of them).
+    /// Builds the frame straight into its UMEM chunk, or chain of chunks: headers into the
+    /// first, the payload copied once across them with its checksum summed on the way, and the
+    /// checksum put into the first chunk last. No staging buffer.
     fn send(&mut self, ep: &Endpoints, header: &BbRepr, payload: &[u8]) -> bool {
-        self.send_with(FRAME_OVERHEAD + payload.len(), |buf| {
-            frame::build(buf, ep, header, payload).expect("the buffer is sized for the frame");
-        })
+        let len = FRAME_OVERHEAD + payload.len();
+        let max = self.max_frame();
+        let p = &mut *self.pool;
+        let parts = len.div_ceil(p.chunk).max(1);
+        if len > max || p.free.len() < parts || p.chunk < FRAME_OVERHEAD {
+            p.dropped += 1;
+            return false;
+        }
+        let first_at = p.pending.len();
+        let mut rest = payload;
+        let mut writer = None;
+        for i in 0..parts {
+            let mut desc = p.free.pop().expect("checked");
+            let here = (len - i * p.chunk).min(p.chunk);
+            // SAFETY: `desc` is a TX frame of this UMEM taken from the free list: the kernel
+            // has completed it (or never had it), and no other reference to it exists.
+            let mut data = unsafe { self.umem.data_mut(&mut desc) };
+            data.cursor().set_pos(here);
+            let buf = data.contents_mut();
+            let body = if i == 0 {
+                writer = Some(
+                    frame::FrameWriter::start(buf, ep, header, payload.len())
+                        .expect("a chunk holds the headers and the length was checked"),
+                );
+                &mut buf[FRAME_OVERHEAD..]
+            } else {
+                buf
+            };
+            let (now, later) = rest.split_at(body.len());
+            writer
+                .as_mut()
+                .expect("set by the first part")
+                .payload(body, now);
+            rest = later;
+            desc.set_options(if i + 1 < parts { XDP_PKT_CONTD } else { 0 });
+            p.pending.push(desc);
+        }
+        let mut first = p.pending[first_at];
+        // SAFETY: the first descriptor of this frame, written above and not yet handed to the
+        // kernel (it is still in `pending`); no other reference to its chunk exists now.
+        let mut data = unsafe { self.umem.data_mut(&mut first) };
+        writer
+            .expect("one part at least")
+            .finish(data.contents_mut());
+        p.frames += 1;
+        true
     }
 }
 
 /// One AF_XDP socket with its UMEM and rings.
 pub struct Xsk {
+    mode: XskMode,
     umem: Umem,
     tx: TxQueue,
     rx: RxQueue,
@@ -231,6 +309,43 @@ impl Xsk {
                 cfg.frames
             )));
         }
+        let mut flags = BindFlags::XDP_USE_NEED_WAKEUP;
+        if cfg.multi_buffer {
+            flags |= BindFlags::XDP_USE_SG;
+        }
+        // Zero-copy where the driver has it, else copy mode; need-wakeup where the kernel
+        // knows it (every kernel with multi-buffer does), else without.
+        let mut tries = Vec::new();
+        if cfg.zero_copy {
+            tries.push(flags | BindFlags::XDP_ZEROCOPY);
+        }
+        tries.push(flags | BindFlags::XDP_COPY);
+        tries.push((flags - BindFlags::XDP_USE_NEED_WAKEUP) | BindFlags::XDP_COPY);
+        let mut last = None;
+        for (k, bind) in tries.iter().enumerate() {
+            match Self::bind(cfg, *bind) {
+                Ok(x) => {
+                    tracing::info!(
+                        ifname = %cfg.ifname, queue = cfg.queue,
+                        zero_copy = x.mode.zero_copy, need_wakeup = x.mode.need_wakeup,
+                        busy_poll = x.mode.busy_poll,
+                        "AF_XDP socket bound in {} mode",
+                        if x.mode.zero_copy { "zero-copy" } else { "copy" }
+                    );
+                    return Ok(x);
+                }
+                Err(e @ XskError::Socket { .. }) if k + 1 < tries.len() => {
+                    tracing::debug!(error = %e, ?bind, "binding refused; trying the next mode");
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.expect("at least one try"))
+    }
+
+    /// A UMEM and a socket bound with `bind`.
+    fn bind(cfg: &XskConfig, bind: BindFlags) -> Result<Self, XskError> {
         let half = cfg.frames / 2;
         let q = |n: u32| QueueSize::new(n).map_err(|e| XskError::Config(e.to_string()));
         let umem_cfg = UmemConfig::builder()
@@ -239,7 +354,7 @@ impl Xsk {
             .comp_queue_size(q(half)?)
             .build()
             .map_err(|e| XskError::Config(e.to_string()))?;
-        let count = NonZeroU32::new(cfg.frames).expect("checked above");
+        let count = NonZeroU32::new(cfg.frames).expect("checked by new");
         let (umem, descs, hugepages) = match Umem::new(umem_cfg, count, cfg.hugepages) {
             Ok((u, d)) => (u, d, cfg.hugepages),
             Err(e) if cfg.hugepages => {
@@ -250,10 +365,6 @@ impl Xsk {
             }
             Err(e) => return Err(XskError::Umem(e.to_string())),
         };
-        let mut bind = BindFlags::empty();
-        if cfg.multi_buffer {
-            bind |= BindFlags::XDP_USE_SG;
-        }
         let sock_cfg = SocketConfig::builder()
             .rx_queue_size(q(half)?)
             .tx_queue_size(q(half)?)
@@ -273,6 +384,20 @@ impl Xsk {
             queue: cfg.queue,
             reason: format!("{e}{}", e.source_text()),
         })?;
+        let mut mode = XskMode {
+            zero_copy: bind.contains(BindFlags::XDP_ZEROCOPY),
+            need_wakeup: bind.contains(BindFlags::XDP_USE_NEED_WAKEUP),
+            busy_poll: false,
+        };
+        if let Some(bp) = cfg.busy_poll {
+            set_busy_poll(rx.fd().as_raw_fd(), bp).map_err(|e| {
+                XskError::Config(format!(
+                    "preferred busy polling on {} queue {}: {e}",
+                    cfg.ifname, cfg.queue
+                ))
+            })?;
+            mode.busy_poll = true;
+        }
         let (mut fq, cq) = rings.ok_or(XskError::NoRings)?;
         let (rx_descs, tx_free) = descs.split_at(half as usize);
         // SAFETY: the RX half of the frames is handed to the kernel once; we touch them again
@@ -286,6 +411,7 @@ impl Xsk {
         }
         let chunk = (CHUNK - umem_cfg.xdp_headroom() - umem_cfg.frame_headroom()) as usize;
         Ok(Xsk {
+            mode,
             umem,
             tx,
             rx,
@@ -331,6 +457,11 @@ impl Xsk {
         self.hugepages
     }
 
+    /// How the socket got bound (zero-copy or copy, need-wakeup, busy polling).
+    pub fn mode(&self) -> XskMode {
+        self.mode
+    }
+
     /// Counters.
     pub fn stats(&self) -> XskStats {
         XskStats {
@@ -355,6 +486,7 @@ impl Xsk {
         // SAFETY: `batch` is scratch space for descriptors; consuming writes only into it.
         let n = unsafe { self.rx.consume(&mut self.batch) };
         if n == 0 {
+            self.kick_rx();
             return 0;
         }
         let mut frames = 0;
@@ -422,9 +554,34 @@ impl Xsk {
         }
     }
 
+    /// With nothing received (call it when [`Xsk::rx_ready`] says so): a system call when the kernel asked for one on the fill ring
+    /// (need-wakeup: the driver stopped for want of fill descriptors) or to drive preferred busy
+    /// polling (the call runs the queue's NAPI poll).
+    pub fn kick_rx(&mut self) {
+        let asked = self.mode.need_wakeup && self.mode.zero_copy && self.fq.needs_wakeup();
+        if asked || self.mode.busy_poll {
+            self.stats.rx_kicks += 1;
+            let fd = self.rx.fd().as_raw_fd();
+            // SAFETY: a zero-length, non-blocking recvfrom on our own AF_XDP socket with no
+            // buffer and no address: the kernel reads and writes no user memory.
+            let _ = unsafe {
+                libc::recvfrom(
+                    fd,
+                    std::ptr::null_mut(),
+                    0,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                )
+            };
+        }
+    }
+
     /// Reclaims completed TX frames, queues pending frames on the TX ring and kicks the kernel
-    /// while any are outstanding (copy mode sends at most 32 descriptors per kick, so the kick
-    /// repeats on every flush until all have completed).
+    /// while any are outstanding and it needs a kick: always in copy mode (where the system
+    /// call does the sending, at most 32 descriptors per call, so the kick repeats on every
+    /// flush until all have completed), only when the ring asks for one in zero-copy
+    /// need-wakeup mode.
     pub fn flush(&mut self) {
         self.refill();
         loop {
@@ -450,7 +607,8 @@ impl Xsk {
             pending.drain(..sent);
             self.tx_outstanding += sent;
         }
-        if self.tx_outstanding > 0 {
+        let needed = !self.mode.zero_copy || !self.mode.need_wakeup || self.tx.needs_wakeup();
+        if self.tx_outstanding > 0 && needed {
             self.stats.tx_kicks += 1;
             if let Err(e) = self.tx.wakeup() {
                 // EAGAIN/EBUSY/ENOBUFS: the kernel is busy; the next flush kicks again.
@@ -481,6 +639,30 @@ impl AsFd for Xsk {
         // SAFETY: the descriptor is owned by the socket, which lives as long as `self`.
         unsafe { BorrowedFd::borrow_raw(self.fd()) }
     }
+}
+
+/// `SO_PREFER_BUSY_POLL`, `SO_BUSY_POLL` and `SO_BUSY_POLL_BUDGET` on an AF_XDP socket.
+fn set_busy_poll(fd: RawFd, bp: BusyPoll) -> std::io::Result<()> {
+    let set = |opt: libc::c_int, v: libc::c_int| -> std::io::Result<()> {
+        // SAFETY: `v` is a live c_int and its exact size is passed; setsockopt only reads it.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&raw const v).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    set(libc::SO_PREFER_BUSY_POLL, 1)?;
+    set(libc::SO_BUSY_POLL, bp.usecs as libc::c_int)?;
+    set(libc::SO_BUSY_POLL_BUDGET, libc::c_int::from(bp.budget))
 }
 
 trait SourceText {

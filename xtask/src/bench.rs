@@ -59,7 +59,13 @@ const SCENARIOS: [(&str, &str, usize, u16); 4] = [
 const SWEEP: (&str, &str, &str) = ("25000:400000:25000", "50000:150000:50000", "1000");
 const TRANSPORTS: [&str; 2] = ["xdp", "udp"];
 /// (name, payload bytes) of the bare-echo baseline: a small frame and a whole page.
-const ECHOES: [(&str, u16); 2] = [("echo-small", 8), ("echo-page", 4096)];
+/// (name, payload, window) of the bare echoes: the floors the operations are compared with.
+const ECHOES: [(&str, u16, usize); 4] = [
+    ("echo-small", 8, 1),
+    ("echo-page", 4096, 1),
+    ("echo-page-w32", 4096, 32),
+    ("echo-small-w32", 8, 32),
+];
 
 /// The topology and binaries of one run, and how to start a server and a load in it.
 struct Lab<'a> {
@@ -327,15 +333,21 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
     if everything {
         // The bare AF_XDP echo (frames bounced unparsed), in the same run, for the ratios.
         let server = lab.server(&mut s, &["--echo", "--arena", "2MiB"])?;
-        for (name, payload) in ECHOES {
+        for (name, payload, window) in ECHOES {
             let label = format!(
-                "bare echo: {name} ({} B frames, window 1; {seconds} s)",
+                "bare echo: {name} ({} B frames, window {window}; {seconds} s)",
                 110 + payload
             );
             lab.load(
                 &mut s,
                 &label,
-                &["--echo", "--payload", &payload.to_string()],
+                &[
+                    "--echo",
+                    "--payload",
+                    &payload.to_string(),
+                    "--window",
+                    &window.to_string(),
+                ],
                 &format!("xdp-{name}"),
             )?;
         }
@@ -566,6 +578,17 @@ fn print_comparison(out: &Path) -> Result<()> {
     println!(
         "- WRITE 4 KiB p50 / page-echo p50: {:.2}×",
         p50("xdp-write-w1", "WRITE")? / page
+    );
+    let rate = |name: &str| -> Result<f64> { Ok(load(out, name)?.runs[0].ops_per_second) };
+    let (read32, echo32) = (rate("xdp-read-w32")?, rate("xdp-echo-page-w32")?);
+    println!(
+        "- READ 4 KiB at window 32: {read32:.0}/s = {:.2}× the page echo at window 32 ({echo32:.0}/s)",
+        read32 / echo32
+    );
+    let (small32, esmall32) = (rate("xdp-read64-w32")?, rate("xdp-echo-small-w32")?);
+    println!(
+        "- READ 64 B at window 32: {small32:.0}/s = {:.2}× the 118 B echo at window 32 ({esmall32:.0}/s: what this client core and link carry with no server work)",
+        small32 / esmall32
     );
     Ok(())
 }
