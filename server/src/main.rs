@@ -77,6 +77,11 @@ struct Args {
     /// Packets one busy poll may process (SO_BUSY_POLL_BUDGET), with --busy-poll-us.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=1024))]
     busy_poll_budget: u16,
+    /// Do not install NIC flow rules (ethtool ntuple) steering each worker's pages to its
+    /// queue; with more than one queue the server tries by default and falls back to handing
+    /// requests between workers when the NIC refuses.
+    #[arg(long)]
+    no_flow_rules: bool,
     /// Do not try 2 MiB hugepages for the arena and UMEM.
     #[arg(long)]
     no_hugepages: bool,
@@ -152,6 +157,7 @@ fn main() -> Result<()> {
         frames: a.frames,
         force_generic: a.generic,
         zero_copy: !a.copy,
+        flow_rules: !a.no_flow_rules,
         busy_poll: (a.busy_poll_us > 0).then_some(bluebridge_xsk::BusyPoll {
             usecs: a.busy_poll_us,
             budget: a.busy_poll_budget,
@@ -176,7 +182,7 @@ fn main() -> Result<()> {
     let i = server.info();
     println!(
         "bluebridge-server: {} host {:#06x} prefix {} | {} | {} pages ({:?}) | {} | MTU {} | \
-         {} worker(s), one shard each | AF_XDP {} | memory besides arena: {:.1} MiB tables + \
+         {} worker(s), one shard each, {} NIC flow rule(s) | AF_XDP {} | memory besides arena: {:.1} MiB tables + \
          {:.1} MiB UMEM",
         a.iface,
         a.host_id,
@@ -192,6 +198,7 @@ fn main() -> Result<()> {
         },
         i.mtu,
         i.shards,
+        i.flow_rules,
         socket_modes(&i.sockets),
         i.overhead_bytes as f64 / 1048576.0,
         i.umem_bytes as f64 / 1048576.0,
@@ -281,11 +288,13 @@ fn line(a: &ServerStats, b: &ServerStats, dt: Duration) -> String {
 
 fn summary(s: &ServerStats) -> String {
     let mut out = format!(
-        "requests {} | frames rx {} tx {} | pages in use {} | duplicates answered {} | stale \
+        "requests {} | frames rx {} tx {} | system calls: tx kicks {} rx kicks {} | pages in use {} | duplicates answered {} | stale \
          dropped {} | handed off {} (dropped {}) | tx drops {}\n",
         s.handler.requests,
         s.xsk.rx_frames,
         s.xsk.tx_frames,
+        s.xsk.tx_kicks,
+        s.xsk.rx_kicks,
         s.pages_used,
         s.handler.duplicates,
         s.handler.stale,

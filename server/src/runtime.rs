@@ -80,6 +80,9 @@ pub struct ServerConfig {
     pub zero_copy: bool,
     /// Preferred busy polling on every socket (for NICs; docs/running.md).
     pub busy_poll: Option<bluebridge_xsk::BusyPoll>,
+    /// With more than one queue: install NIC flow rules steering each shard's pages to its
+    /// queue (removed on exit); a NIC that refuses is logged and the hand-off steers.
+    pub flow_rules: bool,
     /// Put the arena and UMEM on hugepages when available.
     pub hugepages: bool,
     /// Bare-echo baseline: bounce every steered frame back (endpoints swapped) without
@@ -126,6 +129,7 @@ impl ServerConfig {
             force_generic: false,
             zero_copy: true,
             busy_poll: None,
+            flow_rules: true,
             hugepages: true,
             echo: false,
             max_leases: u16::MAX,
@@ -186,6 +190,8 @@ pub struct ServerStats {
 #[derive(Debug)]
 pub struct Server {
     steer: Option<Steer>,
+    /// Removed when the server goes (after the workers stop).
+    flow_rules: Option<bluebridge_xsk::FlowRules>,
     counters: Arc<HostCounters>,
     workers: Vec<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
@@ -215,6 +221,8 @@ pub struct ServerInfo {
     pub umem_bytes: usize,
     /// How each AF_XDP socket got bound (same order as the queues; empty for kernel UDP).
     pub sockets: Vec<bluebridge_xsk::XskMode>,
+    /// NIC flow rules installed (one per shard), 0 if none (one queue, or the NIC refused).
+    pub flow_rules: usize,
 }
 
 impl Server {
@@ -405,6 +413,32 @@ impl Server {
             sched_idle: cfg.sched_idle,
             core,
         };
+        let flow_rules = match &sockets {
+            Sockets::Xdp(_) if shards > 1 && cfg.flow_rules => {
+                match bluebridge_xsk::FlowRules::install(
+                    &cfg.ifname,
+                    bluebridge_proto::UDP_PORT,
+                    &cfg.queues,
+                ) {
+                    Ok(r) => {
+                        tracing::info!(
+                            rules = r.len(),
+                            "NIC flow rules steer each shard's pages to its queue"
+                        );
+                        Some(r)
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            error = %e,
+                            "no NIC flow rules; requests that land on another shard's queue are \
+                             handed between workers"
+                        );
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         let modes: Vec<_> = match &sockets {
             Sockets::Xdp(s) => s.iter().map(Xsk::mode).collect(),
             Sockets::Udp(_) => Vec::new(),
@@ -449,6 +483,9 @@ impl Server {
             overhead_bytes,
             umem_bytes,
             sockets: modes,
+            flow_rules: flow_rules
+                .as_ref()
+                .map_or(0, bluebridge_xsk::FlowRules::len),
         };
         tracing::info!(
             ifname = %cfg.ifname, host = %cfg.host, prefix = %cfg.prefix, ?attach, ?backing, pages,
@@ -456,6 +493,7 @@ impl Server {
         );
         Ok(Server {
             steer,
+            flow_rules,
             counters,
             workers,
             stop,
@@ -507,6 +545,8 @@ impl Server {
                 tracing::error!("a worker panicked");
             }
         }
+        // The NIC's rules go with the workers they steered to.
+        drop(self.flow_rules.take());
     }
 }
 

@@ -60,6 +60,8 @@ fn every_operation_on_every_shard(queues: u32) {
         modes.iter().all(|m| !m.zero_copy && m.need_wakeup),
         "{modes:?}"
     );
+    // Nor ntuple filters: the server tried, was refused, and steers by hand-off.
+    assert_eq!(rig.server().info().flow_rules, 0);
     assert_eq!(rig.xdp().queues().len(), n, "a client socket per queue");
     let c = &mut rig.client;
     let by_shard = pages_on_every_shard(c, n, 2, false);

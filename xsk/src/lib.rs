@@ -22,7 +22,7 @@ use bluebridge_proto::{BbRepr, FRAME_OVERHEAD};
 use std::num::NonZeroU32;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 
-pub use link::{LinkError, link_index, link_mac, link_mtu, rx_queue_count};
+pub use link::{FlowRules, LinkError, link_index, link_mac, link_mtu, rx_queue_count};
 pub use thread::{BusyPollError, busy_poll_thread};
 use xsk_rs::config::{
     BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig,

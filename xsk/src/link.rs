@@ -156,6 +156,137 @@ pub fn rx_queue_count(ifname: &str) -> Result<u32, LinkError> {
     }
 }
 
+/// `struct ethtool_tcpip6_spec` inside `union ethtool_flow_union` (52 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct FlowUnion {
+    ip6src: [u8; 16],
+    ip6dst: [u8; 16],
+    psrc: [u8; 2],
+    pdst: [u8; 2],
+    tclass: u8,
+    _pad: [u8; 15],
+}
+
+/// `struct ethtool_flow_ext` (20 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct FlowExt {
+    bytes: [u8; 20],
+}
+
+/// `struct ethtool_rx_flow_spec` (168 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct RxFlowSpec {
+    flow_type: u32,
+    h_u: FlowUnion,
+    h_ext: FlowExt,
+    m_u: FlowUnion,
+    m_ext: FlowExt,
+    ring_cookie: u64,
+    location: u32,
+}
+
+/// `struct ethtool_rxnfc` without its flexible array (192 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct RxNfc {
+    cmd: u32,
+    flow_type: u32,
+    data: u64,
+    fs: RxFlowSpec,
+    rule_cnt: u32,
+}
+
+const _: () = assert!(size_of::<FlowUnion>() == 52);
+const _: () = assert!(size_of::<FlowExt>() == 20);
+const _: () = assert!(size_of::<RxFlowSpec>() == 168);
+const _: () = assert!(std::mem::offset_of!(RxFlowSpec, ring_cookie) == 152);
+const _: () = assert!(std::mem::offset_of!(RxNfc, fs) == 16);
+const _: () = assert!(size_of::<RxNfc>() == 192);
+const ETHTOOL_SRXCLSRLDEL: u32 = 0x31;
+const ETHTOOL_SRXCLSRLINS: u32 = 0x32;
+const UDP_V6_FLOW: u32 = 0x06;
+const RX_CLS_LOC_ANY: u32 = 0xffff_ffff;
+
+fn rxnfc(ifname: &str, what: &'static str, nfc: &mut RxNfc) -> Result<(), LinkError> {
+    let mut req = ifreq_for(ifname)?;
+    req.ifr_ifru.ifru_data = (nfc as *mut RxNfc).cast();
+    ioctl(ifname, what, libc::SIOCETHTOOL, &mut req)
+}
+
+/// NIC flow rules that steer each shard's pages to its queue, removed on drop.
+#[derive(Debug)]
+pub struct FlowRules {
+    ifname: String,
+    locations: Vec<u32>,
+}
+
+impl FlowRules {
+    /// Installs one rule per shard on `ifname` (ethtool `SRXCLSRLINS`, in the calling thread's
+    /// network namespace): UDP/IPv6 to `port` whose destination address byte 6 — the page
+    /// handle's shard field — is `s + 1` goes to RX queue `queues[s]`. Every other bit is
+    /// wildcarded, so host operations (byte 6 is 0) stay with RSS. Rules already installed are
+    /// removed again if a later one fails; the NIC's refusal (EOPNOTSUPP on drivers without
+    /// ntuple filters, such as veth; EINVAL where masked IPv6 rules or automatic locations are
+    /// not supported) is the error.
+    pub fn install(ifname: &str, port: u16, queues: &[u32]) -> Result<Self, LinkError> {
+        let mut rules = FlowRules {
+            ifname: ifname.into(),
+            locations: Vec::with_capacity(queues.len()),
+        };
+        for (s, &q) in queues.iter().enumerate() {
+            let mut nfc = RxNfc {
+                cmd: ETHTOOL_SRXCLSRLINS,
+                flow_type: UDP_V6_FLOW,
+                ..Default::default()
+            };
+            nfc.fs.flow_type = UDP_V6_FLOW;
+            nfc.fs.h_u.ip6dst[6] = u8::try_from(s + 1).map_err(|_| {
+                err(
+                    ifname,
+                    "more than 255 shards",
+                    io::Error::from(io::ErrorKind::InvalidInput),
+                )
+            })?;
+            nfc.fs.m_u.ip6dst[6] = 0xff;
+            nfc.fs.h_u.pdst = port.to_be_bytes();
+            nfc.fs.m_u.pdst = [0xff; 2];
+            nfc.fs.ring_cookie = u64::from(q);
+            nfc.fs.location = RX_CLS_LOC_ANY;
+            rxnfc(ifname, "installing a flow rule (ethtool -N)", &mut nfc)?;
+            rules.locations.push(nfc.fs.location);
+        }
+        Ok(rules)
+    }
+
+    /// Rules installed.
+    pub fn len(&self) -> usize {
+        self.locations.len()
+    }
+
+    /// Whether none are.
+    pub fn is_empty(&self) -> bool {
+        self.locations.is_empty()
+    }
+}
+
+impl Drop for FlowRules {
+    fn drop(&mut self) {
+        for &loc in &self.locations {
+            let mut nfc = RxNfc {
+                cmd: ETHTOOL_SRXCLSRLDEL,
+                ..Default::default()
+            };
+            nfc.fs.location = loc;
+            if let Err(e) = rxnfc(&self.ifname, "removing a flow rule", &mut nfc) {
+                tracing::warn!(error = %e, location = loc, "flow rule left on the NIC");
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,5 +299,7 @@ mod tests {
         assert_eq!(link_index("lo").unwrap(), 1);
         assert!(link_mtu("no-such-if0").is_err());
         assert!(link_mtu("").is_err());
+        // Loopback has no flow director: the refusal is an error, and nothing is left.
+        assert!(FlowRules::install("lo", 47872, &[0, 1]).is_err());
     }
 }
