@@ -3,7 +3,7 @@
 //! `Instant`s, frames go out through a [`FrameSink`] and come in as byte slices, so it is
 //! tested deterministically over a simulated lossy link.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::Ipv6Addr;
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,7 @@ use bluebridge_proto::{
 };
 
 use crate::error::ClientError;
+use crate::pending::{Deadlines, Slab};
 
 /// How an engine talks.
 #[derive(Debug, Clone)]
@@ -196,12 +197,16 @@ fn page_key(a: RemoteAddr) -> [u8; 14] {
     o[..14].try_into().expect("14 bytes")
 }
 
+#[expect(
+    clippy::large_enum_variant,
+    reason = "requests live in the engine's slab, allocated once; boxing the reassembly state would allocate per READ"
+)]
 enum Collect {
     /// One reply frame completes the request.
     Single,
     /// A page range, reassembled from segments.
     Range {
-        reasm: Box<Reassembly>,
+        reasm: Reassembly,
         data: Vec<u8>,
         first: Option<(RemoteAddr, BbRepr)>,
     },
@@ -245,8 +250,8 @@ struct Slot {
 /// wire at once; more wait in order for a slot.
 pub struct Engine {
     cfg: EngineConfig,
-    next_id: u64,
-    pending: HashMap<u64, Pending>,
+    pending: Slab<Pending>,
+    deadlines: Deadlines,
     /// Requests to send the first time (they need a slot), and retransmissions (they have one).
     queue: VecDeque<u64>,
     retx: VecDeque<u64>,
@@ -284,8 +289,8 @@ impl Engine {
             & (u64::MAX >> SESSION_SLOT_BITS);
         Engine {
             cfg,
-            next_id: 1,
-            pending: HashMap::with_capacity(1024),
+            pending: Slab::with_capacity(1024),
+            deadlines: Deadlines::default(),
             queue: VecDeque::with_capacity(1024),
             retx: VecDeque::with_capacity(SESSION_SLOTS),
             slots: vec![
@@ -333,7 +338,7 @@ impl Engine {
                     && !matches!(p.req.op, Opcode::FREE | Opcode::FREE_BULK)
                     && page_key(p.target) == key
             })
-            .map(|(id, _)| *id)
+            .map(|(id, _)| id)
             .collect();
         for id in gone {
             let p = self.finish(id);
@@ -350,7 +355,7 @@ impl Engine {
 
     /// Removes a finished request and frees its slot (its queue entries are skipped later).
     fn finish(&mut self, id: u64) -> Pending {
-        let p = self.pending.remove(&id).expect("present");
+        let p = self.pending.remove(id).expect("present");
         if let Some(w) = p.wire_id {
             let i = (w % SESSION_SLOTS as u64) as usize;
             let slot = &mut self.slots[i];
@@ -365,7 +370,7 @@ impl Engine {
     /// The request a reply's wire id names, if it is still waiting.
     fn ticket_of(&self, wire_id: u64) -> Option<u64> {
         let slot = self.slots[(wire_id % SESSION_SLOTS as u64) as usize];
-        let p = self.pending.get(&slot.ticket)?;
+        let p = self.pending.get(slot.ticket)?;
         (slot.ticket != 0 && p.wire_id == Some(wire_id)).then_some(slot.ticket)
     }
 
@@ -408,10 +413,9 @@ impl Engine {
 
     /// Queues a request; it leaves at the next [`Engine::transmit`]. Returns its id.
     pub fn submit(&mut self, req: Request, now: Instant) -> u64 {
-        let id = self.next_id;
-        self.next_id += 1;
         self.stats.submitted += 1;
         let Some(target) = req.target else {
+            let id = self.pending.spare_ticket();
             self.fail(
                 id,
                 req.tag,
@@ -423,17 +427,19 @@ impl Engine {
             return id;
         };
         if let Err(e) = self.check(&req) {
+            let id = self.pending.spare_ticket();
             self.fail(id, req.tag, None, 0, e, now);
             return id;
         }
         if !req.op.is_host_op() && self.invalidated.contains(&page_key(target)) {
+            let id = self.pending.spare_ticket();
             self.fail(id, req.tag, None, 0, ClientError::Invalidated, now);
             return id;
         }
         let collect = match req.op {
             Opcode::READ | Opcode::UPDATE_ACQUIRE | Opcode::MIGRATE_OUT if req.length > 0 => {
                 Collect::Range {
-                    reasm: Box::new(Reassembly::new(req.offset, req.length).expect("checked")),
+                    reasm: Reassembly::new(req.offset, req.length).expect("checked"),
                     data: vec![0u8; usize::from(req.length)],
                     first: None,
                 }
@@ -461,20 +467,17 @@ impl Engine {
             _ => Collect::Single,
         };
         let target = target.with_op(req.op, OpFlags::NONE);
-        self.pending.insert(
-            id,
-            Pending {
-                req,
-                wire_id: None,
-                queued: true,
-                target,
-                first_sent: None,
-                deadline: now,
-                tries: 0,
-                moved: false,
-                collect,
-            },
-        );
+        let id = self.pending.insert(Pending {
+            req,
+            wire_id: None,
+            queued: true,
+            target,
+            first_sent: None,
+            deadline: now,
+            tries: 0,
+            moved: false,
+            collect,
+        });
         self.queue.push_back(id);
         id
     }
@@ -544,7 +547,7 @@ impl Engine {
             } else {
                 &mut self.queue
             };
-            let Some(p) = self.pending.get_mut(&id).filter(|p| p.queued) else {
+            let Some(p) = self.pending.get_mut(id).filter(|p| p.queued) else {
                 queue.pop_front(); // finished while queued
                 continue;
             };
@@ -600,6 +603,7 @@ impl Engine {
             p.tries += 1;
             let backoff = 1u32 << (p.tries - 1).min(4);
             p.deadline = now + rto * backoff;
+            self.deadlines.push(p.deadline, id);
             if p.req.op == Opcode::WRITE_BLIND {
                 let p = self.finish(id);
                 self.done.push_back(Completion {
@@ -618,26 +622,27 @@ impl Engine {
         }
     }
 
-    /// The earliest retransmission deadline, if any request is waiting for a reply.
+    /// The earliest retransmission deadline, if any request is waiting for a reply (a heap's
+    /// top: no scan; possibly a deadline since made stale, never later than the real one).
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.pending
-            .values()
-            .filter(|p| p.tries > 0)
-            .map(|p| p.deadline)
-            .min()
+        self.deadlines.earliest()
+    }
+
+    /// Whether a noted deadline is still the request's own.
+    fn deadline_holds(pending: &Slab<Pending>, at: Instant, id: u64) -> bool {
+        pending
+            .get(id)
+            .is_some_and(|p| p.tries > 0 && p.deadline == at)
     }
 
     /// Retransmits requests whose deadline has passed, or fails them once the retry budget is
     /// spent.
     pub fn handle_timeouts(&mut self, now: Instant) {
-        let expired: Vec<u64> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.tries > 0 && p.deadline <= now)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in expired {
-            let p = self.pending.get_mut(&id).expect("present");
+        while let Some((at, id)) = self.deadlines.pop_due(now) {
+            if !Self::deadline_holds(&self.pending, at, id) {
+                continue; // answered since, or its deadline moved
+            }
+            let p = self.pending.get_mut(id).expect("deadline_holds");
             if p.tries > self.cfg.retries {
                 let p = self.finish(id);
                 let e = if p.moved {
@@ -651,9 +656,13 @@ impl Engine {
                 // Not sendable again until queued; the deadline moves when it is sent.
                 p.deadline = now + self.cfg.rto * 64;
                 p.queued = true;
+                self.deadlines.push(p.deadline, id);
                 self.retx.push_back(id);
             }
         }
+        let pending = &self.pending;
+        self.deadlines
+            .trim(|at, id| Self::deadline_holds(pending, at, id));
     }
 
     /// Takes one received frame.
@@ -701,7 +710,7 @@ impl Engine {
             self.stats.stray += 1;
             return;
         };
-        let p = self.pending.get_mut(&id).expect("ticket_of found it");
+        let p = self.pending.get_mut(id).expect("ticket_of found it");
         if p.tries == 0 {
             // A reply to a request not yet (re)sent: an old duplicate of a reused id.
             self.stats.stray += 1;
@@ -719,6 +728,7 @@ impl Engine {
             self.stats.moved_retries += 1;
             p.moved = true;
             p.deadline = now + self.cfg.rto;
+            self.deadlines.push(p.deadline, id);
             return;
         }
         let finished = match &mut p.collect {

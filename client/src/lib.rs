@@ -11,6 +11,7 @@
 mod client;
 pub mod engine;
 pub mod error;
+mod pending;
 pub mod region;
 pub mod transport;
 mod udp;

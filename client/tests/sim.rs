@@ -466,3 +466,42 @@ fn an_invalidated_page_fails_fast_but_its_own_free_completes() {
     assert_eq!(after.invalidations, before.invalidations);
     assert_eq!(after.stray, before.stray + 1, "a reply to nothing, ignored");
 }
+
+#[test]
+fn more_requests_than_session_slots_wait_for_one_and_each_runs_once() {
+    // 1,000 FETCH_ADDs submitted at once on a lossy, duplicating link: at most 128 are on the
+    // wire at a time (one per session slot), every one completes, and the word counts each
+    // exactly once.
+    let mut s = Sim::new(0.05, 0.02, 0.1, 4096);
+    let p = page(&s.run(Request::new(Opcode::ALLOC, host_addr(Opcode::ALLOC))));
+    let ids: Vec<u64> = (0..1000)
+        .map(|_| {
+            let mut r = Request::new(Opcode::FETCH_ADD, p).range(0, 8);
+            r.operand0 = 1;
+            s.submit(r)
+        })
+        .collect();
+    let sent = s.engine.stats().sent;
+    s.step();
+    assert_eq!(
+        s.engine.stats().sent - sent,
+        bluebridge_proto::SESSION_SLOTS as u64,
+        "one slot each"
+    );
+    while ids.iter().any(|id| !s.done.contains_key(id)) {
+        s.step();
+    }
+    let mut olds: Vec<u64> = ids
+        .iter()
+        .map(|id| s.done[id].result.as_ref().unwrap().header.operand0)
+        .collect();
+    olds.sort_unstable();
+    assert_eq!(
+        olds,
+        (0..1000).collect::<Vec<u64>>(),
+        "each add saw a distinct old value"
+    );
+    let r = s.run(Request::new(Opcode::READ, p).range(0, 8));
+    assert_eq!(r.result.unwrap().data, 1000u64.to_le_bytes());
+    assert!(s.engine.stats().retransmits > 0, "the link lost some");
+}
