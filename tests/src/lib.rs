@@ -73,7 +73,7 @@ pub struct RigOptions {
     /// of them); needs `client_udp` and a UDP server.
     pub prototype_ndp: bool,
     /// RX/TX queues of the veth pair: the server runs one worker (shard) per queue and the
-    /// AF_XDP client a socket per queue.
+    /// AF_XDP client a socket per queue (with `relay_seed`: the server's link only).
     pub queues: u32,
     /// Preferred busy polling on the server's sockets.
     pub busy_poll: Option<bluebridge_xsk::BusyPoll>,
@@ -109,7 +109,7 @@ impl Rig {
         let name = unique("bbt");
         let pair = match o.relay_seed {
             None => Pair::create_multiqueue(&name, o.mtu, o.queues),
-            Some(seed) => Pair::create_impaired(&name, o.mtu, seed),
+            Some(seed) => Pair::create_impaired_multiqueue(&name, o.mtu, seed, o.queues),
         }
         .expect("creating namespaces and veth (needs root)");
         let cfg = ServerConfig {

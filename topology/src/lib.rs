@@ -235,16 +235,36 @@ impl Pair {
     /// `<name>-m` whose [`Relay`] forwards every frame and can lose, duplicate and reorder them
     /// (set with `pair.relay.as_ref().unwrap().set(...)`; it starts unimpaired).
     pub fn create_impaired(name: &str, mtu: u16, seed: u64) -> Result<Self, TopologyError> {
+        Self::create_impaired_multiqueue(name, mtu, seed, 1)
+    }
+
+    /// Like [`Pair::create_impaired`], with `server_queues` queues on the server's link: the
+    /// relay's frames reach whichever queue the middle kernel picks for them (by its CPU), so
+    /// a multi-queue server gets requests on queues other than their pages' shards.
+    pub fn create_impaired_multiqueue(
+        name: &str,
+        mtu: u16,
+        seed: u64,
+        server_queues: u32,
+    ) -> Result<Self, TopologyError> {
         let middle = Netns::create(&format!("{name}-m"))?;
         let client_ns = Netns::create(&format!("{name}-c"))?;
         let server_ns = Netns::create(&format!("{name}-s"))?;
         let (cif, sif) = (format!("{name}c"), format!("{name}s"));
         let (ma, mb) = (format!("{name}a"), format!("{name}b"));
         let (cmac, smac) = (mac_for(1, 1), mac_for(2, 1));
-        for (end, ns, mac, peer, pmac) in [
-            (&cif, client_ns.name(), cmac, &ma, mac_for(3, 1)),
-            (&sif, server_ns.name(), smac, &mb, mac_for(3, 2)),
+        for (end, ns, mac, peer, pmac, queues) in [
+            (&cif, client_ns.name(), cmac, &ma, mac_for(3, 1), 1),
+            (
+                &sif,
+                server_ns.name(),
+                smac,
+                &mb,
+                mac_for(3, 2),
+                server_queues.max(1),
+            ),
         ] {
+            let q = queues.to_string();
             ip(&[
                 "link",
                 "add",
@@ -253,6 +273,10 @@ impl Pair {
                 ns,
                 "address",
                 &fmt_mac(mac),
+                "numtxqueues",
+                &q,
+                "numrxqueues",
+                &q,
                 "type",
                 "veth",
                 "peer",
@@ -262,6 +286,10 @@ impl Pair {
                 middle.name(),
                 "address",
                 &fmt_mac(pmac),
+                "numtxqueues",
+                &q,
+                "numrxqueues",
+                &q,
             ])?;
         }
         for (ns, ifname) in [
