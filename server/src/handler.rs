@@ -80,7 +80,7 @@ impl HandlerConfig {
     }
 }
 
-/// The outcome of a non-idempotent operation: what the reply says and what the duplicate table
+/// The outcome of a non-idempotent operation: what the reply says and what the session table
 /// remembers.
 #[derive(Debug, Clone, Copy)]
 struct Outcome {
@@ -180,7 +180,7 @@ impl Handler {
         &self.store
     }
 
-    /// Bytes of server memory besides the arena: page metadata, leases, duplicate table.
+    /// Bytes of server memory besides the arena: page metadata, leases, sessions, owners.
     pub fn overhead_bytes(&self) -> usize {
         self.store.meta_bytes()
             + self.leases.bytes()
@@ -957,8 +957,8 @@ impl Handler {
             };
         }
         if let Some(&local) = self.adopted.get(&key) {
-            // Here before (it moved on and comes back, or a retransmission the duplicate table
-            // lost): take the data and answer for it again.
+            // Here before (it moved on and comes back, or a retransmission from a session
+            // reclaimed since): take the data and answer for it again.
             if let Ok(p) = self.store.resolve(local) {
                 self.store.page_mut(p).copy_from_slice(data);
                 self.store.unmark_moved(p);

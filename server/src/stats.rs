@@ -35,7 +35,7 @@ pub struct Stats {
     pub ops: [u64; 256],
     /// Replies (and blind writes' outcomes) by status; the last slot counts unknown values.
     pub statuses: [u64; STATUS_SLOTS],
-    /// Retransmissions answered from the duplicate table.
+    /// Retransmissions answered from the session table.
     pub duplicates: u64,
     /// Frames dropped as malformed, by [`MALFORMED_REASONS`].
     pub malformed: [u64; MALFORMED_REASONS.len()],
