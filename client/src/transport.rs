@@ -435,15 +435,8 @@ impl XdpTransport {
     /// Socket counters, summed over the queues.
     pub fn xsk_stats(&self) -> XskStats {
         let mut t = XskStats::default();
-        for s in self.xsks.iter().map(Xsk::stats) {
-            t.rx_frames += s.rx_frames;
-            t.rx_chains += s.rx_chains;
-            t.tx_frames += s.tx_frames;
-            t.tx_dropped += s.tx_dropped;
-            t.tx_kicks += s.tx_kicks;
-            t.rx_oversize += s.rx_oversize;
-            t.fill_deferred += s.fill_deferred;
-            t.rx_kicks += s.rx_kicks;
+        for x in &self.xsks {
+            t.add(&x.stats());
         }
         t
     }

@@ -266,7 +266,7 @@ fn line(a: &ServerStats, b: &ServerStats, dt: Duration) -> String {
     }
     format!(
         "ops/s {} | total {:.0}/s | per shard {} | errors {} | dup {} | stale {} | handoffs {} \
-         (dropped {}) | malformed {} | tx drops {} | pages {}",
+         (dropped {}) | malformed {} | tx drops {} | kernel drops {} | pages {}",
         ops.join(" "),
         rate(a.handler.requests, b.handler.requests),
         a.shards
@@ -282,6 +282,7 @@ fn line(a: &ServerStats, b: &ServerStats, dt: Duration) -> String {
         b.handler.handoff_dropped - a.handler.handoff_dropped,
         b.handler.malformed_total() - a.handler.malformed_total(),
         b.xsk.tx_dropped + b.handler.tx_dropped - a.xsk.tx_dropped - a.handler.tx_dropped,
+        b.xsk.kernel_rx_dropped - a.xsk.kernel_rx_dropped,
         b.pages_used,
     )
 }
@@ -301,6 +302,14 @@ fn summary(s: &ServerStats) -> String {
         s.handler.handoffs,
         s.handler.handoff_dropped,
         s.xsk.tx_dropped + s.handler.tx_dropped
+    );
+    out += &format!(
+        "AF_XDP: kernel drops {} (RX ring full {}, fill ring empty {} times); TX backlog bound \
+         reached {} times\n",
+        s.xsk.kernel_rx_dropped,
+        s.xsk.kernel_rx_ring_full,
+        s.xsk.kernel_fill_ring_empty,
+        s.xsk.tx_backpressure
     );
     out += &format!(
         "requests by shard: {}\n",

@@ -609,7 +609,11 @@ impl Worker {
         let mut empty = 0u32;
         let mut loops = 0u32;
         while !self.common.stop.load(Ordering::Relaxed) {
-            let mut n = if self.echo {
+            // Replies the kernel has not taken yet: take no more requests until it does.
+            let backed_up = self.xsk.tx_backed_up();
+            let mut n = if backed_up {
+                0
+            } else if self.echo {
                 self.xsk.recv(|frame, tx| {
                     tx.send_with(frame.len(), |b| {
                         b.copy_from_slice(frame);
@@ -638,7 +642,7 @@ impl Worker {
                 self.xsk.kick_rx();
                 0
             };
-            if shards > 1 && self.handoff.pending(me) {
+            if !backed_up && shards > 1 && self.handoff.pending(me) {
                 let now = self.common.now_ns();
                 let h = &mut self.common.handler;
                 let mut tx = self.xsk.tx();

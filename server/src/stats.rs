@@ -220,7 +220,7 @@ pub struct ShardCounters {
     /// 1 if the shard's AF_XDP socket is in zero-copy mode.
     pub zero_copy: Counter,
     /// The shard's socket counters, as its worker last published them.
-    pub xsk: [Counter; 8],
+    pub xsk: [Counter; XskStats::LEN],
 }
 
 impl Default for ShardCounters {
@@ -287,43 +287,14 @@ impl ShardCounters {
 
     /// Publishes the shard's socket counters (its worker only).
     pub fn publish_xsk(&self, s: &XskStats) {
-        let v = [
-            s.rx_frames,
-            s.rx_chains,
-            s.tx_frames,
-            s.tx_dropped,
-            s.tx_kicks,
-            s.rx_oversize,
-            s.fill_deferred,
-            s.rx_kicks,
-        ];
-        for (c, v) in self.xsk.iter().zip(v) {
+        for (c, v) in self.xsk.iter().zip(s.to_array()) {
             c.set(v);
         }
     }
 
     /// The socket counters last published.
     pub fn xsk(&self) -> XskStats {
-        let [
-            rx_frames,
-            rx_chains,
-            tx_frames,
-            tx_dropped,
-            tx_kicks,
-            rx_oversize,
-            fill_deferred,
-            rx_kicks,
-        ] = read(&self.xsk);
-        XskStats {
-            rx_frames,
-            rx_chains,
-            tx_frames,
-            tx_dropped,
-            tx_kicks,
-            rx_oversize,
-            fill_deferred,
-            rx_kicks,
-        }
+        XskStats::from_array(read(&self.xsk))
     }
 }
 
@@ -369,15 +340,7 @@ impl HostCounters {
     pub fn xsk_total(&self) -> XskStats {
         let mut t = XskStats::default();
         for s in self.shards.iter() {
-            let x = s.xsk();
-            t.rx_frames += x.rx_frames;
-            t.rx_chains += x.rx_chains;
-            t.tx_frames += x.tx_frames;
-            t.tx_dropped += x.tx_dropped;
-            t.tx_kicks += x.tx_kicks;
-            t.rx_oversize += x.rx_oversize;
-            t.fill_deferred += x.fill_deferred;
-            t.rx_kicks += x.rx_kicks;
+            t.add(&s.xsk());
         }
         t
     }

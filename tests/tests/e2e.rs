@@ -420,3 +420,43 @@ fn neighbour_tables_stay_empty_with_100k_page_addresses() {
     assert_eq!(after, before, "no neighbour entries added");
     assert_eq!(rig.client.stats().timeouts, 0);
 }
+
+#[test]
+fn a_reply_burst_larger_than_the_tx_ring_is_held_back_never_stranded() {
+    // Eight READ_BULKs of 128 whole pages at once ask for 1,024 page frames (2,048 TX
+    // descriptors, all the server socket has): the worker stops taking requests while its
+    // replies wait for the kernel, and every page still arrives.
+    let mut rig = Rig::new(&RigOptions {
+        arena_bytes: 16 << 20,
+        ..RigOptions::default()
+    });
+    let c = &mut rig.client;
+    let pages = c.alloc_bulk(SERVER, 128, false).unwrap();
+    for (i, &p) in pages.iter().enumerate() {
+        c.write(p, 0, &pattern(i as u8)).unwrap();
+    }
+    let mut list = vec![0u8; pages.len() * 8];
+    bluebridge_proto::message::put_handles(&mut list, pages.iter().map(|p| p.handle()));
+    let ids: Vec<u64> = (0..8)
+        .map(|_| {
+            let mut r = Request::new(Opcode::READ_BULK, pages[0])
+                .range(0, PAGE_SIZE as u16)
+                .payload(list.clone());
+            r.count = pages.len() as u16;
+            c.submit(r)
+        })
+        .collect();
+    for r in c.wait_all(&ids) {
+        let items = r.unwrap().items;
+        assert_eq!(items.len(), pages.len());
+        for (i, item) in items.iter().enumerate() {
+            assert_eq!(item.data, pattern(i as u8), "page {i}");
+        }
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let s = rig.server().stats();
+    assert!(
+        s.xsk.tx_backpressure > 0,
+        "the TX backlog bound was reached"
+    );
+}

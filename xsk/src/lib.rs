@@ -140,6 +140,77 @@ pub struct XskStats {
     /// System calls made because the fill ring asked for a wake-up (need-wakeup mode) or to
     /// drive preferred busy polling.
     pub rx_kicks: u64,
+    /// Frames the kernel dropped for this socket (XDP_STATISTICS `rx_dropped`: no room, or
+    /// invalid).
+    pub kernel_rx_dropped: u64,
+    /// Frames the kernel dropped because the RX ring was full (the worker fell behind).
+    pub kernel_rx_ring_full: u64,
+    /// Times the kernel found the fill ring empty.
+    pub kernel_fill_ring_empty: u64,
+    /// Replies held back because the TX backlog reached its bound (the worker stopped
+    /// taking requests until the kernel caught up).
+    pub tx_backpressure: u64,
+}
+
+impl XskStats {
+    /// The number of counters.
+    pub const LEN: usize = 12;
+
+    /// The counters in declaration order.
+    pub fn to_array(&self) -> [u64; Self::LEN] {
+        [
+            self.rx_frames,
+            self.rx_chains,
+            self.tx_frames,
+            self.tx_dropped,
+            self.tx_kicks,
+            self.rx_oversize,
+            self.fill_deferred,
+            self.rx_kicks,
+            self.kernel_rx_dropped,
+            self.kernel_rx_ring_full,
+            self.kernel_fill_ring_empty,
+            self.tx_backpressure,
+        ]
+    }
+
+    /// The counters from [`XskStats::to_array`]'s order.
+    pub fn from_array(a: [u64; Self::LEN]) -> Self {
+        let [
+            rx_frames,
+            rx_chains,
+            tx_frames,
+            tx_dropped,
+            tx_kicks,
+            rx_oversize,
+            fill_deferred,
+            rx_kicks,
+            kernel_rx_dropped,
+            kernel_rx_ring_full,
+            kernel_fill_ring_empty,
+            tx_backpressure,
+        ] = a;
+        XskStats {
+            rx_frames,
+            rx_chains,
+            tx_frames,
+            tx_dropped,
+            tx_kicks,
+            rx_oversize,
+            fill_deferred,
+            rx_kicks,
+            kernel_rx_dropped,
+            kernel_rx_ring_full,
+            kernel_fill_ring_empty,
+            tx_backpressure,
+        }
+    }
+
+    /// Adds another socket's counters.
+    pub fn add(&mut self, o: &XskStats) {
+        let (a, b) = (self.to_array(), o.to_array());
+        *self = Self::from_array(std::array::from_fn(|i| a[i] + b[i]));
+    }
 }
 
 /// TX frames of the UMEM that are not in the kernel's hands, and frames written but not yet
@@ -152,6 +223,8 @@ struct TxPool {
     multi_buffer: bool,
     frames: u64,
     dropped: u64,
+    /// TX frames in flight at which the worker stops receiving (see [`Xsk::tx_backed_up`]).
+    bound: usize,
 }
 
 /// Where a frame is written before it is sent: TX frames of the UMEM.
@@ -425,6 +498,7 @@ impl Xsk {
                 multi_buffer: cfg.multi_buffer,
                 frames: 0,
                 dropped: 0,
+                bound: (half as usize / 4).max(BATCH),
             },
             tx_outstanding: 0,
             batch: vec![FrameDesc::default(); BATCH],
@@ -463,12 +537,35 @@ impl Xsk {
     }
 
     /// Counters.
+    /// Counters, with the kernel's own for this socket (a `getsockopt`: call it now and then,
+    /// not per frame).
     pub fn stats(&self) -> XskStats {
+        let k = self.rx.fd().xdp_statistics().ok();
         XskStats {
             tx_frames: self.pool.frames,
             tx_dropped: self.pool.dropped,
+            kernel_rx_dropped: k.as_ref().map_or(0, |k| k.rx_dropped()),
+            kernel_rx_ring_full: k.as_ref().map_or(0, |k| k.rx_ring_full()),
+            kernel_fill_ring_empty: k.as_ref().map_or(0, |k| k.rx_fill_ring_empty_descs()),
             ..self.stats
         }
+    }
+
+    /// Frames written but not yet on the TX ring.
+    pub fn tx_backlog(&self) -> usize {
+        self.pool.pending.len()
+    }
+
+    /// Whether the TX frames not yet completed by the kernel (queued, or on the ring) have
+    /// reached their bound, a quarter of the TX frames: a worker should stop taking requests
+    /// and only flush until the kernel catches up, so replies are neither stranded nor built
+    /// without room to send them. Counts each time it says so.
+    pub fn tx_backed_up(&mut self) -> bool {
+        let full = self.tx_in_flight() >= self.pool.bound;
+        if full {
+            self.stats.tx_backpressure += 1;
+        }
+        full
     }
 
     /// A writer for frames to send; they go out at the next [`Xsk::flush`].
