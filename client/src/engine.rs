@@ -667,7 +667,18 @@ impl Engine {
 
     /// Takes one received frame.
     pub fn handle_frame(&mut self, buf: &[u8], now: Instant) {
-        match Frame::parse(buf) {
+        self.handle_frame_summed(buf, None, now);
+    }
+
+    /// Like [`Engine::handle_frame`], with the sum of the frame's bytes from the UDP header on
+    /// already taken (see [`Frame::parse_summed`]).
+    pub fn handle_frame_summed(
+        &mut self,
+        buf: &[u8],
+        tail_sum: Option<&bluebridge_proto::checksum::Checksum>,
+        now: Instant,
+    ) {
+        match Frame::parse_summed(buf, tail_sum) {
             Ok(f) => self.handle_reply(&f, now),
             Err(_) => self.stats.malformed += 1,
         }

@@ -520,7 +520,7 @@ impl Transport for XdpTransport {
     fn receive(&mut self, engine: &mut Engine, now: Instant) -> usize {
         let mut n = 0;
         for xsk in &mut self.xsks {
-            n += xsk.recv(|frame, _| engine.handle_frame(frame, now));
+            n += xsk.recv_summed(|frame, sum, _| engine.handle_frame_summed(frame, sum, now));
             if xsk.tx_in_flight() > 0 {
                 xsk.flush();
             }

@@ -105,6 +105,15 @@ impl Checksum {
             .add_u32(u32::from(next_header))
     }
 
+    /// This sum followed by `other` (which must start at an even position).
+    pub fn combine(&self, other: &Checksum) -> Checksum {
+        debug_assert!(!self.odd, "combine after an even number of bytes");
+        let mut c = *self;
+        c.add64(other.sum);
+        c.odd = other.odd;
+        c
+    }
+
     /// The folded 16-bit one's-complement sum (not yet complemented).
     pub fn sum16(&self) -> u16 {
         let mut s = self.sum;

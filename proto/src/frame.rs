@@ -122,6 +122,17 @@ impl<'a> Envelope<'a> {
     /// Parses and checks everything up to the UDP payload. Trailing bytes after the IPv6
     /// payload (Ethernet padding) are ignored.
     pub fn parse(buf: &'a [u8]) -> Result<Self, FrameError> {
+        Self::parse_summed(buf, None)
+    }
+
+    /// Like [`Envelope::parse`], with the one's-complement sum of `buf[UDP_START..]` already
+    /// taken (while the frame was copied together from its pieces), so the checksum is
+    /// verified without another pass over the payload. A sum that covers more than the UDP
+    /// datagram (Ethernet padding) is not used: the datagram is summed again.
+    pub fn parse_summed(
+        buf: &'a [u8],
+        tail_sum: Option<&crate::checksum::Checksum>,
+    ) -> Result<Self, FrameError> {
         let eth = EthernetFrame::new_checked(buf)?;
         let e = EthernetRepr::parse(&eth);
         if e.ethertype != ETHERTYPE_IPV6 {
@@ -142,7 +153,22 @@ impl<'a> Envelope<'a> {
         if u.dst_port() != UDP_PORT && u.src_port() != UDP_PORT {
             return Err(FrameError::WrongPort(u.src_port(), u.dst_port()));
         }
-        let ur = UdpRepr::parse(&u, i.src, i.dst)?;
+        let ur = match tail_sum {
+            Some(t) if udp_end == buf.len() => {
+                // The datagram with its checksum field sums to 0xffff when it is right.
+                let mut c = crate::checksum::Checksum::new();
+                c.add_pseudo_header(i.src, i.dst, NEXT_HEADER_UDP, u32::from(u.len()));
+                let ok = u.checksum() != 0 && c.combine(t).sum16() == 0xffff;
+                if !cfg!(fuzzing) && !ok {
+                    return Err(FrameError::BadChecksum);
+                }
+                UdpRepr {
+                    src_port: u.src_port(),
+                    dst_port: u.dst_port(),
+                }
+            }
+            _ => UdpRepr::parse(&u, i.src, i.dst)?,
+        };
         Ok(Envelope {
             endpoints: Endpoints {
                 src_mac: e.src,
@@ -181,7 +207,16 @@ pub struct Frame<'a> {
 impl<'a> Frame<'a> {
     /// Parses a whole frame, verifying the UDP checksum.
     pub fn parse(buf: &'a [u8]) -> Result<Self, FrameError> {
-        let env = Envelope::parse(buf)?;
+        Self::parse_summed(buf, None)
+    }
+
+    /// Like [`Frame::parse`], with the sum of `buf[UDP_START..]` already taken (see
+    /// [`Envelope::parse_summed`]).
+    pub fn parse_summed(
+        buf: &'a [u8],
+        tail_sum: Option<&crate::checksum::Checksum>,
+    ) -> Result<Self, FrameError> {
+        let env = Envelope::parse_summed(buf, tail_sum)?;
         Self::from_message(env.endpoints, env.udp_payload)
     }
 
@@ -211,59 +246,6 @@ pub trait FrameSink {
     fn send(&mut self, ep: &Endpoints, header: &BbRepr, payload: &[u8]) -> bool;
 }
 
-/// Writes a complete frame into `buf`: the headers, `payload_len` payload bytes written by
-/// `fill` (straight into the frame, so page data is copied once), and the UDP checksum.
-/// Returns the frame's length. Allocates nothing.
-pub fn build_with(
-    buf: &mut [u8],
-    ep: &Endpoints,
-    header: &BbRepr,
-    payload_len: usize,
-    fill: impl FnOnce(&mut [u8]),
-) -> Result<usize, FrameError> {
-    let total = FRAME_OVERHEAD + payload_len;
-    if total > buf.len() {
-        return Err(FrameError::BufferTooSmall {
-            need: total,
-            have: buf.len(),
-        });
-    }
-    let udp_len = total - ethernet::HEADER_LEN - ipv6::HEADER_LEN;
-    let udp_len16 = u16::try_from(udp_len).map_err(|_| FrameError::PayloadTooLarge(payload_len))?;
-    let buf = &mut buf[..total];
-
-    let (eth_buf, rest) = buf.split_at_mut(ethernet::HEADER_LEN);
-    EthernetRepr {
-        src: ep.src_mac,
-        dst: ep.dst_mac,
-        ethertype: ETHERTYPE_IPV6,
-    }
-    .emit(&mut EthernetFrame::new_unchecked(eth_buf));
-
-    let (ip_buf, udp_buf) = rest.split_at_mut(ipv6::HEADER_LEN);
-    Ipv6Repr {
-        src: ep.src,
-        dst: ep.dst,
-        next_header: NEXT_HEADER_UDP,
-        payload_len: udp_len16,
-        hop_limit: DEFAULT_HOP_LIMIT,
-    }
-    .emit(&mut Ipv6Packet::new_unchecked(ip_buf));
-
-    let (bb_buf, payload) = udp_buf[udp::HEADER_LEN..].split_at_mut(header::HEADER_LEN);
-    header.emit(&mut BbPacket::new_unchecked(bb_buf));
-    fill(payload);
-
-    let mut u = UdpPacket::new_unchecked(udp_buf);
-    UdpRepr {
-        src_port: ep.src_port,
-        dst_port: ep.dst_port,
-    }
-    .emit(&mut u, udp_len16 - udp::HEADER_LEN as u16);
-    u.fill_checksum(ep.src, ep.dst);
-    Ok(total)
-}
-
 /// A frame being written in pieces (a multi-buffer frame straight into its UMEM chunks): the
 /// headers go into the first piece by [`FrameWriter::start`], the payload follows through
 /// [`FrameWriter::payload`] with its checksum summed while it is copied, and
@@ -272,6 +254,10 @@ pub fn build_with(
 pub struct FrameWriter {
     csum: crate::checksum::Checksum,
 }
+
+/// Where the UDP datagram starts in a frame (no IPv6 extension headers: BlueBridge sends none,
+/// and a frame with one is not BlueBridge's).
+pub const UDP_START: usize = ethernet::HEADER_LEN + ipv6::HEADER_LEN;
 
 /// Where the UDP checksum sits in a frame.
 const UDP_CHECKSUM_AT: usize = ethernet::HEADER_LEN + ipv6::HEADER_LEN + 6;
@@ -357,7 +343,8 @@ pub fn swap_endpoints(frame: &mut [u8]) -> Result<(), FrameError> {
     Ok(())
 }
 
-/// [`build_with`] for a payload already in a slice.
+/// Writes a complete frame into `buf`: the headers, `payload` (copied once, its checksum summed
+/// in the same pass) and the UDP checksum. Returns the frame's length. Allocates nothing.
 pub fn build(
     buf: &mut [u8],
     ep: &Endpoints,
@@ -529,6 +516,42 @@ pub(crate) mod tests {
             }
             assert_eq!(Frame::parse(&b), Err(FrameError::BadChecksum), "byte {at}");
         }
+    }
+
+    /// A sum taken while copying the frame together checks the checksum as a second pass
+    /// would: the same answer for a good frame, for one corrupted anywhere the checksum covers,
+    /// and (a sum past the datagram is not used) for one with trailing padding.
+    #[test]
+    fn a_presummed_frame_is_checked_like_any_other() {
+        use crate::checksum::Checksum;
+        let sum = |b: &[u8]| {
+            let mut c = Checksum::new();
+            c.add_bytes(&b[UDP_START..]);
+            c
+        };
+        let good = WRITE_FRAME;
+        assert_eq!(
+            Frame::parse_summed(&good, Some(&sum(&good))),
+            Frame::parse(&good)
+        );
+        assert!(Frame::parse_summed(&good, Some(&sum(&good))).is_ok());
+        for at in [30, 50, 60, 70, 100, 113] {
+            let mut b = WRITE_FRAME;
+            b[at] ^= 0x10;
+            assert_eq!(
+                Frame::parse_summed(&b, Some(&sum(&b))),
+                Err(FrameError::BadChecksum),
+                "byte {at}"
+            );
+        }
+        let mut padded = [0u8; WRITE_FRAME.len() + 6];
+        padded[..WRITE_FRAME.len()].copy_from_slice(&WRITE_FRAME);
+        padded[WRITE_FRAME.len()..].copy_from_slice(&[1, 2, 3, 4, 5, 6]);
+        assert_eq!(
+            Frame::parse_summed(&padded, Some(&sum(&padded))),
+            Frame::parse(&WRITE_FRAME),
+            "padding: the datagram is summed on its own"
+        );
     }
 
     #[test]

@@ -209,7 +209,19 @@ impl Handler {
 
     /// Handles one Ethernet frame received at `now_ns` (nanoseconds since the server started).
     pub fn handle_frame(&mut self, buf: &[u8], now_ns: u64, sink: &mut impl FrameSink) {
-        match Frame::parse(buf) {
+        self.handle_frame_summed(buf, None, now_ns, sink);
+    }
+
+    /// Like [`Handler::handle_frame`], with the sum of the frame's bytes from the UDP header
+    /// on already taken (see [`Frame::parse_summed`]).
+    pub fn handle_frame_summed(
+        &mut self,
+        buf: &[u8],
+        tail_sum: Option<&bluebridge_proto::checksum::Checksum>,
+        now_ns: u64,
+        sink: &mut impl FrameSink,
+    ) {
+        match Frame::parse_summed(buf, tail_sum) {
             Ok(f) => self.handle_message(&f, now_ns, sink),
             Err(FrameError::UnsupportedVersion(v)) => {
                 self.c().count_malformed(FrameError::UnsupportedVersion(v));

@@ -626,8 +626,8 @@ impl Worker {
                 let now = c.now_ns();
                 let (handoff, counters) = (&self.handoff, c.counters.shard(me));
                 let h = &mut c.handler;
-                self.xsk.recv(|frame, tx| {
-                    match bluebridge_proto::frame::request_shard(frame, shards) {
+                self.xsk.recv_summed(
+                    |frame, sum, tx| match bluebridge_proto::frame::request_shard(frame, shards) {
                         Some(owner) if owner != me => {
                             if handoff.send(me, owner, frame) {
                                 counters.handoffs.inc();
@@ -635,9 +635,9 @@ impl Worker {
                                 counters.handoff_dropped.inc();
                             }
                         }
-                        _ => h.handle_frame(frame, now, tx),
-                    }
-                })
+                        _ => h.handle_frame_summed(frame, sum, now, tx),
+                    },
+                )
             } else {
                 self.xsk.kick_rx();
                 0

@@ -16,6 +16,7 @@ mod link;
 pub mod mmsg;
 mod thread;
 
+use bluebridge_proto::checksum::Checksum;
 use bluebridge_proto::frame::{self, Endpoints, FrameSink};
 use bluebridge_proto::{BbRepr, FRAME_OVERHEAD};
 
@@ -354,7 +355,11 @@ pub struct Xsk {
     tx_outstanding: usize,
     batch: Vec<FrameDesc>,
     fill_backlog: Vec<FrameDesc>,
+    /// A chain being put together: `assembled` bytes of `assemble` (MAX_FRAME long), and the
+    /// sum of those from the UDP header on, taken while copying.
     assemble: Vec<u8>,
+    assembled: usize,
+    assembled_sum: Checksum,
     assembling: bool,
     oversize: bool,
     hugepages: bool,
@@ -503,7 +508,9 @@ impl Xsk {
             tx_outstanding: 0,
             batch: vec![FrameDesc::default(); BATCH],
             fill_backlog: Vec::with_capacity(half as usize),
-            assemble: Vec::with_capacity(MAX_FRAME),
+            assemble: vec![0; MAX_FRAME],
+            assembled: 0,
+            assembled_sum: Checksum::new(),
             assembling: false,
             oversize: false,
             hugepages,
@@ -580,6 +587,17 @@ impl Xsk {
     /// (chains assembled) with a [`Tx`] to answer through. The frames' UMEM chunks go back to
     /// the fill ring afterwards. Returns the number of frames handled.
     pub fn recv(&mut self, mut f: impl FnMut(&[u8], &mut Tx<'_>)) -> usize {
+        self.recv_summed(|frame, _, tx| f(frame, tx))
+    }
+
+    /// Like [`Xsk::recv`], and for a frame that came as a chain the one's-complement sum of its
+    /// bytes from the UDP header on ([`frame::UDP_START`]), taken while the chain was copied
+    /// together: a parser can check the UDP checksum without another pass
+    /// ([`frame::Frame::parse_summed`]).
+    pub fn recv_summed(
+        &mut self,
+        mut f: impl FnMut(&[u8], Option<&Checksum>, &mut Tx<'_>),
+    ) -> usize {
         // SAFETY: `batch` is scratch space for descriptors; consuming writes only into it.
         let n = unsafe { self.rx.consume(&mut self.batch) };
         if n == 0 {
@@ -599,13 +617,20 @@ impl Xsk {
             let more = desc.options() & XDP_PKT_CONTD != 0;
             if !self.assembling && !more {
                 frames += 1;
-                f(data.contents(), &mut tx);
+                f(data.contents(), None, &mut tx);
                 continue;
             }
             // Part of a chain (possibly split across batches): collect it, unless it has
             // already grown past MAX_FRAME, in which case the rest is skipped and it is dropped.
-            if !self.oversize && self.assemble.len() + data.contents().len() <= MAX_FRAME {
-                self.assemble.extend_from_slice(data.contents());
+            let part = data.contents();
+            let at = self.assembled;
+            if !self.oversize && at + part.len() <= MAX_FRAME {
+                let dst = &mut self.assemble[at..at + part.len()];
+                let plain = frame::UDP_START.saturating_sub(at).min(part.len());
+                dst[..plain].copy_from_slice(&part[..plain]);
+                self.assembled_sum
+                    .copy_and_add(&mut dst[plain..], &part[plain..]);
+                self.assembled += part.len();
             } else if !self.oversize {
                 self.oversize = true;
                 self.stats.rx_oversize += 1;
@@ -615,9 +640,14 @@ impl Xsk {
                 if !self.oversize {
                     frames += 1;
                     self.stats.rx_chains += 1;
-                    f(&self.assemble, &mut tx);
+                    f(
+                        &self.assemble[..self.assembled],
+                        Some(&self.assembled_sum),
+                        &mut tx,
+                    );
                 }
-                self.assemble.clear();
+                self.assembled = 0;
+                self.assembled_sum = Checksum::new();
                 self.oversize = false;
             }
         }
