@@ -365,6 +365,8 @@ struct Controlled {
     stop: Arc<AtomicBool>,
     supervisor: Option<std::thread::JoinHandle<()>>,
     rack: Rack,
+    /// Workers (shards) per server.
+    queues: u32,
 }
 
 impl Controlled {
@@ -375,7 +377,12 @@ impl Controlled {
     /// With `kernel`, the controller programs the switch namespace's kernel forwarding table
     /// instead of the XDP switch.
     fn with_backend(interval: Option<Duration>, kernel: bool) -> Controlled {
-        let rack = Rack::create(&unique("bbt"), 3, 9000).unwrap();
+        Self::with_queues(interval, kernel, 1)
+    }
+
+    /// A rack whose servers run `queues` workers (shards) each.
+    fn with_queues(interval: Option<Duration>, kernel: bool, queues: u32) -> Controlled {
+        let rack = Rack::create_multiqueue(&unique("bbt"), 3, 9000, queues).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let (ctl_tx, ctl_rx) = std::sync::mpsc::channel();
         let (sw, hosts, stop2) = (rack.switch.clone(), rack.hosts.clone(), stop.clone());
@@ -414,6 +421,7 @@ impl Controlled {
             stop,
             supervisor,
             rack,
+            queues,
         }
     }
 
@@ -428,6 +436,7 @@ impl Controlled {
                 sched_idle: false,
                 hugepages: false,
                 accept_routed: true,
+                queues: (0..self.queues).collect(),
                 ..bluebridge_server::ServerConfig::new(&h.server_if, HostId(h.host_id))
             },
         )
@@ -576,8 +585,17 @@ fn the_kernel_backend_routes_pages_with_one_neighbour_entry_per_port() {
     drop(servers);
 }
 
+#[test]
+fn a_page_migrates_between_servers_of_two_shards() {
+    migrate_under_writes_on(false, 2);
+}
+
 fn migrate_under_writes(kernel: bool) {
-    let rig = Controlled::with_backend(None, kernel);
+    migrate_under_writes_on(kernel, 1);
+}
+
+fn migrate_under_writes_on(kernel: bool, queues: u32) {
+    let rig = Controlled::with_queues(None, kernel, queues);
     let servers = [rig.server(1), rig.server(2)];
     let mut c = rig.client(12);
     let p = c.alloc(HostId(2), false).unwrap();

@@ -76,6 +76,17 @@ impl Rack {
     /// Creates the rack: `hosts` hosts (at most 4,000), links at `mtu`. Interface names stay
     /// within 15 bytes for names up to 9 bytes.
     pub fn create(name: &str, hosts: usize, mtu: u16) -> Result<Rack, TopologyError> {
+        Self::create_multiqueue(name, hosts, mtu, 1)
+    }
+
+    /// Like [`Rack::create`], with `server_queues` queues on every host's server link (for
+    /// servers with a worker per queue; the switch's redirects land on any of them).
+    pub fn create_multiqueue(
+        name: &str,
+        hosts: usize,
+        mtu: u16,
+        server_queues: u32,
+    ) -> Result<Rack, TopologyError> {
         if hosts == 0 || hosts > 4000 {
             return Err(TopologyError::Command {
                 cmd: "Rack::create".into(),
@@ -114,6 +125,7 @@ impl Rack {
                 let host_if = format!("{name}{tag}{i}");
                 let port = format!("{name}{}{i}", tag.to_ascii_uppercase());
                 let (hmac, pmac) = (mac(kind, i, 1), mac(kind, i, 2));
+                let q = if kind == 1 { server_queues.max(1) } else { 1 }.to_string();
                 ip(&[
                     "link",
                     "add",
@@ -122,6 +134,10 @@ impl Rack {
                     ns.name(),
                     "address",
                     &fmt_mac(hmac),
+                    "numtxqueues",
+                    &q,
+                    "numrxqueues",
+                    &q,
                     "type",
                     "veth",
                     "peer",
@@ -131,6 +147,10 @@ impl Rack {
                     switch_ns.name(),
                     "address",
                     &fmt_mac(pmac),
+                    "numtxqueues",
+                    &q,
+                    "numrxqueues",
+                    &q,
                 ])?;
                 configure_link(ns.name(), &host_if, mtu)?;
                 configure_link(switch_ns.name(), &port, mtu)?;
