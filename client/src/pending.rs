@@ -32,8 +32,9 @@ impl<T> Slab<T> {
         ((ticket & 0xffff_ffff) as usize, (ticket >> 32) as u32)
     }
 
-    /// Stores `v`; returns its ticket.
-    pub(crate) fn insert(&mut self, v: T) -> u64 {
+    /// A free place (or a new one) with its generation advanced: its next ticket. Generations
+    /// start at 1, so no ticket is 0.
+    fn take_place(&mut self) -> (u32, u64) {
         let index = match self.free.pop() {
             Some(i) => i,
             None => {
@@ -45,29 +46,23 @@ impl<T> Slab<T> {
             }
         };
         let e = &mut self.entries[index as usize];
-        // Generations start at 1, so no ticket is 0.
         e.generation = e.generation.wrapping_add(1).max(1);
-        e.value = Some(v);
+        (index, u64::from(e.generation) << 32 | u64::from(index))
+    }
+
+    /// Stores `v`; returns its ticket.
+    pub(crate) fn insert(&mut self, v: T) -> u64 {
+        let (index, ticket) = self.take_place();
+        self.entries[index as usize].value = Some(v);
         self.len += 1;
-        u64::from(e.generation) << 32 | u64::from(index)
+        ticket
     }
 
     /// A ticket no value will ever have (for a request that fails before it is stored).
     pub(crate) fn spare_ticket(&mut self) -> u64 {
-        let index = match self.free.pop() {
-            Some(i) => i,
-            None => {
-                self.entries.push(Entry {
-                    generation: 0,
-                    value: None,
-                });
-                (self.entries.len() - 1) as u32
-            }
-        };
-        let e = &mut self.entries[index as usize];
-        e.generation = e.generation.wrapping_add(1).max(1);
+        let (index, ticket) = self.take_place();
         self.free.push(index);
-        u64::from(e.generation) << 32 | u64::from(index)
+        ticket
     }
 
     pub(crate) fn get(&self, ticket: u64) -> Option<&T> {

@@ -605,7 +605,7 @@ impl Worker {
     fn run(mut self) {
         self.common.set_up_thread();
         let me = self.common.shard;
-        let shards = self.handoff_shards();
+        let shards = self.common.counters.len();
         let mut empty = 0u32;
         let mut loops = 0u32;
         while !self.common.stop.load(Ordering::Relaxed) {
@@ -668,10 +668,6 @@ impl Worker {
             }
         }
         self.common.counters().publish_xsk(&self.xsk.stats());
-    }
-
-    fn handoff_shards(&self) -> usize {
-        self.common.counters.len()
     }
 
     /// Sleeps until a frame arrives on the socket, another shard hands one over, or the

@@ -25,6 +25,16 @@ impl Rng {
     }
 }
 
+/// 5% loss, 1% duplication, 10% reordering (up to 1 ms) both ways.
+fn impair(rig: &Rig) {
+    rig.pair.relay.as_ref().unwrap().set(Impairment {
+        loss: 0.05,
+        duplicate: 0.01,
+        reorder: 0.10,
+        max_delay: Duration::from_millis(1),
+    });
+}
+
 #[test]
 fn every_operation_survives_loss_duplication_and_reordering() {
     let mut rig = Rig::new(&RigOptions {
@@ -32,12 +42,7 @@ fn every_operation_survives_loss_duplication_and_reordering() {
         arena_bytes: 16 << 20,
         ..RigOptions::default()
     });
-    rig.pair.relay.as_ref().unwrap().set(Impairment {
-        loss: 0.05,
-        duplicate: 0.01,
-        reorder: 0.10,
-        max_delay: Duration::from_millis(1),
-    });
+    impair(&rig);
     let c = &mut rig.client;
     let counter = c.alloc(SERVER, false).unwrap();
     let leased = c.alloc(SERVER, false).unwrap();
@@ -206,12 +211,7 @@ fn atomics_across_shards_run_once_under_loss_and_hand_offs() {
         queues: 2,
         ..RigOptions::default()
     });
-    rig.pair.relay.as_ref().unwrap().set(Impairment {
-        loss: 0.05,
-        duplicate: 0.01,
-        reorder: 0.10,
-        max_delay: Duration::from_millis(1),
-    });
+    impair(&rig);
     let c = &mut rig.client;
     // Pages of both shards where the relay's queue choice allows (an ALLOC is served by the
     // shard whose queue it arrives on); four at least.

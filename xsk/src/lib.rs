@@ -753,12 +753,6 @@ impl Xsk {
     pub fn tx_in_flight(&self) -> usize {
         self.tx_outstanding + self.pool.pending.len()
     }
-
-    /// Blocks until a frame arrives or `timeout_ms` passes (for idle back-off). Returns whether
-    /// frames are ready.
-    pub fn wait(&mut self, timeout_ms: i32) -> bool {
-        self.rx.poll(timeout_ms).unwrap_or(false)
-    }
 }
 
 impl AsFd for Xsk {
