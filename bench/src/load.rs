@@ -319,7 +319,10 @@ fn run_phase(
             match comp.result {
                 // A blind write completes when sent: counted, no latency to report.
                 Ok(_) if op == Opcode::WRITE_BLIND => {}
-                Ok(_) => part.lat.record(op_label(op), ns),
+                Ok(r) => {
+                    part.lat.record(op_label(op), ns);
+                    c.recycle(r.data);
+                }
                 Err(e) => *part.errors.entry(format!("{e}")).or_default() += 1,
             }
         }

@@ -279,6 +279,28 @@ impl<T: Transport> Client<T> {
             .data)
     }
 
+    /// Reads `buf.len()` bytes of `page` from `offset` into `buf` (no allocation once the
+    /// engine's buffer pool is warm).
+    pub fn read_into(
+        &mut self,
+        page: RemoteAddr,
+        offset: u16,
+        buf: &mut [u8],
+    ) -> Result<(), ClientError> {
+        let len = u16::try_from(buf.len()).map_err(|_| ClientError::Invalid("more than a page"))?;
+        let data = self
+            .call(Request::new(Opcode::READ, page).range(offset, len))?
+            .data;
+        buf.copy_from_slice(&data);
+        self.engine.recycle(data);
+        Ok(())
+    }
+
+    /// Hands a reply's data buffer back for reuse by later reads (see [`Engine::recycle`]).
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        self.engine.recycle(buf);
+    }
+
     fn write_op(
         &mut self,
         op: Opcode,

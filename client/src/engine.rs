@@ -188,6 +188,9 @@ pub struct EngineStats {
     pub invalidations: u64,
 }
 
+/// Data buffers kept for reuse, at most.
+const BUFFER_POOL: usize = 256;
+
 /// Pages remembered as freed, at most (the oldest are forgotten first).
 const INVALIDATED_MAX: usize = 1 << 16;
 
@@ -255,6 +258,8 @@ pub struct Engine {
     /// Requests to send the first time (they need a slot), and retransmissions (they have one).
     queue: VecDeque<u64>,
     retx: VecDeque<u64>,
+    /// Data buffers handed back with [`Engine::recycle`], reused for the next reads.
+    buffers: Vec<Vec<u8>>,
     slots: Vec<Slot>,
     free_slots: Vec<u16>,
     done: VecDeque<Completion>,
@@ -293,6 +298,7 @@ impl Engine {
             deadlines: Deadlines::default(),
             queue: VecDeque::with_capacity(1024),
             retx: VecDeque::with_capacity(SESSION_SLOTS),
+            buffers: Vec::with_capacity(BUFFER_POOL),
             slots: vec![
                 Slot {
                     ticket: 0,
@@ -411,6 +417,25 @@ impl Engine {
         self.pending.len()
     }
 
+    /// Hands back a reply's data buffer (a READ's bytes) once read, so the next read fills it
+    /// instead of allocating a new one.
+    pub fn recycle(&mut self, mut buf: Vec<u8>) {
+        if self.buffers.len() < BUFFER_POOL && buf.capacity() >= PAGE_SIZE {
+            buf.clear();
+            self.buffers.push(buf);
+        }
+    }
+
+    /// A zeroed buffer of `len` bytes (at most a page), from the pool if it has one.
+    fn buffer(&mut self, len: usize) -> Vec<u8> {
+        let mut b = self
+            .buffers
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(PAGE_SIZE));
+        b.resize(len, 0);
+        b
+    }
+
     /// Queues a request; it leaves at the next [`Engine::transmit`]. Returns its id.
     pub fn submit(&mut self, req: Request, now: Instant) -> u64 {
         self.stats.submitted += 1;
@@ -440,7 +465,7 @@ impl Engine {
             Opcode::READ | Opcode::UPDATE_ACQUIRE | Opcode::MIGRATE_OUT if req.length > 0 => {
                 Collect::Range {
                     reasm: Reassembly::new(req.offset, req.length).expect("checked"),
-                    data: vec![0u8; usize::from(req.length)],
+                    data: self.buffer(usize::from(req.length)),
                     first: None,
                 }
             }

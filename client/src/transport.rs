@@ -170,6 +170,10 @@ impl Connect {
         let next_hop = self.next_hop_mac.ok_or(ConnectError::NoNextHop)?;
         let mut xc = XdpConfig::new(&self.ifname, self.local);
         xc.multi_buffer = !self.segments;
+        // The default 16 MiB of UMEM shared out between the sockets, 2 MiB each at least.
+        xc.frames = (xc.frames / queues.len().max(1) as u32)
+            .next_power_of_two()
+            .max(512);
         xc.queues = queues;
         let t = match shared {
             Some(steer) => XdpTransport::open_with(&xc, steer.clone())?,

@@ -505,3 +505,39 @@ fn more_requests_than_session_slots_wait_for_one_and_each_runs_once() {
     assert_eq!(r.result.unwrap().data, 1000u64.to_le_bytes());
     assert!(s.engine.stats().retransmits > 0, "the link lost some");
 }
+
+#[test]
+fn a_recycled_buffer_carries_the_next_read() {
+    let mut s = Sim::new(0.0, 0.0, 0.0, 4096);
+    let p = page(&s.run(Request::new(Opcode::ALLOC, host_addr(Opcode::ALLOC))));
+    let data: Vec<u8> = (0..4096u32).map(|i| (i * 13 % 251) as u8).collect();
+    s.run(
+        Request::new(Opcode::WRITE, p)
+            .range(0, 4096)
+            .payload(data.clone()),
+    )
+    .result
+    .unwrap();
+    let first = s
+        .run(Request::new(Opcode::READ, p).range(0, 4096))
+        .result
+        .unwrap()
+        .data;
+    let at = first.as_ptr();
+    s.engine.recycle(first);
+    let again = s
+        .run(Request::new(Opcode::READ, p).range(8, 100))
+        .result
+        .unwrap()
+        .data;
+    assert_eq!(
+        again.as_ptr(),
+        at,
+        "the pool's buffer, not a new allocation"
+    );
+    assert_eq!(
+        again,
+        &data[8..108],
+        "this read's bytes, where the last read's were"
+    );
+}

@@ -33,6 +33,9 @@ fn every_operation(rig: &mut Rig) {
     c.write(p, 0, &data).unwrap();
     assert_eq!(c.read(p).unwrap(), data);
     assert_eq!(c.read_range(p, 1000, 300).unwrap(), &data[1000..1300]);
+    let mut into = [0u8; 300];
+    c.read_into(p, 1000, &mut into).unwrap();
+    assert_eq!(into, data[1000..1300]);
     c.write(p, 4000, &[7; 96]).unwrap();
     assert_eq!(c.read_range(p, 3990, 106).unwrap()[10..], [7; 96]);
 
