@@ -33,6 +33,12 @@ pub(crate) struct DemoArgs {
     /// Requests in flight in the pipelined phase.
     #[arg(long, default_value_t = 32)]
     window: usize,
+    /// Server workers, one shard of the pages and one veth queue each (the client opens a
+    /// socket per queue and sends each request to its page's shard). More than one shares this
+    /// machine's CPUs with the client, so it shows the sharding, not its speed (see
+    /// `cargo xtask bench --scaling` for that).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
+    workers: u32,
     /// Do not check or install Debian packages.
     #[arg(long)]
     no_packages: bool,
@@ -55,11 +61,11 @@ pub(crate) fn run(a: &DemoArgs) -> Result<()> {
     let mut pair = None;
     s.run(
         &format!(
-            "topology: namespaces {NAME}-c, {NAME}-s joined by a veth pair, MTU {}",
-            a.mtu
+            "topology: namespaces {NAME}-c, {NAME}-s joined by a veth pair, MTU {}, {} queue(s)",
+            a.mtu, a.workers
         ),
         || {
-            pair = Some(Pair::create(NAME, a.mtu)?);
+            pair = Some(Pair::create_multiqueue(NAME, a.mtu, a.workers)?);
             Ok(())
         },
     )?;
@@ -67,21 +73,38 @@ pub(crate) fn run(a: &DemoArgs) -> Result<()> {
     let (client_core, server_core) = lab::cores();
 
     let mut server = None;
+    let placement = if a.workers == 1 {
+        format!("pinned to CPU {server_core}")
+    } else {
+        format!(
+            "{} workers on queues 0..{}, sharing CPU {server_core} (idle mode)",
+            a.workers,
+            a.workers - 1
+        )
+    };
     s.run(
-        &format!("start bluebridge-server in {NAME}-s, pinned to CPU {server_core}"),
+        &format!("start bluebridge-server in {NAME}-s, {placement}"),
         || {
-            let args = [
+            let queues: Vec<String> = (0..a.workers).map(|q| q.to_string()).collect();
+            let mut args = vec![
                 "--iface".to_owned(),
                 pair.server.ifname.clone(),
                 "--host-id".into(),
                 "2".into(),
-                "--cores".into(),
-                server_core.to_string(),
+                "--queues".into(),
+                queues.join(","),
                 "--arena".into(),
                 a.arena.to_string().replace(' ', ""),
                 "--framing".into(),
                 if a.segments { "segments" } else { "auto" }.into(),
             ];
+            // One worker busy-polls its own CPU; several share the server's CPU, each
+            // sleeping when its queue is idle.
+            let cores: Vec<String> = (0..a.workers).map(|_| server_core.to_string()).collect();
+            args.extend(["--cores".into(), cores.join(",")]);
+            if a.workers > 1 {
+                args.push("--idle".into());
+            }
             let p = ServerProc::start(
                 &pair.server.ns,
                 &bin.join("bluebridge-server"),
