@@ -72,6 +72,7 @@ pub fn check_requests(data: &[u8]) {
         idle_ms: 50,
         bulk_payloads: 2,
         bulk_per_session: 1,
+        per_address: 2,
     };
     cfg.lease_capacity = 4;
     let store = Store::new(2 << 20, false).expect("a 2 MiB store");

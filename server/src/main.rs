@@ -104,6 +104,10 @@ struct Args {
     /// must retransmit sooner than this).
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     session_idle_ms: u64,
+    /// Sessions (client ports) one client address may hold per worker; more get BUSY, so no
+    /// one host can take them all.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
+    sessions_per_address: u16,
     /// Only clients inside these prefixes may use the server (comma-separated ADDRESS/LENGTH,
     /// e.g. fd00:bb:1::/48); others get FORBIDDEN. Default: any client.
     #[arg(long, value_delimiter = ',')]
@@ -168,6 +172,7 @@ fn main() -> Result<()> {
         lease_max_ms: a.lease_max_ms,
         sessions: a.sessions as usize,
         session_idle_ms: a.session_idle_ms,
+        sessions_per_address: a.sessions_per_address,
         handoff_depth: 64,
         allowed_clients: a.allow_clients,
         echo: a.echo,

@@ -99,6 +99,8 @@ pub struct ServerConfig {
     pub sessions: usize,
     /// A session unused this long may be given to a new client, ms.
     pub session_idle_ms: u64,
+    /// Sessions one client address may hold per shard.
+    pub sessions_per_address: u16,
     /// Frames each pair of shards can have in hand-off at once.
     pub handoff_depth: usize,
     /// Client prefixes allowed to use the server (empty: anyone).
@@ -137,6 +139,7 @@ impl ServerConfig {
             lease_max_ms: 60_000,
             sessions: SessionConfig::DEFAULT.sessions,
             session_idle_ms: SessionConfig::DEFAULT.idle_ms,
+            sessions_per_address: SessionConfig::DEFAULT.per_address,
             handoff_depth: 64,
             allowed_clients: Vec::new(),
             max_owners: 1 << 16,
@@ -251,6 +254,7 @@ impl Server {
         if cfg.max_leases == 0
             || cfg.sessions == 0
             || cfg.session_idle_ms == 0
+            || cfg.sessions_per_address == 0
             || cfg.lease_default_ms == 0
             || cfg.max_owners == 0
             || cfg.handoff_depth == 0
@@ -373,6 +377,7 @@ impl Server {
         hc.sessions = SessionConfig {
             sessions: cfg.sessions,
             idle_ms: cfg.session_idle_ms,
+            per_address: cfg.sessions_per_address,
             ..SessionConfig::DEFAULT
         };
         hc.allowed_clients = cfg.allowed_clients.clone();

@@ -64,15 +64,20 @@ pub struct SessionConfig {
     pub bulk_payloads: usize,
     /// Of those, held by one session at once.
     pub bulk_per_session: u16,
+    /// Sessions one client address may hold at once (its ports beyond that get BUSY), so no
+    /// one host can take every session of a shard.
+    pub per_address: u16,
 }
 
 impl SessionConfig {
-    /// Defaults: 512 sessions idle after 10 s, 256 bulk payloads, 8 per session.
+    /// Defaults: 512 sessions idle after 10 s, at most 64 per client address; 256 bulk
+    /// payloads, 8 per session.
     pub const DEFAULT: SessionConfig = SessionConfig {
         sessions: 512,
         idle_ms: 10_000,
         bulk_payloads: 256,
         bulk_per_session: 8,
+        per_address: 64,
     };
 }
 
@@ -129,6 +134,8 @@ pub enum Lookup<'a> {
 pub struct Sessions {
     cfg: SessionConfig,
     index: HashMap<ClientKey, u32>,
+    /// Live sessions per client address.
+    per_address: HashMap<[u8; 16], u16>,
     sessions: Vec<Session>,
     slots: Vec<Slot>,
     free: Vec<u32>,
@@ -151,6 +158,7 @@ impl Sessions {
             cfg,
             // hashbrown never reallocates below its capacity; entries never exceed `n`.
             index: HashMap::with_capacity(n),
+            per_address: HashMap::with_capacity(n),
             sessions: vec![
                 Session {
                     key: ClientKey {
@@ -176,10 +184,23 @@ impl Sessions {
         if let Some(&s) = self.index.get(&key) {
             return Some(s);
         }
-        let s = match self.free.pop() {
-            Some(s) => s,
-            None => self.take_idle(now_ns)?,
+        let cap = self.cfg.per_address.max(1);
+        let held = |me: &Self| me.per_address.get(&key.addr).copied().unwrap_or(0);
+        let s = if held(self) >= cap {
+            // At its cap: only if one of the sessions taken over for idleness was its own.
+            let s = self.take_idle(now_ns)?;
+            if held(self) >= cap {
+                self.free.push(s);
+                return None;
+            }
+            s
+        } else {
+            match self.free.pop() {
+                Some(s) => s,
+                None => self.take_idle(now_ns)?,
+            }
         };
+        *self.per_address.entry(key.addr).or_default() += 1;
         self.sessions[s as usize] = Session {
             key,
             last_ns: now_ns,
@@ -200,6 +221,12 @@ impl Sessions {
             let sess = self.sessions[s];
             if sess.live && now_ns.saturating_sub(sess.last_ns) > idle_ns {
                 self.index.remove(&sess.key);
+                if let Some(n) = self.per_address.get_mut(&sess.key.addr) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.per_address.remove(&sess.key.addr);
+                    }
+                }
                 for slot in &mut self.slots[s * SESSION_SLOTS..(s + 1) * SESSION_SLOTS] {
                     if slot.bulk != NO_BULK {
                         self.bulk_free.push(slot.bulk);
@@ -297,6 +324,7 @@ impl Sessions {
             + self.bulk.capacity() * BULK_PAYLOAD_MAX
             + self.bulk_free.capacity() * 2
             + self.index.capacity() * (size_of::<(ClientKey, u32)>() + 1)
+            + self.per_address.capacity() * (size_of::<([u8; 16], u16)>() + 1)
     }
 }
 
@@ -391,6 +419,39 @@ mod tests {
         // Once the flood's sessions sit idle, new clients take them over.
         let later = 2 * MS + cfg.idle_ms * MS + 1;
         assert!(run(&mut s, client(9), id(0, 0), 5, later));
+    }
+
+    #[test]
+    fn one_address_cannot_take_every_session() {
+        let mut s = Sessions::new(SessionConfig {
+            sessions: 100,
+            per_address: 8,
+            ..SessionConfig::DEFAULT
+        });
+        let port = |p: u16| ClientKey {
+            addr: [1; 16],
+            port: p,
+        };
+        for p in 0..8 {
+            assert!(run(&mut s, port(p), id(0, 0), 0, 0));
+        }
+        // Its ninth port is refused; another host still gets one; a known port still works.
+        assert_eq!(s.lookup(port(8), id(0, 0), false, 0), Lookup::Busy);
+        assert!(run(&mut s, client(2), id(0, 0), 0, 0));
+        assert!(run(&mut s, port(3), id(1, 0), 0, 0));
+        // Once its sessions went idle and were taken over, the address may have new ones.
+        let later = SessionConfig::DEFAULT.idle_ms * MS + 1;
+        let mut s2 = Sessions::new(SessionConfig {
+            sessions: 8,
+            per_address: 8,
+            ..SessionConfig::DEFAULT
+        });
+        for p in 0..8 {
+            assert!(run(&mut s2, port(p), id(0, 0), 0, 0));
+        }
+        for p in 100..108 {
+            assert!(run(&mut s2, port(p), id(0, 0), 0, later), "port {p}");
+        }
     }
 
     #[test]
