@@ -200,8 +200,11 @@ pub struct Frame<'a> {
     pub endpoints: Endpoints,
     /// The BlueBridge header.
     pub header: BbRepr,
-    /// What follows the header.
+    /// What follows the header (its first piece, for a frame parsed in two pieces).
     pub payload: &'a [u8],
+    /// The rest of the payload of a frame parsed in two pieces ([`Frame::parse_parts`]);
+    /// empty otherwise.
+    pub payload_tail: &'a [u8],
 }
 
 impl<'a> Frame<'a> {
@@ -229,6 +232,65 @@ impl<'a> Frame<'a> {
             endpoints,
             header,
             payload: &udp_payload[header::HEADER_LEN..],
+            payload_tail: &[],
+        })
+    }
+
+    /// A frame received in two pieces, `head` then `tail`, parsed where it lies (nothing is
+    /// copied together): every header must be in `head`, and `tail_sum` is the one's-complement
+    /// sum of `head[UDP_START..]` and all of `tail` (the UDP checksum is checked from it). The
+    /// payload is `payload` followed by `payload_tail`. The same checks as [`Frame::parse`]
+    /// apply, except that a frame in pieces may have no trailing bytes.
+    pub fn parse_parts(
+        head: &'a [u8],
+        tail: &'a [u8],
+        tail_sum: &crate::checksum::Checksum,
+    ) -> Result<Self, FrameError> {
+        if tail.is_empty() {
+            return Self::parse_summed(head, Some(tail_sum));
+        }
+        if head.len() < FRAME_OVERHEAD {
+            return Err(FrameError::Truncated(Layer::BlueBridge));
+        }
+        let eth = EthernetFrame::new_checked(head)?;
+        let e = EthernetRepr::parse(&eth);
+        if e.ethertype != ETHERTYPE_IPV6 {
+            return Err(FrameError::NotIpv6(e.ethertype));
+        }
+        let ip = Ipv6Packet::new_unchecked(&head[ethernet::HEADER_LEN..UDP_START]);
+        let i = Ipv6Repr::parse(&ip)?;
+        if i.next_header != NEXT_HEADER_UDP {
+            return Err(FrameError::NotUdp(i.next_header));
+        }
+        let udp_len = head.len() - UDP_START + tail.len();
+        if usize::from(i.payload_len) != udp_len {
+            return Err(FrameError::BadLength(Layer::Ipv6));
+        }
+        let u = UdpPacket::new_unchecked(&head[UDP_START..UDP_START + udp::HEADER_LEN]);
+        if usize::from(u.len()) != udp_len {
+            return Err(FrameError::BadLength(Layer::Udp));
+        }
+        if u.dst_port() != UDP_PORT && u.src_port() != UDP_PORT {
+            return Err(FrameError::WrongPort(u.src_port(), u.dst_port()));
+        }
+        let mut c = crate::checksum::Checksum::new();
+        c.add_pseudo_header(i.src, i.dst, NEXT_HEADER_UDP, udp_len as u32);
+        let ok = u.checksum() != 0 && c.combine(tail_sum).sum16() == 0xffff;
+        if !cfg!(fuzzing) && !ok {
+            return Err(FrameError::BadChecksum);
+        }
+        let endpoints = Endpoints {
+            src_mac: e.src,
+            dst_mac: e.dst,
+            src: i.src,
+            dst: i.dst,
+            src_port: u.src_port(),
+            dst_port: u.dst_port(),
+        };
+        let f = Self::from_message(endpoints, &head[UDP_START + udp::HEADER_LEN..])?;
+        Ok(Frame {
+            payload_tail: tail,
+            ..f
         })
     }
 
@@ -551,6 +613,51 @@ pub(crate) mod tests {
             Frame::parse_summed(&padded, Some(&sum(&padded))),
             Frame::parse(&WRITE_FRAME),
             "padding: the datagram is summed on its own"
+        );
+    }
+
+    /// A frame parsed in two pieces, split anywhere after its headers, gives the frame parsed
+    /// whole, with the payload split the same way; a corrupted byte in either piece fails.
+    #[test]
+    fn a_frame_in_two_pieces_parses_like_the_whole() {
+        use crate::checksum::Checksum;
+        let payload: std::vec::Vec<u8> = (0..4096u32).map(|i| (i * 7 % 253) as u8).collect();
+        let h = BbRepr {
+            count: 1,
+            request_id: 9,
+            offset: 0,
+            length: 4096,
+            ..BbRepr::default()
+        };
+        let mut buf = std::vec![0u8; FRAME_OVERHEAD + payload.len()];
+        build(&mut buf, &endpoints(), &h, &payload).unwrap();
+        let whole = Frame::parse(&buf).unwrap();
+        let sum = |a: &[u8], b: &[u8]| {
+            let mut c = Checksum::new();
+            c.add_bytes(&a[UDP_START..]).add_bytes(b);
+            c
+        };
+        for at in [FRAME_OVERHEAD, 111, 3840, 3841, buf.len() - 1] {
+            let (a, b) = buf.split_at(at);
+            let f = Frame::parse_parts(a, b, &sum(a, b)).unwrap();
+            assert_eq!((f.endpoints, f.header), (whole.endpoints, whole.header));
+            assert_eq!(
+                [f.payload, f.payload_tail].concat(),
+                payload,
+                "split at {at}"
+            );
+            for bad in [20usize, at - 1, at, buf.len() - 1] {
+                let mut c = buf.clone();
+                c[bad] ^= 0x40;
+                let (a, b) = c.split_at(at);
+                assert!(Frame::parse_parts(a, b, &sum(a, b)).is_err(), "{at}/{bad}");
+            }
+        }
+        // Headers must be in the first piece.
+        let (a, b) = buf.split_at(100);
+        assert_eq!(
+            Frame::parse_parts(a, b, &sum(&buf, &[])),
+            Err(FrameError::Truncated(Layer::BlueBridge))
         );
     }
 

@@ -63,13 +63,42 @@ impl RequestError {
     }
 }
 
+/// Page bytes of a request, in one piece or in two (a frame received as two buffers, whose
+/// payload was never copied together).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Bytes<'a> {
+    /// The first piece.
+    pub head: &'a [u8],
+    /// The rest (empty for a frame in one piece).
+    pub tail: &'a [u8],
+}
+
+impl Bytes<'_> {
+    /// Bytes in all.
+    pub fn len(&self) -> usize {
+        self.head.len() + self.tail.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Copies them into `dst`, which must be exactly [`Bytes::len`] long.
+    pub fn copy_to(&self, dst: &mut [u8]) {
+        let (a, b) = dst.split_at_mut(self.head.len());
+        a.copy_from_slice(self.head);
+        b.copy_from_slice(self.tail);
+    }
+}
+
 /// What a request carries after its header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Body<'a> {
     /// Nothing.
     Empty,
     /// Page bytes for `header.offset .. header.offset + header.length`.
-    Data(&'a [u8]),
+    Data(Bytes<'a>),
     /// READ_BULK, FREE_BULK: the pages.
     Handles(HandleList<'a>),
     /// WRITE_BULK: the writes.
@@ -121,6 +150,7 @@ impl<'a> Request<'a> {
             return Err(RequestError::NoHandle);
         }
         let p = frame.payload;
+        let tail = frame.payload_tail;
         let range = |allow_empty: bool| -> Result<(), RequestError> {
             let end = usize::from(h.offset) + usize::from(h.length);
             if (h.length == 0 && !allow_empty) || end > PAGE_SIZE {
@@ -133,13 +163,20 @@ impl<'a> Request<'a> {
         };
         let data = || -> Result<Body<'a>, RequestError> {
             range(false)?;
-            if p.len() != usize::from(h.length) {
+            if p.len() + tail.len() != usize::from(h.length) {
                 return Err(RequestError::Malformed(
                     "payload length differs from range length",
                 ));
             }
-            Ok(Body::Data(p))
+            Ok(Body::Data(Bytes { head: p, tail }))
         };
+        if !tail.is_empty() && !op.request_carries_data() {
+            // Only page data may arrive in two pieces (handle lists and write entries are
+            // parsed in place).
+            return Err(RequestError::Malformed(
+                "a payload in pieces for this operation",
+            ));
+        }
         let empty = |body_ok: bool| -> Result<Body<'a>, RequestError> {
             if !body_ok || !p.is_empty() {
                 return Err(RequestError::Malformed("unexpected payload"));
@@ -546,7 +583,7 @@ mod tests {
         // Leak-free 'static: re-derive the body's shape without borrowing the local buffer.
         Request::parse(&f, PREFIX).map(|r| match r.body {
             Body::Empty => Body::Empty,
-            Body::Data(_) => Body::Data(&[]),
+            Body::Data(_) => Body::Data(Bytes::default()),
             Body::Handles(_) => Body::Handles(HandleList(&[])),
             Body::Writes(_) => Body::Writes(WriteEntries {
                 payload: &[],
@@ -566,11 +603,57 @@ mod tests {
     }
 
     #[test]
+    fn page_data_may_come_in_two_pieces_and_nothing_else_may() {
+        let data = [7u8; 4096];
+        let h = hdr(0, 4096);
+        let (buf, n) = frame_bytes(Opcode::WRITE, 5, h, &data);
+        let whole = Frame::parse(&buf[..n]).unwrap();
+        let split = Frame {
+            payload: &whole.payload[..1000],
+            payload_tail: &whole.payload[1000..],
+            ..whole
+        };
+        match Request::parse(&split, PREFIX).unwrap().body {
+            Body::Data(b) => {
+                assert_eq!((b.head.len(), b.tail.len(), b.len()), (1000, 3096, 4096));
+                let mut out = [0u8; 4096];
+                b.copy_to(&mut out);
+                assert_eq!(out, data);
+            }
+            other => panic!("{other:?}"),
+        }
+        let short = Frame {
+            payload_tail: &whole.payload[1000..4000],
+            ..split
+        };
+        assert!(
+            Request::parse(&short, PREFIX).is_err(),
+            "lengths still add up"
+        );
+        let handles = [0u8; 16];
+        let mut h2 = hdr(0, 8);
+        h2.count = 2;
+        let (buf, n) = frame_bytes(Opcode::FREE_BULK, 5, h2, &handles);
+        let f = Frame::parse(&buf[..n]).unwrap();
+        let pieces = Frame {
+            payload: &f.payload[..8],
+            payload_tail: &f.payload[8..],
+            ..f
+        };
+        assert_eq!(
+            Request::parse(&pieces, PREFIX),
+            Err(RequestError::Malformed(
+                "a payload in pieces for this operation"
+            ))
+        );
+    }
+
+    #[test]
     fn valid_requests() {
         assert_eq!(check(Opcode::READ, 5, hdr(0, 4096), &[]), Ok(Body::Empty));
         assert_eq!(
             check(Opcode::WRITE, 5, hdr(4092, 4), &[1; 4]),
-            Ok(Body::Data(&[]))
+            Ok(Body::Data(Bytes::default()))
         );
         assert_eq!(check(Opcode::ALLOC, 0, hdr(0, 0), &[]), Ok(Body::Empty));
         assert_eq!(check(Opcode::CAS, 5, hdr(4088, 8), &[]), Ok(Body::Empty));

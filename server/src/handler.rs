@@ -37,6 +37,10 @@ fn send(
     ok
 }
 
+/// The largest frame [`Handler::handle_parts`] copies together (a jumbo MTU of 9000 plus the
+/// Ethernet header).
+const JOINED_MAX: usize = 9014;
+
 /// How a handler is set up.
 #[derive(Debug, Clone)]
 pub struct HandlerConfig {
@@ -117,6 +121,8 @@ pub struct Handler {
     access: Access,
     counters: Arc<HostCounters>,
     scratch: [u8; BULK_PAYLOAD_MAX],
+    /// Where a frame that arrived in pieces is copied together when it must be.
+    joined: Vec<u8>,
     /// Pages migrated here from other hosts: (original host, original handle) → local handle.
     adopted: HashMap<(u16, u64), PageHandle>,
     /// The host the request being handled is addressed to (ours, or an adopted page's).
@@ -147,6 +153,7 @@ impl Handler {
             store,
             counters,
             scratch: [0; BULK_PAYLOAD_MAX],
+            joined: vec![0; JOINED_MAX],
             adopted: HashMap::new(),
             addressed: HostId(0),
         }
@@ -231,6 +238,38 @@ impl Handler {
             }
             Err(e) => self.c().count_malformed(e),
         }
+    }
+
+    /// Like [`Handler::handle_frame_summed`], for a frame received in two pieces (see
+    /// [`Frame::parse_parts`]): page data is copied from where it arrived straight into the
+    /// page. Anything else that came in pieces (a bulk list, an unparsable frame) is copied
+    /// together first and handled as usual.
+    pub fn handle_parts(
+        &mut self,
+        head: &[u8],
+        tail: &[u8],
+        tail_sum: &bluebridge_proto::checksum::Checksum,
+        now_ns: u64,
+        sink: &mut impl FrameSink,
+    ) {
+        if let Ok(f) = Frame::parse_parts(head, tail, tail_sum)
+            && RemoteAddr::from_ipv6(f.endpoints.dst, self.cfg.prefix)
+                .is_ok_and(|a| a.opcode().request_carries_data())
+        {
+            return self.handle_message(&f, now_ns, sink);
+        }
+        let n = head.len() + tail.len();
+        if n > self.joined.len() {
+            // Larger than any frame the link carries: malformed.
+            return self
+                .c()
+                .count_malformed(FrameError::BadLength(bluebridge_proto::wire::Layer::Ipv6));
+        }
+        let mut joined = std::mem::take(&mut self.joined);
+        joined[..head.len()].copy_from_slice(head);
+        joined[head.len()..n].copy_from_slice(tail);
+        self.handle_frame_summed(&joined[..n], Some(tail_sum), now_ns, sink);
+        self.joined = joined;
     }
 
     /// Handles one BlueBridge message that a kernel UDP socket received (`ep` says from where
@@ -616,7 +655,7 @@ impl Handler {
                 let r = self.page_for(target.handle(), who).and_then(|p| {
                     self.leases.check_writer(&self.store, p, who, now_ns)?;
                     let o = usize::from(req.header.offset);
-                    self.store.page_mut(p)[o..o + data.len()].copy_from_slice(data);
+                    data.copy_to(&mut self.store.page_mut(p)[o..o + data.len()]);
                     Ok(())
                 });
                 let st = r.err().unwrap_or(Status::OK);
@@ -769,7 +808,7 @@ impl Handler {
                     self.leases.check(&self.store, p, h.lease, now_ns)?;
                     if let Body::Data(data) = req.body {
                         let o = usize::from(h.offset);
-                        self.store.page_mut(p)[o..o + data.len()].copy_from_slice(data);
+                        data.copy_to(&mut self.store.page_mut(p)[o..o + data.len()]);
                     }
                     if !h.flags.contains(HeaderFlags::MORE) {
                         self.leases.release(&mut self.store, p);
@@ -842,7 +881,7 @@ impl Handler {
                 match self.store.alloc(owner, shared) {
                     Ok((p, handle)) => {
                         let o = usize::from(h.offset);
-                        self.store.page_mut(p)[o..o + data.len()].copy_from_slice(data);
+                        data.copy_to(&mut self.store.page_mut(p)[o..o + data.len()]);
                         Outcome::status(Status::OK, handle)
                     }
                     Err(st) => Outcome::status(st, PageHandle::NONE),
@@ -961,7 +1000,7 @@ impl Handler {
             // One of ours, back from elsewhere: the slot kept answering MOVED until now.
             return match self.store.resolve(PageHandle::from_bits(h.lease)) {
                 Ok(p) => {
-                    self.store.page_mut(p).copy_from_slice(data);
+                    data.copy_to(self.store.page_mut(p));
                     self.store.unmark_moved(p);
                     Status::OK
                 }
@@ -972,7 +1011,7 @@ impl Handler {
             // Here before (it moved on and comes back, or a retransmission from a session
             // reclaimed since): take the data and answer for it again.
             if let Ok(p) = self.store.resolve(local) {
-                self.store.page_mut(p).copy_from_slice(data);
+                data.copy_to(self.store.page_mut(p));
                 self.store.unmark_moved(p);
             }
             return Status::OK;
@@ -989,7 +1028,7 @@ impl Handler {
             .alloc(owner, h.flags.contains(HeaderFlags::SHARED))
         {
             Ok((p, local)) => {
-                self.store.page_mut(p).copy_from_slice(data);
+                data.copy_to(self.store.page_mut(p));
                 self.adopted.insert(key, local);
                 Status::OK
             }

@@ -101,15 +101,26 @@ impl Handoff {
     /// Passes `frame` from shard `from`'s worker to shard `to`. False if the channel is full or
     /// the frame too large (dropped: the sender counts it).
     pub fn send(&self, from: usize, to: usize, frame: &[u8]) -> bool {
+        self.send_parts(from, to, &[frame])
+    }
+
+    /// Like [`Handoff::send`], for a frame received in pieces (copied together into the
+    /// channel's buffer).
+    pub fn send_parts(&self, from: usize, to: usize, parts: &[&[u8]]) -> bool {
         let ch = self.channel(from, to);
-        if frame.len() > self.frame_bytes {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len > self.frame_bytes {
             return false;
         }
         let Some(mut b) = ch.free.pop() else {
             return false;
         };
-        b.data[..frame.len()].copy_from_slice(frame);
-        b.len = frame.len();
+        let mut at = 0;
+        for p in parts {
+            b.data[at..at + p.len()].copy_from_slice(p);
+            at += p.len();
+        }
+        b.len = len;
         ch.full
             .push(b)
             .expect("a buffer from free always fits full");

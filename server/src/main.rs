@@ -310,11 +310,13 @@ fn summary(s: &ServerStats) -> String {
     );
     out += &format!(
         "AF_XDP: kernel drops {} (RX ring full {}, fill ring empty {} times); TX backlog bound \
-         reached {} times\n",
+         reached {} times; chains {} ({} served where they arrived)\n",
         s.xsk.kernel_rx_dropped,
         s.xsk.kernel_rx_ring_full,
         s.xsk.kernel_fill_ring_empty,
-        s.xsk.tx_backpressure
+        s.xsk.tx_backpressure,
+        s.xsk.rx_chains,
+        s.xsk.rx_in_place
     );
     out += &format!(
         "requests by shard: {}\n",

@@ -18,7 +18,7 @@ use bluebridge_ebpf::{AttachMode, Steer, SteerCounters};
 use bluebridge_proto::addr::HOST_PREFIX_LEN;
 use bluebridge_proto::segment::{max_data_per_frame, max_frame_for_mtu};
 use bluebridge_proto::{HostId, NetPrefix};
-use bluebridge_xsk::{Xsk, XskConfig, XskStats};
+use bluebridge_xsk::{Rx, Xsk, XskConfig, XskStats};
 
 use crate::handler::{Handler, HandlerConfig};
 use crate::handoff::Handoff;
@@ -631,18 +631,25 @@ impl Worker {
                 let now = c.now_ns();
                 let (handoff, counters) = (&self.handoff, c.counters.shard(me));
                 let h = &mut c.handler;
-                self.xsk.recv_summed(
-                    |frame, sum, tx| match bluebridge_proto::frame::request_shard(frame, shards) {
+                self.xsk.recv_parts(|rx, tx| {
+                    let (head, tail) = match rx {
+                        Rx::Whole(f, _) => (f, &[][..]),
+                        Rx::Parts(a, b, _) => (a, b),
+                    };
+                    match bluebridge_proto::frame::request_shard(head, shards) {
                         Some(owner) if owner != me => {
-                            if handoff.send(me, owner, frame) {
+                            if handoff.send_parts(me, owner, &[head, tail]) {
                                 counters.handoffs.inc();
                             } else {
                                 counters.handoff_dropped.inc();
                             }
                         }
-                        _ => h.handle_frame_summed(frame, sum, now, tx),
-                    },
-                )
+                        _ => match rx {
+                            Rx::Whole(f, sum) => h.handle_frame_summed(f, sum, now, tx),
+                            Rx::Parts(a, b, sum) => h.handle_parts(a, b, sum, now, tx),
+                        },
+                    }
+                })
             } else {
                 self.xsk.kick_rx();
                 0

@@ -1299,3 +1299,54 @@ fn a_migrated_page_lands_on_the_shard_its_address_names() {
     assert_eq!(shards[0].handler.stat_record(0).pages_used, 1);
     assert_eq!(shards[0].handler.stat_record(0).shards, 2);
 }
+
+#[test]
+fn a_write_in_two_pieces_goes_straight_into_the_page() {
+    use bluebridge_proto::checksum::Checksum;
+    let sum = |a: &[u8], b: &[u8]| {
+        let mut c = Checksum::new();
+        c.add_bytes(&a[bluebridge_proto::frame::UDP_START..])
+            .add_bytes(b);
+        c
+    };
+    let mut r = rig();
+    let p = r.alloc();
+    let data = pattern(5);
+    let f = r.frame(Opcode::WRITE, p, hdr(0, 4096), &data);
+    let (a, b) = f.split_at(3840);
+    let mut sink = VecSink(Vec::new(), usize::MAX);
+    r.handler.handle_parts(a, b, &sum(a, b), r.now, &mut sink);
+    assert_eq!(sink.0.len(), 1);
+    assert_eq!(Frame::parse(&sink.0[0]).unwrap().header.status, Status::OK);
+    assert_eq!(r.read(p, 0, 4096), data);
+    // Corrupted in its second piece: dropped as malformed, the page untouched.
+    let before = r.handler.stats().malformed_total();
+    let mut bad = r.frame(Opcode::WRITE, p, hdr(0, 4096), &pattern(6));
+    bad[4000] ^= 1;
+    let (a, b) = bad.split_at(3840);
+    let mut sink = VecSink(Vec::new(), usize::MAX);
+    r.handler.handle_parts(a, b, &sum(a, b), r.now, &mut sink);
+    assert!(sink.0.is_empty());
+    assert_eq!(r.handler.stats().malformed_total(), before + 1);
+    assert_eq!(r.read(p, 0, 4096), data);
+    // Anything else in pieces (a handle list) is copied together and served as usual.
+    let q = r.alloc();
+    let mut list = [0u8; 16];
+    put_handles(&mut list, [p, q]);
+    let h = BbRepr {
+        count: 2,
+        ..hdr(0, 0)
+    };
+    let f = r.frame(Opcode::FREE_BULK, p, h, &list);
+    let (a, b) = f.split_at(f.len() - 5);
+    let mut sink = VecSink(Vec::new(), usize::MAX);
+    r.handler.handle_parts(a, b, &sum(a, b), r.now, &mut sink);
+    let reply = Frame::parse(&sink.0[0]).unwrap();
+    assert_eq!(reply.header.status, Status::OK);
+    assert_eq!(bulk_status(reply.payload, 0), Some(Status::OK));
+    assert_eq!(bulk_status(reply.payload, 1), Some(Status::OK));
+    assert_eq!(
+        r.status(Opcode::READ, p, hdr(0, 8), &[]),
+        Status::STALE_HANDLE
+    );
+}

@@ -114,6 +114,10 @@ fn every_operation_one_frame_per_page() {
         s.xsk.rx_chains > 0,
         "whole pages arrived as multi-buffer chains"
     );
+    assert!(
+        s.xsk.rx_in_place > 0,
+        "whole-page WRITEs were taken from where they arrived, not copied together"
+    );
 }
 
 #[test]

@@ -151,11 +151,14 @@ pub struct XskStats {
     /// Replies held back because the TX backlog reached its bound (the worker stopped
     /// taking requests until the kernel caught up).
     pub tx_backpressure: u64,
+    /// Chains handed over in place, as two pieces ([`Xsk::recv_parts`]): never copied
+    /// together.
+    pub rx_in_place: u64,
 }
 
 impl XskStats {
     /// The number of counters.
-    pub const LEN: usize = 12;
+    pub const LEN: usize = 13;
 
     /// The counters in declaration order.
     pub fn to_array(&self) -> [u64; Self::LEN] {
@@ -172,6 +175,7 @@ impl XskStats {
             self.kernel_rx_ring_full,
             self.kernel_fill_ring_empty,
             self.tx_backpressure,
+            self.rx_in_place,
         ]
     }
 
@@ -190,6 +194,7 @@ impl XskStats {
             kernel_rx_ring_full,
             kernel_fill_ring_empty,
             tx_backpressure,
+            rx_in_place,
         ] = a;
         XskStats {
             rx_frames,
@@ -204,6 +209,7 @@ impl XskStats {
             kernel_rx_ring_full,
             kernel_fill_ring_empty,
             tx_backpressure,
+            rx_in_place,
         }
     }
 
@@ -341,6 +347,16 @@ impl FrameSink for Tx<'_> {
         p.frames += 1;
         true
     }
+}
+
+/// A received frame, as [`Xsk::recv_parts`] hands it over.
+#[derive(Debug, Clone, Copy)]
+pub enum Rx<'a> {
+    /// In one piece, with the sum of its bytes from the UDP header on when it was copied
+    /// together from a chain.
+    Whole(&'a [u8], Option<&'a Checksum>),
+    /// In two pieces where they arrived, and the sum of their bytes from the UDP header on.
+    Parts(&'a [u8], &'a [u8], &'a Checksum),
 }
 
 /// One AF_XDP socket with its UMEM and rings.
@@ -590,6 +606,15 @@ impl Xsk {
         self.recv_summed(|frame, _, tx| f(frame, tx))
     }
 
+    /// Like [`Xsk::recv_summed`], except that a frame of exactly two descriptors that arrived
+    /// in one batch is handed over where it lies, as its two pieces and the sum of their bytes
+    /// from the UDP header on ([`Rx::Parts`]; see `Frame::parse_parts`): nothing is copied
+    /// together. Longer chains, and chains split across batches, are copied together as
+    /// before ([`Rx::Whole`]).
+    pub fn recv_parts(&mut self, mut f: impl FnMut(Rx<'_>, &mut Tx<'_>)) -> usize {
+        self.recv_inner(true, &mut f)
+    }
+
     /// Like [`Xsk::recv`], and for a frame that came as a chain the one's-complement sum of its
     /// bytes from the UDP header on ([`frame::UDP_START`]), taken while the chain was copied
     /// together: a parser can check the UDP checksum without another pass
@@ -598,6 +623,13 @@ impl Xsk {
         &mut self,
         mut f: impl FnMut(&[u8], Option<&Checksum>, &mut Tx<'_>),
     ) -> usize {
+        self.recv_inner(false, &mut |rx, tx| match rx {
+            Rx::Whole(frame, sum) => f(frame, sum, tx),
+            Rx::Parts(..) => unreachable!("not asked for"),
+        })
+    }
+
+    fn recv_inner(&mut self, parts: bool, f: &mut impl FnMut(Rx<'_>, &mut Tx<'_>)) -> usize {
         // SAFETY: `batch` is scratch space for descriptors; consuming writes only into it.
         let n = unsafe { self.rx.consume(&mut self.batch) };
         if n == 0 {
@@ -609,7 +641,10 @@ impl Xsk {
             umem: &self.umem,
             pool: &mut self.pool,
         };
-        for desc in &self.batch[..n] {
+        let mut k = 0;
+        while k < n {
+            let desc = &self.batch[k];
+            k += 1;
             // SAFETY: the descriptor came from the RX ring of this socket, so it names a
             // chunk of this UMEM that the kernel has filled and will not touch until we give it
             // back through the fill ring below.
@@ -617,7 +652,22 @@ impl Xsk {
             let more = desc.options() & XDP_PKT_CONTD != 0;
             if !self.assembling && !more {
                 frames += 1;
-                f(data.contents(), None, &mut tx);
+                f(Rx::Whole(data.contents(), None), &mut tx);
+                continue;
+            }
+            if parts && !self.assembling && k < n && self.batch[k].options() & XDP_PKT_CONTD == 0 {
+                // A two-descriptor frame, both here: hand it over in place.
+                // SAFETY: as above, the next descriptor of the same RX batch.
+                let second = unsafe { self.umem.data(&self.batch[k]) };
+                k += 1;
+                let (head, tail) = (data.contents(), second.contents());
+                let mut sum = Checksum::new();
+                sum.add_bytes(head.get(frame::UDP_START..).unwrap_or(&[]))
+                    .add_bytes(tail);
+                frames += 1;
+                self.stats.rx_chains += 1;
+                self.stats.rx_in_place += 1;
+                f(Rx::Parts(head, tail, &sum), &mut tx);
                 continue;
             }
             // Part of a chain (possibly split across batches): collect it, unless it has
@@ -641,8 +691,7 @@ impl Xsk {
                     frames += 1;
                     self.stats.rx_chains += 1;
                     f(
-                        &self.assemble[..self.assembled],
-                        Some(&self.assembled_sum),
+                        Rx::Whole(&self.assemble[..self.assembled], Some(&self.assembled_sum)),
                         &mut tx,
                     );
                 }
