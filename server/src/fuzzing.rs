@@ -169,7 +169,17 @@ pub fn check_requests(data: &[u8]) {
         };
         let mut out = Replies(Vec::new());
         let dups = h.stats().duplicates;
-        h.handle_frame(&frame, now_ns, &mut out);
+        if steps % 3 == 0 && frame.len() > FRAME_OVERHEAD + 1 {
+            // Every third frame arrives in two pieces, split somewhere after its headers.
+            let at = FRAME_OVERHEAD + (steps * 37) % (frame.len() - FRAME_OVERHEAD);
+            let (head, tail) = frame.split_at(at);
+            let mut sum = bluebridge_proto::checksum::Checksum::new();
+            sum.add_bytes(&head[bluebridge_proto::frame::UDP_START..])
+                .add_bytes(tail);
+            h.handle_parts(head, tail, &sum, now_ns, &mut out);
+        } else {
+            h.handle_frame(&frame, now_ns, &mut out);
+        }
         let replayed = h.stats().duplicates != dups;
         for r in &out.0 {
             let f = Frame::parse(r).expect("every reply is a well-formed frame");
