@@ -243,7 +243,8 @@ impl Handler {
     /// Like [`Handler::handle_frame_summed`], for a frame received in two pieces (see
     /// [`Frame::parse_parts`]): page data is copied from where it arrived straight into the
     /// page. Anything else that came in pieces (a bulk list, an unparsable frame) is copied
-    /// together first and handled as usual.
+    /// together first and handled as usual. `tail_sum` is the sum of `head[UDP_START..]` and
+    /// `tail` (unused when `head` is shorter than that).
     pub fn handle_parts(
         &mut self,
         head: &[u8],
@@ -268,7 +269,9 @@ impl Handler {
         let mut joined = std::mem::take(&mut self.joined);
         joined[..head.len()].copy_from_slice(head);
         joined[head.len()..n].copy_from_slice(tail);
-        self.handle_frame_summed(&joined[..n], Some(tail_sum), now_ns, sink);
+        // The sum covers the bytes from the UDP header on only if the head holds that header.
+        let sum = (head.len() >= bluebridge_proto::frame::UDP_START).then_some(tail_sum);
+        self.handle_frame_summed(&joined[..n], sum, now_ns, sink);
         self.joined = joined;
     }
 

@@ -655,15 +655,20 @@ impl Xsk {
                 f(Rx::Whole(data.contents(), None), &mut tx);
                 continue;
             }
-            if parts && !self.assembling && k < n && self.batch[k].options() & XDP_PKT_CONTD == 0 {
-                // A two-descriptor frame, both here: hand it over in place.
+            if parts
+                && !self.assembling
+                && k < n
+                && self.batch[k].options() & XDP_PKT_CONTD == 0
+                && data.contents().len() >= FRAME_OVERHEAD
+            {
+                // A two-descriptor frame, both here, its headers in the first: hand it over
+                // in place.
                 // SAFETY: as above, the next descriptor of the same RX batch.
                 let second = unsafe { self.umem.data(&self.batch[k]) };
                 k += 1;
                 let (head, tail) = (data.contents(), second.contents());
                 let mut sum = Checksum::new();
-                sum.add_bytes(head.get(frame::UDP_START..).unwrap_or(&[]))
-                    .add_bytes(tail);
+                sum.add_bytes(&head[frame::UDP_START..]).add_bytes(tail);
                 frames += 1;
                 self.stats.rx_chains += 1;
                 self.stats.rx_in_place += 1;
