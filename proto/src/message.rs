@@ -485,7 +485,7 @@ pub struct StatRecord {
     pub requests: u64,
     /// Requests answered with a status other than OK.
     pub errors: u64,
-    /// Retransmissions answered from the duplicate table.
+    /// Retransmissions answered from the session table (not executed again).
     pub duplicates: u64,
     /// Frames dropped as malformed.
     pub malformed: u64,
