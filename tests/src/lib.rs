@@ -19,6 +19,14 @@ use bluebridge_server::{Framing, Server, ServerConfig, TransportKind};
 use bluebridge_topology::{NdpResponder, Pair, Rack, unique};
 pub use bluebridge_topology::{rack_client_addr, rack_client_net};
 
+/// Bulk writes as `Client::write_bulk` takes them, borrowed from owned ones.
+pub fn borrowed_writes(writes: &[(RemoteAddr, u16, Vec<u8>)]) -> Vec<(RemoteAddr, u16, &[u8])> {
+    writes
+        .iter()
+        .map(|(p, o, d)| (*p, *o, d.as_slice()))
+        .collect()
+}
+
 /// The server's host id in every rig.
 pub const SERVER: HostId = HostId(2);
 /// The client's address (host 1).

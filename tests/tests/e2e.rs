@@ -80,10 +80,7 @@ fn every_operation(rig: &mut Rig) {
         .enumerate()
         .map(|(i, &pg)| (pg, 100, vec![i as u8 + 1; 64]))
         .collect();
-    let w: Vec<(RemoteAddr, u16, &[u8])> = writes
-        .iter()
-        .map(|(p, o, d)| (*p, *o, d.as_slice()))
-        .collect();
+    let w = bluebridge_tests::borrowed_writes(&writes);
     assert!(c.write_bulk(&w).unwrap().iter().all(Result::is_ok));
     let reads = c.read_bulk(&pages, 0, 4096).unwrap();
     for (i, r) in reads.iter().enumerate() {

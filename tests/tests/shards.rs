@@ -91,10 +91,7 @@ fn every_operation_on_every_shard(queues: u32) {
         .enumerate()
         .map(|(i, &p)| (p, 200, vec![0xa0 + i as u8; 16]))
         .collect();
-    let w: Vec<(RemoteAddr, u16, &[u8])> = writes
-        .iter()
-        .map(|(p, o, d)| (*p, *o, d.as_slice()))
-        .collect();
+    let w = bluebridge_tests::borrowed_writes(&writes);
     assert!(c.write_bulk(&w).unwrap().iter().all(Result::is_ok));
     let reads = c.read_bulk(&all, 200, 16).unwrap();
     for (i, r) in reads.iter().enumerate() {
