@@ -155,13 +155,7 @@ impl<'a> Envelope<'a> {
         }
         let ur = match tail_sum {
             Some(t) if udp_end == buf.len() => {
-                // The datagram with its checksum field sums to 0xffff when it is right.
-                let mut c = crate::checksum::Checksum::new();
-                c.add_pseudo_header(i.src, i.dst, NEXT_HEADER_UDP, u32::from(u.len()));
-                let ok = u.checksum() != 0 && c.combine(t).sum16() == 0xffff;
-                if !cfg!(fuzzing) && !ok {
-                    return Err(FrameError::BadChecksum);
-                }
+                check_summed(&i, u.checksum(), usize::from(u.len()), t)?;
                 UdpRepr {
                     src_port: u.src_port(),
                     dst_port: u.dst_port(),
@@ -191,6 +185,24 @@ impl<'a> Envelope<'a> {
         w.copy_from_slice(b);
         Some(u64::from_be_bytes(w))
     }
+}
+
+/// Checks a UDP checksum from `udp_sum`, the sum already taken over the whole datagram of
+/// `udp_len` bytes (its checksum field included): with the pseudo-header it comes to 0xffff
+/// when the checksum is right. A zero checksum field is invalid in IPv6.
+fn check_summed(
+    ip: &Ipv6Repr,
+    checksum_field: u16,
+    udp_len: usize,
+    udp_sum: &crate::checksum::Checksum,
+) -> Result<(), FrameError> {
+    let mut c = crate::checksum::Checksum::new();
+    c.add_pseudo_header(ip.src, ip.dst, NEXT_HEADER_UDP, udp_len as u32);
+    let ok = checksum_field != 0 && c.combine(udp_sum).sum16() == 0xffff;
+    if !cfg!(fuzzing) && !ok {
+        return Err(FrameError::BadChecksum);
+    }
+    Ok(())
 }
 
 /// A parsed BlueBridge frame.
@@ -273,12 +285,7 @@ impl<'a> Frame<'a> {
         if u.dst_port() != UDP_PORT && u.src_port() != UDP_PORT {
             return Err(FrameError::WrongPort(u.src_port(), u.dst_port()));
         }
-        let mut c = crate::checksum::Checksum::new();
-        c.add_pseudo_header(i.src, i.dst, NEXT_HEADER_UDP, udp_len as u32);
-        let ok = u.checksum() != 0 && c.combine(tail_sum).sum16() == 0xffff;
-        if !cfg!(fuzzing) && !ok {
-            return Err(FrameError::BadChecksum);
-        }
+        check_summed(&i, u.checksum(), udp_len, tail_sum)?;
         let endpoints = Endpoints {
             src_mac: e.src,
             dst_mac: e.dst,

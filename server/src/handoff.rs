@@ -48,6 +48,8 @@ pub struct Handoff {
     channels: Vec<Channel>,
     wakers: Vec<Waker>,
     frame_bytes: usize,
+    /// Buffers per channel between two different shards.
+    depth: usize,
 }
 
 /// Frames one worker takes from one channel per drain (so a busy sender cannot starve the
@@ -91,6 +93,7 @@ impl Handoff {
             channels,
             wakers,
             frame_bytes,
+            depth,
         })
     }
 
@@ -183,8 +186,7 @@ impl Handoff {
 
     /// Bytes of the buffers (for the memory report).
     pub fn bytes(&self) -> usize {
-        let per_pair = self.channels.first().map_or(0, |c| c.free.capacity());
-        self.shards * self.shards.saturating_sub(1) * per_pair * (self.frame_bytes + 32)
+        self.shards * self.shards.saturating_sub(1) * self.depth * (self.frame_bytes + 32)
     }
 }
 
@@ -207,6 +209,8 @@ mod tests {
         let want: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i; 10]).chain([vec![7; 3]]).collect();
         assert_eq!(got, want);
         assert!(!h.pending(2));
+        // 6 ordered pairs of different shards, 4 buffers of 64 bytes (+ bookkeeping) each.
+        assert_eq!(h.bytes(), 6 * 4 * (64 + 32));
         // Every buffer went back: the channel takes 4 again.
         for _ in 0..4 {
             assert!(h.send(0, 2, &[1]));
