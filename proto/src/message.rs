@@ -500,11 +500,17 @@ pub struct StatRecord {
     pub handoffs: u64,
     /// Shards whose AF_XDP socket runs in zero-copy mode (the rest copy).
     pub zero_copy: u64,
+    /// Old retransmissions of requests their clients had finished with, dropped unexecuted.
+    pub stale: u64,
+    /// Frames for another shard dropped because its hand-off channel was full.
+    pub handoff_dropped: u64,
+    /// Frames the kernel dropped for the server's AF_XDP sockets (RX ring full, invalid).
+    pub kernel_dropped: u64,
 }
 
 impl StatRecord {
     /// Length of the record a server sends.
-    pub const LEN: usize = 88;
+    pub const LEN: usize = 112;
     /// Length of the oldest record (the first eight fields); later fields read as 0 when
     /// absent.
     pub const MIN_LEN: usize = 64;
@@ -523,6 +529,9 @@ impl StatRecord {
             self.shards,
             self.handoffs,
             self.zero_copy,
+            self.stale,
+            self.handoff_dropped,
+            self.kernel_dropped,
         ];
         for (i, v) in f.into_iter().enumerate() {
             put64(buf, i * 8, v);
@@ -545,6 +554,9 @@ impl StatRecord {
             shards: g(8),
             handoffs: g(9),
             zero_copy: g(10),
+            stale: g(11),
+            handoff_dropped: g(12),
+            kernel_dropped: g(13),
         })
     }
 }
@@ -956,6 +968,9 @@ mod tests {
             shards: 9,
             handoffs: 10,
             zero_copy: 11,
+            stale: 12,
+            handoff_dropped: 13,
+            kernel_dropped: 14,
         };
         let mut b = [0u8; StatRecord::LEN + 8];
         s.emit(&mut b);

@@ -211,6 +211,9 @@ impl Handler {
             shards: self.counters.len() as u64,
             handoffs: t.handoffs,
             zero_copy: t.zero_copy,
+            stale: t.stale,
+            handoff_dropped: t.handoff_dropped,
+            kernel_dropped: self.counters.xsk_total().kernel_rx_dropped,
         }
     }
 

@@ -1232,6 +1232,7 @@ fn at_most_once_holds_against_a_flood_of_other_clients() {
     };
     assert!(r.req(Opcode::FETCH_ADD, p, h, &[]).is_empty());
     assert_eq!(r.handler.stats().stale, 1);
+    assert_eq!(r.handler.stat_record(r.now).stale, 1, "and STAT says so");
     assert_eq!(
         u64::from_le_bytes(r.read(p, 0, 8).try_into().unwrap()),
         ROUNDS

@@ -218,6 +218,7 @@ fn requests_on_the_wrong_queue_are_handed_to_their_shard() {
     assert_eq!(after.handoff_dropped, 0);
     let st = rig.client.stat(SERVER).unwrap();
     assert!(st.handoffs >= sent + 2, "STAT reports the hand-offs");
+    assert_eq!((st.handoff_dropped, st.kernel_dropped), (0, 0));
 }
 
 #[test]
