@@ -29,6 +29,7 @@ impl UdpTransport {
     pub fn open(local: SocketAddrV6) -> std::io::Result<Self> {
         let sock = UdpSocket::bind(local)?;
         sock.set_nonblocking(true)?;
+        bluebridge_xsk::mmsg::zero_flow_labels(&sock)?;
         let local = match sock.local_addr()? {
             SocketAddr::V6(a) => a,
             SocketAddr::V4(_) => unreachable!("bound to an IPv6 address"),

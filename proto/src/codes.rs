@@ -137,6 +137,36 @@ impl Opcode {
         )
     }
 
+    /// Whether a client may send this opcode as a request: known, and not a notice
+    /// (INVALIDATE travels only from the controller to clients).
+    pub const fn is_request(self) -> bool {
+        self.is_known() && !matches!(self, Opcode::INVALIDATE)
+    }
+
+    /// Whether the request names no range: offset and length must be 0.
+    pub const fn takes_no_range(self) -> bool {
+        matches!(
+            self,
+            Opcode::PING
+                | Opcode::STAT
+                | Opcode::ALLOC
+                | Opcode::ALLOC_BULK
+                | Opcode::FREE
+                | Opcode::FREE_BULK
+                | Opcode::SHARE
+                | Opcode::UPDATE_RELEASE
+        )
+    }
+
+    /// Whether the request's `count` field counts items (1..=128); every other request but
+    /// MIGRATE_IN (where it is the page's original host) carries count 1.
+    pub const fn is_bulk(self) -> bool {
+        matches!(
+            self,
+            Opcode::ALLOC_BULK | Opcode::READ_BULK | Opcode::WRITE_BULK | Opcode::FREE_BULK
+        )
+    }
+
     /// Whether the request addresses a host rather than a page (its handle is zero).
     pub const fn is_host_op(self) -> bool {
         matches!(

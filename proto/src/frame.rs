@@ -205,6 +205,10 @@ fn check_summed(
     Ok(())
 }
 
+/// Bytes of a message of another version that a server needs to answer it (version byte to
+/// request id, §7); shorter ones are dropped as truncated.
+pub const VERSION_PROBE_LEN: usize = 16;
+
 /// A parsed BlueBridge frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Frame<'a> {
@@ -238,6 +242,14 @@ impl<'a> Frame<'a> {
     /// A frame from a BlueBridge message (a UDP payload) whose lower layers a kernel socket
     /// has already taken off; `endpoints` says where it came from and went to (MACs unused).
     pub fn from_message(endpoints: Endpoints, udp_payload: &'a [u8]) -> Result<Self, FrameError> {
+        // Another version may have a shorter header: what holds its request id (bytes 8..16,
+        // §7) is enough to be answered UNSUPPORTED_VERSION.
+        if let Some(&v) = udp_payload.first()
+            && v != crate::VERSION
+            && udp_payload.len() >= VERSION_PROBE_LEN
+        {
+            return Err(FrameError::UnsupportedVersion(v));
+        }
         let p = BbPacket::new_checked(udp_payload)?;
         let header = BbRepr::parse(&p)?;
         Ok(Frame {
@@ -678,6 +690,32 @@ pub(crate) mod tests {
         assert_eq!(
             Envelope::parse(&b).unwrap().request_id_any_version(),
             Some(0x1234)
+        );
+    }
+
+    /// §7: a message of another version is answerable from its first 16 bytes (a later
+    /// version's header may be shorter); below that it is truncated.
+    #[test]
+    fn short_header_of_another_version() {
+        let ep = write_endpoints();
+        let mut msg = [0u8; 48];
+        msg[0] = 2;
+        msg[8..16].copy_from_slice(&7u64.to_be_bytes());
+        for len in [16, 20, 47] {
+            assert_eq!(
+                Frame::from_message(ep, &msg[..len]),
+                Err(FrameError::UnsupportedVersion(2)),
+                "{len}"
+            );
+        }
+        assert_eq!(
+            Frame::from_message(ep, &msg[..15]),
+            Err(FrameError::Truncated(Layer::BlueBridge))
+        );
+        msg[0] = 1;
+        assert_eq!(
+            Frame::from_message(ep, &msg[..47]),
+            Err(FrameError::Truncated(Layer::BlueBridge))
         );
     }
 

@@ -110,7 +110,7 @@ pub enum Body<'a> {
 pub struct Request<'a> {
     /// Addresses and ports, as received.
     pub endpoints: Endpoints,
-    /// The destination: host, page and operation.
+    /// The destination: host, page and operation (op flags cleared: reserved, §1).
     pub target: RemoteAddr,
     /// The header.
     pub header: BbRepr,
@@ -133,7 +133,9 @@ impl<'a> Request<'a> {
         let target = RemoteAddr::from_ipv6(frame.endpoints.dst, prefix)
             .map_err(|_| RequestError::OutsidePrefix)?;
         let op = target.opcode();
-        if !op.is_known() {
+        // The op flags are reserved in version 1: ignored, and 0 in the replies' sources.
+        let target = target.with_op(op, crate::OpFlags::NONE);
+        if !op.is_request() {
             return Err(RequestError::UnknownOpcode(op));
         }
         if h.status != Status::OK {
@@ -148,6 +150,12 @@ impl<'a> Request<'a> {
             }
         } else if target.handle().is_none() {
             return Err(RequestError::NoHandle);
+        }
+        if !op.is_bulk() && op != Opcode::MIGRATE_IN && h.count != 1 {
+            return Err(RequestError::Malformed("count must be 1"));
+        }
+        if op.takes_no_range() && (h.offset, h.length) != (0, 0) {
+            return Err(RequestError::Malformed("this operation takes no range"));
         }
         let p = frame.payload;
         let tail = frame.payload_tail;
@@ -196,26 +204,22 @@ impl<'a> Request<'a> {
                     "handle list length differs from count",
                 ));
             }
-            Ok(Body::Handles(HandleList(p)))
+            let list = HandleList(p);
+            if list.get(0) != Some(target.handle()) {
+                return Err(RequestError::Malformed(
+                    "a bulk request goes to its first item's page",
+                ));
+            }
+            Ok(Body::Handles(list))
         };
         let body = match op {
             Opcode::PING | Opcode::STAT => empty(true)?,
-            Opcode::ALLOC => {
-                if h.count != 1 {
-                    return Err(RequestError::Malformed("ALLOC count must be 1"));
-                }
-                empty(true)?
-            }
+            Opcode::ALLOC => empty(true)?,
             Opcode::ALLOC_BULK => {
                 bulk_count()?;
                 empty(true)?
             }
-            Opcode::ALLOC_WRITE => {
-                if h.count != 1 {
-                    return Err(RequestError::Malformed("ALLOC_WRITE count must be 1"));
-                }
-                data()?
-            }
+            Opcode::ALLOC_WRITE => data()?,
             Opcode::READ => {
                 range(false)?;
                 empty(true)?
@@ -244,10 +248,8 @@ impl<'a> Request<'a> {
                 empty(true)?
             }
             Opcode::WRITE | Opcode::WRITE_BLIND => data()?,
+            // A lease id of 0 names no lease: LEASE_INVALID, from the lease check.
             Opcode::UPDATE_COMMIT => {
-                if h.lease == 0 {
-                    return Err(RequestError::Malformed("UPDATE_COMMIT without a lease id"));
-                }
                 if h.length == 0 && !h.flags.contains(HeaderFlags::MORE) {
                     range(true)?;
                     empty(true)?
@@ -255,13 +257,7 @@ impl<'a> Request<'a> {
                     data()?
                 }
             }
-            Opcode::UPDATE_RELEASE => {
-                if h.lease == 0 {
-                    return Err(RequestError::Malformed("UPDATE_RELEASE without a lease id"));
-                }
-                empty(true)?
-            }
-            Opcode::FREE | Opcode::SHARE => empty(true)?,
+            Opcode::UPDATE_RELEASE | Opcode::FREE | Opcode::SHARE => empty(true)?,
             Opcode::READ_BULK => {
                 range(false)?;
                 let n = bulk_count()?;
@@ -273,10 +269,23 @@ impl<'a> Request<'a> {
             }
             Opcode::WRITE_BULK => {
                 let n = bulk_count()?;
-                Body::Writes(WriteEntries::check(p, n)?)
+                let w = WriteEntries::check(p, n)?;
+                if w.iter().next().map(|e| e.handle) != Some(target.handle()) {
+                    return Err(RequestError::Malformed(
+                        "a bulk request goes to its first item's page",
+                    ));
+                }
+                Body::Writes(w)
             }
             Opcode::CAS | Opcode::FETCH_ADD => {
-                range(false)?;
+                // One word inside the page, or MISALIGNED (§5.11); OUT_OF_RANGE only when the
+                // offset is past the page.
+                if usize::from(h.offset) >= PAGE_SIZE {
+                    return Err(RequestError::OutOfRange {
+                        offset: h.offset,
+                        length: h.length,
+                    });
+                }
                 if h.length != 8 || !h.offset.is_multiple_of(8) {
                     return Err(RequestError::Misaligned {
                         offset: h.offset,
@@ -287,11 +296,6 @@ impl<'a> Request<'a> {
             }
             _ => return Err(RequestError::UnknownOpcode(op)),
         };
-        if let Body::Handles(list) = body
-            && list.iter().any(PageHandle::is_none)
-        {
-            return Err(RequestError::NoHandle);
-        }
         Ok(Request {
             endpoints: frame.endpoints,
             target,
@@ -363,8 +367,23 @@ pub struct WriteEntry<'a> {
     pub data: &'a [u8],
 }
 
-/// The entries of a WRITE_BULK payload, checked: exactly `count` entries fill the payload, each
-/// inside its page, each padded to 8 bytes.
+impl WriteEntry<'_> {
+    /// Whether the entry may be applied (§5.7): a handle (INVALID_HANDLE for 0), and a range
+    /// of at least one byte inside the page (OUT_OF_RANGE). A failed entry gets its status in
+    /// the reply; the others are applied.
+    pub fn check(&self) -> Result<(), Status> {
+        if self.handle.is_none() {
+            return Err(Status::INVALID_HANDLE);
+        }
+        if self.data.is_empty() || usize::from(self.offset) + self.data.len() > PAGE_SIZE {
+            return Err(Status::OUT_OF_RANGE);
+        }
+        Ok(())
+    }
+}
+
+/// The entries of a WRITE_BULK payload, checked for shape: exactly `count` entries fill the
+/// payload, each padded to 8 bytes. Each entry's own rules are [`WriteEntry::check`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WriteEntries<'a> {
     payload: &'a [u8],
@@ -377,19 +396,9 @@ impl<'a> WriteEntries<'a> {
         let mut seen = 0u16;
         let mut rest = payload;
         while !rest.is_empty() {
-            let (entry, next) =
+            let (_, next) =
                 split_entry(rest).ok_or(RequestError::Malformed("WRITE_BULK entry truncated"))?;
-            if entry.handle.is_none() {
-                return Err(RequestError::NoHandle);
-            }
-            let len = entry.data.len();
-            if len == 0 || usize::from(entry.offset) + len > PAGE_SIZE {
-                return Err(RequestError::OutOfRange {
-                    offset: entry.offset,
-                    length: len as u16,
-                });
-            }
-            seen += 1;
+            seen = seen.saturating_add(1);
             rest = next;
         }
         if seen != count {
@@ -643,7 +652,7 @@ mod tests {
             "lengths still add up"
         );
         let handles = [0u8; 16];
-        let mut h2 = hdr(0, 8);
+        let mut h2 = hdr(0, 0);
         h2.count = 2;
         let (buf, n) = frame_bytes(Opcode::FREE_BULK, 5, h2, &handles);
         let f = Frame::parse(&buf[..n]).unwrap();
@@ -784,9 +793,14 @@ mod tests {
             ),
             Err(RequestError::Malformed("status must be 0 in a request"))
         );
+        // Lease 0 is a lease check's business (LEASE_INVALID), not the format's.
         assert_eq!(
             check(Opcode::UPDATE_COMMIT, 5, hdr(0, 4), &[0; 4]),
-            Err(RequestError::Malformed("UPDATE_COMMIT without a lease id"))
+            Ok(Body::Data(Bytes::default()))
+        );
+        assert_eq!(
+            check(Opcode::UPDATE_RELEASE, 5, hdr(0, 0), &[]),
+            Ok(Body::Empty)
         );
         assert_eq!(
             check(
@@ -826,6 +840,84 @@ mod tests {
                 length: 8
             })
         );
+        // §5.11: inside the page, anything but one aligned word is MISALIGNED, even where the
+        // word would reach past the page or is empty.
+        for (offset, length) in [(4092, 8), (0, 0), (4088, 0), (4095, 1)] {
+            assert_eq!(
+                check(Opcode::CAS, 5, hdr(offset, length), &[]),
+                Err(RequestError::Misaligned { offset, length }),
+                "{offset}+{length}"
+            );
+        }
+    }
+
+    /// §2.4 `count`: 1 in every request but the bulk ones and MIGRATE_IN.
+    #[test]
+    fn count_must_be_one_outside_bulk_requests() {
+        let cases: [(Opcode, u64, BbRepr); 11] = [
+            (Opcode::PING, 0, hdr(0, 0)),
+            (Opcode::STAT, 0, hdr(0, 0)),
+            (Opcode::ALLOC, 0, hdr(0, 0)),
+            (Opcode::READ, 5, hdr(0, 8)),
+            (Opcode::CAS, 5, hdr(0, 8)),
+            (Opcode::FETCH_ADD, 5, hdr(0, 8)),
+            (Opcode::SHARE, 5, hdr(0, 0)),
+            (Opcode::UPDATE_ACQUIRE, 5, hdr(0, 8)),
+            (Opcode::UPDATE_RELEASE, 5, hdr(0, 0)),
+            (Opcode::FREE, 5, hdr(0, 0)),
+            (Opcode::MIGRATE_OUT, 5, hdr(0, 4096)),
+        ];
+        for (op, handle, h) in cases {
+            assert!(check(op, handle, h, &[]).is_ok(), "{op:?} count 1");
+            for count in [0, 2, u16::MAX] {
+                assert_eq!(
+                    check(op, handle, BbRepr { count, ..h }, &[]),
+                    Err(RequestError::Malformed("count must be 1")),
+                    "{op:?} count {count}"
+                );
+            }
+        }
+        let two = BbRepr {
+            count: 2,
+            ..hdr(0, 8)
+        };
+        assert_eq!(
+            check(Opcode::WRITE, 5, two, &[0; 8]),
+            Err(RequestError::Malformed("count must be 1"))
+        );
+    }
+
+    /// §5.1, §5.9, §5.12, §5.8: operations without a range carry offset 0 and length 0.
+    #[test]
+    fn operations_without_a_range_refuse_one() {
+        for (op, handle) in [
+            (Opcode::PING, 0),
+            (Opcode::FREE, 5),
+            (Opcode::SHARE, 5),
+            (Opcode::UPDATE_RELEASE, 5),
+        ] {
+            assert_eq!(
+                check(op, handle, hdr(0, 8), &[]),
+                Err(RequestError::Malformed("this operation takes no range")),
+                "{op:?}"
+            );
+            assert_eq!(
+                check(op, handle, hdr(8, 0), &[]),
+                Err(RequestError::Malformed("this operation takes no range")),
+                "{op:?}"
+            );
+        }
+    }
+
+    /// §4: INVALIDATE is a notice, never a request: UNKNOWN_OPCODE whatever it is sent to.
+    #[test]
+    fn notices_are_not_requests() {
+        for handle in [0, 5] {
+            assert_eq!(
+                check(Opcode::INVALIDATE, handle, hdr(0, 0), &[]),
+                Err(RequestError::UnknownOpcode(Opcode::INVALIDATE))
+            );
+        }
     }
 
     #[test]
@@ -856,11 +948,19 @@ mod tests {
                 "handle list length differs from count"
             ))
         );
+        // Handle 0 among the items is that item's INVALID_HANDLE, not the request's (§5.5).
         let mut list = [0u8; 16];
         put_handles(&mut list, [PageHandle::from_bits(5), PageHandle::NONE]);
-        assert_eq!(
+        assert!(matches!(
             check(Opcode::FREE_BULK, 5, h, &list),
-            Err(RequestError::NoHandle)
+            Ok(Body::Handles(_))
+        ));
+        // The request goes to its first item's page (which decides the route and the shard).
+        assert_eq!(
+            check(Opcode::FREE_BULK, 6, h, &list),
+            Err(RequestError::Malformed(
+                "a bulk request goes to its first item's page"
+            ))
         );
         assert_eq!(RequestError::TooMany(200).status(), Some(Status::TOO_MANY));
     }
@@ -936,8 +1036,9 @@ mod tests {
             offset: 4090,
             data: &[0; 8],
         };
+        // A bad entry is that entry's status (§5.7): the request parses.
         let end = put_write_entry(&mut buf, 0, &far).unwrap();
-        assert_eq!(
+        assert!(matches!(
             check(
                 Opcode::WRITE_BULK,
                 5,
@@ -947,11 +1048,17 @@ mod tests {
                 },
                 &buf[..end]
             ),
-            Err(RequestError::OutOfRange {
-                offset: 4090,
-                length: 8
-            })
-        );
+            Ok(Body::Writes(_))
+        ));
+        assert_eq!(far.check(), Err(Status::OUT_OF_RANGE));
+        let empty = WriteEntry { data: &[], ..a };
+        assert_eq!(empty.check(), Err(Status::OUT_OF_RANGE));
+        let nothing = WriteEntry {
+            handle: PageHandle::NONE,
+            ..a
+        };
+        assert_eq!(nothing.check(), Err(Status::INVALID_HANDLE));
+        assert_eq!(a.check(), Ok(()));
     }
 
     #[test]

@@ -83,7 +83,9 @@ pub struct Segments {
 impl Segments {
     /// Segments of `offset..offset+len`, at most `max` bytes each (`max` ≥ 8).
     pub fn new(offset: u16, len: u16, max: u16) -> Self {
-        let max = max.max(8);
+        // A limit that is not a multiple of 8 is rounded down to one (§6), so every segment
+        // but the last is a multiple of 8 and none exceeds the limit.
+        let max = (max & !7).max(8);
         let n = len.div_ceil(max).max(1);
         let step = len.div_ceil(n).next_multiple_of(8).min(max).max(1);
         Segments {
@@ -363,7 +365,12 @@ mod tests {
             let len = len.min(4096 - offset).max(1);
             let offset = offset.min(4096 - len);
             let segs: Vec<_> = Segments::new(offset, len, max).collect();
-            prop_assert_eq!(segs.len(), len.div_ceil(max.max(8)) as usize);
+            // The limit counts in whole words (§6).
+            let max = (max & !7).max(8);
+            prop_assert_eq!(segs.len(), len.div_ceil(max) as usize);
+            for &(_, l) in &segs[..segs.len() - 1] {
+                prop_assert!(l.is_multiple_of(8));
+            }
             let mut r = Reassembly::new(offset, len).unwrap();
             // Any arrival order completes the range; a second copy of any segment is refused.
             for &(o, l) in segs.iter().rev() {

@@ -6,7 +6,10 @@
 //!   by address, not port: a restarted client keeps its pages.
 //!
 //! Owner ids are handed out from a table sized at start-up, so page metadata holds a 32-bit id
-//! rather than a 16-byte address.
+//! rather than a 16-byte address. An owner is an address with at least one page: the table
+//! counts each owner's pages and forgets an owner (its id goes back to the free list) when its
+//! last page is freed, so a flood of allocations from made-up addresses fills it only while
+//! those pages live, and a failed allocation registers nobody.
 
 use std::collections::HashMap;
 use std::net::Ipv6Addr;
@@ -53,11 +56,21 @@ impl std::str::FromStr for ClientPrefix {
     }
 }
 
+/// One owner: its address and how many pages it holds.
+#[derive(Debug, Clone, Copy)]
+struct Owner {
+    addr: [u8; 16],
+    pages: u64,
+}
+
 /// The access rules and the owner table.
 #[derive(Debug)]
 pub struct Access {
     allowed: Vec<ClientPrefix>,
     owners: HashMap<[u8; 16], u32>,
+    /// By id − 1.
+    by_id: Vec<Option<Owner>>,
+    free_ids: Vec<u32>,
     capacity: usize,
 }
 
@@ -68,6 +81,8 @@ impl Access {
         Access {
             allowed,
             owners: HashMap::with_capacity(capacity),
+            by_id: Vec::with_capacity(capacity),
+            free_ids: Vec::new(),
             capacity,
         }
     }
@@ -77,7 +92,9 @@ impl Access {
         self.allowed.is_empty() || self.allowed.iter().any(|p| p.contains(client))
     }
 
-    /// The owner id of `client`, made on first use; BUSY when the table is full.
+    /// The owner id of `client`, made on first use; BUSY when the table is full. A new
+    /// owner holds no page: the caller reports the pages it allocated with
+    /// [`Access::pages_added`] (0 if the allocation failed, which forgets the owner again).
     pub fn owner_id(&mut self, client: [u8; 16]) -> Result<u32, Status> {
         if let Some(&id) = self.owners.get(&client) {
             return Ok(id);
@@ -85,14 +102,63 @@ impl Access {
         if self.owners.len() >= self.capacity {
             return Err(Status::BUSY);
         }
-        let id = self.owners.len() as u32 + 1;
+        let owner = Some(Owner {
+            addr: client,
+            pages: 0,
+        });
+        let id = match self.free_ids.pop() {
+            Some(id) => {
+                self.by_id[id as usize - 1] = owner;
+                id
+            }
+            None => {
+                self.by_id.push(owner);
+                self.by_id.len() as u32
+            }
+        };
         self.owners.insert(client, id);
         Ok(id)
     }
 
-    /// The address behind owner id `id` (a scan: for the rare migration, not the data path).
+    /// Owner `id` now holds `n` more pages; an owner left with none is forgotten.
+    pub fn pages_added(&mut self, id: u32, n: u64) {
+        if let Some(Some(o)) = self.by_id.get_mut((id as usize).wrapping_sub(1)) {
+            o.pages += n;
+        }
+        self.forget_if_idle(id);
+    }
+
+    /// One page of owner `id` was freed.
+    pub fn page_freed(&mut self, id: u32) {
+        if let Some(Some(o)) = self.by_id.get_mut((id as usize).wrapping_sub(1)) {
+            o.pages = o.pages.saturating_sub(1);
+        }
+        self.forget_if_idle(id);
+    }
+
+    fn forget_if_idle(&mut self, id: u32) {
+        let i = (id as usize).wrapping_sub(1);
+        if let Some(Some(o)) = self.by_id.get(i)
+            && o.pages == 0
+        {
+            self.owners.remove(&o.addr);
+            self.by_id[i] = None;
+            self.free_ids.push(id);
+        }
+    }
+
+    /// Owners with pages now.
+    pub fn owners(&self) -> usize {
+        self.owners.len()
+    }
+
+    /// The address behind owner id `id`.
     pub fn owner_addr(&self, id: u32) -> Option<[u8; 16]> {
-        self.owners.iter().find(|&(_, &v)| v == id).map(|(a, _)| *a)
+        self.by_id
+            .get((id as usize).wrapping_sub(1))
+            .copied()
+            .flatten()
+            .map(|o| o.addr)
     }
 
     /// Whether `client` may use page `p`: shared, or its own.
@@ -107,6 +173,8 @@ impl Access {
     /// Bytes the owner table takes (for the memory report).
     pub fn bytes(&self) -> usize {
         self.owners.capacity() * (16 + 4 + 1)
+            + self.by_id.capacity() * size_of::<Option<Owner>>()
+            + self.free_ids.capacity() * 4
     }
 }
 
@@ -136,8 +204,22 @@ mod tests {
     fn owner_table_is_bounded() {
         let mut a = Access::new(vec![], 2);
         assert_eq!(a.owner_id([1; 16]), Ok(1));
+        a.pages_added(1, 2);
         assert_eq!(a.owner_id([2; 16]), Ok(2));
+        a.pages_added(2, 1);
         assert_eq!(a.owner_id([1; 16]), Ok(1));
         assert_eq!(a.owner_id([3; 16]), Err(Status::BUSY));
+        // An owner whose pages are all freed is forgotten; its id serves the next one.
+        a.page_freed(2);
+        assert_eq!(a.owner_addr(2), None);
+        assert_eq!(a.owner_id([3; 16]), Ok(2));
+        assert_eq!(a.owner_addr(2), Some([3; 16]));
+        // A failed allocation (no pages added) leaves no owner behind.
+        a.pages_added(2, 0);
+        assert_eq!((a.owners(), a.owner_addr(2)), (1, None));
+        a.page_freed(1);
+        assert_eq!(a.owners(), 1);
+        a.page_freed(1);
+        assert_eq!(a.owners(), 0);
     }
 }

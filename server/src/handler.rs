@@ -234,9 +234,10 @@ impl Handler {
         match Frame::parse_summed(buf, tail_sum) {
             Ok(f) => self.handle_message(&f, now_ns, sink),
             Err(FrameError::UnsupportedVersion(v)) => {
-                self.c().count_malformed(FrameError::UnsupportedVersion(v));
-                if let Ok(env) = Envelope::parse(buf) {
-                    self.reject_version(&env, sink);
+                let answered =
+                    Envelope::parse(buf).is_ok_and(|env| self.reject_version(&env, sink));
+                if !answered {
+                    self.c().count_malformed(FrameError::UnsupportedVersion(v));
                 }
             }
             Err(e) => self.c().count_malformed(e),
@@ -290,31 +291,35 @@ impl Handler {
         match Frame::from_message(ep, data) {
             Ok(f) => self.handle_message(&f, now_ns, sink),
             Err(FrameError::UnsupportedVersion(v)) => {
-                self.c().count_malformed(FrameError::UnsupportedVersion(v));
                 let env = Envelope {
                     endpoints: ep,
                     hop_limit: 64,
                     udp_payload: data,
                 };
-                self.reject_version(&env, sink);
+                if !self.reject_version(&env, sink) {
+                    self.c().count_malformed(FrameError::UnsupportedVersion(v));
+                }
             }
             Err(e) => self.c().count_malformed(e),
         }
     }
 
     /// Answers a message of another protocol version: one version-1 header with
-    /// UNSUPPORTED_VERSION and the request id (docs/protocol.md §7).
-    pub fn reject_version(&mut self, env: &Envelope<'_>, sink: &mut impl FrameSink) {
+    /// UNSUPPORTED_VERSION and the request id (docs/protocol.md §7). Counted as a request
+    /// answered with that status; `false` (nothing sent, the caller counts a drop) when it
+    /// is not a request to this server.
+    pub fn reject_version(&mut self, env: &Envelope<'_>, sink: &mut impl FrameSink) -> bool {
         let Some(request_id) = env.request_id_any_version() else {
-            return;
+            return false;
         };
         // Only answer what looks like a request to this server (its port, its /48).
         if env.endpoints.dst_port != bluebridge_proto::UDP_PORT {
-            return;
+            return false;
         }
         let Some(from) = self.answering_address(env.endpoints.dst) else {
-            return;
+            return false;
         };
+        self.c().requests.inc();
         let h = BbRepr {
             flags: HeaderFlags::REPLY,
             status: Status::UNSUPPORTED_VERSION,
@@ -328,13 +333,16 @@ impl Handler {
             &h,
             &[],
         );
+        true
     }
 
     /// The address this server answers a request to `dst` from: `dst` itself when it is in
     /// this host's /48, this host's own address for an anycast ALLOC, `None` when the request
-    /// is not this server's to answer.
+    /// is not this server's to answer. The op flags are reserved: replies carry 0 there
+    /// whatever the request had (§1).
     fn answering_address(&self, dst: std::net::Ipv6Addr) -> Option<RemoteAddr> {
         let a = RemoteAddr::from_ipv6(dst, self.cfg.prefix).ok()?;
+        let a = a.with_op(a.opcode(), OpFlags::NONE);
         let alloc = matches!(
             a.opcode(),
             Opcode::ALLOC | Opcode::ALLOC_WRITE | Opcode::ALLOC_BULK
@@ -415,6 +423,10 @@ impl Handler {
         let op = req.op();
         self.c().requests.inc();
         self.c().ops[usize::from(op.0)].inc();
+        // Leases that ran out free their slots (and stop counting as held) before anything
+        // looks at them: O(1) when none is due.
+        self.leases.reclaim_expired(&mut self.store, now_ns);
+        self.c().leases_held.set(self.leases.in_use());
         self.addressed = if req.target.host_id().is_any() {
             self.cfg.host
         } else {
@@ -727,7 +739,7 @@ impl Handler {
                 } else {
                     self.page_for(target.handle(), who).and_then(|p| {
                         self.leases
-                            .check(&self.store, p, stored.lease, now_ns)
+                            .check(&self.store, p, stored.lease, who, now_ns)
                             .map_err(|_| Status::LEASE_EXPIRED)?;
                         Ok((p, stored.lease, stored.operand0))
                     })
@@ -780,12 +792,15 @@ impl Handler {
                 statuses[i] = Status::OTHER_SHARD;
                 continue;
             }
-            let r = self.page_for(e.handle, who).and_then(|p| {
-                self.leases.check_writer(&self.store, p, who, now_ns)?;
-                let o = usize::from(e.offset);
-                self.store.page_mut(p)[o..o + e.data.len()].copy_from_slice(e.data);
-                Ok(())
-            });
+            let r = e
+                .check()
+                .and_then(|()| self.page_for(e.handle, who))
+                .and_then(|p| {
+                    self.leases.check_writer(&self.store, p, who, now_ns)?;
+                    let o = usize::from(e.offset);
+                    self.store.page_mut(p)[o..o + e.data.len()].copy_from_slice(e.data);
+                    Ok(())
+                });
             statuses[i] = r.err().unwrap_or(Status::OK);
         }
         put_bulk_statuses(&mut self.scratch, statuses[..entries.len()].iter().copied())
@@ -801,7 +816,12 @@ impl Handler {
             Opcode::ALLOC | Opcode::ALLOC_WRITE | Opcode::ALLOC_BULK
         ) {
             return match self.access.owner_id(who.addr) {
-                Ok(owner) => self.allocate(req, owner, shared),
+                Ok(owner) => {
+                    let o = self.allocate(req, owner, shared);
+                    let n = if o.status.is_ok() { o.count } else { 0 };
+                    self.access.pages_added(owner, u64::from(n));
+                    o
+                }
                 Err(st) => Outcome {
                     count: 0,
                     ..Outcome::status(st, PageHandle::NONE)
@@ -811,7 +831,7 @@ impl Handler {
         match req.op() {
             Opcode::UPDATE_COMMIT => {
                 let r = self.page_for(target, who).and_then(|p| {
-                    self.leases.check(&self.store, p, h.lease, now_ns)?;
+                    self.leases.check(&self.store, p, h.lease, who, now_ns)?;
                     if let Body::Data(data) = req.body {
                         let o = usize::from(h.offset);
                         data.copy_to(&mut self.store.page_mut(p)[o..o + data.len()]);
@@ -825,7 +845,7 @@ impl Handler {
             }
             Opcode::UPDATE_RELEASE => {
                 let r = self.page_for(target, who).and_then(|p| {
-                    self.leases.check(&self.store, p, h.lease, now_ns)?;
+                    self.leases.check(&self.store, p, h.lease, who, now_ns)?;
                     self.leases.release(&mut self.store, p);
                     Ok(())
                 });
@@ -948,7 +968,9 @@ impl Handler {
         let r = self.page_for(handle, who).and_then(|p| {
             self.leases.check_writer(&self.store, p, who, now_ns)?;
             self.leases.release(&mut self.store, p);
+            let owner = self.store.owner(p);
             self.store.free(p);
+            self.access.page_freed(owner);
             Ok(())
         });
         // An adopted page keeps its entry: its local handle is stale now, so later requests get
@@ -1029,10 +1051,11 @@ impl Handler {
             Ok(o) => o,
             Err(st) => return st,
         };
-        match self
+        let r = self
             .store
-            .alloc(owner, h.flags.contains(HeaderFlags::SHARED))
-        {
+            .alloc(owner, h.flags.contains(HeaderFlags::SHARED));
+        self.access.pages_added(owner, u64::from(r.is_ok()));
+        match r {
             Ok((p, local)) => {
                 data.copy_to(self.store.page_mut(p));
                 self.adopted.insert(key, local);

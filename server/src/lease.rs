@@ -1,11 +1,24 @@
 //! UPDATE leases: a fixed table of exclusive, expiring locks on pages.
 //!
-//! A lease id carries its expiry (milliseconds since the server started, upper 40 bits) above a
-//! sequence number (lower 24 bits), so a late commit whose lease has already been cleared and
-//! reused is still recognised as expired rather than merely invalid.
+//! A lease id is the keyed permutation ([`Feistel`], a random key per table) of (slot,
+//! generation, 16 zero check bits): unguessable, and every id handed out names its slot and
+//! that slot's generation, which advances on every grant. A guessed id decodes to a live
+//! lease with probability about 2^-48. An id is valid only from its holder (address and
+//! port) for its page; anyone else presenting it gets LEASE_INVALID, as for a made-up id,
+//! whether or not it has expired (no hint).
+//!
+//! Slots of leases that ran out are reclaimed ([`Leases::reclaim_expired`]: an expiry heap,
+//! so the cost is O(log n) per lease), so a table cannot be filled for good by leases nobody
+//! commits. A reclaimed slot keeps its last lease's record until it is granted again (slots
+//! are reused oldest first), so the holder's late commit is told LEASE_EXPIRED rather than
+//! LEASE_INVALID for as long as possible.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 
 use bluebridge_proto::Status;
 
+use crate::keyed::Feistel;
 use crate::store::{PageIdx, Store};
 
 /// Who holds a lease: the client's address and port.
@@ -17,9 +30,24 @@ pub struct ClientKey {
     pub port: u16,
 }
 
+/// Where a slot's last lease stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Never granted.
+    Unused,
+    /// Granted and not ended: the page's lease (it may have run out, not yet reclaimed).
+    Granted,
+    /// Ran out and reclaimed.
+    Expired,
+    /// Committed, released, or its page freed.
+    Ended,
+}
+
 #[derive(Debug, Clone, Copy)]
-struct Lease {
-    id: u64,
+struct Slot {
+    generation: u32,
+    state: State,
+    page: PageIdx,
     holder: ClientKey,
     acquire_request: u64,
     expires_ns: u64,
@@ -37,39 +65,98 @@ pub struct Granted {
 /// The lease table.
 #[derive(Debug)]
 pub struct Leases {
-    slots: Vec<Option<Lease>>,
-    free: Vec<u16>,
-    seq: u32,
+    slots: Vec<Slot>,
+    /// Free slots, oldest first.
+    free: VecDeque<u16>,
+    /// (expiry, slot, generation) of every grant not known to be over.
+    expiries: BinaryHeap<Reverse<(u64, u16, u32)>>,
+    granted: u64,
+    ids: Feistel,
     default_ms: u64,
     max_ms: u64,
 }
 
-const SEQ_BITS: u32 = 24;
+/// The longest lease a table grants, whatever it is configured with (one day).
+pub const LEASE_MS_LIMIT: u64 = 86_400_000;
 
 impl Leases {
     /// A table of `capacity` (≤ 65535) leases; leases last `default_ms` unless asked otherwise,
-    /// and at most `max_ms`.
+    /// and at most `max_ms` (both capped at [`LEASE_MS_LIMIT`]). The id key is random.
     pub fn new(capacity: u16, default_ms: u64, max_ms: u64) -> Self {
+        let ids = Feistel::random(32).expect("random bytes for the lease-id key");
+        Self::with_key(capacity, default_ms, max_ms, ids)
+    }
+
+    fn with_key(capacity: u16, default_ms: u64, max_ms: u64, ids: Feistel) -> Self {
+        let unused = Slot {
+            generation: 0,
+            state: State::Unused,
+            page: PageIdx(0),
+            holder: ClientKey {
+                addr: [0; 16],
+                port: 0,
+            },
+            acquire_request: 0,
+            expires_ns: 0,
+        };
+        let max_ms = max_ms.clamp(1, LEASE_MS_LIMIT);
         Leases {
-            slots: vec![None; usize::from(capacity)],
-            free: (0..capacity).rev().collect(),
-            seq: 0,
-            default_ms,
+            slots: vec![unused; usize::from(capacity)],
+            free: (0..capacity).collect(),
+            expiries: BinaryHeap::new(),
+            granted: 0,
+            ids,
+            default_ms: default_ms.clamp(1, max_ms),
             max_ms,
         }
     }
 
-    fn live(&self, store: &Store, p: PageIdx, now_ns: u64) -> Option<(u16, Lease)> {
-        let slot = store.lease_slot(p).checked_sub(1)?;
-        let l = self.slots[usize::from(slot)]?;
-        (l.expires_ns > now_ns).then_some((slot, l))
+    fn id_of(&self, slot: u16, generation: u32) -> u64 {
+        let (l, r) = self.ids.encrypt(u32::from(slot) << 16, generation);
+        u64::from(l) << 32 | u64::from(r)
     }
 
-    fn clear(&mut self, store: &mut Store, p: PageIdx) {
+    /// The slot an id names, if it is one this table made (check bits 0, slot in range,
+    /// the slot's current generation).
+    fn slot_of(&self, id: u64) -> Option<u16> {
+        let (l, generation) = self.ids.decrypt((id >> 32) as u32, id as u32);
+        let slot = (l >> 16) as u16;
+        let s = self.slots.get(usize::from(slot))?;
+        (l & 0xffff == 0 && s.generation == generation && s.state != State::Unused).then_some(slot)
+    }
+
+    /// The page's lease while it lives.
+    fn live(&self, store: &Store, p: PageIdx, now_ns: u64) -> Option<&Slot> {
+        let slot = store.lease_slot(p).checked_sub(1)?;
+        let l = &self.slots[usize::from(slot)];
+        (l.state == State::Granted && l.expires_ns > now_ns).then_some(l)
+    }
+
+    /// Ends the page's lease, if it has one, marking the slot `to` and freeing it.
+    fn end(&mut self, store: &mut Store, p: PageIdx, to: State) {
         if let Some(slot) = store.lease_slot(p).checked_sub(1) {
-            self.slots[usize::from(slot)] = None;
-            self.free.push(slot);
+            let s = &mut self.slots[usize::from(slot)];
+            if s.state == State::Granted {
+                s.state = to;
+                self.free.push_back(slot);
+                self.granted -= 1;
+            }
             store.set_lease_slot(p, 0);
+        }
+    }
+
+    /// Reclaims the slots of leases that ran out by `now_ns`: their pages have no lease
+    /// from now on and the slots are free.
+    pub fn reclaim_expired(&mut self, store: &mut Store, now_ns: u64) {
+        while let Some(&Reverse((t, slot, generation))) = self.expiries.peek() {
+            if t > now_ns {
+                break;
+            }
+            self.expiries.pop();
+            let s = self.slots[usize::from(slot)];
+            if s.generation == generation && s.state == State::Granted {
+                self.end(store, s.page, State::Expired);
+            }
         }
     }
 
@@ -82,13 +169,13 @@ impl Leases {
         now_ns: u64,
     ) -> Result<(), Status> {
         match self.live(store, p, now_ns) {
-            Some((_, l)) if l.holder != who => Err(Status::LEASE_HELD),
+            Some(l) if l.holder != who => Err(Status::LEASE_HELD),
             _ => Ok(()),
         }
     }
 
     /// Grants the page's lease to `who`, or returns the one it already holds for this same
-    /// request (a retransmitted ACQUIRE).
+    /// request (a retransmitted ACQUIRE). BUSY when every slot holds a live lease.
     pub fn acquire(
         &mut self,
         store: &mut Store,
@@ -98,17 +185,19 @@ impl Leases {
         ms: u64,
         now_ns: u64,
     ) -> Result<Granted, Status> {
-        if let Some((_, l)) = self.live(store, p, now_ns) {
+        self.reclaim_expired(store, now_ns);
+        if let Some(l) = self.live(store, p, now_ns) {
             if l.holder == who && l.acquire_request == request {
+                let slot = store.lease_slot(p) - 1;
                 return Ok(Granted {
-                    id: l.id,
+                    id: self.id_of(slot, l.generation),
                     ms: (l.expires_ns - now_ns).div_ceil(1_000_000),
                 });
             }
             return Err(Status::LEASE_HELD);
         }
-        self.clear(store, p); // an expired lease
-        let Some(slot) = self.free.pop() else {
+        self.end(store, p, State::Expired); // run out, not yet reclaimed
+        let Some(slot) = self.free.pop_front() else {
             return Err(Status::BUSY);
         };
         let ms = if ms == 0 {
@@ -116,57 +205,97 @@ impl Leases {
         } else {
             ms.min(self.max_ms)
         };
-        let expires_ns = now_ns + ms * 1_000_000;
-        self.seq = (self.seq + 1) & ((1 << SEQ_BITS) - 1);
-        let id = (expires_ns / 1_000_000 + 1) << SEQ_BITS | u64::from(self.seq);
-        self.slots[usize::from(slot)] = Some(Lease {
-            id,
+        let expires_ns = now_ns.saturating_add(ms * 1_000_000);
+        let s = &mut self.slots[usize::from(slot)];
+        let mut generation = s.generation.wrapping_add(1);
+        let mut id = self.id_of(slot, generation);
+        if id == 0 {
+            // 0 names no lease (§5.8); one generation on never maps to 0 as well.
+            generation = generation.wrapping_add(1);
+            id = self.id_of(slot, generation);
+        }
+        self.slots[usize::from(slot)] = Slot {
+            generation,
+            state: State::Granted,
+            page: p,
             holder: who,
             acquire_request: request,
             expires_ns,
-        });
+        };
+        self.granted += 1;
+        self.expiries.push(Reverse((expires_ns, slot, generation)));
+        if self.expiries.len() > 2 * self.slots.len() + 16 {
+            self.compact_expiries();
+        }
         store.set_lease_slot(p, slot + 1);
         Ok(Granted { id, ms })
     }
 
-    /// Checks that `id` is the page's live lease (for COMMIT and RELEASE).
-    pub fn check(&self, store: &Store, p: PageIdx, id: u64, now_ns: u64) -> Result<(), Status> {
-        if let Some((_, l)) = self.live(store, p, now_ns)
-            && l.id == id
-        {
-            return Ok(());
+    /// Drops the heap entries of leases that ended early (amortised: runs after as many
+    /// grants as there are slots).
+    fn compact_expiries(&mut self) {
+        let slots = &self.slots;
+        self.expiries.retain(|Reverse((_, slot, g))| {
+            let s = &slots[usize::from(*slot)];
+            s.generation == *g && s.state == State::Granted
+        });
+    }
+
+    /// Checks that `id` is the page's live lease and `who` its holder (for COMMIT and
+    /// RELEASE). LEASE_EXPIRED only to the holder of that page's lease once it ran out;
+    /// LEASE_INVALID for anything else: 0, a made-up id, another page's, another client's.
+    pub fn check(
+        &self,
+        store: &Store,
+        p: PageIdx,
+        id: u64,
+        who: ClientKey,
+        now_ns: u64,
+    ) -> Result<(), Status> {
+        let Some(slot) = (id != 0).then(|| self.slot_of(id)).flatten() else {
+            return Err(Status::LEASE_INVALID);
+        };
+        let s = &self.slots[usize::from(slot)];
+        if s.page != p || s.holder != who {
+            return Err(Status::LEASE_INVALID);
         }
-        // Not the live lease: expired if the id's own expiry has passed, else never valid here.
-        let expiry_ms = (id >> SEQ_BITS).saturating_sub(1);
-        if expiry_ms * 1_000_000 <= now_ns && id >> SEQ_BITS != 0 {
-            Err(Status::LEASE_EXPIRED)
-        } else {
-            Err(Status::LEASE_INVALID)
+        match s.state {
+            State::Granted if store.lease_slot(p) == slot + 1 => {
+                if s.expires_ns > now_ns {
+                    Ok(())
+                } else {
+                    Err(Status::LEASE_EXPIRED)
+                }
+            }
+            State::Expired => Err(Status::LEASE_EXPIRED),
+            _ => Err(Status::LEASE_INVALID),
         }
     }
 
     /// Ends the page's lease (commit, release, or the page being freed).
     pub fn release(&mut self, store: &mut Store, p: PageIdx) {
-        self.clear(store, p);
+        self.end(store, p, State::Ended);
     }
 
-    /// Leases granted and not yet ended (expired ones count until they are reclaimed).
+    /// Leases granted and not yet committed, released or reclaimed (after
+    /// [`Leases::reclaim_expired`], the live ones).
     pub fn in_use(&self) -> u64 {
-        (self.slots.len() - self.free.len()) as u64
+        self.granted
     }
 
     /// Live leases.
     pub fn held(&self, now_ns: u64) -> u64 {
         self.slots
             .iter()
-            .flatten()
-            .filter(|l| l.expires_ns > now_ns)
+            .filter(|l| l.state == State::Granted && l.expires_ns > now_ns)
             .count() as u64
     }
 
     /// Bytes the table takes (for the memory report).
     pub fn bytes(&self) -> usize {
-        self.slots.capacity() * size_of::<Option<Lease>>() + self.free.capacity() * 2
+        self.slots.capacity() * size_of::<Slot>()
+            + self.free.capacity() * 2
+            + (2 * self.slots.len() + 16) * size_of::<Reverse<(u64, u16, u32)>>()
     }
 }
 
@@ -184,38 +313,151 @@ mod tests {
     };
     const MS: u64 = 1_000_000;
 
+    fn store() -> Store {
+        Store::new(2 << 20, false).unwrap()
+    }
+
     #[test]
     fn acquire_commit_expire() {
-        let mut s = Store::new(2 << 20, false).unwrap();
+        let mut s = store();
         let (p, _) = s.alloc(1, true).unwrap();
         let mut l = Leases::new(4, 100, 1000);
         let now = 5 * MS;
         let g = l.acquire(&mut s, p, A, 1, 0, now).unwrap();
         assert_eq!(g.ms, 100);
+        assert_ne!(g.id, 0);
         // A retransmitted acquire gets the same lease; anyone else is refused.
         assert_eq!(l.acquire(&mut s, p, A, 1, 0, now + MS).unwrap().id, g.id);
         assert_eq!(l.acquire(&mut s, p, A, 2, 0, now), Err(Status::LEASE_HELD));
         assert_eq!(l.acquire(&mut s, p, B, 1, 0, now), Err(Status::LEASE_HELD));
         assert_eq!(l.check_writer(&s, p, B, now), Err(Status::LEASE_HELD));
         assert_eq!(l.check_writer(&s, p, A, now), Ok(()));
-        assert_eq!(l.check(&s, p, g.id, now), Ok(()));
-        assert_eq!(l.check(&s, p, g.id + 1, now), Err(Status::LEASE_INVALID));
+        assert_eq!(l.check(&s, p, g.id, A, now), Ok(()));
+        assert_eq!(l.check(&s, p, g.id + 1, A, now), Err(Status::LEASE_INVALID));
         assert_eq!(l.held(now), 1);
         // After expiry: the holder's late commit is rejected as expired, others may acquire.
         let late = now + 101 * MS;
-        assert_eq!(l.check(&s, p, g.id, late), Err(Status::LEASE_EXPIRED));
+        assert_eq!(l.check(&s, p, g.id, A, late), Err(Status::LEASE_EXPIRED));
         assert_eq!(l.check_writer(&s, p, B, late), Ok(()));
         let g2 = l.acquire(&mut s, p, B, 9, 5000, late).unwrap();
         assert_eq!(g2.ms, 1000);
-        assert_eq!(l.check(&s, p, g.id, late), Err(Status::LEASE_EXPIRED));
+        assert_ne!(g2.id, g.id);
+        assert_eq!(l.check(&s, p, g.id, A, late), Err(Status::LEASE_EXPIRED));
         l.release(&mut s, p);
         assert_eq!(l.held(late), 0);
-        assert_eq!(l.check(&s, p, g2.id, late), Err(Status::LEASE_INVALID));
+        assert_eq!(l.check(&s, p, g2.id, B, late), Err(Status::LEASE_INVALID));
+    }
+
+    /// §5.8: 0 and made-up ids are LEASE_INVALID, on a page with a lease or without one.
+    #[test]
+    fn zero_and_made_up_ids_are_invalid() {
+        let mut s = store();
+        let (p, _) = s.alloc(1, true).unwrap();
+        let (q, _) = s.alloc(1, true).unwrap();
+        let mut l = Leases::new(4, 100, 1000);
+        for id in [0, 1, 1 << 24 | 1, u64::MAX] {
+            assert_eq!(l.check(&s, p, id, A, 0), Err(Status::LEASE_INVALID));
+        }
+        let g = l.acquire(&mut s, p, A, 1, 0, 0).unwrap();
+        // Someone else's page.
+        assert_eq!(l.check(&s, q, g.id, A, 0), Err(Status::LEASE_INVALID));
+        // Far in the future: still no hint.
+        assert_eq!(
+            l.check(&s, q, g.id, A, u64::MAX),
+            Err(Status::LEASE_INVALID)
+        );
+    }
+
+    /// The hijack: another client presenting the holder's id (guessed or seen) gets
+    /// LEASE_INVALID, live or expired; guessing the id is hopeless.
+    #[test]
+    fn ids_are_bound_to_the_holder_and_unguessable() {
+        let mut s = store();
+        let (p, _) = s.alloc(1, true).unwrap();
+        let mut l = Leases::new(64, 100, 1000);
+        let g = l.acquire(&mut s, p, A, 1, 0, 0).unwrap();
+        assert_eq!(l.check(&s, p, g.id, B, 0), Err(Status::LEASE_INVALID));
+        let other_port = ClientKey { port: 2, ..A };
+        assert_eq!(
+            l.check(&s, p, g.id, other_port, 0),
+            Err(Status::LEASE_INVALID)
+        );
+        assert_eq!(
+            l.check(&s, p, g.id, B, 200 * MS),
+            Err(Status::LEASE_INVALID)
+        );
+        // Ids of consecutive grants share nothing an attacker could step along.
+        let mut ids = vec![];
+        for i in 0..32 {
+            l.release(&mut s, p);
+            ids.push(l.acquire(&mut s, p, A, 10 + i, 0, 0).unwrap().id);
+        }
+        let live = *ids.last().unwrap();
+        for w in ids.windows(2) {
+            assert!(
+                (w[1] ^ w[0]).count_ones() > 8,
+                "{:#x} then {:#x}",
+                w[0],
+                w[1]
+            );
+        }
+        // Neighbours of the live id, earlier ids and random guesses: none is accepted.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let guesses = (1..=1000u64)
+            .flat_map(|d| [live.wrapping_add(d), live.wrapping_sub(d), live ^ d << 3])
+            .chain(ids[..31].iter().copied())
+            .chain((0..100_000).map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x
+            }));
+        for guess in guesses {
+            assert_eq!(
+                l.check(&s, p, guess, A, 0),
+                Err(Status::LEASE_INVALID),
+                "{guess:#x}"
+            );
+        }
+        assert_eq!(l.check(&s, p, live, A, 0), Ok(()));
+    }
+
+    /// Leases that run out free their slots: a full table of abandoned leases takes new ones
+    /// once they expire, and stops counting them as held.
+    #[test]
+    fn expired_leases_free_their_slots() {
+        let mut s = store();
+        let mut l = Leases::new(8, 100, 1000);
+        let pages: Vec<_> = (0..9).map(|_| s.alloc(1, true).unwrap().0).collect();
+        for (i, &p) in pages[..8].iter().enumerate() {
+            l.acquire(&mut s, p, A, i as u64, 50, 0).unwrap();
+        }
+        assert_eq!(
+            l.acquire(&mut s, pages[8], B, 1, 0, 10 * MS),
+            Err(Status::BUSY)
+        );
+        assert_eq!(l.in_use(), 8);
+        l.reclaim_expired(&mut s, 51 * MS);
+        assert_eq!(l.in_use(), 0);
+        assert!(pages.iter().all(|&p| s.lease_slot(p) == 0));
+        for (i, &p) in pages[1..].iter().enumerate() {
+            l.acquire(&mut s, p, B, 100 + i as u64, 0, 52 * MS).unwrap();
+        }
+        assert_eq!(l.in_use(), 8);
+        // Committed leases leave nothing behind in the expiry heap for long.
+        for round in 0..100u64 {
+            for (i, &p) in pages[1..].iter().enumerate() {
+                l.release(&mut s, p);
+                l.acquire(&mut s, p, B, 1000 * round + i as u64, 0, 52 * MS)
+                    .unwrap();
+            }
+        }
+        assert!(l.expiries.len() <= 2 * 8 + 16 + 1, "{}", l.expiries.len());
     }
 
     #[test]
     fn table_full_is_busy() {
-        let mut s = Store::new(2 << 20, false).unwrap();
+        let mut s = store();
         let mut l = Leases::new(1, 100, 1000);
         let (p, _) = s.alloc(1, true).unwrap();
         let (q, _) = s.alloc(1, true).unwrap();
@@ -223,5 +465,16 @@ mod tests {
         assert_eq!(l.acquire(&mut s, q, A, 2, 0, 0), Err(Status::BUSY));
         l.release(&mut s, p);
         l.acquire(&mut s, q, A, 2, 0, 0).unwrap();
+    }
+
+    #[test]
+    fn huge_lease_times_are_capped() {
+        let mut s = store();
+        let (p, _) = s.alloc(1, true).unwrap();
+        let mut l = Leases::new(1, u64::MAX, u64::MAX);
+        let now = 7 * MS;
+        let g = l.acquire(&mut s, p, A, 1, u64::MAX, now).unwrap();
+        assert_eq!(g.ms, LEASE_MS_LIMIT);
+        assert_eq!(l.check(&s, p, g.id, A, now + MS), Ok(()));
     }
 }

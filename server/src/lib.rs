@@ -1,7 +1,8 @@
 //! The BlueBridge page server.
 //!
 //! - [`store`]: the hugepage-backed page arena and handle validation.
-//! - [`lease`], [`session`]: UPDATE leases and at-most-once execution.
+//! - [`lease`], [`session`]: UPDATE leases and at-most-once execution; [`keyed`]: the keyed
+//!   permutation behind unguessable handles and lease ids.
 //! - [`handler`]: request handling as pure code — frames in, frames out.
 //! - [`stats`]: the counters a running server shows.
 //! - [`runtime`]: the steering program, AF_XDP sockets and pinned workers, one shard each;
@@ -13,6 +14,7 @@ pub mod access;
 pub mod fuzzing;
 pub mod handler;
 pub mod handoff;
+pub mod keyed;
 pub mod lease;
 pub mod runtime;
 pub mod session;

@@ -10,11 +10,10 @@
 //! decodes to an older generation (STALE_HANDLE) and a guessed one almost never decodes to a
 //! live page (INVALID_HANDLE or STALE_HANDLE).
 
-use std::hash::Hasher;
-
 use bluebridge_proto::{PAGE_SIZE, PageHandle, Status};
 use memmap2::{MmapMut, MmapOptions};
-use siphasher::sip::SipHasher13;
+
+use crate::keyed::Feistel;
 
 /// Index of a page in the arena.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -320,50 +319,29 @@ impl Store {
 }
 
 /// The keyed permutation between (index, generation) and handles.
-struct HandleCodec {
-    keys: [SipHasher13; 4],
-}
+struct HandleCodec(Feistel);
 
 impl HandleCodec {
     fn new(key: [u8; 32]) -> Self {
-        let k = |i: usize| u64::from_le_bytes(key[i * 8..i * 8 + 8].try_into().unwrap());
-        let round = |r: u64| SipHasher13::new_with_keys(k(0) ^ r, k(1).rotate_left(r as u32 * 16));
-        HandleCodec {
-            keys: [round(0), round(1), round(2), round(3)],
-        }
-    }
-
-    fn f(&self, r: usize, x: u32) -> u32 {
-        let mut h = self.keys[r];
-        h.write_u32(x);
-        h.finish() as u32 & HALF_MASK
+        HandleCodec(Feistel::new(key, HALF_BITS))
     }
 
     fn initial_generation(&self, i: u32) -> u32 {
-        // Another input domain than the rounds use (they hash 4 bytes, this 8).
-        let mut h = self.keys[0];
-        h.write_u64(u64::from(i) | 1 << 63);
-        h.finish() as u32 & HALF_MASK
+        self.0.hash(u64::from(i) | 1 << 63)
     }
 
     /// The handle of (index, generation), both below 2^28, on `shard`. Never handle 0: the
     /// shard field is at least 1.
     fn encode(&self, shard: u8, index: u32, generation: u32) -> PageHandle {
-        let (mut l, mut r) = (index & HALF_MASK, generation & HALF_MASK);
-        for k in 0..4 {
-            (l, r) = (r, l ^ self.f(k, r));
-        }
+        let (l, r) = self.0.encrypt(index, generation);
         PageHandle::with_shard(shard, u64::from(l) << HALF_BITS | u64::from(r))
     }
 
     /// (index, generation) of a handle's opaque bits (the shard field is the caller's to check).
     fn decode(&self, h: PageHandle) -> (u32, u32) {
         let b = h.to_bits();
-        let (mut l, mut r) = ((b >> HALF_BITS) as u32 & HALF_MASK, b as u32 & HALF_MASK);
-        for k in (0..4).rev() {
-            (l, r) = (r ^ self.f(k, l), l);
-        }
-        (l, r)
+        self.0
+            .decrypt((b >> HALF_BITS) as u32 & HALF_MASK, b as u32 & HALF_MASK)
     }
 }
 

@@ -24,6 +24,7 @@ pub(crate) fn bind(cfg: &ServerConfig) -> Result<UdpSocket, StartError> {
         .map_err(|e| err(&format!("binding UDP port {UDP_PORT}"), &e))?;
     setsockopt(&sock, sockopt::Ipv6RecvPacketInfo, &true)
         .map_err(|e| err("IPV6_RECVPKTINFO", &e))?;
+    bluebridge_xsk::mmsg::zero_flow_labels(&sock).map_err(|e| err("IPV6_AUTOFLOWLABEL", &e))?;
     // Replies leave from page addresses, which are routed locally but assigned nowhere.
     setsockopt(&sock, sockopt::IpFreebind, &true).map_err(|e| err("IP_FREEBIND", &e))?;
     let net = cfg.prefix.host_network(cfg.host);

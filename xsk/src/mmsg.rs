@@ -14,6 +14,28 @@ pub const MAX_DATAGRAM: usize = 9000;
 
 const PKTINFO_SPACE: usize = 64; // ≥ CMSG_SPACE(sizeof(struct in6_pktinfo)) = 40 on Linux
 
+/// Makes the kernel send this socket's datagrams with IPv6 flow label 0, as the protocol
+/// says senders do (docs/protocol.md §2.2), instead of a label hashed from the flow
+/// (`net.ipv6.auto_flowlabels`).
+pub fn zero_flow_labels(sock: &std::net::UdpSocket) -> io::Result<()> {
+    let off: libc::c_int = 0;
+    // SAFETY: a valid socket and a c_int option value of the size given.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_AUTOFLOWLABEL,
+            (&raw const off).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 fn zero_sockaddr() -> libc::sockaddr_in6 {
     // SAFETY: sockaddr_in6 is plain old data; all-zero is a valid value.
     unsafe { std::mem::zeroed() }

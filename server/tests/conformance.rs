@@ -1,0 +1,515 @@
+//! Conformance of the request handler to docs/protocol.md, one test per rule, named by the
+//! section it checks (`s5_7_...` is §5.7). The handler is the code both transports run (AF_XDP
+//! and kernel UDP); tests/tests/conformance.rs sends the same requests over real sockets.
+
+mod common;
+
+use common::*;
+
+fn stat(r: &mut Rig) -> StatRecord {
+    let s = r.one(Opcode::STAT, PageHandle::NONE, hdr(0, 0), &[]);
+    assert_eq!(s.h.status, Status::OK);
+    StatRecord::parse(&s.payload).expect("a STAT record")
+}
+
+fn shared_page(r: &mut Rig) -> PageHandle {
+    let a = r.one(
+        Opcode::ALLOC,
+        PageHandle::NONE,
+        BbRepr {
+            flags: HeaderFlags::SHARED,
+            ..hdr(0, 0)
+        },
+        &[],
+    );
+    assert_eq!(a.h.status, Status::OK);
+    a.src.handle()
+}
+
+fn acquire(r: &mut Rig, p: PageHandle, ms: u64) -> Reply {
+    r.one(
+        Opcode::UPDATE_ACQUIRE,
+        p,
+        BbRepr {
+            operand0: ms,
+            ..hdr(0, 0)
+        },
+        &[],
+    )
+}
+
+fn commit(r: &mut Rig, p: PageHandle, lease: u64, data: &[u8]) -> Status {
+    r.status(
+        Opcode::UPDATE_COMMIT,
+        p,
+        BbRepr {
+            lease,
+            ..hdr(0, data.len() as u16)
+        },
+        data,
+    )
+}
+
+#[test]
+fn s2_4_count_is_1_in_every_request_but_the_bulk_ones() {
+    let mut r = rig();
+    let p = r.alloc();
+    let cases: [(Opcode, PageHandle, BbRepr, &[u8]); 11] = [
+        (Opcode::PING, PageHandle::NONE, hdr(0, 0), &[]),
+        (Opcode::STAT, PageHandle::NONE, hdr(0, 0), &[]),
+        (Opcode::READ, p, hdr(0, 8), &[]),
+        (Opcode::WRITE, p, hdr(0, 4), b"abcd"),
+        (Opcode::CAS, p, hdr(8, 8), &[]),
+        (Opcode::FETCH_ADD, p, hdr(8, 8), &[]),
+        (Opcode::SHARE, p, hdr(0, 0), &[]),
+        (Opcode::UPDATE_ACQUIRE, p, hdr(0, 8), &[]),
+        (
+            Opcode::UPDATE_RELEASE,
+            p,
+            BbRepr {
+                lease: 1,
+                ..hdr(0, 0)
+            },
+            &[],
+        ),
+        (Opcode::FREE, p, hdr(0, 0), &[]),
+        (Opcode::ALLOC_WRITE, PageHandle::NONE, hdr(0, 1), b"x"),
+    ];
+    for (op, handle, h, payload) in cases {
+        for count in [0, 2] {
+            assert_eq!(
+                r.status(op, handle, BbRepr { count, ..h }, payload),
+                Status::MALFORMED,
+                "{op:?} count {count}"
+            );
+        }
+    }
+    // Nothing ran: the page is live and unchanged, nothing else was allocated.
+    assert_eq!(r.read(p, 0, 8), [0; 8]);
+    assert_eq!(r.handler.store().pages_used(), 1);
+}
+
+#[test]
+fn s5_11_atomics_inside_the_page_are_misaligned_unless_one_aligned_word() {
+    let mut r = rig();
+    let p = r.alloc();
+    for op in [Opcode::CAS, Opcode::FETCH_ADD] {
+        for (o, l) in [(4092, 8), (0, 0), (4088, 4), (4095, 1), (4, 8)] {
+            assert_eq!(
+                r.status(op, p, hdr(o, l), &[]),
+                Status::MISALIGNED,
+                "{op:?} {o}+{l}"
+            );
+        }
+        for (o, l) in [(4096, 8), (u16::MAX, 8), (4096, 0)] {
+            assert_eq!(
+                r.status(op, p, hdr(o, l), &[]),
+                Status::OUT_OF_RANGE,
+                "{op:?} {o}+{l}"
+            );
+        }
+        assert_eq!(r.status(op, p, hdr(4088, 8), &[]), Status::OK);
+    }
+}
+
+#[test]
+fn s4_invalidate_sent_as_a_request_is_an_unknown_opcode() {
+    let mut r = rig();
+    let p = r.alloc();
+    for handle in [PageHandle::NONE, p, PageHandle::from_bits(42)] {
+        assert_eq!(
+            r.status(Opcode::INVALIDATE, handle, hdr(0, 0), &[]),
+            Status::UNKNOWN_OPCODE
+        );
+    }
+}
+
+#[test]
+fn s5_5_read_bulk_a_bad_item_fails_only_itself() {
+    let mut r = rig();
+    let p = r.alloc();
+    let q = r.alloc();
+    r.one(Opcode::WRITE, p, hdr(0, 4), b"pppp");
+    r.one(Opcode::WRITE, q, hdr(0, 4), b"qqqq");
+    let mut list = [0u8; 32];
+    put_handles(
+        &mut list,
+        [p, PageHandle::NONE, q, PageHandle::from_bits(42)],
+    );
+    let replies = r.req(
+        Opcode::READ_BULK,
+        p,
+        BbRepr {
+            count: 4,
+            ..hdr(0, 4)
+        },
+        &list,
+    );
+    let mut got: Vec<(u16, Status, Vec<u8>)> = replies
+        .iter()
+        .map(|x| (x.h.item, x.h.status, x.payload.clone()))
+        .collect();
+    got.sort_by_key(|g| g.0);
+    assert_eq!(got.len(), 4, "{got:?}");
+    assert_eq!(got[0], (0, Status::OK, b"pppp".to_vec()));
+    assert_eq!(got[1], (1, Status::INVALID_HANDLE, vec![]));
+    assert_eq!(got[2], (2, Status::OK, b"qqqq".to_vec()));
+    assert!(
+        matches!(got[3].1, Status::INVALID_HANDLE | Status::STALE_HANDLE),
+        "{got:?}"
+    );
+}
+
+#[test]
+fn s5_9_free_bulk_a_bad_item_fails_only_itself() {
+    let mut r = rig();
+    let p = r.alloc();
+    let q = r.alloc();
+    let mut list = [0u8; 24];
+    put_handles(&mut list, [p, PageHandle::NONE, q]);
+    let rep = r.one(
+        Opcode::FREE_BULK,
+        p,
+        BbRepr {
+            count: 3,
+            ..hdr(0, 0)
+        },
+        &list,
+    );
+    assert_eq!((rep.h.status, rep.h.count), (Status::OK, 3));
+    let st: Vec<_> = (0..3)
+        .map(|i| bulk_status(&rep.payload, i).unwrap())
+        .collect();
+    assert_eq!(st, [Status::OK, Status::INVALID_HANDLE, Status::OK]);
+    assert_eq!(r.handler.store().pages_used(), 0);
+}
+
+#[test]
+fn s5_7_write_bulk_a_failed_entry_does_not_stop_the_others() {
+    let mut r = rig();
+    let p = r.alloc();
+    let q = r.alloc();
+    let entries = [
+        WriteEntry {
+            handle: p,
+            offset: 0,
+            data: b"first",
+        },
+        WriteEntry {
+            handle: p,
+            offset: 4090,
+            data: &[9; 10],
+        },
+        WriteEntry {
+            handle: q,
+            offset: 100,
+            data: &[],
+        },
+        WriteEntry {
+            handle: PageHandle::NONE,
+            offset: 0,
+            data: b"nobody",
+        },
+        WriteEntry {
+            handle: q,
+            offset: 8,
+            data: b"last",
+        },
+    ];
+    let mut buf = vec![0u8; 512];
+    let mut end = 0;
+    for e in &entries {
+        end = put_write_entry(&mut buf, end, e).unwrap();
+    }
+    let rep = r.one(
+        Opcode::WRITE_BULK,
+        p,
+        BbRepr {
+            count: 5,
+            ..hdr(0, 0)
+        },
+        &buf[..end],
+    );
+    assert_eq!((rep.h.status, rep.h.count), (Status::OK, 5));
+    let st: Vec<_> = (0..5)
+        .map(|i| bulk_status(&rep.payload, i).unwrap())
+        .collect();
+    assert_eq!(
+        st,
+        [
+            Status::OK,
+            Status::OUT_OF_RANGE,
+            Status::OUT_OF_RANGE,
+            Status::INVALID_HANDLE,
+            Status::OK
+        ]
+    );
+    assert_eq!(r.read(p, 0, 5), b"first");
+    assert_eq!(r.read(p, 4086, 10), [0; 10]);
+    assert_eq!(r.read(q, 8, 4), b"last");
+}
+
+#[test]
+fn s5_5_bulk_requests_go_to_their_first_items_page() {
+    let mut r = rig();
+    let p = r.alloc();
+    let q = r.alloc();
+    let mut list = [0u8; 16];
+    put_handles(&mut list, [p, q]);
+    for op in [Opcode::READ_BULK, Opcode::FREE_BULK] {
+        let h = BbRepr {
+            count: 2,
+            ..if op == Opcode::READ_BULK {
+                hdr(0, 8)
+            } else {
+                hdr(0, 0)
+            }
+        };
+        assert_eq!(r.status(op, q, h, &list), Status::MALFORMED, "{op:?}");
+    }
+    assert_eq!(r.handler.store().pages_used(), 2);
+}
+
+#[test]
+fn s5_9_operations_without_a_range_refuse_one() {
+    let mut r = rig();
+    let p = r.alloc();
+    for op in [
+        Opcode::FREE,
+        Opcode::SHARE,
+        Opcode::UPDATE_RELEASE,
+        Opcode::PING,
+    ] {
+        let handle = if op == Opcode::PING {
+            PageHandle::NONE
+        } else {
+            p
+        };
+        let h = BbRepr {
+            lease: 1,
+            ..hdr(0, 8)
+        };
+        assert_eq!(r.status(op, handle, h, &[]), Status::MALFORMED, "{op:?}");
+    }
+    assert_eq!(r.handler.store().pages_used(), 1, "FREE with a range ran");
+}
+
+#[test]
+fn s5_8_lease_0_and_made_up_ids_are_lease_invalid() {
+    let mut r = rig();
+    let p = r.alloc();
+    r.one(Opcode::WRITE, p, hdr(0, 4), b"keep");
+    for lease in [0, 1, 0x0000_0400_0000_0001, u64::MAX] {
+        assert_eq!(
+            commit(&mut r, p, lease, b"evil"),
+            Status::LEASE_INVALID,
+            "{lease:#x}"
+        );
+        let rel = BbRepr { lease, ..hdr(0, 0) };
+        assert_eq!(
+            r.status(Opcode::UPDATE_RELEASE, p, rel, &[]),
+            Status::LEASE_INVALID
+        );
+    }
+    assert_eq!(r.read(p, 0, 4), b"keep");
+}
+
+/// The hijack found from outside: on a shared page, another client committed with a guessed
+/// lease id after 1-4 guesses. Ids are now keyed and bound to the holder's address and port.
+#[test]
+fn s5_8_only_the_holder_commits_with_its_lease() {
+    let mut r = rig();
+    let p = shared_page(&mut r);
+    r.one(Opcode::WRITE, p, hdr(0, 4), b"orig");
+    let a = acquire(&mut r, p, 5_000);
+    assert_eq!(a.h.status, Status::OK);
+    let lease = a.h.lease;
+    // The attacker knows the id exactly (seen on the wire), or guesses around it.
+    let holder = (r.client, r.port);
+    r.client = "fd00:bb:1::66".parse().unwrap();
+    let guesses = [lease]
+        .into_iter()
+        .chain((1..=64).flat_map(|d| [lease.wrapping_add(d), lease.wrapping_sub(d)]))
+        .chain((0..64).map(|b| lease ^ 1 << b));
+    for g in guesses {
+        assert_eq!(
+            commit(&mut r, p, g, b"evil"),
+            Status::LEASE_INVALID,
+            "{g:#x}"
+        );
+    }
+    // Same address, other port: another client too.
+    r.client = holder.0;
+    r.port = holder.1 + 1;
+    assert_eq!(commit(&mut r, p, lease, b"evil"), Status::LEASE_INVALID);
+    // After it ran out, the attacker still learns nothing (no LEASE_EXPIRED).
+    r.now += 6_000 * MS;
+    assert_eq!(commit(&mut r, p, lease, b"evil"), Status::LEASE_INVALID);
+    r.port = holder.1;
+    assert_eq!(commit(&mut r, p, lease, b"late"), Status::LEASE_EXPIRED);
+    assert_eq!(r.read(p, 0, 4), b"orig");
+    let b = acquire(&mut r, p, 0);
+    assert_eq!(commit(&mut r, p, b.h.lease, b"mine"), Status::OK);
+    assert_eq!(r.read(p, 0, 4), b"mine");
+}
+
+/// Found from outside: with `--max-leases 64`, 64 one-second leases nobody committed made every
+/// later acquire BUSY for good while STAT said 0 held.
+#[test]
+fn s5_8_leases_that_run_out_free_their_slots() {
+    let mut r = rig_with(2 << 20, 4096, |c| c.lease_capacity = 64);
+    let pages: Vec<_> = (0..65).map(|_| shared_page(&mut r)).collect();
+    for &p in &pages[..64] {
+        assert_eq!(acquire(&mut r, p, 1_000).h.status, Status::OK);
+    }
+    assert_eq!(acquire(&mut r, pages[64], 1_000).h.status, Status::BUSY);
+    assert_eq!(stat(&mut r).leases_held, 64);
+    r.now += 1_001 * MS;
+    assert_eq!(stat(&mut r).leases_held, 0);
+    for &p in &pages[1..] {
+        assert_eq!(acquire(&mut r, p, 1_000).h.status, Status::OK);
+    }
+    assert_eq!(stat(&mut r).leases_held, 64);
+}
+
+/// Found from outside: 65,536 spoofed allocations on a full arena locked every new client out
+/// for good. An owner is now an address with pages: a failed ALLOC registers nobody, and an
+/// owner whose pages are all freed is forgotten.
+#[test]
+fn s5_13_the_owner_table_holds_only_addresses_with_pages() {
+    let mut r = rig_with(2 << 20, 4096, |c| c.max_owners = 4);
+    let client = |i: u16| -> Ipv6Addr { format!("fd00:bb:1::{i:x}").parse().unwrap() };
+    // Fill the arena (512 pages) from one client.
+    r.client = client(1);
+    let mut mine: Vec<Vec<u8>> = vec![];
+    for _ in 0..4 {
+        let a = r.one(
+            Opcode::ALLOC_BULK,
+            PageHandle::NONE,
+            BbRepr {
+                count: 128,
+                ..hdr(0, 0)
+            },
+            &[],
+        );
+        assert_eq!(a.h.status, Status::OK);
+        mine.push(a.payload);
+    }
+    // A flood of failing allocations from made-up addresses registers nobody.
+    for i in 100..200 {
+        r.client = client(i);
+        assert_eq!(
+            r.status(Opcode::ALLOC, PageHandle::NONE, hdr(0, 0), &[]),
+            Status::OUT_OF_MEMORY
+        );
+    }
+    // Free everything: client 1 is forgotten with its last page.
+    r.client = client(1);
+    for list in &mine {
+        let first = PageHandle::from_bits(u64::from_be_bytes(list[..8].try_into().unwrap()));
+        let f = BbRepr {
+            count: 128,
+            ..hdr(0, 0)
+        };
+        assert_eq!(r.status(Opcode::FREE_BULK, first, f, list), Status::OK);
+    }
+    assert_eq!(r.handler.store().pages_used(), 0);
+    // Four new owners fit the table; a fifth is BUSY until one of them frees its page.
+    let mut held = vec![];
+    for i in 2..=5 {
+        r.client = client(i);
+        held.push(r.alloc());
+    }
+    r.client = client(6);
+    assert_eq!(
+        r.status(Opcode::ALLOC, PageHandle::NONE, hdr(0, 0), &[]),
+        Status::BUSY
+    );
+    r.client = client(2);
+    assert_eq!(r.status(Opcode::FREE, held[0], hdr(0, 0), &[]), Status::OK);
+    r.client = client(6);
+    r.alloc();
+    // The pages of the owners that stayed are still theirs.
+    r.client = client(3);
+    assert_eq!(r.read(held[1], 0, 1), [0]);
+    r.client = client(6);
+    assert_eq!(
+        r.status(Opcode::READ, held[1], hdr(0, 1), &[]),
+        Status::FORBIDDEN
+    );
+}
+
+/// §7 and §5.10: a request of another version is answered, so it counts as a request
+/// answered UNSUPPORTED_VERSION, not as a malformed frame dropped.
+#[test]
+fn s7_other_versions_are_answered_and_counted_as_errors_not_drops() {
+    let mut r = rig();
+    for len in [48, 16] {
+        let mut f = r.frame(Opcode::PING, PageHandle::NONE, hdr(0, 0), &[]);
+        f[62] = 2;
+        f[62 + 8..62 + 16].copy_from_slice(&0x77u64.to_be_bytes());
+        // A later version's header may be shorter: cut the frame to `len` bytes of it.
+        f.truncate(62 + len);
+        let n = (f.len() - 54) as u16;
+        f[18..20].copy_from_slice(&n.to_be_bytes());
+        f[58..60].copy_from_slice(&n.to_be_bytes());
+        f[60..62].fill(0);
+        let sum = checksum(&f);
+        f[60..62].copy_from_slice(&sum.to_be_bytes());
+        let rep = r.raw(&f);
+        assert_eq!(rep.len(), 1, "{len}");
+        assert_eq!(rep[0].h.status, Status::UNSUPPORTED_VERSION);
+        assert_eq!(rep[0].h.request_id, 0x77);
+    }
+    let s = stat(&mut r);
+    assert_eq!((s.malformed, s.errors), (0, 2));
+}
+
+/// The UDP checksum of a frame built by hand (RFC 768 over the IPv6 pseudo-header).
+fn checksum(f: &[u8]) -> u16 {
+    let mut c = bluebridge_proto::checksum::Checksum::new();
+    let ip = |a: &[u8]| Ipv6Addr::from(<[u8; 16]>::try_from(a).unwrap());
+    c.add_pseudo_header(ip(&f[22..38]), ip(&f[38..54]), 17, (f.len() - 54) as u32);
+    c.add_bytes(&f[54..]);
+    match !c.sum16() {
+        0 => 0xffff,
+        s => s,
+    }
+}
+
+/// §1: op flags are reserved; replies carry 0 there whatever the request had.
+#[test]
+fn s1_replies_carry_op_flags_0() {
+    let mut r = rig();
+    let p = r.alloc();
+    for (op, handle, h) in [
+        (Opcode::PING, PageHandle::NONE, hdr(0, 0)),
+        (Opcode::READ, p, hdr(0, 8)),
+        (Opcode::READ, p, hdr(0, 0)), // an error reply
+    ] {
+        let dst = RemoteAddr::new(NetPrefix::DEFAULT, HOST, handle, op, OpFlags(0x5a));
+        let f = r.frame_to(dst, h, &[]);
+        let rep = r.raw(&f);
+        assert_eq!(rep.len(), 1);
+        assert_eq!(rep[0].src.flags(), OpFlags::NONE, "{op:?}");
+        assert_eq!(rep[0].src.handle(), handle);
+    }
+}
+
+/// §6: a seg_max that is not a multiple of 8 counts in whole words.
+#[test]
+fn s6_seg_max_counts_whole_words() {
+    let mut r = rig();
+    let p = r.alloc();
+    let h = BbRepr {
+        seg_max: 1001,
+        ..hdr(0, 2002)
+    };
+    let rep = r.req(Opcode::READ, p, h, &[]);
+    let mut lens: Vec<(u16, u16)> = rep.iter().map(|x| (x.h.offset, x.h.length)).collect();
+    lens.sort();
+    assert_eq!(lens.iter().map(|l| l.1).sum::<u16>(), 2002);
+    for &(_, l) in &lens[..lens.len() - 1] {
+        assert!(l <= 1000 && l % 8 == 0, "{lens:?}");
+    }
+}
