@@ -258,6 +258,9 @@ fn request(
     }
 }
 
+/// How long a thread waits without any reply before it gives up on the run.
+const SILENCE: Duration = Duration::from_secs(2);
+
 /// One phase: warm-up, then the measured window; requests whose (intended) send time falls in
 /// the window are the ones counted. Open loop keeps sending what fell due in the window for at
 /// most one more second after it, then counts the rest as unsent.
@@ -283,8 +286,17 @@ fn run_phase(
     let mut part = Part::default();
     let mut stats_at = None;
     let start = Instant::now();
+    let mut last_answer = Instant::now();
     loop {
         let now_ns = start.elapsed().as_nanos() as u64;
+        if last_answer.elapsed() > SILENCE && c.in_flight() > 0 {
+            // The server died or the path is gone: say so now rather than at the scheduled end.
+            *part
+                .errors
+                .entry(format!("no reply for {SILENCE:?}: run cut short"))
+                .or_default() += 1;
+            break;
+        }
         if stats_at.is_none() && now_ns >= warm_ns {
             stats_at = Some(c.stats());
         }
@@ -308,6 +320,9 @@ fn run_phase(
         }
         while let Some(comp) = c.poll() {
             let (op, at_ns) = untag(comp.tag);
+            if comp.result.is_ok() && op != Opcode::WRITE_BLIND {
+                last_answer = Instant::now();
+            }
             if at_ns < warm_ns {
                 continue;
             }

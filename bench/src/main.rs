@@ -40,24 +40,24 @@ struct Args {
     udp_host: Option<HostId>,
     /// CPUs for the load threads, comma-separated; thread i runs on the i-th (cycling).
     /// Unset: unpinned (expect wake-up noise).
-    #[arg(long, alias = "core", value_delimiter = ',')]
+    #[arg(long, alias = "core", value_delimiter = ',', value_parser = bluebridge_xsk::cli::cpu)]
     cores: Vec<usize>,
     /// Load threads, each with its own socket (AF_XDP: on RX queue i, so the interface needs
-    /// that many queues) and its share of the working set.
-    #[arg(long, default_value_t = 1)]
+    /// that many queues) and its share of the working set (1 to 64).
+    #[arg(long, default_value_t = 1, value_parser = bluebridge_xsk::cli::count(1, 64))]
     threads: usize,
-    /// Closed loop: requests each thread keeps in flight.
-    #[arg(long, default_value_t = 1)]
+    /// Closed loop: requests each thread keeps in flight (1 to 128).
+    #[arg(long, default_value_t = 1, value_parser = bluebridge_xsk::cli::count(1, 128))]
     window: usize,
-    /// Open loop: offered requests per second, all threads together.
-    #[arg(long, conflicts_with = "sweep")]
+    /// Open loop: offered requests per second, all threads together (more than 0).
+    #[arg(long, conflicts_with = "sweep", value_parser = bluebridge_xsk::cli::non_negative)]
     rate: Option<f64>,
     /// Open loop: how requests are spaced.
     #[arg(long, value_enum, default_value_t = Arrival::Poisson)]
     arrival: Arrival,
     /// Open loop: most requests a thread has outstanding; requests falling due beyond it wait
-    /// (and their wait counts in their latency).
-    #[arg(long, default_value_t = 64)]
+    /// (and their wait counts in their latency). 1 to 128.
+    #[arg(long, default_value_t = 64, value_parser = bluebridge_xsk::cli::count(1, 128))]
     max_in_flight: usize,
     /// Open-loop rate sweep FROM:TO:STEP in requests per second (e.g. 50000:400000:50000);
     /// each rate runs --warmup + --seconds; stops after two rates in a row miss the target.
@@ -65,7 +65,7 @@ struct Args {
     sweep: Option<Sweep>,
     /// Sweep target: a rate meets it if its p99 (the worst operation's) is at most this, it
     /// achieved 95% of the offered rate, and nothing failed.
-    #[arg(long, default_value_t = 100.0)]
+    #[arg(long, default_value_t = 100.0, value_parser = bluebridge_xsk::cli::non_negative)]
     p99_target_us: f64,
     /// Run the load over AF_XDP, then over kernel UDP, in this topology; print the ratios.
     #[arg(long, conflicts_with = "echo")]
@@ -75,27 +75,27 @@ struct Args {
     #[arg(long, default_value = "read=100")]
     mix: Mix,
     /// Pages in the working set, split evenly among the threads (allocated before, freed
-    /// after).
-    #[arg(long, default_value_t = 1024)]
+    /// after; 1 to 16777216).
+    #[arg(long, default_value_t = 1024, value_parser = bluebridge_xsk::cli::count(1, 1 << 24))]
     pages: usize,
     /// Bytes each read or write moves (8 to 4096; atomics always use 8).
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u16).range(8..=4096))]
     payload: u16,
     /// Zipf exponent of page popularity (0: uniform).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = bluebridge_xsk::cli::non_negative)]
     zipf: f64,
-    /// Seconds measured (per rate, when sweeping).
-    #[arg(long, default_value_t = 5.0)]
+    /// Seconds measured (per rate, when sweeping; more than 0, at most 86400).
+    #[arg(long, default_value_t = 5.0, value_parser = bluebridge_xsk::cli::positive_seconds)]
     seconds: f64,
-    /// Seconds of load before measuring.
-    #[arg(long, default_value_t = 1.0)]
+    /// Seconds of load before measuring (0 to 86400).
+    #[arg(long, default_value_t = 1.0, value_parser = bluebridge_xsk::cli::seconds)]
     warmup: f64,
     /// The paper's Table 1: --ops each of ALLOC, READ (4 KiB), UPDATE (acquire + commit of a
     /// page) and FREE, one at a time; median and p95 next to the paper's UDP and RDMA columns.
     #[arg(long, conflicts_with_all = ["echo", "rate", "sweep"])]
     table1: bool,
-    /// With --table1: operations of each kind.
-    #[arg(long, default_value_t = 1500)]
+    /// With --table1: operations of each kind (1 to 10000000).
+    #[arg(long, default_value_t = 1500, value_parser = bluebridge_xsk::cli::count(1, 10_000_000))]
     ops: usize,
     /// Bare-echo baseline: against a `bluebridge-server --echo`, time raw frames of 110 +
     /// `--payload` bytes bounced back unparsed, `--window` of them in flight (AF_XDP only).
@@ -132,7 +132,9 @@ impl FromStr for Sweep {
             .collect::<Result<_, _>>()
             .map_err(|_| format!("`{s}` is not FROM:TO:STEP (e.g. 50000:400000:50000)"))?;
         match v[..] {
-            [from, to, step] if from > 0.0 && to >= from && step > 0.0 => {
+            [from, to, step]
+                if from > 0.0 && to >= from && step > 0.0 && to.is_finite() && step.is_finite() =>
+            {
                 Ok(Sweep { from, to, step })
             }
             [_, _, _] => Err(format!("`{s}`: need 0 < FROM <= TO and STEP > 0")),
@@ -155,27 +157,27 @@ impl Sweep {
 fn main() -> Result<()> {
     bluebridge_client::init_logging("warn");
     let a = Args::parse();
-    ensure!(a.window >= 1, "--window must be at least 1");
-    ensure!(a.threads >= 1, "--threads must be at least 1");
-    ensure!(a.max_in_flight >= 1, "--max-in-flight must be at least 1");
-    ensure!(
-        (8..=PAGE_SIZE as u16).contains(&a.payload),
-        "--payload must be 8 to 4096 bytes"
-    );
-    ensure!(
-        a.seconds > 0.0 && a.warmup >= 0.0,
-        "--seconds must be positive and --warmup non-negative"
-    );
+    // The ranges of the number flags are clap's (one line each, before anything runs).
     if let Some(r) = a.rate {
         ensure!(
-            r.is_finite() && r > 0.0,
+            r > 0.0,
             "--rate must be a positive number of requests per second"
         );
     }
-    ensure!(a.ops >= 1, "--ops must be at least 1");
     let ncpu = std::thread::available_parallelism().map_or(0, |n| n.get());
-    if let Some(c) = a.cores.iter().find(|&&c| c >= ncpu) {
-        bail!("--cores: CPU {c} does not exist (this machine has {ncpu})");
+    // Where the results go must be writable before the run, not found out after it.
+    for (flag, path) in [("--json", &a.json), ("--plot", &a.plot)] {
+        if let Some(p) = path {
+            let existed = p.exists();
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(p)
+                .with_context(|| format!("{flag} {}: cannot write there", p.display()))?;
+            if !existed {
+                let _ = std::fs::remove_file(p); // written after the run
+            }
+        }
     }
     let access = Access::new(a.pages.div_ceil(a.threads), a.zipf).map_err(anyhow::Error::msg)?;
     let mtu = bluebridge_xsk::link_mtu(&a.net.iface)
@@ -536,6 +538,23 @@ fn echo(a: &Args, mtu: u16, environment: serde_json::Value) -> Result<()> {
         ..Default::default()
     };
     bluebridge_proto::frame::build(&mut frame, &ep, &header, &payload)?;
+    // An echo comes back as sent (endpoints swapped): same length, no REPLY flag, the payload
+    // intact. A BlueBridge server answers a REPLY instead: that is not a baseline.
+    let len = frame.len();
+    let is_echo = move |f: &[u8]| {
+        f.len() == len
+            && f[62 + 1] & bluebridge_proto::HeaderFlags::REPLY.0 == 0
+            && f[bluebridge_proto::FRAME_OVERHEAD..]
+                .iter()
+                .all(|&b| b == 0x5a)
+    };
+    let not_echo = || {
+        anyhow::anyhow!(
+            "a frame came back that is not an echo of ours: is host {} a `bluebridge-server \
+             --echo`?",
+            a.host
+        )
+    };
     let mut lat = Latencies::default();
     let (warmup, measure) = (
         Duration::from_secs_f64(a.warmup),
@@ -572,11 +591,17 @@ fn echo(a: &Args, mtu: u16, environment: serde_json::Value) -> Result<()> {
                 since = Some(Instant::now());
             }
             let mut back = Vec::new();
+            let mut foreign = false;
             x.recv_raw(|f| {
-                if let Some(id) = f.get(ID_AT..ID_AT + 8) {
+                if !is_echo(f) {
+                    foreign = true;
+                } else if let Some(id) = f.get(ID_AT..ID_AT + 8) {
                     back.push(u64::from_be_bytes(id.try_into().expect("8 bytes")));
                 }
             });
+            if foreign {
+                return Err(not_echo());
+            }
             if back.is_empty() {
                 if last_back.elapsed() > Duration::from_secs(1) {
                     bail!(
@@ -605,9 +630,15 @@ fn echo(a: &Args, mtu: u16, environment: serde_json::Value) -> Result<()> {
         while !x.send_raw(&frame) {
             x.recv_raw(|_| {});
         }
-        let mut back = false;
-        while !back && t.elapsed() < Duration::from_secs(1) {
-            x.recv_raw(|_| back = true);
+        let (mut back, mut foreign) = (false, false);
+        while !back && !foreign && t.elapsed() < Duration::from_secs(1) {
+            x.recv_raw(|f| {
+                back = true;
+                foreign |= !is_echo(f);
+            });
+        }
+        if foreign {
+            return Err(not_echo());
         }
         if since.is_some() {
             if back {

@@ -26,13 +26,13 @@ struct Args {
     #[arg(long)]
     host: HostId,
     /// Pages in the array (512 u64 each).
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 2048, value_parser = bluebridge_xsk::cli::count(1, 1 << 24))]
     pages: usize,
     /// Pages of it resident at once.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = bluebridge_xsk::cli::count(1, 1 << 24))]
     budget: usize,
     /// CPU to run on (the fault handler runs there too).
-    #[arg(long)]
+    #[arg(long, value_parser = bluebridge_xsk::cli::cpu)]
     core: Option<usize>,
 }
 

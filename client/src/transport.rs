@@ -13,7 +13,7 @@ use bluebridge_proto::segment::{max_data_per_frame, max_frame_for_mtu};
 use bluebridge_xsk::{LinkError, Xsk, XskConfig, XskError, XskStats};
 
 use bluebridge_proto::frame::{Endpoints, FrameSink};
-use bluebridge_proto::{BbRepr, MacAddr, NetPrefix, PageHandle, SESSION_SLOT_BITS};
+use bluebridge_proto::{BbRepr, HostId, MacAddr, NetPrefix, PageHandle, SESSION_SLOT_BITS};
 
 use crate::engine::{Engine, EngineConfig};
 use crate::udp::UdpTransport;
@@ -90,6 +90,15 @@ pub struct Connect {
 /// Opening a transport by [`Connect`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
+    /// The client's address is not one a client may have (§1: inside its host's /48 of the
+    /// deployment prefix, not the anycast host).
+    #[error("--local {local}: {why}")]
+    BadLocal {
+        /// The address.
+        local: Ipv6Addr,
+        /// What is wrong with it.
+        why: String,
+    },
     /// AF_XDP needs the next hop's MAC.
     #[error("the AF_XDP transport needs the next hop's MAC")]
     NoNextHop,
@@ -112,6 +121,7 @@ impl Connect {
     /// port, MACs, page bytes per frame); timeouts are left at their defaults. AF_XDP opens a
     /// socket on every RX queue of the interface and sends each request on its page's shard's.
     pub fn open(&self) -> Result<(AnyTransport, EngineConfig), ConnectError> {
+        self.check_local()?;
         match self.kind {
             TransportKind::Xdp => {
                 let n =
@@ -131,6 +141,7 @@ impl Connect {
         queue: u32,
         shared: Option<&SharedSteer>,
     ) -> Result<(AnyTransport, EngineConfig), ConnectError> {
+        self.check_local()?;
         match self.kind {
             TransportKind::Xdp => self.open_xdp(vec![queue], shared),
             TransportKind::Udp => {
@@ -162,6 +173,28 @@ impl Connect {
 }
 
 impl Connect {
+    /// Refuses a local address outside the deployment prefix (replies would never route
+    /// back) or in the anycast host, before anything is attached.
+    fn check_local(&self) -> Result<(), ConnectError> {
+        let bad = |why: String| ConnectError::BadLocal {
+            local: self.local,
+            why,
+        };
+        if !self.prefix.contains(self.local) {
+            return Err(bad(format!(
+                "outside the deployment prefix {}",
+                self.prefix
+            )));
+        }
+        let host = u16::from_be_bytes([self.local.octets()[4], self.local.octets()[5]]);
+        if HostId(host).is_any() {
+            return Err(bad(
+                "host id 0xffff is the anycast host, not a client's".into()
+            ));
+        }
+        Ok(())
+    }
+
     fn open_xdp(
         &self,
         queues: Vec<u32>,
@@ -209,11 +242,12 @@ pub struct NetArgs {
     /// Send pages as MTU-sized segments even where one multi-buffer frame would fit (AF_XDP).
     #[arg(long)]
     pub segments: bool,
-    /// Retransmission timeout in microseconds (doubles on every retry).
-    #[arg(long, default_value_t = 1000)]
+    /// Retransmission timeout in microseconds (10 to 100000; adapts to the measured round
+    /// trip and backs off on retries, up to 64 times this).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=100_000))]
     pub rto_us: u64,
-    /// Retransmissions before a request fails with a timeout.
-    #[arg(long, default_value_t = 8)]
+    /// Retransmissions before a request fails with a timeout (0 to 100).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(0..=100))]
     pub retries: u32,
 }
 

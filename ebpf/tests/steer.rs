@@ -77,6 +77,10 @@ fn expect(s: &mut Steer, frame: &[u8], action: XdpAction, moved: SteerCounters) 
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn ours_without_socket_is_counted_and_passed() {
     let mut s = steer();
     let f = request_to(page_addr(2));
@@ -84,6 +88,10 @@ fn ours_without_socket_is_counted_and_passed() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn other_prefix_passes() {
     let mut s = steer();
     let f = request_to(page_addr(3));
@@ -98,6 +106,10 @@ fn other_prefix_passes() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn non_udp_and_non_ipv6_pass() {
     let mut s = steer();
     let mut f = request_to(page_addr(2));
@@ -112,6 +124,10 @@ fn non_udp_and_non_ipv6_pass() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn replies_from_the_port_are_ours_too() {
     let mut s = steer();
     let mut f = request_to(page_addr(2));
@@ -121,6 +137,10 @@ fn replies_from_the_port_are_ours_too() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn truncated_headers_are_malformed() {
     let mut s = steer();
     let f = request_to(page_addr(2));
@@ -133,6 +153,10 @@ fn truncated_headers_are_malformed() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn prefix_length_is_checked() {
     let mut s = steer();
     assert!(s.add_prefix(Ipv6Addr::UNSPECIFIED, 129).is_err());

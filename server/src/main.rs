@@ -37,11 +37,12 @@ struct Args {
     /// RX queues to serve, one worker and one shard of the pages each (comma-separated, at
     /// most 255). A page's requests belong to the shard in its handle; install NIC rules that
     /// steer them to its queue (docs/running.md), frames on another queue are handed over.
-    #[arg(long, value_delimiter = ',', default_value = "0")]
+    #[arg(long, value_delimiter = ',', default_value = "0", value_parser = clap::value_parser!(u32).range(0..=4095))]
     queues: Vec<u32>,
     /// CPU cores to pin the workers to, one per queue in the same order (comma-separated).
-    /// Without it workers are not pinned (slower: waking an idle vCPU costs 15-60 µs).
-    #[arg(long, value_delimiter = ',')]
+    /// Without it workers are not pinned (slower: waking an idle vCPU costs 15-60 µs). Each
+    /// must be a CPU this process may run on.
+    #[arg(long, value_delimiter = ',', value_parser = bluebridge_xsk::cli::cpu)]
     cores: Vec<usize>,
     /// Size of the page arena, e.g. 256MiB or 4GiB, split evenly between the workers (a
     /// multiple of 2 MiB per worker).
@@ -59,8 +60,9 @@ struct Args {
     /// wait a whole scheduler slice (4 ms stalls seen on veth).
     #[arg(long)]
     normal_priority: bool,
-    /// UMEM frames per socket (4 KiB each, a power of two; half RX, half TX).
-    #[arg(long, default_value_t = 2048)]
+    /// UMEM frames per socket (4 KiB each, a power of two from 64 to 262144; half RX, half
+    /// TX).
+    #[arg(long, default_value_t = 2048, value_parser = parse_frames)]
     frames: u32,
     /// Attach XDP in generic (SKB) mode instead of trying driver mode first.
     #[arg(long)]
@@ -85,15 +87,15 @@ struct Args {
     /// Do not try 2 MiB hugepages for the arena and UMEM.
     #[arg(long)]
     no_hugepages: bool,
-    /// Leases (UPDATE) that may be held at once, split evenly between the workers; more
-    /// acquires get BUSY.
-    #[arg(long, default_value_t = u16::MAX)]
+    /// Leases (UPDATE) that may be held at once (1-65535), split evenly between the workers;
+    /// more acquires get BUSY. Leases nobody commits free their slot when they run out.
+    #[arg(long, default_value_t = u16::MAX, value_parser = clap::value_parser!(u16).range(1..))]
     max_leases: u16,
-    /// Lease time in ms when a client asks for none.
-    #[arg(long, default_value_t = 1_000)]
+    /// Lease time in ms when a client asks for none (1 to 86400000, at most --lease-max-ms).
+    #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
     lease_default_ms: u64,
-    /// Longest lease granted, in ms (longer requests are cut to this).
-    #[arg(long, default_value_t = 60_000)]
+    /// Longest lease granted, in ms (1 to 86400000, one day; longer requests are cut to this).
+    #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
     lease_max_ms: u64,
     /// Client sessions per worker for at-most-once execution of ALLOC, FREE, atomics and
     /// UPDATE (one per client address and port, each remembering its 128 latest such
@@ -112,9 +114,10 @@ struct Args {
     /// e.g. fd00:bb:1::/48); others get FORBIDDEN. Default: any client.
     #[arg(long, value_delimiter = ',')]
     allow_clients: Vec<bluebridge_server::access::ClientPrefix>,
-    /// Distinct client addresses that may own pages (allocations by more get BUSY).
-    #[arg(long, default_value_t = 1 << 16)]
-    max_owners: usize,
+    /// Distinct client addresses that may own pages at once, per worker (1 to 1048576; an
+    /// allocation by one more gets BUSY; an address is forgotten when its last page is freed).
+    #[arg(long, default_value_t = 1 << 16, value_parser = clap::value_parser!(u32).range(1..=1 << 20))]
+    max_owners: u32,
     /// Behind a BlueBridge switch: serve every BlueBridge frame the switch delivers here, so
     /// pages migrated to this host from others are answered (the switch decides what arrives).
     #[arg(long)]
@@ -123,9 +126,17 @@ struct Args {
     /// swapped, without parsing it or touching the store (AF_XDP only).
     #[arg(long)]
     echo: bool,
-    /// Seconds between stats lines (0: none).
-    #[arg(long, default_value_t = 1.0)]
+    /// Seconds between stats lines (0: none; at most 86400).
+    #[arg(long, default_value_t = 1.0, value_parser = bluebridge_xsk::cli::seconds)]
     stats_interval: f64,
+}
+
+fn parse_frames(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if !(64..=1 << 18).contains(&n) || !n.is_power_of_two() {
+        return Err(format!("{n}: must be a power of two from 64 to 262144"));
+    }
+    Ok(n)
 }
 
 fn parse_host(s: &str) -> Result<u16, String> {
@@ -144,9 +155,14 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let a = Args::parse();
-    if a.stats_interval < 0.0 || !a.stats_interval.is_finite() {
-        bail!("--stats-interval must be a non-negative number of seconds");
+    if a.lease_default_ms > a.lease_max_ms {
+        bail!(
+            "--lease-default-ms {} is longer than --lease-max-ms {}",
+            a.lease_default_ms,
+            a.lease_max_ms
+        );
     }
+
     let cfg = ServerConfig {
         transport: a.transport,
         ifname: a.iface.clone(),
@@ -176,7 +192,7 @@ fn main() -> Result<()> {
         handoff_depth: 64,
         allowed_clients: a.allow_clients,
         echo: a.echo,
-        max_owners: a.max_owners,
+        max_owners: a.max_owners as usize,
         accept_routed: a.accept_routed,
     };
     let stop = Arc::new(AtomicBool::new(false));

@@ -241,6 +241,12 @@ impl Server {
                 cfg.queues.len()
             )));
         }
+        let allowed = bluebridge_xsk::cli::allowed_cpus();
+        if let Some(c) = cfg.cores.iter().find(|c| !allowed.contains(c)) {
+            return Err(StartError::Config(format!(
+                "CPU {c} does not exist or is not allowed here (allowed: {allowed:?})"
+            )));
+        }
         let shards = match cfg.transport {
             TransportKind::Xdp => cfg.queues.len(),
             TransportKind::Udp => 1,

@@ -67,11 +67,11 @@ enum Cmd {
         #[arg(long)]
         link_port: Option<String>,
         /// Milliseconds between health-check rounds (a STAT to every host).
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=60_000))]
         health_interval_ms: u64,
         /// Health checks missed in a row before a host is withdrawn (its requests are then
         /// answered UNREACHABLE by the switch).
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
         health_misses: u32,
     },
     /// Is the daemon there?
@@ -115,8 +115,8 @@ enum Cmd {
     /// The pages with the most requests through the switch.
     HotPages {
         /// How many.
-        #[arg(long, default_value_t = 10)]
-        top: usize,
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        top: u32,
     },
     /// Move a page to another host while clients keep using its address (needs the daemon's
     /// --link).
@@ -211,7 +211,7 @@ fn main() -> Result<()> {
         Cmd::Status => Request::Status,
         Cmd::Routes => Request::Routes,
         Cmd::Counters => Request::Counters,
-        Cmd::HotPages { top } => Request::HotPages { top },
+        Cmd::HotPages { top } => Request::HotPages { top: top as usize },
         Cmd::Migrate { page, to } => Request::Migrate { page, to },
     };
     let v = api::call(&cli.socket, &req)?;

@@ -101,6 +101,10 @@ fn every_operation(rig: &mut Rig) {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn every_operation_one_frame_per_page() {
     let mut rig = Rig::new(&RigOptions::default());
     assert!(rig.server().info().multi_buffer);
@@ -118,6 +122,10 @@ fn every_operation_one_frame_per_page() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn every_operation_segmented() {
     let mut rig = Rig::new(&RigOptions {
         mtu: 1500,
@@ -133,6 +141,10 @@ fn every_operation_segmented() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn interop_kernel_udp_server_with_af_xdp_client() {
     let mut rig = Rig::new(&RigOptions {
         server_transport: TransportKind::Udp,
@@ -148,6 +160,10 @@ fn interop_kernel_udp_server_with_af_xdp_client() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn interop_af_xdp_server_with_kernel_udp_client() {
     let mut rig = Rig::new(&RigOptions {
         client_udp: true,
@@ -158,6 +174,10 @@ fn interop_af_xdp_server_with_kernel_udp_client() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn kernel_udp_both_ends_with_segments() {
     let mut rig = Rig::new(&RigOptions {
         server_transport: TransportKind::Udp,
@@ -173,6 +193,10 @@ fn kernel_udp_both_ends_with_segments() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn every_error_status_reaches_the_client() {
     let mut rig = Rig::new(&RigOptions {
         arena_bytes: 2 << 20,
@@ -280,6 +304,10 @@ fn every_error_status_reaches_the_client() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn a_restricted_server_forbids_other_clients() {
     let mut rig = Rig::new(&RigOptions {
         allowed_clients: vec!["fd00:bb:9::/48".parse().unwrap()],
@@ -294,6 +322,10 @@ fn a_restricted_server_forbids_other_clients() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn malformed_flood_is_counted_and_dropped() {
     let mut rig = Rig::new(&RigOptions::default());
     let p = rig.client.alloc(SERVER, false).unwrap();
@@ -381,6 +413,10 @@ fn malformed_flood_is_counted_and_dropped() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn neighbour_tables_stay_empty_with_100k_page_addresses() {
     let mut rig = Rig::new(&RigOptions {
         arena_bytes: 512 << 20,
@@ -426,6 +462,10 @@ fn neighbour_tables_stay_empty_with_100k_page_addresses() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn a_reply_burst_larger_than_the_tx_ring_is_held_back_never_stranded() {
     // Eight READ_BULKs of 128 whole pages at once ask for 1,024 page frames (2,048 TX
     // descriptors, all the server socket has): the worker stops taking requests while its

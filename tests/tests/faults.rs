@@ -36,6 +36,10 @@ fn impair(rig: &Rig) {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn every_operation_survives_loss_duplication_and_reordering() {
     let mut rig = Rig::new(&RigOptions {
         relay_seed: Some(7),
@@ -173,6 +177,10 @@ fn every_operation_survives_loss_duplication_and_reordering() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn a_dead_link_times_out_only_after_the_retry_budget() {
     let rto = Duration::from_millis(2);
     let mut rig = Rig::new(&RigOptions {
@@ -202,6 +210,10 @@ fn a_dead_link_times_out_only_after_the_retry_budget() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn atomics_across_shards_run_once_under_loss_and_hand_offs() {
     // Two shards behind the impairment relay: the relay's frames land on either server queue,
     // so requests are handed between the workers, while 5% of frames are lost, 1% duplicated

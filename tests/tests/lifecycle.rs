@@ -10,6 +10,10 @@ use bluebridge_tests::{Rig, RigOptions, SERVER};
 use bluebridge_topology::{Pair, ip_in, unique};
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn the_lease_of_a_vanished_client_expires() {
     let mut rig = Rig::new(&RigOptions::default());
     let p = rig.client.alloc(SERVER, true).unwrap();
@@ -58,6 +62,10 @@ fn the_lease_of_a_vanished_client_expires() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn a_restarted_server_gives_errors_never_stale_data() {
     let mut rig = Rig::new(&RigOptions {
         rto: Duration::from_millis(2),
@@ -115,6 +123,10 @@ fn xdp_attached(ns: &str, ifname: &str) -> bool {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn the_server_binary_detaches_xdp_on_every_exit() {
     let bin = server_binary();
     for (sig, graceful) in [("INT", true), ("TERM", true), ("KILL", false)] {

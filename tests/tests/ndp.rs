@@ -54,6 +54,10 @@ fn touch(rig: &mut Rig, from: u64, to: u64) -> (u64, u64) {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn the_prototype_overflows_its_neighbour_table_and_bluebridge_does_not() {
     // Read in this (the initial) namespace: new namespaces start with the same default.
     let thresh =

@@ -39,6 +39,10 @@ fn options(budget: usize, on_close: OnClose) -> RegionOptions {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn a_region_larger_than_its_budget_comes_back_in_a_fresh_region() {
     const PAGES: usize = 64;
     let rig = Rig::new(&RigOptions::default());
@@ -80,6 +84,10 @@ fn a_region_larger_than_its_budget_comes_back_in_a_fresh_region() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn eviction_and_write_back_counts_match_the_dirty_set() {
     const PAGES: usize = 32;
     let rig = Rig::new(&RigOptions::default());
@@ -123,6 +131,10 @@ fn eviction_and_write_back_counts_match_the_dirty_set() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn concurrent_writers_on_distinct_pages_lose_nothing() {
     const PAGES: usize = 48;
     const THREADS: usize = 4;
@@ -160,6 +172,10 @@ fn concurrent_writers_on_distinct_pages_lose_nothing() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn a_failed_fetch_reaches_the_access_as_an_error() {
     let mut rig = Rig::new(&RigOptions {
         rto: Duration::from_millis(2),

@@ -128,11 +128,19 @@ fn every_operation_on_every_shard(queues: u32) {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn every_operation_on_every_shard_of_two() {
     every_operation_on_every_shard(2);
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn every_operation_on_every_shard_of_four() {
     every_operation_on_every_shard(4);
 }
@@ -156,6 +164,10 @@ fn raw_call(rig: &mut Rig, queue: usize, frame: &[u8], request_id: u64) -> (BbRe
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn requests_on_the_wrong_queue_are_handed_to_their_shard() {
     let mut rig = Rig::new(&RigOptions {
         queues: 4,
@@ -222,6 +234,10 @@ fn requests_on_the_wrong_queue_are_handed_to_their_shard() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn concurrent_atomics_from_many_clients_across_shards_are_exact() {
     // Kernel-UDP clients: the kernel spreads their flows over the veth queues, so most
     // requests arrive on another shard's queue and are handed over.
@@ -318,6 +334,10 @@ fn concurrent_atomics_from_many_clients_across_shards_are_exact() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn a_server_with_preferred_busy_polling_serves_every_shard() {
     let mut rig = Rig::new(&RigOptions {
         queues: 2,

@@ -10,6 +10,10 @@ use bluebridge_topology::{Pair, unique};
 use bluebridge_xsk::{Xsk, XskConfig, link_index};
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn ours_with_a_socket_is_redirected() {
     let pair = Pair::create(&unique("bbt"), 1500).unwrap();
     let ns = pair.server.ns.clone();

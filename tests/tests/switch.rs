@@ -40,6 +40,10 @@ fn frame(src: std::net::Ipv6Addr, dst: std::net::Ipv6Addr, hop_limit_probe: bool
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn pages_travel_through_the_switch_by_longest_prefix_match() {
     let rig = RackRig::new(3, &[1, 2]);
     let before = rig.tor.counters().unwrap();
@@ -138,6 +142,10 @@ fn pages_travel_through_the_switch_by_longest_prefix_match() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn the_longest_prefix_wins_and_headers_are_rewritten() {
     let mut rig = RackRig::new(3, &[]);
     // BPF_PROG_TEST_RUN resolves the ingress interface in the caller's namespace.
@@ -255,6 +263,10 @@ fn host_spec(h: &bluebridge_topology::RackHost) -> HostSpec {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn the_controller_registers_hosts_and_reports_over_its_socket() {
     use bluebridge_switch::api::{self, ApiError, Request};
     use bluebridge_switch::{Counters, HotPage, RouteInfo};
@@ -475,6 +487,10 @@ fn status(c: &Controller, id: u16) -> bluebridge_switch::HostStatus {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn failed_hosts_are_withdrawn_and_new_pages_go_to_the_emptiest_server() {
     let rig = Controlled::new(Some(Duration::from_millis(20)));
     let s2 = rig.server(1);
@@ -535,16 +551,28 @@ fn failed_hosts_are_withdrawn_and_new_pages_go_to_the_emptiest_server() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn a_page_migrates_while_a_client_keeps_writing_it() {
     migrate_under_writes(false);
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn a_page_migrates_through_the_kernel_backend_too() {
     migrate_under_writes(true);
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn the_kernel_backend_routes_pages_with_one_neighbour_entry_per_port() {
     let rig = Controlled::with_backend(None, true);
     assert_eq!(rig.ctl.lock().unwrap().backend(), "kernel");
@@ -586,6 +614,10 @@ fn the_kernel_backend_routes_pages_with_one_neighbour_entry_per_port() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn a_page_migrates_between_servers_of_two_shards() {
     migrate_under_writes_on(false, 2);
 }
@@ -660,6 +692,10 @@ fn migrate_under_writes_on(kernel: bool, queues: u32) {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn freed_pages_are_invalidated_at_the_switch_and_at_the_clients() {
     let rig = Controlled::new(Some(Duration::from_millis(50)));
     let servers = [rig.server(1), rig.server(2)];

@@ -12,6 +12,7 @@
 //!
 //! All unsafe code of the data path is in this crate: ring and UMEM access through xsk-rs.
 
+pub mod cli;
 mod link;
 pub mod mmsg;
 mod thread;

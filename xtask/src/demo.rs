@@ -16,7 +16,7 @@ use crate::stage::{self, Stages};
 #[derive(Debug, clap::Args)]
 pub(crate) struct DemoArgs {
     /// Link MTU: 9000 carries a page in one multi-buffer frame; 1500 or less uses segments.
-    #[arg(long, default_value_t = 9000)]
+    #[arg(long, default_value_t = 9000, value_parser = clap::value_parser!(u16).range(1280..=9000))]
     mtu: u16,
     /// Send pages as segments even where one frame would carry them.
     #[arg(long)]
@@ -25,14 +25,14 @@ pub(crate) struct DemoArgs {
     #[arg(long, default_value = "256MiB")]
     arena: bytesize::ByteSize,
     /// Round trips measured at window 1, per kind.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     samples: u32,
     /// Seconds of pipelined reads.
-    #[arg(long, default_value_t = 3.0)]
+    #[arg(long, default_value_t = 3.0, value_parser = positive_seconds)]
     seconds: f64,
     /// Requests in flight in the pipelined phase.
-    #[arg(long, default_value_t = 32)]
-    window: usize,
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=128))]
+    window: u16,
     /// Server workers, one shard of the pages and one veth queue each (the client opens a
     /// socket per queue and sends each request to its page's shard). More than one shares this
     /// machine's CPUs with the client, so it shows the sharding, not its speed (see
@@ -159,4 +159,14 @@ pub(crate) fn run(a: &DemoArgs) -> Result<()> {
     }
     s.finish();
     Ok(())
+}
+
+/// Seconds: a finite number above 0, at most a day (the client refuses the same).
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 86_400.0 => Ok(v),
+        _ => Err(format!(
+            "`{s}` is not a number of seconds above 0 and at most 86400"
+        )),
+    }
 }

@@ -59,7 +59,7 @@ enum Cmd {
     Test {
         /// Seconds each fuzz target runs for (0 skips the live fuzz run; the saved corpus is
         /// still replayed by the unit tests).
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=86_400))]
         fuzz_seconds: u64,
         /// Do not check or install Debian packages.
         #[arg(long)]
@@ -69,7 +69,7 @@ enum Cmd {
     /// when missing and uses the nightly toolchain that libFuzzer's instrumentation needs).
     Fuzz {
         /// Seconds each target runs for.
-        #[arg(long, default_value_t = 60)]
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
         seconds: u64,
         /// Run only this target (default: all of them).
         #[arg(long)]

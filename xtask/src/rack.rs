@@ -19,18 +19,18 @@ use crate::stage::{self, Stages};
 #[derive(Debug, clap::Args)]
 pub(crate) struct RackArgs {
     /// Hosts in the rack (each runs a server and a client).
-    #[arg(long, default_value_t = 42)]
-    hosts: usize,
+    #[arg(long, default_value_t = 42, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    hosts: u16,
     /// Iterations in which every client works at once.
-    #[arg(long, default_value_t = 100)]
-    iterations: usize,
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    iterations: u32,
     /// Iterations of one client alone afterwards.
-    #[arg(long, default_value_t = 1000)]
-    single: usize,
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    single: u32,
     /// Then page migrations under load: one client keeps writing and reading back 16 pages
     /// while the controller moves them between hosts this many times.
-    #[arg(long, default_value_t = 200)]
-    migrations: usize,
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    migrations: u32,
     /// What forwards in the switch namespace: `xdp` (the XDP switch) or `kernel` (its own IPv6
     /// forwarding table, programmed by the controller over rtnetlink).
     #[arg(long, default_value = "xdp", value_parser = ["xdp", "kernel"])]
@@ -95,7 +95,7 @@ pub(crate) fn run(a: &RackArgs) -> Result<()> {
             a.hosts
         ),
         || {
-            rack = Some(Rack::create(NAME, a.hosts, 9000)?);
+            rack = Some(Rack::create(NAME, usize::from(a.hosts), 9000)?);
             Ok(())
         },
     )?;

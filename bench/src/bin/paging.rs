@@ -36,18 +36,18 @@ struct Args {
     #[arg(long)]
     directory_host: Option<HostId>,
     /// Faults measured per variant (each on a distinct page).
-    #[arg(long, default_value_t = 1500)]
+    #[arg(long, default_value_t = 1500, value_parser = bluebridge_xsk::cli::count(1, 10_000_000))]
     faults: usize,
     /// Untimed faults before measuring, per variant.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = bluebridge_xsk::cli::count(0, 10_000_000))]
     warmup: usize,
     /// CPU for the faulting thread (and the handler).
-    #[arg(long)]
+    #[arg(long, value_parser = bluebridge_xsk::cli::cpu)]
     core: Option<usize>,
     /// Also measure with the handler on this other CPU (a cross-CPU wake-up per fault). It
     /// must be a CPU nothing else busy-polls on: a server's pinned worker there would be
     /// starved by the handler's wait for its own reply.
-    #[arg(long)]
+    #[arg(long, value_parser = bluebridge_xsk::cli::cpu)]
     xcpu_core: Option<usize>,
     /// File for the disk variants (created, 64 MiB or 4 pages per fault, whichever is more;
     /// removed afterwards). Put it on the disk you want measured.

@@ -26,26 +26,26 @@ struct Args {
     #[arg(long)]
     layout: PathBuf,
     /// Iterations in which every host's client works at once.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = bluebridge_xsk::cli::count(1, 1_000_000))]
     iterations: usize,
     /// Iterations of host 0's client alone afterwards.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = bluebridge_xsk::cli::count(1, 10_000_000))]
     single: usize,
     /// Random seed (targets, page contents).
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Migrations under load: host 1's client keeps writing and reading back a set of pages
     /// while the controller (at --controller) moves them between hosts this many times.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = bluebridge_xsk::cli::count(0, 1_000_000))]
     migrations: usize,
     /// The controller's control socket (for --migrations).
     #[arg(long)]
     controller: Option<PathBuf>,
     /// Client retransmission timeout, µs (the minimum; it adapts).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=100_000))]
     rto_us: u64,
     /// Client retransmissions before an operation fails.
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u32).range(0..=100))]
     retries: u32,
     /// Write the report as JSON here.
     #[arg(long)]

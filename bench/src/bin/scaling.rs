@@ -26,16 +26,16 @@ use clap::Parser;
 #[command(name = "bluebridge-scaling", version)]
 struct Args {
     /// Seconds each measurement runs (the mix on 1 and on 2 shards; each operation alone).
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = 2.0, value_parser = bluebridge_xsk::cli::positive_seconds)]
     seconds: f64,
     /// CPUs to pin the threads to: the first for the 1-shard run, both for the 2-shard run.
-    #[arg(long, value_delimiter = ',', default_value = "0,1")]
+    #[arg(long, value_delimiter = ',', default_value = "0,1", value_parser = bluebridge_xsk::cli::cpu)]
     cores: Vec<usize>,
     /// Pages per shard the requests touch.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pages: u32,
     /// The mix, in requests per 8: READ, WRITE, FETCH_ADD (e.g. 4,2,2).
-    #[arg(long, value_delimiter = ',', default_value = "4,2,2")]
+    #[arg(long, value_delimiter = ',', default_value = "4,2,2", value_parser = clap::value_parser!(u32).range(0..=1000))]
     mix: Vec<u32>,
     /// Measurements of each rate: the 1- and 2-shard runs alternate and the medians count
     /// (the VM this was made on drifts between a fast and a slow regime).

@@ -1,10 +1,12 @@
 //! `bluebridge-client`: talk to BlueBridge servers from the command line.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use bluebridge_client::{AnyTransport, Client, NetArgs, Request};
-use bluebridge_proto::{HostId, Opcode, PAGE_SIZE};
+use bluebridge_proto::{HostId, Opcode, PAGE_SIZE, RemoteAddr};
 use clap::{Parser, Subcommand};
 use hdrhistogram::Histogram;
 
@@ -18,7 +20,7 @@ struct Args {
     #[command(flatten)]
     net: NetArgs,
     /// CPU core to pin this client to (strongly recommended for measurements).
-    #[arg(long)]
+    #[arg(long, value_parser = bluebridge_xsk::cli::cpu)]
     core: Option<usize>,
     /// Keep normal scheduling priority instead of SCHED_IDLE while busy-polling (see the
     /// server's --normal-priority).
@@ -35,8 +37,8 @@ enum Cmd {
         /// Server host id (decimal or 0x-hex).
         #[arg(long)]
         host: HostId,
-        /// How many pings.
-        #[arg(long, default_value_t = 5)]
+        /// How many pings (1 to 1000000).
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
         count: u32,
     },
     /// Print a server's STAT record.
@@ -51,18 +53,18 @@ enum Cmd {
         /// Server host id.
         #[arg(long)]
         host: HostId,
-        /// Pages in the working set.
-        #[arg(long, default_value_t = 256)]
+        /// Pages in the working set (1 to 65535).
+        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..))]
         pages: u16,
-        /// Round trips measured at window 1, per kind.
-        #[arg(long, default_value_t = 20_000)]
+        /// Round trips measured at window 1, per kind (1 to 10000000).
+        #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
         samples: u32,
-        /// Seconds of pipelined READs.
-        #[arg(long, default_value_t = 3.0)]
+        /// Seconds of pipelined READs (more than 0, at most 86400).
+        #[arg(long, default_value_t = 3.0, value_parser = bluebridge_xsk::cli::positive_seconds)]
         seconds: f64,
-        /// Requests in flight during the pipelined phase.
-        #[arg(long, default_value_t = 32)]
-        window: usize,
+        /// Requests in flight during the pipelined phase (1 to 128).
+        #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=128))]
+        window: u16,
     },
 }
 
@@ -98,7 +100,22 @@ fn main() -> Result<()> {
             samples,
             seconds,
             window,
-        } => demo(&mut c, host, pages, samples, seconds, window)?,
+        } => {
+            let stop = Arc::new(AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register(sig, stop.clone())
+                    .context("installing signal handlers")?;
+            }
+            let plan = Demo {
+                host,
+                pages,
+                samples,
+                seconds,
+                window: usize::from(window),
+                stop,
+            };
+            plan.run(&mut c)?
+        }
     }
     Ok(())
 }
@@ -111,122 +128,172 @@ fn us(ns: u64) -> f64 {
     ns as f64 / 1000.0
 }
 
-fn demo(
-    c: &mut Client<AnyTransport>,
+/// The demo's workload.
+struct Demo {
     host: HostId,
     pages: u16,
     samples: u32,
     seconds: f64,
     window: usize,
-) -> Result<()> {
-    ensure!(
-        pages >= 1 && window >= 1,
-        "--pages and --window must be at least 1"
-    );
-    // 1. Correctness: allocate, write a distinct pattern per page, read back, verify.
-    let t0 = Instant::now();
-    let mut set = Vec::new();
-    while set.len() < usize::from(pages) {
-        let n = (usize::from(pages) - set.len()).min(128) as u16;
-        set.extend(c.alloc_bulk(host, n, false)?);
-    }
-    let pattern = |i: usize| -> Vec<u8> {
-        (0..PAGE_SIZE)
-            .map(|b| (b ^ i.wrapping_mul(131)) as u8)
-            .collect()
-    };
-    for (i, &p) in set.iter().enumerate() {
-        c.write(p, 0, &pattern(i))?;
-    }
-    let mut verified = 0;
-    for (i, &p) in set.iter().enumerate() {
-        if c.read(p)? != pattern(i) {
-            bail!("page {i} read back differently from what was written");
-        }
-        verified += 1;
-    }
-    println!(
-        "correctness: {} pages allocated, written and read back intact ({verified} verified) in {:.1} ms",
-        set.len(),
-        t0.elapsed().as_secs_f64() * 1e3
-    );
+    /// Set by SIGINT/SIGTERM: stop early (the pages are freed all the same).
+    stop: Arc<AtomicBool>,
+}
 
-    // 2. Window-1 latency.
-    let mut read4k = hist();
-    let mut small = hist();
-    let mut ping = hist();
-    for i in 0..samples as usize {
-        let p = set[i % set.len()];
-        let t = Instant::now();
-        c.read(p)?;
-        read4k.record(t.elapsed().as_nanos() as u64)?;
-        let t = Instant::now();
-        c.read_range(p, 0, 64)?;
-        small.record(t.elapsed().as_nanos() as u64)?;
-        let t = Instant::now();
-        c.ping(host)?;
-        ping.record(t.elapsed().as_nanos() as u64)?;
-    }
-    println!("latency at window 1 ({samples} round trips each):");
-    for (name, h) in [
-        ("READ 4 KiB", &read4k),
-        ("READ 64 B", &small),
-        ("PING", &ping),
-    ] {
+impl Demo {
+    /// Allocates the working set, runs the phases and frees every page it allocated on every
+    /// way out: success, an error in a phase, or Ctrl-C.
+    fn run(&self, c: &mut Client<AnyTransport>) -> Result<()> {
+        let mut set = Vec::new();
+        let outcome = self.phases(c, &mut set);
+        let freed = free_all(c, &set);
+        if let Err(e) = &freed {
+            eprintln!("bluebridge-client: freeing the demo's pages: {e:#}");
+        }
+        outcome?;
+        freed?;
+        let s = c.stats();
         println!(
-            "  {name:<11} p50 {:>7.2} µs   p99 {:>7.2} µs   p99.9 {:>7.2} µs   max {:>8.2} µs",
-            us(h.value_at_quantile(0.5)),
-            us(h.value_at_quantile(0.99)),
-            us(h.value_at_quantile(0.999)),
-            us(h.max())
+            "client: {} requests, {} retransmissions, {} timeouts; all {} pages freed",
+            s.submitted,
+            s.retransmits,
+            s.timeouts,
+            set.len()
         );
+        ensure!(s.timeouts == 0, "the demo saw timeouts");
+        Ok(())
     }
 
-    // 3. Pipelined 4 KiB READs.
-    let dur = Duration::from_secs_f64(seconds);
-    let mut lat = hist();
-    let (mut done, mut errors, mut next) = (0u64, 0u64, 0usize);
-    let start = Instant::now();
-    while start.elapsed() < dur || c.in_flight() > 0 {
-        while start.elapsed() < dur && c.in_flight() < window {
-            c.submit(Request::new(Opcode::READ, set[next % set.len()]).range(0, PAGE_SIZE as u16));
-            next += 1;
+    fn check_stop(&self) -> Result<()> {
+        if self.stop.load(Ordering::Relaxed) {
+            bail!("interrupted");
         }
-        while let Some(comp) = c.poll() {
-            match comp.result {
-                Ok(r) if r.data.len() == PAGE_SIZE => {
-                    done += 1;
-                    lat.record(comp.latency.as_nanos().max(1) as u64)?;
+        Ok(())
+    }
+
+    fn phases(&self, c: &mut Client<AnyTransport>, set: &mut Vec<RemoteAddr>) -> Result<()> {
+        let (host, pages, samples, window) = (self.host, self.pages, self.samples, self.window);
+        // 1. Correctness: allocate, write a distinct pattern per page, read back, verify.
+        let t0 = Instant::now();
+        while set.len() < usize::from(pages) {
+            self.check_stop()?;
+            let n = (usize::from(pages) - set.len()).min(128) as u16;
+            set.extend(c.alloc_bulk(host, n, false)?);
+        }
+        let pattern = |i: usize| -> Vec<u8> {
+            (0..PAGE_SIZE)
+                .map(|b| (b ^ i.wrapping_mul(131)) as u8)
+                .collect()
+        };
+        for (i, &p) in set.iter().enumerate() {
+            c.write(p, 0, &pattern(i))?;
+        }
+        let mut verified = 0;
+        for (i, &p) in set.iter().enumerate() {
+            if c.read(p)? != pattern(i) {
+                bail!("page {i} read back differently from what was written");
+            }
+            verified += 1;
+        }
+        println!(
+            "correctness: {} pages allocated, written and read back intact ({verified} verified) in {:.1} ms",
+            set.len(),
+            t0.elapsed().as_secs_f64() * 1e3
+        );
+
+        // 2. Window-1 latency.
+        let mut read4k = hist();
+        let mut small = hist();
+        let mut ping = hist();
+        for i in 0..samples as usize {
+            if i % 1024 == 0 {
+                self.check_stop()?;
+            }
+            let p = set[i % set.len()];
+            let t = Instant::now();
+            c.read(p)?;
+            read4k.record(t.elapsed().as_nanos() as u64)?;
+            let t = Instant::now();
+            c.read_range(p, 0, 64)?;
+            small.record(t.elapsed().as_nanos() as u64)?;
+            let t = Instant::now();
+            c.ping(host)?;
+            ping.record(t.elapsed().as_nanos() as u64)?;
+        }
+        println!("latency at window 1 ({samples} round trips each):");
+        for (name, h) in [
+            ("READ 4 KiB", &read4k),
+            ("READ 64 B", &small),
+            ("PING", &ping),
+        ] {
+            println!(
+                "  {name:<11} p50 {:>7.2} µs   p99 {:>7.2} µs   p99.9 {:>7.2} µs   max {:>8.2} µs",
+                us(h.value_at_quantile(0.5)),
+                us(h.value_at_quantile(0.99)),
+                us(h.value_at_quantile(0.999)),
+                us(h.max())
+            );
+        }
+
+        // 3. Pipelined 4 KiB READs.
+        let dur = Duration::from_secs_f64(self.seconds);
+        let mut lat = hist();
+        let (mut done, mut errors, mut next) = (0u64, 0u64, 0usize);
+        let start = Instant::now();
+        let running = |start: Instant| start.elapsed() < dur && !self.stop.load(Ordering::Relaxed);
+        while running(start) || c.in_flight() > 0 {
+            while running(start) && c.in_flight() < window {
+                c.submit(
+                    Request::new(Opcode::READ, set[next % set.len()]).range(0, PAGE_SIZE as u16),
+                );
+                next += 1;
+            }
+            while let Some(comp) = c.poll() {
+                match comp.result {
+                    Ok(r) if r.data.len() == PAGE_SIZE => {
+                        done += 1;
+                        lat.record(comp.latency.as_nanos().max(1) as u64)?;
+                    }
+                    _ => errors += 1,
                 }
-                _ => errors += 1,
+            }
+        }
+        self.check_stop()?;
+        let secs = start.elapsed().as_secs_f64();
+        println!(
+            "pipelined READ 4 KiB, {window} in flight: {done} pages in {secs:.2} s = {:.0} pages/s ({:.2} Gbit/s), \
+             p50 {:.2} µs p99 {:.2} µs, errors {errors}",
+            done as f64 / secs,
+            done as f64 * PAGE_SIZE as f64 * 8.0 / secs / 1e9,
+            us(lat.value_at_quantile(0.5)),
+            us(lat.value_at_quantile(0.99)),
+        );
+        ensure!(errors == 0, "{errors} pipelined READs failed");
+        Ok(())
+    }
+}
+
+/// Frees `set` (128 pages a request); every page is tried even if some fail.
+fn free_all(c: &mut Client<AnyTransport>, set: &[RemoteAddr]) -> Result<()> {
+    let mut failed = 0usize;
+    let mut first = None;
+    for chunk in set.chunks(128) {
+        match c.free_bulk(chunk) {
+            Ok(rs) => {
+                for r in rs {
+                    if let Err(e) = r {
+                        failed += 1;
+                        first.get_or_insert(e.to_string());
+                    }
+                }
+            }
+            Err(e) => {
+                failed += chunk.len();
+                first.get_or_insert(e.to_string());
             }
         }
     }
-    let secs = start.elapsed().as_secs_f64();
-    println!(
-        "pipelined READ 4 KiB, {window} in flight: {done} pages in {secs:.2} s = {:.0} pages/s ({:.2} Gbit/s), \
-         p50 {:.2} µs p99 {:.2} µs, errors {errors}",
-        done as f64 / secs,
-        done as f64 * PAGE_SIZE as f64 * 8.0 / secs / 1e9,
-        us(lat.value_at_quantile(0.5)),
-        us(lat.value_at_quantile(0.99)),
-    );
-
-    // 4. Clean up.
-    for chunk in set.chunks(128) {
-        for r in c.free_bulk(chunk)? {
-            r?;
-        }
+    match first {
+        None => Ok(()),
+        Some(e) => bail!("{failed} of {} pages not freed (first: {e})", set.len()),
     }
-    let s = c.stats();
-    println!(
-        "client: {} requests, {} retransmissions, {} timeouts, {} errors; all {} pages freed",
-        s.submitted,
-        s.retransmits,
-        s.timeouts,
-        errors,
-        set.len()
-    );
-    ensure!(s.timeouts == 0 && errors == 0, "the demo saw errors");
-    Ok(())
 }
