@@ -382,6 +382,7 @@ impl XdpTransport {
         let mut steer = Steer::load()?;
         steer.add_prefix(cfg.local, 128)?;
         steer.attach(&cfg.ifname, cfg.force_generic)?;
+        steer.set_own_mac(bluebridge_xsk::link_mac(&cfg.ifname)?)?;
         Self::open_with(cfg, Arc::new(Mutex::new(steer)))
     }
 

@@ -23,7 +23,15 @@
 #define BB_STEER_PASS_PREFIX 4    /* BlueBridge port, destination not in our prefixes */
 #define BB_STEER_MALFORMED 5      /* headers cut short; passed to the kernel, which drops it */
 #define BB_STEER_NO_SOCKET 6      /* ours, but no AF_XDP socket on this RX queue; passed */
-#define BB_STEER_NR 7
+#define BB_STEER_DROP_SOURCE 7    /* ours, from a multicast/unspecified/loopback address or a
+                                     multicast source MAC: dropped (no reflection) */
+#define BB_STEER_DROP_MAC 8       /* ours, but sent to another MAC than this interface's */
+#define BB_STEER_NR 9
+
+/* steer.bpf.c `own_mac`: one __u64, the interface's MAC in the low 48 bits (big-endian byte
+ * order, first byte highest) with bit BB_OWN_MAC_SET_BIT set; 0 while not set (no destination
+ * MAC check). */
+#define BB_OWN_MAC_SET_BIT 48
 
 /* tor.bpf.c (the software top-of-rack switch): capacities. */
 #define BB_TOR_MAX_ROUTES 1048576   /* host /48s, page-range and single-page /112 routes */

@@ -16,7 +16,7 @@ use std::net::Ipv6Addr;
 use std::os::fd::AsRawFd;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{MapData, PerCpuArray, XskMap};
+use aya::maps::{Array, MapData, PerCpuArray, XskMap};
 use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::{Ebpf, EbpfError};
 
@@ -228,6 +228,11 @@ pub struct SteerCounters {
     pub malformed: u64,
     /// Passed: ours, but no socket on the RX queue.
     pub no_socket: u64,
+    /// Dropped: ours, from an address or MAC nobody may be answered at (multicast,
+    /// unspecified, loopback).
+    pub dropped_source: u64,
+    /// Dropped: ours, but sent to another MAC than the interface's.
+    pub dropped_mac: u64,
 }
 
 /// The loaded steering program, its maps, and (once attached) its link. Dropping it detaches
@@ -287,6 +292,26 @@ impl Steer {
                 what: "bb_steer type".into(),
                 source,
             })
+    }
+
+    /// From now on only frames to `mac` are taken (frames of ours sent to another MAC are
+    /// dropped and counted): the interface's own MAC, set by whoever attaches.
+    pub fn set_own_mac(&mut self, mac: [u8; 6]) -> Result<(), SteerError> {
+        let mut m: Array<&mut MapData, u64> = Array::try_from(
+            self.ebpf
+                .map_mut("own_mac")
+                .ok_or(SteerError::Missing("own_mac"))?,
+        )
+        .map_err(|source| SteerError::Map {
+            what: "own_mac map".into(),
+            source,
+        })?;
+        let v = mac.iter().fold(0u64, |a, &b| a << 8 | u64::from(b))
+            | 1u64 << consts::BB_OWN_MAC_SET_BIT;
+        m.set(0, v, 0).map_err(|source| SteerError::Map {
+            what: "writing own_mac".into(),
+            source,
+        })
     }
 
     /// Attaches to `ifname` in driver mode, or generic mode if the driver refuses (logged as a
@@ -362,6 +387,8 @@ impl Steer {
             pass_prefix: get(consts::BB_STEER_PASS_PREFIX)?,
             malformed: get(consts::BB_STEER_MALFORMED)?,
             no_socket: get(consts::BB_STEER_NO_SOCKET)?,
+            dropped_source: get(consts::BB_STEER_DROP_SOURCE)?,
+            dropped_mac: get(consts::BB_STEER_DROP_MAC)?,
         })
     }
 

@@ -39,6 +39,29 @@ struct {
 	__type(value, __u64);
 } steer_counters SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} own_mac SEC(".maps");
+
+static __always_inline __u64 mac_u64(const unsigned char *m)
+{
+	return (__u64)m[0] << 40 | (__u64)m[1] << 32 | (__u64)m[2] << 24 |
+	       (__u64)m[3] << 16 | (__u64)m[4] << 8 | (__u64)m[5];
+}
+
+/* Sources nobody can answer: multicast (ff00::/8), unspecified (::), loopback (::1). */
+static __always_inline int unanswerable_source(const struct ipv6hdr *ip6)
+{
+	const __u32 *w = (const __u32 *)&ip6->saddr;
+
+	if ((w[0] & bpf_htonl(0xff000000)) == bpf_htonl(0xff000000))
+		return 1;
+	return w[0] == 0 && w[1] == 0 && w[2] == 0 && (w[3] == 0 || w[3] == bpf_htonl(1));
+}
+
 static __always_inline int count(__u32 reason, int action)
 {
 	__u64 *c = bpf_map_lookup_elem(&steer_counters, &reason);
@@ -80,6 +103,19 @@ static __always_inline int steer(struct xdp_md *ctx)
 	__builtin_memcpy(key.addr, &ip6->daddr, sizeof(key.addr));
 	if (!bpf_map_lookup_elem(&prefixes, &key))
 		return count(BB_STEER_PASS_PREFIX, XDP_PASS);
+
+	/* Ours: a frame nobody may be answered for is dropped here, before any reply could be
+	 * reflected at a third party (a forged multicast or loopback source, a multicast source
+	 * MAC, a frame meant for another station's MAC). */
+	if ((eth->h_source[0] & 1) || unanswerable_source(ip6))
+		return count(BB_STEER_DROP_SOURCE, XDP_DROP);
+	{
+		__u32 zero = 0;
+		__u64 *mine = bpf_map_lookup_elem(&own_mac, &zero);
+
+		if (mine && *mine && (mac_u64(eth->h_dest) | 1ULL << BB_OWN_MAC_SET_BIT) != *mine)
+			return count(BB_STEER_DROP_MAC, XDP_DROP);
+	}
 
 	queue = ctx->rx_queue_index;
 	/* Looked up first so a missing socket is counted; redirect_map would pass silently. */

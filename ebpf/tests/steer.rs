@@ -59,6 +59,8 @@ fn delta(a: SteerCounters, b: SteerCounters) -> SteerCounters {
         pass_prefix: b.pass_prefix - a.pass_prefix,
         malformed: b.malformed - a.malformed,
         no_socket: b.no_socket - a.no_socket,
+        dropped_source: b.dropped_source - a.dropped_source,
+        dropped_mac: b.dropped_mac - a.dropped_mac,
     }
 }
 
@@ -160,4 +162,43 @@ fn truncated_headers_are_malformed() {
 fn prefix_length_is_checked() {
     let mut s = steer();
     assert!(s.add_prefix(Ipv6Addr::UNSPECIFIED, 129).is_err());
+}
+
+/// Issue 12, item 14: requests nobody may be answered at are dropped in XDP and counted, so no
+/// reply is ever reflected at a third party.
+#[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
+fn requests_from_unanswerable_sources_are_dropped() {
+    let mut s = steer();
+    let ours = page_addr(2);
+    let frame = request_to(ours);
+    for src in ["ff02::1", "::", "::1", "ff0e::bb"] {
+        let mut f = frame.clone();
+        f[22..38].copy_from_slice(&src.parse::<Ipv6Addr>().unwrap().octets());
+        expect(&mut s, &f, XdpAction::Drop, one(|c| c.dropped_source = 1));
+    }
+    for mac in [
+        [0xff; 6],
+        [0x01, 0x00, 0x5e, 0, 0, 1],
+        [0x33, 0x33, 0, 0, 0, 1],
+    ] {
+        let mut f = frame.clone();
+        f[6..12].copy_from_slice(&mac);
+        expect(&mut s, &f, XdpAction::Drop, one(|c| c.dropped_source = 1));
+    }
+    // Once the interface's MAC is known, frames of ours to another station are dropped too.
+    s.set_own_mac([2, 0, 0, 0, 0, 2]).unwrap();
+    expect(&mut s, &frame, XdpAction::Pass, one(|c| c.no_socket = 1));
+    for mac in [[2, 0, 0, 0, 0, 3], [0xff; 6], [0x33, 0x33, 0, 0, 0, 1]] {
+        let mut f = frame.clone();
+        f[0..6].copy_from_slice(&mac);
+        expect(&mut s, &f, XdpAction::Drop, one(|c| c.dropped_mac = 1));
+    }
+    // Frames that are not ours are none of this program's business, whatever their MACs.
+    let mut other = request_to(page_addr(3));
+    other[0..6].copy_from_slice(&[0xff; 6]);
+    expect(&mut s, &other, XdpAction::Pass, one(|c| c.pass_prefix = 1));
 }

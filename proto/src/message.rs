@@ -515,11 +515,14 @@ pub struct StatRecord {
     pub handoff_dropped: u64,
     /// Frames the kernel dropped for the server's AF_XDP sockets (RX ring full, invalid).
     pub kernel_dropped: u64,
+    /// Requests dropped for their source (§9): outside the deployment prefix, in the server's
+    /// own /48, multicast, loopback, unspecified, or from a multicast MAC.
+    pub bad_source: u64,
 }
 
 impl StatRecord {
     /// Length of the record a server sends.
-    pub const LEN: usize = 112;
+    pub const LEN: usize = 120;
     /// Length of the oldest record (the first eight fields); later fields read as 0 when
     /// absent.
     pub const MIN_LEN: usize = 64;
@@ -541,6 +544,7 @@ impl StatRecord {
             self.stale,
             self.handoff_dropped,
             self.kernel_dropped,
+            self.bad_source,
         ];
         for (i, v) in f.into_iter().enumerate() {
             put64(buf, i * 8, v);
@@ -566,6 +570,7 @@ impl StatRecord {
             stale: g(11),
             handoff_dropped: g(12),
             kernel_dropped: g(13),
+            bad_source: g(14),
         })
     }
 }
@@ -1078,6 +1083,7 @@ mod tests {
             stale: 12,
             handoff_dropped: 13,
             kernel_dropped: 14,
+            bad_source: 15,
         };
         let mut b = [0u8; StatRecord::LEN + 8];
         s.emit(&mut b);

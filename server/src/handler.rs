@@ -214,6 +214,7 @@ impl Handler {
             stale: t.stale,
             handoff_dropped: t.handoff_dropped,
             kernel_dropped: self.counters.xsk_total().kernel_rx_dropped,
+            bad_source: t.bad_source,
         }
     }
 
@@ -307,7 +308,8 @@ impl Handler {
     /// Answers a message of another protocol version: one version-1 header with
     /// UNSUPPORTED_VERSION and the request id (docs/protocol.md §7). Counted as a request
     /// answered with that status; `false` (nothing sent, the caller counts a drop) when it
-    /// is not a request to this server.
+    /// is not a request to this server. A request from a source nobody may be answered at is
+    /// counted as `bad_source` (and `true` returned: it is counted).
     pub fn reject_version(&mut self, env: &Envelope<'_>, sink: &mut impl FrameSink) -> bool {
         let Some(request_id) = env.request_id_any_version() else {
             return false;
@@ -319,6 +321,10 @@ impl Handler {
         let Some(from) = self.answering_address(env.endpoints.dst) else {
             return false;
         };
+        if !self.answerable_source(&env.endpoints) {
+            self.c().bad_source.inc();
+            return true; // counted as that, not as malformed
+        }
         self.c().requests.inc();
         let h = BbRepr {
             flags: HeaderFlags::REPLY,
@@ -368,6 +374,24 @@ impl Handler {
         }
     }
 
+    /// Whether a reply may go to this request's source (§9): a unicast address inside the
+    /// deployment prefix but outside this server's own /48 and the anycast /48, from a unicast
+    /// MAC (a kernel socket gives no MACs: zero). Both transports apply the same rule.
+    fn answerable_source(&self, ep: &Endpoints) -> bool {
+        let src = ep.src;
+        let o = src.octets();
+        if ep.src_mac.0[0] & 1 != 0
+            || src.is_multicast()
+            || src.is_unspecified()
+            || src.is_loopback()
+            || !self.cfg.prefix.contains(src)
+        {
+            return false;
+        }
+        let host = HostId(u16::from_be_bytes([o[4], o[5]]));
+        host != self.cfg.host && !host.is_any()
+    }
+
     fn addr(&self, handle: PageHandle, op: Opcode) -> RemoteAddr {
         RemoteAddr::new(self.cfg.prefix, self.cfg.host, handle, op, OpFlags::NONE)
     }
@@ -396,6 +420,11 @@ impl Handler {
             self.c().dropped_not_for_us.inc();
             return;
         };
+        if !f.is_reply() && !self.answerable_source(&f.endpoints) {
+            // No reply may go there: it would be reflected at someone who did not ask.
+            self.c().bad_source.inc();
+            return;
+        }
         let req = match Request::parse(f, self.cfg.prefix) {
             Ok(r) => r,
             Err(e) => {

@@ -60,7 +60,7 @@ struct Args {
     /// wait a whole scheduler slice (4 ms stalls seen on veth).
     #[arg(long)]
     normal_priority: bool,
-    /// UMEM frames per socket (4 KiB each, a power of two from 64 to 262144; half RX, half
+    /// UMEM frames per socket (4 KiB each, a power of two from 128 to 262144; half RX, half
     /// TX).
     #[arg(long, default_value_t = 2048, value_parser = parse_frames)]
     frames: u32,
@@ -133,8 +133,8 @@ struct Args {
 
 fn parse_frames(s: &str) -> Result<u32, String> {
     let n: u32 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
-    if !(64..=1 << 18).contains(&n) || !n.is_power_of_two() {
-        return Err(format!("{n}: must be a power of two from 64 to 262144"));
+    if !(128..=1 << 18).contains(&n) || !n.is_power_of_two() {
+        return Err(format!("{n}: must be a power of two from 128 to 262144"));
     }
     Ok(n)
 }
@@ -287,7 +287,7 @@ fn line(a: &ServerStats, b: &ServerStats, dt: Duration) -> String {
     }
     format!(
         "ops/s {} | total {:.0}/s | per shard {} | errors {} | dup {} | stale {} | handoffs {} \
-         (dropped {}) | malformed {} | tx drops {} | kernel drops {} | pages {}",
+         (dropped {}) | malformed {} | bad source {} | tx drops {} | kernel drops {} | pages {}",
         ops.join(" "),
         rate(a.handler.requests, b.handler.requests),
         a.shards
@@ -302,6 +302,10 @@ fn line(a: &ServerStats, b: &ServerStats, dt: Duration) -> String {
         b.handler.handoffs - a.handler.handoffs,
         b.handler.handoff_dropped - a.handler.handoff_dropped,
         b.handler.malformed_total() - a.handler.malformed_total(),
+        b.handler.bad_source + b.steer.dropped_source + b.steer.dropped_mac
+            - a.handler.bad_source
+            - a.steer.dropped_source
+            - a.steer.dropped_mac,
         b.xsk.tx_dropped + b.handler.tx_dropped - a.xsk.tx_dropped - a.handler.tx_dropped,
         b.xsk.kernel_rx_dropped - a.xsk.kernel_rx_dropped,
         b.pages_used,

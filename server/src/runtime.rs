@@ -345,14 +345,22 @@ impl Server {
                     steer.add_prefix(cfg.prefix.network(), 32)?;
                 }
                 let attach = steer.attach(&cfg.ifname, cfg.force_generic)?;
+                let mac = bluebridge_xsk::link_mac(&cfg.ifname)
+                    .map_err(|e| StartError::Config(format!("reading {}: {e}", cfg.ifname)))?;
+                steer.set_own_mac(mac)?;
 
+                // Request frames up to the MTU are accepted in every framing (§6): where one
+                // may not fit a UMEM chunk, the sockets take multi-buffer frames even when the
+                // replies are segments of one chunk.
+                let receive_sg =
+                    multi_buffer || max_frame_for_mtu(mtu) > bluebridge_xsk::CHUNK_DATA_MIN;
                 let mut sockets = Vec::new();
                 for &q in &cfg.queues {
                     let xsk = Xsk::new(&XskConfig {
                         ifname: cfg.ifname.clone(),
                         queue: q,
                         frames: cfg.frames,
-                        multi_buffer,
+                        multi_buffer: receive_sg,
                         hugepages: cfg.hugepages,
                         zero_copy: cfg.zero_copy,
                         busy_poll: cfg.busy_poll,

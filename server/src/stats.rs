@@ -41,6 +41,9 @@ pub struct Stats {
     pub malformed: [u64; MALFORMED_REASONS.len()],
     /// Valid frames not meant for this server (replies, other prefixes or hosts).
     pub dropped_not_for_us: u64,
+    /// Requests from a source nobody may be answered at (§9): outside the deployment prefix,
+    /// in this server's own /48, multicast, loopback, unspecified, or a multicast source MAC.
+    pub bad_source: u64,
     /// Replies that found no room to be sent.
     pub tx_dropped: u64,
     /// Old retransmissions of requests their client had finished with: dropped unexecuted.
@@ -69,6 +72,7 @@ impl Default for Stats {
             duplicates: 0,
             malformed: [0; MALFORMED_REASONS.len()],
             dropped_not_for_us: 0,
+            bad_source: 0,
             tx_dropped: 0,
             stale: 0,
             handoffs: 0,
@@ -102,6 +106,7 @@ impl Stats {
         self.requests += o.requests;
         self.duplicates += o.duplicates;
         self.dropped_not_for_us += o.dropped_not_for_us;
+        self.bad_source += o.bad_source;
         self.tx_dropped += o.tx_dropped;
         self.stale += o.stale;
         self.handoffs += o.handoffs;
@@ -203,6 +208,8 @@ pub struct ShardCounters {
     pub malformed: [Counter; MALFORMED_REASONS.len()],
     /// Valid frames not meant for this server.
     pub dropped_not_for_us: Counter,
+    /// Requests from a source nobody may be answered at.
+    pub bad_source: Counter,
     /// Replies that found no room to be sent.
     pub tx_dropped: Counter,
     /// Old retransmissions dropped unexecuted.
@@ -232,6 +239,7 @@ impl Default for ShardCounters {
             duplicates: Counter::default(),
             malformed: counters(),
             dropped_not_for_us: Counter::default(),
+            bad_source: Counter::default(),
             tx_dropped: Counter::default(),
             stale: Counter::default(),
             handoffs: Counter::default(),
@@ -274,6 +282,7 @@ impl ShardCounters {
             duplicates: self.duplicates.get(),
             malformed: read(&self.malformed),
             dropped_not_for_us: self.dropped_not_for_us.get(),
+            bad_source: self.bad_source.get(),
             tx_dropped: self.tx_dropped.get(),
             stale: self.stale.get(),
             handoffs: self.handoffs.get(),

@@ -513,3 +513,39 @@ fn s6_seg_max_counts_whole_words() {
         assert!(l <= 1000 && l % 8 == 0, "{lens:?}");
     }
 }
+
+/// §9 (found from outside: reflection): requests from sources nobody may be answered at are
+/// dropped without a reply and counted as `bad_source`, on both transports (the handler is
+/// theirs to share; XDP drops some of them earlier).
+#[test]
+fn s9_requests_from_unanswerable_sources_get_no_reply() {
+    let mut r = rig();
+    let p = r.alloc();
+    let sources = [
+        "ff02::1",
+        "::",
+        "::1",
+        "fd00:bb:2::1",    // the server's own /48
+        "fd00:bb:ffff::1", // the anycast /48
+        "2001:db8::1",     // outside the deployment prefix
+    ];
+    for (i, src) in sources.iter().enumerate() {
+        r.client = src.parse().unwrap();
+        for (op, handle, h, payload) in [
+            (Opcode::PING, PageHandle::NONE, hdr(0, 0), &b""[..]),
+            (Opcode::READ, p, hdr(0, 8), &b""[..]),
+            (Opcode::WRITE, p, hdr(0, 4), &b"evil"[..]),
+        ] {
+            let rep = r.req(op, handle, h, payload);
+            assert!(rep.is_empty(), "{src} {op:?} answered: {rep:?}");
+        }
+        assert_eq!(r.handler.stats().bad_source, 3 * (i as u64 + 1));
+    }
+    // A multicast source MAC, from a good address.
+    r.client = "fd00:bb:1::1".parse().unwrap();
+    let mut f = r.frame(Opcode::PING, PageHandle::NONE, hdr(0, 0), &[]);
+    f[6] |= 1;
+    assert!(r.raw(&f).is_empty());
+    assert_eq!(r.read(p, 0, 4), [0; 4], "nothing was written");
+    assert_eq!(stat(&mut r).bad_source, 19);
+}

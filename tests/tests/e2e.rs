@@ -140,6 +140,42 @@ fn every_operation_segmented() {
     assert_eq!(s.xsk.rx_chains, 0);
 }
 
+/// §6, found from outside: a server in segment framing at MTU 9000 dropped, unanswered and
+/// uncounted, every request frame larger than one UMEM chunk (WRITE ≥ 3736 B, whole-page
+/// WRITE and ALLOC_WRITE). It now takes multi-buffer frames whatever its reply framing.
+#[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
+fn s6_a_segmenting_server_accepts_request_frames_up_to_its_mtu() {
+    let mut rig = Rig::new(&RigOptions {
+        framing: Framing::Segments,
+        client_multi_buffer: true, // sends whole pages in one 4206-byte frame
+        ..RigOptions::default()
+    });
+    let info = rig.server().info().clone();
+    assert!(!info.multi_buffer);
+    assert!(info.frame_data < 4096, "{}", info.frame_data);
+    let c = &mut rig.client;
+    let data = pattern(9);
+    let p = c.alloc(SERVER, false).unwrap();
+    c.write(p, 0, &data).unwrap();
+    assert_eq!(c.read(p).unwrap(), data);
+    let q = c.alloc_write(SERVER, 0, &data, false).unwrap();
+    assert_eq!(c.read(q).unwrap(), data);
+    c.write(q, 100, &data[..3800]).unwrap();
+    assert_eq!(c.read_range(q, 100, 3800).unwrap(), &data[..3800]);
+    let s = rig.server().stats();
+    assert!(
+        s.xsk.rx_chains >= 3,
+        "requests arrived in pieces: {:?}",
+        s.xsk
+    );
+    assert_eq!(s.xsk.kernel_rx_dropped, 0);
+    assert_eq!(rig.client.stats().timeouts, 0);
+}
+
 #[test]
 #[cfg_attr(
     unprivileged,

@@ -35,6 +35,9 @@ use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
 const XDP_PKT_CONTD: u32 = 1;
 /// UMEM chunk size.
 pub const CHUNK: u32 = 4096;
+/// The fewest frame bytes one chunk holds (the chunk less the kernel's XDP headroom): a frame
+/// longer than this may need a multi-buffer socket.
+pub const CHUNK_DATA_MIN: usize = CHUNK as usize - 256;
 /// Frames descriptors are moved in, per ring operation.
 const BATCH: usize = 64;
 /// Largest frame the layer handles (a jumbo MTU of 9000 plus the Ethernet header).
