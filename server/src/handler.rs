@@ -861,13 +861,19 @@ impl Handler {
             Opcode::UPDATE_COMMIT => {
                 let r = self.page_for(target, who).and_then(|p| {
                     self.leases.check(&self.store, p, h.lease, who, now_ns)?;
+                    let o = usize::from(h.offset);
+                    if h.flags.contains(HeaderFlags::MORE) {
+                        // Held aside until the final frame: the commit is one transaction.
+                        if let Body::Data(data) = req.body {
+                            self.leases.stage(&self.store, p, o, &data)?;
+                        }
+                        return Ok(());
+                    }
+                    self.leases.apply_staged(&mut self.store, p);
                     if let Body::Data(data) = req.body {
-                        let o = usize::from(h.offset);
                         data.copy_to(&mut self.store.page_mut(p)[o..o + data.len()]);
                     }
-                    if !h.flags.contains(HeaderFlags::MORE) {
-                        self.leases.release(&mut self.store, p);
-                    }
+                    self.leases.release(&mut self.store, p);
                     Ok(())
                 });
                 Outcome::status(r.err().unwrap_or(Status::OK), target)

@@ -18,7 +18,10 @@ use std::collections::{BinaryHeap, VecDeque};
 
 use bluebridge_proto::Status;
 
+use bluebridge_proto::message::Bytes;
+
 use crate::keyed::Feistel;
+use crate::staging::Stages;
 use crate::store::{PageIdx, Store};
 
 /// Who holds a lease: the client's address and port.
@@ -51,6 +54,8 @@ struct Slot {
     holder: ClientKey,
     acquire_request: u64,
     expires_ns: u64,
+    /// The staging buffer of a commit in several frames.
+    stage: Option<u16>,
 }
 
 /// What an acquire found.
@@ -74,6 +79,7 @@ pub struct Leases {
     ids: Feistel,
     default_ms: u64,
     max_ms: u64,
+    stages: Stages,
 }
 
 /// The longest lease a table grants, whatever it is configured with (one day).
@@ -98,6 +104,7 @@ impl Leases {
             },
             acquire_request: 0,
             expires_ns: 0,
+            stage: None,
         };
         let max_ms = max_ms.clamp(1, LEASE_MS_LIMIT);
         Leases {
@@ -108,6 +115,7 @@ impl Leases {
             ids,
             default_ms: default_ms.clamp(1, max_ms),
             max_ms,
+            stages: Stages::new(),
         }
     }
 
@@ -140,6 +148,9 @@ impl Leases {
                 s.state = to;
                 self.free.push_back(slot);
                 self.granted -= 1;
+            }
+            if let Some(i) = s.stage.take() {
+                self.stages.give_back(i); // staged frames of an unfinished commit: dropped
             }
             store.set_lease_slot(p, 0);
         }
@@ -221,6 +232,7 @@ impl Leases {
             holder: who,
             acquire_request: request,
             expires_ns,
+            stage: None,
         };
         self.granted += 1;
         self.expiries.push(Reverse((expires_ns, slot, generation)));
@@ -272,6 +284,42 @@ impl Leases {
         }
     }
 
+    /// Stages a COMMIT+MORE frame of the page's lease (which the caller checked) until the
+    /// final COMMIT; BUSY when no staging buffer is free.
+    pub fn stage(
+        &mut self,
+        store: &Store,
+        p: PageIdx,
+        offset: usize,
+        data: &Bytes<'_>,
+    ) -> Result<(), Status> {
+        let slot = store
+            .lease_slot(p)
+            .checked_sub(1)
+            .ok_or(Status::LEASE_INVALID)?;
+        let s = &mut self.slots[usize::from(slot)];
+        let i = match s.stage {
+            Some(i) => i,
+            None => {
+                let i = self.stages.take().ok_or(Status::BUSY)?;
+                s.stage = Some(i);
+                i
+            }
+        };
+        self.stages.put(i, offset, data);
+        Ok(())
+    }
+
+    /// Writes what the page's lease staged into the page (the final COMMIT, before its own
+    /// frame and the release).
+    pub fn apply_staged(&self, store: &mut Store, p: PageIdx) {
+        if let Some(slot) = store.lease_slot(p).checked_sub(1)
+            && let Some(i) = self.slots[usize::from(slot)].stage
+        {
+            self.stages.apply(i, store.page_mut(p));
+        }
+    }
+
     /// Ends the page's lease (commit, release, or the page being freed).
     pub fn release(&mut self, store: &mut Store, p: PageIdx) {
         self.end(store, p, State::Ended);
@@ -294,6 +342,7 @@ impl Leases {
     /// Bytes the table takes (for the memory report).
     pub fn bytes(&self) -> usize {
         self.slots.capacity() * size_of::<Slot>()
+            + self.stages.bytes()
             + self.free.capacity() * 2
             + (2 * self.slots.len() + 16) * size_of::<Reverse<(u64, u16, u32)>>()
     }

@@ -18,6 +18,7 @@ pub mod keyed;
 pub mod lease;
 pub mod runtime;
 pub mod session;
+pub mod staging;
 pub mod stats;
 pub mod store;
 pub mod udp;

@@ -549,3 +549,55 @@ fn s9_requests_from_unanswerable_sources_get_no_reply() {
     assert_eq!(r.read(p, 0, 4), [0; 4], "nothing was written");
     assert_eq!(stat(&mut r).bad_source, 19);
 }
+
+/// §5.8 (decided here): UPDATE promises a transaction, so a commit in several frames is
+/// invisible to readers until its final frame, and a lease that ends before it (released, run
+/// out) leaves the page as it was.
+#[test]
+fn s5_8_a_commit_in_several_frames_lands_whole_or_not_at_all() {
+    let mut r = rig();
+    let p = shared_page(&mut r);
+    r.one(Opcode::WRITE, p, hdr(0, 8), b"original");
+    let more = |r: &mut Rig, lease: u64, o: u16, d: &[u8]| {
+        r.status(
+            Opcode::UPDATE_COMMIT,
+            p,
+            BbRepr {
+                flags: HeaderFlags::MORE,
+                lease,
+                ..hdr(o, d.len() as u16)
+            },
+            d,
+        )
+    };
+    let lease = acquire(&mut r, p, 5_000).h.lease;
+    assert_eq!(more(&mut r, lease, 0, b"new-"), Status::OK);
+    // Another client reads mid-transaction: the old bytes.
+    let holder = r.client;
+    r.client = "fd00:bb:1::9".parse().unwrap();
+    assert_eq!(r.read(p, 0, 8), b"original");
+    r.client = holder;
+    assert_eq!(commit(&mut r, p, lease, b"data"[..].as_ref()), Status::OK);
+    // The final frame here carried bytes 0..4: it wins over the staged ones it overlaps.
+    assert_eq!(r.read(p, 0, 8), b"datainal");
+    let lease = acquire(&mut r, p, 5_000).h.lease;
+    assert_eq!(more(&mut r, lease, 4, b"1234"), Status::OK);
+    let final_frame = BbRepr { lease, ..hdr(0, 2) };
+    assert_eq!(
+        r.status(Opcode::UPDATE_COMMIT, p, final_frame, b"AB"),
+        Status::OK
+    );
+    assert_eq!(r.read(p, 0, 8), b"ABta1234");
+    // Released, or run out, before the final frame: nothing staged lands.
+    let lease = acquire(&mut r, p, 5_000).h.lease;
+    assert_eq!(more(&mut r, lease, 0, b"lost"), Status::OK);
+    let rel = BbRepr { lease, ..hdr(0, 0) };
+    assert_eq!(r.status(Opcode::UPDATE_RELEASE, p, rel, &[]), Status::OK);
+    let lease = acquire(&mut r, p, 100).h.lease;
+    assert_eq!(more(&mut r, lease, 0, b"late"), Status::OK);
+    r.now += 200 * MS;
+    assert_eq!(commit(&mut r, p, lease, b"!"), Status::LEASE_EXPIRED);
+    let lease = acquire(&mut r, p, 0).h.lease;
+    assert_eq!(commit(&mut r, p, lease, b""), Status::OK);
+    assert_eq!(r.read(p, 0, 8), b"ABta1234");
+}

@@ -3,5 +3,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    bluebridge_server::fuzzing::check_requests(data);
+    let _ = bluebridge_server::fuzzing::check_requests(data);
 });

@@ -6,7 +6,11 @@
 //! leases, request ids from a small space so retransmissions happen, two clients, time moving
 //! forward). After every step: each reply parses as a well-formed reply to the client that
 //! asked, from this server's /48; a freshly allocated page is zero; pages in use never exceed
-//! the arena.
+//! the arena; and against a plain reference model ([`shadow`]): every byte a reply carries and
+//! every byte of every live page is what the acknowledged requests wrote, and the store holds
+//! exactly the pages the model does.
+
+mod shadow;
 
 use bluebridge_proto::frame::{Endpoints, Frame, FrameSink, build};
 use bluebridge_proto::{
@@ -64,8 +68,10 @@ fn client(i: u8) -> (std::net::Ipv6Addr, u16) {
     )
 }
 
-/// Runs the interpreter over `data`; panics when an invariant breaks.
-pub fn check_requests(data: &[u8]) {
+/// Runs the interpreter over `data`; panics when an invariant breaks. Returns how many replies
+/// were OK, by opcode (what the input reached).
+pub fn check_requests(data: &[u8]) -> [u32; 256] {
+    let mut ok_by_op = [0u32; 256];
     let mut cfg = HandlerConfig::new(NetPrefix::DEFAULT, HOST, 1184 + 8 * 64);
     cfg.sessions = crate::session::SessionConfig {
         sessions: 2,
@@ -83,6 +89,7 @@ pub fn check_requests(data: &[u8]) {
     let mut leases: Vec<u64> = Vec::new();
     let mut now_ns = 0u64;
     let mut steps = 0;
+    let mut model = shadow::Shadow::default();
     while !c.0.is_empty() && steps < 256 {
         steps += 1;
         now_ns += u64::from(c.u8()) * 1_000_000;
@@ -98,34 +105,37 @@ pub fn check_requests(data: &[u8]) {
             } else {
                 Opcode::ALL[usize::from(c.u8()) % Opcode::ALL.len()]
             };
-            let handle = match c.u8() % 4 {
+            // Every field reads the same number of bytes whatever it picks, so a seed's layout
+            // does not shift with the state (handles known, leases held).
+            let (sel, idx, made_up) = (c.u8(), c.u8(), c.u64());
+            let handle = match sel % 4 {
                 0 => PageHandle::NONE,
-                1 => PageHandle::from_bits(c.u64()),
-                _ if !handles.is_empty() => handles[usize::from(c.u8()) % handles.len()],
+                1 => PageHandle::from_bits(made_up),
+                _ if !handles.is_empty() => handles[usize::from(idx) % handles.len()],
                 _ => PageHandle::NONE,
             };
-            let host = if c.u8() % 16 == 0 {
-                HostId(c.u16())
-            } else {
-                HOST
-            };
+            let (sel, other) = (c.u8(), c.u16());
+            let host = if sel % 16 == 0 { HostId(other) } else { HOST };
             let dst = RemoteAddr::new(NetPrefix::DEFAULT, host, handle, op, OpFlags::NONE);
-            let sel = c.u8();
-            let (offset, length) = match sel % 4 {
+            let (sel, a, b) = (c.u8(), c.u16(), c.u16());
+            let (offset, length) = match sel % 5 {
                 0 => (0, PAGE_SIZE as u16),
-                1 => (u16::from(c.u8()) * 8, 8),
-                2 => (c.u16() % 4200, c.u16() % 4200),
-                _ => (u16::from(c.u8()), u16::from(c.u8())),
+                1 => ((a % 512) * 8, 8),
+                2 => (a % 4200, b % 4200),
+                3 => (a % 256, b % 256),
+                _ => (0, 0),
             };
-            let count = match c.u8() % 3 {
+            let (sel, n) = (c.u8(), c.u16());
+            let count = match sel % 3 {
                 0 => 1,
-                1 => u16::from(c.u8() % 8),
-                _ => c.u16() % 200,
+                1 => n % 8,
+                _ => n % 200,
             };
-            let lease = if !leases.is_empty() && c.u8() % 2 == 0 {
+            let (sel, made_up) = (c.u8(), c.u64());
+            let lease = if !leases.is_empty() && sel % 2 == 0 {
                 leases[leases.len() - 1]
             } else {
-                c.u64() % 4
+                made_up % 4
             };
             let hdr = BbRepr {
                 flags: HeaderFlags(c.u8() & 0x0f),
@@ -142,17 +152,15 @@ pub fn check_requests(data: &[u8]) {
                 operand1: c.u64(),
                 ..BbRepr::default()
             };
-            let payload = match c.u8() % 4 {
-                0 => vec![c.u8(); usize::from(length).min(4096)],
+            let (sel, fill, n) = (c.u8(), c.u8(), c.u8());
+            let payload = match sel % 4 {
+                0 => vec![fill; usize::from(length).min(4096)],
                 1 => handles
                     .iter()
                     .take(usize::from(count))
                     .flat_map(|h| h.to_bits().to_be_bytes())
                     .collect(),
-                2 => {
-                    let n = usize::from(c.u8());
-                    c.bytes(n)
-                }
+                2 => c.bytes(usize::from(n)),
                 _ => Vec::new(),
             };
             let ep = Endpoints {
@@ -169,6 +177,7 @@ pub fn check_requests(data: &[u8]) {
         };
         let mut out = Replies(Vec::new());
         let dups = h.stats().duplicates;
+        let oks = h.stats().replies(Status::OK);
         if steps % 3 == 0 && frame.len() > FRAME_OVERHEAD + 1 {
             // Every third frame arrives in two pieces, split somewhere after its headers.
             let at = FRAME_OVERHEAD + (steps * 37) % (frame.len() - FRAME_OVERHEAD);
@@ -181,20 +190,30 @@ pub fn check_requests(data: &[u8]) {
             h.handle_frame(&frame, now_ns, &mut out);
         }
         let replayed = h.stats().duplicates != dups;
-        for r in &out.0 {
-            let f = Frame::parse(r).expect("every reply is a well-formed frame");
+        let blind_ok = out.0.is_empty() && h.stats().replies(Status::OK) == oks + 1;
+        let parsed: Vec<Frame<'_>> = out
+            .0
+            .iter()
+            .map(|r| Frame::parse(r).expect("every reply is a well-formed frame"))
+            .collect();
+        for f in &parsed {
             assert!(f.is_reply());
             assert_eq!(f.endpoints.src_port, UDP_PORT);
             let from = RemoteAddr::from_ipv6(f.endpoints.src, NetPrefix::DEFAULT)
                 .expect("from our prefix");
             assert_eq!(from.host_id(), HOST, "replies come from this server's /48");
             let op = from.opcode();
-            if f.header.status.is_ok() && matches!(op, Opcode::ALLOC | Opcode::ALLOC_BULK) {
+            if f.header.status.is_ok() {
+                ok_by_op[usize::from(op.0)] += 1;
+            }
+            if f.header.status.is_ok()
+                && matches!(op, Opcode::ALLOC | Opcode::ALLOC_BULK | Opcode::ALLOC_WRITE)
+            {
                 for chunk in f.payload.chunks_exact(8) {
                     let handle =
                         PageHandle::from_bits(u64::from_be_bytes(chunk.try_into().expect("8")));
                     let p = h.store().resolve(handle);
-                    if !replayed {
+                    if !replayed && op != Opcode::ALLOC_WRITE {
                         let p = p.expect("a handle just handed out resolves");
                         assert!(
                             h.store().page(p).iter().all(|&b| b == 0),
@@ -210,70 +229,157 @@ pub fn check_requests(data: &[u8]) {
                 leases.push(f.header.lease);
             }
         }
+        model.step(&frame, &parsed, replayed, blind_ok);
+        model.check(h.store());
         assert!(h.store().pages_used() <= total);
         let rec = h.stat_record(now_ns);
         assert_eq!(rec.pages_used, u64::from(h.store().pages_used()));
+    }
+    ok_by_op
+}
+
+/// One well-formed step of the interpreter's input (see [`check_requests`] for the fields).
+#[cfg(test)]
+#[derive(Clone, Copy)]
+struct SeedStep {
+    op: Opcode,
+    /// 0: handle 0; 2: the `handle`-th handle handed out so far.
+    handle_sel: u8,
+    handle: u8,
+    /// Range: 3 = (offset, length) below 256; 4 = none; 0 = the whole page.
+    range_sel: u8,
+    offset: u16,
+    length: u16,
+    count: u16,
+    /// Session slot of the request id.
+    slot: u8,
+    /// Present the latest lease granted (else a made-up one).
+    lease: bool,
+    /// Payload: 0 = `length` bytes of `fill`; 1 = the handles; 3 = none.
+    payload_sel: u8,
+    fill: u8,
+}
+
+#[cfg(test)]
+impl SeedStep {
+    fn new(op: Opcode, slot: u8) -> Self {
+        SeedStep {
+            op,
+            handle_sel: 0,
+            handle: 0,
+            range_sel: 4,
+            offset: 0,
+            length: 0,
+            count: 1,
+            slot,
+            lease: false,
+            payload_sel: 3,
+            fill: 0,
+        }
+    }
+
+    fn page(self, i: u8) -> Self {
+        SeedStep {
+            handle_sel: 2,
+            handle: i,
+            ..self
+        }
+    }
+
+    fn range(self, offset: u16, length: u16) -> Self {
+        SeedStep {
+            range_sel: 3,
+            offset,
+            length,
+            ..self
+        }
+    }
+
+    fn with_lease(self) -> Self {
+        SeedStep {
+            lease: true,
+            ..self
+        }
+    }
+
+    fn data(self, fill: u8) -> Self {
+        SeedStep {
+            payload_sel: 0,
+            fill,
+            ..self
+        }
+    }
+
+    fn bytes(self) -> Vec<u8> {
+        let idx = Opcode::ALL
+            .iter()
+            .position(|&o| o == self.op)
+            .expect("known") as u8;
+        let mut v = vec![1, 1, 0, idx, self.handle_sel, self.handle];
+        v.extend([0; 8]); // made-up handle
+        v.extend([1, 0, 0]); // this host
+        v.push(self.range_sel);
+        v.extend(self.offset.to_le_bytes());
+        v.extend(self.length.to_le_bytes());
+        v.push(if self.count == 1 { 0 } else { 2 });
+        v.extend(self.count.to_le_bytes());
+        v.push(u8::from(!self.lease)); // 0: the latest lease granted; 1: a made-up one
+        v.extend([0; 8]);
+        v.extend([0, self.slot]); // flags, request id slot
+        v.extend([0, 0, 0]); // seg_max 0
+        v.extend([0; 16]); // operands
+        v.extend([self.payload_sel, self.fill, 0]);
+        v
     }
 }
 
 /// Inputs that walk through every operation, to seed the fuzzer.
 #[cfg(test)]
 pub(crate) fn seeds() -> Vec<(&'static str, Vec<u8>)> {
-    // Step: [time, kind, who, op index, handle sel, host sel, range sel, ..., count sel, ...]
-    let step = |op: u8, handle_sel: u8, range: u8, payload_sel: u8| -> Vec<u8> {
-        vec![
-            1,
-            1,
-            0,
-            op,
-            handle_sel,
-            1,
-            0,
-            range,
-            0,
-            0,
-            1,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            payload_sel,
-            7,
-        ]
-    };
-    let idx = |op: Opcode| Opcode::ALL.iter().position(|&o| o == op).expect("known") as u8;
-    let mut all = Vec::new();
-    all.extend(step(idx(Opcode::ALLOC), 0, 0, 3));
-    for op in Opcode::ALL {
-        all.extend(step(idx(*op), 2, 0, 0));
+    let step = SeedStep::new;
+    // Every opcode once, well formed, on the first page (or the host); the frees last.
+    let mut ops: Vec<Opcode> = Opcode::ALL.to_vec();
+    ops.sort_by_key(|&op| matches!(op, Opcode::FREE | Opcode::FREE_BULK));
+    let mut every = vec![step(Opcode::ALLOC, 0)];
+    for (i, &op) in ops.iter().enumerate() {
+        let mut s = step(op, 1 + (i % 100) as u8);
+        if !op.is_host_op() {
+            s = s.page(0);
+        }
+        s = if op.request_carries_data() {
+            s.range(0, 64).data(7)
+        } else if op.takes_no_range() {
+            s
+        } else {
+            s.range(0, 8)
+        };
+        match op {
+            Opcode::ALLOC_BULK => s.count = 2,
+            Opcode::READ_BULK | Opcode::FREE_BULK => s.payload_sel = 1,
+            Opcode::UPDATE_COMMIT | Opcode::UPDATE_RELEASE => s.lease = true,
+            _ => {}
+        }
+        every.push(s);
     }
+    let walk = [
+        step(Opcode::ALLOC, 0),
+        step(Opcode::WRITE, 1).page(0).range(8, 64).data(0x5a),
+        step(Opcode::READ, 2).page(0).range(0, 128),
+        step(Opcode::UPDATE_ACQUIRE, 3).page(0).range(0, 16),
+        step(Opcode::UPDATE_COMMIT, 4)
+            .page(0)
+            .range(0, 16)
+            .data(0xa5)
+            .with_lease(),
+        step(Opcode::FETCH_ADD, 5).page(0).range(64, 8),
+        step(Opcode::READ, 6).page(0).range(0, 128),
+        step(Opcode::FREE, 7).page(0),
+    ];
     vec![
-        ("every-op", all),
+        ("every-op", every.iter().flat_map(|s| s.bytes()).collect()),
         (
             "alloc-read-free",
-            [
-                step(idx(Opcode::ALLOC), 0, 0, 3),
-                step(idx(Opcode::WRITE), 2, 0, 0),
-                step(idx(Opcode::READ), 2, 0, 3),
-                step(idx(Opcode::UPDATE_ACQUIRE), 2, 0, 3),
-                step(idx(Opcode::UPDATE_COMMIT), 2, 0, 0),
-                step(idx(Opcode::FREE), 2, 0, 3),
-            ]
-            .concat(),
+            walk.iter().flat_map(|s| s.bytes()).collect(),
         ),
     ]
 }
@@ -317,10 +423,32 @@ mod tests {
         assert!(n >= 2);
     }
 
+    /// The seeds get past validation into the store: their allocations, writes, reads,
+    /// updates and frees are answered OK (and checked against the model on the way).
     #[test]
     fn seeds_reach_the_store() {
-        for (_, s) in seeds() {
-            check_requests(&s);
+        let (_, walk) = seeds()
+            .into_iter()
+            .find(|s| s.0 == "alloc-read-free")
+            .unwrap();
+        let ok = check_requests(&walk);
+        for op in [
+            Opcode::ALLOC,
+            Opcode::WRITE,
+            Opcode::READ,
+            Opcode::UPDATE_ACQUIRE,
+            Opcode::UPDATE_COMMIT,
+            Opcode::FETCH_ADD,
+            Opcode::FREE,
+        ] {
+            assert!(
+                ok[usize::from(op.0)] >= 1,
+                "{op:?} never answered OK: {:?}",
+                &ok[..]
+            );
         }
+        let (_, every) = seeds().into_iter().find(|s| s.0 == "every-op").unwrap();
+        let ok = check_requests(&every);
+        assert!(ok.iter().filter(|&&n| n > 0).count() >= 12, "{:?}", &ok[..]);
     }
 }
