@@ -287,7 +287,8 @@ fn line(a: &ServerStats, b: &ServerStats, dt: Duration) -> String {
     }
     format!(
         "ops/s {} | total {:.0}/s | per shard {} | errors {} | dup {} | stale {} | handoffs {} \
-         (dropped {}) | malformed {} | bad source {} | tx drops {} | kernel drops {} | pages {}",
+         (dropped {}) | malformed {} | bad source {} | tx drops {} | kernel drops {} | \
+         longest stall {} µs ({} over 1 ms) | pages {}",
         ops.join(" "),
         rate(a.handler.requests, b.handler.requests),
         a.shards
@@ -308,6 +309,8 @@ fn line(a: &ServerStats, b: &ServerStats, dt: Duration) -> String {
             - a.steer.dropped_mac,
         b.xsk.tx_dropped + b.handler.tx_dropped - a.xsk.tx_dropped - a.handler.tx_dropped,
         b.xsk.kernel_rx_dropped - a.xsk.kernel_rx_dropped,
+        b.handler.loop_gap_max_ns / 1000,
+        b.handler.stalls - a.handler.stalls,
         b.pages_used,
     )
 }
@@ -315,7 +318,7 @@ fn line(a: &ServerStats, b: &ServerStats, dt: Duration) -> String {
 fn summary(s: &ServerStats) -> String {
     let mut out = format!(
         "requests {} | frames rx {} tx {} | system calls: tx kicks {} rx kicks {} | pages in use {} | duplicates answered {} | stale \
-         dropped {} | handed off {} (dropped {}) | tx drops {}\n",
+         dropped {} | handed off {} (dropped {}) | tx drops {} | bad sources {} | loop stalls over 1 ms {}\n",
         s.handler.requests,
         s.xsk.rx_frames,
         s.xsk.tx_frames,
@@ -326,7 +329,9 @@ fn summary(s: &ServerStats) -> String {
         s.handler.stale,
         s.handler.handoffs,
         s.handler.handoff_dropped,
-        s.xsk.tx_dropped + s.handler.tx_dropped
+        s.xsk.tx_dropped + s.handler.tx_dropped,
+        s.handler.bad_source + s.steer.dropped_source + s.steer.dropped_mac,
+        s.handler.stalls
     );
     out += &format!(
         "AF_XDP: kernel drops {} (RX ring full {}, fill ring empty {} times); TX backlog bound \

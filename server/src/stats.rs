@@ -61,6 +61,55 @@ pub struct Stats {
     pub leases_held: u64,
     /// Shards whose AF_XDP socket is in zero-copy mode.
     pub zero_copy: u64,
+    /// The longest gap between two turns of a worker's loop in its last second, ns (over
+    /// shards: the longest): how long the worker was kept off its CPU or stuck.
+    pub loop_gap_max_ns: u64,
+    /// Gaps between two turns of a worker's loop longer than [`STALL_NS`] (a noisy neighbour,
+    /// a starved SCHED_IDLE worker, a kernel thread on its core).
+    pub stalls: u64,
+}
+
+/// A gap in a worker's loop longer than this counts as a stall (1 ms).
+pub const STALL_NS: u64 = 1_000_000;
+
+/// Measures a worker's loop: call [`StallMeter::tick`] once per turn and
+/// [`StallMeter::resume`] after sleeping on purpose (idle mode), so sleeps are not stalls.
+#[derive(Debug)]
+pub(crate) struct StallMeter {
+    last: std::time::Instant,
+    window_start: std::time::Instant,
+    window_max: u64,
+}
+
+impl StallMeter {
+    pub(crate) fn new() -> Self {
+        let now = std::time::Instant::now();
+        StallMeter {
+            last: now,
+            window_start: now,
+            window_max: 0,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn tick(&mut self, c: &ShardCounters) {
+        let now = std::time::Instant::now();
+        let gap = now.duration_since(self.last).as_nanos() as u64;
+        self.last = now;
+        if gap > STALL_NS {
+            c.stalls.inc();
+        }
+        self.window_max = self.window_max.max(gap);
+        if now.duration_since(self.window_start) >= std::time::Duration::from_secs(1) {
+            c.loop_gap_max_ns.set(self.window_max);
+            self.window_max = 0;
+            self.window_start = now;
+        }
+    }
+
+    pub(crate) fn resume(&mut self) {
+        self.last = std::time::Instant::now();
+    }
 }
 
 impl Default for Stats {
@@ -81,6 +130,8 @@ impl Default for Stats {
             pages_total: 0,
             leases_held: 0,
             zero_copy: 0,
+            loop_gap_max_ns: 0,
+            stalls: 0,
         }
     }
 }
@@ -115,6 +166,8 @@ impl Stats {
         self.pages_total += o.pages_total;
         self.leases_held += o.leases_held;
         self.zero_copy += o.zero_copy;
+        self.loop_gap_max_ns = self.loop_gap_max_ns.max(o.loop_gap_max_ns);
+        self.stalls += o.stalls;
         self.ops.iter_mut().zip(o.ops).for_each(|(a, b)| *a += b);
         self.statuses
             .iter_mut()
@@ -210,6 +263,10 @@ pub struct ShardCounters {
     pub dropped_not_for_us: Counter,
     /// Requests from a source nobody may be answered at.
     pub bad_source: Counter,
+    /// The longest loop gap of the last second, ns (a gauge).
+    pub loop_gap_max_ns: Counter,
+    /// Loop gaps over [`STALL_NS`].
+    pub stalls: Counter,
     /// Replies that found no room to be sent.
     pub tx_dropped: Counter,
     /// Old retransmissions dropped unexecuted.
@@ -240,6 +297,8 @@ impl Default for ShardCounters {
             malformed: counters(),
             dropped_not_for_us: Counter::default(),
             bad_source: Counter::default(),
+            loop_gap_max_ns: Counter::default(),
+            stalls: Counter::default(),
             tx_dropped: Counter::default(),
             stale: Counter::default(),
             handoffs: Counter::default(),
@@ -283,6 +342,8 @@ impl ShardCounters {
             malformed: read(&self.malformed),
             dropped_not_for_us: self.dropped_not_for_us.get(),
             bad_source: self.bad_source.get(),
+            loop_gap_max_ns: self.loop_gap_max_ns.get(),
+            stalls: self.stalls.get(),
             tx_dropped: self.tx_dropped.get(),
             stale: self.stale.get(),
             handoffs: self.handoffs.get(),
@@ -352,5 +413,32 @@ impl HostCounters {
             t.add(&s.xsk());
         }
         t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gap_in_the_loop_is_a_stall_and_shows_as_the_longest_gap() {
+        let c = ShardCounters::default();
+        let mut m = StallMeter::new();
+        m.tick(&c);
+        m.tick(&c);
+        assert_eq!(c.stalls.get(), 0);
+        std::thread::sleep(std::time::Duration::from_millis(3));
+        m.tick(&c);
+        assert_eq!(c.stalls.get(), 1);
+        // A sleep on purpose is not a stall.
+        std::thread::sleep(std::time::Duration::from_millis(3));
+        m.resume();
+        m.tick(&c);
+        assert_eq!(c.stalls.get(), 1);
+        // The longest gap of the window is published once the window (1 s) is over.
+        m.window_start -= std::time::Duration::from_secs(2);
+        m.tick(&c);
+        let g = c.snapshot().loop_gap_max_ns;
+        assert!((3_000_000..1_000_000_000).contains(&g), "{g}");
     }
 }

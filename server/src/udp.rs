@@ -92,7 +92,9 @@ impl UdpWorker {
         self.common.set_up_thread();
         let mut stats = XskStats::default();
         let mut empty = 0u32;
+        let mut meter = crate::stats::StallMeter::new();
         while !self.common.stop.load(Ordering::Relaxed) {
+            meter.tick(self.common.counters());
             let now = self.common.now_ns();
             let h = &mut self.common.handler;
             let tx = &mut self.tx;
@@ -127,6 +129,7 @@ impl UdpWorker {
                         nix::poll::PollFlags::POLLIN,
                     )];
                     let _ = nix::poll::poll(&mut fds, IDLE_SLEEP_MS);
+                    meter.resume();
                     empty = 0;
                 }
             } else {
