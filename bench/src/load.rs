@@ -74,6 +74,35 @@ pub(crate) struct Group {
     parts: mpsc::Receiver<Part>,
 }
 
+/// Set by SIGINT/SIGTERM once [`catch_interrupts`] ran: phases stop early, and the threads
+/// free their working sets before the program exits.
+static INTERRUPTED: std::sync::LazyLock<Arc<std::sync::atomic::AtomicBool>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Turns Ctrl-C (and SIGTERM) into a request to stop cleanly (see [`interrupted`]).
+pub(crate) fn catch_interrupts() -> Result<()> {
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, INTERRUPTED.clone())
+            .context("installing signal handlers")?;
+    }
+    Ok(())
+}
+
+/// Whether the user asked to stop.
+pub(crate) fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+impl Drop for Group {
+    /// Every way out (an error, `?`, Ctrl-C) lets the threads free their working sets first.
+    fn drop(&mut self) {
+        for (t, cmd) in self.threads.drain(..) {
+            drop(cmd);
+            let _ = t.join();
+        }
+    }
+}
+
 /// Opens a client on `queue` (see [`Connect::open_on`]) with the plan's timeouts.
 pub(crate) fn client(
     plan: &Plan,
@@ -157,9 +186,9 @@ impl Group {
     }
 
     /// Lets the threads free their working sets and exit; the first error any of them had.
-    pub(crate) fn finish(self) -> Result<()> {
+    pub(crate) fn finish(mut self) -> Result<()> {
         let mut first = Ok(());
-        for (t, cmd) in self.threads {
+        for (t, cmd) in std::mem::take(&mut self.threads) {
             drop(cmd);
             let r = t.join().map_err(|_| anyhow!("a load thread panicked"))?;
             if first.is_ok() {
@@ -185,10 +214,20 @@ fn worker(
         let mut pages = Vec::with_capacity(plan.pages);
         while pages.len() < plan.pages {
             let n = (plan.pages - pages.len()).min(128) as u16;
-            pages.extend(
+            let got = if interrupted() {
+                Err(anyhow!("interrupted"))
+            } else {
                 c.alloc_bulk(plan.host, n, false)
-                    .context("allocating the working set")?,
-            );
+                    .context("allocating the working set")
+            };
+            match got {
+                Ok(more) => pages.extend(more),
+                Err(e) => {
+                    // What was allocated before the failure goes back too.
+                    let _ = c.free_all(&pages);
+                    return Err(e);
+                }
+            }
         }
         Ok((c, pages))
     };
@@ -210,12 +249,10 @@ fn worker(
             break;
         }
     }
-    for chunk in pages.chunks(128) {
-        for r in c.free_bulk(chunk).context("freeing the working set")? {
-            r.context("freeing the working set")?;
-        }
+    match c.free_all(&pages).first() {
+        None => Ok(()),
+        Some((p, e)) => Err(anyhow!("freeing the working set: {p}: {e}")),
     }
-    Ok(())
 }
 
 /// Tags carry the operation (low 8 bits) and the intended send time, ns after the phase's
@@ -289,6 +326,11 @@ fn run_phase(
     let mut last_answer = Instant::now();
     loop {
         let now_ns = start.elapsed().as_nanos() as u64;
+        let stopping = interrupted();
+        if stopping && c.in_flight() == 0 {
+            *part.errors.entry("interrupted".into()).or_default() += 1;
+            break;
+        }
         if last_answer.elapsed() > SILENCE && c.in_flight() > 0 {
             // The server died or the path is gone: say so now rather than at the scheduled end.
             *part
@@ -301,14 +343,14 @@ fn run_phase(
             stats_at = Some(c.stats());
         }
         match &mut schedule {
-            None if now_ns < end_ns => {
+            None if now_ns < end_ns && !stopping => {
                 while c.in_flight() < cap {
                     let req = request(plan, pages, &payload, seg, rng);
                     let op = req.op;
                     c.submit(req.tag(tag(op, start.elapsed().as_nanos() as u64)));
                 }
             }
-            Some(s) if now_ns < grace_ns => {
+            Some(s) if now_ns < grace_ns && !stopping => {
                 while s.due_ns() <= now_ns.min(end_ns - 1) && c.in_flight() < cap {
                     let due = s.advance(rng);
                     let req = request(plan, pages, &payload, seg, rng);

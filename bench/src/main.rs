@@ -164,6 +164,7 @@ fn main() -> Result<()> {
             "--rate must be a positive number of requests per second"
         );
     }
+    load::catch_interrupts()?;
     let ncpu = std::thread::available_parallelism().map_or(0, |n| n.get());
     // Where the results go must be writable before the run, not found out after it.
     for (flag, path) in [("--json", &a.json), ("--plot", &a.plot)] {
@@ -262,6 +263,9 @@ fn main() -> Result<()> {
         let group = Group::start(&plan, a.threads)?;
         let mut misses = 0;
         for rate in &phases {
+            if load::interrupted() {
+                break;
+            }
             bar.set_message(match rate {
                 Some(r) => format!("{name}: {r:.0} requests/s offered"),
                 None => format!("{name}: window {} × {} threads", a.window, a.threads),
@@ -282,6 +286,9 @@ fn main() -> Result<()> {
             }
         }
         group.finish()?;
+        if load::interrupted() {
+            break;
+        }
         if a.sweep.is_some() {
             let best = report
                 .runs
@@ -294,6 +301,9 @@ fn main() -> Result<()> {
     }
     bar.finish_and_clear();
     print_runs(&report);
+    if load::interrupted() {
+        bail!("interrupted: the results above are partial; every page the run allocated was freed");
+    }
     if a.sweep.is_some() {
         for (t, best) in &report.best_rate {
             match best {
@@ -417,27 +427,29 @@ fn print_ratios(r: &Report) {
 }
 
 /// Table 1: one thread, one operation at a time, after a short untimed warm-up.
-fn table1(a: &Args, plan: &Plan) -> Result<Run> {
+/// Table 1's operations, one at a time; `live` holds the pages allocated and not yet freed.
+fn table1_ops(
+    a: &Args,
+    plan: &Plan,
+    c: &mut bluebridge_client::Client<bluebridge_client::AnyTransport>,
+    bar: &ProgressBar,
+    lat: &mut Latencies,
+    live: &mut Vec<RemoteAddr>,
+) -> Result<()> {
     let name = transport_name(plan.connect.kind);
-    bluebridge_xsk::busy_poll_thread(a.cores.first().copied(), true)
-        .context("setting up the load thread")?;
-    let mut c = load::client(plan, 0, None)?;
-    let page = vec![0x3cu8; PAGE_SIZE];
     let host = plan.host;
-    let bar = if a.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(4 * a.ops as u64).with_style(
-            ProgressStyle::with_template("{msg:24} [{bar:30}] {pos}/{len}").expect("template"),
-        )
+    let page = vec![0x3cu8; PAGE_SIZE];
+    let check = || -> Result<()> {
+        ensure!(!load::interrupted(), "interrupted");
+        Ok(())
     };
-    bar.set_message(format!("{name}: warming up"));
     for _ in 0..200.min(a.ops) {
-        let p = c.alloc(host, false)?;
-        c.read(p)?;
-        c.free(p)?;
+        check()?;
+        live.push(c.alloc(host, false)?);
+        c.read(live[0])?;
+        c.free(live[0])?;
+        live.clear();
     }
-    let mut lat = Latencies::default();
     let mut time = |label: &'static str, f: &mut dyn FnMut() -> Result<()>| -> Result<()> {
         let t = Instant::now();
         f()?;
@@ -445,24 +457,25 @@ fn table1(a: &Args, plan: &Plan) -> Result<Run> {
         bar.inc(1);
         Ok(())
     };
-    let start = Instant::now();
-    let mut pages: Vec<RemoteAddr> = Vec::with_capacity(a.ops);
     bar.set_message(format!("{name}: ALLOC"));
     for _ in 0..a.ops {
+        check()?;
         time("ALLOC", &mut || {
-            pages.push(c.alloc(host, false)?);
+            live.push(c.alloc(host, false)?);
             Ok(())
         })?;
     }
     bar.set_message(format!("{name}: READ"));
-    for &p in &pages {
+    for &p in live.iter() {
+        check()?;
         time("READ", &mut || {
             ensure!(c.read(p)?.len() == PAGE_SIZE, "short read");
             Ok(())
         })?;
     }
     bar.set_message(format!("{name}: UPDATE"));
-    for &p in &pages {
+    for &p in live.iter() {
+        check()?;
         time("UPDATE", &mut || {
             let (lease, old) = c.update_acquire(p, 0, PAGE_SIZE as u16, 0)?;
             ensure!(old.len() == PAGE_SIZE, "short acquire");
@@ -471,8 +484,37 @@ fn table1(a: &Args, plan: &Plan) -> Result<Run> {
         })?;
     }
     bar.set_message(format!("{name}: FREE"));
-    for &p in &pages {
+    while let Some(&p) = live.last() {
+        check()?;
         time("FREE", &mut || Ok(c.free(p)?))?;
+        live.pop();
+    }
+    Ok(())
+}
+
+fn table1(a: &Args, plan: &Plan) -> Result<Run> {
+    let name = transport_name(plan.connect.kind);
+    bluebridge_xsk::busy_poll_thread(a.cores.first().copied(), true)
+        .context("setting up the load thread")?;
+    let mut c = load::client(plan, 0, None)?;
+    let bar = if a.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(4 * a.ops as u64).with_style(
+            ProgressStyle::with_template("{msg:24} [{bar:30}] {pos}/{len}").expect("template"),
+        )
+    };
+    bar.set_message(format!("{name}: warming up"));
+    let mut lat = Latencies::default();
+    let start = Instant::now();
+    // Every page allocated is in `live` until freed, so an error (or Ctrl-C) on the way frees
+    // the rest.
+    let mut live: Vec<RemoteAddr> = Vec::with_capacity(a.ops);
+    let outcome = table1_ops(a, plan, &mut c, &bar, &mut lat, &mut live);
+    let failed = c.free_all(&live);
+    outcome?;
+    if let Some((p, e)) = failed.first() {
+        bail!("{} pages not freed (first: {p}: {e})", failed.len());
     }
     let secs = start.elapsed().as_secs_f64();
     bar.finish_and_clear();

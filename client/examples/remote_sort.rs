@@ -8,6 +8,8 @@
 //!     --iface <if> --next-hop-mac <server-mac> --host 2 --core 0
 //! ```
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
@@ -48,6 +50,10 @@ fn main() -> Result<()> {
             "cannot run on CPU {c}"
         );
     }
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
+    }
     let (t, ec) = a.net.open().context("opening the transport")?;
     let client = Client::new(ec, t);
     let mut region = RemoteRegion::new(
@@ -76,6 +82,11 @@ fn main() -> Result<()> {
     }
     let fill = t.elapsed();
     let before = region.stats();
+    // Ctrl-C is taken between phases; leaving by `?` drops the region, which frees its pages.
+    ensure!(
+        !stop.load(Ordering::Relaxed),
+        "interrupted (the pages were freed)"
+    );
 
     let t = Instant::now();
     local.sort_unstable();
@@ -84,6 +95,10 @@ fn main() -> Result<()> {
     let t = Instant::now();
     remote.sort_unstable();
     let remote_time = t.elapsed();
+    ensure!(
+        !stop.load(Ordering::Relaxed),
+        "interrupted (the pages were freed)"
+    );
     let sorted_alike = remote == local.as_slice();
     let after = region.stats();
     ensure!(sorted_alike, "the remote sort differs from the local one");

@@ -520,6 +520,35 @@ impl<T: Transport> Client<T> {
             .collect()
     }
 
+    /// Frees every page of `pages`, of any hosts (a FREE_BULK per host and shard, 128 pages
+    /// each), trying them all even when some fail: what a program runs on its way out, on
+    /// every path. Returns the pages that could not be freed, each with why (empty: all
+    /// freed).
+    pub fn free_all(&mut self, pages: &[RemoteAddr]) -> Vec<(RemoteAddr, ClientError)> {
+        let mut by_host: Vec<(HostId, Vec<RemoteAddr>)> = Vec::new();
+        for &p in pages {
+            match by_host.iter_mut().find(|(h, _)| *h == p.host_id()) {
+                Some((_, v)) => v.push(p),
+                None => by_host.push((p.host_id(), vec![p])),
+            }
+        }
+        let mut failed = Vec::new();
+        for (_, host_pages) in by_host {
+            for chunk in host_pages.chunks(usize::from(MAX_BULK)) {
+                match self.free_bulk(chunk) {
+                    Ok(results) => failed.extend(
+                        chunk
+                            .iter()
+                            .zip(results)
+                            .filter_map(|(&p, r)| r.err().map(|e| (p, e))),
+                    ),
+                    Err(e) => failed.extend(chunk.iter().map(|&p| (p, e.clone()))),
+                }
+            }
+        }
+        failed
+    }
+
     /// Frees several pages of one host (one request per server shard they are on); a result
     /// per page.
     pub fn free_bulk(

@@ -84,57 +84,29 @@ fn main() -> Result<()> {
     }
     let n = a.faults + a.warmup;
     let dir_host = a.directory_host.unwrap_or(a.host);
-    let mut variants = Vec::new();
-    let mut first_write = None;
 
     let (t, ec) = a.net.open().context("opening the transport")?;
     let mut client = Client::new(ec, t);
     let pages = alloc(&mut client, a.host, n)?;
-    let directory =
-        Directory::publish(&mut client, dir_host, &pages).context("writing the directory")?;
-    let mut backing = RemoteBacking::new(client, pages.clone());
-
-    for (name, description, dir, cpu) in [
-        (
-            "bluebridge",
-            "BlueBridge: READ from the page's own address (no directory)",
-            false,
-            HandlerCpu::Caller,
-        ),
-        (
-            "remote-ds",
-            "remote with a directory service: READ the page's directory entry, then the page",
-            true,
-            HandlerCpu::Caller,
-        ),
-        (
-            "bluebridge-xcpu",
-            "BlueBridge with the handler on another CPU (a cross-CPU wake-up per fault)",
-            false,
-            HandlerCpu::Cpu(a.xcpu_core.unwrap_or(usize::MAX)),
-        ),
-    ] {
-        if cpu == HandlerCpu::Cpu(usize::MAX) {
-            continue;
+    let directory = match Directory::publish(&mut client, dir_host, &pages) {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = client.free_all(&pages);
+            return Err(anyhow::Error::new(e).context("writing the directory"));
         }
-        let b = RemoteBacking::new(backing.into_client(), pages.clone());
-        let b = if dir {
-            b.with_directory(directory.clone())
-        } else {
-            b
-        };
-        let (samples, writes, b) = measure(b, n, a.warmup, cpu, name == "bluebridge")?;
-        backing = b;
-        variants.push(Variant::new(name, description, &samples));
-        if !writes.is_empty() {
-            first_write = Some(Summary::of(writes));
+    };
+    let allocated: Vec<_> = pages.iter().chain(directory.pages()).copied().collect();
+    let measured = measure_all(&a, n, client, pages, directory);
+    if measured.is_err() {
+        // The client went down with the error: free everything through a fresh one.
+        if let Ok((t, ec)) = a.net.open() {
+            let failed = Client::new(ec, t).free_all(&allocated);
+            if !failed.is_empty() {
+                eprintln!("bluebridge-paging: {} pages not freed", failed.len());
+            }
         }
     }
-    // Free the pages and the directory.
-    RemoteBacking::new(backing.into_client(), pages)
-        .with_directory(directory)
-        .close(true)
-        .map_err(|e| anyhow::anyhow!("freeing the pages: {e}"))?;
+    let (mut variants, first_write) = measured?;
 
     if !a.no_disk {
         let file_pages = (64 << 20) / PAGE_SIZE;
@@ -215,6 +187,61 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// Runs the three fault-path variants over `pages` and frees them and the directory.
+fn measure_all(
+    a: &Args,
+    n: usize,
+    client: Client<AnyTransport>,
+    pages: Vec<bluebridge_proto::RemoteAddr>,
+    directory: Directory,
+) -> Result<(Vec<Variant>, Option<Summary>)> {
+    let mut variants = Vec::new();
+    let mut first_write = None;
+    let mut backing = RemoteBacking::new(client, pages.clone());
+    for (name, description, dir, cpu) in [
+        (
+            "bluebridge",
+            "BlueBridge: READ from the page's own address (no directory)",
+            false,
+            HandlerCpu::Caller,
+        ),
+        (
+            "remote-ds",
+            "remote with a directory service: READ the page's directory entry, then the page",
+            true,
+            HandlerCpu::Caller,
+        ),
+        (
+            "bluebridge-xcpu",
+            "BlueBridge with the handler on another CPU (a cross-CPU wake-up per fault)",
+            false,
+            HandlerCpu::Cpu(a.xcpu_core.unwrap_or(usize::MAX)),
+        ),
+    ] {
+        if cpu == HandlerCpu::Cpu(usize::MAX) {
+            continue;
+        }
+        let b = RemoteBacking::new(backing.into_client(), pages.clone());
+        let b = if dir {
+            b.with_directory(directory.clone())
+        } else {
+            b
+        };
+        let (samples, writes, b) = measure(b, n, a.warmup, cpu, name == "bluebridge")?;
+        backing = b;
+        variants.push(Variant::new(name, description, &samples));
+        if !writes.is_empty() {
+            first_write = Some(Summary::of(writes));
+        }
+    }
+    // Free the pages and the directory.
+    RemoteBacking::new(backing.into_client(), pages)
+        .with_directory(directory)
+        .close(true)
+        .map_err(|e| anyhow::anyhow!("freeing the pages: {e}"))?;
+    Ok((variants, first_write))
+}
+
 fn alloc(
     c: &mut Client<AnyTransport>,
     host: HostId,
@@ -223,7 +250,13 @@ fn alloc(
     let mut pages = Vec::with_capacity(n);
     while pages.len() < n {
         let k = (n - pages.len()).min(128) as u16;
-        pages.extend(c.alloc_bulk(host, k, false).context("allocating pages")?);
+        match c.alloc_bulk(host, k, false) {
+            Ok(more) => pages.extend(more),
+            Err(e) => {
+                let _ = c.free_all(&pages); // what was allocated before the failure goes back
+                return Err(anyhow::Error::new(e).context("allocating pages"));
+            }
+        }
     }
     Ok(pages)
 }

@@ -272,28 +272,15 @@ impl Demo {
     }
 }
 
-/// Frees `set` (128 pages a request); every page is tried even if some fail.
+/// Frees `set`, every page tried even if some fail.
 fn free_all(c: &mut Client<AnyTransport>, set: &[RemoteAddr]) -> Result<()> {
-    let mut failed = 0usize;
-    let mut first = None;
-    for chunk in set.chunks(128) {
-        match c.free_bulk(chunk) {
-            Ok(rs) => {
-                for r in rs {
-                    if let Err(e) = r {
-                        failed += 1;
-                        first.get_or_insert(e.to_string());
-                    }
-                }
-            }
-            Err(e) => {
-                failed += chunk.len();
-                first.get_or_insert(e.to_string());
-            }
-        }
-    }
-    match first {
+    let failed = c.free_all(set);
+    match failed.first() {
         None => Ok(()),
-        Some(e) => bail!("{failed} of {} pages not freed (first: {e})", set.len()),
+        Some((p, e)) => bail!(
+            "{} of {} pages not freed (first: {p}: {e})",
+            failed.len(),
+            set.len()
+        ),
     }
 }

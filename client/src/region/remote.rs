@@ -32,11 +32,21 @@ impl Directory {
             for p in chunk {
                 data.extend_from_slice(&p.to_ipv6().octets());
             }
-            let d = client.alloc(host, false)?;
-            client.write(d, 0, &data)?;
-            table.push(d);
+            let written = client.alloc(host, false).and_then(|d| {
+                table.push(d);
+                client.write(d, 0, &data)
+            });
+            if let Err(e) = written {
+                let _ = client.free_all(&table); // nothing half-published stays behind
+                return Err(e);
+            }
         }
         Ok(Directory { table })
+    }
+
+    /// The pages the directory itself takes.
+    pub fn pages(&self) -> &[RemoteAddr] {
+        &self.table
     }
 
     /// Looks page `index` up (one READ of its 16-byte entry).
