@@ -12,6 +12,7 @@ fn main() {
     let out = PathBuf::from(env::var("OUT_DIR").unwrap());
     let header = dir.join("include/bluebridge.h");
     println!("cargo:rerun-if-changed={}", header.display());
+    println!("cargo:rerun-if-changed={}", dir.join("include").display());
     println!("cargo:rerun-if-env-changed=CLANG");
     privileged_cfg();
 

@@ -55,7 +55,8 @@
 #define BB_TOR_HOP_LIMIT 6        /* hop limit exhausted: dropped */
 #define BB_TOR_NO_PORT 7          /* the route's egress port is not in the device map */
 #define BB_TOR_REJECTED 8         /* a request to a withdrawn host: bounced as UNREACHABLE */
-#define BB_TOR_NR 9
+#define BB_TOR_FREED_LOST 9       /* a freed-page report lost: the `freed` ring buffer was full */
+#define BB_TOR_NR 10
 
 /* `tor_config` entries. */
 #define BB_TOR_CONFIG_FLAGS 0
@@ -82,6 +83,25 @@ struct bb_tor_route {
 	__u32 flags;        /* BB_TOR_ROUTE_* */
 };
 
+/* The layouts the Rust loader mirrors (ebpf/src/layout.rs asserts the same numbers on its
+ * #[repr(C)] structs; the static asserts below hold the C side to them). */
+#define BB_TOR_ROUTE_SIZE 24
+#define BB_TOR_ROUTE_OFF_ROUTE_ID 4
+#define BB_TOR_ROUTE_OFF_DST_MAC 8
+#define BB_TOR_ROUTE_OFF_SRC_MAC 14
+#define BB_TOR_ROUTE_OFF_FLAGS 20
+#define BB_TOR_SOURCE_KEY_SIZE 24
+#define BB_TOR_SOURCE_KEY_OFF_IFINDEX 4
+#define BB_TOR_SOURCE_KEY_OFF_ADDR 8
+#define BB_TOR_STATS_SIZE 16
+#define BB_LPM_KEY_SIZE 20
+#define BB_LPM_KEY_OFF_ADDR 4
+_Static_assert(sizeof(struct bb_tor_route) == BB_TOR_ROUTE_SIZE, "bb_tor_route size");
+_Static_assert(__builtin_offsetof(struct bb_tor_route, route_id) == BB_TOR_ROUTE_OFF_ROUTE_ID, "route_id");
+_Static_assert(__builtin_offsetof(struct bb_tor_route, dst_mac) == BB_TOR_ROUTE_OFF_DST_MAC, "dst_mac");
+_Static_assert(__builtin_offsetof(struct bb_tor_route, src_mac) == BB_TOR_ROUTE_OFF_SRC_MAC, "src_mac");
+_Static_assert(__builtin_offsetof(struct bb_tor_route, flags) == BB_TOR_ROUTE_OFF_FLAGS, "flags");
+
 /* Key of the `sources` LPM trie: the ingress port, then the source address. A port's allowed
  * prefix P/len is stored with prefixlen 32 + len; a frame is looked up with 160. */
 struct bb_tor_source_key {
@@ -101,5 +121,12 @@ struct bb_lpm_key {
 	__u32 prefixlen;
 	__u8 addr[16];
 };
+
+_Static_assert(sizeof(struct bb_tor_source_key) == BB_TOR_SOURCE_KEY_SIZE, "source key size");
+_Static_assert(__builtin_offsetof(struct bb_tor_source_key, ifindex) == BB_TOR_SOURCE_KEY_OFF_IFINDEX, "ifindex");
+_Static_assert(__builtin_offsetof(struct bb_tor_source_key, addr) == BB_TOR_SOURCE_KEY_OFF_ADDR, "addr");
+_Static_assert(sizeof(struct bb_tor_stats) == BB_TOR_STATS_SIZE, "stats size");
+_Static_assert(sizeof(struct bb_lpm_key) == BB_LPM_KEY_SIZE, "lpm key size");
+_Static_assert(__builtin_offsetof(struct bb_lpm_key, addr) == BB_LPM_KEY_OFF_ADDR, "lpm addr");
 
 #endif

@@ -10,6 +10,7 @@
 
 mod tor;
 
+mod layout;
 pub use tor::{Route, Tor, TorCounters, TrafficCounters};
 
 use std::net::Ipv6Addr;
@@ -28,9 +29,6 @@ use aya::{Ebpf, EbpfError};
 pub mod consts {
     include!(concat!(env!("OUT_DIR"), "/consts.rs"));
 }
-
-const _: () = assert!(consts::BB_UDP_PORT == bluebridge_proto::UDP_PORT as u32);
-const _: () = assert!(consts::BB_OP_FREE == bluebridge_proto::Opcode::FREE.0 as u32);
 
 static STEER_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/steer.bpf.o"));
 

@@ -8,14 +8,10 @@
  * frame). Only the first buffer is linear, and all headers we look at (62 bytes) are in it.
  */
 #include <linux/bpf.h>
-#include <linux/if_ether.h>
-#include <linux/in.h>
-#include <linux/ipv6.h>
-#include <linux/udp.h>
-#include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
 #include "bluebridge.h"
+#include "parse.h"
 
 struct {
 	__uint(type, BPF_MAP_TYPE_XSKMAP);
@@ -75,29 +71,27 @@ static __always_inline int steer(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
-	struct ethhdr *eth = data;
+	struct bb_headers h;
+	struct ethhdr *eth;
 	struct ipv6hdr *ip6;
-	struct udphdr *udp;
 	struct bb_lpm_key key;
 	__u32 queue;
 
-	if ((void *)(eth + 1) > data_end)
-		return count(BB_STEER_MALFORMED, XDP_PASS);
-	if (eth->h_proto != bpf_htons(ETH_P_IPV6))
-		return count(BB_STEER_PASS_NOT_IPV6, XDP_PASS);
-
-	ip6 = (void *)(eth + 1);
-	if ((void *)(ip6 + 1) > data_end)
-		return count(BB_STEER_MALFORMED, XDP_PASS);
-	if (ip6->nexthdr != IPPROTO_UDP)
-		return count(BB_STEER_PASS_NOT_UDP, XDP_PASS);
-
-	udp = (void *)(ip6 + 1);
-	if ((void *)(udp + 1) > data_end)
-		return count(BB_STEER_MALFORMED, XDP_PASS);
 	/* Requests go to the port, replies come from it: a host that is both sees both. */
-	if (udp->dest != bpf_htons(BB_UDP_PORT) && udp->source != bpf_htons(BB_UDP_PORT))
+	switch (bb_parse(data, data_end, &h)) {
+	case BB_PARSED_OURS:
+		break;
+	case BB_PARSED_NOT_IPV6:
+		return count(BB_STEER_PASS_NOT_IPV6, XDP_PASS);
+	case BB_PARSED_NOT_UDP:
+		return count(BB_STEER_PASS_NOT_UDP, XDP_PASS);
+	case BB_PARSED_PORT:
 		return count(BB_STEER_PASS_PORT, XDP_PASS);
+	default:
+		return count(BB_STEER_MALFORMED, XDP_PASS);
+	}
+	eth = h.eth;
+	ip6 = h.ip6;
 
 	key.prefixlen = 128;
 	__builtin_memcpy(key.addr, &ip6->daddr, sizeof(key.addr));

@@ -16,14 +16,10 @@
  * headers read or written (62 bytes) are in the first buffer.
  */
 #include <linux/bpf.h>
-#include <linux/if_ether.h>
-#include <linux/in.h>
-#include <linux/ipv6.h>
-#include <linux/udp.h>
-#include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
 #include "bluebridge.h"
+#include "parse.h"
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -200,8 +196,11 @@ static __always_inline void report_free(void *data, void *data_end, struct ipv6h
 	if (ip6->saddr.s6_addr[14] != BB_OP_FREE || !(bb[1] & BB_FLAG_REPLY) || bb[2] || bb[3])
 		return;
 	page = bpf_ringbuf_reserve(&freed, sizeof(*page), 0);
-	if (!page)
+	if (!page) {
+		/* The controller is behind: this report is lost (its page is found stale later). */
+		count(BB_TOR_FREED_LOST, 0);
 		return;
+	}
 	*page = ip6->saddr;
 	page->s6_addr[14] = 0;
 	page->s6_addr[15] = 0;
@@ -230,7 +229,8 @@ static __always_inline int forward(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
-	struct ethhdr *eth = data;
+	struct bb_headers h;
+	struct ethhdr *eth;
 	struct ipv6hdr *ip6;
 	struct udphdr *udp;
 	struct bb_lpm_key dst;
@@ -239,20 +239,17 @@ static __always_inline int forward(struct xdp_md *ctx)
 	__u64 len = bpf_xdp_get_buff_len(ctx);
 	__u64 port_key;
 
-	if ((void *)(eth + 1) > data_end)
+	switch (bb_parse(data, data_end, &h)) {
+	case BB_PARSED_OURS:
+		break;
+	case BB_PARSED_SHORT:
 		return count(BB_TOR_MALFORMED, XDP_DROP);
-	if (eth->h_proto != bpf_htons(ETH_P_IPV6))
+	default:
 		return other();
-	ip6 = (void *)(eth + 1);
-	if ((void *)(ip6 + 1) > data_end)
-		return count(BB_TOR_MALFORMED, XDP_DROP);
-	if (ip6->nexthdr != IPPROTO_UDP)
-		return other();
-	udp = (void *)(ip6 + 1);
-	if ((void *)(udp + 1) > data_end)
-		return count(BB_TOR_MALFORMED, XDP_DROP);
-	if (udp->dest != bpf_htons(BB_UDP_PORT) && udp->source != bpf_htons(BB_UDP_PORT))
-		return other();
+	}
+	eth = h.eth;
+	ip6 = h.ip6;
+	udp = h.udp;
 
 	port_key = (__u64)ctx->ingress_ifindex << 1;
 	add(bpf_map_lookup_elem(&port_stats, &port_key), len);

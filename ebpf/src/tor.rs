@@ -11,6 +11,12 @@ use crate::{AttachMode, XdpAction, XdpError, attach_xdp, consts, ifindex, test_r
 
 static TOR_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tor.bpf.o"));
 
+const ROUTE_SIZE: usize = consts::BB_TOR_ROUTE_SIZE as usize;
+const OFF_ID: usize = consts::BB_TOR_ROUTE_OFF_ROUTE_ID as usize;
+const OFF_DST: usize = consts::BB_TOR_ROUTE_OFF_DST_MAC as usize;
+const OFF_SRC: usize = consts::BB_TOR_ROUTE_OFF_SRC_MAC as usize;
+const OFF_FLAGS: usize = consts::BB_TOR_ROUTE_OFF_FLAGS as usize;
+
 /// Where frames for a prefix go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Route {
@@ -28,30 +34,30 @@ pub struct Route {
 }
 
 impl Route {
-    /// `struct bb_tor_route` as bytes.
-    fn to_bytes(self) -> [u8; 24] {
-        let mut b = [0u8; 24];
+    /// `struct bb_tor_route` as bytes, at the offsets `layout` asserts.
+    fn to_bytes(self) -> [u8; ROUTE_SIZE] {
+        let mut b = [0u8; ROUTE_SIZE];
         b[0..4].copy_from_slice(&self.ifindex.to_ne_bytes());
-        b[4..8].copy_from_slice(&self.id.to_ne_bytes());
-        b[8..14].copy_from_slice(&self.dst_mac);
-        b[14..20].copy_from_slice(&self.src_mac);
+        b[OFF_ID..OFF_ID + 4].copy_from_slice(&self.id.to_ne_bytes());
+        b[OFF_DST..OFF_DST + 6].copy_from_slice(&self.dst_mac);
+        b[OFF_SRC..OFF_SRC + 6].copy_from_slice(&self.src_mac);
         let flags = if self.reject {
             consts::BB_TOR_ROUTE_REJECT
         } else {
             0
         };
-        b[20..24].copy_from_slice(&flags.to_ne_bytes());
+        b[OFF_FLAGS..OFF_FLAGS + 4].copy_from_slice(&flags.to_ne_bytes());
         b
     }
 
-    fn from_bytes(b: [u8; 24]) -> Route {
+    fn from_bytes(b: [u8; ROUTE_SIZE]) -> Route {
         let u = |i: usize| u32::from_ne_bytes(b[i..i + 4].try_into().expect("4 bytes"));
         Route {
             ifindex: u(0),
-            id: u(4),
-            dst_mac: b[8..14].try_into().expect("6 bytes"),
-            src_mac: b[14..20].try_into().expect("6 bytes"),
-            reject: u(20) & consts::BB_TOR_ROUTE_REJECT != 0,
+            id: u(OFF_ID),
+            dst_mac: b[OFF_DST..OFF_DST + 6].try_into().expect("6 bytes"),
+            src_mac: b[OFF_SRC..OFF_SRC + 6].try_into().expect("6 bytes"),
+            reject: u(OFF_FLAGS) & consts::BB_TOR_ROUTE_REJECT != 0,
         }
     }
 }
@@ -86,12 +92,14 @@ pub struct TorCounters {
     pub no_port: u64,
     /// Requests to a withdrawn host, answered UNREACHABLE by the switch.
     pub rejected: u64,
+    /// Freed-page reports lost because the controller had not drained the ring buffer.
+    pub freed_lost: u64,
 }
 
 /// The loaded switch program and its maps; dropping it detaches it from every port.
 pub struct Tor {
     ebpf: Ebpf,
-    routes: LpmTrie<MapData, [u8; 16], [u8; 24]>,
+    routes: LpmTrie<MapData, [u8; 16], [u8; ROUTE_SIZE]>,
     sources: LpmTrie<MapData, [u8; 20], u32>,
     tx_ports: DevMapHash<MapData>,
     counters: PerCpuArray<MapData, u64>,
@@ -289,6 +297,7 @@ impl Tor {
             hop_limit: get(consts::BB_TOR_HOP_LIMIT)?,
             no_port: get(consts::BB_TOR_NO_PORT)?,
             rejected: get(consts::BB_TOR_REJECTED)?,
+            freed_lost: get(consts::BB_TOR_FREED_LOST)?,
         })
     }
 

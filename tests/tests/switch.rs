@@ -734,3 +734,54 @@ fn freed_pages_are_invalidated_at_the_switch_and_at_the_clients() {
     assert_eq!(c.stats().invalidations, 2);
     drop(servers);
 }
+
+/// Issue 12, item 19: a freed-page report that finds the controller's ring buffer full is
+/// counted (`freed_lost`), not lost silently.
+#[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
+fn freed_reports_lost_to_a_full_ring_are_counted() {
+    let mut rig = RackRig::new(3, &[]);
+    rig.rack.switch_ns().enter().unwrap();
+    // FREE replies from host 2's server, through its port, to host 1's client: nobody drains
+    // the ring, so it fills (64 KiB of 16-byte reports) and the rest are counted.
+    let ingress = rig.ports[1].0;
+    let client = rack_client_addr(HostId(1));
+    let before = rig.tor.counters().unwrap();
+    let n = 5000u64;
+    for i in 0..n {
+        let page = bluebridge_proto::RemoteAddr::new(
+            NetPrefix::DEFAULT,
+            HostId(2),
+            bluebridge_proto::PageHandle::from_bits(0x0100_0000_0000_0000 | i),
+            Opcode::FREE,
+            OpFlags::NONE,
+        );
+        let ep = Endpoints {
+            src_mac: MacAddr([2, 0, 0, 0, 0, 2]),
+            dst_mac: MacAddr([2, 0, 0, 0, 0, 1]),
+            src: page.to_ipv6(),
+            dst: client,
+            src_port: UDP_PORT,
+            dst_port: 40000,
+        };
+        let mut f = vec![0u8; FRAME_OVERHEAD];
+        let h = BbRepr {
+            flags: bluebridge_proto::HeaderFlags::REPLY,
+            count: 1,
+            request_id: i + 1,
+            ..Default::default()
+        };
+        build(&mut f, &ep, &h, &[]).unwrap();
+        assert_eq!(
+            rig.tor.test_run(&f, ingress).unwrap().0,
+            XdpAction::Redirect
+        );
+    }
+    let after = rig.tor.counters().unwrap();
+    assert_eq!(after.forwarded - before.forwarded, n);
+    let lost = after.freed_lost - before.freed_lost;
+    assert!(lost > 0 && lost < n, "{lost} of {n} reports lost");
+}
