@@ -272,7 +272,9 @@ fn every_error_status_reaches_the_client() {
     assert_eq!(c.cas(p, 4, 0, 1), Err(ClientError::Misaligned));
     assert_eq!(c.alloc_bulk(SERVER, 129, false), Err(ClientError::TooMany));
     // LEASE_HELD, LEASE_INVALID, LEASE_EXPIRED.
-    let (lease, _) = c.update_acquire(p, 0, 0, 20).unwrap();
+    // Long enough that the BUSY below still finds it held on a loaded machine (a lease that
+    // has run out frees its slot).
+    let (lease, _) = c.update_acquire(p, 0, 0, 300).unwrap();
     assert_eq!(
         c.update_acquire(p, 0, 0, 0).map(drop),
         Err(ClientError::LeaseHeld)
@@ -291,7 +293,7 @@ fn every_error_status_reaches_the_client() {
         c.update_acquire(other, 0, 0, 0).map(drop),
         Err(ClientError::Busy)
     );
-    std::thread::sleep(Duration::from_millis(40));
+    std::thread::sleep(Duration::from_millis(320));
     assert_eq!(
         c.update_commit(p, lease, 0, b"late"),
         Err(ClientError::LeaseExpired)
