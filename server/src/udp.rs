@@ -25,6 +25,8 @@ pub(crate) fn bind(cfg: &ServerConfig) -> Result<UdpSocket, StartError> {
     setsockopt(&sock, sockopt::Ipv6RecvPacketInfo, &true)
         .map_err(|e| err("IPV6_RECVPKTINFO", &e))?;
     bluebridge_xsk::mmsg::zero_flow_labels(&sock).map_err(|e| err("IPV6_AUTOFLOWLABEL", &e))?;
+    // The same frames as the AF_XDP path: no extension headers, no UDP length 0 (§2.2, §2.3).
+    bluebridge_xsk::mmsg::accept_only_plain_udp(&sock).map_err(|e| err("SO_ATTACH_FILTER", &e))?;
     // Replies leave from page addresses, which are routed locally but assigned nowhere.
     setsockopt(&sock, sockopt::IpFreebind, &true).map_err(|e| err("IP_FREEBIND", &e))?;
     let net = cfg.prefix.host_network(cfg.host);

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use bluebridge_client::{ClientError, Request};
 use bluebridge_proto::frame::Envelope;
-use bluebridge_proto::{BbRepr, NetPrefix, Opcode, PAGE_SIZE, RemoteAddr};
+use bluebridge_proto::{BbRepr, NetPrefix, OpFlags, Opcode, PAGE_SIZE, RemoteAddr};
 use bluebridge_server::{Framing, TransportKind};
 use bluebridge_tests::{Rig, RigOptions, SERVER};
 
@@ -369,7 +369,7 @@ fn malformed_flood_is_counted_and_dropped() {
     let p = rig.client.alloc(SERVER, false).unwrap();
     let data = pattern(9);
     rig.client.write(p, 0, &data).unwrap();
-    let dst = p.with_op(Opcode::READ, bluebridge_proto::OpFlags::NONE);
+    let dst = p.with_op(Opcode::READ, OpFlags::NONE);
     let header = BbRepr {
         count: 1,
         request_id: 1,
@@ -541,4 +541,72 @@ fn a_reply_burst_larger_than_the_tx_ring_is_held_back_never_stranded() {
         s.xsk.tx_backpressure > 0,
         "the TX backlog bound was reached"
     );
+}
+
+/// §2.2/§2.3, found from outside: the kernel-UDP server executed writes hidden behind an IPv6
+/// extension header and accepted UDP length 0, which the AF_XDP server never takes. Both now
+/// refuse them alike: nothing is written, nothing answered, the frames counted.
+#[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
+fn s2_both_servers_refuse_extension_headers_and_udp_length_0() {
+    for transport in [TransportKind::Udp, TransportKind::Xdp] {
+        let mut rig = Rig::new(&RigOptions {
+            server_transport: transport,
+            ..RigOptions::default()
+        });
+        let p = rig.client.alloc(SERVER, false).unwrap();
+        let dst = p.with_op(Opcode::WRITE, OpFlags::NONE);
+        let header = BbRepr {
+            count: 1,
+            request_id: 0xbad,
+            length: 4,
+            ..BbRepr::default()
+        };
+        let (plain, ep) = rig.raw_request(dst, &header, b"evil");
+        // A hop-by-hop options header (8 bytes: next header UDP, PadN) before the UDP header;
+        // the UDP checksum does not change (its pseudo-header names UDP and its length).
+        let mut hbh = plain[..54].to_vec();
+        hbh[20] = 0; // next header: hop-by-hop options
+        let pl = u16::from_be_bytes([hbh[18], hbh[19]]) + 8;
+        hbh[18..20].copy_from_slice(&pl.to_be_bytes());
+        hbh.extend([17, 0, 1, 4, 0, 0, 0, 0]);
+        hbh.extend(&plain[54..]);
+        // UDP length 0, the checksum made right for it.
+        let mut zero = plain.clone();
+        zero[58..60].fill(0);
+        zero[60..62].fill(0);
+        let mut c = bluebridge_proto::checksum::Checksum::new();
+        c.add_pseudo_header(ep.src, ep.dst, 17, (zero.len() - 54) as u32);
+        c.add_bytes(&zero[54..]);
+        let sum = match !c.sum16() {
+            0 => 0xffff,
+            s => s,
+        };
+        zero[60..62].copy_from_slice(&sum.to_be_bytes());
+        let before = rig.server().stats();
+        for f in [&hbh, &zero] {
+            assert!(rig.xdp().send_raw(f));
+        }
+        let t = Instant::now();
+        let mut replies = 0;
+        while t.elapsed() < Duration::from_millis(300) {
+            rig.xdp().recv_raw(|_| replies += 1);
+        }
+        assert_eq!(replies, 0, "{transport:?} answered");
+        assert_eq!(
+            rig.client.read_range(p, 0, 4).unwrap(),
+            [0; 4],
+            "{transport:?} wrote"
+        );
+        let after = rig.server().stats();
+        let malformed = after.handler.malformed_total() - before.handler.malformed_total();
+        let not_udp = after.steer.pass_not_udp - before.steer.pass_not_udp;
+        match transport {
+            TransportKind::Udp => assert_eq!(malformed, 2, "both cut and counted"),
+            _ => assert_eq!((malformed, not_udp), (1, 1), "length 0 counted, HBH passed"),
+        }
+    }
 }

@@ -36,6 +36,56 @@ pub fn zero_flow_labels(sock: &std::net::UdpSocket) -> io::Result<()> {
     }
 }
 
+/// Makes the kernel hand this (server) socket only what the AF_XDP path would take: a
+/// datagram whose IPv6 header is followed straight by UDP (no extension header) and whose UDP
+/// length is not 0 (which the kernel would read as "the rest of the packet"). Others arrive
+/// cut to no payload at all (a socket filter may trim, not count), so the server counts them
+/// as malformed like the AF_XDP path does, instead of executing them.
+pub fn accept_only_plain_udp(sock: &std::net::UdpSocket) -> io::Result<()> {
+    // Classic BPF over the datagram as the UDP socket sees it: offset 0 is the UDP header.
+    const UDP_LEN: u32 = 4;
+    let next_header = (libc::SKF_NET_OFF + 6) as u32;
+    let op = |code: u32, jt: u8, jf: u8, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
+    let prog = [
+        op(libc::BPF_LD | libc::BPF_H | libc::BPF_ABS, 0, 0, UDP_LEN),
+        op(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, 2, 0, 0), // length 0: cut
+        op(
+            libc::BPF_LD | libc::BPF_B | libc::BPF_ABS,
+            0,
+            0,
+            next_header,
+        ),
+        op(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, 1, 0, 17), // UDP: keep
+        op(libc::BPF_RET | libc::BPF_K, 0, 0, 8),                  // cut to the UDP header
+        op(libc::BPF_RET | libc::BPF_K, 0, 0, u32::MAX),           // keep it all
+    ];
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_ptr().cast_mut(),
+    };
+    // SAFETY: a valid socket; `fprog` points at `prog`, both alive for the call (the kernel
+    // copies the program).
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&raw const fprog).cast(),
+            size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 fn zero_sockaddr() -> libc::sockaddr_in6 {
     // SAFETY: sockaddr_in6 is plain old data; all-zero is a valid value.
     unsafe { std::mem::zeroed() }
