@@ -97,7 +97,7 @@ fn execute(ctl: &mut Controller, req: Request) -> Result<serde_json::Value, CtlE
         Request::Routes => json(serde_json::to_value(ctl.routes()?)),
         Request::Counters => json(serde_json::to_value(ctl.counters()?)),
         Request::HotPages { top } => json(serde_json::to_value(ctl.hot_pages(top)?)),
-        Request::Migrate { page, to } => json(serde_json::to_value(ctl.migrate(&page, to)?)),
+        Request::Migrate { .. } => unreachable!("answered without the lock held"),
     }
 }
 
@@ -107,6 +107,16 @@ pub fn answer(ctl: &Mutex<Controller>, line: &str) -> Response {
         Ok(r) => r,
         Err(e) => return Response::Error(format!("not a request: {e}")),
     };
+    // A migration does network I/O: it takes the lock only for its decisions.
+    if let Request::Migrate { page, to } = &req {
+        return match crate::actions::migrate(ctl, page, *to) {
+            Ok(m) => match serde_json::to_value(m) {
+                Ok(v) => Response::Ok(v),
+                Err(e) => Response::Error(format!("encoding the answer: {e}")),
+            },
+            Err(e) => Response::Error(e.to_string()),
+        };
+    }
     let mut ctl = ctl.lock().unwrap_or_else(PoisonError::into_inner);
     match execute(&mut ctl, req) {
         Ok(v) => Response::Ok(v),

@@ -6,14 +6,18 @@
 //! and its command-line client.
 #![forbid(unsafe_code)]
 
+pub mod actions;
 pub mod api;
 pub mod fabric;
 mod supervise;
+#[cfg(test)]
+mod tests;
 
 pub use supervise::{SuperviseConfig, supervise};
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv6Addr;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use bluebridge_client::{AnyTransport, Client, Connect, TransportKind};
 use bluebridge_ebpf::{Route, Tor, TorCounters, TrafficCounters, XdpError};
@@ -176,14 +180,38 @@ pub struct Controller {
     placement: Option<u16>,
     /// Health checks missed in a row before a host is withdrawn.
     misses_allowed: u32,
-    /// The controller's own client (with a link).
-    client: Option<Client<AnyTransport>>,
+    /// The controller's own client (with a link), locked on its own: network I/O (health
+    /// checks, migrations, notices) holds this, never the controller's state (see
+    /// [`actions`]).
+    link: Arc<Mutex<Option<Client<AnyTransport>>>>,
+    /// Pages with a migration under way (planned, not yet finished or abandoned).
+    migrating: std::collections::BTreeSet<Ipv6Addr>,
     /// Pages migrated away from their home host: page /112 → the host holding it.
     page_routes: BTreeMap<Ipv6Addr, u16>,
     /// The controller link's switch-port MAC (its next hop), once attached.
     link_port_mac: Option<[u8; 6]>,
     /// Freed pages reported to the clients.
     invalidations: u64,
+}
+
+/// INVALIDATE notices to send: the pages freed and the client links to tell.
+#[derive(Debug, Clone)]
+pub(crate) struct Notices {
+    pub(crate) pages: Vec<Ipv6Addr>,
+    pub(crate) clients: Vec<Ipv6Addr>,
+    pub(crate) prefix: NetPrefix,
+    pub(crate) port_mac: Option<[u8; 6]>,
+}
+
+/// A migration checked against the state, to be copied over the link.
+#[derive(Debug, Clone)]
+pub(crate) struct MigrationPlan {
+    pub(crate) page: bluebridge_proto::RemoteAddr,
+    pub(crate) key: Ipv6Addr,
+    pub(crate) home: u16,
+    pub(crate) from: u16,
+    pub(crate) to: u16,
+    pub(crate) prefix: NetPrefix,
 }
 
 /// What a migration did and how long its steps took.
@@ -265,7 +293,8 @@ impl Controller {
             hosts: BTreeMap::new(),
             placement: None,
             misses_allowed: 3,
-            client: None,
+            link: Arc::new(Mutex::new(None)),
+            migrating: Default::default(),
             page_routes: BTreeMap::new(),
             link_port_mac: None,
             invalidations: 0,
@@ -326,18 +355,23 @@ impl Controller {
         ec.retries = 3;
         let mut c = Client::new(ec, t);
         c.set_yield_when_idle(true);
-        self.client = Some(c);
+        *self.link.lock().unwrap_or_else(PoisonError::into_inner) = Some(c);
         self.link_port_mac = Some(port_mac);
         Ok(())
     }
 
-    /// Invalidation: takes the pages the switch saw freed (a FREE answered OK), removes the
-    /// routes of those that had migrated, and sends every registered client link an
-    /// INVALIDATE notice (to `<client prefix>::1`), after which its client fails requests for
-    /// the page at once. Returns how many pages.
-    pub fn drain_freed(&mut self) -> Result<usize, CtlError> {
-        let freed = self.fabric.take_freed();
-        for &page in &freed {
+    /// The controller's link (its own client), for [`actions`].
+    pub(crate) fn link(&self) -> Arc<Mutex<Option<Client<AnyTransport>>>> {
+        self.link.clone()
+    }
+
+    /// Invalidation, the state's part: takes the pages the switch saw freed (a FREE answered
+    /// OK), removes the routes of those that had migrated, and says what INVALIDATE notices to
+    /// send (every registered client link, `<client prefix>::1`); [`actions::drain_freed`]
+    /// sends them.
+    pub(crate) fn take_freed(&mut self) -> Result<Notices, CtlError> {
+        let pages = self.fabric.take_freed();
+        for &page in &pages {
             if let Some(holder) = self.page_routes.remove(&page) {
                 self.fabric.remove_route(page, 112)?;
                 if let Some(h) = self.hosts.get(&holder) {
@@ -345,53 +379,33 @@ impl Controller {
                 }
             }
             self.invalidations += 1;
-            self.notify_freed(page);
         }
-        Ok(freed.len())
+        let clients = self
+            .hosts
+            .values()
+            .filter_map(|h| h.client.as_ref())
+            .map(|c| {
+                let mut dst = c.net.octets();
+                dst[15] = 1;
+                Ipv6Addr::from(dst)
+            })
+            .collect();
+        Ok(Notices {
+            pages,
+            clients,
+            prefix: self.prefix,
+            port_mac: self.link_port_mac,
+        })
     }
 
-    fn notify_freed(&mut self, page: Ipv6Addr) {
-        use bluebridge_proto::frame::{Endpoints, build};
-        use bluebridge_proto::{BbRepr, FRAME_OVERHEAD, HeaderFlags, Opcode, RemoteAddr, UDP_PORT};
-
-        let (Some(c), Some(port_mac)) = (self.client.as_mut(), self.link_port_mac) else {
-            return;
-        };
-        let Some(x) = c.transport_mut().xdp_mut() else {
-            return;
-        };
-        let src = RemoteAddr::host_op(self.prefix, CONTROLLER_HOST, Opcode::INVALIDATE).to_ipv6();
-        let h = BbRepr {
-            flags: HeaderFlags::REPLY,
-            count: 1,
-            ..BbRepr::default()
-        };
-        for host in self.hosts.values() {
-            let Some(client) = &host.client else { continue };
-            let mut dst = client.net.octets();
-            dst[15] = 1;
-            let ep = Endpoints {
-                src_mac: MacAddr(x.mac()),
-                dst_mac: MacAddr(port_mac),
-                src,
-                dst: dst.into(),
-                src_port: UDP_PORT,
-                dst_port: 40000,
-            };
-            let mut frame = [0u8; FRAME_OVERHEAD + 16];
-            if build(&mut frame, &ep, &h, &page.octets()).is_ok() && !x.send_raw(&frame) {
-                tracing::warn!(%page, host = host.spec.id, "no room to send an INVALIDATE notice");
-            }
-        }
-    }
-
-    /// One health check of `id` (a STAT through the controller's link): noted, and the
-    /// placement updated.
-    pub fn check_host(&mut self, id: u16) -> Result<(), CtlError> {
-        let Some(c) = self.client.as_mut() else {
-            return Ok(());
-        };
-        match c.stat(HostId(id)) {
+    /// A health check of `id` came back (`Ok`: its STAT) or not: noted, and the placement
+    /// updated. Decisions only; [`actions::check_host`] does the asking.
+    pub fn health_result(
+        &mut self,
+        id: u16,
+        r: Result<bluebridge_proto::message::StatRecord, bluebridge_client::ClientError>,
+    ) -> Result<(), CtlError> {
+        match r {
             Ok(s) => self.health_ok(id, s.pages_used, s.pages_total)?,
             Err(e) => {
                 tracing::debug!(host = id, error = %e, "health check missed");
@@ -401,14 +415,15 @@ impl Controller {
         self.place().map(|_| ())
     }
 
-    /// Moves `page` (an address, any opcode) to host `to` while clients keep using the same
-    /// address: the holder freezes it and hands it over (from then on it answers MOVED, which
-    /// clients retry), `to` adopts it, and the switch routes the page's /112 to `to` (or drops
-    /// that route when the page comes home). Nothing acknowledged is lost: a write the holder
-    /// acknowledged is in the copy, one it answered MOVED is retried at `to`.
-    pub fn migrate(&mut self, page: &str, to: u16) -> Result<Migration, CtlError> {
-        use bluebridge_client::Request;
-        use bluebridge_proto::{HeaderFlags, OpFlags, Opcode, PAGE_SIZE, RemoteAddr};
+    /// Checks a migration of `page` (an address, any opcode) to host `to` against the state
+    /// and reserves the page (one migration of a page at a time): what
+    /// [`actions::migrate`] then copies without holding the controller's lock.
+    pub(crate) fn plan_migration(
+        &mut self,
+        page: &str,
+        to: u16,
+    ) -> Result<MigrationPlan, CtlError> {
+        use bluebridge_proto::{OpFlags, Opcode, RemoteAddr};
 
         let addr: Ipv6Addr = page
             .parse()
@@ -424,7 +439,6 @@ impl Controller {
         let dest = self
             .hosts
             .get(&to)
-            .cloned()
             .ok_or_else(|| CtlError::Invalid(format!("host {to} is not registered")))?;
         if dest.health.down {
             return Err(CtlError::Invalid(format!("host {to} is down")));
@@ -437,57 +451,45 @@ impl Controller {
                 "the page is on host {to} already"
             )));
         }
-        let prefix = self.prefix;
-        let c = self.client.as_mut().ok_or_else(|| {
-            CtlError::Invalid("the controller has no link (start it with --link)".into())
-        })?;
-        let fail = |what: &str, e: bluebridge_client::ClientError| {
-            CtlError::Invalid(format!("{what}: {e}"))
-        };
-        // Both steps may be repeated (MIGRATE_OUT is idempotent, a repeated MIGRATE_IN refreshes
-        // the adopted copy), so a slow host gets more than one retry budget: a freeze whose
-        // answer was lost must not leave the page frozen.
-        let call = |c: &mut Client<AnyTransport>, r: Request| {
-            let mut tries = 0;
-            loop {
-                let id = c.submit(r.clone());
-                match c.wait(id) {
-                    Err(bluebridge_client::ClientError::Timeout { .. }) if tries < 4 => tries += 1,
-                    other => return other,
-                }
-            }
-        };
-        let t0 = std::time::Instant::now();
-        let out = call(
-            c,
-            Request::new(Opcode::MIGRATE_OUT, page).range(0, PAGE_SIZE as u16),
-        )
-        .map_err(|e| fail("MIGRATE_OUT", e))?;
-        let t1 = std::time::Instant::now();
-        let adopt = |c: &mut Client<AnyTransport>, host: u16| {
-            let mut r = Request::new(
-                Opcode::MIGRATE_IN,
-                RemoteAddr::host_op(prefix, HostId(host), Opcode::MIGRATE_IN),
-            )
-            .range(0, PAGE_SIZE as u16)
-            .payload(out.data.clone());
-            r.count = home;
-            r.lease = page.handle().to_bits();
-            r.operand0 = out.header.operand0;
-            r.operand1 = out.header.operand1;
-            if out.header.flags.contains(HeaderFlags::SHARED) {
-                r.flags = HeaderFlags::SHARED;
-            }
-            call(c, r)
-        };
-        if let Err(e) = adopt(c, to) {
-            // Give it back to its holder (unfrozen at home, or re-adopted where it was).
-            if let Err(e2) = adopt(c, from) {
-                tracing::error!(error = %e2, page = %key, "could not give a page back after a failed migration");
-            }
-            return Err(fail("MIGRATE_IN", e));
+        if self
+            .link
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_none()
+        {
+            return Err(CtlError::Invalid(
+                "the controller has no link (start it with --link)".into(),
+            ));
         }
-        let t2 = std::time::Instant::now();
+        if !self.migrating.insert(key) {
+            return Err(CtlError::Invalid(format!(
+                "a migration of {key} is under way"
+            )));
+        }
+        Ok(MigrationPlan {
+            page,
+            key,
+            home,
+            from,
+            to,
+            prefix: self.prefix,
+        })
+    }
+
+    /// A planned migration's copy failed: the page is free to migrate again.
+    pub(crate) fn abandon_migration(&mut self, plan: &MigrationPlan) {
+        self.migrating.remove(&plan.key);
+    }
+
+    /// A planned migration's page is at `plan.to` now: the switch routes its /112 there (or
+    /// drops that route when it came home) and lets the new holder send from its address.
+    pub(crate) fn finish_migration(&mut self, plan: &MigrationPlan) -> Result<(), CtlError> {
+        self.migrating.remove(&plan.key);
+        let (key, home, from, to) = (plan.key, plan.home, plan.from, plan.to);
+        let dest =
+            self.hosts.get(&to).cloned().ok_or_else(|| {
+                CtlError::Invalid(format!("host {to} was unregistered meanwhile"))
+            })?;
         // The holder answers from the page's address, which is outside its own /48: its port
         // must let that source through (and the previous holder's no longer).
         if from != home
@@ -516,18 +518,7 @@ impl Controller {
             )?;
             self.page_routes.insert(key, to);
         }
-        let t3 = std::time::Instant::now();
-        let us = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e6;
-        tracing::info!(page = %key, from, to, cutover_us = us(t0, t3), "page migrated");
-        Ok(Migration {
-            page: key.to_string(),
-            from,
-            to,
-            copy_out_us: us(t0, t1),
-            copy_in_us: us(t1, t2),
-            route_update_us: us(t2, t3),
-            cutover_us: us(t0, t3),
-        })
+        Ok(())
     }
 
     /// The registered hosts' ids.

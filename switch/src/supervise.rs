@@ -20,15 +20,15 @@ pub struct SuperviseConfig {
 pub fn supervise(ctl: &Mutex<Controller>, cfg: SuperviseConfig, stop: &AtomicBool) {
     let lock = || ctl.lock().unwrap_or_else(PoisonError::into_inner);
     let drain = || {
-        if let Err(e) = lock().drain_freed() {
+        if let Err(e) = crate::actions::drain_freed(ctl) {
             tracing::error!(error = %e, "invalidating freed pages");
         }
     };
     while !stop.load(Ordering::Relaxed) {
         let ids = lock().host_ids();
         for id in ids {
-            // One host at a time, so control requests get their turn in between.
-            if let Err(e) = lock().check_host(id) {
+            // The controller's lock is not held while the check waits for its answer.
+            if let Err(e) = crate::actions::check_host(ctl, id) {
                 tracing::error!(error = %e, "updating the switch after a health check");
             }
             drain();

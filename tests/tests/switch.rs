@@ -643,7 +643,8 @@ fn migrate_under_writes_on(kernel: bool, queues: u32) {
             let mut moves: Vec<Migration> = Vec::new();
             for to in [3u16, 2, 3] {
                 std::thread::sleep(Duration::from_millis(30));
-                moves.push(ctl.lock().unwrap().migrate(&addr, to).expect("migration"));
+                moves
+                    .push(bluebridge_switch::actions::migrate(&ctl, &addr, to).expect("migration"));
             }
             std::thread::sleep(Duration::from_millis(30));
             done.store(true, Ordering::Relaxed);
@@ -702,11 +703,7 @@ fn freed_pages_are_invalidated_at_the_switch_and_at_the_clients() {
     let mut c = rig.client(6);
     let p = c.alloc(HostId(2), false).unwrap();
     let q = c.alloc(HostId(2), false).unwrap();
-    rig.ctl
-        .lock()
-        .unwrap()
-        .migrate(&p.to_ipv6().to_string(), 3)
-        .unwrap();
+    bluebridge_switch::actions::migrate(&rig.ctl, &p.to_ipv6().to_string(), 3).unwrap();
     let page_route = format!("{}/112", p.to_ipv6());
     let has_route = |ctl: &Controller| ctl.routes().unwrap().iter().any(|r| r.prefix == page_route);
     assert!(has_route(&rig.ctl.lock().unwrap()));

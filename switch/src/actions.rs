@@ -1,0 +1,175 @@
+//! What the controller does over the network — health checks, page migrations, INVALIDATE
+//! notices — split from its state so that the state's lock is never held across network I/O.
+//! Each action decides under the [`Controller`] lock (a few map updates: fast), does its I/O
+//! holding only the controller's link, and records the outcome under the lock again. So the
+//! control API (status, routes, registration) answers while a dead host's health check waits
+//! out its retries (~75 ms) or a migration copies a page; only other link users wait for the
+//! link.
+
+use std::net::Ipv6Addr;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use bluebridge_client::{AnyTransport, Client, ClientError, Request};
+use bluebridge_proto::{HeaderFlags, HostId, MacAddr, Opcode, PAGE_SIZE, RemoteAddr};
+
+use crate::{CONTROLLER_HOST, Controller, CtlError, Migration, MigrationPlan, Notices};
+
+fn lock(ctl: &Mutex<Controller>) -> MutexGuard<'_, Controller> {
+    ctl.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One health check of `id` (a STAT through the controller's link), recorded with
+/// [`Controller::health_result`].
+pub fn check_host(ctl: &Mutex<Controller>, id: u16) -> Result<(), CtlError> {
+    let link = lock(ctl).link();
+    let r = {
+        let mut c = link.lock().unwrap_or_else(PoisonError::into_inner);
+        match c.as_mut() {
+            Some(c) => c.stat(HostId(id)),
+            None => return Ok(()),
+        }
+    };
+    lock(ctl).health_result(id, r)
+}
+
+/// Invalidation: the pages the switch saw freed leave the routing state, and every registered
+/// client link gets an INVALIDATE notice per page, after which its client fails requests for
+/// the page at once. Returns how many pages.
+pub fn drain_freed(ctl: &Mutex<Controller>) -> Result<usize, CtlError> {
+    let (notices, link) = {
+        let mut c = lock(ctl);
+        (c.take_freed()?, c.link())
+    };
+    if !notices.pages.is_empty() {
+        let mut c = link.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = c.as_mut() {
+            send_notices(c, &notices);
+        }
+    }
+    Ok(notices.pages.len())
+}
+
+fn send_notices(c: &mut Client<AnyTransport>, n: &Notices) {
+    use bluebridge_proto::frame::{Endpoints, build};
+    use bluebridge_proto::{BbRepr, FRAME_OVERHEAD, UDP_PORT};
+
+    let (Some(port_mac), Some(x)) = (n.port_mac, c.transport_mut().xdp_mut()) else {
+        return;
+    };
+    let src = RemoteAddr::host_op(n.prefix, CONTROLLER_HOST, Opcode::INVALIDATE).to_ipv6();
+    let h = BbRepr {
+        flags: HeaderFlags::REPLY,
+        count: 1,
+        ..BbRepr::default()
+    };
+    for &page in &n.pages {
+        for &dst in &n.clients {
+            let ep = Endpoints {
+                src_mac: MacAddr(x.mac()),
+                dst_mac: MacAddr(port_mac),
+                src,
+                dst,
+                src_port: UDP_PORT,
+                dst_port: 40000,
+            };
+            let mut frame = [0u8; FRAME_OVERHEAD + 16];
+            if build(&mut frame, &ep, &h, &page.octets()).is_ok() && !x.send_raw(&frame) {
+                tracing::warn!(%page, client = %dst, "no room to send an INVALIDATE notice");
+            }
+        }
+    }
+}
+
+/// Moves `page` (an address, any opcode) to host `to` while clients keep using the same
+/// address: the holder freezes it and hands it over (from then on it answers MOVED, which
+/// clients retry), `to` adopts it, and the switch routes the page's /112 to `to` (or drops
+/// that route when the page comes home). Nothing acknowledged is lost: a write the holder
+/// acknowledged is in the copy, one it answered MOVED is retried at `to`. One migration of a
+/// page at a time; the controller's state stays available meanwhile.
+pub fn migrate(ctl: &Mutex<Controller>, page: &str, to: u16) -> Result<Migration, CtlError> {
+    let (plan, link) = {
+        let mut c = lock(ctl);
+        (c.plan_migration(page, to)?, c.link())
+    };
+    let t0 = std::time::Instant::now();
+    let copied = {
+        let mut c = link.lock().unwrap_or_else(PoisonError::into_inner);
+        match c.as_mut() {
+            Some(c) => copy(c, &plan),
+            None => Err(CtlError::Invalid("the controller lost its link".into())),
+        }
+    };
+    let (t1, t2) = match copied {
+        Ok(t) => t,
+        Err(e) => {
+            lock(ctl).abandon_migration(&plan);
+            return Err(e);
+        }
+    };
+    lock(ctl).finish_migration(&plan)?;
+    let t3 = std::time::Instant::now();
+    let us = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e6;
+    let key: Ipv6Addr = plan.key;
+    tracing::info!(page = %key, from = plan.from, to, cutover_us = us(t0, t3), "page migrated");
+    Ok(Migration {
+        page: key.to_string(),
+        from: plan.from,
+        to,
+        copy_out_us: us(t0, t1),
+        copy_in_us: us(t1, t2),
+        route_update_us: us(t2, t3),
+        cutover_us: us(t0, t3),
+    })
+}
+
+/// MIGRATE_OUT from the holder, MIGRATE_IN at the destination (given back to the holder if
+/// that fails); returns when each finished.
+fn copy(
+    c: &mut Client<AnyTransport>,
+    plan: &MigrationPlan,
+) -> Result<(std::time::Instant, std::time::Instant), CtlError> {
+    let fail = |what: &str, e: ClientError| CtlError::Invalid(format!("{what}: {e}"));
+    // Both steps may be repeated (MIGRATE_OUT is idempotent, a repeated MIGRATE_IN refreshes
+    // the adopted copy), so a slow host gets more than one retry budget: a freeze whose
+    // answer was lost must not leave the page frozen.
+    let call = |c: &mut Client<AnyTransport>, r: Request| {
+        let mut tries = 0;
+        loop {
+            let id = c.submit(r.clone());
+            match c.wait(id) {
+                Err(ClientError::Timeout { .. }) if tries < 4 => tries += 1,
+                other => return other,
+            }
+        }
+    };
+    let out = call(
+        c,
+        Request::new(Opcode::MIGRATE_OUT, plan.page).range(0, PAGE_SIZE as u16),
+    )
+    .map_err(|e| fail("MIGRATE_OUT", e))?;
+    let t1 = std::time::Instant::now();
+    let adopt = |c: &mut Client<AnyTransport>, host: u16| {
+        let mut r = Request::new(
+            Opcode::MIGRATE_IN,
+            RemoteAddr::host_op(plan.prefix, HostId(host), Opcode::MIGRATE_IN),
+        )
+        .range(0, PAGE_SIZE as u16)
+        .payload(out.data.clone());
+        r.count = plan.home;
+        r.lease = plan.page.handle().to_bits();
+        r.operand0 = out.header.operand0;
+        r.operand1 = out.header.operand1;
+        if out.header.flags.contains(HeaderFlags::SHARED) {
+            r.flags = HeaderFlags::SHARED;
+        }
+        call(c, r)
+    };
+    if let Err(e) = adopt(c, plan.to) {
+        // Give it back to its holder (unfrozen at home, or re-adopted where it was).
+        if let Err(e2) = adopt(c, plan.from) {
+            tracing::error!(error = %e2, page = %plan.key, "could not give a page back after a failed migration");
+        }
+        return Err(fail("MIGRATE_IN", e));
+    }
+    Ok((t1, std::time::Instant::now()))
+}

@@ -1,0 +1,183 @@
+//! The controller's decisions without a switch or a network (no root): health, placement and
+//! migrations against an in-memory fabric; and the control API answering while the link is
+//! busy (network I/O never holds the controller's lock).
+
+use std::collections::BTreeMap;
+use std::net::Ipv6Addr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bluebridge_client::ClientError;
+use bluebridge_ebpf::Route;
+use bluebridge_proto::message::StatRecord;
+use bluebridge_proto::{NetPrefix, OpFlags, Opcode, PageHandle, RemoteAddr};
+
+use crate::fabric::Fabric;
+use crate::{Controller, CtlError, HostSpec, MigrationPlan};
+
+/// Routes in a map; ports numbered from 10.
+#[derive(Default)]
+struct MemFabric {
+    ports: u32,
+    routes: BTreeMap<(Ipv6Addr, u8), Route>,
+}
+
+impl Fabric for MemFabric {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+    fn add_port(&mut self, _ifname: &str, _force_generic: bool) -> Result<u32, CtlError> {
+        self.ports += 1;
+        Ok(9 + self.ports)
+    }
+    fn allow_source(&mut self, _port: u32, _net: Ipv6Addr, _len: u8) -> Result<(), CtlError> {
+        Ok(())
+    }
+    fn disallow_source(&mut self, _port: u32, _net: Ipv6Addr, _len: u8) -> Result<(), CtlError> {
+        Ok(())
+    }
+    fn add_route(&mut self, net: Ipv6Addr, len: u8, r: Route) -> Result<(), CtlError> {
+        self.routes.insert((net, len), r);
+        Ok(())
+    }
+    fn remove_route(&mut self, net: Ipv6Addr, len: u8) -> Result<(), CtlError> {
+        self.routes.remove(&(net, len));
+        Ok(())
+    }
+    fn routes(&self) -> Result<Vec<(Ipv6Addr, u8, Route)>, CtlError> {
+        Ok(self.routes.iter().map(|(&(n, l), &r)| (n, l, r)).collect())
+    }
+    fn answers_for_withdrawn(&self) -> bool {
+        true
+    }
+}
+
+/// A controller over a memory fabric with hosts 1, 2 and 3 (their ports are `lo`: a name
+/// every machine has, whose MAC the registration reads).
+fn controller() -> Controller {
+    let mut c = Controller::with_fabric(NetPrefix::DEFAULT, Box::new(MemFabric::default()), false);
+    for id in 1..=3 {
+        c.register(HostSpec {
+            id,
+            server_port: "lo".into(),
+            server_mac: format!("02:00:00:00:00:{id:02x}"),
+            client_port: None,
+            client_mac: None,
+            client_net: None,
+        })
+        .unwrap();
+    }
+    c
+}
+
+fn stat(used: u64, total: u64) -> Result<StatRecord, ClientError> {
+    Ok(StatRecord {
+        pages_used: used,
+        pages_total: total,
+        ..StatRecord::default()
+    })
+}
+
+fn timeout() -> Result<StatRecord, ClientError> {
+    Err(ClientError::Timeout { tries: 4 })
+}
+
+fn placement(c: &Controller) -> Option<u16> {
+    c.status().iter().find(|h| h.placement).map(|h| h.id)
+}
+
+fn down(c: &Controller, id: u16) -> bool {
+    c.status().iter().any(|h| h.id == id && h.health.down)
+}
+
+#[test]
+fn placement_follows_occupancy_and_avoids_dead_hosts() {
+    let mut c = controller();
+    assert_eq!(placement(&c), None, "no host has answered yet");
+    c.health_result(1, stat(80, 100)).unwrap();
+    c.health_result(2, stat(10, 100)).unwrap();
+    c.health_result(3, stat(50, 100)).unwrap();
+    assert_eq!(placement(&c), Some(2));
+    // Host 2 stops answering: after the allowed misses it is withdrawn (its /48 rejects) and
+    // placement moves to the emptiest live host.
+    for _ in 0..2 {
+        c.health_result(2, timeout()).unwrap();
+        assert!(!down(&c, 2));
+    }
+    c.health_result(2, timeout()).unwrap();
+    assert!(down(&c, 2));
+    assert_eq!(placement(&c), Some(3));
+    let net = NetPrefix::DEFAULT.host_network(bluebridge_proto::HostId(2));
+    let r = c.fabric.routes().unwrap();
+    assert!(r.iter().any(|&(n, l, r)| (n, l) == (net, 48) && r.reject));
+    // It answers again: restored.
+    c.health_result(2, stat(10, 100)).unwrap();
+    assert!(!down(&c, 2));
+    assert_eq!(placement(&c), Some(2));
+}
+
+fn page_on(host: u16) -> RemoteAddr {
+    RemoteAddr::new(
+        NetPrefix::DEFAULT,
+        bluebridge_proto::HostId(host),
+        PageHandle::from_bits(0x0100_0000_0000_0042),
+        Opcode(0),
+        OpFlags::NONE,
+    )
+}
+
+#[test]
+fn migrations_are_checked_then_routed() {
+    let mut c = controller();
+    let page = page_on(2).to_ipv6().to_string();
+    // Refused before any I/O: no link yet, unknown or same host, down host, not a page.
+    let e = |r: Result<MigrationPlan, CtlError>| r.unwrap_err().to_string();
+    assert!(e(c.plan_migration(&page, 3)).contains("no link"));
+    assert!(e(c.plan_migration(&page, 9)).contains("not registered"));
+    assert!(e(c.plan_migration(&page, 2)).contains("already"));
+    let host = NetPrefix::DEFAULT.host_network(bluebridge_proto::HostId(2));
+    assert!(e(c.plan_migration(&host.to_string(), 3)).contains("names a host"));
+    for _ in 0..3 {
+        c.health_result(3, timeout()).unwrap();
+    }
+    assert!(e(c.plan_migration(&page, 3)).contains("down"));
+    // A copy that succeeded: the page's /112 goes to its new holder; back home, it goes away.
+    let key = page_on(2).to_ipv6();
+    let plan = |from, to| MigrationPlan {
+        page: page_on(2),
+        key,
+        home: 2,
+        from,
+        to,
+        prefix: NetPrefix::DEFAULT,
+    };
+    c.finish_migration(&plan(2, 1)).unwrap();
+    let routes = c.fabric.routes().unwrap();
+    let r = routes
+        .iter()
+        .find(|(n, l, _)| (*n, *l) == (key, 112))
+        .unwrap();
+    assert_eq!(r.2.dst_mac, [2, 0, 0, 0, 0, 1]);
+    c.finish_migration(&plan(1, 2)).unwrap();
+    assert!(
+        !c.fabric
+            .routes()
+            .unwrap()
+            .iter()
+            .any(|(n, l, _)| (*n, *l) == (key, 112))
+    );
+}
+
+/// The point of the split: a health check or migration waiting on the network holds the link,
+/// not the controller; the API answers meanwhile.
+#[test]
+fn the_api_answers_while_the_link_is_busy() {
+    let ctl = Mutex::new(controller());
+    let link = ctl.lock().unwrap().link();
+    let busy = link.lock().unwrap(); // as a dead host's health check would, for ~75 ms
+    let t = Instant::now();
+    let answer = crate::api::answer(&ctl, r#"{"cmd":"status"}"#);
+    assert!(matches!(answer, crate::api::Response::Ok(_)), "{answer:?}");
+    assert!(t.elapsed() < Duration::from_secs(1));
+    drop(busy);
+}
