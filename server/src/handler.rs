@@ -213,7 +213,7 @@ impl Handler {
             zero_copy: t.zero_copy,
             stale: t.stale,
             handoff_dropped: t.handoff_dropped,
-            kernel_dropped: self.counters.xsk_total().kernel_rx_dropped,
+            kernel_dropped: self.counters.xsk_total().kernel_drops(),
             bad_source: t.bad_source,
         }
     }

@@ -308,7 +308,7 @@ fn line(a: &ServerStats, b: &ServerStats, dt: Duration) -> String {
             - a.steer.dropped_source
             - a.steer.dropped_mac,
         b.xsk.tx_dropped + b.handler.tx_dropped - a.xsk.tx_dropped - a.handler.tx_dropped,
-        b.xsk.kernel_rx_dropped - a.xsk.kernel_rx_dropped,
+        b.xsk.kernel_drops() - a.xsk.kernel_drops(),
         b.handler.loop_gap_max_ns / 1000,
         b.handler.stalls - a.handler.stalls,
         b.pages_used,

@@ -161,6 +161,12 @@ pub struct XskStats {
 }
 
 impl XskStats {
+    /// Frames the kernel dropped for the socket, all reasons: `rx_dropped` (no fill buffer,
+    /// too large, invalid) and `rx_ring_full` are separate counts of distinct drops.
+    pub fn kernel_drops(&self) -> u64 {
+        self.kernel_rx_dropped + self.kernel_rx_ring_full
+    }
+
     /// The number of counters.
     pub const LEN: usize = 13;
 
@@ -563,7 +569,6 @@ impl Xsk {
         self.mode
     }
 
-    /// Counters.
     /// Counters, with the kernel's own for this socket (a `getsockopt`: call it now and then,
     /// not per frame).
     pub fn stats(&self) -> XskStats {
