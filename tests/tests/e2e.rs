@@ -610,3 +610,38 @@ fn s2_both_servers_refuse_extension_headers_and_udp_length_0() {
         }
     }
 }
+
+/// §2.2, found from outside: the kernel-UDP server's replies carried the kernel's hashed flow
+/// labels; senders write 0.
+#[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
+fn s2_2_kernel_udp_replies_carry_flow_label_0() {
+    let mut rig = Rig::new(&RigOptions {
+        server_transport: TransportKind::Udp,
+        ..RigOptions::default()
+    });
+    let dst = RemoteAddr::host_op(NetPrefix::DEFAULT, SERVER, Opcode::PING);
+    let header = BbRepr {
+        count: 1,
+        request_id: 0x77,
+        ..BbRepr::default()
+    };
+    let (f, _) = rig.raw_request(dst, &header, &[]);
+    let mut labels = Vec::new();
+    for _ in 0..5 {
+        assert!(rig.xdp().send_raw(&f));
+        let t = Instant::now();
+        let mut got = false;
+        while !got && t.elapsed() < Duration::from_secs(2) {
+            rig.xdp().recv_raw(|r| {
+                got = true;
+                labels.push(u32::from_be_bytes([0, r[15] & 0x0f, r[16], r[17]]));
+            });
+        }
+        assert!(got, "no reply");
+    }
+    assert!(labels.iter().all(|&l| l == 0), "flow labels {labels:x?}");
+}

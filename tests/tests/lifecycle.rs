@@ -188,3 +188,58 @@ fn the_server_binary_detaches_xdp_on_every_exit() {
         }
     }
 }
+
+/// Issue 12, item 17: a bad number on the command line is one clear line and exit status 2,
+/// before anything is attached: no panic, no backtrace, no giant allocation.
+#[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
+fn bad_numbers_on_the_command_line_are_one_line_each() {
+    let bad: [&[&str]; 9] = [
+        &["--max-owners", "4294967296"],
+        &["--max-owners", "18446744073709551615"],
+        &["--stats-interval", "1e300"],
+        &["--stats-interval", "nan"],
+        &["--lease-max-ms", "18446744073709551615"],
+        &["--lease-default-ms", "0"],
+        &["--cores", "99999"],
+        &["--frames", "1000"],
+        &["--sessions", "0"],
+    ];
+    for args in bad {
+        let out = Command::new(server_binary())
+            .args(["--iface", "bbt-none-such", "--host-id", "2"])
+            .args(args)
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        let first = err.lines().next().unwrap_or("");
+        assert!(first.starts_with("error: invalid value"), "{args:?}: {err}");
+        assert!(
+            !err.contains("panicked") && !err.contains("backtrace"),
+            "{err}"
+        );
+    }
+    // One that passes every number check reaches the interface and says what is wrong with it.
+    let out = Command::new(server_binary())
+        .args([
+            "--iface",
+            "bbt-none-such",
+            "--host-id",
+            "2",
+            "--lease-default-ms",
+            "70000",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--lease-max-ms"),
+        "{err}"
+    );
+}
