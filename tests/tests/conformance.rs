@@ -1,0 +1,237 @@
+//! Conformance over real sockets, on both server transports (AF_XDP and kernel UDP): raw
+//! request frames from an AF_XDP client, the statuses of the replies compared with
+//! docs/protocol.md. Each check is named by its section; server/tests/conformance.rs holds the
+//! same rules in depth against the request handler both transports run.
+
+use std::time::{Duration, Instant};
+
+use bluebridge_proto::frame::Frame;
+use bluebridge_proto::message::{WriteEntry, bulk_status, put_handles, put_write_entry};
+use bluebridge_proto::{
+    BbRepr, NetPrefix, OpFlags, Opcode, PageHandle, RemoteAddr, Status, UDP_PORT,
+};
+use bluebridge_server::TransportKind;
+use bluebridge_tests::{Rig, RigOptions, SERVER};
+
+/// Raw requests from their own client port (their own session: the engine's sequences are
+/// left alone).
+struct Probe {
+    rig: Rig,
+    next: u64,
+}
+
+const PORT: u16 = 41000;
+
+/// A reply: its header, its source address, its payload.
+type Answer = (BbRepr, RemoteAddr, Vec<u8>);
+
+impl Probe {
+    fn new(transport: TransportKind) -> Probe {
+        Probe {
+            rig: Rig::new(&RigOptions {
+                server_transport: transport,
+                ..RigOptions::default()
+            }),
+            next: 1 << bluebridge_proto::SESSION_SLOT_BITS,
+        }
+    }
+
+    /// Sends one request to `dst` and returns what came back within 300 ms (stopping 50 ms
+    /// after the last reply).
+    fn ask(
+        &mut self,
+        dst: RemoteAddr,
+        mut h: BbRepr,
+        payload: &[u8],
+        edit: impl FnOnce(&mut Vec<u8>),
+    ) -> Vec<Answer> {
+        h.request_id = self.next;
+        self.next += 1 << bluebridge_proto::SESSION_SLOT_BITS;
+        let (mut f, ep) = self.rig.raw_request(dst, &h, payload);
+        f[54..56].copy_from_slice(&PORT.to_be_bytes());
+        edit(&mut f);
+        let src: std::net::Ipv6Addr = <[u8; 16]>::try_from(&f[22..38]).unwrap().into();
+        bluebridge_proto::wire::udp::UdpPacket::new_unchecked(&mut f[54..])
+            .fill_checksum(src, ep.dst);
+        assert!(self.rig.xdp().send_raw(&f));
+        let (start, mut last) = (Instant::now(), None::<Instant>);
+        let mut out = Vec::new();
+        while start.elapsed() < Duration::from_millis(300)
+            && last.is_none_or(|t| t.elapsed() < Duration::from_millis(50))
+        {
+            self.rig.xdp().recv_raw(|r| {
+                if let Ok(fr) = Frame::parse(r)
+                    && fr.endpoints.dst_port == PORT
+                    && fr.endpoints.src_port == UDP_PORT
+                {
+                    let from = RemoteAddr::from_ipv6(fr.endpoints.src, NetPrefix::DEFAULT).unwrap();
+                    out.push((fr.header, from, fr.payload.to_vec()));
+                    last = Some(Instant::now());
+                }
+            });
+        }
+        out
+    }
+
+    fn status(&mut self, dst: RemoteAddr, h: BbRepr, payload: &[u8]) -> Status {
+        let r = self.ask(dst, h, payload, |_| {});
+        assert_eq!(r.len(), 1, "{:?} to {dst}: {r:?}", dst.opcode());
+        r[0].0.status
+    }
+}
+
+fn hdr(offset: u16, length: u16) -> BbRepr {
+    BbRepr {
+        count: 1,
+        offset,
+        length,
+        ..BbRepr::default()
+    }
+}
+
+fn host(op: Opcode) -> RemoteAddr {
+    RemoteAddr::host_op(NetPrefix::DEFAULT, SERVER, op)
+}
+
+/// Every check, on one transport.
+fn conformance(transport: TransportKind) {
+    let mut p = Probe::new(transport);
+    let page = p.rig.client.alloc(SERVER, false).unwrap();
+    let at = |op: Opcode| page.with_op(op, OpFlags::NONE);
+    let t = transport;
+
+    // §2.4: count is 1 outside the bulk requests.
+    for count in [0, 2] {
+        let h = BbRepr { count, ..hdr(0, 0) };
+        assert_eq!(
+            p.status(host(Opcode::PING), h, &[]),
+            Status::MALFORMED,
+            "{t:?} §2.4"
+        );
+        let h = BbRepr { count, ..hdr(0, 8) };
+        assert_eq!(
+            p.status(at(Opcode::READ), h, &[]),
+            Status::MALFORMED,
+            "{t:?} §2.4"
+        );
+    }
+    // §4: INVALIDATE is no request, to a host or to a page.
+    for dst in [host(Opcode::INVALIDATE), at(Opcode::INVALIDATE)] {
+        assert_eq!(
+            p.status(dst, hdr(0, 0), &[]),
+            Status::UNKNOWN_OPCODE,
+            "{t:?} §4"
+        );
+    }
+    // §5.11: atomics.
+    assert_eq!(
+        p.status(at(Opcode::CAS), hdr(4092, 8), &[]),
+        Status::MISALIGNED,
+        "{t:?} §5.11"
+    );
+    assert_eq!(
+        p.status(at(Opcode::CAS), hdr(4096, 8), &[]),
+        Status::OUT_OF_RANGE,
+        "{t:?} §5.11"
+    );
+    // §5.5: a bad READ_BULK item fails alone.
+    let mut list = [0u8; 24];
+    put_handles(&mut list, [page.handle(), PageHandle::NONE, page.handle()]);
+    let h = BbRepr {
+        count: 3,
+        ..hdr(0, 8)
+    };
+    let mut items: Vec<(u16, Status)> = p
+        .ask(at(Opcode::READ_BULK), h, &list, |_| {})
+        .iter()
+        .map(|a| (a.0.item, a.0.status))
+        .collect();
+    items.sort();
+    assert_eq!(
+        items,
+        [
+            (0, Status::OK),
+            (1, Status::INVALID_HANDLE),
+            (2, Status::OK)
+        ],
+        "{t:?} §5.5"
+    );
+    // §5.7: a bad WRITE_BULK entry fails alone.
+    let mut buf = [0u8; 64];
+    let mut end = 0;
+    for e in [
+        WriteEntry {
+            handle: page.handle(),
+            offset: 0,
+            data: b"good",
+        },
+        WriteEntry {
+            handle: page.handle(),
+            offset: 4090,
+            data: &[1; 10],
+        },
+    ] {
+        end = put_write_entry(&mut buf, end, &e).unwrap();
+    }
+    let h = BbRepr {
+        count: 2,
+        ..hdr(0, 0)
+    };
+    let r = p.ask(at(Opcode::WRITE_BULK), h, &buf[..end], |_| {});
+    assert_eq!(r.len(), 1, "{t:?} §5.7");
+    let st: Vec<_> = (0..2).map(|i| bulk_status(&r[0].2, i).unwrap()).collect();
+    assert_eq!(st, [Status::OK, Status::OUT_OF_RANGE], "{t:?} §5.7");
+    assert_eq!(
+        p.rig.client.read_range(page, 0, 4).unwrap(),
+        b"good",
+        "{t:?} §5.7"
+    );
+    // §5.8: lease 0 names no lease.
+    let h = BbRepr {
+        lease: 0,
+        ..hdr(0, 4)
+    };
+    assert_eq!(
+        p.status(at(Opcode::UPDATE_COMMIT), h, b"evil"),
+        Status::LEASE_INVALID,
+        "{t:?} §5.8"
+    );
+    // §1: replies carry op flags 0.
+    let r = p.ask(
+        host(Opcode::PING).with_op(Opcode::PING, OpFlags(0x5a)),
+        hdr(0, 0),
+        &[],
+        |_| {},
+    );
+    assert_eq!((r.len(), r[0].1.flags()), (1, OpFlags::NONE), "{t:?} §1");
+    // §7: another version is answered with the request id.
+    let r = p.ask(host(Opcode::PING), hdr(0, 0), &[], |f| f[62] = 2);
+    assert_eq!(r.len(), 1, "{t:?} §7");
+    assert_eq!(r[0].0.status, Status::UNSUPPORTED_VERSION, "{t:?} §7");
+    // §9: no reply to a source nobody may be answered at.
+    for src in ["ff02::1", "2001:db8::1", "fd00:bb:2::9"] {
+        let a: std::net::Ipv6Addr = src.parse().unwrap();
+        let r = p.ask(host(Opcode::PING), hdr(0, 0), &[], |f| {
+            f[22..38].copy_from_slice(&a.octets())
+        });
+        assert!(r.is_empty(), "{t:?} §9: {src} answered");
+    }
+}
+
+#[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
+fn conformance_over_af_xdp() {
+    conformance(TransportKind::Xdp);
+}
+
+#[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
+fn conformance_over_kernel_udp() {
+    conformance(TransportKind::Udp);
+}
