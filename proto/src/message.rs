@@ -515,8 +515,9 @@ pub struct StatRecord {
     pub handoff_dropped: u64,
     /// Frames the kernel dropped for the server's AF_XDP sockets (RX ring full, invalid).
     pub kernel_dropped: u64,
-    /// Requests dropped for their source (§9): outside the deployment prefix, in the server's
-    /// own /48, multicast, loopback, unspecified, or from a multicast MAC.
+    /// Requests dropped for their source (§9): outside the deployment prefix, one of the
+    /// server's own addresses or the anycast /48, multicast, loopback, unspecified, or a
+    /// multicast MAC.
     pub bad_source: u64,
 }
 

@@ -375,21 +375,30 @@ impl Handler {
     }
 
     /// Whether a reply may go to this request's source (§9): a unicast address inside the
-    /// deployment prefix but outside this server's own /48 and the anycast /48, from a unicast
-    /// MAC (a kernel socket gives no MACs: zero). Both transports apply the same rule.
+    /// deployment prefix, not in the anycast /48 and not one of this server's own addresses
+    /// (the one the request was sent to, its host address, its host-operation addresses); a
+    /// client on this very host, inside its /48 (§1), is answered. From a unicast MAC (a
+    /// kernel socket gives no MACs: zero). Both transports apply the same rule.
     fn answerable_source(&self, ep: &Endpoints) -> bool {
         let src = ep.src;
-        let o = src.octets();
         if ep.src_mac.0[0] & 1 != 0
             || src.is_multicast()
             || src.is_unspecified()
             || src.is_loopback()
-            || !self.cfg.prefix.contains(src)
+            || src == ep.dst
         {
             return false;
         }
-        let host = HostId(u16::from_be_bytes([o[4], o[5]]));
-        host != self.cfg.host && !host.is_any()
+        let Ok(a) = RemoteAddr::from_ipv6(src, self.cfg.prefix) else {
+            return false; // outside the deployment prefix
+        };
+        if a.host_id().is_any() {
+            return false;
+        }
+        let own_host_address = a.host_id() == self.cfg.host
+            && a.handle().is_none()
+            && (a.opcode().is_known() || (a.opcode().0, a.flags().0) == (0, 0));
+        !own_host_address
     }
 
     fn addr(&self, handle: PageHandle, op: Opcode) -> RemoteAddr {

@@ -42,7 +42,7 @@ pub struct Stats {
     /// Valid frames not meant for this server (replies, other prefixes or hosts).
     pub dropped_not_for_us: u64,
     /// Requests from a source nobody may be answered at (§9): outside the deployment prefix,
-    /// in this server's own /48, multicast, loopback, unspecified, or a multicast source MAC.
+    /// one of this server's own addresses, multicast, loopback, unspecified, or a multicast MAC.
     pub bad_source: u64,
     /// Replies that found no room to be sent.
     pub tx_dropped: u64,

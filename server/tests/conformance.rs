@@ -525,7 +525,8 @@ fn s9_requests_from_unanswerable_sources_get_no_reply() {
         "ff02::1",
         "::",
         "::1",
-        "fd00:bb:2::1",    // the server's own /48
+        "fd00:bb:2::",     // the server's host address
+        "fd00:bb:2::100",  // its PING address
         "fd00:bb:ffff::1", // the anycast /48
         "2001:db8::1",     // outside the deployment prefix
     ];
@@ -547,7 +548,18 @@ fn s9_requests_from_unanswerable_sources_get_no_reply() {
     f[6] |= 1;
     assert!(r.raw(&f).is_empty());
     assert_eq!(r.read(p, 0, 4), [0; 4], "nothing was written");
-    assert_eq!(stat(&mut r).bad_source, 19);
+    assert_eq!(stat(&mut r).bad_source, 22);
+    // A client on the server's own host, inside its /48 (§1), is answered.
+    r.client = "fd00:bb:2::1".parse().unwrap();
+    assert_eq!(
+        r.status(Opcode::PING, PageHandle::NONE, hdr(0, 0), &[]),
+        Status::OK
+    );
+    r.client = "fd00:bb:2:ffff::1".parse().unwrap();
+    assert_eq!(
+        r.status(Opcode::PING, PageHandle::NONE, hdr(0, 0), &[]),
+        Status::OK
+    );
 }
 
 /// §5.8 (decided here): UPDATE promises a transaction, so a commit in several frames is

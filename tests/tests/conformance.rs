@@ -209,7 +209,7 @@ fn conformance(transport: TransportKind) {
     assert_eq!(r.len(), 1, "{t:?} §7");
     assert_eq!(r[0].0.status, Status::UNSUPPORTED_VERSION, "{t:?} §7");
     // §9: no reply to a source nobody may be answered at.
-    for src in ["ff02::1", "2001:db8::1", "fd00:bb:2::9"] {
+    for src in ["ff02::1", "2001:db8::1", "fd00:bb:2::100"] {
         let a: std::net::Ipv6Addr = src.parse().unwrap();
         let r = p.ask(host(Opcode::PING), hdr(0, 0), &[], |f| {
             f[22..38].copy_from_slice(&a.octets())
