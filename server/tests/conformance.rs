@@ -453,9 +453,9 @@ fn s7_other_versions_are_answered_and_counted_as_errors_not_drops() {
         let n = (f.len() - 54) as u16;
         f[18..20].copy_from_slice(&n.to_be_bytes());
         f[58..60].copy_from_slice(&n.to_be_bytes());
-        f[60..62].fill(0);
-        let sum = checksum(&f);
-        f[60..62].copy_from_slice(&sum.to_be_bytes());
+        let ip = |a: &[u8]| Ipv6Addr::from(<[u8; 16]>::try_from(a).unwrap());
+        let (src, dst) = (ip(&f[22..38]), ip(&f[38..54]));
+        bluebridge_proto::wire::udp::UdpPacket::new_unchecked(&mut f[54..]).fill_checksum(src, dst);
         let rep = r.raw(&f);
         assert_eq!(rep.len(), 1, "{len}");
         assert_eq!(rep[0].h.status, Status::UNSUPPORTED_VERSION);
@@ -463,18 +463,6 @@ fn s7_other_versions_are_answered_and_counted_as_errors_not_drops() {
     }
     let s = stat(&mut r);
     assert_eq!((s.malformed, s.errors), (0, 2));
-}
-
-/// The UDP checksum of a frame built by hand (RFC 768 over the IPv6 pseudo-header).
-fn checksum(f: &[u8]) -> u16 {
-    let mut c = bluebridge_proto::checksum::Checksum::new();
-    let ip = |a: &[u8]| Ipv6Addr::from(<[u8; 16]>::try_from(a).unwrap());
-    c.add_pseudo_header(ip(&f[22..38]), ip(&f[38..54]), 17, (f.len() - 54) as u32);
-    c.add_bytes(&f[54..]);
-    match !c.sum16() {
-        0 => 0xffff,
-        s => s,
-    }
 }
 
 /// §1: op flags are reserved; replies carry 0 there whatever the request had.

@@ -19,14 +19,25 @@ const PKTINFO_SPACE: usize = 64; // ≥ CMSG_SPACE(sizeof(struct in6_pktinfo)) =
 /// (`net.ipv6.auto_flowlabels`).
 pub fn zero_flow_labels(sock: &std::net::UdpSocket) -> io::Result<()> {
     let off: libc::c_int = 0;
-    // SAFETY: a valid socket and a c_int option value of the size given.
+    set_option(sock, libc::IPPROTO_IPV6, libc::IPV6_AUTOFLOWLABEL, &off)
+}
+
+/// `setsockopt(level, name, value)` for an option whose value is a plain `T` (no pointers the
+/// kernel would follow beyond the call).
+fn set_option<T>(
+    sock: &std::net::UdpSocket,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> io::Result<()> {
+    // SAFETY: a valid socket; `value` points at `size_of::<T>()` readable bytes for the call.
     let r = unsafe {
         libc::setsockopt(
             sock.as_raw_fd(),
-            libc::IPPROTO_IPV6,
-            libc::IPV6_AUTOFLOWLABEL,
-            (&raw const off).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
+            level,
+            name,
+            (value as *const T).cast(),
+            size_of::<T>() as libc::socklen_t,
         )
     };
     if r == 0 {
@@ -68,22 +79,8 @@ pub fn accept_only_plain_udp(sock: &std::net::UdpSocket) -> io::Result<()> {
         len: prog.len() as u16,
         filter: prog.as_ptr().cast_mut(),
     };
-    // SAFETY: a valid socket; `fprog` points at `prog`, both alive for the call (the kernel
-    // copies the program).
-    let r = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_FILTER,
-            (&raw const fprog).cast(),
-            size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    // `fprog` points at `prog`, alive for the call (the kernel copies the program).
+    set_option(sock, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &fprog)
 }
 
 fn zero_sockaddr() -> libc::sockaddr_in6 {
