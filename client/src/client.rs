@@ -78,7 +78,7 @@ impl<T: Transport> Client<T> {
         self.engine.stats()
     }
 
-    fn host_addr(&self, host: HostId, op: Opcode) -> RemoteAddr {
+    pub(crate) fn host_addr(&self, host: HostId, op: Opcode) -> RemoteAddr {
         RemoteAddr::host_op(self.engine.config().prefix, host, op)
     }
 
@@ -94,8 +94,10 @@ impl<T: Transport> Client<T> {
         self.engine.in_flight()
     }
 
-    /// Sends, receives and retransmits once.
+    /// Sends, receives and retransmits once (and pings the hosts this client holds pages on
+    /// once a second, [`Engine::keep_alive`]).
     pub fn progress(&mut self) {
+        self.engine.keep_alive(Instant::now());
         self.transport.transmit(&mut self.engine, Instant::now());
         // A fresh clock: sending can take microseconds (on veth the kick runs the peer's
         // receive path), and a reply that arrived meanwhile must not look instantaneous.
@@ -158,7 +160,7 @@ impl<T: Transport> Client<T> {
         out.into_iter().map(|r| r.expect("all collected")).collect()
     }
 
-    fn call(&mut self, req: Request) -> Result<Reply, ClientError> {
+    pub(crate) fn call(&mut self, req: Request) -> Result<Reply, ClientError> {
         let id = self.submit(req);
         self.wait(id)
     }
@@ -410,6 +412,40 @@ impl<T: Transport> Client<T> {
     /// client may).
     pub fn share(&mut self, page: RemoteAddr) -> Result<(), ClientError> {
         self.call(Request::new(Opcode::SHARE, page)).map(drop)
+    }
+
+    /// Keeps the page when this client falls silent: servers free the pages of an owner they
+    /// have not heard from for their grace period (docs/protocol.md §5.17), except shared and
+    /// detached ones. A detached page stays until freed. Idempotent.
+    pub fn detach(&mut self, page: RemoteAddr) -> Result<(), ClientError> {
+        self.call(Request::new(Opcode::DETACH, page)).map(drop)
+    }
+
+    /// Detaches several pages, a window of requests in flight at a time; the first failure
+    /// is returned (the others were still sent: DETACH is idempotent, so a caller can retry
+    /// the whole list).
+    pub fn detach_all(&mut self, pages: &[RemoteAddr]) -> Result<(), ClientError> {
+        let mut first = Ok(());
+        for chunk in pages.chunks(usize::from(MAX_BULK)) {
+            let ids: Vec<u64> = chunk
+                .iter()
+                .map(|&p| self.submit(Request::new(Opcode::DETACH, p)))
+                .collect();
+            for r in self.wait_all(&ids) {
+                if let (Err(e), Ok(())) = (r, &first) {
+                    first = Err(e);
+                }
+            }
+        }
+        first
+    }
+
+    /// Lets servers hear from this client while it has nothing else to send: pings the hosts
+    /// it allocated pages on if a second has passed since the last time, and takes in what
+    /// arrived. Any blocking call does the same; call this from a thread that holds pages
+    /// and may stay idle for longer than a server's grace period.
+    pub fn keep_alive(&mut self) {
+        self.progress();
     }
 
     /// Frees the page; its address becomes stale.

@@ -186,6 +186,9 @@ pub struct EngineStats {
     pub moved_retries: u64,
     /// Pages the controller reported freed (INVALIDATE notices).
     pub invalidations: u64,
+    /// Keep-alive PINGs the engine sent on its own ([`Engine::keep_alive`]; not in
+    /// `submitted`, in `sent`).
+    pub keepalives: u64,
 }
 
 /// Data buffers kept for reuse, at most.
@@ -193,6 +196,22 @@ const BUFFER_POOL: usize = 256;
 
 /// Pages remembered as freed, at most (the oldest are forgotten first).
 const INVALIDATED_MAX: usize = 1 << 16;
+/// How long the engine lets a host it allocated pages on go without a request before it
+/// pings it, so the server keeps hearing from it (docs/protocol.md §5.17; servers wait at
+/// least 2 s, 5 minutes by default).
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often [`Engine::keep_alive`] looks at the hosts.
+const KEEPALIVE_CHECK: Duration = Duration::from_millis(250);
+
+/// A host this engine allocated pages on.
+#[derive(Debug, Clone, Copy)]
+struct HeldHost {
+    host: HostId,
+    /// When a request last went to it.
+    last_sent: Instant,
+    /// A keep-alive to it is on its way.
+    pinging: bool,
+}
 
 /// A page's identity: its address without opcode and flags.
 fn page_key(a: RemoteAddr) -> [u8; 14] {
@@ -234,6 +253,8 @@ struct Pending {
     tries: u32,
     /// A server answered MOVED: the retry waits an RTO, and running out of tries is `Moved`.
     moved: bool,
+    /// A keep-alive the engine sent on its own: it completes without a [`Completion`].
+    internal: bool,
     collect: Collect,
 }
 
@@ -270,6 +291,11 @@ pub struct Engine {
     /// Pages the controller reported freed, and their order (to forget the oldest).
     invalidated: std::collections::HashSet<[u8; 14]>,
     invalidated_order: VecDeque<[u8; 14]>,
+    /// Hosts this engine allocated pages on (kept alive with PINGs).
+    held_hosts: Vec<HeldHost>,
+    next_keepalive: Option<Instant>,
+    /// Keep-alives in `pending`.
+    internal_pending: usize,
 }
 
 impl std::fmt::Debug for Engine {
@@ -313,6 +339,9 @@ impl Engine {
             rttvar: Duration::ZERO,
             invalidated: std::collections::HashSet::new(),
             invalidated_order: VecDeque::new(),
+            held_hosts: Vec::new(),
+            next_keepalive: None,
+            internal_pending: 0,
         }
     }
 
@@ -362,6 +391,12 @@ impl Engine {
     /// Removes a finished request and frees its slot (its queue entries are skipped later).
     fn finish(&mut self, id: u64) -> Pending {
         let p = self.pending.remove(id).expect("present");
+        if p.internal {
+            self.internal_pending -= 1;
+            if let Some(h) = self.held_host(p.target.host_id()) {
+                h.pinging = false;
+            }
+        }
         if let Some(w) = p.wire_id {
             let i = (w % SESSION_SLOTS as u64) as usize;
             let slot = &mut self.slots[i];
@@ -412,9 +447,57 @@ impl Engine {
         self.stats
     }
 
-    /// Requests submitted and not completed.
+    /// Requests submitted and not completed (keep-alives not counted).
     pub fn in_flight(&self) -> usize {
-        self.pending.len()
+        self.pending.len() - self.internal_pending
+    }
+
+    /// Hosts this engine allocated pages on: the ones [`Engine::keep_alive`] pings.
+    pub fn held_hosts(&self) -> impl Iterator<Item = HostId> + '_ {
+        self.held_hosts.iter().map(|h| h.host)
+    }
+
+    fn held_host(&mut self, host: HostId) -> Option<&mut HeldHost> {
+        self.held_hosts.iter_mut().find(|h| h.host == host)
+    }
+
+    /// Queues a PING to every host this engine allocated pages on that has had no request
+    /// from it for [`KEEPALIVE_INTERVAL`] (one at a time per host), so servers keep hearing
+    /// from it while it holds pages (a server frees the pages of an owner it has not heard
+    /// from for its grace period, §5.17). Their replies produce no [`Completion`] and their
+    /// failures no error; a busy client sends none.
+    pub fn keep_alive(&mut self, now: Instant) {
+        if self.held_hosts.is_empty() || self.next_keepalive.is_some_and(|t| now < t) {
+            return;
+        }
+        self.next_keepalive = Some(now + KEEPALIVE_CHECK);
+        for i in 0..self.held_hosts.len() {
+            let h = self.held_hosts[i];
+            if h.pinging || now.saturating_duration_since(h.last_sent) < KEEPALIVE_INTERVAL {
+                continue;
+            }
+            let target = RemoteAddr::host_op(self.cfg.prefix, h.host, Opcode::PING);
+            let id = self.submit(Request::new(Opcode::PING, target), now);
+            self.stats.submitted -= 1;
+            if let Some(p) = self.pending.get_mut(id) {
+                p.internal = true;
+                self.internal_pending += 1;
+                self.stats.keepalives += 1;
+                self.held_hosts[i].pinging = true;
+            }
+        }
+    }
+
+    /// Notes that this engine holds pages on `host` (from an allocation's reply).
+    fn note_held(&mut self, host: HostId, now: Instant) {
+        if !host.is_any() && self.held_host(host).is_none() {
+            self.held_hosts.push(HeldHost {
+                host,
+                last_sent: now,
+                pinging: false,
+            });
+            self.next_keepalive.get_or_insert(now + KEEPALIVE_CHECK);
+        }
     }
 
     /// Hands back a reply's data buffer (a READ's bytes) once read, so the next read fills it
@@ -461,6 +544,11 @@ impl Engine {
             self.fail(id, req.tag, None, 0, ClientError::Invalidated, now);
             return id;
         }
+        if !self.held_hosts.is_empty()
+            && let Some(h) = self.held_host(target.host_id())
+        {
+            h.last_sent = now; // the server hears from us anyway
+        }
         let collect = match req.op {
             Opcode::READ | Opcode::UPDATE_ACQUIRE | Opcode::MIGRATE_OUT if req.length > 0 => {
                 Collect::Range {
@@ -501,6 +589,7 @@ impl Engine {
             deadline: now,
             tries: 0,
             moved: false,
+            internal: false,
             collect,
         });
         self.queue.push_back(id);
@@ -670,6 +759,9 @@ impl Engine {
             let p = self.pending.get_mut(id).expect("deadline_holds");
             if p.tries > self.cfg.retries {
                 let p = self.finish(id);
+                if p.internal {
+                    continue; // a keep-alive: the next one goes out in a second
+                }
                 let e = if p.moved {
                     ClientError::Moved
                 } else {
@@ -843,6 +935,18 @@ impl Engine {
         };
         let Some(result) = finished else { return };
         let p = self.finish(id);
+        if p.internal {
+            return;
+        }
+        if let Ok(r) = &result
+            && r.header.status.is_ok()
+            && matches!(
+                p.req.op,
+                Opcode::ALLOC | Opcode::ALLOC_WRITE | Opcode::ALLOC_BULK
+            )
+        {
+            self.note_held(r.src.host_id(), now);
+        }
         let result = match result {
             Ok(r) if !r.header.status.is_ok() && p.req.op != Opcode::READ_BULK => {
                 Err(ClientError::from_status(r.header.status))

@@ -8,6 +8,7 @@
 //!   the only module with unsafe code (in `region::sys`).
 #![deny(unsafe_code)]
 
+pub mod admin;
 mod client;
 pub mod engine;
 pub mod error;

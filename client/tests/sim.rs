@@ -541,3 +541,53 @@ fn a_recycled_buffer_carries_the_next_read() {
         "this read's bytes, where the last read's were"
     );
 }
+
+/// §5.17: an engine that holds pages pings their host only when it has sent it nothing for a
+/// second; the pings surface nowhere (no completion, not in flight), and they are what keeps
+/// a server with a short grace period from reclaiming the pages.
+#[test]
+fn an_idle_engine_keeps_its_pages_alive_with_pings_nobody_sees() {
+    let mut s = Sim::new(0.0, 0.0, 0.0, 4096);
+    s.server = Handler::new(
+        HandlerConfig {
+            orphan_grace_ms: 2_000,
+            ..HandlerConfig::new(prefix(), HOST, 4096)
+        },
+        Store::new(4 << 20, false).unwrap(),
+    );
+    let p = page(&s.run(Request::new(Opcode::ALLOC, host_addr(Opcode::ALLOC))));
+    // Lets `ms` pass a millisecond at a time, the server housekeeping as a worker does.
+    let pass = |s: &mut Sim, ms: u64, alive: bool, busy: bool| {
+        for i in 0..ms {
+            if busy && i % 100 == 0 {
+                s.submit(Request::new(Opcode::READ, p).range(0, 8));
+            }
+            if alive {
+                let now = s.now();
+                s.engine.keep_alive(now);
+            }
+            s.step();
+            s.t += Duration::from_millis(1);
+            let t = s.t.as_nanos() as u64;
+            s.server.housekeep(t);
+        }
+    };
+    // Busy for 1.5 s: its requests are enough, no ping.
+    pass(&mut s, 1_500, true, true);
+    assert_eq!(s.engine.stats().keepalives, 0);
+    assert_eq!(s.done.len(), 15);
+    s.done.clear();
+    // Idle for 3.5 s, past the grace period: a ping a second, nothing else visible.
+    pass(&mut s, 3_500, true, false);
+    let st = s.engine.stats();
+    assert!((3..=4).contains(&st.keepalives), "{st:?}");
+    assert_eq!(st.submitted, 16, "the pings are not counted as submitted");
+    assert!(s.done.is_empty(), "no completion for a ping");
+    assert!(s.engine.in_flight() == 0 && s.engine.poll_completion().is_none());
+    assert_eq!(s.server.store().pages_used(), 1, "kept alive");
+    // Silent for 3 s: the page goes.
+    pass(&mut s, 3_000, false, false);
+    assert_eq!(s.server.store().pages_used(), 0, "reclaimed");
+    let r = s.run(Request::new(Opcode::READ, p).range(0, 8));
+    assert_eq!(r.result.unwrap_err(), ClientError::StaleHandle);
+}

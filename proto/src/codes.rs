@@ -102,6 +102,10 @@ wire_code! {
         FETCH_ADD = 0x61,
         /// Let every client use the page (by default only the allocating client may).
         SHARE = 0x70,
+        /// Keep the page when its owner falls silent: a server frees the pages of an owner it
+        /// has not heard from for its grace period (§5.17), except shared and detached ones.
+        /// Only the owner may detach a page; a detached page stays until freed. Idempotent.
+        DETACH = 0x71,
         /// Controller only: freeze the page for migration and return it. From now on this
         /// server answers MOVED for it; the reply carries the page (like a READ of 0..4096),
         /// its owner's address in operand0 (high half) and operand1, and SHARED if shared.
@@ -111,6 +115,17 @@ wire_code! {
         /// address, SHARED whether it is shared; the payload is the whole page (offset 0,
         /// length 4096, one frame). The host then answers for that address.
         MIGRATE_IN = 0x81,
+        /// Controller only, to a host address: list one shard's page owners. `lease` selects
+        /// the shard (a handle-shaped value whose shard field names it), operand0 is the
+        /// first owner number to list (0 to start). The reply's payload is `count` 24-byte
+        /// entries (address, pages held, milliseconds since last heard); its operand0 is the
+        /// owner number to ask for next, 0 when the list is complete.
+        OWNERS = 0x82,
+        /// Controller only, to a host address: free every page the owner operand0/operand1
+        /// (its address, high half first) holds on the shard `lease` selects, shared and
+        /// detached ones included (not pages migrated away: their new holder has them). The
+        /// reply's operand0 is how many pages were freed.
+        RECLAIM = 0x83,
         /// Controller → clients, a notice rather than a request: reply-shaped (REPLY set,
         /// status OK, request id 0), from the controller's host address with this opcode,
         /// payload the 16-byte address of a page that was freed. Clients fail later requests
@@ -133,7 +148,9 @@ impl Opcode {
                 | Opcode::WRITE_BLIND
                 | Opcode::WRITE_BULK
                 | Opcode::SHARE
+                | Opcode::DETACH
                 | Opcode::MIGRATE_OUT
+                | Opcode::OWNERS
         )
     }
 
@@ -154,7 +171,10 @@ impl Opcode {
                 | Opcode::FREE
                 | Opcode::FREE_BULK
                 | Opcode::SHARE
+                | Opcode::DETACH
                 | Opcode::UPDATE_RELEASE
+                | Opcode::OWNERS
+                | Opcode::RECLAIM
         )
     }
 
@@ -177,6 +197,8 @@ impl Opcode {
                 | Opcode::ALLOC_WRITE
                 | Opcode::ALLOC_BULK
                 | Opcode::MIGRATE_IN
+                | Opcode::OWNERS
+                | Opcode::RECLAIM
         )
     }
 

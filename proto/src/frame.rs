@@ -56,7 +56,7 @@ pub enum FrameError {
 /// The shard (of `shards`) that must serve the request in `buf`, read from the raw frame
 /// without parsing or checking it: the shard field of the destination's page handle, or for
 /// MIGRATE_IN (a host operation) that of the migrating page's original handle in the `lease`
-/// field. `None` for host operations and for anything too short to say: whichever shard
+/// field, and for OWNERS and RECLAIM the shard their `lease` field selects. `None` for host operations and for anything too short to say: whichever shard
 /// receives those serves them (and drops what is malformed). A worker calls this for every
 /// frame it receives, so it costs a few loads.
 pub fn request_shard(buf: &[u8], shards: usize) -> Option<usize> {
@@ -67,7 +67,11 @@ pub fn request_shard(buf: &[u8], shards: usize) -> Option<usize> {
     if !handle.is_none() {
         return handle.shard(shards);
     }
-    if buf.get(dst + crate::addr::field::OPCODE) != Some(&crate::Opcode::MIGRATE_IN.0) {
+    let op = crate::Opcode(*buf.get(dst + crate::addr::field::OPCODE)?);
+    if !matches!(
+        op,
+        crate::Opcode::MIGRATE_IN | crate::Opcode::OWNERS | crate::Opcode::RECLAIM
+    ) {
         return None;
     }
     let lease = ethernet::HEADER_LEN + ipv6::HEADER_LEN + udp::HEADER_LEN + header::field::LEASE;

@@ -138,7 +138,12 @@ pub(crate) fn seeds() -> impl Iterator<Item = (&'static str, std::vec::Vec<u8>)>
                 offset,
                 length,
                 seg_max: 1184,
-                lease: 7,
+                // OWNERS and RECLAIM name a shard in `lease`.
+                lease: if matches!(op, Opcode::OWNERS | Opcode::RECLAIM) {
+                    PageHandle::with_shard(0, 0).to_bits()
+                } else {
+                    7
+                },
                 operand0: 1,
                 operand1: 2,
                 ..BbRepr::default()

@@ -257,7 +257,15 @@ impl<'a> Request<'a> {
                     data()?
                 }
             }
-            Opcode::UPDATE_RELEASE | Opcode::FREE | Opcode::SHARE => empty(true)?,
+            Opcode::UPDATE_RELEASE | Opcode::FREE | Opcode::SHARE | Opcode::DETACH => empty(true)?,
+            Opcode::OWNERS | Opcode::RECLAIM => {
+                if PageHandle::from_bits(h.lease).shard_field() == 0 {
+                    return Err(RequestError::Malformed(
+                        "an owner operation names its shard in `lease`",
+                    ));
+                }
+                empty(true)?
+            }
             Opcode::READ_BULK => {
                 range(false)?;
                 let n = bulk_count()?;
@@ -519,11 +527,16 @@ pub struct StatRecord {
     /// server's own addresses or the anycast /48, multicast, loopback, unspecified, or a
     /// multicast MAC.
     pub bad_source: u64,
+    /// Pages the server freed without a FREE: of owners silent past the grace period, or by
+    /// a controller's RECLAIM (§5.17).
+    pub reclaimed: u64,
+    /// How long an owner may stay silent before its pages are reclaimed, ms; 0: never.
+    pub orphan_grace_ms: u64,
 }
 
 impl StatRecord {
     /// Length of the record a server sends.
-    pub const LEN: usize = 120;
+    pub const LEN: usize = 136;
     /// Length of the oldest record (the first eight fields); later fields read as 0 when
     /// absent.
     pub const MIN_LEN: usize = 64;
@@ -546,6 +559,8 @@ impl StatRecord {
             self.handoff_dropped,
             self.kernel_dropped,
             self.bad_source,
+            self.reclaimed,
+            self.orphan_grace_ms,
         ];
         for (i, v) in f.into_iter().enumerate() {
             put64(buf, i * 8, v);
@@ -572,6 +587,46 @@ impl StatRecord {
             handoff_dropped: g(12),
             kernel_dropped: g(13),
             bad_source: g(14),
+            reclaimed: g(15),
+            orphan_grace_ms: g(16),
+        })
+    }
+}
+
+/// One entry of an OWNERS reply: a client address that holds pages on the shard asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnerEntry {
+    /// The owner's IPv6 address.
+    pub addr: [u8; 16],
+    /// Pages it holds on that shard.
+    pub pages: u32,
+    /// Milliseconds since the server last heard from the address (saturating).
+    pub silent_ms: u32,
+}
+
+impl OwnerEntry {
+    /// Bytes per entry on the wire.
+    pub const LEN: usize = 24;
+
+    /// Writes the entry into `buf` (at least [`OwnerEntry::LEN`] bytes).
+    pub fn emit(&self, buf: &mut [u8]) {
+        buf[..16].copy_from_slice(&self.addr);
+        buf[16..20].copy_from_slice(&self.pages.to_be_bytes());
+        buf[20..24].copy_from_slice(&self.silent_ms.to_be_bytes());
+    }
+
+    /// The entries of an OWNERS reply payload; `None` if it is not a whole number of them.
+    pub fn parse_list(buf: &[u8]) -> Option<impl Iterator<Item = OwnerEntry> + '_> {
+        buf.len().is_multiple_of(Self::LEN).then(|| {
+            buf.chunks_exact(Self::LEN).map(|c| {
+                let mut addr = [0u8; 16];
+                addr.copy_from_slice(&c[..16]);
+                OwnerEntry {
+                    addr,
+                    pages: u32::from_be_bytes([c[16], c[17], c[18], c[19]]),
+                    silent_ms: u32::from_be_bytes([c[20], c[21], c[22], c[23]]),
+                }
+            })
         })
     }
 }
@@ -1085,9 +1140,23 @@ mod tests {
             handoff_dropped: 13,
             kernel_dropped: 14,
             bad_source: 15,
+            reclaimed: 16,
+            orphan_grace_ms: 17,
         };
         let mut b = [0u8; StatRecord::LEN + 8];
         s.emit(&mut b);
+        let e = OwnerEntry {
+            addr: [7; 16],
+            pages: 3,
+            silent_ms: 250,
+        };
+        let mut list = [0u8; 2 * OwnerEntry::LEN];
+        e.emit(&mut list[OwnerEntry::LEN..]);
+        let mut back = OwnerEntry::parse_list(&list).unwrap();
+        assert_eq!(back.next().map(|b| b.pages), Some(0));
+        assert_eq!(back.next(), Some(e));
+        assert_eq!(back.next(), None);
+        assert!(OwnerEntry::parse_list(&list[1..]).is_none());
         assert_eq!(&b[..16], &[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 2]);
         assert_eq!(StatRecord::parse(&b), Some(s));
         // An older server's record: the fields it does not have read as 0.

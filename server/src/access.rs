@@ -56,11 +56,12 @@ impl std::str::FromStr for ClientPrefix {
     }
 }
 
-/// One owner: its address and how many pages it holds.
+/// One owner: its address, how many pages it holds, and whether it fell silent.
 #[derive(Debug, Clone, Copy)]
 struct Owner {
     addr: [u8; 16],
     pages: u64,
+    orphan: bool,
 }
 
 /// The access rules and the owner table.
@@ -72,6 +73,8 @@ pub struct Access {
     by_id: Vec<Option<Owner>>,
     free_ids: Vec<u32>,
     capacity: usize,
+    /// Owners marked orphan now.
+    orphans: usize,
 }
 
 impl Access {
@@ -84,6 +87,7 @@ impl Access {
             by_id: Vec::with_capacity(capacity),
             free_ids: Vec::new(),
             capacity,
+            orphans: 0,
         }
     }
 
@@ -105,6 +109,7 @@ impl Access {
         let owner = Some(Owner {
             addr: client,
             pages: 0,
+            orphan: false,
         });
         let id = match self.free_ids.pop() {
             Some(id) => {
@@ -141,6 +146,7 @@ impl Access {
         if let Some(Some(o)) = self.by_id.get(i)
             && o.pages == 0
         {
+            self.orphans -= usize::from(o.orphan);
             self.owners.remove(&o.addr);
             self.by_id[i] = None;
             self.free_ids.push(id);
@@ -150,6 +156,50 @@ impl Access {
     /// Owners with pages now.
     pub fn owners(&self) -> usize {
         self.owners.len()
+    }
+
+    /// One past the highest owner id in use (ids run from 1).
+    pub fn id_limit(&self) -> u32 {
+        self.by_id.len() as u32 + 1
+    }
+
+    /// The owner id of `client`, if it holds pages.
+    pub fn id_of(&self, client: &[u8; 16]) -> Option<u32> {
+        self.owners.get(client).copied()
+    }
+
+    /// Owner `id`'s address and page count, if the id is in use.
+    pub fn owner(&self, id: u32) -> Option<([u8; 16], u64)> {
+        let o = self.by_id.get((id as usize).wrapping_sub(1))?.as_ref()?;
+        Some((o.addr, o.pages))
+    }
+
+    /// Marks owner `id` orphan (silent past the grace period) or not; true if it was not
+    /// marked orphan before and is now.
+    pub fn set_orphan(&mut self, id: u32, orphan: bool) -> bool {
+        let Some(Some(o)) = self.by_id.get_mut((id as usize).wrapping_sub(1)) else {
+            return false;
+        };
+        let newly = orphan && !o.orphan;
+        if o.orphan != orphan {
+            o.orphan = orphan;
+            if orphan {
+                self.orphans += 1;
+            } else {
+                self.orphans -= 1;
+            }
+        }
+        newly
+    }
+
+    /// Whether owner `id` is marked orphan.
+    pub fn is_orphan(&self, id: u32) -> bool {
+        matches!(self.by_id.get((id as usize).wrapping_sub(1)), Some(Some(o)) if o.orphan)
+    }
+
+    /// Owners marked orphan now.
+    pub fn orphans(&self) -> usize {
+        self.orphans
     }
 
     /// The address behind owner id `id`.
@@ -221,5 +271,22 @@ mod tests {
         assert_eq!(a.owners(), 1);
         a.page_freed(1);
         assert_eq!(a.owners(), 0);
+    }
+
+    #[test]
+    fn orphans_are_counted_until_forgotten() {
+        let mut a = Access::new(vec![], 4);
+        let id = a.owner_id([1; 16]).unwrap();
+        a.pages_added(id, 2);
+        assert!(a.set_orphan(id, true));
+        assert!(!a.set_orphan(id, true), "already marked");
+        assert!(a.is_orphan(id) && a.orphans() == 1);
+        assert!(!a.set_orphan(id, false));
+        assert_eq!(a.orphans(), 0);
+        assert!(a.set_orphan(id, true));
+        a.page_freed(id);
+        a.page_freed(id);
+        assert_eq!((a.orphans(), a.owner(id)), (0, None));
+        assert!(!a.set_orphan(id, true), "no such owner");
     }
 }

@@ -17,9 +17,14 @@ use bluebridge_proto::{
 
 use crate::access::{Access, ClientPrefix};
 use crate::lease::{ClientKey, Leases};
+use crate::liveness::Liveness;
 use crate::session::{BULK_PAYLOAD_MAX, Lookup, SessionConfig, Sessions, StoredReply};
 use crate::stats::{HostCounters, ShardCounters, Stats};
 use crate::store::{PageIdx, Store};
+
+mod owners;
+
+pub use owners::DEFAULT_GRACE_MS;
 
 /// Sends one reply and counts it.
 fn send(
@@ -64,6 +69,12 @@ pub struct HandlerConfig {
     pub allowed_clients: Vec<ClientPrefix>,
     /// Distinct client addresses that may own pages.
     pub max_owners: usize,
+    /// How long an owner may stay silent before [`Handler::housekeep`] frees its pages
+    /// (except shared and detached ones), ms; 0: never.
+    pub orphan_grace_ms: u64,
+    /// When each client address was last heard: one table for every shard of a server (the
+    /// handlers of one server share it through clones of this configuration).
+    pub liveness: Arc<Liveness>,
 }
 
 impl HandlerConfig {
@@ -80,6 +91,15 @@ impl HandlerConfig {
             lease_max_ms: 60_000,
             allowed_clients: Vec::new(),
             max_owners: 1 << 16,
+            orphan_grace_ms: DEFAULT_GRACE_MS,
+            liveness: Arc::new(Liveness::random().unwrap_or_else(|_| {
+                // No entropy source: the slots are still right, only predictable.
+                let t = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_nanos() as u64;
+                Liveness::with_keys([t, t.rotate_left(17), !t, t.rotate_left(41)])
+            })),
         }
     }
 }
@@ -127,6 +147,8 @@ pub struct Handler {
     adopted: HashMap<(u16, u64), PageHandle>,
     /// The host the request being handled is addressed to (ours, or an adopted page's).
     addressed: HostId,
+    /// Where the reclamation of silent owners' pages stands.
+    sweep: owners::Sweep,
 }
 
 impl Handler {
@@ -156,6 +178,7 @@ impl Handler {
             joined: vec![0; JOINED_MAX],
             adopted: HashMap::new(),
             addressed: HostId(0),
+            sweep: owners::Sweep::default(),
         }
     }
 
@@ -193,6 +216,7 @@ impl Handler {
             + self.leases.bytes()
             + self.sessions.bytes()
             + self.access.bytes()
+            + self.cfg.liveness.bytes() / self.cfg.shards.max(1)
             + size_of::<Self>()
     }
 
@@ -215,6 +239,8 @@ impl Handler {
             handoff_dropped: t.handoff_dropped,
             kernel_dropped: self.counters.xsk_total().kernel_drops(),
             bad_source: t.bad_source,
+            reclaimed: t.reclaimed,
+            orphan_grace_ms: self.cfg.orphan_grace_ms,
         }
     }
 
@@ -489,6 +515,7 @@ impl Handler {
             }
             return;
         }
+        self.cfg.liveness.heard(&who.addr, now_ns / 1_000_000);
 
         if op.is_idempotent() {
             self.idempotent(&req, who, now_ns, sink);
@@ -739,14 +766,19 @@ impl Handler {
                     &self.scratch[..n],
                 );
             }
-            Opcode::SHARE => {
-                let r = self
-                    .page_for(target.handle(), who)
-                    .map(|p| self.store.share(p));
+            Opcode::SHARE | Opcode::DETACH => {
+                let r = self.page_for(target.handle(), who).map(|p| {
+                    if op == Opcode::SHARE {
+                        self.store.share(p)
+                    } else {
+                        self.store.detach(p)
+                    }
+                });
                 let st = r.err().unwrap_or(Status::OK);
                 self.reply_status(req, target, base, st, sink);
             }
             Opcode::MIGRATE_OUT => self.migrate_out(req, sink),
+            Opcode::OWNERS => self.list_owners(req, now_ns, sink),
             _ => unreachable!("{op:?} is not idempotent"),
         }
     }
@@ -897,6 +929,7 @@ impl Handler {
             }
             Opcode::FREE => Outcome::status(self.free(target, who, now_ns), target),
             Opcode::MIGRATE_IN => Outcome::status(self.migrate_in(req), PageHandle::NONE),
+            Opcode::RECLAIM => self.reclaim_owner(req),
             Opcode::FREE_BULK => {
                 let Body::Handles(list) = req.body else {
                     unreachable!("validated")
@@ -1102,6 +1135,8 @@ impl Handler {
         match r {
             Ok((p, local)) => {
                 data.copy_to(self.store.page_mut(p));
+                // Its owner keeps its home host alive, not this one (§5.17).
+                self.store.detach(p);
                 self.adopted.insert(key, local);
                 Status::OK
             }

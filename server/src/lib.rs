@@ -1,7 +1,8 @@
 //! The BlueBridge page server.
 //!
 //! - [`store`]: the hugepage-backed page arena and handle validation.
-//! - [`lease`], [`session`]: UPDATE leases and at-most-once execution; [`keyed`]: the keyed
+//! - [`lease`], [`session`]: UPDATE leases and at-most-once execution; [`liveness`]: when
+//!   each client was last heard (what reclaims a dead owner's pages); [`keyed`]: the keyed
 //!   permutation behind unguessable handles and lease ids.
 //! - [`handler`]: request handling as pure code — frames in, frames out.
 //! - [`stats`]: the counters a running server shows.
@@ -16,6 +17,7 @@ pub mod handler;
 pub mod handoff;
 pub mod keyed;
 pub mod lease;
+pub mod liveness;
 pub mod runtime;
 pub mod session;
 pub mod staging;
@@ -23,7 +25,7 @@ pub mod stats;
 pub mod store;
 pub mod udp;
 
-pub use handler::{Handler, HandlerConfig};
+pub use handler::{DEFAULT_GRACE_MS, Handler, HandlerConfig};
 pub use runtime::{Framing, Server, ServerConfig, ServerStats, TransportKind};
 pub use stats::Stats;
 pub use store::{Backing, Store, StoreError};

@@ -118,6 +118,12 @@ struct Args {
     /// allocation by one more gets BUSY; an address is forgotten when its last page is freed).
     #[arg(long, default_value_t = 1 << 16, value_parser = clap::value_parser!(u32).range(1..=1 << 20))]
     max_owners: u32,
+    /// Milliseconds a page owner may stay silent before the server frees its pages (0: never;
+    /// else 2000 to 86400000). Shared and detached pages stay. Any request from the owner's
+    /// address counts; the reference client pings each host it holds pages on every second
+    /// while it makes progress.
+    #[arg(long, default_value_t = bluebridge_server::handler::DEFAULT_GRACE_MS, value_parser = parse_grace)]
+    orphan_grace_ms: u64,
     /// Behind a BlueBridge switch: serve every BlueBridge frame the switch delivers here, so
     /// pages migrated to this host from others are answered (the switch decides what arrives).
     #[arg(long)]
@@ -135,6 +141,16 @@ fn parse_frames(s: &str) -> Result<u32, String> {
     let n: u32 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
     if !(128..=1 << 18).contains(&n) || !n.is_power_of_two() {
         return Err(format!("{n}: must be a power of two from 128 to 262144"));
+    }
+    Ok(n)
+}
+
+fn parse_grace(s: &str) -> Result<u64, String> {
+    let n: u64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a whole number of ms"))?;
+    if n != 0 && !(2_000..=86_400_000).contains(&n) {
+        return Err(format!("{n}: must be 0 (never) or 2000 to 86400000 ms"));
     }
     Ok(n)
 }
@@ -193,6 +209,7 @@ fn main() -> Result<()> {
         allowed_clients: a.allow_clients,
         echo: a.echo,
         max_owners: a.max_owners as usize,
+        orphan_grace_ms: a.orphan_grace_ms,
         accept_routed: a.accept_routed,
     };
     let stop = Arc::new(AtomicBool::new(false));
@@ -288,7 +305,7 @@ fn line(a: &ServerStats, b: &ServerStats, dt: Duration) -> String {
     format!(
         "ops/s {} | total {:.0}/s | per shard {} | errors {} | dup {} | stale {} | handoffs {} \
          (dropped {}) | malformed {} | bad source {} | tx drops {} | kernel drops {} | \
-         longest stall {} µs ({} over 1 ms) | pages {}",
+         longest stall {} µs ({} over 1 ms) | pages {} (reclaimed {})",
         ops.join(" "),
         rate(a.handler.requests, b.handler.requests),
         a.shards
@@ -312,12 +329,13 @@ fn line(a: &ServerStats, b: &ServerStats, dt: Duration) -> String {
         b.handler.loop_gap_max_ns / 1000,
         b.handler.stalls - a.handler.stalls,
         b.pages_used,
+        b.handler.reclaimed - a.handler.reclaimed,
     )
 }
 
 fn summary(s: &ServerStats) -> String {
     let mut out = format!(
-        "requests {} | frames rx {} tx {} | system calls: tx kicks {} rx kicks {} | pages in use {} | duplicates answered {} | stale \
+        "requests {} | frames rx {} tx {} | system calls: tx kicks {} rx kicks {} | pages in use {} (reclaimed {}) | duplicates answered {} | stale \
          dropped {} | handed off {} (dropped {}) | tx drops {} | bad sources {} | loop stalls over 1 ms {}\n",
         s.handler.requests,
         s.xsk.rx_frames,
@@ -325,6 +343,7 @@ fn summary(s: &ServerStats) -> String {
         s.xsk.tx_kicks,
         s.xsk.rx_kicks,
         s.pages_used,
+        s.handler.reclaimed,
         s.handler.duplicates,
         s.handler.stale,
         s.handler.handoffs,

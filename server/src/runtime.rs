@@ -107,6 +107,9 @@ pub struct ServerConfig {
     pub allowed_clients: Vec<crate::access::ClientPrefix>,
     /// Distinct client addresses that may own pages.
     pub max_owners: usize,
+    /// How long a page owner may stay silent before its pages (except shared and detached
+    /// ones) are freed, ms; 0: never (§5.17).
+    pub orphan_grace_ms: u64,
     /// Behind a BlueBridge switch: take every BlueBridge frame the switch delivers (the
     /// whole deployment prefix), so pages migrated here from other hosts are served. Without
     /// it only this host's /48 (and the any-server /48) is steered.
@@ -143,6 +146,7 @@ impl ServerConfig {
             handoff_depth: 64,
             allowed_clients: Vec::new(),
             max_owners: 1 << 16,
+            orphan_grace_ms: crate::handler::DEFAULT_GRACE_MS,
             accept_routed: false,
         }
     }
@@ -396,6 +400,7 @@ impl Server {
         };
         hc.allowed_clients = cfg.allowed_clients.clone();
         hc.max_owners = cfg.max_owners;
+        hc.orphan_grace_ms = cfg.orphan_grace_ms;
         let counters = Arc::new(HostCounters::new(shards));
         let mut handlers: Vec<Handler> = stores
             .into_iter()
@@ -698,6 +703,8 @@ impl Worker {
             loops = loops.wrapping_add(1);
             if loops.is_multiple_of(4096) || n == 0 && empty == 1 {
                 self.common.counters().publish_xsk(&self.xsk.stats());
+                let now = self.common.now_ns();
+                self.common.handler.housekeep(now);
             }
         }
         self.common.counters().publish_xsk(&self.xsk.stats());

@@ -53,6 +53,8 @@ pub struct Stats {
     /// Frames for another shard dropped because its hand-off ring was full (the client
     /// retransmits).
     pub handoff_dropped: u64,
+    /// Pages freed without a FREE: of owners silent past the grace period, or by RECLAIM.
+    pub reclaimed: u64,
     /// Pages allocated now.
     pub pages_used: u64,
     /// Pages the arena holds.
@@ -126,6 +128,7 @@ impl Default for Stats {
             stale: 0,
             handoffs: 0,
             handoff_dropped: 0,
+            reclaimed: 0,
             pages_used: 0,
             pages_total: 0,
             leases_held: 0,
@@ -162,6 +165,7 @@ impl Stats {
         self.stale += o.stale;
         self.handoffs += o.handoffs;
         self.handoff_dropped += o.handoff_dropped;
+        self.reclaimed += o.reclaimed;
         self.pages_used += o.pages_used;
         self.pages_total += o.pages_total;
         self.leases_held += o.leases_held;
@@ -275,6 +279,8 @@ pub struct ShardCounters {
     pub handoffs: Counter,
     /// Frames for another shard dropped on a full ring.
     pub handoff_dropped: Counter,
+    /// Pages freed without a FREE (silent owners, RECLAIM).
+    pub reclaimed: Counter,
     /// Pages allocated now.
     pub pages_used: Counter,
     /// Pages the shard's arena holds.
@@ -303,6 +309,7 @@ impl Default for ShardCounters {
             stale: Counter::default(),
             handoffs: Counter::default(),
             handoff_dropped: Counter::default(),
+            reclaimed: Counter::default(),
             pages_used: Counter::default(),
             pages_total: Counter::default(),
             leases_held: Counter::default(),
@@ -348,6 +355,7 @@ impl ShardCounters {
             stale: self.stale.get(),
             handoffs: self.handoffs.get(),
             handoff_dropped: self.handoff_dropped.get(),
+            reclaimed: self.reclaimed.get(),
             pages_used: self.pages_used.get(),
             pages_total: self.pages_total.get(),
             leases_held: self.leases_held.get(),

@@ -22,6 +22,7 @@ pub struct PageIdx(pub u32);
 const ALLOCATED: u16 = 1;
 const SHARED: u16 = 2;
 const MOVED: u16 = 4;
+const DETACHED: u16 = 8;
 const NO_PAGE: u32 = u32::MAX;
 /// Bits of each Feistel half: page index and generation.
 const HALF_BITS: u32 = 28;
@@ -37,7 +38,7 @@ struct PageMeta {
     generation: u32,
     /// The allocating client's id in the handler's owner table.
     owner: u32,
-    /// ALLOCATED, SHARED, MOVED.
+    /// ALLOCATED, SHARED, MOVED, DETACHED.
     flags: u16,
     /// Lease slot + 1, or 0.
     lease: u16,
@@ -315,6 +316,27 @@ impl Store {
     /// The owner id given at allocation.
     pub fn owner(&self, p: PageIdx) -> u32 {
         self.meta[p.0 as usize].owner
+    }
+
+    /// Keeps the page when its owner falls silent (it stays until freed).
+    pub fn detach(&mut self, p: PageIdx) {
+        self.meta[p.0 as usize].flags |= DETACHED;
+    }
+
+    /// Whether the page was detached.
+    pub fn is_detached(&self, p: PageIdx) -> bool {
+        self.meta[p.0 as usize].flags & DETACHED != 0
+    }
+
+    /// The owner of slot `p` if it holds a live page here; `None` for a free slot, one past
+    /// the arena, or a page migrated away (its holder answers for it). With `exempt_too`
+    /// false, also `None` for the pages an owner's silence does not reclaim: shared and
+    /// detached ones.
+    pub fn owner_of_slot(&self, p: PageIdx, exempt_too: bool) -> Option<u32> {
+        let m = self.meta.get(p.0 as usize)?;
+        let exempt = m.flags & (SHARED | DETACHED) != 0;
+        let here = m.flags & (ALLOCATED | MOVED) == ALLOCATED;
+        (here && (exempt_too || !exempt)).then_some(m.owner)
     }
 }
 

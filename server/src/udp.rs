@@ -123,6 +123,7 @@ impl UdpWorker {
             }
             stats.rx_frames += n as u64;
             stats.tx_dropped = self.tx.dropped;
+            self.common.handler.housekeep(now);
             if n == 0 {
                 empty += 1;
                 if self.common.idle && empty >= IDLE_SPINS {

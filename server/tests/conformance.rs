@@ -4,6 +4,7 @@
 
 mod common;
 
+use bluebridge_proto::message::OwnerEntry;
 use common::*;
 
 fn stat(r: &mut Rig) -> StatRecord {
@@ -600,4 +601,198 @@ fn s5_8_a_commit_in_several_frames_lands_whole_or_not_at_all() {
     let lease = acquire(&mut r, p, 0).h.lease;
     assert_eq!(commit(&mut r, p, lease, b""), Status::OK);
     assert_eq!(r.read(p, 0, 8), b"ABta1234");
+}
+
+/// §5.17: the pages of an owner silent past the grace period are freed, except shared and
+/// detached ones; an owner that keeps talking keeps its pages, whichever request it sends.
+#[test]
+fn s5_17_a_silent_owners_pages_are_reclaimed_but_shared_and_detached_ones_stay() {
+    let mut r = rig_with(2 << 20, 4096, |c| c.orphan_grace_ms = 2_000);
+    let quiet: Ipv6Addr = "fd00:bb:1::10".parse().unwrap();
+    let chatty: Ipv6Addr = "fd00:bb:1::20".parse().unwrap();
+    r.client = quiet;
+    let lost = r.alloc();
+    let shared = shared_page(&mut r);
+    let detached = r.alloc();
+    assert_eq!(
+        r.status(Opcode::WRITE, detached, hdr(0, 4), b"keep"),
+        Status::OK
+    );
+    assert_eq!(
+        r.status(Opcode::DETACH, detached, hdr(0, 0), &[]),
+        Status::OK
+    );
+    assert_eq!(
+        r.status(Opcode::DETACH, detached, hdr(0, 0), &[]),
+        Status::OK,
+        "idempotent"
+    );
+    r.client = chatty;
+    let kept = r.alloc();
+    // Someone else may not detach the quiet owner's page.
+    assert_eq!(
+        r.status(Opcode::DETACH, lost, hdr(0, 0), &[]),
+        Status::FORBIDDEN
+    );
+    assert_eq!(r.handler.store().pages_used(), 4);
+    // 3 s pass; the chatty owner pings every 500 ms (a PING is no page operation, and still
+    // counts), the quiet one says nothing.
+    for _ in 0..6 {
+        r.now += 500 * MS;
+        assert_eq!(
+            r.status(Opcode::PING, PageHandle::NONE, hdr(0, 0), &[]),
+            Status::OK
+        );
+        for _ in 0..4 {
+            let now = r.now;
+            r.handler.housekeep(now);
+        }
+    }
+    assert_eq!(r.handler.store().pages_used(), 3, "one page reclaimed");
+    let s = stat(&mut r);
+    assert_eq!((s.reclaimed, s.orphan_grace_ms), (1, 2_000));
+    assert_eq!(r.read(kept, 0, 1), [0]);
+    r.client = quiet;
+    assert_eq!(
+        r.status(Opcode::READ, lost, hdr(0, 1), &[]),
+        Status::STALE_HANDLE
+    );
+    assert_eq!(r.read(detached, 0, 4), *b"keep");
+    assert_eq!(r.read(shared, 0, 1), [0]);
+    // Within the grace period nothing more goes; once the chatty owner falls silent too, its
+    // page goes, and the shared and detached pages still stay.
+    for (step, left) in [(1_500, 3), (1_000, 2)] {
+        run_for(&mut r, step);
+        assert_eq!(r.handler.store().pages_used(), left, "after {step} ms more");
+    }
+}
+
+/// Lets `ms` pass as a worker does: housekeeping every 100 ms.
+fn run_for(r: &mut Rig, ms: u64) {
+    for _ in 0..ms / 100 {
+        r.now += 100 * MS;
+        let now = r.now;
+        r.handler.housekeep(now);
+    }
+}
+
+/// §5.17: time the whole server stood still (stopped, its VM paused) is not its owners'
+/// silence: after a pause far past the grace period they keep their pages, until they stay
+/// silent for the grace period once it runs again.
+#[test]
+fn s5_17_a_pause_of_the_server_is_not_silence() {
+    let mut r = rig_with(2 << 20, 4096, |c| c.orphan_grace_ms = 2_000);
+    let p = r.alloc();
+    assert_eq!(r.status(Opcode::WRITE, p, hdr(0, 2), b"ok"), Status::OK);
+    run_for(&mut r, 1_000);
+    r.now += 600_000 * MS; // nothing ran for 10 minutes
+    run_for(&mut r, 500);
+    assert_eq!(r.read(p, 0, 2), *b"ok", "kept across the pause");
+    run_for(&mut r, 1_500);
+    assert_eq!(r.handler.store().pages_used(), 1, "heard 1.5 s ago");
+    run_for(&mut r, 1_000);
+    assert_eq!(
+        r.handler.store().pages_used(),
+        0,
+        "silent 2.5 s of running time"
+    );
+}
+
+/// §5.17: a grace period of 0 reclaims nothing, however long the silence.
+#[test]
+fn s5_17_grace_0_never_reclaims() {
+    let mut r = rig_with(2 << 20, 4096, |c| c.orphan_grace_ms = 0);
+    r.alloc();
+    r.now += 86_400_000 * MS;
+    let now = r.now;
+    r.handler.housekeep(now);
+    assert_eq!(r.handler.store().pages_used(), 1);
+    assert_eq!(stat(&mut r).orphan_grace_ms, 0);
+}
+
+/// §5.17: OWNERS lists a shard's owners page by page and RECLAIM frees one owner's pages
+/// (shared and detached included); both are the controller's alone.
+#[test]
+fn s5_17_the_controller_lists_owners_and_reclaims_their_pages() {
+    let mut r = rig_with(2 << 20, 200, |_| {});
+    let controller: Ipv6Addr = "fd00:bb:7fff::1".parse().unwrap();
+    let client = |i: u16| -> Ipv6Addr { format!("fd00:bb:1::{i:x}").parse().unwrap() };
+    // 20 owners with i pages each (more than one 200-byte reply holds: 8 entries).
+    for i in 1..=20u16 {
+        r.client = client(i);
+        for _ in 0..i {
+            r.alloc();
+        }
+    }
+    r.client = client(3);
+    let p = r.alloc(); // owner 3 holds 4 pages
+    assert_eq!(r.status(Opcode::DETACH, p, hdr(0, 0), &[]), Status::OK);
+    let sel = BbRepr {
+        lease: PageHandle::with_shard(0, 0).to_bits(),
+        ..hdr(0, 0)
+    };
+    // Not the controller: FORBIDDEN, nothing listed or freed.
+    assert_eq!(
+        r.status(Opcode::OWNERS, PageHandle::NONE, sel, &[]),
+        Status::FORBIDDEN
+    );
+    let reclaim = |addr: Ipv6Addr| {
+        let o = u128::from(addr);
+        BbRepr {
+            operand0: (o >> 64) as u64,
+            operand1: o as u64,
+            ..sel
+        }
+    };
+    assert_eq!(
+        r.status(Opcode::RECLAIM, PageHandle::NONE, reclaim(client(3)), &[]),
+        Status::FORBIDDEN
+    );
+    // No shard selector: MALFORMED.
+    r.client = controller;
+    assert_eq!(
+        r.status(Opcode::OWNERS, PageHandle::NONE, hdr(0, 0), &[]),
+        Status::MALFORMED
+    );
+    let mut listed = std::collections::BTreeMap::new();
+    let mut cursor = 0;
+    let mut frames = 0;
+    loop {
+        let a = r.one(
+            Opcode::OWNERS,
+            PageHandle::NONE,
+            BbRepr {
+                operand0: cursor,
+                ..sel
+            },
+            &[],
+        );
+        assert_eq!(a.h.status, Status::OK);
+        let entries: Vec<_> = OwnerEntry::parse_list(&a.payload).unwrap().collect();
+        assert_eq!(entries.len(), usize::from(a.h.count));
+        assert!(entries.len() <= 200 / OwnerEntry::LEN);
+        for e in entries {
+            listed.insert(Ipv6Addr::from(e.addr), e.pages);
+        }
+        frames += 1;
+        cursor = a.h.operand0;
+        if cursor == 0 {
+            break;
+        }
+    }
+    assert_eq!(frames, 3);
+    assert_eq!(listed.len(), 20);
+    assert!((1..=20u16).all(|i| listed[&client(i)] == u32::from(i) + u32::from(i == 3)));
+    // RECLAIM owner 3: its 4 pages, the detached one included.
+    let a = r.one(Opcode::RECLAIM, PageHandle::NONE, reclaim(client(3)), &[]);
+    assert_eq!((a.h.status, a.h.operand0), (Status::OK, 4));
+    let a = r.one(Opcode::RECLAIM, PageHandle::NONE, reclaim(client(3)), &[]);
+    assert_eq!((a.h.status, a.h.operand0), (Status::OK, 0), "nothing left");
+    assert_eq!(r.handler.store().pages_used(), 210 - 3);
+    r.client = client(3);
+    assert_eq!(
+        r.status(Opcode::READ, p, hdr(0, 1), &[]),
+        Status::STALE_HANDLE
+    );
+    assert_eq!(stat(&mut r).reclaimed, 4);
 }

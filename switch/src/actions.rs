@@ -1,5 +1,5 @@
 //! What the controller does over the network — health checks, page migrations, INVALIDATE
-//! notices — split from its state so that the state's lock is never held across network I/O.
+//! notices, listing and reclaiming page owners — split from its state so that the state's lock is never held across network I/O.
 //! Each action decides under the [`Controller`] lock (a few map updates: fast), does its I/O
 //! holding only the controller's link, and records the outcome under the lock again. So the
 //! control API (status, routes, registration) answers while a dead host's health check waits
@@ -12,7 +12,9 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use bluebridge_client::{AnyTransport, Client, ClientError, Request};
 use bluebridge_proto::{HeaderFlags, HostId, MacAddr, Opcode, PAGE_SIZE, RemoteAddr};
 
-use crate::{CONTROLLER_HOST, Controller, CtlError, Migration, MigrationPlan, Notices};
+use crate::{
+    CONTROLLER_HOST, Controller, CtlError, Migration, MigrationPlan, Notices, OwnerInfo, Reclaimed,
+};
 
 fn lock(ctl: &Mutex<Controller>) -> MutexGuard<'_, Controller> {
     ctl.lock().unwrap_or_else(PoisonError::into_inner)
@@ -172,4 +174,55 @@ fn copy(
         return Err(fail("MIGRATE_IN", e));
     }
     Ok((t1, std::time::Instant::now()))
+}
+
+/// Runs `f` on the controller's link for registered host `id` (the lock is not held meanwhile).
+fn on_host<R>(
+    ctl: &Mutex<Controller>,
+    id: u16,
+    what: &str,
+    f: impl FnOnce(&mut Client<AnyTransport>) -> Result<R, ClientError>,
+) -> Result<R, CtlError> {
+    let link = {
+        let c = lock(ctl);
+        if !c.hosts().iter().any(|h| h.id == id) {
+            return Err(CtlError::Invalid(format!("host {id} is not registered")));
+        }
+        c.link()
+    };
+    let mut c = link.lock().unwrap_or_else(PoisonError::into_inner);
+    let c = c
+        .as_mut()
+        .ok_or_else(|| CtlError::Invalid("the controller has no link to the hosts".into()))?;
+    f(c).map_err(|e| CtlError::Invalid(format!("{what} on host {id}: {e}")))
+}
+
+/// Who holds pages on host `id`, shard by shard, and how long each has been silent
+/// (OWNERS, docs/protocol.md §5.17).
+pub fn owners(ctl: &Mutex<Controller>, id: u16) -> Result<Vec<OwnerInfo>, CtlError> {
+    let list = on_host(ctl, id, "OWNERS", |c| c.owners(HostId(id)))?;
+    Ok(list
+        .into_iter()
+        .map(|o| OwnerInfo {
+            shard: o.shard,
+            addr: o.addr.to_string(),
+            pages: o.pages,
+            silent_ms: o.silent_ms,
+        })
+        .collect())
+}
+
+/// Frees every page `owner` holds on host `id`, shared and detached ones included (RECLAIM,
+/// docs/protocol.md §5.17).
+pub fn reclaim(ctl: &Mutex<Controller>, id: u16, owner: &str) -> Result<Reclaimed, CtlError> {
+    let addr: Ipv6Addr = owner
+        .parse()
+        .map_err(|_| CtlError::Invalid(format!("`{owner}` is not an IPv6 address")))?;
+    let pages = on_host(ctl, id, "RECLAIM", |c| c.reclaim(HostId(id), addr))?;
+    tracing::info!(host = id, owner = %addr, pages, "owner's pages reclaimed");
+    Ok(Reclaimed {
+        host: id,
+        owner: addr.to_string(),
+        pages,
+    })
 }

@@ -46,6 +46,18 @@ pub enum Request {
         /// The host to move it to.
         to: u16,
     },
+    /// Who holds pages on a host, and how long each has been silent.
+    Owners {
+        /// Host id.
+        host: u16,
+    },
+    /// Free every page an owner holds on a host (shared and detached ones included).
+    Reclaim {
+        /// Host id.
+        host: u16,
+        /// The owner's address.
+        owner: String,
+    },
 }
 
 /// The answer line.
@@ -97,7 +109,9 @@ fn execute(ctl: &mut Controller, req: Request) -> Result<serde_json::Value, CtlE
         Request::Routes => json(serde_json::to_value(ctl.routes()?)),
         Request::Counters => json(serde_json::to_value(ctl.counters()?)),
         Request::HotPages { top } => json(serde_json::to_value(ctl.hot_pages(top)?)),
-        Request::Migrate { .. } => unreachable!("answered without the lock held"),
+        Request::Migrate { .. } | Request::Owners { .. } | Request::Reclaim { .. } => {
+            unreachable!("answered without the lock held")
+        }
     }
 }
 
@@ -107,15 +121,21 @@ pub fn answer(ctl: &Mutex<Controller>, line: &str) -> Response {
         Ok(r) => r,
         Err(e) => return Response::Error(format!("not a request: {e}")),
     };
-    // A migration does network I/O: it takes the lock only for its decisions.
-    if let Request::Migrate { page, to } = &req {
-        return match crate::actions::migrate(ctl, page, *to) {
-            Ok(m) => match serde_json::to_value(m) {
-                Ok(v) => Response::Ok(v),
-                Err(e) => Response::Error(format!("encoding the answer: {e}")),
-            },
+    // Requests that do network I/O take the lock only for their decisions.
+    fn respond<V: Serialize>(r: Result<V, CtlError>) -> Response {
+        match r.map(serde_json::to_value) {
+            Ok(Ok(v)) => Response::Ok(v),
+            Ok(Err(e)) => Response::Error(format!("encoding the answer: {e}")),
             Err(e) => Response::Error(e.to_string()),
-        };
+        }
+    }
+    match &req {
+        Request::Migrate { page, to } => return respond(crate::actions::migrate(ctl, page, *to)),
+        Request::Owners { host } => return respond(crate::actions::owners(ctl, *host)),
+        Request::Reclaim { host, owner } => {
+            return respond(crate::actions::reclaim(ctl, *host, owner));
+        }
+        _ => {}
     }
     let mut ctl = ctl.lock().unwrap_or_else(PoisonError::into_inner);
     match execute(&mut ctl, req) {

@@ -214,6 +214,30 @@ pub(crate) struct MigrationPlan {
     pub(crate) prefix: NetPrefix,
 }
 
+/// One owner of pages on one shard of a host (`bluebridge-ctl owners`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerInfo {
+    /// The shard.
+    pub shard: usize,
+    /// The owner's address.
+    pub addr: String,
+    /// Pages it holds there.
+    pub pages: u32,
+    /// Milliseconds since the host last heard from it.
+    pub silent_ms: u32,
+}
+
+/// What a RECLAIM freed (`bluebridge-ctl reclaim`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reclaimed {
+    /// The host.
+    pub host: u16,
+    /// The owner whose pages went.
+    pub owner: String,
+    /// How many pages were freed.
+    pub pages: u64,
+}
+
 /// What a migration did and how long its steps took.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Migration {

@@ -9,8 +9,8 @@ use anyhow::{Context, Result};
 use bluebridge_proto::NetPrefix;
 use bluebridge_switch::api::{self, Request};
 use bluebridge_switch::{
-    Controller, Counters, HostSpec, HostStatus, HotPage, LinkSpec, Migration, RouteInfo,
-    SuperviseConfig, supervise,
+    Controller, Counters, HostSpec, HostStatus, HotPage, LinkSpec, Migration, OwnerInfo, Reclaimed,
+    RouteInfo, SuperviseConfig, supervise,
 };
 use clap::{Parser, Subcommand};
 
@@ -128,6 +128,23 @@ enum Cmd {
         #[arg(long)]
         to: u16,
     },
+    /// Who holds pages on a host, and for how long each has been silent (needs the daemon's
+    /// --link).
+    Owners {
+        /// Host id.
+        #[arg(long)]
+        host: u16,
+    },
+    /// Free every page one owner holds on a host, shared and detached ones included: for a
+    /// client that is gone for good (needs the daemon's --link).
+    Reclaim {
+        /// Host id.
+        #[arg(long)]
+        host: u16,
+        /// The owner's IPv6 address (as `owners` lists it).
+        #[arg(long)]
+        owner: std::net::Ipv6Addr,
+    },
 }
 
 fn main() -> Result<()> {
@@ -213,6 +230,11 @@ fn main() -> Result<()> {
         Cmd::Counters => Request::Counters,
         Cmd::HotPages { top } => Request::HotPages { top: top as usize },
         Cmd::Migrate { page, to } => Request::Migrate { page, to },
+        Cmd::Owners { host } => Request::Owners { host },
+        Cmd::Reclaim { host, owner } => Request::Reclaim {
+            host,
+            owner: owner.to_string(),
+        },
     };
     let v = api::call(&cli.socket, &req)?;
     if cli.json {
@@ -289,6 +311,22 @@ fn main() -> Result<()> {
                 "{} moved from host {} to host {}: cut-over {:.0} µs (copy out {:.0}, copy in {:.0}, route {:.0})",
                 m.page, m.from, m.to, m.cutover_us, m.copy_out_us, m.copy_in_us, m.route_update_us
             );
+        }
+        Request::Owners { host } => {
+            let owners: Vec<OwnerInfo> = serde_json::from_value(v)?;
+            println!("host {host}: {} owner(s)", owners.len());
+            println!("| shard | owner | pages | silent for |\n|---|---|---|---|");
+            for o in owners {
+                let silent = match o.silent_ms {
+                    u32::MAX => "never heard".to_string(),
+                    ms => format!("{:.1} s", f64::from(ms) / 1e3),
+                };
+                println!("| {} | {} | {} | {silent} |", o.shard, o.addr, o.pages);
+            }
+        }
+        Request::Reclaim { .. } => {
+            let r: Reclaimed = serde_json::from_value(v)?;
+            println!("host {}: {} page(s) of {} freed", r.host, r.pages, r.owner);
         }
         Request::Status => {
             let hosts: Vec<HostStatus> = serde_json::from_value(v)?;

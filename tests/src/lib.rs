@@ -85,6 +85,8 @@ pub struct RigOptions {
     pub queues: u32,
     /// Preferred busy polling on the server's sockets.
     pub busy_poll: Option<bluebridge_xsk::BusyPoll>,
+    /// How long the server lets a page owner stay silent before freeing its pages (ms).
+    pub orphan_grace_ms: u64,
 }
 
 impl Default for RigOptions {
@@ -105,6 +107,7 @@ impl Default for RigOptions {
             prototype_ndp: false,
             queues: 1,
             busy_poll: None,
+            orphan_grace_ms: bluebridge_server::DEFAULT_GRACE_MS,
         }
     }
 }
@@ -133,6 +136,7 @@ impl Rig {
             allowed_clients: o.allowed_clients.clone(),
             queues: (0..o.queues.max(1)).collect(),
             busy_poll: o.busy_poll,
+            orphan_grace_ms: o.orphan_grace_ms,
             ..ServerConfig::new(&pair.server.ifname, SERVER)
         };
         let mut ndp = None;

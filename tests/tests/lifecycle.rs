@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use bluebridge_client::ClientError;
 use bluebridge_proto::{BbRepr, OpFlags, Opcode, PAGE_SIZE};
+use bluebridge_server::TransportKind;
 use bluebridge_tests::{Rig, RigOptions, SERVER};
 use bluebridge_topology::{Pair, ip_in, unique};
 
@@ -97,6 +98,71 @@ fn a_restarted_server_gives_errors_never_stale_data() {
         let q = rig.client.alloc(SERVER, false).unwrap();
         assert!(rig.client.read(q).unwrap().iter().all(|&b| b == 0));
     }
+}
+
+/// §5.17: a client that holds pages and keeps quiet but alive (the reference client pings
+/// while idle) keeps them; once it is silent past the server's grace period its pages are
+/// freed, all but the shared and the detached ones, on both server transports.
+#[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
+fn a_silent_clients_pages_are_reclaimed_and_a_live_ones_kept() {
+    for transport in [TransportKind::Xdp, TransportKind::Udp] {
+        silent_owner_on(transport);
+    }
+}
+
+fn silent_owner_on(transport: TransportKind) {
+    let mut rig = Rig::new(&RigOptions {
+        server_transport: transport,
+        client_udp: transport == TransportKind::Udp,
+        orphan_grace_ms: 2_000,
+        ..RigOptions::default()
+    });
+    let c = &mut rig.client;
+    let lost = c.alloc_bulk(SERVER, 3, false).unwrap();
+    let shared = c.alloc(SERVER, true).unwrap();
+    let detached = c.alloc(SERVER, false).unwrap();
+    for (i, &p) in lost.iter().chain([&shared, &detached]).enumerate() {
+        c.write(p, 0, &[i as u8 + 1; 64]).unwrap();
+    }
+    c.detach(detached).unwrap();
+    let st = c.stat(SERVER).unwrap();
+    assert_eq!((st.pages_used, st.orphan_grace_ms), (5, 2_000));
+
+    // Idle but alive for 3.5 s, past the grace period: nothing goes.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(3_500) {
+        rig.client.keep_alive();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let s = rig.server().stats();
+    assert_eq!((s.pages_used, s.handler.reclaimed), (5, 0), "{transport:?}");
+
+    // Silent from a last request on: the three private pages go after the grace period and
+    // a few checks.
+    rig.client.ping(SERVER).unwrap();
+    let t = Instant::now();
+    while rig.server().stats().pages_used > 2 {
+        assert!(
+            t.elapsed() < Duration::from_secs(8),
+            "{transport:?}: not reclaimed: {:?}",
+            rig.server().stats().handler
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(t.elapsed() >= Duration::from_millis(1_900), "{transport:?}");
+    assert_eq!(rig.server().stats().handler.reclaimed, 3);
+    let c = &mut rig.client;
+    for &p in &lost {
+        assert_eq!(c.read(p), Err(ClientError::StaleHandle), "{transport:?}");
+    }
+    assert_eq!(c.read_range(shared, 0, 64).unwrap(), [4; 64]);
+    assert_eq!(c.read_range(detached, 0, 64).unwrap(), [5; 64]);
+    let st = c.stat(SERVER).unwrap();
+    assert_eq!((st.pages_used, st.reclaimed), (2, 3), "{transport:?}");
 }
 
 fn server_binary() -> PathBuf {

@@ -65,7 +65,14 @@ pub trait Backing: Send + 'static {
     fn store(&mut self, index: usize, page: &AlignedPage) -> Result<(), BackingError>;
     /// The region is going away: release the pages (`free`) or leave them for a later attach.
     fn close(&mut self, free: bool) -> Result<(), BackingError>;
+    /// The handler has had no fault for [`IDLE_TICK`]: time for housekeeping (a remote
+    /// backing lets its servers hear from it, so they keep its pages). The default does
+    /// nothing.
+    fn idle(&mut self) {}
 }
+
+/// How long the handler waits for a fault before it calls [`Backing::idle`].
+pub const IDLE_TICK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A callback for the errors the fault handler meets (it runs on the handler thread).
 pub type ErrorCallback = Box<dyn Fn(&RegionError) + Send>;
@@ -460,12 +467,18 @@ impl<B: Backing> Handler<B> {
                 PollFd::new(self.faults.as_fd(), PollFlags::POLLIN),
                 PollFd::new(wake.as_fd(), PollFlags::POLLIN),
             ];
-            if let Err(e) = poll(&mut fds, PollTimeout::NONE) {
-                if e == nix::errno::Errno::EINTR {
+            let tick = PollTimeout::try_from(IDLE_TICK).unwrap_or(PollTimeout::MAX);
+            match poll(&mut fds, tick) {
+                Ok(0) => {
+                    self.backing.idle();
                     continue;
                 }
-                tracing::error!(error = %e, "poll on the userfaultfd failed; the handler stops");
-                return self.backing;
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, "poll on the userfaultfd failed; the handler stops");
+                    return self.backing;
+                }
             }
             let commanded = fds[1]
                 .revents()

@@ -3,7 +3,7 @@
 
 use bluebridge_proto::{HostId, PAGE_SIZE, RemoteAddr};
 
-use super::{AlignedPage, Backing, BackingError, PagedRegion, RegionError, RegionOptions};
+use super::{AlignedPage, Backing, BackingError, OnClose, PagedRegion, RegionError, RegionOptions};
 use crate::{Client, ClientError, Transport};
 
 /// Bytes of one directory entry: the page's address.
@@ -111,6 +111,10 @@ impl<T: Transport> RemoteBacking<T> {
 }
 
 impl<T: Transport + Send + 'static> Backing for RemoteBacking<T> {
+    fn idle(&mut self) {
+        self.client.keep_alive();
+    }
+
     fn locate(&mut self, index: usize) -> Result<(), BackingError> {
         self.located = Some(match &self.directory {
             Some(d) => d.lookup(&mut self.client, index)?,
@@ -134,10 +138,11 @@ impl<T: Transport + Send + 'static> Backing for RemoteBacking<T> {
     }
 
     fn close(&mut self, free: bool) -> Result<(), BackingError> {
+        let dir = self.directory.take().map(|d| d.table).unwrap_or_default();
         if !free {
+            // Kept for a later attach (detached on the servers when the region was made).
             return Ok(());
         }
-        let dir = self.directory.take().map(|d| d.table).unwrap_or_default();
         for chunk in self.pages.chunks(128).chain(dir.chunks(128)) {
             for r in self.client.free_bulk(chunk)? {
                 r?;
@@ -152,7 +157,9 @@ pub type RemoteRegion<T> = PagedRegion<RemoteBacking<T>>;
 
 impl<T: Transport + Send + 'static> PagedRegion<RemoteBacking<T>> {
     /// Allocates `pages` remote pages round-robin across `hosts` and maps them (fresh pages
-    /// read as zeros).
+    /// read as zeros). With [`OnClose::Detach`] the pages are detached on their servers
+    /// (docs/protocol.md §5.17), so they stay when this client stops, until someone frees
+    /// them; otherwise they go when the client has been silent for a server's grace period.
     pub fn new(
         mut client: Client<T>,
         pages: usize,
@@ -171,9 +178,13 @@ impl<T: Transport + Send + 'static> PagedRegion<RemoteBacking<T>> {
             let mut got = 0;
             while got < want {
                 let n = (want - got).min(128) as u16;
-                let a = client
-                    .alloc_bulk(h, n, false)
-                    .map_err(|e| RegionError::Setup(format!("allocating on host {h}: {e}")))?;
+                let a = match client.alloc_bulk(h, n, false) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        let _ = client.free_all(&addrs); // nothing half-made stays behind
+                        return Err(RegionError::Setup(format!("allocating on host {h}: {e}")));
+                    }
+                };
                 got += a.len();
                 addrs.extend(a);
             }
@@ -188,6 +199,14 @@ impl<T: Transport + Send + 'static> PagedRegion<RemoteBacking<T>> {
             }
         }
         ordered.truncate(pages);
+        if options.on_close == OnClose::Detach {
+            // Pages kept past this process: the servers must keep them when this client falls
+            // silent (docs/protocol.md §5.17).
+            if let Err(e) = client.detach_all(&ordered) {
+                let _ = client.free_all(&ordered);
+                return Err(RegionError::Setup(format!("detaching the pages: {e}")));
+            }
+        }
         Self::with_backing(RemoteBacking::new(client, ordered), pages, options)
     }
 
