@@ -165,21 +165,81 @@ fn silent_owner_on(transport: TransportKind) {
     assert_eq!((st.pages_used, st.reclaimed), (2, 3), "{transport:?}");
 }
 
-fn server_binary() -> PathBuf {
-    // target/<profile>/deps/lifecycle-… → target/<profile>/bluebridge-server
+/// Item 13: the client's demo frees every page it allocated when stopped with Ctrl-C (or
+/// SIGTERM) mid-run, and says so.
+#[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
+fn the_client_demo_frees_its_pages_when_interrupted() {
+    let rig = Rig::new(&RigOptions {
+        server_transport: TransportKind::Udp,
+        client_udp: true,
+        ..RigOptions::default()
+    });
+    let bin = binary("bluebridge-client", "bluebridge-client");
+    for sig in ["INT", "TERM"] {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &rig.pair.client.ns])
+            .arg(&bin)
+            .args(["--iface", &rig.pair.client.ifname, "--transport", "udp"])
+            .args(["demo", "--host", "2", "--pages", "64", "--seconds", "600"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        while rig.server().stats().pages_used < 64 {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "SIG{sig}: the demo never allocated its pages"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let killed = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(130),
+            "SIG{sig}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("interrupted; all 64 pages freed"),
+            "SIG{sig}: {stdout:?}"
+        );
+        assert_eq!(rig.server().stats().pages_used, 0, "SIG{sig}");
+        assert_eq!(
+            rig.server().stats().handler.reclaimed,
+            0,
+            "freed, not reclaimed"
+        );
+    }
+}
+
+/// `target/<profile>/<name>`, built by `cargo build -p <package>` (cargo xtask test does).
+fn binary(package: &str, name: &str) -> PathBuf {
+    // target/<profile>/deps/lifecycle-… → target/<profile>/<name>
     let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("bluebridge-server");
+    let bin = exe.parent().unwrap().parent().unwrap().join(name);
     assert!(
         bin.exists(),
-        "{} is missing: `cargo build -p bluebridge-server` first (cargo xtask test does)",
+        "{} is missing: `cargo build -p {package}` first (cargo xtask test does)",
         bin.display()
     );
     bin
+}
+
+fn server_binary() -> PathBuf {
+    binary("bluebridge-server", "bluebridge-server")
 }
 
 fn xdp_attached(ns: &str, ifname: &str) -> bool {

@@ -147,8 +147,15 @@ fn test(fuzz_seconds: u64, no_packages: bool) -> Result<()> {
     s.run(
         "privileged end-to-end tests (namespaces, veth, XDP, AF_XDP)",
         || {
-            // The lifecycle tests run the real server binary.
-            stage::status(cargo().args(["build", "--locked", "-p", "bluebridge-server"]))?;
+            // The lifecycle tests run the real server and client binaries.
+            stage::status(cargo().args([
+                "build",
+                "--locked",
+                "-p",
+                "bluebridge-server",
+                "-p",
+                "bluebridge-client",
+            ]))?;
             stage::status(cargo().args(["test", "--locked", "-p", "bluebridge-tests"]))
         },
     )?;

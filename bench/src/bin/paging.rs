@@ -5,6 +5,8 @@
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -64,6 +66,17 @@ struct Args {
     plot: Option<PathBuf>,
 }
 
+/// Set by SIGINT or SIGTERM.
+static STOP: std::sync::LazyLock<Arc<AtomicBool>> = std::sync::LazyLock::new(Default::default);
+
+/// An error once SIGINT or SIGTERM came.
+fn check_stop() -> Result<()> {
+    if STOP.load(Ordering::Relaxed) {
+        bail!("interrupted (every page allocated is freed)");
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     bluebridge_client::init_logging("warn");
     let a = Args::parse();
@@ -84,6 +97,10 @@ fn main() -> Result<()> {
     }
     let n = a.faults + a.warmup;
     let dir_host = a.directory_host.unwrap_or(a.host);
+    // Ctrl-C (or SIGTERM) stops the measurement cleanly: the pages are freed on the way out.
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, STOP.clone()).context("installing signal handlers")?;
+    }
 
     let (t, ec) = a.net.open().context("opening the transport")?;
     let mut client = Client::new(ec, t);
@@ -287,6 +304,7 @@ fn measure<B: Backing>(
     let mem = region.as_slice();
     let mut app = Vec::with_capacity(n);
     for &p in &order {
+        check_stop()?;
         let t0 = Instant::now();
         std::hint::black_box(mem[p * PAGE_SIZE]);
         app.push((p, t0, Instant::now()));
@@ -295,6 +313,7 @@ fn measure<B: Backing>(
     if first_writes {
         let mem = region.as_mut_slice();
         for &p in &order[warmup..] {
+            check_stop()?;
             let t0 = Instant::now();
             mem[p * PAGE_SIZE] = 1;
             writes.push(t0.elapsed().as_nanos() as u64);

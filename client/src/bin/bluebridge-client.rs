@@ -1,5 +1,6 @@
 //! `bluebridge-client`: talk to BlueBridge servers from the command line.
 
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -68,7 +69,7 @@ enum Cmd {
     },
 }
 
-fn main() -> Result<()> {
+fn main() -> Result<ExitCode> {
     bluebridge_client::init_logging("warn");
     let a = Args::parse();
     bluebridge_xsk::busy_poll_thread(a.core, !a.normal_priority)
@@ -114,10 +115,10 @@ fn main() -> Result<()> {
                 window: usize::from(window),
                 stop,
             };
-            plan.run(&mut c)?
+            return plan.run(&mut c);
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 fn hist() -> Histogram<u64> {
@@ -127,6 +128,11 @@ fn hist() -> Histogram<u64> {
 fn us(ns: u64) -> f64 {
     ns as f64 / 1000.0
 }
+
+/// SIGINT or SIGTERM stopped the demo.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted")]
+struct Interrupted;
 
 /// The demo's workload.
 struct Demo {
@@ -141,13 +147,21 @@ struct Demo {
 
 impl Demo {
     /// Allocates the working set, runs the phases and frees every page it allocated on every
-    /// way out: success, an error in a phase, or Ctrl-C.
-    fn run(&self, c: &mut Client<AnyTransport>) -> Result<()> {
+    /// way out: success, an error in a phase, or Ctrl-C (then the exit status is 130, as for
+    /// a shell's interrupted command).
+    fn run(&self, c: &mut Client<AnyTransport>) -> Result<ExitCode> {
         let mut set = Vec::new();
         let outcome = self.phases(c, &mut set);
         let freed = free_all(c, &set);
         if let Err(e) = &freed {
             eprintln!("bluebridge-client: freeing the demo's pages: {e:#}");
+        }
+        if let Err(e) = &outcome
+            && e.is::<Interrupted>()
+        {
+            freed?;
+            println!("client: interrupted; all {} pages freed", set.len());
+            return Ok(ExitCode::from(130));
         }
         outcome?;
         freed?;
@@ -160,12 +174,12 @@ impl Demo {
             set.len()
         );
         ensure!(s.timeouts == 0, "the demo saw timeouts");
-        Ok(())
+        Ok(ExitCode::SUCCESS)
     }
 
     fn check_stop(&self) -> Result<()> {
         if self.stop.load(Ordering::Relaxed) {
-            bail!("interrupted");
+            return Err(Interrupted.into());
         }
         Ok(())
     }
