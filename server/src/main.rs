@@ -55,10 +55,14 @@ struct Args {
     /// many servers); default is pure busy-polling.
     #[arg(long)]
     idle: bool,
-    /// Run workers at normal priority instead of SCHED_IDLE. SCHED_IDLE (the default) lets the
-    /// kernel's softirq thread preempt a busy-polling worker at once; at normal priority it can
-    /// wait a whole scheduler slice (4 ms stalls seen on veth).
+    /// Run workers under SCHED_IDLE instead of normal priority: any other thread on their core
+    /// then preempts them at once (on older kernels this avoided 4 ms stalls behind a deferred
+    /// softirq), but a CPU-bound process sharing the core starves them almost completely. Only
+    /// for workers on cores nothing else runs on (docs/running.md).
     #[arg(long)]
+    sched_idle: bool,
+    /// Normal priority for the workers: the default now (kept so that scripts using it work).
+    #[arg(long, hide = true, conflicts_with = "sched_idle")]
     normal_priority: bool,
     /// UMEM frames per socket (4 KiB each, a power of two from 128 to 262144; half RX, half
     /// TX).
@@ -189,7 +193,7 @@ fn main() -> Result<()> {
         arena_bytes: a.arena.as_u64(),
         framing: a.framing,
         idle: a.idle,
-        sched_idle: !a.normal_priority,
+        sched_idle: a.sched_idle && !a.normal_priority,
         frames: a.frames,
         force_generic: a.generic,
         zero_copy: !a.copy,

@@ -68,8 +68,8 @@ pub struct ServerConfig {
     pub framing: Framing,
     /// Sleep in poll() after a run of empty polls.
     pub idle: bool,
-    /// Run workers under SCHED_IDLE so kernel work on their CPU is never starved
-    /// (see [`bluebridge_xsk::busy_poll_thread`]).
+    /// Run workers under SCHED_IDLE (see [`bluebridge_xsk::busy_poll_thread`]); off by
+    /// default: a worker at normal priority shares its core fairly with a noisy neighbour.
     pub sched_idle: bool,
     /// UMEM frames per socket.
     pub frames: u32,
@@ -129,7 +129,7 @@ impl ServerConfig {
             arena_bytes: 256 << 20,
             framing: Framing::Auto,
             idle: false,
-            sched_idle: true,
+            sched_idle: false,
             frames: 2048,
             force_generic: false,
             zero_copy: true,

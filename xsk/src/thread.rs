@@ -14,13 +14,14 @@ pub enum BusyPollError {
 /// Prepares the calling thread for busy-polling: pins it to `core` (if given) and, with
 /// `sched_idle`, runs it under SCHED_IDLE.
 ///
-/// Why SCHED_IDLE: on veth (and in AF_XDP copy mode generally) frames are delivered by the
-/// kernel's softirq work. That work normally runs at the end of our own `sendto`, but once the
-/// kernel defers it to `ksoftirqd`, a busy-polling thread of normal priority keeps `ksoftirqd`
-/// off its CPU for a whole scheduler slice: every frame then waits ~4 ms (one tick at
-/// HZ=250), which we measured on the 2-vCPU VM as p99.9 of 4 ms and thousands of
-/// retransmissions at 32 requests in flight. Under SCHED_IDLE any woken kernel thread preempts
-/// the poller at once, and the poller still gets all of the CPU's remaining time.
+/// SCHED_IDLE and its price: on veth (and in AF_XDP copy mode generally) frames are delivered
+/// by the kernel's softirq work, which normally runs at the end of our own `sendto`; once the
+/// kernel defers it to `ksoftirqd`, a busy-polling thread of normal priority could keep
+/// `ksoftirqd` off its CPU for a scheduler slice (~4 ms stalls, measured here once).
+/// Under SCHED_IDLE any woken thread preempts the poller at once — but so does any CPU-bound
+/// process, which then starves the poller almost completely. Measured again on kernel 6.18 (EEVDF),
+/// normal priority showed no such stalls and as much throughput, so the servers and the client
+/// default to it; the load generator keeps SCHED_IDLE on its own dedicated cores.
 pub fn busy_poll_thread(core: Option<usize>, sched_idle: bool) -> Result<(), BusyPollError> {
     if let Some(id) = core {
         // core_affinity panics (in libc's CPU_SET) for ids beyond the CPU set: check first.
