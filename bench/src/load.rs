@@ -81,11 +81,7 @@ static INTERRUPTED: std::sync::LazyLock<Arc<std::sync::atomic::AtomicBool>> =
 
 /// Turns Ctrl-C (and SIGTERM) into a request to stop cleanly (see [`interrupted`]).
 pub(crate) fn catch_interrupts() -> Result<()> {
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, INTERRUPTED.clone())
-            .context("installing signal handlers")?;
-    }
-    Ok(())
+    bluebridge_xsk::cli::stop_on_signals(&INTERRUPTED).context("installing signal handlers")
 }
 
 /// Whether the user asked to stop.

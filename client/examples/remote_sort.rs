@@ -51,9 +51,7 @@ fn main() -> Result<()> {
         );
     }
     let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
-    }
+    bluebridge_xsk::cli::stop_on_signals(&stop).context("installing signal handlers")?;
     let (t, ec) = a.net.open().context("opening the transport")?;
     let client = Client::new(ec, t);
     let mut region = RemoteRegion::new(

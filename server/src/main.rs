@@ -217,9 +217,7 @@ fn main() -> Result<()> {
         accept_routed: a.accept_routed,
     };
     let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
-    }
+    bluebridge_xsk::cli::stop_on_signals(&stop).context("installing signal handlers")?;
     let server = Server::start(&cfg).with_context(|| format!("starting on {}", a.iface))?;
     let i = server.info();
     println!(

@@ -1,7 +1,8 @@
 //! Checks for the number flags every BlueBridge binary takes, so that each refuses a bad value
 //! with one clear line before it attaches anything (clap reports the `Err` as
 //! `error: invalid value '…' for '--flag': <message>`). Integer flags use clap's own ranges;
-//! these cover what clap does not: durations given as real numbers, and CPU ids.
+//! these cover what clap does not: durations given as real numbers, and CPU ids. Also the
+//! Ctrl-C handling every binary shares ([`stop_on_signals`]).
 
 /// The longest duration any flag takes, in seconds (one day).
 pub const MAX_SECONDS: f64 = 86_400.0;
@@ -108,6 +109,17 @@ fn ranges(ids: &[usize]) -> String {
     } else {
         out.join(",")
     }
+}
+
+/// Sets `flag` on SIGINT (Ctrl-C) and SIGTERM instead of letting them kill the process, so the
+/// program can stop cleanly: free what it allocated, detach what it attached.
+pub fn stop_on_signals(
+    flag: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::io::Result<()> {
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, flag.clone())?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

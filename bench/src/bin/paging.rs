@@ -98,9 +98,7 @@ fn main() -> Result<()> {
     let n = a.faults + a.warmup;
     let dir_host = a.directory_host.unwrap_or(a.host);
     // Ctrl-C (or SIGTERM) stops the measurement cleanly: the pages are freed on the way out.
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, STOP.clone()).context("installing signal handlers")?;
-    }
+    bluebridge_xsk::cli::stop_on_signals(&STOP).context("installing signal handlers")?;
 
     let (t, ec) = a.net.open().context("opening the transport")?;
     let mut client = Client::new(ec, t);

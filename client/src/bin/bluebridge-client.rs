@@ -106,10 +106,7 @@ fn main() -> Result<ExitCode> {
             window,
         } => {
             let stop = Arc::new(AtomicBool::new(false));
-            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-                signal_hook::flag::register(sig, stop.clone())
-                    .context("installing signal handlers")?;
-            }
+            bluebridge_xsk::cli::stop_on_signals(&stop).context("installing signal handlers")?;
             let plan = Demo {
                 host,
                 pages,
