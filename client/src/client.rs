@@ -440,6 +440,13 @@ impl<T: Transport> Client<T> {
         first
     }
 
+    /// Pings `host` like the hosts this client allocated pages on, whenever it has sent it
+    /// nothing for a second ([`Engine::hold`]): for pages it uses that another client
+    /// allocated.
+    pub fn hold(&mut self, host: HostId) {
+        self.engine.hold(host, Instant::now());
+    }
+
     /// Lets servers hear from this client while it has nothing else to send: pings the hosts
     /// it allocated pages on if a second has passed since the last time, and takes in what
     /// arrived. Any blocking call does the same; call this from a thread that holds pages

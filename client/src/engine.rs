@@ -488,6 +488,12 @@ impl Engine {
         }
     }
 
+    /// Keeps `host` hearing from this engine from now on, as if it had allocated pages there
+    /// (for pages another client allocated and this one uses, e.g. a region attached to).
+    pub fn hold(&mut self, host: HostId, now: Instant) {
+        self.note_held(host, now);
+    }
+
     /// Notes that this engine holds pages on `host` (from an allocation's reply).
     fn note_held(&mut self, host: HostId, now: Instant) {
         if !host.is_any() && self.held_host(host).is_none() {

@@ -591,3 +591,23 @@ fn an_idle_engine_keeps_its_pages_alive_with_pings_nobody_sees() {
     let r = s.run(Request::new(Opcode::READ, p).range(0, 8));
     assert_eq!(r.result.unwrap_err(), ClientError::StaleHandle);
 }
+
+/// A host held without an allocation (pages another client allocated) is pinged the same way.
+#[test]
+fn a_held_host_is_pinged_without_an_allocation() {
+    let mut s = Sim::new(0.0, 0.0, 0.0, 4096);
+    let now = s.now();
+    s.engine.hold(HOST, now);
+    s.engine.hold(HOST, now); // once is enough
+    assert_eq!(s.engine.held_hosts().collect::<Vec<_>>(), [HOST]);
+    for _ in 0..2_500 {
+        let now = s.now();
+        s.engine.keep_alive(now);
+        s.step();
+        s.t += Duration::from_millis(1);
+    }
+    let st = s.engine.stats();
+    assert!((2..=3).contains(&st.keepalives), "{st:?}");
+    assert_eq!((st.submitted, st.replies), (0, st.keepalives));
+    assert!(s.done.is_empty());
+}

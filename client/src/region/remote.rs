@@ -210,13 +210,17 @@ impl<T: Transport + Send + 'static> PagedRegion<RemoteBacking<T>> {
         Self::with_backing(RemoteBacking::new(client, ordered), pages, options)
     }
 
-    /// Maps existing remote pages (e.g. a detached region's, from [`RemoteBacking::pages`]).
+    /// Maps existing remote pages (e.g. a detached region's, from [`RemoteBacking::pages`]);
+    /// the client keeps their servers hearing from it while the region lives.
     pub fn attach(
-        client: Client<T>,
+        mut client: Client<T>,
         pages: Vec<RemoteAddr>,
         options: RegionOptions,
     ) -> Result<Self, RegionError> {
         let n = pages.len();
+        for p in &pages {
+            client.hold(p.host_id()); // their servers keep hearing from this client (§5.17)
+        }
         Self::with_backing(RemoteBacking::new(client, pages), n, options)
     }
 }
