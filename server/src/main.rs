@@ -56,9 +56,10 @@ struct Args {
     #[arg(long)]
     idle: bool,
     /// Run workers under SCHED_IDLE instead of normal priority: any other thread on their core
-    /// then preempts them at once (on older kernels this avoided 4 ms stalls behind a deferred
-    /// softirq), but a CPU-bound process sharing the core starves them almost completely. Only
-    /// for workers on cores nothing else runs on (docs/running.md).
+    /// then preempts them at once (it avoided 4 ms stalls behind a deferred softirq that one
+    /// earlier measurement showed at normal priority), but a CPU-bound process sharing the core
+    /// starves them almost completely. Only for workers on cores nothing else runs on
+    /// (docs/running.md).
     #[arg(long)]
     sched_idle: bool,
     /// Normal priority for the workers: the default now (kept so that scripts using it work).
@@ -124,8 +125,8 @@ struct Args {
     max_owners: u32,
     /// Milliseconds a page owner may stay silent before the server frees its pages (0: never;
     /// else 2000 to 86400000). Shared and detached pages stay. Any request from the owner's
-    /// address counts; the reference client pings each host it holds pages on every second
-    /// while it makes progress.
+    /// address counts; the reference client pings each host it holds pages on when it has sent
+    /// it nothing for a second.
     #[arg(long, default_value_t = bluebridge_server::handler::DEFAULT_GRACE_MS, value_parser = parse_grace)]
     orphan_grace_ms: u64,
     /// Behind a BlueBridge switch: serve every BlueBridge frame the switch delivers here, so

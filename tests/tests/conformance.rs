@@ -1,12 +1,15 @@
 //! Conformance over real sockets, on both server transports (AF_XDP and kernel UDP): raw
 //! request frames from an AF_XDP client, the statuses of the replies compared with
-//! docs/protocol.md. Each check is named by its section; server/tests/conformance.rs holds the
-//! same rules in depth against the request handler both transports run.
+//! docs/protocol.md. One test per section and transport (`af_xdp::s5_5_…`, `kernel_udp::s5_5_…`),
+//! named by its section; server/tests/conformance.rs holds the same rules in depth against the
+//! request handler both transports run.
 
 use std::time::{Duration, Instant};
 
 use bluebridge_proto::frame::Frame;
-use bluebridge_proto::message::{WriteEntry, bulk_status, put_handles, put_write_entry};
+use bluebridge_proto::message::{
+    StatRecord, WriteEntry, bulk_status, put_handles, put_write_entry,
+};
 use bluebridge_proto::{
     BbRepr, NetPrefix, OpFlags, Opcode, PageHandle, RemoteAddr, Status, UDP_PORT,
 };
@@ -93,14 +96,36 @@ fn host(op: Opcode) -> RemoteAddr {
     RemoteAddr::host_op(NetPrefix::DEFAULT, SERVER, op)
 }
 
-/// Every check, on one transport.
-fn conformance(transport: TransportKind) {
+/// A probe on `transport` and a page its client allocated.
+fn probe_with_page(transport: TransportKind) -> (Probe, RemoteAddr) {
     let mut p = Probe::new(transport);
     let page = p.rig.client.alloc(SERVER, false).unwrap();
-    let at = |op: Opcode| page.with_op(op, OpFlags::NONE);
-    let t = transport;
+    (p, page)
+}
 
-    // §2.4: count is 1 outside the bulk requests.
+fn at(page: RemoteAddr, op: Opcode) -> RemoteAddr {
+    page.with_op(op, OpFlags::NONE)
+}
+
+/// Rewrites a raw request's source address.
+fn from(src: &str) -> impl FnOnce(&mut Vec<u8>) {
+    let a: std::net::Ipv6Addr = src.parse().unwrap();
+    move |f: &mut Vec<u8>| f[22..38].copy_from_slice(&a.octets())
+}
+
+fn s1_replies_carry_op_flags_0(t: TransportKind) {
+    let mut p = Probe::new(t);
+    let r = p.ask(
+        host(Opcode::PING).with_op(Opcode::PING, OpFlags(0x5a)),
+        hdr(0, 0),
+        &[],
+        |_| {},
+    );
+    assert_eq!((r.len(), r[0].1.flags()), (1, OpFlags::NONE), "{t:?} §1");
+}
+
+fn s2_4_count_is_1_outside_the_bulk_requests(t: TransportKind) {
+    let (mut p, page) = probe_with_page(t);
     for count in [0, 2] {
         let h = BbRepr { count, ..hdr(0, 0) };
         assert_eq!(
@@ -110,31 +135,26 @@ fn conformance(transport: TransportKind) {
         );
         let h = BbRepr { count, ..hdr(0, 8) };
         assert_eq!(
-            p.status(at(Opcode::READ), h, &[]),
+            p.status(at(page, Opcode::READ), h, &[]),
             Status::MALFORMED,
             "{t:?} §2.4"
         );
     }
-    // §4: INVALIDATE is no request, to a host or to a page.
-    for dst in [host(Opcode::INVALIDATE), at(Opcode::INVALIDATE)] {
+}
+
+fn s4_invalidate_is_no_request(t: TransportKind) {
+    let (mut p, page) = probe_with_page(t);
+    for dst in [host(Opcode::INVALIDATE), at(page, Opcode::INVALIDATE)] {
         assert_eq!(
             p.status(dst, hdr(0, 0), &[]),
             Status::UNKNOWN_OPCODE,
             "{t:?} §4"
         );
     }
-    // §5.11: atomics.
-    assert_eq!(
-        p.status(at(Opcode::CAS), hdr(4092, 8), &[]),
-        Status::MISALIGNED,
-        "{t:?} §5.11"
-    );
-    assert_eq!(
-        p.status(at(Opcode::CAS), hdr(4096, 8), &[]),
-        Status::OUT_OF_RANGE,
-        "{t:?} §5.11"
-    );
-    // §5.5: a bad READ_BULK item fails alone.
+}
+
+fn s5_5_a_bad_read_bulk_item_fails_alone(t: TransportKind) {
+    let (mut p, page) = probe_with_page(t);
     let mut list = [0u8; 24];
     put_handles(&mut list, [page.handle(), PageHandle::NONE, page.handle()]);
     let h = BbRepr {
@@ -142,7 +162,7 @@ fn conformance(transport: TransportKind) {
         ..hdr(0, 8)
     };
     let mut items: Vec<(u16, Status)> = p
-        .ask(at(Opcode::READ_BULK), h, &list, |_| {})
+        .ask(at(page, Opcode::READ_BULK), h, &list, |_| {})
         .iter()
         .map(|a| (a.0.item, a.0.status))
         .collect();
@@ -156,7 +176,10 @@ fn conformance(transport: TransportKind) {
         ],
         "{t:?} §5.5"
     );
-    // §5.7: a bad WRITE_BULK entry fails alone.
+}
+
+fn s5_7_a_bad_write_bulk_entry_fails_alone(t: TransportKind) {
+    let (mut p, page) = probe_with_page(t);
     let mut buf = [0u8; 64];
     let mut end = 0;
     for e in [
@@ -177,7 +200,7 @@ fn conformance(transport: TransportKind) {
         count: 2,
         ..hdr(0, 0)
     };
-    let r = p.ask(at(Opcode::WRITE_BULK), h, &buf[..end], |_| {});
+    let r = p.ask(at(page, Opcode::WRITE_BULK), h, &buf[..end], |_| {});
     assert_eq!(r.len(), 1, "{t:?} §5.7");
     let st: Vec<_> = (0..2).map(|i| bulk_status(&r[0].2, i).unwrap()).collect();
     assert_eq!(st, [Status::OK, Status::OUT_OF_RANGE], "{t:?} §5.7");
@@ -186,52 +209,136 @@ fn conformance(transport: TransportKind) {
         b"good",
         "{t:?} §5.7"
     );
-    // §5.8: lease 0 names no lease.
+}
+
+fn s5_8_lease_0_names_no_lease(t: TransportKind) {
+    let (mut p, page) = probe_with_page(t);
     let h = BbRepr {
         lease: 0,
         ..hdr(0, 4)
     };
     assert_eq!(
-        p.status(at(Opcode::UPDATE_COMMIT), h, b"evil"),
+        p.status(at(page, Opcode::UPDATE_COMMIT), h, b"evil"),
         Status::LEASE_INVALID,
         "{t:?} §5.8"
     );
-    // §1: replies carry op flags 0.
-    let r = p.ask(
-        host(Opcode::PING).with_op(Opcode::PING, OpFlags(0x5a)),
-        hdr(0, 0),
-        &[],
-        |_| {},
+}
+
+fn s5_10_the_stat_record_has_every_field(t: TransportKind) {
+    let mut p = Probe::new(t);
+    let r = p.ask(host(Opcode::STAT), hdr(0, 0), &[], |_| {});
+    assert_eq!((r.len(), r[0].2.len()), (1, StatRecord::LEN), "{t:?} §5.10");
+    let s = StatRecord::parse(&r[0].2).unwrap();
+    assert_eq!(
+        (s.shards, s.orphan_grace_ms),
+        (1, bluebridge_server::DEFAULT_GRACE_MS),
+        "{t:?} §5.10"
     );
-    assert_eq!((r.len(), r[0].1.flags()), (1, OpFlags::NONE), "{t:?} §1");
-    // §7: another version is answered with the request id.
+}
+
+fn s5_11_atomics_are_one_aligned_word(t: TransportKind) {
+    let (mut p, page) = probe_with_page(t);
+    assert_eq!(
+        p.status(at(page, Opcode::CAS), hdr(4092, 8), &[]),
+        Status::MISALIGNED,
+        "{t:?} §5.11"
+    );
+    assert_eq!(
+        p.status(at(page, Opcode::CAS), hdr(4096, 8), &[]),
+        Status::OUT_OF_RANGE,
+        "{t:?} §5.11"
+    );
+}
+
+fn s5_17_detach_takes_no_range_and_only_the_controller_lists(t: TransportKind) {
+    let (mut p, page) = probe_with_page(t);
+    assert_eq!(
+        p.status(at(page, Opcode::DETACH), hdr(0, 0), &[]),
+        Status::OK,
+        "{t:?} §5.17"
+    );
+    // A range is MALFORMED (DETACH takes none); another owner's DETACH is FORBIDDEN
+    // (server/tests/conformance.rs: this probe's replies reach only its own address).
+    assert_eq!(
+        p.status(at(page, Opcode::DETACH), hdr(0, 8), &[]),
+        Status::MALFORMED,
+        "{t:?} §5.17"
+    );
+    // OWNERS and RECLAIM name a shard (else MALFORMED) and are the controller's alone.
+    let shard0 = BbRepr {
+        lease: PageHandle::with_shard(0, 0).to_bits(),
+        ..hdr(0, 0)
+    };
+    for op in [Opcode::OWNERS, Opcode::RECLAIM] {
+        assert_eq!(
+            p.status(host(op), hdr(0, 0), &[]),
+            Status::MALFORMED,
+            "{t:?} §5.17 {op:?}"
+        );
+        assert_eq!(
+            p.status(host(op), shard0, &[]),
+            Status::FORBIDDEN,
+            "{t:?} §5.17 {op:?}"
+        );
+    }
+    assert_eq!(p.rig.client.read_range(page, 0, 1).unwrap(), [0]);
+}
+
+fn s7_another_version_is_answered(t: TransportKind) {
+    let mut p = Probe::new(t);
     let r = p.ask(host(Opcode::PING), hdr(0, 0), &[], |f| f[62] = 2);
     assert_eq!(r.len(), 1, "{t:?} §7");
     assert_eq!(r[0].0.status, Status::UNSUPPORTED_VERSION, "{t:?} §7");
-    // §9: no reply to a source nobody may be answered at.
+}
+
+fn s9_no_reply_to_unanswerable_sources(t: TransportKind) {
+    let mut p = Probe::new(t);
     for src in ["ff02::1", "2001:db8::1", "fd00:bb:2::100"] {
-        let a: std::net::Ipv6Addr = src.parse().unwrap();
-        let r = p.ask(host(Opcode::PING), hdr(0, 0), &[], |f| {
-            f[22..38].copy_from_slice(&a.octets())
-        });
+        let r = p.ask(host(Opcode::PING), hdr(0, 0), &[], from(src));
         assert!(r.is_empty(), "{t:?} §9: {src} answered");
     }
 }
 
-#[test]
-#[cfg_attr(
-    unprivileged,
-    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
-)]
-fn conformance_over_af_xdp() {
-    conformance(TransportKind::Xdp);
+/// One test per section check and transport.
+macro_rules! on_both_transports {
+    ($($check:ident),* $(,)?) => {
+        mod af_xdp {
+            $(
+                #[test]
+                #[cfg_attr(
+                    unprivileged,
+                    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+                )]
+                fn $check() {
+                    super::$check(bluebridge_server::TransportKind::Xdp);
+                }
+            )*
+        }
+        mod kernel_udp {
+            $(
+                #[test]
+                #[cfg_attr(
+                    unprivileged,
+                    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+                )]
+                fn $check() {
+                    super::$check(bluebridge_server::TransportKind::Udp);
+                }
+            )*
+        }
+    };
 }
 
-#[test]
-#[cfg_attr(
-    unprivileged,
-    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
-)]
-fn conformance_over_kernel_udp() {
-    conformance(TransportKind::Udp);
-}
+on_both_transports!(
+    s1_replies_carry_op_flags_0,
+    s2_4_count_is_1_outside_the_bulk_requests,
+    s4_invalidate_is_no_request,
+    s5_5_a_bad_read_bulk_item_fails_alone,
+    s5_7_a_bad_write_bulk_entry_fails_alone,
+    s5_8_lease_0_names_no_lease,
+    s5_10_the_stat_record_has_every_field,
+    s5_11_atomics_are_one_aligned_word,
+    s5_17_detach_takes_no_range_and_only_the_controller_lists,
+    s7_another_version_is_answered,
+    s9_no_reply_to_unanswerable_sources,
+);
