@@ -306,6 +306,11 @@ impl Handler {
         self.joined = joined;
     }
 
+    /// Counts a frame dropped before it reached the handler (the transports' own checks).
+    pub(crate) fn count_malformed(&self, e: FrameError) {
+        self.c().count_malformed(e);
+    }
+
     /// Handles one BlueBridge message that a kernel UDP socket received (`ep` says from where
     /// and to which address; MACs are unused).
     pub fn handle_datagram(

@@ -8,13 +8,16 @@ use std::net::{Ipv6Addr, SocketAddrV6, UdpSocket};
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 
-use bluebridge_proto::frame::Endpoints;
+use bluebridge_proto::frame::{Endpoints, FrameError};
 use bluebridge_proto::{MacAddr, UDP_PORT};
 use bluebridge_xsk::XskStats;
 use bluebridge_xsk::mmsg::{DatagramBatch, UdpReceiver};
 use nix::sys::socket::{setsockopt, sockopt};
 
 use crate::runtime::{IDLE_SLEEP_MS, IDLE_SPINS, ServerConfig, StartError, WorkerCommon};
+
+/// IPv6's fragment extension header.
+const FRAGMENT_HEADER: u8 = 44;
 
 /// Binds the server's UDP socket and checks, with a datagram to an address of the host's /48,
 /// that the kernel delivers that /48 to it.
@@ -27,6 +30,7 @@ pub(crate) fn bind(cfg: &ServerConfig) -> Result<UdpSocket, StartError> {
     bluebridge_xsk::mmsg::zero_flow_labels(&sock).map_err(|e| err("IPV6_AUTOFLOWLABEL", &e))?;
     // The same frames as the AF_XDP path: no extension headers, no UDP length 0 (§2.2, §2.3).
     bluebridge_xsk::mmsg::accept_only_plain_udp(&sock).map_err(|e| err("SO_ATTACH_FILTER", &e))?;
+    bluebridge_xsk::mmsg::report_fragments(&sock).map_err(|e| err("IPV6_RECVFRAGSIZE", &e))?;
     // Replies leave from page addresses, which are routed locally but assigned nowhere.
     setsockopt(&sock, sockopt::IpFreebind, &true).map_err(|e| err("IP_FREEBIND", &e))?;
     let net = cfg.prefix.host_network(cfg.host);
@@ -103,6 +107,10 @@ impl UdpWorker {
             let n = self
                 .rx
                 .recv(self.sock.as_fd(), |m| {
+                    if m.fragmented {
+                        // The AF_XDP path takes no fragments (next header 44): neither do we.
+                        return h.count_malformed(FrameError::NotUdp(FRAGMENT_HEADER));
+                    }
                     let ep = Endpoints {
                         src_mac: MacAddr::default(),
                         dst_mac: MacAddr::default(),

@@ -57,6 +57,11 @@ impl Probe {
         bluebridge_proto::wire::udp::UdpPacket::new_unchecked(&mut f[54..])
             .fill_checksum(src, ep.dst);
         assert!(self.rig.xdp().send_raw(&f));
+        self.collect()
+    }
+
+    /// What came back to the probe's port within 300 ms (stopping 50 ms after the last reply).
+    fn collect(&mut self) -> Vec<Answer> {
         let (start, mut last) = (Instant::now(), None::<Instant>);
         let mut out = Vec::new();
         while start.elapsed() < Duration::from_millis(300)
@@ -291,6 +296,52 @@ fn s7_another_version_is_answered(t: TransportKind) {
     assert_eq!(r[0].0.status, Status::UNSUPPORTED_VERSION, "{t:?} §7");
 }
 
+/// §9 (the AF_XDP path takes only IPv6 followed straight by UDP): a request in two IPv6
+/// fragments is not answered by either transport, though the kernel reassembles it for the UDP
+/// socket; the kernel-UDP server counts it as malformed.
+fn s9_fragmented_requests_get_no_reply(t: TransportKind) {
+    let mut p = Probe::new(t);
+    let h = BbRepr {
+        request_id: p.next,
+        ..hdr(0, 0)
+    };
+    p.next += 1 << bluebridge_proto::SESSION_SLOT_BITS;
+    let (mut f, ep) = p.rig.raw_request(host(Opcode::PING), &h, &[]);
+    f[54..56].copy_from_slice(&PORT.to_be_bytes());
+    bluebridge_proto::wire::udp::UdpPacket::new_unchecked(&mut f[54..])
+        .fill_checksum(bluebridge_tests::client_addr(), ep.dst);
+    let udp = f[54..].to_vec(); // 8 + 48 bytes
+    let before = p.rig.server().stats().handler.malformed_total();
+    for (offset, part, more) in [(0usize, &udp[..32], true), (32, &udp[32..], false)] {
+        let mut frag = f[..54].to_vec();
+        frag[18..20].copy_from_slice(&((8 + part.len()) as u16).to_be_bytes());
+        frag[20] = 44; // next header: fragment
+        frag.extend_from_slice(&[17, 0]);
+        frag.extend_from_slice(&((offset as u16) | u16::from(more)).to_be_bytes());
+        frag.extend_from_slice(&0x0bb1_f7a9u32.to_be_bytes());
+        frag.extend_from_slice(part);
+        assert!(p.rig.xdp().send_raw(&frag));
+    }
+    let r = p.collect();
+    assert!(
+        r.is_empty(),
+        "{t:?} §9: a fragmented request was answered: {r:?}"
+    );
+    if t == TransportKind::Udp {
+        let t0 = Instant::now();
+        while p.rig.server().stats().handler.malformed_total() == before {
+            assert!(
+                t0.elapsed() < Duration::from_secs(2),
+                "{t:?} §9: not counted"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    // The same request whole is answered.
+    let r = p.ask(host(Opcode::PING), hdr(0, 0), &[], |_| {});
+    assert_eq!((r.len(), r[0].0.status), (1, Status::OK), "{t:?} §9");
+}
+
 fn s9_no_reply_to_unanswerable_sources(t: TransportKind) {
     let mut p = Probe::new(t);
     for src in ["ff02::1", "2001:db8::1", "fd00:bb:2::100"] {
@@ -341,4 +392,5 @@ on_both_transports!(
     s5_17_detach_takes_no_range_and_only_the_controller_lists,
     s7_another_version_is_answered,
     s9_no_reply_to_unanswerable_sources,
+    s9_fragmented_requests_get_no_reply,
 );

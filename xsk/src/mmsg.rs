@@ -47,6 +47,14 @@ fn set_option<T>(
     }
 }
 
+/// Makes the kernel say which datagrams it reassembled from IPv6 fragments
+/// ([`Received::fragmented`]): the AF_XDP path never sees those as UDP (a fragment's next
+/// header is 44), so a server on this socket drops them too.
+pub fn report_fragments(sock: &std::net::UdpSocket) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    set_option(sock, libc::IPPROTO_IPV6, libc::IPV6_RECVFRAGSIZE, &on)
+}
+
 /// Makes the kernel hand this (server) socket only what the AF_XDP path would take: a
 /// datagram whose IPv6 header is followed straight by UDP (no extension header) and whose UDP
 /// length is not 0 (which the kernel would read as "the rest of the packet"). Others arrive
@@ -247,6 +255,9 @@ pub struct Received<'a> {
     pub dst: Ipv6Addr,
     /// Contents.
     pub data: &'a [u8],
+    /// The kernel reassembled it from IPv6 fragments (IPV6_RECVFRAGSIZE; needs
+    /// [`report_fragments`] on the socket).
+    pub fragmented: bool,
 }
 
 /// Receives batches with one `recvmmsg`.
@@ -333,6 +344,7 @@ impl UdpReceiver {
         for i in 0..got {
             let h = &self.hdrs[i].msg_hdr;
             let mut dst = Ipv6Addr::UNSPECIFIED;
+            let mut fragmented = false;
             // SAFETY: the kernel filled msg_control/msg_controllen; CMSG_FIRSTHDR/NXTHDR walk
             // only within that length.
             let mut c = unsafe { libc::CMSG_FIRSTHDR(h) };
@@ -347,6 +359,8 @@ impl UdpReceiver {
                     let info: libc::in6_pktinfo = unsafe { std::ptr::read_unaligned(data.cast()) };
                     dst = Ipv6Addr::from(info.ipi6_addr.s6_addr);
                 }
+                fragmented |= hdr.cmsg_level == libc::IPPROTO_IPV6
+                    && hdr.cmsg_type == libc::IPV6_RECVFRAGSIZE;
                 // SAFETY: as above.
                 c = unsafe { libc::CMSG_NXTHDR(h, c) };
             }
@@ -355,6 +369,7 @@ impl UdpReceiver {
                 src: from_sockaddr(&self.addrs[i]),
                 dst,
                 data: &self.bufs[i][..len],
+                fragmented,
             });
         }
         Ok(got)
