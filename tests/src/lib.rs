@@ -159,28 +159,7 @@ impl Rig {
             .expect("kernel routes for the UDP transport");
         }
         let server = start_server(&pair.server.ns, &cfg);
-
-        pair.client_ns()
-            .enter()
-            .expect("entering the client namespace");
-        let connect = Connect {
-            kind: if o.client_udp {
-                ClientTransport::Udp
-            } else {
-                ClientTransport::Xdp
-            },
-            ifname: pair.client.ifname.clone(),
-            local: client_addr(),
-            next_hop_mac: Some(MacAddr(pair.server.mac)),
-            prefix: NetPrefix::DEFAULT,
-            segments: !o.client_multi_buffer,
-        };
-        let (transport, mut ec) = connect
-            .open()
-            .unwrap_or_else(|e| panic!("opening the client transport: {e}"));
-        ec.rto = o.rto;
-        ec.retries = o.retries;
-        let client = Client::new(ec, transport);
+        let client = pair_client(&pair, o);
         Rig {
             client,
             server: Some(server),
@@ -235,6 +214,32 @@ impl Rig {
     pub fn server(&self) -> &Server {
         self.server.as_ref().expect("server running")
     }
+}
+
+/// Moves the calling thread into `pair`'s client namespace and opens a client there, at
+/// [`client_addr`], as `o` says (transport, multi-buffer, timeouts).
+pub fn pair_client(pair: &Pair, o: &RigOptions) -> Client<AnyTransport> {
+    pair.client_ns()
+        .enter()
+        .expect("entering the client namespace");
+    let connect = Connect {
+        kind: if o.client_udp {
+            ClientTransport::Udp
+        } else {
+            ClientTransport::Xdp
+        },
+        ifname: pair.client.ifname.clone(),
+        local: client_addr(),
+        next_hop_mac: Some(MacAddr(pair.server.mac)),
+        prefix: NetPrefix::DEFAULT,
+        segments: !o.client_multi_buffer,
+    };
+    let (transport, mut ec) = connect
+        .open()
+        .unwrap_or_else(|e| panic!("opening the client transport: {e}"));
+    ec.rto = o.rto;
+    ec.retries = o.retries;
+    Client::new(ec, transport)
 }
 
 /// Starts a server inside namespace `ns` (from a helper thread, so the caller's namespace does

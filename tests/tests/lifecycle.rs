@@ -315,6 +315,119 @@ fn the_server_binary_detaches_xdp_on_every_exit() {
     }
 }
 
+/// Item 15: frames the kernel drops for a full AF_XDP ring are counted, not lost silently. The
+/// server process is stopped (SIGSTOP) while the XDP program keeps steering requests into its
+/// ring; once it runs again STAT's `kernel_dropped` holds what did not fit, and every request
+/// is either answered or counted.
+#[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
+fn requests_the_kernel_drops_for_a_full_ring_are_counted() {
+    let bin = server_binary();
+    let pair = Pair::create(&unique("bbt"), 9000).unwrap();
+    let (ns, ifname) = (pair.server.ns.clone(), pair.server.ifname.clone());
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &ns])
+        .arg(&bin)
+        .args(["--iface", &ifname, "--host-id", "2", "--arena", "8MiB"])
+        .args(["--no-hugepages", "--stats-interval", "0", "--idle"])
+        .args(["--frames", "256"]) // 128 RX descriptors
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !xdp_attached(&ns, &ifname) {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the server never attached XDP"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut c = bluebridge_tests::pair_client(&pair, &RigOptions::default());
+    let ping = |c: &mut bluebridge_client::Client<_>| {
+        let t = Instant::now();
+        while c.ping(SERVER).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the server does not answer"
+            );
+        }
+    };
+    ping(&mut c);
+    let base = c.stat(SERVER).unwrap();
+    let signal = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &server.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill {sig}");
+    };
+    signal("-STOP");
+    // 2,000 PINGs, from a port of their own; paced so the veth's own queue (256) never fills:
+    // what the XDP program redirects meets the stopped server's ring.
+    let n = 2_000u64;
+    let ep = bluebridge_proto::frame::Endpoints {
+        src_mac: bluebridge_proto::MacAddr(pair.client.mac),
+        dst_mac: bluebridge_proto::MacAddr(pair.server.mac),
+        src: bluebridge_tests::client_addr(),
+        dst: bluebridge_proto::RemoteAddr::host_op(
+            bluebridge_proto::NetPrefix::DEFAULT,
+            SERVER,
+            Opcode::PING,
+        )
+        .to_ipv6(),
+        src_port: 41_500,
+        dst_port: bluebridge_proto::UDP_PORT,
+    };
+    let xdp = c.transport_mut().xdp_mut().expect("an AF_XDP client");
+    for i in 0..n {
+        let h = BbRepr {
+            count: 1,
+            request_id: (i + 1) << bluebridge_proto::SESSION_SLOT_BITS,
+            ..BbRepr::default()
+        };
+        let mut f = vec![0u8; bluebridge_proto::FRAME_OVERHEAD];
+        bluebridge_proto::frame::build(&mut f, &ep, &h, &[]).unwrap();
+        while !xdp.send_raw(&f) {
+            std::thread::yield_now();
+        }
+        if i % 64 == 63 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    signal("-CONT");
+    // The worker publishes the socket's counters within a few hundred ms of running again.
+    let t = Instant::now();
+    let mut stats = 0;
+    let st = loop {
+        let st = c.stat(SERVER).unwrap();
+        stats += 1;
+        if st.kernel_dropped > base.kernel_dropped && st.requests >= base.requests + 128 {
+            break st;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "no kernel drops counted: {st:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let dropped = st.kernel_dropped - base.kernel_dropped;
+    let served = st.requests - base.requests - stats; // the PINGs that fitted
+    // Each PING is served or dropped; a STAT that met the full ring is dropped too (and sent
+    // again by the client).
+    assert!(
+        (n..=n + stats).contains(&(dropped + served)) && served >= 64,
+        "{n} sent, {dropped} dropped, {served} served ({stats} STATs): some are in no counter"
+    );
+    eprintln!("{n} sent to a stopped server: {dropped} dropped by the kernel, {served} served");
+    signal("-INT");
+    assert!(server.wait().unwrap().success());
+}
+
 /// Issue 12, item 17: a bad number on the command line is one clear line and exit status 2,
 /// before anything is attached: no panic, no backtrace, no giant allocation.
 #[test]
