@@ -239,15 +239,26 @@ fn worker(
         }
     };
     let mut rng = rand::rngs::SmallRng::seed_from_u64(0x5eed + i as u64);
+    let mut cut_short = None;
     while let Ok(load) = commands.recv() {
         let part = run_phase(&mut c, plan, &pages, load, &mut rng);
+        cut_short =
+            cut_short.or_else(|| part.errors.keys().find(|k| k.contains(CUT_SHORT)).cloned());
         if parts.send(part).is_err() {
             break;
         }
     }
-    match c.free_all(&pages).first() {
-        None => Ok(()),
-        Some((p, e)) => Err(anyhow!("freeing the working set: {p}: {e}")),
+    let failed = c.free_all(&pages);
+    match (failed.first(), cut_short) {
+        (None, _) => Ok(()),
+        (Some((_, e)), Some(why)) => Err(anyhow!(
+            "the server stopped answering ({why}); {} of {} pages could not be freed ({e}); \
+             a server that still runs frees them once it has not heard from this client for \
+             its grace period (a restarted one has none)",
+            failed.len(),
+            pages.len()
+        )),
+        (Some((p, e)), None) => Err(anyhow!("freeing the working set: {p}: {e}")),
     }
 }
 
@@ -293,6 +304,8 @@ fn request(
 
 /// How long a thread waits without any reply before it gives up on the run.
 const SILENCE: Duration = Duration::from_secs(2);
+/// How a phase says it ended early for [`SILENCE`].
+const CUT_SHORT: &str = "run cut short";
 
 /// One phase: warm-up, then the measured window; requests whose (intended) send time falls in
 /// the window are the ones counted. Open loop keeps sending what fell due in the window for at
@@ -331,7 +344,7 @@ fn run_phase(
             // The server died or the path is gone: say so now rather than at the scheduled end.
             *part
                 .errors
-                .entry(format!("no reply for {SILENCE:?}: run cut short"))
+                .entry(format!("no reply for {SILENCE:?}: {CUT_SHORT}"))
                 .or_default() += 1;
             break;
         }

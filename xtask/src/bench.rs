@@ -13,6 +13,8 @@ use bluebridge_bench::{ECHO, PAPER_TABLE1, Percentiles, Report, Run, plot};
 use bluebridge_topology::{Pair, fmt_mac, namespaces_with_prefix};
 
 use crate::lab::{self, ServerProc};
+
+mod refusals;
 use crate::root;
 use crate::stage::{self, Stages};
 
@@ -328,7 +330,11 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
                 timing,
             )?;
         }
-        s.run(&format!("stop the {transport} server"), || server.stop())?;
+        if everything && transport == "xdp" {
+            lab.refusals(&mut s, server)?;
+        } else {
+            s.run(&format!("stop the {transport} server"), || server.stop())?;
+        }
     }
     if everything {
         // The bare AF_XDP echo (frames bounced unparsed), in the same run, for the ratios.
