@@ -242,6 +242,18 @@ fn server_binary() -> PathBuf {
     binary("bluebridge-server", "bluebridge-server")
 }
 
+/// Waits (20 s at most) for a server process to attach its XDP program.
+fn wait_attached(ns: &str, ifname: &str) {
+    let t = Instant::now();
+    while !xdp_attached(ns, ifname) {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the server never attached XDP"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn xdp_attached(ns: &str, ifname: &str) -> bool {
     ip_in(ns, &["link", "show", "dev", ifname])
         .unwrap()
@@ -276,14 +288,7 @@ fn the_server_binary_detaches_xdp_on_every_exit() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let t = Instant::now();
-        while !xdp_attached(&ns, &ifname) {
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "the server never attached XDP"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_attached(&ns, &ifname);
         // Give the workers a moment to run before the signal.
         std::thread::sleep(Duration::from_millis(200));
         assert!(
@@ -338,14 +343,7 @@ fn requests_the_kernel_drops_for_a_full_ring_are_counted() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let t = Instant::now();
-    while !xdp_attached(&ns, &ifname) {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "the server never attached XDP"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_attached(&ns, &ifname);
     let mut c = bluebridge_tests::pair_client(&pair, &RigOptions::default());
     let ping = |c: &mut bluebridge_client::Client<_>| {
         let t = Instant::now();
