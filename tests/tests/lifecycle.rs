@@ -434,7 +434,10 @@ fn requests_the_kernel_drops_for_a_full_ring_are_counted() {
     ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
 )]
 fn bad_numbers_on_the_command_line_are_one_line_each() {
-    let bad: [&[&str]; 9] = [
+    let bad: [&[&str]; 12] = [
+        &["--orphan-grace-ms", "1000"],
+        &["--orphan-grace-ms", "86400001"],
+        &["--orphan-grace-ms", "1e3"],
         &["--max-owners", "4294967296"],
         &["--max-owners", "18446744073709551615"],
         &["--stats-interval", "1e300"],
