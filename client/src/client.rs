@@ -94,8 +94,8 @@ impl<T: Transport> Client<T> {
         self.engine.in_flight()
     }
 
-    /// Sends, receives and retransmits once (and pings the hosts this client holds pages on
-    /// once a second, [`Engine::keep_alive`]).
+    /// Sends, receives and retransmits once (and pings each host this client holds pages on
+    /// that it has sent nothing for a second, [`Engine::keep_alive`]).
     pub fn progress(&mut self) {
         self.engine.keep_alive(Instant::now());
         self.transport.transmit(&mut self.engine, Instant::now());
@@ -447,9 +447,8 @@ impl<T: Transport> Client<T> {
         self.engine.hold(host, Instant::now());
     }
 
-    /// Lets servers hear from this client while it has nothing else to send: pings the hosts
-    /// it allocated pages on if a second has passed since the last time, and takes in what
-    /// arrived. Any blocking call does the same; call this from a thread that holds pages
+    /// Lets servers hear from this client while it has nothing else to send: pings each host
+    /// it holds pages on that it has sent nothing for a second, and takes in what arrived. Any blocking call does the same; call this from a thread that holds pages
     /// and may stay idle for longer than a server's grace period.
     pub fn keep_alive(&mut self) {
         self.progress();

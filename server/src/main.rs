@@ -55,15 +55,11 @@ struct Args {
     /// many servers); default is pure busy-polling.
     #[arg(long)]
     idle: bool,
-    /// Run workers under SCHED_IDLE instead of normal priority: any other thread on their core
-    /// then preempts them at once (it avoided 4 ms stalls behind a deferred softirq that one
-    /// earlier measurement showed at normal priority), but a CPU-bound process sharing the core
-    /// starves them almost completely. Only for workers on cores nothing else runs on
-    /// (docs/running.md).
+    /// Run workers at normal priority from the start. By default they run under SCHED_IDLE, so
+    /// the kernel's softirq work on their core preempts them at once (a better tail on veth and
+    /// in copy mode), and a worker that a CPU-bound neighbour starves for 20 ms moves itself to
+    /// normal priority (logged, counted as `priority fallbacks`).
     #[arg(long)]
-    sched_idle: bool,
-    /// Normal priority for the workers: the default now (kept so that scripts using it work).
-    #[arg(long, hide = true, conflicts_with = "sched_idle")]
     normal_priority: bool,
     /// UMEM frames per socket (4 KiB each, a power of two from 128 to 262144; half RX, half
     /// TX).
@@ -194,7 +190,7 @@ fn main() -> Result<()> {
         arena_bytes: a.arena.as_u64(),
         framing: a.framing,
         idle: a.idle,
-        sched_idle: a.sched_idle && !a.normal_priority,
+        sched_idle: !a.normal_priority,
         frames: a.frames,
         force_generic: a.generic,
         zero_copy: !a.copy,
@@ -308,7 +304,7 @@ fn line(a: &ServerStats, b: &ServerStats, dt: Duration) -> String {
     format!(
         "ops/s {} | total {:.0}/s | per shard {} | errors {} | dup {} | stale {} | handoffs {} \
          (dropped {}) | malformed {} | bad source {} | tx drops {} | kernel drops {} | \
-         longest stall {} µs ({} over 1 ms) | pages {} (reclaimed {})",
+         longest stall {} µs ({} over 1 ms, priority fallbacks {}) | pages {} (reclaimed {})",
         ops.join(" "),
         rate(a.handler.requests, b.handler.requests),
         a.shards
@@ -331,6 +327,7 @@ fn line(a: &ServerStats, b: &ServerStats, dt: Duration) -> String {
         b.xsk.kernel_drops() - a.xsk.kernel_drops(),
         b.handler.loop_gap_max_ns / 1000,
         b.handler.stalls - a.handler.stalls,
+        b.handler.priority_fallbacks,
         b.pages_used,
         b.handler.reclaimed - a.handler.reclaimed,
     )
@@ -339,7 +336,7 @@ fn line(a: &ServerStats, b: &ServerStats, dt: Duration) -> String {
 fn summary(s: &ServerStats) -> String {
     let mut out = format!(
         "requests {} | frames rx {} tx {} | system calls: tx kicks {} rx kicks {} | pages in use {} (reclaimed {}) | duplicates answered {} | stale \
-         dropped {} | handed off {} (dropped {}) | tx drops {} | bad sources {} | loop stalls over 1 ms {}\n",
+         dropped {} | handed off {} (dropped {}) | tx drops {} | bad sources {} | loop stalls over 1 ms {} | priority fallbacks {}\n",
         s.handler.requests,
         s.xsk.rx_frames,
         s.xsk.tx_frames,
@@ -353,7 +350,8 @@ fn summary(s: &ServerStats) -> String {
         s.handler.handoff_dropped,
         s.xsk.tx_dropped + s.handler.tx_dropped,
         s.handler.bad_source + s.steer.dropped_source + s.steer.dropped_mac,
-        s.handler.stalls
+        s.handler.stalls,
+        s.handler.priority_fallbacks
     );
     out += &format!(
         "AF_XDP: kernel drops {} (RX ring full {}, fill ring empty {} times); TX backlog bound \

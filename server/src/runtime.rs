@@ -68,8 +68,8 @@ pub struct ServerConfig {
     pub framing: Framing,
     /// Sleep in poll() after a run of empty polls.
     pub idle: bool,
-    /// Run workers under SCHED_IDLE (see [`bluebridge_xsk::busy_poll_thread`]); off by
-    /// default: a worker at normal priority shares its core fairly with a noisy neighbour.
+    /// Run workers under SCHED_IDLE (see [`bluebridge_xsk::busy_poll_thread`]), falling back to
+    /// normal priority when a CPU-bound neighbour starves one; false: normal priority.
     pub sched_idle: bool,
     /// UMEM frames per socket.
     pub frames: u32,
@@ -129,7 +129,7 @@ impl ServerConfig {
             arena_bytes: 256 << 20,
             framing: Framing::Auto,
             idle: false,
-            sched_idle: false,
+            sched_idle: true,
             frames: 2048,
             force_generic: false,
             zero_copy: true,
@@ -496,6 +496,13 @@ impl Server {
                 0
             }
         };
+        if cfg.sched_idle {
+            let (counters, stop) = (counters.clone(), stop.clone());
+            spawn(
+                "bb-priority".into(),
+                Box::new(move || priority_watchdog(&counters, started, &stop)),
+            )?;
+        }
         let info = ServerInfo {
             attach,
             backing,
@@ -597,9 +604,22 @@ impl WorkerCommon {
     /// Pins the calling thread and sets its scheduling policy (see
     /// [`bluebridge_xsk::busy_poll_thread`]).
     pub(crate) fn set_up_thread(&self) {
+        self.counters()
+            .tid
+            .set(u64::from(bluebridge_xsk::current_tid().unsigned_abs()));
+        self.turn(Some(self.now_ns()));
         if let Err(e) = bluebridge_xsk::busy_poll_thread(self.core, self.sched_idle) {
             tracing::warn!(error = %e, "worker set-up incomplete; running anyway");
         }
+    }
+
+    /// Tells the [`priority_watchdog`] that this worker is running (every 8th turn of its
+    /// loop), or with `None` that it is going to sleep on purpose.
+    #[inline]
+    pub(crate) fn turn(&self, running: Option<u64>) {
+        self.counters()
+            .last_turn_ns
+            .set(running.unwrap_or(u64::MAX));
     }
 
     /// This worker's counters.
@@ -620,6 +640,41 @@ struct Worker {
     echo: bool,
 }
 
+/// A worker that has not turned its loop for this long under SCHED_IDLE has a CPU-bound
+/// neighbour (kernel threads take the core for ~1 ms at most here).
+pub(crate) const STARVED_NS: u64 = 20_000_000;
+
+/// Watches the SCHED_IDLE workers (every 5 ms, from a thread of normal priority that sleeps
+/// in between) and moves one that has not run for [`STARVED_NS`] to normal priority, for
+/// good: beside a CPU-bound process a SCHED_IDLE worker would get ~0.3% of its core.
+fn priority_watchdog(counters: &HostCounters, started: Instant, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let now = started.elapsed().as_nanos() as u64;
+        for shard in 0..counters.len() {
+            let c = counters.shard(shard);
+            let (last, tid) = (c.last_turn_ns.get(), c.tid.get());
+            if c.priority_fallbacks.get() > 0 || tid == 0 || last == u64::MAX {
+                continue;
+            }
+            if now.saturating_sub(last) < STARVED_NS {
+                continue;
+            }
+            match bluebridge_xsk::leave_sched_idle(tid as i32) {
+                Ok(()) => tracing::warn!(
+                    shard,
+                    starved_ms = (now - last) / 1_000_000,
+                    "worker starved under SCHED_IDLE (something CPU-bound shares its core): \
+                     now at normal priority; isolate the workers' cores (docs/running.md)"
+                ),
+                Err(e) => {
+                    tracing::warn!(shard, error = %e, "a starved worker cannot leave SCHED_IDLE");
+                }
+            }
+            c.priority_fallbacks.inc();
+        }
+    }
+}
 /// Empty polls before an idle worker sleeps.
 pub(crate) const IDLE_SPINS: u32 = 20_000;
 /// Longest sleep, so the stop flag is seen.
@@ -638,6 +693,7 @@ impl Worker {
             // 1 ms gap.
             if loops.is_multiple_of(8) {
                 meter.tick(self.common.counters());
+                self.common.turn(Some(self.common.now_ns()));
             }
             // Replies the kernel has not taken yet: take no more requests until it does.
             let backed_up = self.xsk.tx_backed_up();
@@ -693,8 +749,10 @@ impl Worker {
             if n == 0 {
                 empty += 1;
                 if self.common.idle && empty >= IDLE_SPINS && self.xsk.tx_in_flight() == 0 {
+                    self.common.turn(None);
                     self.sleep();
                     meter.resume();
+                    self.common.turn(Some(self.common.now_ns()));
                     empty = 0;
                 }
             } else {

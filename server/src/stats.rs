@@ -55,6 +55,9 @@ pub struct Stats {
     pub handoff_dropped: u64,
     /// Pages freed without a FREE: of owners silent past the grace period, or by RECLAIM.
     pub reclaimed: u64,
+    /// Workers that a CPU-bound neighbour starved under SCHED_IDLE and that moved to normal
+    /// priority.
+    pub priority_fallbacks: u64,
     /// Pages allocated now.
     pub pages_used: u64,
     /// Pages the arena holds.
@@ -129,6 +132,7 @@ impl Default for Stats {
             handoffs: 0,
             handoff_dropped: 0,
             reclaimed: 0,
+            priority_fallbacks: 0,
             pages_used: 0,
             pages_total: 0,
             leases_held: 0,
@@ -166,6 +170,7 @@ impl Stats {
         self.handoffs += o.handoffs;
         self.handoff_dropped += o.handoff_dropped;
         self.reclaimed += o.reclaimed;
+        self.priority_fallbacks += o.priority_fallbacks;
         self.pages_used += o.pages_used;
         self.pages_total += o.pages_total;
         self.leases_held += o.leases_held;
@@ -281,6 +286,13 @@ pub struct ShardCounters {
     pub handoff_dropped: Counter,
     /// Pages freed without a FREE (silent owners, RECLAIM).
     pub reclaimed: Counter,
+    /// Set to 1 when the watchdog moved the starved worker out of SCHED_IDLE.
+    pub priority_fallbacks: Counter,
+    /// The worker's Linux thread id (for the priority watchdog).
+    pub tid: Counter,
+    /// When the worker last turned its loop, ns since the server started; `u64::MAX` while
+    /// it sleeps on purpose.
+    pub last_turn_ns: Counter,
     /// Pages allocated now.
     pub pages_used: Counter,
     /// Pages the shard's arena holds.
@@ -310,6 +322,9 @@ impl Default for ShardCounters {
             handoffs: Counter::default(),
             handoff_dropped: Counter::default(),
             reclaimed: Counter::default(),
+            priority_fallbacks: Counter::default(),
+            tid: Counter::default(),
+            last_turn_ns: Counter::default(),
             pages_used: Counter::default(),
             pages_total: Counter::default(),
             leases_held: Counter::default(),
@@ -356,6 +371,7 @@ impl ShardCounters {
             handoffs: self.handoffs.get(),
             handoff_dropped: self.handoff_dropped.get(),
             reclaimed: self.reclaimed.get(),
+            priority_fallbacks: self.priority_fallbacks.get(),
             pages_used: self.pages_used.get(),
             pages_total: self.pages_total.get(),
             leases_held: self.leases_held.get(),

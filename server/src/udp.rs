@@ -102,6 +102,7 @@ impl UdpWorker {
         while !self.common.stop.load(Ordering::Relaxed) {
             meter.tick(self.common.counters());
             let now = self.common.now_ns();
+            self.common.turn(Some(now));
             let h = &mut self.common.handler;
             let tx = &mut self.tx;
             let n = self
@@ -139,8 +140,10 @@ impl UdpWorker {
                         self.sock.as_fd(),
                         nix::poll::PollFlags::POLLIN,
                     )];
+                    self.common.turn(None);
                     let _ = nix::poll::poll(&mut fds, IDLE_SLEEP_MS);
                     meter.resume();
+                    self.common.turn(Some(self.common.now_ns()));
                     empty = 0;
                 }
             } else {

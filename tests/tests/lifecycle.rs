@@ -426,6 +426,75 @@ fn requests_the_kernel_drops_for_a_full_ring_are_counted() {
     assert!(server.wait().unwrap().success());
 }
 
+/// Kills a helper process when dropped (on every way out of a test).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Item 16: a worker under SCHED_IDLE (the default) that a CPU-bound process on its core
+/// starves moves itself to normal priority and keeps answering; the summary counts it.
+#[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
+fn a_starved_worker_leaves_sched_idle_and_keeps_answering() {
+    let bin = server_binary();
+    let pair = Pair::create(&unique("bbt"), 9000).unwrap();
+    let (ns, ifname) = (pair.server.ns.clone(), pair.server.ifname.clone());
+    let server = Command::new("ip")
+        .args(["netns", "exec", &ns])
+        .arg(&bin)
+        .args(["--iface", &ifname, "--host-id", "2", "--arena", "8MiB"])
+        .args(["--no-hugepages", "--stats-interval", "0", "--cores", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let server = KillOnDrop(server);
+    wait_attached(&ns, &ifname);
+    let mut c = bluebridge_tests::pair_client(&pair, &RigOptions::default());
+    c.ping(SERVER).expect("answered before the neighbour comes");
+    // A CPU-bound neighbour of normal priority on the worker's core.
+    let _hog = KillOnDrop(
+        Command::new("taskset")
+            .args(["-c", "0", "sh", "-c", "while :; do :; done"])
+            .spawn()
+            .expect("taskset (util-linux)"),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    while c.ping(SERVER).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the starved worker never answered again"
+        );
+    }
+    for i in 0..20 {
+        c.ping(SERVER)
+            .unwrap_or_else(|e| panic!("ping {i} beside the neighbour: {e}"));
+    }
+    let mut server = server;
+    let ok = Command::new("kill")
+        .args(["-INT", &server.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let out = std::mem::replace(&mut server.0, Command::new("true").spawn().unwrap())
+        .wait_with_output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("priority fallbacks 1"), "{text}");
+    assert!(text.contains("worker starved under SCHED_IDLE"), "{text}");
+}
+
 /// Issue 12, item 17: a bad number on the command line is one clear line and exit status 2,
 /// before anything is attached: no panic, no backtrace, no giant allocation.
 #[test]

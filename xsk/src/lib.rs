@@ -25,7 +25,7 @@ use std::num::NonZeroU32;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 
 pub use link::{FlowRules, LinkError, link_index, link_mac, link_mtu, rx_queue_count};
-pub use thread::{BusyPollError, busy_poll_thread};
+pub use thread::{BusyPollError, busy_poll_thread, current_tid, leave_sched_idle};
 use xsk_rs::config::{
     BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig,
 };

@@ -163,6 +163,7 @@ pub(crate) fn run(a: &RackArgs) -> Result<()> {
                     "--frames",
                     "1024",
                     "--idle",
+                    "--normal-priority",
                     "--no-hugepages",
                     "--accept-routed",
                     "--sessions",

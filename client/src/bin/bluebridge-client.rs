@@ -23,12 +23,9 @@ struct Args {
     /// CPU core to pin this client to (strongly recommended for measurements).
     #[arg(long, value_parser = bluebridge_xsk::cli::cpu)]
     core: Option<usize>,
-    /// Busy-poll under SCHED_IDLE instead of normal priority (see the server's --sched-idle):
-    /// only on a core nothing else runs on.
+    /// Keep normal scheduling priority instead of SCHED_IDLE while busy-polling (see the
+    /// server's --normal-priority); use it when the client's core is shared.
     #[arg(long)]
-    sched_idle: bool,
-    /// Normal priority: the default now (kept so that scripts using it work).
-    #[arg(long, hide = true, conflicts_with = "sched_idle")]
     normal_priority: bool,
     #[command(subcommand)]
     cmd: Cmd,
@@ -75,7 +72,7 @@ enum Cmd {
 fn main() -> Result<ExitCode> {
     bluebridge_client::init_logging("warn");
     let a = Args::parse();
-    bluebridge_xsk::busy_poll_thread(a.core, a.sched_idle && !a.normal_priority)
+    bluebridge_xsk::busy_poll_thread(a.core, !a.normal_priority)
         .context("setting up the polling thread")?;
     let (t, ec) = a.net.open().with_context(|| {
         format!(
