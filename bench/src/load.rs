@@ -52,6 +52,8 @@ pub(crate) struct Part {
     pub(crate) unsent: u64,
     pub(crate) retransmits: u64,
     pub(crate) timeouts: u64,
+    /// The phase ended early: no reply for [`SILENCE`].
+    pub(crate) cut_short: bool,
 }
 
 impl Part {
@@ -65,6 +67,7 @@ impl Part {
         self.unsent += o.unsent;
         self.retransmits += o.retransmits;
         self.timeouts += o.timeouts;
+        self.cut_short |= o.cut_short;
     }
 }
 
@@ -239,11 +242,10 @@ fn worker(
         }
     };
     let mut rng = rand::rngs::SmallRng::seed_from_u64(0x5eed + i as u64);
-    let mut cut_short = None;
+    let mut cut_short = false;
     while let Ok(load) = commands.recv() {
         let part = run_phase(&mut c, plan, &pages, load, &mut rng);
-        cut_short =
-            cut_short.or_else(|| part.errors.keys().find(|k| k.contains(CUT_SHORT)).cloned());
+        cut_short |= part.cut_short;
         if parts.send(part).is_err() {
             break;
         }
@@ -251,14 +253,14 @@ fn worker(
     let failed = c.free_all(&pages);
     match (failed.first(), cut_short) {
         (None, _) => Ok(()),
-        (Some((_, e)), Some(why)) => Err(anyhow!(
-            "the server stopped answering ({why}); {} of {} pages could not be freed ({e}); \
-             a server that still runs frees them once it has not heard from this client for \
-             its grace period (a restarted one has none)",
+        (Some((_, e)), true) => Err(anyhow!(
+            "the server stopped answering (no reply for {SILENCE:?}: run cut short); {} of {} \
+             pages could not be freed ({e}); a server that still runs frees them once it has \
+             not heard from this client for its grace period (a restarted one has none)",
             failed.len(),
             pages.len()
         )),
-        (Some((p, e)), None) => Err(anyhow!("freeing the working set: {p}: {e}")),
+        (Some((p, e)), false) => Err(anyhow!("freeing the working set: {p}: {e}")),
     }
 }
 
@@ -304,8 +306,6 @@ fn request(
 
 /// How long a thread waits without any reply before it gives up on the run.
 const SILENCE: Duration = Duration::from_secs(2);
-/// How a phase says it ended early for [`SILENCE`].
-const CUT_SHORT: &str = "run cut short";
 
 /// One phase: warm-up, then the measured window; requests whose (intended) send time falls in
 /// the window are the ones counted. Open loop keeps sending what fell due in the window for at
@@ -344,8 +344,9 @@ fn run_phase(
             // The server died or the path is gone: say so now rather than at the scheduled end.
             *part
                 .errors
-                .entry(format!("no reply for {SILENCE:?}: {CUT_SHORT}"))
+                .entry(format!("no reply for {SILENCE:?}: run cut short"))
                 .or_default() += 1;
+            part.cut_short = true;
             break;
         }
         if stats_at.is_none() && now_ns >= warm_ns {

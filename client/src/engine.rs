@@ -488,14 +488,10 @@ impl Engine {
         }
     }
 
-    /// Keeps `host` hearing from this engine from now on, as if it had allocated pages there
-    /// (for pages another client allocated and this one uses, e.g. a region attached to).
+    /// Keeps `host` hearing from this engine from now on: called for the host of every
+    /// allocation's reply, and for pages another client allocated and this one uses (e.g. a
+    /// region attached to).
     pub fn hold(&mut self, host: HostId, now: Instant) {
-        self.note_held(host, now);
-    }
-
-    /// Notes that this engine holds pages on `host` (from an allocation's reply).
-    fn note_held(&mut self, host: HostId, now: Instant) {
         if !host.is_any() && self.held_host(host).is_none() {
             self.held_hosts.push(HeldHost {
                 host,
@@ -951,7 +947,7 @@ impl Engine {
                 Opcode::ALLOC | Opcode::ALLOC_WRITE | Opcode::ALLOC_BULK
             )
         {
-            self.note_held(r.src.host_id(), now);
+            self.hold(r.src.host_id(), now);
         }
         let result = match result {
             Ok(r) if !r.header.status.is_ok() && p.req.op != Opcode::READ_BULK => {

@@ -168,10 +168,14 @@ impl Access {
         self.owners.get(client).copied()
     }
 
+    /// Owner `id`'s entry, if the id is in use.
+    fn entry(&self, id: u32) -> Option<&Owner> {
+        self.by_id.get((id as usize).wrapping_sub(1))?.as_ref()
+    }
+
     /// Owner `id`'s address and page count, if the id is in use.
     pub fn owner(&self, id: u32) -> Option<([u8; 16], u64)> {
-        let o = self.by_id.get((id as usize).wrapping_sub(1))?.as_ref()?;
-        Some((o.addr, o.pages))
+        self.entry(id).map(|o| (o.addr, o.pages))
     }
 
     /// Marks owner `id` orphan (silent past the grace period) or not; true if it was not
@@ -194,7 +198,7 @@ impl Access {
 
     /// Whether owner `id` is marked orphan.
     pub fn is_orphan(&self, id: u32) -> bool {
-        matches!(self.by_id.get((id as usize).wrapping_sub(1)), Some(Some(o)) if o.orphan)
+        self.entry(id).is_some_and(|o| o.orphan)
     }
 
     /// Owners marked orphan now.
@@ -204,11 +208,7 @@ impl Access {
 
     /// The address behind owner id `id`.
     pub fn owner_addr(&self, id: u32) -> Option<[u8; 16]> {
-        self.by_id
-            .get((id as usize).wrapping_sub(1))
-            .copied()
-            .flatten()
-            .map(|o| o.addr)
+        self.entry(id).map(|o| o.addr)
     }
 
     /// Whether `client` may use page `p`: shared, or its own.

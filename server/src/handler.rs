@@ -92,14 +92,8 @@ impl HandlerConfig {
             allowed_clients: Vec::new(),
             max_owners: 1 << 16,
             orphan_grace_ms: DEFAULT_GRACE_MS,
-            liveness: Arc::new(Liveness::random().unwrap_or_else(|_| {
-                // No entropy source: the slots are still right, only predictable.
-                let t = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_nanos() as u64;
-                Liveness::with_keys([t, t.rotate_left(17), !t, t.rotate_left(41)])
-            })),
+            // As for the lease-id key (lease.rs): no entropy, no server.
+            liveness: Arc::new(Liveness::random().expect("random bytes for the liveness key")),
         }
     }
 }
@@ -1049,15 +1043,21 @@ impl Handler {
     fn free(&mut self, handle: PageHandle, who: ClientKey, now_ns: u64) -> Status {
         let r = self.page_for(handle, who).and_then(|p| {
             self.leases.check_writer(&self.store, p, who, now_ns)?;
-            self.leases.release(&mut self.store, p);
-            let owner = self.store.owner(p);
-            self.store.free(p);
-            self.access.page_freed(owner);
+            self.free_page(p);
             Ok(())
         });
         // An adopted page keeps its entry: its local handle is stale now, so later requests get
         // STALE_HANDLE rather than silence.
         r.err().unwrap_or(Status::OK)
+    }
+
+    /// Frees a live page: its lease (if any) ends, it is zeroed, its handle goes stale, and
+    /// its owner holds one page fewer.
+    fn free_page(&mut self, p: PageIdx) {
+        self.leases.release(&mut self.store, p);
+        let owner = self.store.owner(p);
+        self.store.free(p);
+        self.access.page_freed(owner);
     }
 
     /// Whether the request comes from the controller's /48 (the switch lets no one else use
@@ -1088,8 +1088,7 @@ impl Handler {
             .owner_addr(self.store.owner(p))
             .unwrap_or([0; 16]);
         let mut h = base;
-        h.operand0 = u64::from_be_bytes(owner[..8].try_into().expect("8 bytes"));
-        h.operand1 = u64::from_be_bytes(owner[8..].try_into().expect("8 bytes"));
+        h.set_operand_addr(owner);
         if self.store.is_shared(p) {
             h.flags = h.flags.with(HeaderFlags::SHARED);
         }
@@ -1126,10 +1125,7 @@ impl Handler {
             }
             return Status::OK;
         }
-        let mut owner_addr = [0u8; 16];
-        owner_addr[..8].copy_from_slice(&h.operand0.to_be_bytes());
-        owner_addr[8..].copy_from_slice(&h.operand1.to_be_bytes());
-        let owner = match self.access.owner_id(owner_addr) {
+        let owner = match self.access.owner_id(h.operand_addr()) {
             Ok(o) => o,
             Err(st) => return st,
         };

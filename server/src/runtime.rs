@@ -604,22 +604,14 @@ impl WorkerCommon {
     /// Pins the calling thread and sets its scheduling policy (see
     /// [`bluebridge_xsk::busy_poll_thread`]).
     pub(crate) fn set_up_thread(&self) {
+        // The turn first: the watchdog looks at workers whose thread id it knows.
+        self.counters().last_turn_ns.set(self.now_ns());
         self.counters()
             .tid
             .set(u64::from(bluebridge_xsk::current_tid().unsigned_abs()));
-        self.turn(Some(self.now_ns()));
         if let Err(e) = bluebridge_xsk::busy_poll_thread(self.core, self.sched_idle) {
             tracing::warn!(error = %e, "worker set-up incomplete; running anyway");
         }
-    }
-
-    /// Tells the [`priority_watchdog`] that this worker is running (every 8th turn of its
-    /// loop), or with `None` that it is going to sleep on purpose.
-    #[inline]
-    pub(crate) fn turn(&self, running: Option<u64>) {
-        self.counters()
-            .last_turn_ns
-            .set(running.unwrap_or(u64::MAX));
     }
 
     /// This worker's counters.
@@ -642,7 +634,7 @@ struct Worker {
 
 /// A worker that has not turned its loop for this long under SCHED_IDLE has a CPU-bound
 /// neighbour (kernel threads take the core for ~1 ms at most here).
-pub(crate) const STARVED_NS: u64 = 20_000_000;
+const STARVED_NS: u64 = 20_000_000;
 
 /// Watches the SCHED_IDLE workers (every 5 ms, from a thread of normal priority that sleeps
 /// in between) and moves one that has not run for [`STARVED_NS`] to normal priority, for
@@ -687,13 +679,12 @@ impl Worker {
         let shards = self.common.counters.len();
         let mut empty = 0u32;
         let mut loops = 0u32;
-        let mut meter = crate::stats::StallMeter::new();
+        let mut meter = crate::stats::StallMeter::new(self.common.started);
         while !self.common.stop.load(Ordering::Relaxed) {
             // A clock read costs ~50 ns on the 2-vCPU VM: every 8th turn is enough to see a
             // 1 ms gap.
             if loops.is_multiple_of(8) {
                 meter.tick(self.common.counters());
-                self.common.turn(Some(self.common.now_ns()));
             }
             // Replies the kernel has not taken yet: take no more requests until it does.
             let backed_up = self.xsk.tx_backed_up();
@@ -749,10 +740,9 @@ impl Worker {
             if n == 0 {
                 empty += 1;
                 if self.common.idle && empty >= IDLE_SPINS && self.xsk.tx_in_flight() == 0 {
-                    self.common.turn(None);
+                    meter.pause(self.common.counters());
                     self.sleep();
-                    meter.resume();
-                    self.common.turn(Some(self.common.now_ns()));
+                    meter.resume(self.common.counters());
                     empty = 0;
                 }
             } else {

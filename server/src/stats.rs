@@ -77,23 +77,35 @@ pub struct Stats {
 /// A gap in a worker's loop longer than this counts as a stall (1 ms).
 pub const STALL_NS: u64 = 1_000_000;
 
-/// Measures a worker's loop: call [`StallMeter::tick`] once per turn and
-/// [`StallMeter::resume`] after sleeping on purpose (idle mode), so sleeps are not stalls.
+/// Measures a worker's loop: call [`StallMeter::tick`] once per turn, and
+/// [`StallMeter::pause`] / [`StallMeter::resume`] around a sleep on purpose (idle mode), so
+/// sleeps are not stalls. Each turn is also published as [`ShardCounters::last_turn_ns`] for
+/// the priority watchdog.
 #[derive(Debug)]
 pub(crate) struct StallMeter {
+    /// When the server started: `last_turn_ns` counts from it.
+    started: std::time::Instant,
     last: std::time::Instant,
     window_start: std::time::Instant,
     window_max: u64,
 }
 
 impl StallMeter {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(started: std::time::Instant) -> Self {
         let now = std::time::Instant::now();
         StallMeter {
+            started,
             last: now,
             window_start: now,
             window_max: 0,
         }
+    }
+
+    /// Publishes `now` as the worker's last turn.
+    #[inline]
+    fn publish(&self, c: &ShardCounters, now: std::time::Instant) {
+        c.last_turn_ns
+            .set(now.duration_since(self.started).as_nanos() as u64);
     }
 
     #[inline]
@@ -101,6 +113,7 @@ impl StallMeter {
         let now = std::time::Instant::now();
         let gap = now.duration_since(self.last).as_nanos() as u64;
         self.last = now;
+        self.publish(c, now);
         if gap > STALL_NS {
             c.stalls.inc();
         }
@@ -112,8 +125,15 @@ impl StallMeter {
         }
     }
 
-    pub(crate) fn resume(&mut self) {
+    /// The worker is going to sleep on purpose: not a turn the watchdog should wait for.
+    pub(crate) fn pause(&self, c: &ShardCounters) {
+        c.last_turn_ns.set(u64::MAX);
+    }
+
+    /// The worker woke from a sleep on purpose.
+    pub(crate) fn resume(&mut self, c: &ShardCounters) {
         self.last = std::time::Instant::now();
+        self.publish(c, self.last);
     }
 }
 
@@ -447,7 +467,7 @@ mod tests {
     #[test]
     fn a_gap_in_the_loop_is_a_stall_and_shows_as_the_longest_gap() {
         let c = ShardCounters::default();
-        let mut m = StallMeter::new();
+        let mut m = StallMeter::new(std::time::Instant::now());
         m.tick(&c);
         m.tick(&c);
         assert_eq!(c.stalls.get(), 0);
@@ -456,7 +476,10 @@ mod tests {
         assert_eq!(c.stalls.get(), 1);
         // A sleep on purpose is not a stall.
         std::thread::sleep(std::time::Duration::from_millis(3));
-        m.resume();
+        m.pause(&c);
+        assert_eq!(c.last_turn_ns.get(), u64::MAX);
+        m.resume(&c);
+        assert_ne!(c.last_turn_ns.get(), u64::MAX);
         m.tick(&c);
         assert_eq!(c.stalls.get(), 1);
         // The longest gap of the window is published once the window (1 s) is over.

@@ -323,11 +323,6 @@ impl Store {
         self.meta[p.0 as usize].flags |= DETACHED;
     }
 
-    /// Whether the page was detached.
-    pub fn is_detached(&self, p: PageIdx) -> bool {
-        self.meta[p.0 as usize].flags & DETACHED != 0
-    }
-
     /// The owner of slot `p` if it holds a live page here; `None` for a free slot, one past
     /// the arena, or a page migrated away (its holder answers for it). With `exempt_too`
     /// false, also `None` for the pages an owner's silence does not reclaim: shared and

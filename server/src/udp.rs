@@ -98,11 +98,10 @@ impl UdpWorker {
         self.common.set_up_thread();
         let mut stats = XskStats::default();
         let mut empty = 0u32;
-        let mut meter = crate::stats::StallMeter::new();
+        let mut meter = crate::stats::StallMeter::new(self.common.started);
         while !self.common.stop.load(Ordering::Relaxed) {
             meter.tick(self.common.counters());
             let now = self.common.now_ns();
-            self.common.turn(Some(now));
             let h = &mut self.common.handler;
             let tx = &mut self.tx;
             let n = self
@@ -140,10 +139,9 @@ impl UdpWorker {
                         self.sock.as_fd(),
                         nix::poll::PollFlags::POLLIN,
                     )];
-                    self.common.turn(None);
+                    meter.pause(self.common.counters());
                     let _ = nix::poll::poll(&mut fds, IDLE_SLEEP_MS);
-                    meter.resume();
-                    self.common.turn(Some(self.common.now_ns()));
+                    meter.resume(self.common.counters());
                     empty = 0;
                 }
             } else {

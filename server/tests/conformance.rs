@@ -737,12 +737,9 @@ fn s5_17_the_controller_lists_owners_and_reclaims_their_pages() {
         Status::FORBIDDEN
     );
     let reclaim = |addr: Ipv6Addr| {
-        let o = u128::from(addr);
-        BbRepr {
-            operand0: (o >> 64) as u64,
-            operand1: o as u64,
-            ..sel
-        }
+        let mut h = sel;
+        h.set_operand_addr(addr.octets());
+        h
     };
     assert_eq!(
         r.status(Opcode::RECLAIM, PageHandle::NONE, reclaim(client(3)), &[]),

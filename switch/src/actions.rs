@@ -1,6 +1,6 @@
 //! What the controller does over the network — health checks, page migrations, INVALIDATE
-//! notices, listing and reclaiming page owners — split from its state so that the state's lock is never held across network I/O.
-//! Each action decides under the [`Controller`] lock (a few map updates: fast), does its I/O
+//! notices, listing and reclaiming page owners — split from its state so that the state's
+//! lock is never held across network I/O. Each action decides under the [`Controller`] lock (a few map updates: fast), does its I/O
 //! holding only the controller's link, and records the outcome under the lock again. So the
 //! control API (status, routes, registration) answers while a dead host's health check waits
 //! out its retries (~75 ms) or a migration copies a page; only other link users wait for the

@@ -350,33 +350,29 @@ fn s9_no_reply_to_unanswerable_sources(t: TransportKind) {
     }
 }
 
+/// One test per section check on `transport`, in module `$module`.
+macro_rules! on_transport {
+    ($module:ident, $transport:ident, $($check:ident),*) => {
+        mod $module {
+            $(
+                #[test]
+                #[cfg_attr(
+                    unprivileged,
+                    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+                )]
+                fn $check() {
+                    super::$check(bluebridge_server::TransportKind::$transport);
+                }
+            )*
+        }
+    };
+}
+
 /// One test per section check and transport.
 macro_rules! on_both_transports {
     ($($check:ident),* $(,)?) => {
-        mod af_xdp {
-            $(
-                #[test]
-                #[cfg_attr(
-                    unprivileged,
-                    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
-                )]
-                fn $check() {
-                    super::$check(bluebridge_server::TransportKind::Xdp);
-                }
-            )*
-        }
-        mod kernel_udp {
-            $(
-                #[test]
-                #[cfg_attr(
-                    unprivileged,
-                    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
-                )]
-                fn $check() {
-                    super::$check(bluebridge_server::TransportKind::Udp);
-                }
-            )*
-        }
+        on_transport!(af_xdp, Xdp, $($check),*);
+        on_transport!(kernel_udp, Udp, $($check),*);
     };
 }
 

@@ -180,15 +180,13 @@ fn the_client_demo_frees_its_pages_when_interrupted() {
     });
     let bin = binary("bluebridge-client", "bluebridge-client");
     for sig in ["INT", "TERM"] {
-        let child = Command::new("ip")
-            .args(["netns", "exec", &rig.pair.client.ns])
-            .arg(&bin)
-            .args(["--iface", &rig.pair.client.ifname, "--transport", "udp"])
-            .args(["demo", "--host", "2", "--pages", "64", "--seconds", "600"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let demo = Process::start(
+            Command::new("ip")
+                .args(["netns", "exec", &rig.pair.client.ns])
+                .arg(&bin)
+                .args(["--iface", &rig.pair.client.ifname, "--transport", "udp"])
+                .args(["demo", "--host", "2", "--pages", "64", "--seconds", "600"]),
+        );
         let t = Instant::now();
         while rig.server().stats().pages_used < 64 {
             assert!(
@@ -198,13 +196,8 @@ fn the_client_demo_frees_its_pages_when_interrupted() {
             std::thread::sleep(Duration::from_millis(20));
         }
         std::thread::sleep(Duration::from_millis(300));
-        let killed = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(killed.success());
-        let out = child.wait_with_output().unwrap();
+        demo.signal(sig);
+        let out = demo.finish();
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert_eq!(
             out.status.code(),
@@ -242,6 +235,60 @@ fn server_binary() -> PathBuf {
     binary("bluebridge-server", "bluebridge-server")
 }
 
+/// A child process (output piped), killed if the test ends before [`Process::finish`].
+struct Process(Option<std::process::Child>);
+
+impl Process {
+    fn start(cmd: &mut Command) -> Process {
+        let child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+        Process(Some(child))
+    }
+
+    /// Sends `SIG<sig>` (e.g. "INT").
+    fn signal(&self, sig: &str) {
+        let id = self.0.as_ref().expect("running").id().to_string();
+        let sent = Command::new("kill")
+            .args([&format!("-{sig}"), &id])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -{sig} {id}");
+    }
+
+    /// Waits for it to end and returns its status and output.
+    fn finish(mut self) -> std::process::Output {
+        self.0.take().expect("running").wait_with_output().unwrap()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The server binary in `pair`'s server namespace (host 2, an 8 MiB arena, no stats lines)
+/// with `extra` flags, once it has attached XDP.
+fn start_server_binary(pair: &Pair, extra: &[&str]) -> Process {
+    let (ns, ifname) = (&pair.server.ns, &pair.server.ifname);
+    let server = Process::start(
+        Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(server_binary())
+            .args(["--iface", ifname, "--host-id", "2", "--arena", "8MiB"])
+            .args(["--no-hugepages", "--stats-interval", "0"])
+            .args(extra),
+    );
+    wait_attached(ns, ifname);
+    server
+}
+
 /// Waits (20 s at most) for a server process to attach its XDP program.
 fn wait_attached(ns: &str, ifname: &str) {
     let t = Instant::now();
@@ -266,40 +313,14 @@ fn xdp_attached(ns: &str, ifname: &str) -> bool {
     ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
 )]
 fn the_server_binary_detaches_xdp_on_every_exit() {
-    let bin = server_binary();
     for (sig, graceful) in [("INT", true), ("TERM", true), ("KILL", false)] {
         let pair = Pair::create(&unique("bbt"), 9000).unwrap();
         let (ns, ifname) = (pair.server.ns.clone(), pair.server.ifname.clone());
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns])
-            .arg(&bin)
-            .args([
-                "--iface",
-                &ifname,
-                "--host-id",
-                "2",
-                "--arena",
-                "8MiB",
-                "--no-hugepages",
-                "--stats-interval",
-                "0",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_attached(&ns, &ifname);
+        let server = start_server_binary(&pair, &[]);
         // Give the workers a moment to run before the signal.
         std::thread::sleep(Duration::from_millis(200));
-        assert!(
-            Command::new("kill")
-                .arg(format!("-{sig}"))
-                .arg(child.id().to_string())
-                .status()
-                .unwrap()
-                .success()
-        );
-        let out = child.wait_with_output().unwrap();
+        server.signal(sig);
+        let out = server.finish();
         let stdout = String::from_utf8_lossy(&out.stdout);
         if graceful {
             assert!(out.status.success(), "SIG{sig}: exit {:?}", out.status);
@@ -330,20 +351,9 @@ fn the_server_binary_detaches_xdp_on_every_exit() {
     ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
 )]
 fn requests_the_kernel_drops_for_a_full_ring_are_counted() {
-    let bin = server_binary();
     let pair = Pair::create(&unique("bbt"), 9000).unwrap();
-    let (ns, ifname) = (pair.server.ns.clone(), pair.server.ifname.clone());
-    let mut server = Command::new("ip")
-        .args(["netns", "exec", &ns])
-        .arg(&bin)
-        .args(["--iface", &ifname, "--host-id", "2", "--arena", "8MiB"])
-        .args(["--no-hugepages", "--stats-interval", "0", "--idle"])
-        .args(["--frames", "256"]) // 128 RX descriptors
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_attached(&ns, &ifname);
+    // 256 frames: 128 RX descriptors.
+    let server = start_server_binary(&pair, &["--idle", "--frames", "256"]);
     let mut c = bluebridge_tests::pair_client(&pair, &RigOptions::default());
     let ping = |c: &mut bluebridge_client::Client<_>| {
         let t = Instant::now();
@@ -356,14 +366,7 @@ fn requests_the_kernel_drops_for_a_full_ring_are_counted() {
     };
     ping(&mut c);
     let base = c.stat(SERVER).unwrap();
-    let signal = |sig: &str| {
-        let ok = Command::new("kill")
-            .args([sig, &server.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success(), "kill {sig}");
-    };
-    signal("-STOP");
+    server.signal("STOP");
     // 2,000 PINGs, from a port of their own; paced so the veth's own queue (256) never fills:
     // what the XDP program redirects meets the stopped server's ring.
     let n = 2_000u64;
@@ -397,7 +400,7 @@ fn requests_the_kernel_drops_for_a_full_ring_are_counted() {
         }
     }
     std::thread::sleep(Duration::from_millis(100));
-    signal("-CONT");
+    server.signal("CONT");
     // The worker publishes the socket's counters within a few hundred ms of running again.
     let t = Instant::now();
     let mut stats = 0;
@@ -422,18 +425,8 @@ fn requests_the_kernel_drops_for_a_full_ring_are_counted() {
         "{n} sent, {dropped} dropped, {served} served ({stats} STATs): some are in no counter"
     );
     eprintln!("{n} sent to a stopped server: {dropped} dropped by the kernel, {served} served");
-    signal("-INT");
-    assert!(server.wait().unwrap().success());
-}
-
-/// Kills a helper process when dropped (on every way out of a test).
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    server.signal("INT");
+    assert!(server.finish().status.success());
 }
 
 /// Item 16: a worker under SCHED_IDLE (the default) that a CPU-bound process on its core
@@ -444,29 +437,18 @@ impl Drop for KillOnDrop {
     ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
 )]
 fn a_starved_worker_leaves_sched_idle_and_keeps_answering() {
-    let bin = server_binary();
     let pair = Pair::create(&unique("bbt"), 9000).unwrap();
-    let (ns, ifname) = (pair.server.ns.clone(), pair.server.ifname.clone());
-    let server = Command::new("ip")
-        .args(["netns", "exec", &ns])
-        .arg(&bin)
-        .args(["--iface", &ifname, "--host-id", "2", "--arena", "8MiB"])
-        .args(["--no-hugepages", "--stats-interval", "0", "--cores", "0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let server = KillOnDrop(server);
-    wait_attached(&ns, &ifname);
+    let server = start_server_binary(&pair, &["--cores", "0"]);
     let mut c = bluebridge_tests::pair_client(&pair, &RigOptions::default());
     c.ping(SERVER).expect("answered before the neighbour comes");
     // A CPU-bound neighbour of normal priority on the worker's core.
-    let _hog = KillOnDrop(
-        Command::new("taskset")
-            .args(["-c", "0", "sh", "-c", "while :; do :; done"])
-            .spawn()
-            .expect("taskset (util-linux)"),
-    );
+    let _hog = Process::start(Command::new("taskset").args([
+        "-c",
+        "0",
+        "sh",
+        "-c",
+        "while :; do :; done",
+    ]));
     std::thread::sleep(Duration::from_millis(500));
     let t = Instant::now();
     while c.ping(SERVER).is_err() {
@@ -479,15 +461,8 @@ fn a_starved_worker_leaves_sched_idle_and_keeps_answering() {
         c.ping(SERVER)
             .unwrap_or_else(|e| panic!("ping {i} beside the neighbour: {e}"));
     }
-    let mut server = server;
-    let ok = Command::new("kill")
-        .args(["-INT", &server.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    let out = std::mem::replace(&mut server.0, Command::new("true").spawn().unwrap())
-        .wait_with_output()
-        .unwrap();
+    server.signal("INT");
+    let out = server.finish();
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");

@@ -138,11 +138,11 @@ impl<T: Transport + Send + 'static> Backing for RemoteBacking<T> {
     }
 
     fn close(&mut self, free: bool) -> Result<(), BackingError> {
-        let dir = self.directory.take().map(|d| d.table).unwrap_or_default();
         if !free {
             // Kept for a later attach (detached on the servers when the region was made).
             return Ok(());
         }
+        let dir = self.directory.take().map(|d| d.table).unwrap_or_default();
         for chunk in self.pages.chunks(128).chain(dir.chunks(128)) {
             for r in self.client.free_bulk(chunk)? {
                 r?;

@@ -262,6 +262,19 @@ impl BbRepr {
     pub fn is_reply(&self) -> bool {
         self.flags.contains(HeaderFlags::REPLY)
     }
+
+    /// The IPv6 address carried in `operand0` (high 8 bytes) and `operand1`: a page's owner in
+    /// MIGRATE_OUT replies and MIGRATE_IN requests, the owner RECLAIM names.
+    pub fn operand_addr(&self) -> [u8; 16] {
+        ((u128::from(self.operand0) << 64) | u128::from(self.operand1)).to_be_bytes()
+    }
+
+    /// Puts `addr` in `operand0` (high 8 bytes) and `operand1`.
+    pub fn set_operand_addr(&mut self, addr: [u8; 16]) {
+        let a = u128::from_be_bytes(addr);
+        self.operand0 = (a >> 64) as u64;
+        self.operand1 = a as u64;
+    }
 }
 
 #[cfg(test)]
@@ -284,6 +297,16 @@ mod tests {
         0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xfe, // operand0
         0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x2a, // operand1
     ];
+
+    #[test]
+    fn an_address_in_the_operands_is_high_half_first() {
+        let addr: [u8; 16] = core::array::from_fn(|i| i as u8 + 1);
+        let mut h = BbRepr::default();
+        h.set_operand_addr(addr);
+        assert_eq!(h.operand0, 0x0102_0304_0506_0708);
+        assert_eq!(h.operand1, 0x090a_0b0c_0d0e_0f10);
+        assert_eq!(h.operand_addr(), addr);
+    }
 
     const REPR: BbRepr = BbRepr {
         flags: HeaderFlags::REPLY,

@@ -126,10 +126,7 @@ impl Handler {
 
     /// Frees a live page without a FREE (its lease, if any, ends with it).
     fn reclaim_page(&mut self, p: PageIdx) {
-        self.leases.release(&mut self.store, p);
-        let owner = self.store.owner(p);
-        self.store.free(p);
-        self.access.page_freed(owner);
+        self.free_page(p);
         self.c().reclaimed.inc();
     }
 
@@ -184,9 +181,7 @@ impl Handler {
         if !self.sent_by_controller(req) {
             return Outcome::status(Status::FORBIDDEN, PageHandle::NONE);
         }
-        let mut addr = [0u8; 16];
-        addr[..8].copy_from_slice(&req.header.operand0.to_be_bytes());
-        addr[8..].copy_from_slice(&req.header.operand1.to_be_bytes());
+        let addr = req.header.operand_addr();
         let mut freed = 0u64;
         if let Some(id) = self.access.id_of(&addr) {
             for i in 0..self.store.pages_total() {
