@@ -73,6 +73,10 @@ impl<T: Transport> Client<T> {
         &mut self.transport
     }
 
+    pub(crate) fn engine_mut(&mut self) -> &mut Engine {
+        &mut self.engine
+    }
+
     /// Engine counters (sent, retransmitted, timed out, ...).
     pub fn stats(&self) -> EngineStats {
         self.engine.stats()

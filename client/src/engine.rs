@@ -189,7 +189,27 @@ pub struct EngineStats {
     /// Keep-alive PINGs the engine sent on its own ([`Engine::keep_alive`]; not in
     /// `submitted`, in `sent`).
     pub keepalives: u64,
+    /// REVOKE notices received from homes (§5.18), kept for [`Engine::take_revoke`].
+    pub revokes: u64,
+    /// REVOKE notices dropped because [`REVOKES_MAX`] were waiting (the home sends them again
+    /// while its requester keeps asking).
+    pub revokes_dropped: u64,
 }
+
+/// A REVOKE notice (§5.18): the home of `page` wants the copies of generation `generation`
+/// back; the holder may keep `keep` ([`bluebridge_proto::message::KEEP_NONE`] or `KEEP_READ`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Revoke {
+    /// The page (opcode and flags cleared).
+    pub page: RemoteAddr,
+    /// The generation of the copies revoked.
+    pub generation: u64,
+    /// What the holder may keep.
+    pub keep: u64,
+}
+
+/// REVOKE notices kept waiting for [`Engine::take_revoke`], at most.
+pub const REVOKES_MAX: usize = 4096;
 
 /// Data buffers kept for reuse, at most.
 const BUFFER_POOL: usize = 256;
@@ -296,6 +316,8 @@ pub struct Engine {
     next_keepalive: Option<Instant>,
     /// Keep-alives in `pending`.
     internal_pending: usize,
+    /// REVOKE notices not yet taken.
+    revokes: VecDeque<Revoke>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -342,7 +364,13 @@ impl Engine {
             held_hosts: Vec::new(),
             next_keepalive: None,
             internal_pending: 0,
+            revokes: VecDeque::new(),
         }
+    }
+
+    /// The oldest REVOKE notice not yet taken (a coherent region's handler answers them).
+    pub fn take_revoke(&mut self) -> Option<Revoke> {
+        self.revokes.pop_front()
     }
 
     /// Whether the controller reported `page` freed (requests for it fail with
@@ -552,7 +580,13 @@ impl Engine {
             h.last_sent = now; // the server hears from us anyway
         }
         let collect = match req.op {
-            Opcode::READ | Opcode::UPDATE_ACQUIRE | Opcode::MIGRATE_OUT if req.length > 0 => {
+            Opcode::READ
+            | Opcode::UPDATE_ACQUIRE
+            | Opcode::MIGRATE_OUT
+            | Opcode::GET_SHARED
+            | Opcode::GET_EXCLUSIVE
+                if req.length > 0 =>
+            {
                 Collect::Range {
                     reasm: Reassembly::new(req.offset, req.length).expect("checked"),
                     data: self.buffer(usize::from(req.length)),
@@ -604,12 +638,20 @@ impl Engine {
         let end = usize::from(req.offset) + usize::from(req.length);
         let collects = matches!(
             req.op,
-            Opcode::READ | Opcode::READ_BULK | Opcode::UPDATE_ACQUIRE
+            Opcode::READ
+                | Opcode::READ_BULK
+                | Opcode::UPDATE_ACQUIRE
+                | Opcode::GET_SHARED
+                | Opcode::GET_EXCLUSIVE
         );
         if collects && end > PAGE_SIZE {
             return Err(ClientError::Invalid("range past the end of the page"));
         }
-        if matches!(req.op, Opcode::READ | Opcode::READ_BULK) && req.length == 0 {
+        if matches!(
+            req.op,
+            Opcode::READ | Opcode::READ_BULK | Opcode::GET_SHARED | Opcode::GET_EXCLUSIVE
+        ) && req.length == 0
+        {
             return Err(ClientError::Invalid("empty read"));
         }
         if req.op.request_carries_data()
@@ -836,6 +878,25 @@ impl Engine {
             }
             return;
         }
+        if src.opcode() == Opcode::REVOKE && h.request_id == 0 {
+            // From the page's own address: only its home can send it (the switch filters
+            // sources), so no notice can name another host's page.
+            if !h.status.is_ok() || !f.payload.is_empty() || src.handle().is_none() {
+                self.stats.malformed += 1;
+                return;
+            }
+            self.stats.revokes += 1;
+            if self.revokes.len() >= REVOKES_MAX {
+                self.stats.revokes_dropped += 1;
+                return;
+            }
+            self.revokes.push_back(Revoke {
+                page: src.with_op(Opcode(0), OpFlags::NONE),
+                generation: h.lease,
+                keep: h.operand0,
+            });
+            return;
+        }
         let Some(id) = self.ticket_of(h.request_id) else {
             self.stats.stray += 1;
             return;
@@ -871,6 +932,15 @@ impl Engine {
             Collect::Range { reasm, data, first } => {
                 if !h.status.is_ok() {
                     Some(Err(ClientError::from_status(h.status)))
+                } else if h.length == 0 && p.req.op == Opcode::GET_EXCLUSIVE {
+                    // An upgrade of a current read copy: granted without bytes (§5.18).
+                    data.clear();
+                    Some(Ok(Reply {
+                        src,
+                        header: h,
+                        data: std::mem::take(data),
+                        items: Vec::new(),
+                    }))
                 } else {
                     match take_segment(reasm, data, p.req.offset, &h, f.payload) {
                         Ok(()) => {

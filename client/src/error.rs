@@ -63,6 +63,10 @@ pub enum ClientError {
     /// request's first page (the client's bulk calls split by shard, so this means a bug).
     #[error("a bulk item's page is on another shard of the server")]
     OtherShard,
+    /// RECALLING: the page's other copies are being revoked for this request (§5.18); ask
+    /// again shortly.
+    #[error("the page's other copies are being recalled")]
+    Recalling,
     /// A status this client does not know.
     #[error("unknown status {0}")]
     UnknownStatus(u16),
@@ -102,6 +106,7 @@ impl ClientError {
             Status::INTERNAL => ClientError::Internal,
             Status::UNREACHABLE => ClientError::Unreachable,
             Status::OTHER_SHARD => ClientError::OtherShard,
+            Status::RECALLING => ClientError::Recalling,
             other => ClientError::UnknownStatus(other.0),
         }
     }

@@ -2,7 +2,8 @@
 //!
 //! - [`engine`]: the sans-IO core (request ids, retransmission, reassembly, matching).
 //! - [`transport`]: moving frames; [`XdpTransport`] over AF_XDP.
-//! - [`Client`]: blocking calls for every operation and a pipelined submit/poll interface.
+//! - [`Client`]: blocking calls for every operation and a pipelined submit/poll interface;
+//!   [`copies`]: coherent copies (GET_SHARED, GET_EXCLUSIVE, PUT, RENEW, REVOKE notices).
 //! - [`ClientError`]: one variant per error status, plus timeouts.
 //! - [`region`]: remote memory mapped into the process ([`RemoteRegion`], userfaultfd paging);
 //!   the only module with unsafe code (in `region::sys`).
@@ -10,6 +11,7 @@
 
 pub mod admin;
 mod client;
+pub mod copies;
 pub mod engine;
 pub mod error;
 mod pending;
@@ -18,7 +20,8 @@ pub mod transport;
 mod udp;
 
 pub use client::{Client, Lease};
-pub use engine::{Completion, Engine, EngineConfig, Reply, Request};
+pub use copies::{Grant, Keep};
+pub use engine::{Completion, Engine, EngineConfig, Reply, Request, Revoke};
 pub use error::ClientError;
 pub use region::{RegionOptions, RemoteRegion};
 pub use transport::{

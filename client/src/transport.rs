@@ -24,6 +24,12 @@ pub trait Transport {
     fn transmit(&mut self, engine: &mut Engine, now: Instant);
     /// Hands received frames to the engine; returns how many.
     fn receive(&mut self, engine: &mut Engine, now: Instant) -> usize;
+    /// Descriptors that become readable when frames arrive (for a thread that sleeps in
+    /// `poll` between requests, e.g. a coherent region's handler waiting for notices). None
+    /// by default: such a thread then wakes on its timer only.
+    fn poll_fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        Vec::new()
+    }
 }
 
 /// Either transport, chosen at run time.
@@ -57,6 +63,13 @@ impl Transport for AnyTransport {
         match self {
             AnyTransport::Xdp(t) => t.receive(engine, now),
             AnyTransport::Udp(t) => t.receive(engine, now),
+        }
+    }
+
+    fn poll_fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        match self {
+            AnyTransport::Xdp(t) => t.poll_fds(),
+            AnyTransport::Udp(t) => t.poll_fds(),
         }
     }
 }
@@ -565,5 +578,10 @@ impl Transport for XdpTransport {
             }
         }
         n
+    }
+
+    fn poll_fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.xsks.iter().map(|x| x.as_fd()).collect()
     }
 }

@@ -73,4 +73,8 @@ impl Transport for UdpTransport {
             })
             .unwrap_or(0)
     }
+
+    fn poll_fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        vec![self.sock.as_fd()]
+    }
 }

@@ -131,6 +131,28 @@ wire_code! {
         /// payload the 16-byte address of a page that was freed. Clients fail later requests
         /// for that page at once (`Invalidated`).
         INVALIDATE = 0x90,
+        /// Coherence (§5.18): fetch a read copy of a range of the page, registering the
+        /// requester as a reader. The reply carries the range like a READ, the copy's
+        /// generation in `lease` and the copy lease (ms) in operand0; RECALLING while a
+        /// writer is being recalled.
+        GET_SHARED = 0xa0,
+        /// Coherence (§5.18): fetch the write copy. `lease` = the generation of the read copy
+        /// the requester holds (0: none). The home revokes every other copy first (RECALLING
+        /// meanwhile); the reply carries the range (or no bytes when the requester's copy is
+        /// current), the new generation in `lease`, the copy lease in operand0.
+        GET_EXCLUSIVE = 0xa1,
+        /// Coherence (§5.18): give a copy back or keep less of it. `lease` = the copy's
+        /// generation, operand0 = what the requester keeps (0 nothing, 1 a read copy, 2 the
+        /// write copy), and from the writer the page bytes of a range (its write-back).
+        PUT = 0xa2,
+        /// Coherence (§5.18): renew the requester's copy lease at the page's shard (any page
+        /// of it). The reply's operand0 is the lease, ms.
+        RENEW = 0xa3,
+        /// Home → client, a notice rather than a request (§5.18): reply-shaped (REPLY set,
+        /// status OK, request id 0), from the page's address with this opcode; `lease` = the
+        /// generation of the copies revoked, operand0 = what the holder may keep (0 nothing,
+        /// 1 a read copy). The holder answers with a PUT.
+        REVOKE = 0xa4,
     }
 }
 
@@ -151,13 +173,22 @@ impl Opcode {
                 | Opcode::DETACH
                 | Opcode::MIGRATE_OUT
                 | Opcode::OWNERS
+                | Opcode::GET_SHARED
+                | Opcode::GET_EXCLUSIVE
+                | Opcode::RENEW
         )
     }
 
     /// Whether a client may send this opcode as a request: known, and not a notice
     /// (INVALIDATE travels only from the controller to clients).
     pub const fn is_request(self) -> bool {
-        self.is_known() && !matches!(self, Opcode::INVALIDATE)
+        self.is_known() && !self.is_notice()
+    }
+
+    /// Whether the opcode names a notice a server or the controller sends to clients
+    /// (INVALIDATE, REVOKE), never a request.
+    pub const fn is_notice(self) -> bool {
+        matches!(self, Opcode::INVALIDATE | Opcode::REVOKE)
     }
 
     /// Whether the request names no range: offset and length must be 0.
@@ -175,6 +206,7 @@ impl Opcode {
                 | Opcode::UPDATE_RELEASE
                 | Opcode::OWNERS
                 | Opcode::RECLAIM
+                | Opcode::RENEW
         )
     }
 
@@ -211,6 +243,7 @@ impl Opcode {
                 | Opcode::WRITE_BLIND
                 | Opcode::UPDATE_COMMIT
                 | Opcode::MIGRATE_IN
+                | Opcode::PUT
         )
     }
 
@@ -218,7 +251,12 @@ impl Opcode {
     pub const fn reply_carries_data(self) -> bool {
         matches!(
             self,
-            Opcode::READ | Opcode::READ_BULK | Opcode::UPDATE_ACQUIRE | Opcode::MIGRATE_OUT
+            Opcode::READ
+                | Opcode::READ_BULK
+                | Opcode::UPDATE_ACQUIRE
+                | Opcode::MIGRATE_OUT
+                | Opcode::GET_SHARED
+                | Opcode::GET_EXCLUSIVE
         )
     }
 
@@ -271,6 +309,9 @@ wire_code! {
         /// A bulk item's handle belongs to another shard of the server than the request's
         /// first page: send it in a bulk request of its own (docs/protocol.md §5.16).
         OTHER_SHARD = 18,
+        /// Coherence (§5.18): the page's other copies are being revoked for this request (the
+        /// home has sent their holders REVOKE notices); ask again shortly.
+        RECALLING = 19,
     }
 }
 

@@ -80,10 +80,10 @@ pub(crate) fn seeds() -> impl Iterator<Item = (&'static str, std::vec::Vec<u8>)>
     use crate::wire::header::BbRepr;
     use crate::{HostId, PageHandle, RemoteAddr};
 
-    // INVALIDATE is a notice to clients, not a request.
+    // INVALIDATE and REVOKE are notices to clients, not requests.
     Opcode::ALL
         .iter()
-        .filter(|&&op| op != Opcode::INVALIDATE)
+        .filter(|&&op| !op.is_notice())
         .map(|&op| {
             let mut ep = endpoints();
             let handle = if op.is_host_op() {
@@ -98,12 +98,15 @@ pub(crate) fn seeds() -> impl Iterator<Item = (&'static str, std::vec::Vec<u8>)>
                 Opcode::WRITE
                 | Opcode::WRITE_BLIND
                 | Opcode::ALLOC_WRITE
-                | Opcode::UPDATE_COMMIT => (0, 64),
+                | Opcode::UPDATE_COMMIT
+                | Opcode::PUT => (0, 64),
                 Opcode::READ
                 | Opcode::READ_BULK
                 | Opcode::UPDATE_ACQUIRE
                 | Opcode::MIGRATE_OUT
-                | Opcode::MIGRATE_IN => (0, 4096),
+                | Opcode::MIGRATE_IN
+                | Opcode::GET_SHARED
+                | Opcode::GET_EXCLUSIVE => (0, 4096),
                 _ => (0, 0),
             };
             let mut payload = std::vec![0u8; 0];

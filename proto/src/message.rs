@@ -9,6 +9,13 @@ use crate::wire::header::BbRepr;
 use crate::wire::{be16, be64, put16, put64};
 use crate::{MAX_BULK, MIN_SEG_MAX, PAGE_SIZE};
 
+/// PUT's operand0 and REVOKE's: the holder keeps nothing (§5.18).
+pub const KEEP_NONE: u64 = 0;
+/// PUT's operand0 and REVOKE's: the holder keeps (or may keep) a read copy.
+pub const KEEP_READ: u64 = 1;
+/// PUT's operand0: the writer keeps its write copy (a write-back that is not a release).
+pub const KEEP_WRITE: u64 = 2;
+
 /// Why a request is refused before it reaches the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
@@ -257,7 +264,28 @@ impl<'a> Request<'a> {
                     data()?
                 }
             }
-            Opcode::UPDATE_RELEASE | Opcode::FREE | Opcode::SHARE | Opcode::DETACH => empty(true)?,
+            Opcode::UPDATE_RELEASE
+            | Opcode::FREE
+            | Opcode::SHARE
+            | Opcode::DETACH
+            | Opcode::RENEW => empty(true)?,
+            Opcode::GET_SHARED | Opcode::GET_EXCLUSIVE => {
+                range(false)?;
+                empty(true)?
+            }
+            Opcode::PUT => {
+                if h.operand0 > KEEP_WRITE {
+                    return Err(RequestError::Malformed(
+                        "PUT keeps nothing (0), a read copy (1) or the write copy (2)",
+                    ));
+                }
+                if h.length == 0 {
+                    range(true)?;
+                    empty(true)?
+                } else {
+                    data()?
+                }
+            }
             Opcode::OWNERS | Opcode::RECLAIM => {
                 if PageHandle::from_bits(h.lease).shard_field() == 0 {
                     return Err(RequestError::Malformed(
@@ -532,11 +560,19 @@ pub struct StatRecord {
     pub reclaimed: u64,
     /// How long an owner may stay silent before its pages are reclaimed, ms; 0: never.
     pub orphan_grace_ms: u64,
+    /// The copy lease the server grants coherent copies (§5.18), ms.
+    pub copy_lease_ms: u64,
+    /// Coherent copies granted (GET_SHARED and GET_EXCLUSIVE answered OK).
+    pub copy_grants: u64,
+    /// REVOKE notices sent to copy holders.
+    pub revokes: u64,
+    /// Coherence requests answered RECALLING (waiting for other copies to go).
+    pub recalling: u64,
 }
 
 impl StatRecord {
     /// Length of the record a server sends.
-    pub const LEN: usize = 136;
+    pub const LEN: usize = 168;
     /// Length of the oldest record (the first eight fields); later fields read as 0 when
     /// absent.
     pub const MIN_LEN: usize = 64;
@@ -561,6 +597,10 @@ impl StatRecord {
             self.bad_source,
             self.reclaimed,
             self.orphan_grace_ms,
+            self.copy_lease_ms,
+            self.copy_grants,
+            self.revokes,
+            self.recalling,
         ];
         for (i, v) in f.into_iter().enumerate() {
             put64(buf, i * 8, v);
@@ -589,6 +629,10 @@ impl StatRecord {
             bad_source: g(14),
             reclaimed: g(15),
             orphan_grace_ms: g(16),
+            copy_lease_ms: g(17),
+            copy_grants: g(18),
+            revokes: g(19),
+            recalling: g(20),
         })
     }
 }
@@ -970,15 +1014,62 @@ mod tests {
         }
     }
 
-    /// §4: INVALIDATE is a notice, never a request: UNKNOWN_OPCODE whatever it is sent to.
+    /// §4: INVALIDATE and REVOKE are notices, never requests: UNKNOWN_OPCODE whatever they
+    /// are sent to.
     #[test]
     fn notices_are_not_requests() {
-        for handle in [0, 5] {
-            assert_eq!(
-                check(Opcode::INVALIDATE, handle, hdr(0, 0), &[]),
-                Err(RequestError::UnknownOpcode(Opcode::INVALIDATE))
-            );
+        for op in [Opcode::INVALIDATE, Opcode::REVOKE] {
+            for handle in [0, 5] {
+                assert_eq!(
+                    check(op, handle, hdr(0, 0), &[]),
+                    Err(RequestError::UnknownOpcode(op))
+                );
+            }
         }
+    }
+
+    /// §5.18: the coherence requests' shapes.
+    #[test]
+    fn coherence_requests() {
+        for op in [Opcode::GET_SHARED, Opcode::GET_EXCLUSIVE] {
+            assert!(check(op, 5, hdr(0, 4096), &[]).is_ok(), "{op:?}");
+            assert_eq!(
+                check(op, 5, hdr(0, 0), &[]),
+                Err(RequestError::OutOfRange {
+                    offset: 0,
+                    length: 0
+                })
+            );
+            assert_eq!(
+                check(op, 5, hdr(0, 8), &[1; 8]),
+                Err(RequestError::Malformed("unexpected payload"))
+            );
+            assert_eq!(check(op, 0, hdr(0, 8), &[]), Err(RequestError::NoHandle));
+        }
+        // PUT: a pure release, or a write-back with its bytes; keep is 0, 1 or 2.
+        assert!(check(Opcode::PUT, 5, hdr(0, 0), &[]).is_ok());
+        assert!(check(Opcode::PUT, 5, hdr(8, 4), &[1; 4]).is_ok());
+        assert_eq!(
+            check(Opcode::PUT, 5, hdr(8, 4), &[1; 3]),
+            Err(RequestError::Malformed(
+                "payload length differs from range length"
+            ))
+        );
+        let keep3 = BbRepr {
+            operand0: 3,
+            ..hdr(0, 0)
+        };
+        assert_eq!(
+            check(Opcode::PUT, 5, keep3, &[]),
+            Err(RequestError::Malformed(
+                "PUT keeps nothing (0), a read copy (1) or the write copy (2)"
+            ))
+        );
+        assert!(check(Opcode::RENEW, 5, hdr(0, 0), &[]).is_ok());
+        assert_eq!(
+            check(Opcode::RENEW, 5, hdr(0, 8), &[]),
+            Err(RequestError::Malformed("this operation takes no range"))
+        );
     }
 
     #[test]
@@ -1142,6 +1233,10 @@ mod tests {
             bad_source: 15,
             reclaimed: 16,
             orphan_grace_ms: 17,
+            copy_lease_ms: 18,
+            copy_grants: 19,
+            revokes: 20,
+            recalling: 21,
         };
         let mut b = [0u8; StatRecord::LEN + 8];
         s.emit(&mut b);

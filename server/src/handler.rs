@@ -16,12 +16,14 @@ use bluebridge_proto::{
 };
 
 use crate::access::{Access, ClientPrefix};
+use crate::coherence::{DEFAULT_COPY_LEASE_MS, Directory};
 use crate::lease::{ClientKey, Leases};
 use crate::liveness::Liveness;
 use crate::session::{BULK_PAYLOAD_MAX, Lookup, SessionConfig, Sessions, StoredReply};
 use crate::stats::{HostCounters, ShardCounters, Stats};
 use crate::store::{PageIdx, Store};
 
+mod copies;
 mod owners;
 
 pub use owners::DEFAULT_GRACE_MS;
@@ -75,6 +77,8 @@ pub struct HandlerConfig {
     /// When each client address was last heard: one table for every shard of a server (the
     /// handlers of one server share it through clones of this configuration).
     pub liveness: Arc<Liveness>,
+    /// How long a coherent copy lasts without renewal (§5.18), ms.
+    pub copy_lease_ms: u64,
 }
 
 impl HandlerConfig {
@@ -94,6 +98,7 @@ impl HandlerConfig {
             orphan_grace_ms: DEFAULT_GRACE_MS,
             // As for the lease-id key (lease.rs): no entropy, no server.
             liveness: Arc::new(Liveness::random().expect("random bytes for the liveness key")),
+            copy_lease_ms: DEFAULT_COPY_LEASE_MS,
         }
     }
 }
@@ -143,6 +148,8 @@ pub struct Handler {
     addressed: HostId,
     /// Where the reclamation of silent owners' pages stands.
     sweep: owners::Sweep,
+    /// Who holds coherent copies of which page (§5.18).
+    directory: Directory,
 }
 
 impl Handler {
@@ -164,6 +171,7 @@ impl Handler {
             leases: Leases::new(cfg.lease_capacity, cfg.lease_default_ms, cfg.lease_max_ms),
             sessions: Sessions::new(cfg.sessions),
             access: Access::new(cfg.allowed_clients.clone(), cfg.max_owners),
+            directory: Directory::new(store.pages_total() as usize, cfg.copy_lease_ms),
             shard,
             cfg,
             store,
@@ -210,6 +218,7 @@ impl Handler {
             + self.leases.bytes()
             + self.sessions.bytes()
             + self.access.bytes()
+            + self.directory.bytes()
             + self.cfg.liveness.bytes() / self.cfg.shards.max(1)
             + size_of::<Self>()
     }
@@ -235,6 +244,10 @@ impl Handler {
             bad_source: t.bad_source,
             reclaimed: t.reclaimed,
             orphan_grace_ms: self.cfg.orphan_grace_ms,
+            copy_lease_ms: self.directory.lease_ms(),
+            copy_grants: t.copy_grants,
+            revokes: t.revokes,
+            recalling: t.recalling,
         }
     }
 
@@ -736,6 +749,7 @@ impl Handler {
                 let Body::Data(data) = req.body else { return };
                 let r = self.page_for(target.handle(), who).and_then(|p| {
                     self.leases.check_writer(&self.store, p, who, now_ns)?;
+                    self.check_no_copies(p, now_ns)?;
                     let o = usize::from(req.header.offset);
                     data.copy_to(&mut self.store.page_mut(p)[o..o + data.len()]);
                     Ok(())
@@ -776,7 +790,9 @@ impl Handler {
                 let st = r.err().unwrap_or(Status::OK);
                 self.reply_status(req, target, base, st, sink);
             }
-            Opcode::MIGRATE_OUT => self.migrate_out(req, sink),
+            Opcode::MIGRATE_OUT => self.migrate_out(req, now_ns, sink),
+            Opcode::GET_SHARED | Opcode::GET_EXCLUSIVE => self.get_copy(req, who, now_ns, sink),
+            Opcode::RENEW => self.renew_copies(req, who, now_ns, sink),
             Opcode::OWNERS => self.list_owners(req, now_ns, sink),
             _ => unreachable!("{op:?} is not idempotent"),
         }
@@ -816,6 +832,7 @@ impl Handler {
             }
             Lookup::New(at) => {
                 let r = self.page_for(target.handle(), who).and_then(|p| {
+                    self.check_no_copies(p, now_ns)?;
                     let g = self.leases.acquire(
                         &mut self.store,
                         p,
@@ -866,6 +883,7 @@ impl Handler {
                 .and_then(|()| self.page_for(e.handle, who))
                 .and_then(|p| {
                     self.leases.check_writer(&self.store, p, who, now_ns)?;
+                    self.check_no_copies(p, now_ns)?;
                     let o = usize::from(e.offset);
                     self.store.page_mut(p)[o..o + e.data.len()].copy_from_slice(e.data);
                     Ok(())
@@ -927,7 +945,8 @@ impl Handler {
                 Outcome::status(r.err().unwrap_or(Status::OK), target)
             }
             Opcode::FREE => Outcome::status(self.free(target, who, now_ns), target),
-            Opcode::MIGRATE_IN => Outcome::status(self.migrate_in(req), PageHandle::NONE),
+            Opcode::PUT => self.put_copy(req, who, now_ns),
+            Opcode::MIGRATE_IN => Outcome::status(self.migrate_in(req, now_ns), PageHandle::NONE),
             Opcode::RECLAIM => self.reclaim_owner(req),
             Opcode::FREE_BULK => {
                 let Body::Handles(list) = req.body else {
@@ -943,6 +962,7 @@ impl Handler {
             Opcode::CAS | Opcode::FETCH_ADD => {
                 let r = self.page_for(target, who).and_then(|p| {
                     self.leases.check_writer(&self.store, p, who, now_ns)?;
+                    self.check_no_copies(p, now_ns)?;
                     let o = usize::from(h.offset);
                     let word: &mut [u8; 8] = (&mut self.store.page_mut(p)[o..o + 8])
                         .try_into()
@@ -1043,6 +1063,7 @@ impl Handler {
     fn free(&mut self, handle: PageHandle, who: ClientKey, now_ns: u64) -> Status {
         let r = self.page_for(handle, who).and_then(|p| {
             self.leases.check_writer(&self.store, p, who, now_ns)?;
+            self.check_no_copies(p, now_ns)?;
             self.free_page(p);
             Ok(())
         });
@@ -1055,6 +1076,7 @@ impl Handler {
     /// its owner holds one page fewer.
     fn free_page(&mut self, p: PageIdx) {
         self.leases.release(&mut self.store, p);
+        self.directory.reset(p);
         let owner = self.store.owner(p);
         self.store.free(p);
         self.access.page_freed(owner);
@@ -1068,7 +1090,7 @@ impl Handler {
     }
 
     /// MIGRATE_OUT: freeze the page (MOVED from now on) and send it with its owner and flags.
-    fn migrate_out(&mut self, req: &Request<'_>, sink: &mut impl FrameSink) {
+    fn migrate_out(&mut self, req: &Request<'_>, now_ns: u64, sink: &mut impl FrameSink) {
         let target = req.target;
         let base = Self::reply_header(&req.header, Status::OK);
         if !self.sent_by_controller(req) {
@@ -1078,8 +1100,9 @@ impl Handler {
             Ok(p) => p,
             Err(st) => return self.reply_status(req, target, base, st, sink),
         };
-        if self.store.lease_slot(p) != 0 {
-            // Someone is mid-update: the controller tries again later.
+        if self.store.lease_slot(p) != 0 || self.revoke_for_migration(target, p, now_ns, sink) {
+            // Someone is mid-update, or holds a copy (told to give it up): the controller tries
+            // again later.
             return self.reply_status(req, target, base, Status::LEASE_HELD, sink);
         }
         self.store.mark_moved(p);
@@ -1096,7 +1119,7 @@ impl Handler {
     }
 
     /// MIGRATE_IN: adopt a page migrating here (or take back one of ours that comes home).
-    fn migrate_in(&mut self, req: &Request<'_>) -> Status {
+    fn migrate_in(&mut self, req: &Request<'_>, now_ns: u64) -> Status {
         if !self.sent_by_controller(req) {
             return Status::FORBIDDEN;
         }
@@ -1111,6 +1134,7 @@ impl Handler {
                 Ok(p) => {
                     data.copy_to(self.store.page_mut(p));
                     self.store.unmark_moved(p);
+                    self.directory.restart(p, now_ns);
                     Status::OK
                 }
                 Err(st) => st,
@@ -1122,6 +1146,7 @@ impl Handler {
             if let Ok(p) = self.store.resolve(local) {
                 data.copy_to(self.store.page_mut(p));
                 self.store.unmark_moved(p);
+                self.directory.restart(p, now_ns);
             }
             return Status::OK;
         }
@@ -1136,6 +1161,7 @@ impl Handler {
         match r {
             Ok((p, local)) => {
                 data.copy_to(self.store.page_mut(p));
+                self.directory.restart(p, now_ns);
                 // Its owner keeps its home host alive, not this one (§5.17).
                 self.store.detach(p);
                 self.adopted.insert(key, local);

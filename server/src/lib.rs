@@ -4,6 +4,7 @@
 //! - [`lease`], [`session`]: UPDATE leases and at-most-once execution; [`liveness`]: when
 //!   each client was last heard (what reclaims a dead owner's pages); [`keyed`]: the keyed
 //!   permutation behind unguessable handles and lease ids.
+//! - [`coherence`]: the directory of coherent copies (one writer or many readers per page).
 //! - [`handler`]: request handling as pure code — frames in, frames out.
 //! - [`stats`]: the counters a running server shows.
 //! - [`runtime`]: the steering program, AF_XDP sockets and pinned workers, one shard each;
@@ -11,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod coherence;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod handler;

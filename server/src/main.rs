@@ -125,6 +125,11 @@ struct Args {
     /// it nothing for a second.
     #[arg(long, default_value_t = bluebridge_server::handler::DEFAULT_GRACE_MS, value_parser = parse_grace)]
     orphan_grace_ms: u64,
+    /// Milliseconds a coherent copy (docs/protocol.md §5.18) lasts without renewal, 100 to
+    /// 60000: the longest a dead or cut-off holder can hold up a writer. Clients renew at
+    /// half of it.
+    #[arg(long, default_value_t = bluebridge_server::coherence::DEFAULT_COPY_LEASE_MS, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    copy_lease_ms: u64,
     /// Behind a BlueBridge switch: serve every BlueBridge frame the switch delivers here, so
     /// pages migrated to this host from others are answered (the switch decides what arrives).
     #[arg(long)]
@@ -211,6 +216,7 @@ fn main() -> Result<()> {
         echo: a.echo,
         max_owners: a.max_owners as usize,
         orphan_grace_ms: a.orphan_grace_ms,
+        copy_lease_ms: a.copy_lease_ms,
         accept_routed: a.accept_routed,
     };
     let stop = Arc::new(AtomicBool::new(false));

@@ -110,6 +110,8 @@ pub struct ServerConfig {
     /// How long a page owner may stay silent before its pages (except shared and detached
     /// ones) are freed, ms; 0: never (§5.17).
     pub orphan_grace_ms: u64,
+    /// How long a coherent copy lasts without renewal, ms (§5.18).
+    pub copy_lease_ms: u64,
     /// Behind a BlueBridge switch: take every BlueBridge frame the switch delivers (the
     /// whole deployment prefix), so pages migrated here from other hosts are served. Without
     /// it only this host's /48 (and the any-server /48) is steered.
@@ -147,6 +149,7 @@ impl ServerConfig {
             allowed_clients: Vec::new(),
             max_owners: 1 << 16,
             orphan_grace_ms: crate::handler::DEFAULT_GRACE_MS,
+            copy_lease_ms: crate::coherence::DEFAULT_COPY_LEASE_MS,
             accept_routed: false,
         }
     }
@@ -401,6 +404,7 @@ impl Server {
         hc.allowed_clients = cfg.allowed_clients.clone();
         hc.max_owners = cfg.max_owners;
         hc.orphan_grace_ms = cfg.orphan_grace_ms;
+        hc.copy_lease_ms = cfg.copy_lease_ms;
         let counters = Arc::new(HostCounters::new(shards));
         let mut handlers: Vec<Handler> = stores
             .into_iter()

@@ -24,7 +24,7 @@ pub const MALFORMED_REASONS: [&str; 9] = [
     "other",
 ];
 
-const STATUS_SLOTS: usize = 20;
+const STATUS_SLOTS: usize = 21;
 
 /// A snapshot of counters (one shard's, or summed over shards).
 #[derive(Debug, Clone)]
@@ -55,6 +55,14 @@ pub struct Stats {
     pub handoff_dropped: u64,
     /// Pages freed without a FREE: of owners silent past the grace period, or by RECLAIM.
     pub reclaimed: u64,
+    /// Coherent copies granted (§5.18).
+    pub copy_grants: u64,
+    /// REVOKE notices sent to copy holders.
+    pub revokes: u64,
+    /// Coherence requests answered RECALLING.
+    pub recalling: u64,
+    /// Clients holding live copy leases (a gauge).
+    pub copy_clients: u64,
     /// Workers that a CPU-bound neighbour starved under SCHED_IDLE and that moved to normal
     /// priority.
     pub priority_fallbacks: u64,
@@ -152,6 +160,10 @@ impl Default for Stats {
             handoffs: 0,
             handoff_dropped: 0,
             reclaimed: 0,
+            copy_grants: 0,
+            revokes: 0,
+            recalling: 0,
+            copy_clients: 0,
             priority_fallbacks: 0,
             pages_used: 0,
             pages_total: 0,
@@ -190,6 +202,10 @@ impl Stats {
         self.handoffs += o.handoffs;
         self.handoff_dropped += o.handoff_dropped;
         self.reclaimed += o.reclaimed;
+        self.copy_grants += o.copy_grants;
+        self.revokes += o.revokes;
+        self.recalling += o.recalling;
+        self.copy_clients += o.copy_clients;
         self.priority_fallbacks += o.priority_fallbacks;
         self.pages_used += o.pages_used;
         self.pages_total += o.pages_total;
@@ -306,6 +322,14 @@ pub struct ShardCounters {
     pub handoff_dropped: Counter,
     /// Pages freed without a FREE (silent owners, RECLAIM).
     pub reclaimed: Counter,
+    /// Coherent copies granted.
+    pub copy_grants: Counter,
+    /// REVOKE notices sent.
+    pub revokes: Counter,
+    /// Coherence requests answered RECALLING.
+    pub recalling: Counter,
+    /// Clients holding live copy leases (a gauge).
+    pub copy_clients: Counter,
     /// Set to 1 when the watchdog moved the starved worker out of SCHED_IDLE.
     pub priority_fallbacks: Counter,
     /// The worker's Linux thread id (for the priority watchdog).
@@ -342,6 +366,10 @@ impl Default for ShardCounters {
             handoffs: Counter::default(),
             handoff_dropped: Counter::default(),
             reclaimed: Counter::default(),
+            copy_grants: Counter::default(),
+            revokes: Counter::default(),
+            recalling: Counter::default(),
+            copy_clients: Counter::default(),
             priority_fallbacks: Counter::default(),
             tid: Counter::default(),
             last_turn_ns: Counter::default(),
@@ -391,6 +419,10 @@ impl ShardCounters {
             handoffs: self.handoffs.get(),
             handoff_dropped: self.handoff_dropped.get(),
             reclaimed: self.reclaimed.get(),
+            copy_grants: self.copy_grants.get(),
+            revokes: self.revokes.get(),
+            recalling: self.recalling.get(),
+            copy_clients: self.copy_clients.get(),
             priority_fallbacks: self.priority_fallbacks.get(),
             pages_used: self.pages_used.get(),
             pages_total: self.pages_total.get(),

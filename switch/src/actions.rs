@@ -124,6 +124,10 @@ pub fn migrate(ctl: &Mutex<Controller>, page: &str, to: u16) -> Result<Migration
     })
 }
 
+/// How long a migration waits for the page's copies and leases to go (the longest copy lease
+/// a server grants is 60 s; the default 1 s).
+const MIGRATE_COPY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// MIGRATE_OUT from the holder, MIGRATE_IN at the destination (given back to the holder if
 /// that fails); returns when each finished.
 fn copy(
@@ -134,12 +138,19 @@ fn copy(
     // Both steps may be repeated (MIGRATE_OUT is idempotent, a repeated MIGRATE_IN refreshes
     // the adopted copy), so a slow host gets more than one retry budget: a freeze whose
     // answer was lost must not leave the page frozen.
+    // A page with coherent copies (or mid-update) is answered LEASE_HELD while its home
+    // revokes them (§5.18): asked again for up to MIGRATE_COPY_WAIT, so the page moves with
+    // no copies left behind and its directory starts afresh at the new home.
     let call = |c: &mut Client<AnyTransport>, r: Request| {
         let mut tries = 0;
+        let start = std::time::Instant::now();
         loop {
             let id = c.submit(r.clone());
             match c.wait(id) {
                 Err(ClientError::Timeout { .. }) if tries < 4 => tries += 1,
+                Err(ClientError::LeaseHeld) if start.elapsed() < MIGRATE_COPY_WAIT => {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
                 other => return other,
             }
         }

@@ -63,6 +63,7 @@ fn a_region_larger_than_its_budget_comes_back_in_a_fresh_region() {
             writebacks: PAGES as u64 - 16,
             errors: 0,
             resident: 16,
+            ..RegionStats::default()
         },
         "every page faulted once, every evicted page was dirty and written back once"
     );

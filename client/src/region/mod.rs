@@ -24,6 +24,7 @@
 
 mod file;
 mod remote;
+mod shared;
 #[allow(
     unsafe_code,
     reason = "mmap, userfaultfd ioctls and madvise: the region's only unsafe code besides the two slice views below"
@@ -44,6 +45,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 
 pub use file::FileBacking;
 pub use remote::{Directory, RemoteBacking, RemoteRegion};
+pub use shared::{Coherence, Copies, CopyGrant, MIN_HOLD};
 pub use sys::AlignedPage;
 
 use sys::{FaultEvent, Faults, Mapping};
@@ -69,6 +71,15 @@ pub trait Backing: Send + 'static {
     /// backing lets its servers hear from it, so they keep its pages). The default does
     /// nothing.
     fn idle(&mut self) {}
+    /// The coherent copies of a shared region's pages ([`Coherence::Shared`]); `None` (the
+    /// default) for backings that have none.
+    fn copies(&mut self) -> Option<&mut dyn Copies> {
+        None
+    }
+    /// [`Backing::copies`], shared.
+    fn copies_ref(&self) -> Option<&dyn Copies> {
+        None
+    }
 }
 
 /// How long the handler waits for a fault before it calls [`Backing::idle`].
@@ -111,6 +122,12 @@ pub struct RegionOptions {
     /// Called on the handler thread for every error it meets (a failed fetch, a failed write
     /// back); the error is also counted and kept as [`RemoteRegion::last_error`].
     pub on_error: Option<ErrorCallback>,
+    /// Private copies (the default) or coherent ones shared with other processes' regions
+    /// over the same pages (docs/paging.md, "Sharing"); shared needs a backing with copies.
+    pub coherence: Coherence,
+    /// Shared regions: how long a fault waits for the home to grant a copy (while it recalls
+    /// other holders' copies) before the access fails with SIGBUS.
+    pub copy_wait: std::time::Duration,
 }
 
 impl Default for RegionOptions {
@@ -121,6 +138,8 @@ impl Default for RegionOptions {
             handler_cpu: HandlerCpu::Caller,
             trace: false,
             on_error: None,
+            coherence: Coherence::Private,
+            copy_wait: std::time::Duration::from_secs(10),
         }
     }
 }
@@ -133,6 +152,8 @@ impl fmt::Debug for RegionOptions {
             .field("handler_cpu", &self.handler_cpu)
             .field("trace", &self.trace)
             .field("on_error", &self.on_error.is_some())
+            .field("coherence", &self.coherence)
+            .field("copy_wait", &self.copy_wait)
             .finish()
     }
 }
@@ -186,6 +207,11 @@ struct Counters {
     writebacks: AtomicU64,
     errors: AtomicU64,
     resident: AtomicU64,
+    upgrades: AtomicU64,
+    recalls: AtomicU64,
+    revokes: AtomicU64,
+    lost_writes: AtomicU64,
+    lapses: AtomicU64,
 }
 
 /// A snapshot of a region's counters.
@@ -203,6 +229,17 @@ pub struct RegionStats {
     pub errors: u64,
     /// Pages resident now.
     pub resident: u64,
+    /// Shared regions: read copies upgraded to the write copy.
+    pub upgrades: u64,
+    /// Shared regions: RECALLING answers waited through (the home was recalling other copies).
+    pub recalls: u64,
+    /// Shared regions: REVOKE notices answered.
+    pub revokes: u64,
+    /// Shared regions: dirty copies whose write-back the home refused or never got (their
+    /// writes are lost; each is also an error).
+    pub lost_writes: u64,
+    /// Shared regions: copy leases that ran out unrenewed (their copies were dropped).
+    pub lapses: u64,
 }
 
 /// Timestamps of one missing-page fault, as the handler saw it.
@@ -278,7 +315,21 @@ impl<B: Backing> PagedRegion<B> {
         } else {
             options.resident_pages.min(pages)
         };
+        let mut backing = backing;
+        let shared = match options.coherence {
+            Coherence::Private => None,
+            Coherence::Shared => match backing.copies() {
+                Some(_) => Some(shared::Shared::new(pages, options.copy_wait)),
+                None => {
+                    return Err(RegionError::Setup(
+                        "a shared region needs a backing with coherent copies (a remote one)"
+                            .into(),
+                    ));
+                }
+            },
+        };
         let handler = Handler {
+            shared,
             mapping: mapping.clone(),
             faults,
             backing,
@@ -356,6 +407,19 @@ impl<B: Backing> PagedRegion<B> {
         }
     }
 
+    /// The region as 64-bit atomic words: what threads — and, in a shared region, processes
+    /// on other hosts — use to synchronise through it (a lock word, a flag, a counter).
+    /// Touching a word faults its page in like any access; an atomic write to a read copy
+    /// takes the write copy first.
+    pub fn as_atomic_words(&self) -> &[AtomicU64] {
+        #[allow(unsafe_code, reason = "a view of the mapping tied to this borrow")]
+        // SAFETY: borrowed from `self`, so it cannot outlive the mapping; the mutable byte
+        // slice needs `&mut self`, so none coexists with this view.
+        unsafe {
+            self.mapping.words()
+        }
+    }
+
     /// Counters, now.
     pub fn stats(&self) -> RegionStats {
         let c = &self.counters;
@@ -367,6 +431,11 @@ impl<B: Backing> PagedRegion<B> {
             writebacks: g(&c.writebacks),
             errors: g(&c.errors),
             resident: g(&c.resident),
+            upgrades: g(&c.upgrades),
+            recalls: g(&c.recalls),
+            revokes: g(&c.revokes),
+            lost_writes: g(&c.lost_writes),
+            lapses: g(&c.lapses),
         }
     }
 
@@ -443,6 +512,8 @@ enum PageState {
 }
 
 struct Handler<B: Backing> {
+    /// A shared region's coherence state (`None`: private).
+    shared: Option<shared::Shared>,
     mapping: Arc<Mapping>,
     faults: Faults,
     backing: B,
@@ -463,26 +534,50 @@ impl<B: Backing> Handler<B> {
         let mut events = userfaultfd::EventBuffer::new(64);
         let mut pending = Vec::with_capacity(64);
         loop {
-            let mut fds = [
-                PollFd::new(self.faults.as_fd(), PollFlags::POLLIN),
-                PollFd::new(wake.as_fd(), PollFlags::POLLIN),
-            ];
-            let tick = PollTimeout::try_from(IDLE_TICK).unwrap_or(PollTimeout::MAX);
-            match poll(&mut fds, tick) {
-                Ok(0) => {
-                    self.backing.idle();
+            let mut tick = IDLE_TICK;
+            if let Some(t) = self.shared.as_ref().and_then(shared::Shared::next_timer) {
+                // Round up to whole milliseconds: poll's unit.
+                let left = t.saturating_duration_since(Instant::now());
+                tick = tick.min(left.max(std::time::Duration::from_millis(1)));
+            }
+            let polled = {
+                let mut fds = vec![
+                    PollFd::new(self.faults.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(wake.as_fd(), PollFlags::POLLIN),
+                ];
+                if let Some(c) = self.backing.copies_ref().filter(|_| self.shared.is_some()) {
+                    fds.extend(
+                        c.poll_fds()
+                            .into_iter()
+                            .map(|fd| PollFd::new(fd, PollFlags::POLLIN)),
+                    );
+                }
+                let timeout = PollTimeout::try_from(tick).unwrap_or(PollTimeout::MAX);
+                poll(&mut fds, timeout).map(|n| {
+                    let commanded = fds[1]
+                        .revents()
+                        .is_some_and(|r| r.contains(PollFlags::POLLIN));
+                    (n, commanded)
+                })
+            };
+            if self.shared.is_some() {
+                self.serve_revokes();
+                self.check_leases();
+            }
+            let commanded = match polled {
+                Ok((0, _)) => {
+                    if tick == IDLE_TICK {
+                        self.backing.idle();
+                    }
                     continue;
                 }
-                Ok(_) => {}
+                Ok((_, c)) => c,
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => {
                     tracing::error!(error = %e, "poll on the userfaultfd failed; the handler stops");
                     return self.backing;
                 }
-            }
-            let commanded = fds[1]
-                .revents()
-                .is_some_and(|r| r.contains(PollFlags::POLLIN));
+            };
             pending.clear();
             if let Err(e) = self.faults.read(&self.mapping, &mut events, &mut pending) {
                 tracing::error!(error = %e, "reading userfaultfd events");
@@ -509,6 +604,12 @@ impl<B: Backing> Handler<B> {
                 }
             }
         }
+    }
+
+    fn publish_resident(&self) {
+        self.counters
+            .resident
+            .store(self.resident.len() as u64, Ordering::Relaxed);
     }
 
     fn report(&self, e: RegionError) {
@@ -548,15 +649,19 @@ impl<B: Backing> Handler<B> {
                 break;
             }
         }
-        let fetched = self
-            .backing
-            .locate(page)
-            .map(|()| Instant::now())
-            .and_then(|located| self.backing.fetch(page, &mut self.buf).map(|()| located));
+        let fetched = if self.shared.is_some() {
+            self.fetch_copy(page, write).map(|()| Instant::now())
+        } else {
+            self.backing
+                .locate(page)
+                .map(|()| Instant::now())
+                .and_then(|located| self.backing.fetch(page, &mut self.buf).map(|()| located))
+                .map_err(|source| RegionError::Fetch { page, source })
+        };
         let located = match fetched {
             Ok(t) => t,
-            Err(source) => {
-                self.report(RegionError::Fetch { page, source });
+            Err(e) => {
+                self.report(e);
                 self.state[page] = PageState::Poisoned;
                 let r = self.faults.poison(&self.mapping, page);
                 self.kernel("UFFDIO_POISON", page, r);
@@ -604,6 +709,9 @@ impl<B: Backing> Handler<B> {
 
     /// A write to a write-protected page.
     fn write_protect_fault(&mut self, page: usize) {
+        if self.shared.is_some() && self.state[page] == PageState::Clean {
+            return self.upgrade(page);
+        }
         match self.state[page] {
             PageState::Clean | PageState::Dirty => {
                 if self.state[page] == PageState::Clean {
@@ -643,6 +751,15 @@ impl<B: Backing> Handler<B> {
 
     /// Evicts the oldest resident page; false if it could not be (its write-back failed).
     fn evict_one(&mut self) -> bool {
+        if self.shared.is_some() {
+            let Some(&victim) = self.resident.front() else {
+                return false;
+            };
+            let generation = self.shared_generation(victim);
+            self.give_back(victim, generation, crate::copies::Keep::Nothing);
+            self.counters.evictions.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
         let Some(victim) = self.resident.pop_front() else {
             return false;
         };
@@ -671,6 +788,9 @@ impl<B: Backing> Handler<B> {
     }
 
     fn flush(&mut self) -> Result<u64, RegionError> {
+        if self.shared.is_some() {
+            return self.flush_copies();
+        }
         let dirty: Vec<usize> = self
             .resident
             .iter()
@@ -693,6 +813,11 @@ impl<B: Backing> Handler<B> {
     }
 
     fn close(&mut self) -> Result<(), RegionError> {
+        if self.shared.is_some() {
+            // Every copy goes back to its home (dirty ones written back), whatever happens to
+            // the pages next.
+            self.release_all();
+        }
         let flushed = match self.on_close {
             OnClose::Detach => self.flush().map(|_| ()),
             OnClose::Free => Ok(()),

@@ -1,9 +1,14 @@
 //! Pages on BlueBridge servers: [`RemoteBacking`] and the [`RemoteRegion`] built on it, plus a
 //! [`Directory`] for reproducing the 2017 prototype's directory-service round trip.
 
+use std::collections::HashMap;
+use std::time::Duration;
+
 use bluebridge_proto::{HostId, PAGE_SIZE, RemoteAddr};
 
+use super::shared::{Coherence, Copies, CopyGrant};
 use super::{AlignedPage, Backing, BackingError, OnClose, PagedRegion, RegionError, RegionOptions};
+use crate::copies::Keep;
 use crate::{Client, ClientError, Transport};
 
 /// Bytes of one directory entry: the page's address.
@@ -75,6 +80,31 @@ pub struct RemoteBacking<T: Transport> {
     pages: Vec<RemoteAddr>,
     directory: Option<Directory>,
     located: Option<RemoteAddr>,
+    /// For a shared region: page → index, and each page's lease group.
+    copies: Option<CopyIndex>,
+}
+
+/// A page's identity in notices: its address without opcode and flags.
+fn page_key(a: RemoteAddr) -> [u8; 14] {
+    a.to_ipv6().octets()[..14].try_into().expect("14 bytes")
+}
+
+/// What a shared region's backing looks pages up by: page → index.
+#[derive(Debug)]
+struct CopyIndex {
+    by_page: HashMap<[u8; 14], usize>,
+}
+
+impl CopyIndex {
+    fn new(pages: &[RemoteAddr]) -> Self {
+        CopyIndex {
+            by_page: pages
+                .iter()
+                .enumerate()
+                .map(|(i, &p)| (page_key(p), i))
+                .collect(),
+        }
+    }
 }
 
 impl<T: Transport> RemoteBacking<T> {
@@ -85,6 +115,7 @@ impl<T: Transport> RemoteBacking<T> {
             pages,
             directory: None,
             located: None,
+            copies: None,
         }
     }
 
@@ -113,6 +144,17 @@ impl<T: Transport> RemoteBacking<T> {
 impl<T: Transport + Send + 'static> Backing for RemoteBacking<T> {
     fn idle(&mut self) {
         self.client.keep_alive();
+    }
+
+    fn copies(&mut self) -> Option<&mut dyn Copies> {
+        if self.copies.is_none() {
+            self.copies = Some(CopyIndex::new(&self.pages));
+        }
+        Some(self)
+    }
+
+    fn copies_ref(&self) -> Option<&dyn Copies> {
+        self.copies.as_ref().map(|_| self as &dyn Copies)
     }
 
     fn locate(&mut self, index: usize) -> Result<(), BackingError> {
@@ -152,6 +194,77 @@ impl<T: Transport + Send + 'static> Backing for RemoteBacking<T> {
     }
 }
 
+impl<T: Transport + Send + 'static> Copies for RemoteBacking<T> {
+    fn get(
+        &mut self,
+        index: usize,
+        exclusive: bool,
+        held: u64,
+        page: &mut AlignedPage,
+    ) -> Result<Option<CopyGrant>, ClientError> {
+        let addr = self.pages[index];
+        let r = if exclusive {
+            self.client.get_exclusive(addr, held)
+        } else {
+            self.client.get_shared(addr)
+        };
+        let g = match r {
+            Ok(g) => g,
+            Err(ClientError::Recalling) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let data = match g.data {
+            Some(d) => {
+                page.0.copy_from_slice(&d);
+                self.client.recycle(d);
+                true
+            }
+            None => false,
+        };
+        Ok(Some(CopyGrant {
+            generation: g.generation,
+            lease: g.lease,
+            asked: g.asked,
+            data,
+            home: g.home,
+        }))
+    }
+
+    fn put(
+        &mut self,
+        index: usize,
+        generation: u64,
+        keep: Keep,
+        data: Option<&AlignedPage>,
+    ) -> Result<u64, ClientError> {
+        self.client
+            .put_copy(self.pages[index], generation, keep, data.map(|d| &d.0))
+    }
+
+    fn renew(&mut self, index: usize) -> Result<(Duration, u32), ClientError> {
+        self.client.renew_copies(self.pages[index])
+    }
+
+    fn pump(&mut self) {
+        self.client.progress();
+    }
+
+    fn take_revoke(&mut self) -> Option<(usize, u64, Keep)> {
+        let index = self.copies.as_ref()?;
+        while let Some(r) = self.client.take_revoke() {
+            // A notice about a page of another region of this client is not this one's.
+            if let Some(&i) = index.by_page.get(&page_key(r.page)) {
+                return Some((i, r.generation, Keep::from_notice(&r)));
+            }
+        }
+        None
+    }
+
+    fn poll_fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        self.client.transport().poll_fds()
+    }
+}
+
 /// A region of remote pages.
 pub type RemoteRegion<T> = PagedRegion<RemoteBacking<T>>;
 
@@ -178,7 +291,9 @@ impl<T: Transport + Send + 'static> PagedRegion<RemoteBacking<T>> {
             let mut got = 0;
             while got < want {
                 let n = (want - got).min(128) as u16;
-                let a = match client.alloc_bulk(h, n, false) {
+                // A shared region's pages are usable by other clients (§5.12).
+                let shared = options.coherence == Coherence::Shared;
+                let a = match client.alloc_bulk(h, n, shared) {
                     Ok(a) => a,
                     Err(e) => {
                         let _ = client.free_all(&addrs); // nothing half-made stays behind

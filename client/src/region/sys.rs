@@ -125,6 +125,17 @@ impl Mapping {
         unsafe { std::slice::from_raw_parts(self.base.as_ptr(), self.len()) }
     }
 
+    /// The whole range as 64-bit atomic words (the range is page-aligned, so they are aligned).
+    ///
+    /// # Safety
+    /// The caller must not let the slice outlive the mapping, nor let a mutable byte slice of
+    /// the range coexist with it.
+    pub(crate) unsafe fn words<'a>(&self) -> &'a [std::sync::atomic::AtomicU64] {
+        // SAFETY: the caller's contract; the range is mapped for its whole length, aligned to
+        // a page, and AtomicU64 has the size and alignment of u64.
+        unsafe { std::slice::from_raw_parts(self.base.as_ptr().cast(), self.len() / 8) }
+    }
+
     /// The whole range as bytes.
     ///
     /// # Safety

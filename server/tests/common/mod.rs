@@ -1,5 +1,9 @@
 //! The rig the handler tests share: a handler, a clock and a client, over real frames.
-#![allow(dead_code, reason = "each test file uses part of the rig")]
+#![allow(
+    dead_code,
+    unused_imports,
+    reason = "each test file uses part of the rig"
+)]
 
 pub(crate) use std::net::Ipv6Addr;
 

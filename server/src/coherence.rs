@@ -1,0 +1,582 @@
+//! The page directory of coherent copies (docs/protocol.md §5.18): for every page of a shard,
+//! who holds a copy of it — one writer or any number of readers — and the copies'
+//! generation; for the shard, the clients that hold copies and how long their copy leases
+//! run.
+//!
+//! Pure bookkeeping: the handler asks for a decision (grant, or revoke these holders and
+//! answer RECALLING), sends the notices itself and moves the bytes. Every table is sized when
+//! the shard starts: 16 bytes per page, [`MAX_HOLDERS`] clients.
+//!
+//! Holders are bits of a 64-bit mask naming entries of the client table. A client's entry
+//! lives as long as its copy lease: any GET, PUT or RENEW from it renews the lease, and a
+//! holder whose lease has run out counts as gone (its copies are void by the client's own
+//! rules, which make it stop using them before the server's lease ends). An entry whose lease
+//! ran out may be given to another client; the bits it left in pages then name the newcomer,
+//! which only costs the newcomer REVOKE notices for copies it does not hold (it answers them
+//! at once): a holder set may be too large, never too small.
+
+use bluebridge_proto::message::{KEEP_NONE, KEEP_READ, KEEP_WRITE};
+use bluebridge_proto::{MacAddr, Status};
+
+use crate::lease::ClientKey;
+use crate::store::PageIdx;
+
+/// Clients that may hold copies of one shard's pages at once.
+pub const MAX_HOLDERS: usize = 64;
+/// Client-table entries one address may take (its ports: processes), so one host cannot take
+/// the whole table.
+pub const MAX_HOLDERS_PER_ADDRESS: usize = 8;
+/// Copy lease when none is configured, ms.
+pub const DEFAULT_COPY_LEASE_MS: u64 = 1_000;
+
+/// The top bit of a page's generation word: the holder is the writer.
+const WRITER: u32 = 1 << 31;
+const GEN_MASK: u32 = WRITER - 1;
+
+/// One page's directory entry.
+#[derive(Debug, Clone, Copy, Default)]
+struct Entry {
+    /// Client-table entries holding a copy.
+    holders: u64,
+    /// The copies' generation (bits 0..31; never 0) and [`WRITER`].
+    word: u32,
+    /// When revocation for a writer began (ms since start, | 1 so never 0), or 0: while it
+    /// lasts (at most one copy lease) no new read copy is granted, so readers cannot starve a
+    /// writer.
+    drain_ms: u32,
+}
+
+const _: () = assert!(size_of::<Entry>() == 16);
+
+impl Entry {
+    fn generation(&self) -> u32 {
+        self.word & GEN_MASK
+    }
+
+    fn has_writer(&self) -> bool {
+        self.word & WRITER != 0
+    }
+
+    /// Starts a new generation: `writer` or readers.
+    fn next_gen(&mut self, writer: bool) {
+        let g = (self.generation() % GEN_MASK) + 1;
+        self.word = g | if writer { WRITER } else { 0 };
+    }
+}
+
+/// A client that holds (or held) copies.
+#[derive(Debug, Clone, Copy)]
+struct Holder {
+    key: ClientKey,
+    /// Its MAC and the one it sent to (where notices go on a link).
+    mac: MacAddr,
+    our_mac: MacAddr,
+    /// When its copy lease ends, ns; 0: the entry is free.
+    expires_ns: u64,
+}
+
+/// Where a REVOKE notice goes.
+#[derive(Debug, Clone, Copy)]
+pub struct NoticeTo {
+    /// The holder's endpoint.
+    pub key: ClientKey,
+    /// Its MAC (the next hop towards it).
+    pub mac: MacAddr,
+    /// The MAC it sent its requests to (the notice's source MAC).
+    pub our_mac: MacAddr,
+}
+
+/// The answer to a GET.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Get {
+    /// The copy is the requester's: its generation, and whether the reply carries the bytes
+    /// (not when the requester's read copy is current: an upgrade).
+    Granted {
+        /// The copy's generation.
+        generation: u32,
+        /// Send the range.
+        data: bool,
+    },
+    /// Other copies must go first: notices to `revoke` (a mask of client-table entries,
+    /// which may be 0 while a revocation already under way runs its course), each told it
+    /// may keep `keep`; answer RECALLING.
+    Recall {
+        /// Holders to send REVOKE.
+        revoke: u64,
+        /// What they may keep ([`KEEP_NONE`] or [`KEEP_READ`]).
+        keep: u64,
+        /// The generation revoked.
+        generation: u32,
+    },
+}
+
+/// The directory of one shard.
+#[derive(Debug)]
+pub struct Directory {
+    entries: Vec<Entry>,
+    holders: [Holder; MAX_HOLDERS],
+    lease_ns: u64,
+}
+
+impl Directory {
+    /// A directory for `pages` pages granting copy leases of `lease_ms`.
+    pub fn new(pages: usize, lease_ms: u64) -> Self {
+        let free = Holder {
+            key: ClientKey {
+                addr: [0; 16],
+                port: 0,
+            },
+            mac: MacAddr([0; 6]),
+            our_mac: MacAddr([0; 6]),
+            expires_ns: 0,
+        };
+        Directory {
+            entries: vec![
+                Entry {
+                    holders: 0,
+                    word: 1,
+                    drain_ms: 0
+                };
+                pages
+            ],
+            holders: [free; MAX_HOLDERS],
+            lease_ns: lease_ms.max(1) * 1_000_000,
+        }
+    }
+
+    /// The copy lease, ms.
+    pub fn lease_ms(&self) -> u64 {
+        self.lease_ns / 1_000_000
+    }
+
+    /// Bytes the directory takes.
+    pub fn bytes(&self) -> usize {
+        self.entries.len() * size_of::<Entry>() + size_of::<Self>()
+    }
+
+    /// Client-table entries whose lease runs now.
+    fn live(&self, now_ns: u64) -> u64 {
+        let mut m = 0;
+        for (i, h) in self.holders.iter().enumerate() {
+            if h.expires_ns > now_ns {
+                m |= 1 << i;
+            }
+        }
+        m
+    }
+
+    /// Clients holding live copy leases now.
+    pub fn clients(&self, now_ns: u64) -> u32 {
+        self.live(now_ns).count_ones()
+    }
+
+    fn find(&self, who: ClientKey) -> Option<usize> {
+        self.holders
+            .iter()
+            .position(|h| h.expires_ns != 0 && h.key == who)
+    }
+
+    /// The requester's entry, renewed (registered if new). BUSY when every entry is live, or
+    /// its address already has [`MAX_HOLDERS_PER_ADDRESS`] live ones.
+    fn register(
+        &mut self,
+        who: ClientKey,
+        macs: (MacAddr, MacAddr),
+        now_ns: u64,
+    ) -> Result<usize, Status> {
+        let i = match self.find(who) {
+            Some(i) => i,
+            None => {
+                let same_addr = self
+                    .holders
+                    .iter()
+                    .filter(|h| h.expires_ns > now_ns && h.key.addr == who.addr)
+                    .count();
+                if same_addr >= MAX_HOLDERS_PER_ADDRESS {
+                    return Err(Status::BUSY);
+                }
+                // A free entry first, else the one whose lease ran out longest ago.
+                let (i, h) = self
+                    .holders
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, h)| h.expires_ns)
+                    .expect("entries");
+                if h.expires_ns > now_ns {
+                    return Err(Status::BUSY);
+                }
+                self.holders[i].key = who;
+                i
+            }
+        };
+        let h = &mut self.holders[i];
+        (h.mac, h.our_mac) = macs;
+        h.expires_ns = now_ns + self.lease_ns;
+        Ok(i)
+    }
+
+    /// Where REVOKE notices for the holders in `mask` go.
+    pub fn notice_targets(&self, mask: u64) -> impl Iterator<Item = NoticeTo> + '_ {
+        (0..MAX_HOLDERS)
+            .filter(move |i| mask & (1 << i) != 0)
+            .map(|i| {
+                let h = &self.holders[i];
+                NoticeTo {
+                    key: h.key,
+                    mac: h.mac,
+                    our_mac: h.our_mac,
+                }
+            })
+    }
+
+    fn draining(&self, e: &Entry, now_ns: u64) -> bool {
+        e.drain_ms != 0
+            && (now_ns / 1_000_000).wrapping_sub(u64::from(e.drain_ms)) & u64::from(u32::MAX)
+                < self.lease_ms()
+    }
+
+    /// GET_SHARED: a read copy for `who`, who holds none.
+    pub fn get_shared(
+        &mut self,
+        p: PageIdx,
+        who: ClientKey,
+        macs: (MacAddr, MacAddr),
+        now_ns: u64,
+    ) -> Result<Get, Status> {
+        let i = self.register(who, macs, now_ns)?;
+        let live = self.live(now_ns);
+        let draining = self.draining(&self.entries[p.0 as usize], now_ns);
+        let e = &mut self.entries[p.0 as usize];
+        let me = 1u64 << i;
+        if e.holders & me != 0 {
+            // It says it holds nothing (a new process on the same endpoint, or a copy it
+            // gave up): what the directory had for it goes.
+            if e.has_writer() {
+                e.holders = 0;
+                e.next_gen(false);
+            } else {
+                e.holders &= !me;
+            }
+        }
+        if e.has_writer() {
+            if e.holders & live != 0 {
+                return Ok(Get::Recall {
+                    revoke: e.holders & live,
+                    keep: KEEP_READ,
+                    generation: e.generation(),
+                });
+            }
+            // The writer's lease ran out: its copy is void.
+            e.holders = 0;
+            e.next_gen(false);
+        }
+        if draining && e.holders & live != 0 {
+            return Ok(Get::Recall {
+                revoke: 0,
+                keep: KEEP_NONE,
+                generation: e.generation(),
+            });
+        }
+        e.drain_ms = 0;
+        e.holders = (e.holders & live) | me;
+        Ok(Get::Granted {
+            generation: e.generation(),
+            data: true,
+        })
+    }
+
+    /// GET_EXCLUSIVE: the write copy for `who`, who holds the read copy of generation `held`
+    /// (0: none).
+    pub fn get_exclusive(
+        &mut self,
+        p: PageIdx,
+        who: ClientKey,
+        macs: (MacAddr, MacAddr),
+        held: u64,
+        now_ns: u64,
+    ) -> Result<Get, Status> {
+        let i = self.register(who, macs, now_ns)?;
+        let live = self.live(now_ns);
+        let draining = self.draining(&self.entries[p.0 as usize], now_ns);
+        let e = &mut self.entries[p.0 as usize];
+        let me = 1u64 << i;
+        let others = e.holders & live & !me;
+        if others != 0 {
+            if !draining {
+                e.drain_ms = ((now_ns / 1_000_000) as u32) | 1;
+            }
+            return Ok(Get::Recall {
+                revoke: others,
+                keep: KEEP_NONE,
+                generation: e.generation(),
+            });
+        }
+        let current = e.holders & me != 0 && held != 0 && held == u64::from(e.generation());
+        if !(e.has_writer() && e.holders == me) {
+            e.next_gen(true);
+        }
+        e.holders = me;
+        e.drain_ms = 0;
+        Ok(Get::Granted {
+            generation: e.generation(),
+            data: !current,
+        })
+    }
+
+    /// PUT from `who` about its copy of generation `copy`: it keeps `keep`; `data` says whether
+    /// the request carries bytes (which the caller writes only on `Ok`). Returns the
+    /// generation of the copy it keeps (a downgraded writer's read copy starts a new one).
+    pub fn put(
+        &mut self,
+        p: PageIdx,
+        who: ClientKey,
+        copy: u64,
+        keep: u64,
+        data: bool,
+        now_ns: u64,
+    ) -> Result<u32, Status> {
+        let idx = self.find(who);
+        if let Some(i) = idx {
+            // Heard from: its lease goes on (the entry is the same, so are its bits).
+            self.holders[i].expires_ns = now_ns + self.lease_ns;
+        }
+        let e = &mut self.entries[p.0 as usize];
+        let holder =
+            idx.filter(|&i| e.holders & (1 << i) != 0 && copy == u64::from(e.generation()));
+        let Some(i) = holder else {
+            // Not a copy the directory knows (revoked, lease run out, never granted): a pure
+            // release has nothing to do; bytes or a kept copy are refused.
+            return if data || keep != KEEP_NONE {
+                Err(Status::LEASE_EXPIRED)
+            } else {
+                Ok(e.generation())
+            };
+        };
+        let me = 1u64 << i;
+        if !e.has_writer() {
+            if data || keep == KEEP_WRITE {
+                return Err(Status::LEASE_INVALID); // a reader writes nothing
+            }
+            if keep == KEEP_NONE {
+                e.holders &= !me;
+            }
+            if e.holders == 0 {
+                e.drain_ms = 0;
+            }
+            return Ok(e.generation());
+        }
+        match keep {
+            KEEP_WRITE => {}
+            KEEP_READ => {
+                e.next_gen(false);
+                e.holders = me;
+            }
+            _ => {
+                e.next_gen(false);
+                e.holders = 0;
+            }
+        }
+        if e.holders & !me == 0 {
+            e.drain_ms = 0;
+        }
+        Ok(e.generation())
+    }
+
+    /// RENEW: `who`'s copy lease goes on. LEASE_EXPIRED if it has no entry (its lease ran out
+    /// and the entry went to another client): its copies are void.
+    pub fn renew(&mut self, who: ClientKey, now_ns: u64) -> Result<(), Status> {
+        let i = self.find(who).ok_or(Status::LEASE_EXPIRED)?;
+        self.holders[i].expires_ns = now_ns + self.lease_ns;
+        Ok(())
+    }
+
+    /// Whether any live copy of the page exists: then the plain writes (WRITE, CAS, FREE,
+    /// UPDATE, migration) must wait (LEASE_HELD). A page whose copies are all void starts a
+    /// new generation, so no old copy can be taken for current after the write.
+    pub fn check_plain_write(&mut self, p: PageIdx, now_ns: u64) -> Result<(), Status> {
+        let live = self.live(now_ns);
+        let e = &mut self.entries[p.0 as usize];
+        if e.holders & live != 0 {
+            return Err(Status::LEASE_HELD);
+        }
+        if e.holders != 0 {
+            e.holders = 0;
+            e.next_gen(false);
+        }
+        Ok(())
+    }
+
+    /// The page's live holders (a mask for [`Directory::notice_targets`]) and their copies'
+    /// generation.
+    pub fn live_holders(&self, p: PageIdx, now_ns: u64) -> (u64, u32) {
+        let e = &self.entries[p.0 as usize];
+        (e.holders & self.live(now_ns), e.generation())
+    }
+
+    /// The page arrived by migration (adopted, or back home): no copies, and a generation
+    /// drawn from `salt` (the time) rather than continued, so no copy or PUT from the page's
+    /// previous homes can be taken for one of this home's.
+    pub fn restart(&mut self, p: PageIdx, salt: u64) {
+        let mixed = (salt ^ u64::from(p.0).rotate_left(32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let e = &mut self.entries[p.0 as usize];
+        e.holders = 0;
+        e.drain_ms = 0;
+        e.word = ((mixed >> 33) as u32 % GEN_MASK) + 1;
+    }
+
+    /// The page was freed: no copies, a new generation.
+    pub fn reset(&mut self, p: PageIdx) {
+        let e = &mut self.entries[p.0 as usize];
+        e.holders = 0;
+        e.drain_ms = 0;
+        e.next_gen(false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u8) -> ClientKey {
+        let mut addr = [0xfd; 16];
+        addr[15] = n;
+        ClientKey { addr, port: 40000 }
+    }
+
+    const MACS: (MacAddr, MacAddr) = (MacAddr([2; 6]), MacAddr([4; 6]));
+    const MS: u64 = 1_000_000;
+    const P: PageIdx = PageIdx(3);
+
+    fn granted(g: Result<Get, Status>) -> (u32, bool) {
+        match g {
+            Ok(Get::Granted { generation, data }) => (generation, data),
+            other => panic!("not granted: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn readers_share_a_writer_is_alone() {
+        let mut d = Directory::new(8, 1000);
+        let (g, data) = granted(d.get_shared(P, key(1), MACS, 0));
+        assert!(data);
+        assert_eq!(granted(d.get_shared(P, key(2), MACS, 0)).0, g);
+        // A writer revokes both readers and waits.
+        let Ok(Get::Recall {
+            revoke,
+            keep,
+            generation,
+        }) = d.get_exclusive(P, key(3), MACS, 0, MS)
+        else {
+            panic!()
+        };
+        assert_eq!((revoke.count_ones(), keep, generation), (2, KEEP_NONE, g));
+        // New readers wait while it drains.
+        assert!(matches!(
+            d.get_shared(P, key(4), MACS, 2 * MS),
+            Ok(Get::Recall { revoke: 0, .. })
+        ));
+        assert_eq!(
+            d.put(P, key(1), u64::from(g), KEEP_NONE, false, 3 * MS),
+            Ok(g)
+        );
+        assert!(matches!(
+            d.get_exclusive(P, key(3), MACS, 0, 4 * MS),
+            Ok(Get::Recall { .. })
+        ));
+        d.put(P, key(2), u64::from(g), KEEP_NONE, false, 5 * MS)
+            .unwrap();
+        let (w, data) = granted(d.get_exclusive(P, key(3), MACS, 0, 6 * MS));
+        assert!(data && w != g);
+        // A reader now recalls the writer, which keeps a read copy of a new generation.
+        let Ok(Get::Recall {
+            keep, generation, ..
+        }) = d.get_shared(P, key(1), MACS, 7 * MS)
+        else {
+            panic!()
+        };
+        assert_eq!((keep, generation), (KEEP_READ, w));
+        let r = d
+            .put(P, key(3), u64::from(w), KEEP_READ, true, 8 * MS)
+            .unwrap();
+        assert_ne!(r, w);
+        assert_eq!(granted(d.get_shared(P, key(1), MACS, 9 * MS)).0, r);
+    }
+
+    #[test]
+    fn an_upgrade_of_a_current_copy_carries_no_bytes() {
+        let mut d = Directory::new(8, 1000);
+        let (g, _) = granted(d.get_shared(P, key(1), MACS, 0));
+        let (w, data) = granted(d.get_exclusive(P, key(1), MACS, u64::from(g), MS));
+        assert!(!data && w != g);
+        // A stale generation (or 0) gets the bytes.
+        let mut d = Directory::new(8, 1000);
+        granted(d.get_shared(P, key(1), MACS, 0));
+        assert!(granted(d.get_exclusive(P, key(1), MACS, 0, MS)).1);
+    }
+
+    #[test]
+    fn stale_puts_change_nothing() {
+        let mut d = Directory::new(8, 1000);
+        let (w, _) = granted(d.get_exclusive(P, key(1), MACS, 0, 0));
+        // Another client's write-back, or one for an old generation: refused.
+        assert_eq!(
+            d.put(P, key(2), u64::from(w), KEEP_NONE, true, MS),
+            Err(Status::LEASE_EXPIRED)
+        );
+        assert_eq!(
+            d.put(P, key(1), u64::from(w) + 1, KEEP_NONE, true, MS),
+            Err(Status::LEASE_EXPIRED)
+        );
+        // A pure release of a copy not held is fine (an answer to a notice it had no copy for).
+        assert!(d.put(P, key(2), 7, KEEP_NONE, false, MS).is_ok());
+        // The writer is still the writer.
+        assert!(matches!(
+            d.get_shared(P, key(2), MACS, 2 * MS),
+            Ok(Get::Recall { .. })
+        ));
+        assert_eq!(d.check_plain_write(P, 2 * MS), Err(Status::LEASE_HELD));
+    }
+
+    #[test]
+    fn a_silent_holder_blocks_no_longer_than_its_lease() {
+        let mut d = Directory::new(8, 1000);
+        granted(d.get_exclusive(P, key(1), MACS, 0, 0));
+        assert!(matches!(
+            d.get_exclusive(P, key(2), MACS, 0, 999 * MS),
+            Ok(Get::Recall { .. })
+        ));
+        let (_, data) = granted(d.get_exclusive(P, key(2), MACS, 0, 1001 * MS));
+        assert!(data);
+        // The old writer's late write-back is refused; its renewal revives its entry but not
+        // its copy.
+        d.renew(key(1), 1002 * MS).unwrap();
+        assert_eq!(
+            d.put(P, key(1), 2, KEEP_NONE, true, 1003 * MS),
+            Err(Status::LEASE_EXPIRED)
+        );
+        assert_eq!(d.renew(key(9), 0), Err(Status::LEASE_EXPIRED));
+        // Plain writes wait for live copies, and start a new generation over void ones.
+        assert_eq!(d.check_plain_write(P, 1500 * MS), Err(Status::LEASE_HELD));
+        assert_eq!(d.check_plain_write(P, 5000 * MS), Ok(()));
+        assert_eq!(d.live_holders(P, 5000 * MS).0, 0);
+    }
+
+    #[test]
+    fn the_client_table_is_bounded_per_address_and_recycled() {
+        let mut d = Directory::new(8, 1000);
+        for port in 0..MAX_HOLDERS_PER_ADDRESS as u16 {
+            let k = ClientKey { port, ..key(1) };
+            granted(d.get_shared(P, k, MACS, 0));
+        }
+        let k = ClientKey { port: 99, ..key(1) };
+        assert_eq!(d.get_shared(P, k, MACS, 0), Err(Status::BUSY));
+        for n in 0..(MAX_HOLDERS - MAX_HOLDERS_PER_ADDRESS) as u8 {
+            granted(d.get_shared(PageIdx(1), key(10 + n), MACS, 0));
+        }
+        assert_eq!(d.get_shared(P, key(200), MACS, 0), Err(Status::BUSY));
+        assert_eq!(d.clients(0), MAX_HOLDERS as u32);
+        // After the leases run out the table takes new clients.
+        granted(d.get_shared(P, key(200), MACS, 2000 * MS));
+        assert_eq!(d.clients(2000 * MS), 1);
+    }
+}
