@@ -2,6 +2,7 @@
 //! distributions, latency statistics and the JSON report.
 #![forbid(unsafe_code)]
 
+pub mod dsm;
 pub mod paging;
 pub mod plot;
 

@@ -1,21 +1,27 @@
 //! Coherent shared regions across hosts (docs/protocol.md §5.18, docs/paging.md "Sharing"),
-//! over real packets in a 3-host rack around the XDP switch: one server, an AF_XDP client on
-//! each host mapping the same pages. Litmus tests run many times and count forbidden
-//! outcomes; a lock built from compare-and-swap in the mapped memory protects a counter; a
-//! parallel job's result is checked byte for byte; a holder that dies blocks a writer only
-//! for its copy lease.
+//! over real packets. In a 3-host rack around the XDP switch (one server, an AF_XDP client on
+//! every host mapping the same pages): the litmus suite run many times with its forbidden
+//! outcomes counted, a lock built from compare-and-swap in the mapped memory protecting a
+//! counter, a parallel job checked byte for byte, and a sharer process killed with SIGKILL
+//! (the writer waits only for its lease). Behind the impairment relay (loss, duplication,
+//! reordering of requests and notices alike): the same outcomes. A home server restarted:
+//! errors, never the new server's zeros for the old data.
 
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::Barrier;
-use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::Ordering::SeqCst;
 use std::time::{Duration, Instant};
 
-use bluebridge_client::region::{Coherence, HandlerCpu, OnClose};
-use bluebridge_client::{RegionOptions, RemoteRegion};
+use bluebridge_bench::dsm;
+use bluebridge_client::region::{Coherence, HandlerCpu, OnClose, RegionStats};
+use bluebridge_client::{AnyTransport, Client, RegionOptions, RemoteRegion};
 use bluebridge_proto::{HostId, PAGE_SIZE, RemoteAddr};
-use bluebridge_tests::{RackRig, rack_client};
+use bluebridge_tests::{RackRig, Rig, RigOptions, SERVER, pair_client, rack_client_addr};
+use bluebridge_topology::Impairment;
 
-/// Words per page.
-const WORDS: usize = PAGE_SIZE / 8;
+type Region = RemoteRegion<AnyTransport>;
 
 fn shared_options() -> RegionOptions {
     RegionOptions {
@@ -27,38 +33,28 @@ fn shared_options() -> RegionOptions {
     }
 }
 
-/// A rack of 3 hosts with a server on the first, `pages` shared pages on it, and `f` run on
-/// every host at once with that host's region over the same pages. Returns what each host's
-/// `f` returned, and checks that no region met an error.
-fn on_three_hosts<R: Send>(
-    pages: usize,
-    f: impl Fn(usize, &RemoteRegion<bluebridge_client::AnyTransport>, &Barrier) -> R + Sync,
-) -> Vec<R> {
-    let rig = RackRig::new(3, &[0]);
-    let server = HostId(rig.rack.hosts[0].host_id);
-    // The pages' owner is host 0's client; its socket is closed while the regions run (one
-    // AF_XDP client per link) and opened again to free them.
-    let mut addrs: Vec<RemoteAddr> = Vec::new();
-    {
-        let mut owner = rig.client(0);
-        while addrs.len() < pages {
-            let n = (pages - addrs.len()).min(128) as u16;
-            addrs.extend(owner.alloc_bulk(server, n, true).expect("shared pages"));
-        }
-    }
-    let barrier = Barrier::new(3);
-    let out = std::thread::scope(|s| {
-        let hosts: Vec<_> = (0..3)
-            .map(|i| {
-                let (rack, addrs, f, barrier) = (&rig.rack, addrs.clone(), &f, &barrier);
+/// `f` run by every client at once, each with its own shared region over `addrs`; what each
+/// returned, with its region's counters at the end.
+fn share<R: Send>(
+    clients: Vec<Client<AnyTransport>>,
+    addrs: &[RemoteAddr],
+    f: impl Fn(usize, &Region, &Barrier) -> R + Sync,
+) -> Vec<(R, RegionStats)> {
+    let barrier = Barrier::new(clients.len());
+    std::thread::scope(|s| {
+        let hosts: Vec<_> = clients
+            .into_iter()
+            .enumerate()
+            .map(|(i, client)| {
+                let (addrs, f, barrier) = (addrs.to_vec(), &f, &barrier);
                 s.spawn(move || {
-                    let client = rack_client(rack, i, 10);
                     let region = RemoteRegion::attach(client, addrs, shared_options())
                         .expect("a shared region");
                     let r = f(i, &region, barrier);
                     let st = region.stats();
-                    assert_eq!(st.errors, 0, "host {i}: {:?}", region.last_error());
-                    assert_eq!(st.lost_writes, 0, "host {i}");
+                    if let Some(e) = region.last_error() {
+                        eprintln!("host {i}: last error {e}");
+                    }
                     region.close().expect("closing");
                     (r, st)
                 })
@@ -67,34 +63,50 @@ fn on_three_hosts<R: Send>(
         hosts
             .into_iter()
             .map(|h| h.join().expect("host thread"))
-            .collect::<Vec<_>>()
-    });
+            .collect()
+    })
+}
+
+/// Checks that no region met an error and that copies did move between hosts.
+fn clean<R>(out: &[(R, RegionStats)]) {
     for (i, (_, st)) in out.iter().enumerate() {
         eprintln!("host {i}: {st:?}");
+        assert_eq!((st.errors, st.lost_writes), (0, 0), "host {i}");
     }
     let revokes: u64 = out.iter().map(|(_, st)| st.revokes).sum();
-    assert!(
-        revokes > 0,
-        "copies moved between hosts: {out:?}",
-        out = out.iter().map(|o| o.1).collect::<Vec<_>>()
-    );
-    // Every copy went back at close: the pages can be freed.
-    let mut owner = rig.client(0);
-    let failed = owner.free_all(&addrs);
-    assert!(failed.is_empty(), "freeing: {failed:?}");
+    assert!(revokes > 0, "copies moved between hosts");
+}
+
+/// A 3-host rack with a server on host 0 and `pages` shared pages on it, allocated by host 0's
+/// client (closed again: one AF_XDP client per link), then `f` on every host.
+fn on_three_hosts<R: Send>(
+    pages: usize,
+    f: impl Fn(usize, &Region, &Barrier) -> R + Sync,
+) -> Vec<R> {
+    let rig = RackRig::new(3, &[0]);
+    let addrs = rack_pages(&rig, pages);
+    let clients = (0..3).map(|i| rig.client(i)).collect();
+    let out = share(clients, &addrs, f);
+    clean(&out);
+    free_rack_pages(&rig, &addrs);
     out.into_iter().map(|(r, _)| r).collect()
 }
 
-fn spin_until(word: &AtomicU64, value: u64) {
-    let start = Instant::now();
-    while word.load(SeqCst) != value {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "waited 30 s for {value} (have {})",
-            word.load(SeqCst)
-        );
-        std::thread::yield_now();
+fn rack_pages(rig: &RackRig, pages: usize) -> Vec<RemoteAddr> {
+    let server = HostId(rig.rack.hosts[0].host_id);
+    let mut owner = rig.client(0);
+    let mut addrs = Vec::new();
+    while addrs.len() < pages {
+        let n = (pages - addrs.len()).min(128) as u16;
+        addrs.extend(owner.alloc_bulk(server, n, true).expect("shared pages"));
     }
+    addrs
+}
+
+/// Every copy went back when the regions closed: the owner can free the pages.
+fn free_rack_pages(rig: &RackRig, addrs: &[RemoteAddr]) {
+    let failed = rig.client(0).free_all(addrs);
+    assert!(failed.is_empty(), "freeing: {failed:?}");
 }
 
 #[test]
@@ -103,63 +115,21 @@ fn spin_until(word: &AtomicU64, value: u64) {
     ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
 )]
 fn litmus_message_passing_and_write_ordering() {
-    const RUNS: u64 = 150;
-    // Page 0: data (the whole page), page 1: flag, page 2: acknowledgement, page 3: a word
-    // every host writes at once.
-    let out = on_three_hosts(4, |host, region, barrier| {
+    let out = on_three_hosts(3, |host, region, barrier| {
         let w = region.as_atomic_words();
-        let (flag, ack, contested) = (&w[WORDS], &w[2 * WORDS], &w[3 * WORDS]);
-        let mut forbidden = 0u64;
-        for run in 1..=RUNS {
-            match host {
-                // A writes the data, then the flag; waits for B's acknowledgement.
-                1 => {
-                    for x in &w[..WORDS] {
-                        x.store(run * 1000 + 7, SeqCst);
-                    }
-                    flag.store(run, SeqCst);
-                    spin_until(ack, run);
-                }
-                // B sees the flag, then must see all of the data.
-                2 => {
-                    spin_until(flag, run);
-                    forbidden += w[..WORDS]
-                        .iter()
-                        .filter(|x| x.load(SeqCst) != run * 1000 + 7)
-                        .count() as u64;
-                    ack.store(run, SeqCst);
-                }
-                _ => {}
-            }
-        }
-        // Write-write on one word: every host writes at once; afterwards all read one value,
-        // which one of them wrote.
-        let mut finals = Vec::new();
-        for run in 1..=RUNS / 3 {
-            barrier.wait();
-            for k in 0..4 {
-                contested.store(run << 8 | (host as u64) << 4 | k, SeqCst);
-            }
-            barrier.wait();
-            finals.push(contested.load(SeqCst));
-            barrier.wait();
-        }
-        (forbidden, finals)
+        let mp = dsm::message_passing(host, w, 150);
+        barrier.wait();
+        (mp, dsm::write_write(host, w, barrier, 50))
     });
-    let forbidden: u64 = out.iter().map(|o| o.0).sum();
+    let mp: u64 = out.iter().map(|o| o.0.forbidden).sum();
+    assert_eq!(mp, 0, "message passing: the flag seen before the data");
+    assert_eq!(out[2].0.runs, 150);
+    let ww: Vec<Vec<u64>> = out.into_iter().map(|o| o.1).collect();
     assert_eq!(
-        forbidden, 0,
-        "message passing: B saw the flag before the data"
+        dsm::write_write_forbidden(&ww),
+        0,
+        "hosts disagree on a word's last write: {ww:x?}"
     );
-    for run in 0..out[0].1.len() {
-        let v: Vec<u64> = out.iter().map(|o| o.1[run]).collect();
-        assert!(
-            v.iter().all(|&x| x == v[0]),
-            "run {run}: hosts disagree: {v:x?}"
-        );
-        assert_eq!(v[0] >> 8, run as u64 + 1);
-        assert_eq!(v[0] & 0xf, 3, "the final value is some host's last write");
-    }
 }
 
 #[test]
@@ -168,58 +138,12 @@ fn litmus_message_passing_and_write_ordering() {
     ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
 )]
 fn litmus_store_and_load_buffering_never_show_forbidden_outcomes() {
-    const RUNS: u64 = 100;
-    // x on page 0, y on page 1. Hosts 1 and 2 take part; host 0 only keeps the barrier.
     let out = on_three_hosts(2, |host, region, barrier| {
-        let w = region.as_atomic_words();
-        let (x, y) = (&w[0], &w[WORDS]);
-        // Per run: whether this host saw the old value (store buffering) and whether it saw
-        // the other's later store (load buffering).
-        let (mut sb, mut lb) = (Vec::new(), Vec::new());
-        for run in 1..=RUNS {
-            // Store buffering: each stores, then loads the other's.
-            barrier.wait();
-            let seen = match host {
-                1 => {
-                    x.store(2 * run, SeqCst);
-                    y.load(SeqCst)
-                }
-                2 => {
-                    y.store(2 * run, SeqCst);
-                    x.load(SeqCst)
-                }
-                _ => 2 * run,
-            };
-            sb.push(seen < 2 * run);
-            barrier.wait();
-            // Load buffering: each loads the other's, then stores its own.
-            let seen = match host {
-                1 => {
-                    let r = x.load(SeqCst);
-                    y.store(2 * run + 1, SeqCst);
-                    r
-                }
-                2 => {
-                    let r = y.load(SeqCst);
-                    x.store(2 * run + 1, SeqCst);
-                    r
-                }
-                _ => 0,
-            };
-            lb.push(seen == 2 * run + 1);
-            barrier.wait();
-        }
-        (sb, lb)
+        dsm::store_and_load_buffering(host, region.as_atomic_words(), barrier, 100)
     });
-    let runs = RUNS as usize;
-    // Forbidden: both saw the old value (SB), both saw the other's later store (LB).
-    let sb = (0..runs).filter(|&r| out[1].0[r] && out[2].0[r]).count();
-    let lb = (0..runs).filter(|&r| out[1].1[r] && out[2].1[r]).count();
-    assert_eq!(
-        (sb, lb),
-        (0, 0),
-        "forbidden outcomes (store buffering, load buffering)"
-    );
+    let sb = dsm::forbidden_runs(&out[1].0, &out[2].0);
+    let lb = dsm::forbidden_runs(&out[1].1, &out[2].1);
+    assert_eq!((sb, lb), (0, 0), "store buffering, load buffering");
 }
 
 #[test]
@@ -228,36 +152,10 @@ fn litmus_store_and_load_buffering_never_show_forbidden_outcomes() {
     ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
 )]
 fn a_lock_in_shared_memory_protects_a_counter_across_hosts() {
-    const ROUNDS: u64 = 100;
-    // The lock word on page 0, the counter (a plain read-modify-write, not atomic) on page 1.
-    on_three_hosts(2, |host, region, barrier| {
-        let w = region.as_atomic_words();
-        let (lock, counter) = (&w[0], &w[WORDS]);
-        barrier.wait();
-        for _ in 0..ROUNDS {
-            let start = Instant::now();
-            while lock
-                .compare_exchange(0, host as u64 + 1, SeqCst, SeqCst)
-                .is_err()
-            {
-                assert!(start.elapsed() < Duration::from_secs(30), "lock never came");
-                std::thread::yield_now();
-            }
-            let v = counter.load(SeqCst);
-            counter.store(v + 1, SeqCst);
-            lock.store(0, SeqCst);
-        }
-        barrier.wait();
-        assert_eq!(
-            counter.load(SeqCst),
-            3 * ROUNDS,
-            "host {host}: the exact total"
-        );
+    let out = on_three_hosts(2, |host, region, barrier| {
+        dsm::lock_counter(host, region.as_atomic_words(), barrier, 100)
     });
-}
-
-fn cell(page: usize, i: usize) -> u8 {
-    ((page * 131 + i * 7) ^ (i >> 5)) as u8
+    assert_eq!(out, [Some(300); 3], "every host reads the exact total");
 }
 
 #[test]
@@ -267,24 +165,234 @@ fn cell(page: usize, i: usize) -> u8 {
 )]
 fn a_parallel_job_on_a_shared_array_is_whole_on_every_host() {
     const PER_HOST: usize = 12;
-    // Each host fills its third of the array; then every host checks all of it.
     let bad = on_three_hosts(3 * PER_HOST, |host, region, barrier| {
-        let w = region.as_atomic_words();
-        for page in host * PER_HOST..(host + 1) * PER_HOST {
-            for k in 0..WORDS {
-                let mut word = [0u8; 8];
-                for (j, b) in word.iter_mut().enumerate() {
-                    *b = cell(page, k * 8 + j);
-                }
-                w[page * WORDS + k].store(u64::from_le_bytes(word), SeqCst);
-            }
-        }
-        barrier.wait();
+        let n = dsm::parallel_fill(host, 3, PER_HOST, region.as_atomic_words(), barrier);
+        // The plain byte view agrees (its pages come in afresh after the others' writes).
         let all = region.as_slice();
-        (0..3 * PER_HOST)
-            .flat_map(|page| (0..PAGE_SIZE).map(move |i| (page, i)))
-            .filter(|&(page, i)| all[page * PAGE_SIZE + i] != cell(page, i))
+        n + (0..3 * PER_HOST * PAGE_SIZE)
+            .filter(|&i| all[i] != dsm::cell(i / PAGE_SIZE, i % PAGE_SIZE))
             .count()
     });
     assert_eq!(bad, [0, 0, 0], "bytes that differ, per host");
+}
+
+/// A child process, killed if the test ends first.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn example(name: &str) -> PathBuf {
+    // target/<profile>/deps/sharing-… → target/<profile>/examples/<name>
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: `cargo build -p bluebridge-client --examples` first (cargo xtask test does)",
+        bin.display()
+    );
+    bin
+}
+
+#[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
+fn a_sharer_killed_with_sigkill_holds_up_a_writer_only_for_its_lease() {
+    let rig = RackRig::new(3, &[0]);
+    let addrs = rack_pages(&rig, 2);
+    // Host 2: the shared_counter example adds 3 and exits (its copies go back at close);
+    // then, again, takes a read copy of the counter's page and holds it.
+    let h = &rig.rack.hosts[2];
+    let list: Vec<String> = addrs.iter().map(|a| a.to_ipv6().to_string()).collect();
+    let sharer = |args: &[&str]| {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &h.ns])
+            .arg(example("shared_counter"))
+            .args(["--iface", &h.client_if])
+            .args(["--local", &rack_client_addr(HostId(h.host_id)).to_string()])
+            .args([
+                "--next-hop-mac",
+                &bluebridge_topology::fmt_mac(h.client_port_mac),
+            ])
+            .args(["add", "--pages", &list.join(",")])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    };
+    let first = sharer(&["--times", "3"]).output().unwrap();
+    assert!(first.status.success(), "{first:?}");
+    let mut child = Child(
+        sharer(&["--times", "0", "--hold"])
+            .spawn()
+            .expect("starting the shared_counter example"),
+    );
+    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
+    let started = Instant::now();
+    loop {
+        let Some(line) = lines.next().transpose().unwrap() else {
+            let mut err = String::new();
+            let _ = std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut err);
+            panic!("the example ended before holding a copy: {err}");
+        };
+        eprintln!("sharer: {line}");
+        if line == "holding" {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "no read copy");
+    }
+    // SIGKILL: no close, no answers to notices, its copy stays in the home's directory.
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+    let killed = Instant::now();
+    let out = share(vec![rig.client(1)], &addrs, |_, region, _| {
+        let counter = &region.as_atomic_words()[dsm::WORDS];
+        let v = counter.fetch_add(1, SeqCst);
+        (v, killed.elapsed())
+    });
+    let ((before, waited), st) = &out[0];
+    eprintln!("the writer waited {waited:?} for the dead reader: {st:?}");
+    assert_eq!(
+        *before, 3,
+        "the first sharer's increments were written back at its close"
+    );
+    assert!(
+        st.recalls > 0,
+        "the home made the writer wait for the reader"
+    );
+    assert!(
+        *waited < Duration::from_millis(2500),
+        "a dead reader held the writer up for {waited:?}, past its 1 s lease"
+    );
+    assert_eq!((st.errors, st.lost_writes), (0, 0));
+    free_rack_pages(&rig, &addrs);
+}
+
+#[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
+fn lost_duplicated_and_reordered_notices_change_no_outcome() {
+    let o = RigOptions {
+        relay_seed: Some(13),
+        client_udp: true,
+        ..RigOptions::default()
+    };
+    let mut rig = Rig::new(&o);
+    let mut addrs = Vec::new();
+    // Pages 0..3 for message passing, 3..5 for the lock and its counter.
+    for _ in 0..5 {
+        addrs.push(rig.client.alloc(SERVER, true).expect("a shared page"));
+    }
+    let relay = rig.pair.relay.as_ref().unwrap();
+    relay.set(Impairment {
+        loss: 0.05,
+        duplicate: 0.05,
+        reorder: 0.10,
+        max_delay: Duration::from_millis(1),
+    });
+    // Three clients (kernel UDP, each its own port: three endpoints to the home).
+    let clients = (0..3).map(|_| pair_client(&rig.pair, &o)).collect();
+    let out = share(clients, &addrs, |host, region, barrier| {
+        let w = region.as_atomic_words();
+        let mp = dsm::message_passing(host, w, 40);
+        barrier.wait();
+        let lock = dsm::lock_counter(host, &w[3 * dsm::WORDS..], barrier, 30);
+        (mp, lock)
+    });
+    relay.set(Impairment::NONE);
+    let back: Vec<u64> = relay.counters[1..]
+        .iter()
+        .map(|c| c.lost.load(SeqCst) + c.duplicated.load(SeqCst))
+        .collect();
+    eprintln!("server→client frames lost or duplicated: {back:?}");
+    assert!(
+        back[0] > 0,
+        "the relay impaired the home's answers and notices"
+    );
+    clean(&out);
+    let mp: u64 = out.iter().map(|o| o.0.0.forbidden).sum();
+    assert_eq!(mp, 0, "message passing through a lossy link");
+    assert!(
+        out.iter().all(|o| o.0.1 == Some(90)),
+        "the exact total on every host: {:?}",
+        out.iter().map(|o| o.0.1).collect::<Vec<_>>()
+    );
+    let failed = rig.client.free_all(&addrs);
+    assert!(failed.is_empty(), "{failed:?}");
+}
+
+#[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
+fn a_restarted_home_gives_errors_never_the_new_servers_zeros() {
+    let o = RigOptions {
+        client_udp: true,
+        ..RigOptions::default()
+    };
+    let mut rig = Rig::new(&o);
+    let addrs = vec![
+        rig.client.alloc(SERVER, true).unwrap(),
+        rig.client.alloc(SERVER, true).unwrap(),
+    ];
+    let a = RemoteRegion::attach(
+        pair_client(&rig.pair, &o),
+        addrs.clone(),
+        RegionOptions {
+            on_error: Some(Box::new(|e| eprintln!("writer: {e}"))),
+            ..shared_options()
+        },
+    )
+    .unwrap();
+    let b =
+        RemoteRegion::attach(pair_client(&rig.pair, &o), addrs.clone(), shared_options()).unwrap();
+    // A writes page 0 (its write copy, dirty); B has read page 1.
+    a.as_atomic_words()[0].store(42, SeqCst);
+    assert_eq!(b.as_atomic_words()[dsm::WORDS].load(SeqCst), 0);
+    rig.stop_server();
+    rig.start_server();
+    // B's read of page 0 can only fail (its home no longer knows the page): EFAULT through a
+    // syscall, never the restarted server's zeros.
+    let path = std::env::temp_dir().join(format!("bb-sharing-{}", std::process::id()));
+    let mut file = std::fs::File::create(&path).unwrap();
+    let r = file.write(&b.as_slice()[..PAGE_SIZE]);
+    let _ = std::fs::remove_file(&path);
+    let e = r.expect_err("page 0 cannot be fetched from the restarted home");
+    assert_eq!(e.raw_os_error(), Some(libc_efault()), "{e}");
+    // A's lease cannot be renewed at the new server: its copy is dropped, its write reported
+    // lost (not silently kept or silently gone).
+    let t = Instant::now();
+    while a.stats().lost_writes == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "A's lease never lapsed: {:?}",
+            a.stats()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let st = a.stats();
+    assert_eq!((st.lost_writes, st.lapses), (1, 1), "{st:?}");
+    assert!(st.errors >= 1);
+    drop(a);
+    drop(b);
+}
+
+/// EFAULT on Linux (every architecture).
+fn libc_efault() -> i32 {
+    14
 }

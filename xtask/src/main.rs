@@ -147,7 +147,8 @@ fn test(fuzz_seconds: u64, no_packages: bool) -> Result<()> {
     s.run(
         "privileged end-to-end tests (namespaces, veth, XDP, AF_XDP)",
         || {
-            // The lifecycle tests run the real server and client binaries.
+            // The lifecycle tests run the real server and client binaries, the sharing tests
+            // the shared_counter example.
             stage::status(cargo().args([
                 "build",
                 "--locked",
@@ -155,6 +156,8 @@ fn test(fuzz_seconds: u64, no_packages: bool) -> Result<()> {
                 "bluebridge-server",
                 "-p",
                 "bluebridge-client",
+                "--bins",
+                "--examples",
             ]))?;
             stage::status(cargo().args(["test", "--locked", "-p", "bluebridge-tests"]))
         },
