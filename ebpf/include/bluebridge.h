@@ -44,6 +44,11 @@
 /* The FREE opcode (byte 14 of an address; docs/protocol.md §4): the switch reports pages whose
  * FREE succeeded. */
 #define BB_OP_FREE 80
+/* The coherence opcodes (docs/protocol.md §5.18): requests GET_SHARED .. RENEW, and the REVOKE
+ * notice a page's home sends from the page's address. The switch counts both per page. */
+#define BB_OP_GET_SHARED 160
+#define BB_OP_RENEW 163
+#define BB_OP_REVOKE 164
 
 /* tor.bpf.c counters: index into the per-CPU `tor_counters` array. */
 #define BB_TOR_FORWARDED 0        /* routed and redirected out of its egress port */
@@ -94,6 +99,7 @@ struct bb_tor_route {
 #define BB_TOR_SOURCE_KEY_OFF_IFINDEX 4
 #define BB_TOR_SOURCE_KEY_OFF_ADDR 8
 #define BB_TOR_STATS_SIZE 16
+#define BB_TOR_PAGE_STATS_SIZE 24
 #define BB_LPM_KEY_SIZE 20
 #define BB_LPM_KEY_OFF_ADDR 4
 _Static_assert(sizeof(struct bb_tor_route) == BB_TOR_ROUTE_SIZE, "bb_tor_route size");
@@ -116,6 +122,14 @@ struct bb_tor_stats {
 	__u64 bytes;
 };
 
+/* Counters of a page: requests to it, and its coherence traffic (GET_SHARED, GET_EXCLUSIVE,
+ * PUT, RENEW to it; REVOKE notices from it). */
+struct bb_tor_page_stats {
+	__u64 packets;
+	__u64 bytes;
+	__u64 coherence;
+};
+
 /* Key of the `prefixes` LPM trie: the kernel's struct bpf_lpm_trie_key with an IPv6 address. */
 struct bb_lpm_key {
 	__u32 prefixlen;
@@ -126,6 +140,7 @@ _Static_assert(sizeof(struct bb_tor_source_key) == BB_TOR_SOURCE_KEY_SIZE, "sour
 _Static_assert(__builtin_offsetof(struct bb_tor_source_key, ifindex) == BB_TOR_SOURCE_KEY_OFF_IFINDEX, "ifindex");
 _Static_assert(__builtin_offsetof(struct bb_tor_source_key, addr) == BB_TOR_SOURCE_KEY_OFF_ADDR, "addr");
 _Static_assert(sizeof(struct bb_tor_stats) == BB_TOR_STATS_SIZE, "stats size");
+_Static_assert(sizeof(struct bb_tor_page_stats) == BB_TOR_PAGE_STATS_SIZE, "page stats size");
 _Static_assert(sizeof(struct bb_lpm_key) == BB_LPM_KEY_SIZE, "lpm key size");
 _Static_assert(__builtin_offsetof(struct bb_lpm_key, addr) == BB_LPM_KEY_OFF_ADDR, "lpm addr");
 

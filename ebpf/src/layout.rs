@@ -45,6 +45,18 @@ pub(crate) struct BbTorStats {
     pub(crate) bytes: u64,
 }
 
+/// `struct bb_tor_page_stats`.
+#[repr(C)]
+#[allow(
+    dead_code,
+    reason = "a layout mirror: read by the asserts below, not at run time"
+)]
+pub(crate) struct BbTorPageStats {
+    pub(crate) packets: u64,
+    pub(crate) bytes: u64,
+    pub(crate) coherence: u64,
+}
+
 /// `struct bb_lpm_key`.
 #[repr(C)]
 #[allow(
@@ -70,6 +82,7 @@ const _: () = {
     assert!(offset_of!(BbTorSourceKey, ifindex) == n(consts::BB_TOR_SOURCE_KEY_OFF_IFINDEX));
     assert!(offset_of!(BbTorSourceKey, addr) == n(consts::BB_TOR_SOURCE_KEY_OFF_ADDR));
     assert!(size_of::<BbTorStats>() == n(consts::BB_TOR_STATS_SIZE));
+    assert!(size_of::<BbTorPageStats>() == n(consts::BB_TOR_PAGE_STATS_SIZE));
     assert!(size_of::<BbLpmKey>() == n(consts::BB_LPM_KEY_SIZE));
     assert!(offset_of!(BbLpmKey, addr) == n(consts::BB_LPM_KEY_OFF_ADDR));
     // The aya key types carry the prefix length themselves: the data is the rest.
@@ -82,6 +95,11 @@ const _: () = {
     use bluebridge_proto::{HeaderFlags, Opcode, Status};
     assert!(consts::BB_UDP_PORT == bluebridge_proto::UDP_PORT as u32);
     assert!(consts::BB_OP_FREE == Opcode::FREE.0 as u32);
+    assert!(consts::BB_OP_GET_SHARED == Opcode::GET_SHARED.0 as u32);
+    assert!(consts::BB_OP_RENEW == Opcode::RENEW.0 as u32);
+    assert!(consts::BB_OP_GET_SHARED + 1 == Opcode::GET_EXCLUSIVE.0 as u32);
+    assert!(consts::BB_OP_GET_SHARED + 2 == Opcode::PUT.0 as u32);
+    assert!(consts::BB_OP_REVOKE == Opcode::REVOKE.0 as u32);
     assert!(n(consts::BB_HEADER_OFFSET) == bluebridge_proto::frame::UDP_START + 8);
     assert!(consts::BB_FLAG_REPLY == HeaderFlags::REPLY.0 as u32);
     assert!(consts::BB_STATUS_UNREACHABLE == Status::UNREACHABLE.0 as u32);

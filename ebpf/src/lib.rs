@@ -11,7 +11,7 @@
 mod tor;
 
 mod layout;
-pub use tor::{Route, Tor, TorCounters, TrafficCounters};
+pub use tor::{PageTraffic, Route, Tor, TorCounters, TrafficCounters};
 
 use std::net::Ipv6Addr;
 use std::os::fd::AsRawFd;

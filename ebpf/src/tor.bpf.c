@@ -73,13 +73,13 @@ struct {
 	__uint(max_entries, BB_TOR_FREED_RING);
 } freed SEC(".maps");
 
-/* Per page (destination with opcode and flags cleared: the page's /112): frames forwarded to
- * it. The least recently used pages make room for new ones. */
+/* Per page (the address with opcode and flags cleared: the page's /112): requests forwarded
+ * to it, and its coherence traffic. The least recently used pages make room for new ones. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);
 	__uint(max_entries, BB_TOR_HOT_PAGES);
 	__type(key, struct in6_addr);
-	__type(value, struct bb_tor_stats);
+	__type(value, struct bb_tor_page_stats);
 } page_stats SEC(".maps");
 
 /* Entry BB_TOR_CONFIG_FLAGS: BB_TOR_PASS_OTHER; entry BB_TOR_CONFIG_CONTROLLER: the
@@ -109,21 +109,38 @@ static __always_inline void add(struct bb_tor_stats *s, __u64 bytes)
 	}
 }
 
-static __always_inline void count_page(const struct in6_addr *dst, __u64 bytes)
+/* Counts a frame about the page `addr` names: a request to it (`request`: packets and bytes)
+ * and/or a coherence message about it. */
+static __always_inline void count_page(const struct in6_addr *addr, __u64 bytes, int request,
+				       int coherence)
 {
-	struct in6_addr page = *dst;
-	struct bb_tor_stats *s;
+	struct in6_addr page = *addr;
+	struct bb_tor_page_stats *s;
 
 	page.s6_addr[14] = 0;
 	page.s6_addr[15] = 0;
 	s = bpf_map_lookup_elem(&page_stats, &page);
 	if (s) {
-		add(s, bytes);
+		if (request) {
+			s->packets += 1;
+			s->bytes += bytes;
+		}
+		s->coherence += coherence;
 	} else {
-		struct bb_tor_stats first = { .packets = 1, .bytes = bytes };
+		struct bb_tor_page_stats first = {
+			.packets = request,
+			.bytes = request ? bytes : 0,
+			.coherence = coherence,
+		};
 
 		bpf_map_update_elem(&page_stats, &page, &first, BPF_NOEXIST);
 	}
+}
+
+/* Whether an opcode byte is a coherence request (GET_SHARED, GET_EXCLUSIVE, PUT, RENEW). */
+static __always_inline int coherence_op(__u8 op)
+{
+	return op >= BB_OP_GET_SHARED && op <= BB_OP_RENEW;
 }
 
 /* One's-complement checksum update for a 16-bit word changing from `old` to `new` (RFC 1624,
@@ -283,7 +300,9 @@ static __always_inline int forward(struct xdp_md *ctx)
 	port_key = ((__u64)r->ifindex << 1) | 1;
 	add(bpf_map_lookup_elem(&port_stats, &port_key), len);
 	if (udp->dest == bpf_htons(BB_UDP_PORT))
-		count_page(&ip6->daddr, len);
+		count_page(&ip6->daddr, len, 1, coherence_op(ip6->daddr.s6_addr[14]));
+	else if (ip6->saddr.s6_addr[14] == BB_OP_REVOKE)
+		count_page(&ip6->saddr, len, 0, 1);
 	else
 		report_free(data, data_end, ip6);
 	count(BB_TOR_FORWARDED, 0);

@@ -71,6 +71,16 @@ pub struct TrafficCounters {
     pub bytes: u64,
 }
 
+/// One page's traffic through the switch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PageTraffic {
+    /// Requests to the page.
+    pub requests: TrafficCounters,
+    /// Its coherence messages (docs/protocol.md §5.18): GET_SHARED, GET_EXCLUSIVE, PUT and
+    /// RENEW requests to it, REVOKE notices from its home.
+    pub coherence: u64,
+}
+
 /// The switch's verdict counters, summed over CPUs (see `bluebridge.h`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TorCounters {
@@ -105,7 +115,7 @@ pub struct Tor {
     counters: PerCpuArray<MapData, u64>,
     route_stats: PerCpuArray<MapData, [u64; 2]>,
     port_stats: PerCpuHashMap<MapData, u64, [u64; 2]>,
-    page_stats: PerCpuHashMap<MapData, [u8; 16], [u64; 2]>,
+    page_stats: PerCpuHashMap<MapData, [u8; 16], [u64; 3]>,
     freed: RingBuf<MapData>,
     config: Array<MapData, u32>,
     ports: Vec<(String, u32, AttachMode)>,
@@ -339,13 +349,24 @@ impl Tor {
 
     /// The `top` pages that received the most requests through the switch (of the most
     /// recently used 65,536), as page addresses (opcode and flags zero) with their counters.
-    pub fn hot_pages(&self, top: usize) -> Result<Vec<(Ipv6Addr, TrafficCounters)>, XdpError> {
+    pub fn hot_pages(&self, top: usize) -> Result<Vec<(Ipv6Addr, PageTraffic)>, XdpError> {
         let mut all = Vec::new();
         for e in self.page_stats.iter() {
             let (k, v) = e.map_err(map_err("reading page_stats"))?;
-            all.push((Ipv6Addr::from(k), sum(v.iter())));
+            let t = v.iter().fold(PageTraffic::default(), |t, c| PageTraffic {
+                requests: TrafficCounters {
+                    packets: t.requests.packets + c[0],
+                    bytes: t.requests.bytes + c[1],
+                },
+                coherence: t.coherence + c[2],
+            });
+            all.push((Ipv6Addr::from(k), t));
         }
-        all.sort_by(|a, b| b.1.packets.cmp(&a.1.packets).then(a.0.cmp(&b.0)));
+        all.sort_by(|a, b| {
+            (b.1.requests.packets + b.1.coherence)
+                .cmp(&(a.1.requests.packets + a.1.coherence))
+                .then(a.0.cmp(&b.0))
+        });
         all.truncate(top);
         Ok(all)
     }

@@ -4,7 +4,7 @@
 
 use std::net::{IpAddr, Ipv6Addr};
 
-use bluebridge_ebpf::{Route, Tor, TorCounters, TrafficCounters};
+use bluebridge_ebpf::{PageTraffic, Route, Tor, TorCounters, TrafficCounters};
 
 use crate::CtlError;
 
@@ -51,7 +51,7 @@ pub trait Fabric: Send {
         Ok(Default::default())
     }
     /// The busiest pages (XDP only).
-    fn hot_pages(&self, _top: usize) -> Result<Vec<(Ipv6Addr, TrafficCounters)>, CtlError> {
+    fn hot_pages(&self, _top: usize) -> Result<Vec<(Ipv6Addr, PageTraffic)>, CtlError> {
         Ok(Vec::new())
     }
 }
@@ -96,7 +96,7 @@ impl Fabric for Tor {
     fn port_counters(&self, port: u32) -> Result<(TrafficCounters, TrafficCounters), CtlError> {
         Ok(Tor::port_counters(self, port)?)
     }
-    fn hot_pages(&self, top: usize) -> Result<Vec<(Ipv6Addr, TrafficCounters)>, CtlError> {
+    fn hot_pages(&self, top: usize) -> Result<Vec<(Ipv6Addr, PageTraffic)>, CtlError> {
         Ok(Tor::hot_pages(self, top)?)
     }
 }

@@ -167,6 +167,10 @@ pub struct HotPage {
     pub host: u16,
     /// Requests to it.
     pub requests: Traffic,
+    /// Its coherence messages (docs/protocol.md §5.18): GET_SHARED, GET_EXCLUSIVE, PUT and
+    /// RENEW to it, REVOKE notices from its home. Hot shared pages show here.
+    #[serde(default)]
+    pub coherence: u64,
 }
 
 /// The controller's state: the switch program and the registered hosts.
@@ -827,7 +831,8 @@ impl Controller {
                 HotPage {
                     page: a.to_string(),
                     host: u16::from_be_bytes([o[4], o[5]]),
-                    requests: t,
+                    requests: t.requests,
+                    coherence: t.coherence,
                 }
             })
             .collect())

@@ -281,11 +281,13 @@ fn main() -> Result<()> {
         }
         Request::HotPages { .. } => {
             let pages: Vec<HotPage> = serde_json::from_value(v)?;
-            println!("| page | host | requests | bytes |\n|---|---|---|---|");
+            println!(
+                "| page | host | requests | bytes | coherence messages |\n|---|---|---|---|---|"
+            );
             for p in pages {
                 println!(
-                    "| {} | {} | {} | {} |",
-                    p.page, p.host, p.requests.packets, p.requests.bytes
+                    "| {} | {} | {} | {} | {} |",
+                    p.page, p.host, p.requests.packets, p.requests.bytes, p.coherence
                 );
             }
         }

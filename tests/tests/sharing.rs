@@ -88,6 +88,25 @@ fn on_three_hosts<R: Send>(
     let clients = (0..3).map(|i| rig.client(i)).collect();
     let out = share(clients, &addrs, f);
     clean(&out);
+    // The switch counted the pages' coherence traffic (requests to them, notices from them).
+    let hot = rig
+        .tor
+        .hot_pages(1 << 16)
+        .expect("the switch's page counters");
+    let coherence: u64 = hot
+        .iter()
+        .filter(|(a, _)| {
+            addrs
+                .iter()
+                .any(|p| p.to_ipv6().octets()[..14] == a.octets()[..14])
+        })
+        .map(|(_, t)| t.coherence)
+        .sum();
+    let revokes: u64 = out.iter().map(|(_, st)| st.revokes).sum();
+    assert!(
+        coherence >= revokes,
+        "the switch saw {coherence} coherence messages for the shared pages, the regions answered {revokes} notices"
+    );
     free_rack_pages(&rig, &addrs);
     out.into_iter().map(|(r, _)| r).collect()
 }
