@@ -5,6 +5,8 @@
 pub mod dsm;
 pub mod paging;
 pub mod plot;
+#[cfg(feature = "load")]
+pub mod rack_host;
 
 use std::collections::BTreeMap;
 use std::str::FromStr;

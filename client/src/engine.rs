@@ -194,6 +194,9 @@ pub struct EngineStats {
     /// REVOKE notices dropped because [`REVOKES_MAX`] were waiting (the home sends them again
     /// while its requester keeps asking).
     pub revokes_dropped: u64,
+    /// READY notices received (§5.18: a hint to ask again now; its arrival wakes a handler
+    /// waiting in `poll`, nothing more is done with it).
+    pub ready: u64,
 }
 
 /// A REVOKE notice (§5.18): the home of `page` wants the copies of generation `generation`
@@ -876,6 +879,10 @@ impl Engine {
                 Some(p) => self.invalidate(p, now),
                 None => self.stats.malformed += 1,
             }
+            return;
+        }
+        if src.opcode() == Opcode::READY && h.request_id == 0 {
+            self.stats.ready += 1;
             return;
         }
         if src.opcode() == Opcode::REVOKE && h.request_id == 0 {

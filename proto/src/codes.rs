@@ -153,6 +153,10 @@ wire_code! {
         /// generation of the copies revoked, operand0 = what the holder may keep (0 nothing,
         /// 1 a read copy). The holder answers with a PUT.
         REVOKE = 0xa4,
+        /// Home → client, a notice (§5.18): reply-shaped, from the page's address with this
+        /// opcode, to the last requester the home answered RECALLING: the copies in its way
+        /// are gone, ask again now. A hint: losing it costs only the requester's back-off.
+        READY = 0xa5,
     }
 }
 
@@ -186,9 +190,9 @@ impl Opcode {
     }
 
     /// Whether the opcode names a notice a server or the controller sends to clients
-    /// (INVALIDATE, REVOKE), never a request.
+    /// (INVALIDATE, REVOKE, READY), never a request.
     pub const fn is_notice(self) -> bool {
-        matches!(self, Opcode::INVALIDATE | Opcode::REVOKE)
+        matches!(self, Opcode::INVALIDATE | Opcode::REVOKE | Opcode::READY)
     }
 
     /// Whether the request names no range: offset and length must be 0.

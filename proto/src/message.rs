@@ -1014,11 +1014,11 @@ mod tests {
         }
     }
 
-    /// §4: INVALIDATE and REVOKE are notices, never requests: UNKNOWN_OPCODE whatever they
+    /// §4: INVALIDATE, REVOKE and READY are notices, never requests: UNKNOWN_OPCODE whatever they
     /// are sent to.
     #[test]
     fn notices_are_not_requests() {
-        for op in [Opcode::INVALIDATE, Opcode::REVOKE] {
+        for op in [Opcode::INVALIDATE, Opcode::REVOKE, Opcode::READY] {
             for handle in [0, 5] {
                 assert_eq!(
                     check(op, handle, hdr(0, 0), &[]),

@@ -40,11 +40,14 @@ struct Entry {
     holders: u64,
     /// The copies' generation (bits 0..31; never 0) and [`WRITER`].
     word: u32,
-    /// When revocation for a writer began (ms since start, | 1 so never 0), or 0: while it
-    /// lasts (at most one copy lease) no new read copy is granted, so readers cannot starve a
-    /// writer.
-    drain_ms: u32,
+    /// Bits 0..24: when revocation for a writer began (ms since start mod 2^24, | 1 so never
+    /// 0), or 0: while it lasts (at most one copy lease) no new read copy is granted, so
+    /// readers cannot starve a writer. Bits 24..32: the client-table entry + 1 of the last
+    /// requester answered RECALLING (0: none), told READY when the copies in its way are gone.
+    drain: u32,
 }
+
+const DRAIN_MASK: u32 = (1 << 24) - 1;
 
 const _: () = assert!(size_of::<Entry>() == 16);
 
@@ -61,6 +64,36 @@ impl Entry {
     fn next_gen(&mut self, writer: bool) {
         let g = (self.generation() % GEN_MASK) + 1;
         self.word = g | if writer { WRITER } else { 0 };
+    }
+
+    fn drain_ms(&self) -> u32 {
+        self.drain & DRAIN_MASK
+    }
+
+    fn start_drain(&mut self, now_ns: u64) {
+        self.drain = (self.drain & !DRAIN_MASK) | (((now_ns / 1_000_000) as u32 & DRAIN_MASK) | 1);
+    }
+
+    fn end_drain(&mut self) {
+        self.drain &= !DRAIN_MASK;
+    }
+
+    fn waiter(&self) -> Option<usize> {
+        match self.drain >> 24 {
+            0 => None,
+            w => Some(w as usize - 1),
+        }
+    }
+
+    fn set_waiter(&mut self, i: Option<usize>) {
+        let w = i.map_or(0, |i| i as u32 + 1);
+        self.drain = (self.drain & DRAIN_MASK) | (w << 24);
+    }
+
+    /// Nothing but empty state: no copies, no drain, no waiter.
+    fn clear(&mut self) {
+        self.holders = 0;
+        self.drain = 0;
     }
 }
 
@@ -135,7 +168,7 @@ impl Directory {
                 Entry {
                     holders: 0,
                     word: 1,
-                    drain_ms: 0
+                    drain: 0
                 };
                 pages
             ],
@@ -230,9 +263,9 @@ impl Directory {
     }
 
     fn draining(&self, e: &Entry, now_ns: u64) -> bool {
-        e.drain_ms != 0
-            && (now_ns / 1_000_000).wrapping_sub(u64::from(e.drain_ms)) & u64::from(u32::MAX)
-                < self.lease_ms()
+        e.drain_ms() != 0
+            && ((now_ns / 1_000_000) as u32).wrapping_sub(e.drain_ms()) & DRAIN_MASK
+                < self.lease_ms() as u32
     }
 
     /// GET_SHARED: a read copy for `who`, who holds none.
@@ -260,6 +293,7 @@ impl Directory {
         }
         if e.has_writer() {
             if e.holders & live != 0 {
+                e.set_waiter(Some(i));
                 return Ok(Get::Recall {
                     revoke: e.holders & live,
                     keep: KEEP_READ,
@@ -277,8 +311,8 @@ impl Directory {
                 generation: e.generation(),
             });
         }
-        e.drain_ms = 0;
         e.holders = (e.holders & live) | me;
+        e.drain = 0;
         Ok(Get::Granted {
             generation: e.generation(),
             data: true,
@@ -303,8 +337,9 @@ impl Directory {
         let others = e.holders & live & !me;
         if others != 0 {
             if !draining {
-                e.drain_ms = ((now_ns / 1_000_000) as u32) | 1;
+                e.start_drain(now_ns);
             }
+            e.set_waiter(Some(i));
             return Ok(Get::Recall {
                 revoke: others,
                 keep: KEEP_NONE,
@@ -315,8 +350,8 @@ impl Directory {
         if !(e.has_writer() && e.holders == me) {
             e.next_gen(true);
         }
+        e.clear();
         e.holders = me;
-        e.drain_ms = 0;
         Ok(Get::Granted {
             generation: e.generation(),
             data: !current,
@@ -325,7 +360,8 @@ impl Directory {
 
     /// PUT from `who` about its copy of generation `copy`: it keeps `keep`; `data` says whether
     /// the request carries bytes (which the caller writes only on `Ok`). Returns the
-    /// generation of the copy it keeps (a downgraded writer's read copy starts a new one).
+    /// generation of the copy it keeps (a downgraded writer's read copy starts a new one) and
+    /// the client-table entries to tell READY (a waiter whose way is now clear).
     pub fn put(
         &mut self,
         p: PageIdx,
@@ -334,7 +370,7 @@ impl Directory {
         keep: u64,
         data: bool,
         now_ns: u64,
-    ) -> Result<u32, Status> {
+    ) -> Result<(u32, u64), Status> {
         let idx = self.find(who);
         if let Some(i) = idx {
             // Heard from: its lease goes on (the entry is the same, so are its bits).
@@ -349,7 +385,7 @@ impl Directory {
             return if data || keep != KEEP_NONE {
                 Err(Status::LEASE_EXPIRED)
             } else {
-                Ok(e.generation())
+                Ok((e.generation(), 0))
             };
         };
         let me = 1u64 << i;
@@ -360,26 +396,35 @@ impl Directory {
             if keep == KEEP_NONE {
                 e.holders &= !me;
             }
-            if e.holders == 0 {
-                e.drain_ms = 0;
-            }
-            return Ok(e.generation());
-        }
-        match keep {
-            KEEP_WRITE => {}
-            KEEP_READ => {
-                e.next_gen(false);
-                e.holders = me;
-            }
-            _ => {
-                e.next_gen(false);
-                e.holders = 0;
+        } else {
+            match keep {
+                KEEP_WRITE => return Ok((e.generation(), 0)),
+                KEEP_READ => {
+                    e.next_gen(false);
+                    e.holders = me;
+                }
+                _ => {
+                    e.next_gen(false);
+                    e.holders = 0;
+                }
             }
         }
-        if e.holders & !me == 0 {
-            e.drain_ms = 0;
+        let generation = e.generation();
+        let live = self.live(now_ns);
+        let e = &mut self.entries[p.0 as usize];
+        // The waiter's way is clear when no live writer is left (a reader was waiting) and,
+        // while draining for a writer, no live copy but its own.
+        let ready = e.waiter().filter(|&w| {
+            let others = e.holders & live & !(1u64 << w);
+            others == 0 || (!e.has_writer() && e.drain_ms() == 0)
+        });
+        if let Some(w) = ready {
+            e.set_waiter(None);
+            if e.holders & live & !(1u64 << w) == 0 {
+                e.end_drain();
+            }
         }
-        Ok(e.generation())
+        Ok((generation, ready.map_or(0, |w| 1u64 << w)))
     }
 
     /// RENEW: `who`'s copy lease goes on. LEASE_EXPIRED if it has no entry (its lease ran out
@@ -419,16 +464,14 @@ impl Directory {
     pub fn restart(&mut self, p: PageIdx, salt: u64) {
         let mixed = (salt ^ u64::from(p.0).rotate_left(32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let e = &mut self.entries[p.0 as usize];
-        e.holders = 0;
-        e.drain_ms = 0;
+        e.clear();
         e.word = ((mixed >> 33) as u32 % GEN_MASK) + 1;
     }
 
     /// The page was freed: no copies, a new generation.
     pub fn reset(&mut self, p: PageIdx) {
         let e = &mut self.entries[p.0 as usize];
-        e.holders = 0;
-        e.drain_ms = 0;
+        e.clear();
         e.next_gen(false);
     }
 }
@@ -475,16 +518,20 @@ mod tests {
             d.get_shared(P, key(4), MACS, 2 * MS),
             Ok(Get::Recall { revoke: 0, .. })
         ));
+        // One reader gone: the writer's way is not clear yet.
         assert_eq!(
             d.put(P, key(1), u64::from(g), KEEP_NONE, false, 3 * MS),
-            Ok(g)
+            Ok((g, 0))
         );
         assert!(matches!(
             d.get_exclusive(P, key(3), MACS, 0, 4 * MS),
             Ok(Get::Recall { .. })
         ));
-        d.put(P, key(2), u64::from(g), KEEP_NONE, false, 5 * MS)
-            .unwrap();
+        // The last one: the waiting writer (entry 2) is told READY.
+        assert_eq!(
+            d.put(P, key(2), u64::from(g), KEEP_NONE, false, 5 * MS),
+            Ok((g, 1 << 2))
+        );
         let (w, data) = granted(d.get_exclusive(P, key(3), MACS, 0, 6 * MS));
         assert!(data && w != g);
         // A reader now recalls the writer, which keeps a read copy of a new generation.
@@ -495,10 +542,11 @@ mod tests {
             panic!()
         };
         assert_eq!((keep, generation), (KEEP_READ, w));
-        let r = d
+        let (r, ready) = d
             .put(P, key(3), u64::from(w), KEEP_READ, true, 8 * MS)
             .unwrap();
         assert_ne!(r, w);
+        assert_eq!(ready, 1 << 0, "the waiting reader is told READY");
         assert_eq!(granted(d.get_shared(P, key(1), MACS, 9 * MS)).0, r);
     }
 

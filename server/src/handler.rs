@@ -150,6 +150,8 @@ pub struct Handler {
     sweep: owners::Sweep,
     /// Who holds coherent copies of which page (§5.18).
     directory: Directory,
+    /// A READY notice due after the reply being sent (a PUT cleared a waiter's way).
+    ready: Option<(RemoteAddr, u64)>,
 }
 
 impl Handler {
@@ -172,6 +174,7 @@ impl Handler {
             sessions: Sessions::new(cfg.sessions),
             access: Access::new(cfg.allowed_clients.clone(), cfg.max_owners),
             directory: Directory::new(store.pages_total() as usize, cfg.copy_lease_ms),
+            ready: None,
             shard,
             cfg,
             store,
@@ -588,6 +591,7 @@ impl Handler {
         self.sessions
             .record(at, stored, &self.scratch[..o.payload_len]);
         self.reply_outcome(req, op, o, sink);
+        self.send_ready(sink);
     }
 
     fn reply_outcome(

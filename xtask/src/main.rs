@@ -4,6 +4,7 @@
 
 mod bench;
 mod demo;
+mod dsm;
 mod lab;
 mod packages;
 mod rack;
@@ -45,6 +46,13 @@ enum Cmd {
     /// pages on random other hosts for 100 iterations, then one client for 1,000. Reports
     /// completion, errors, latency and switch counters (results/rack*.json). Needs root.
     Rack(rack::RackArgs),
+    /// Distributed shared memory on a 3-host rack: the clients of all hosts map the same
+    /// pages of one server as coherent regions and run the litmus suite (message passing,
+    /// store and load buffering, write-write), a lock-protected counter, a parallel job and
+    /// the coherence latencies against a private fault; prints `litmus: passed/run runs,
+    /// forbidden outcomes N` and `lock counter: expected N, got N`; fails on any violation
+    /// (results/dsm.json). `--quick` is the CI's short run. Needs root.
+    Dsm(dsm::DsmArgs),
     /// The 2017 prototype's failure reproduced and cured: with kernel UDP and page addresses
     /// on-link, touch 1,000, 2,000 and 5,000 page addresses and watch the neighbour table fill
     /// and requests fail; with BlueBridge's data path, touch 1,000,000 and watch nothing grow.
@@ -83,6 +91,7 @@ fn main() {
         Cmd::Demo(a) => demo::run(&a),
         Cmd::Bench(a) => bench::run(&a),
         Cmd::Rack(a) => rack::run(&a),
+        Cmd::Dsm(a) => dsm::run(&a),
         Cmd::Ndp { no_packages } => ndp(no_packages),
         Cmd::Test {
             fuzz_seconds,

@@ -65,7 +65,183 @@ impl Drop for Daemon {
     }
 }
 
-fn ctl(bin: &Path, socket: &Path, args: &[&str]) -> Command {
+/// A rack brought up for a run: the topology, the controller daemon (in the switch
+/// namespace, the backend chosen), a server on every host (idle mode), every host registered.
+pub(crate) struct RackLab {
+    // Dropped in this order on every exit path: servers and controller before their
+    // namespaces go.
+    servers: Vec<ServerProc>,
+    daemon: Option<Daemon>,
+    pub(crate) rack: Rack,
+    pub(crate) socket: PathBuf,
+}
+
+impl RackLab {
+    /// Brings a rack of `hosts` hosts up under `name`, one stage per step.
+    pub(crate) fn start(
+        s: &mut Stages,
+        name: &str,
+        hosts: u16,
+        backend: &str,
+        bin: &Path,
+        interrupted: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> Result<RackLab> {
+        let mut rack = None;
+        s.run(
+            &format!(
+                "topology: switch namespace {name}-sw, {hosts} hosts with a server and a client link each"
+            ),
+            || {
+                rack = Some(Rack::create(name, usize::from(hosts), 9000)?);
+                Ok(())
+            },
+        )?;
+        let rack = rack.expect("created");
+        let socket = std::env::temp_dir().join(format!("{name}-{}.sock", std::process::id()));
+        let mut daemon = None;
+        s.run(
+            &format!(
+                "controller: bluebridge-ctl daemon in the switch namespace ({backend} backend; health checks, placement)"
+            ),
+            || {
+                let child = Command::new("ip")
+                    .args(["netns", "exec", &rack.switch])
+                    .arg(bin.join("bluebridge-ctl"))
+                    .arg("--socket")
+                    .arg(&socket)
+                    .arg("daemon")
+                    .args(["--backend", backend])
+                    .args([
+                        "--link",
+                        &rack.controller_if,
+                        "--link-port",
+                        &rack.controller_port,
+                    ])
+                    .stdout(Stdio::inherit())
+                    .stderr(Stdio::inherit())
+                    .spawn()
+                    .context("starting bluebridge-ctl")?;
+                daemon = Some(Daemon(child));
+                let t = Instant::now();
+                loop {
+                    let ok = ctl(bin, &socket, &["ping"])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status()?
+                        .success();
+                    if ok {
+                        return Ok(());
+                    }
+                    if t.elapsed() > Duration::from_secs(20) {
+                        bail!("the controller did not come up");
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            },
+        )?;
+        let mut lab = RackLab {
+            rack,
+            socket,
+            daemon,
+            servers: Vec::new(),
+        };
+        // Servers first, so the controller's first health checks find them up.
+        s.run(
+            &format!("start {hosts} servers (idle mode, 16 MiB arena each)"),
+            || {
+                for h in &lab.rack.hosts {
+                    if interrupted.load(Ordering::Relaxed) {
+                        bail!("interrupted");
+                    }
+                    let args: Vec<String> = [
+                        "--iface",
+                        &h.server_if,
+                        "--host-id",
+                        &h.host_id.to_string(),
+                        "--arena",
+                        "16MiB",
+                        "--frames",
+                        "1024",
+                        "--idle",
+                        "--normal-priority",
+                        "--no-hugepages",
+                        "--accept-routed",
+                        "--sessions",
+                        "128",
+                        "--max-owners",
+                        "1024",
+                        "--stats-interval",
+                        "0",
+                    ]
+                    .iter()
+                    .map(|x| (*x).to_owned())
+                    .collect();
+                    lab.servers.push(ServerProc::start_quiet(
+                        &h.ns,
+                        &bin.join("bluebridge-server"),
+                        &args,
+                        interrupted,
+                    )?);
+                }
+                Ok(())
+            },
+        )?;
+        s.run(
+            &format!("register {hosts} hosts: /48 → server port, client /64 → client port"),
+            || {
+                for h in &lab.rack.hosts {
+                    let id = h.host_id.to_string();
+                    let net = format!(
+                        "{}/64",
+                        bluebridge_topology::rack_client_net(bluebridge_proto::HostId(h.host_id))
+                    );
+                    stage::status(&mut ctl(
+                        bin,
+                        &lab.socket,
+                        &[
+                            "register-host",
+                            "--id",
+                            &id,
+                            "--server-port",
+                            &h.server_port,
+                            "--server-mac",
+                            &fmt_mac(h.server_mac),
+                            "--client-port",
+                            &h.client_port,
+                            "--client-mac",
+                            &fmt_mac(h.client_mac),
+                            "--client-net",
+                            &net,
+                        ],
+                    ))?;
+                }
+                Ok(())
+            },
+        )?;
+        Ok(lab)
+    }
+
+    /// Stops the servers and the controller and removes the topology; fails if namespaces of
+    /// `name` are left behind.
+    pub(crate) fn stop(mut self, s: &mut Stages) -> Result<()> {
+        s.run("stop the servers", || {
+            for p in self.servers.drain(..) {
+                p.stop()?;
+            }
+            Ok(())
+        })?;
+        drop(self.daemon.take());
+        let name = self.rack.switch.trim_end_matches("-sw").to_owned();
+        drop(self);
+        let left = namespaces_with_prefix(&name);
+        if !left.is_empty() {
+            bail!("namespaces left behind: {left:?}");
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn ctl(bin: &Path, socket: &Path, args: &[&str]) -> Command {
     let mut c = Command::new(bin.join("bluebridge-ctl"));
     c.arg("--socket").arg(socket).args(args);
     c
@@ -88,139 +264,8 @@ pub(crate) fn run(a: &RackArgs) -> Result<()> {
     let bin = root().join("target/release");
     let out = root().join(&a.out);
     std::fs::create_dir_all(&out)?;
-    let mut rack = None;
-    s.run(
-        &format!(
-            "topology: switch namespace {NAME}-sw, {} hosts with a server and a client link each",
-            a.hosts
-        ),
-        || {
-            rack = Some(Rack::create(NAME, usize::from(a.hosts), 9000)?);
-            Ok(())
-        },
-    )?;
-    let rack = rack.expect("created");
-    let socket = std::env::temp_dir().join(format!("{NAME}-{}.sock", std::process::id()));
-    let mut daemon = None;
-    s.run(
-        &format!(
-            "controller: bluebridge-ctl daemon in the switch namespace ({} backend; health checks, placement)",
-            a.backend
-        ),
-        || {
-            let child = Command::new("ip")
-                .args(["netns", "exec", &rack.switch])
-                .arg(bin.join("bluebridge-ctl"))
-                .arg("--socket")
-                .arg(&socket)
-                .arg("daemon")
-                .args(["--backend", &a.backend])
-                .args([
-                    "--link",
-                    &rack.controller_if,
-                    "--link-port",
-                    &rack.controller_port,
-                ])
-                .stdout(Stdio::inherit())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .context("starting bluebridge-ctl")?;
-            daemon = Some(Daemon(child));
-            let t = Instant::now();
-            loop {
-                let ok = ctl(&bin, &socket, &["ping"])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()?
-                    .success();
-                if ok {
-                    return Ok(());
-                }
-                if t.elapsed() > Duration::from_secs(20) {
-                    bail!("the controller did not come up");
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        },
-    )?;
-    let _daemon = daemon.expect("started");
-    // Servers first, so the controller's first health checks find them up.
-    let mut servers: Vec<ServerProc> = Vec::new();
-    s.run(
-        &format!("start {} servers (idle mode, 16 MiB arena each)", a.hosts),
-        || {
-            for h in &rack.hosts {
-                if interrupted.load(Ordering::Relaxed) {
-                    bail!("interrupted");
-                }
-                let args: Vec<String> = [
-                    "--iface",
-                    &h.server_if,
-                    "--host-id",
-                    &h.host_id.to_string(),
-                    "--arena",
-                    "16MiB",
-                    "--frames",
-                    "1024",
-                    "--idle",
-                    "--normal-priority",
-                    "--no-hugepages",
-                    "--accept-routed",
-                    "--sessions",
-                    "128",
-                    "--max-owners",
-                    "1024",
-                    "--stats-interval",
-                    "0",
-                ]
-                .iter()
-                .map(|x| (*x).to_owned())
-                .collect();
-                servers.push(ServerProc::start_quiet(
-                    &h.ns,
-                    &bin.join("bluebridge-server"),
-                    &args,
-                    &interrupted,
-                )?);
-            }
-            Ok(())
-        },
-    )?;
-    s.run(
-        &format!(
-            "register {} hosts: /48 → server port, client /64 → client port",
-            a.hosts
-        ),
-        || {
-            for h in &rack.hosts {
-                let id = h.host_id.to_string();
-                let net = format!(
-                    "{}/64",
-                    bluebridge_topology::rack_client_net(bluebridge_proto::HostId(h.host_id))
-                );
-                stage::status(&mut ctl(
-                    &bin,
-                    &socket,
-                    &[
-                        "register-host",
-                        "--id",
-                        &id,
-                        "--server-port",
-                        &h.server_port,
-                        "--server-mac",
-                        &fmt_mac(h.server_mac),
-                        "--client-port",
-                        &h.client_port,
-                        "--client-mac",
-                        &fmt_mac(h.client_mac),
-                        "--client-net",
-                        &net,
-                    ],
-                ))?;
-            }
-            Ok(())
-        },
-    )?;
+    let lab = RackLab::start(&mut s, NAME, a.hosts, &a.backend, &bin, &interrupted)?;
+    let (rack, socket) = (&lab.rack, &lab.socket);
     let layout = out.join("rack-layout.json");
     std::fs::write(&layout, serde_json::to_string_pretty(&rack.hosts)?)?;
     let report = out.join(format!("rack-{}.json", a.backend));
@@ -238,17 +283,17 @@ pub(crate) fn run(a: &RackArgs) -> Result<()> {
                     .args(["--single", &a.single.to_string()])
                     .args(["--migrations", &a.migrations.to_string()])
                     .arg("--controller")
-                    .arg(&socket)
+                    .arg(socket)
                     .arg("--json")
                     .arg(&report),
             )
         },
     )?;
     s.run("host status (bluebridge-ctl status)", || {
-        stage::status(&mut ctl(&bin, &socket, &["status"]))
+        stage::status(&mut ctl(&bin, socket, &["status"]))
     })?;
     s.run("switch counters (bluebridge-ctl counters)", || {
-        let o = ctl(&bin, &socket, &["--json", "counters"]).output()?;
+        let o = ctl(&bin, socket, &["--json", "counters"]).output()?;
         if !o.status.success() {
             bail!("bluebridge-ctl counters failed");
         }
@@ -275,14 +320,7 @@ pub(crate) fn run(a: &RackArgs) -> Result<()> {
             Ok(())
         })?;
     }
-    s.run("stop the servers", || {
-        for p in servers.drain(..) {
-            p.stop()?;
-        }
-        Ok(())
-    })?;
-    drop(_daemon);
-    drop(rack);
+    lab.stop(&mut s)?;
     let left = namespaces_with_prefix(NAME);
     if !left.is_empty() {
         bail!("namespaces left behind: {left:?}");

@@ -9,9 +9,10 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use bluebridge_bench::rack_host::open_client;
 use bluebridge_bench::{Latencies, Percentiles};
-use bluebridge_client::{AnyTransport, Client, Connect, TransportKind};
-use bluebridge_proto::{HostId, MacAddr, NetPrefix, PAGE_SIZE};
+use bluebridge_client::{AnyTransport, Client};
+use bluebridge_proto::{HostId, PAGE_SIZE};
 use bluebridge_topology::RackHost;
 use clap::Parser;
 use rand::{RngExt, SeedableRng};
@@ -96,26 +97,6 @@ struct Cycle {
     errors: Vec<String>,
     retransmissions: u64,
     timeouts: u64,
-}
-
-/// Moves the calling thread into host `h`'s namespace and opens its client (AF_XDP on the
-/// client link, giving the CPU away between polls: 84 threads share this machine's CPUs).
-fn open_client(h: &RackHost, rto: Duration, retries: u32) -> Result<Client<AnyTransport>> {
-    bluebridge_topology::enter(&h.ns)?;
-    let (t, mut ec) = Connect {
-        kind: TransportKind::Xdp,
-        ifname: h.client_if.clone(),
-        local: bluebridge_topology::rack_client_addr(HostId(h.host_id)),
-        next_hop_mac: Some(MacAddr(h.client_port_mac)),
-        prefix: NetPrefix::DEFAULT,
-        segments: false,
-    }
-    .open()?;
-    ec.rto = rto;
-    ec.retries = retries;
-    let mut c = Client::new(ec, t);
-    c.set_yield_when_idle(true);
-    Ok(c)
 }
 
 /// Where a client thread gets its work: (target host, seed) per cycle.

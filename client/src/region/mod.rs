@@ -40,8 +40,9 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use bluebridge_proto::PAGE_SIZE;
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::poll::{PollFd, PollFlags, ppoll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::sys::time::TimeSpec;
 
 pub use file::FileBacking;
 pub use remote::{Directory, RemoteBacking, RemoteRegion};
@@ -536,9 +537,8 @@ impl<B: Backing> Handler<B> {
         loop {
             let mut tick = IDLE_TICK;
             if let Some(t) = self.shared.as_ref().and_then(shared::Shared::next_timer) {
-                // Round up to whole milliseconds: poll's unit.
                 let left = t.saturating_duration_since(Instant::now());
-                tick = tick.min(left.max(std::time::Duration::from_millis(1)));
+                tick = tick.min(left.max(std::time::Duration::from_micros(1)));
             }
             let polled = {
                 let mut fds = vec![
@@ -552,8 +552,8 @@ impl<B: Backing> Handler<B> {
                             .map(|fd| PollFd::new(fd, PollFlags::POLLIN)),
                     );
                 }
-                let timeout = PollTimeout::try_from(tick).unwrap_or(PollTimeout::MAX);
-                poll(&mut fds, timeout).map(|n| {
+                // ppoll: microsecond timeouts (a deferred notice is due in tens of them).
+                ppoll(&mut fds, Some(TimeSpec::from_duration(tick)), None).map(|n| {
                     let commanded = fds[1]
                         .revents()
                         .is_some_and(|r| r.contains(PollFlags::POLLIN));

@@ -29,7 +29,8 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::poll::{PollFd, PollFlags, ppoll};
+use nix::sys::time::TimeSpec;
 
 use super::{AlignedPage, Backing, Handler, PageState, RegionError};
 use crate::ClientError;
@@ -37,6 +38,10 @@ use crate::copies::Keep;
 
 /// The least time a copy stays after it was installed before a notice takes it.
 pub const MIN_HOLD: Duration = Duration::from_micros(50);
+/// Waits for the home this short are spun (with frames taken in); longer ones sleep.
+const SPIN_WAIT: Duration = Duration::from_micros(40);
+/// The longest wait between two tries of a copy the home answered RECALLING for.
+const MAX_RETRY_WAIT: Duration = Duration::from_micros(500);
 
 /// How a region's pages relate to other processes' mappings of them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -190,17 +195,19 @@ impl<B: Backing> Handler<B> {
                     }
                     self.serve_revokes();
                     self.pause(backoff);
-                    backoff = (backoff * 2).min(Duration::from_millis(1));
+                    backoff = (backoff * 2).min(MAX_RETRY_WAIT);
                 }
             }
         }
     }
 
-    /// Waits about `d` taking frames in: spinning for short waits, else sleeping until a
-    /// frame arrives.
+    /// Waits about `d` taking frames in: spinning for the shortest waits, else sleeping until
+    /// a frame arrives (a notice to answer, or the home's READY) or `d` has passed — sleeping,
+    /// so the CPU goes to whoever must answer the home (on a machine of few CPUs, the other
+    /// holder's handler).
     fn pause(&mut self, d: Duration) {
-        let until = Instant::now() + d;
-        if d < Duration::from_millis(1) {
+        if d <= SPIN_WAIT {
+            let until = Instant::now() + d;
             while Instant::now() < until {
                 copies(&mut self.backing).pump();
             }
@@ -213,7 +220,7 @@ impl<B: Backing> Handler<B> {
                 .into_iter()
                 .map(|fd| PollFd::new(fd, PollFlags::POLLIN))
                 .collect();
-            let _ = poll(&mut polls, PollTimeout::from(1u8));
+            let _ = ppoll(&mut polls, Some(TimeSpec::from_duration(d)), None);
         }
         copies(&mut self.backing).pump();
     }

@@ -90,12 +90,15 @@ impl Handler {
         let target = req.target.handle();
         let r = self.page_for(target, who).and_then(|p| {
             let data = matches!(req.body, Body::Data(_));
-            let generation = self
+            let (generation, ready) = self
                 .directory
                 .put(p, who, h.lease, h.operand0, data, now_ns)?;
             if let Body::Data(d) = req.body {
                 let o = usize::from(h.offset);
                 d.copy_to(&mut self.store.page_mut(p)[o..o + d.len()]);
+            }
+            if ready != 0 {
+                self.ready = Some((req.target, ready));
             }
             Ok(generation)
         });
@@ -141,6 +144,14 @@ impl Handler {
         }
     }
 
+    /// After a PUT's reply: READY to the requester the PUT cleared the way for, so it asks
+    /// again at once instead of after its back-off.
+    pub(super) fn send_ready(&mut self, sink: &mut impl FrameSink) {
+        if let Some((page, mask)) = self.ready.take() {
+            self.send_notices(page, Opcode::READY, mask, 0, 0, sink);
+        }
+    }
+
     /// Who grants this shard's copies and leases, as replies name it: host id << 8 | shard
     /// field (1 + the shard's index).
     fn home_shard(&self) -> u64 {
@@ -156,7 +167,20 @@ impl Handler {
         keep: u64,
         sink: &mut impl FrameSink,
     ) {
-        let src = page.with_op(Opcode::REVOKE, OpFlags::NONE).to_ipv6();
+        self.send_notices(page, Opcode::REVOKE, mask, generation, keep, sink);
+    }
+
+    /// Sends notice `op` about `page` to the client-table entries in `mask`.
+    fn send_notices(
+        &mut self,
+        page: RemoteAddr,
+        op: Opcode,
+        mask: u64,
+        generation: u32,
+        keep: u64,
+        sink: &mut impl FrameSink,
+    ) {
+        let src = page.with_op(op, OpFlags::NONE).to_ipv6();
         let h = BbRepr {
             flags: HeaderFlags::REPLY,
             status: Status::OK,
@@ -180,7 +204,9 @@ impl Handler {
                 src_port: UDP_PORT,
                 dst_port: t.key.port,
             };
-            c.revokes.inc();
+            if op == Opcode::REVOKE {
+                c.revokes.inc();
+            }
             if !sink.send(&ep, &h, &[]) {
                 c.tx_dropped.inc(); // the requester's next try sends it again
             }
