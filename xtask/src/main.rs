@@ -184,6 +184,19 @@ fn test(fuzz_seconds: u64, no_packages: bool) -> Result<()> {
             ]))
         },
     )?;
+    s.run(
+        "shared-memory smoke run (cargo xtask dsm --quick: litmus suite, lock counter, parallel job on 3 hosts)",
+        || {
+            stage::status(cargo().args([
+                "xtask",
+                "dsm",
+                "--quick",
+                "--no-packages",
+                "--out",
+                "target/dsm-smoke",
+            ]))
+        },
+    )?;
     if fuzz_seconds > 0 {
         fuzz(&mut s, fuzz_seconds, None)?;
     }
