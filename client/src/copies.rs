@@ -13,6 +13,9 @@ use crate::engine::{Request, Revoke};
 use crate::error::ClientError;
 use crate::transport::Transport;
 
+/// How long a PUT is asked again while the home answers BUSY.
+pub const PUT_BUSY_WAIT: Duration = Duration::from_secs(1);
+
 /// What the holder of a copy keeps after a PUT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Keep {
@@ -111,7 +114,7 @@ impl<T: Transport> Client<T> {
             r
         };
         let Some(data) = data else {
-            return Ok(self.call(put(0, &[], keep))?.header.lease);
+            return Ok(self.put_call(put(0, &[], keep))?.header.lease);
         };
         let segs: Vec<(u16, u16)> =
             Segments::new(0, PAGE_SIZE as u16, self.max_request_data()).collect();
@@ -120,9 +123,23 @@ impl<T: Transport> Client<T> {
         for (i, (o, l)) in segs.into_iter().enumerate() {
             let k = if i == last { keep } else { Keep::Write };
             let bytes = &data[usize::from(o)..usize::from(o) + usize::from(l)];
-            kept = self.call(put(o, bytes, k))?.header.lease;
+            kept = self.put_call(put(o, bytes, k))?.header.lease;
         }
         Ok(kept)
+    }
+
+    /// One PUT, asked again while the home answers BUSY (its session table full for now: a
+    /// copy must not be given up for that), for at most [`PUT_BUSY_WAIT`].
+    fn put_call(&mut self, r: Request) -> Result<crate::Reply, ClientError> {
+        let start = Instant::now();
+        loop {
+            match self.call(r.clone()) {
+                Err(ClientError::Busy) if start.elapsed() < PUT_BUSY_WAIT => {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// RENEW: the copy lease at `page`'s home shard goes on; returns the lease granted and

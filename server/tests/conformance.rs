@@ -13,20 +13,6 @@ fn stat(r: &mut Rig) -> StatRecord {
     StatRecord::parse(&s.payload).expect("a STAT record")
 }
 
-fn shared_page(r: &mut Rig) -> PageHandle {
-    let a = r.one(
-        Opcode::ALLOC,
-        PageHandle::NONE,
-        BbRepr {
-            flags: HeaderFlags::SHARED,
-            ..hdr(0, 0)
-        },
-        &[],
-    );
-    assert_eq!(a.h.status, Status::OK);
-    a.src.handle()
-}
-
 fn acquire(r: &mut Rig, p: PageHandle, ms: u64) -> Reply {
     r.one(
         Opcode::UPDATE_ACQUIRE,
@@ -320,7 +306,7 @@ fn s5_8_lease_0_and_made_up_ids_are_lease_invalid() {
 #[test]
 fn s5_8_only_the_holder_commits_with_its_lease() {
     let mut r = rig();
-    let p = shared_page(&mut r);
+    let p = r.alloc_shared();
     r.one(Opcode::WRITE, p, hdr(0, 4), b"orig");
     let a = acquire(&mut r, p, 5_000);
     assert_eq!(a.h.status, Status::OK);
@@ -359,7 +345,7 @@ fn s5_8_only_the_holder_commits_with_its_lease() {
 #[test]
 fn s5_8_leases_that_run_out_free_their_slots() {
     let mut r = rig_with(2 << 20, 4096, |c| c.lease_capacity = 64);
-    let pages: Vec<_> = (0..65).map(|_| shared_page(&mut r)).collect();
+    let pages: Vec<_> = (0..65).map(|_| r.alloc_shared()).collect();
     for &p in &pages[..64] {
         assert_eq!(acquire(&mut r, p, 1_000).h.status, Status::OK);
     }
@@ -557,7 +543,7 @@ fn s9_requests_from_unanswerable_sources_get_no_reply() {
 #[test]
 fn s5_8_a_commit_in_several_frames_lands_whole_or_not_at_all() {
     let mut r = rig();
-    let p = shared_page(&mut r);
+    let p = r.alloc_shared();
     r.one(Opcode::WRITE, p, hdr(0, 8), b"original");
     let more = |r: &mut Rig, lease: u64, o: u16, d: &[u8]| {
         r.status(
@@ -612,7 +598,7 @@ fn s5_17_a_silent_owners_pages_are_reclaimed_but_shared_and_detached_ones_stay()
     let chatty: Ipv6Addr = "fd00:bb:1::20".parse().unwrap();
     r.client = quiet;
     let lost = r.alloc();
-    let shared = shared_page(&mut r);
+    let shared = r.alloc_shared();
     let detached = r.alloc();
     assert_eq!(
         r.status(Opcode::WRITE, detached, hdr(0, 4), b"keep"),

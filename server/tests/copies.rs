@@ -40,23 +40,10 @@ fn with(lease: u64, keep: u64, h: BbRepr) -> BbRepr {
     }
 }
 
-fn shared_page(r: &mut Rig) -> PageHandle {
-    let a = r.one(
-        Opcode::ALLOC,
-        PageHandle::NONE,
-        BbRepr {
-            flags: HeaderFlags::SHARED,
-            ..hdr(0, 0)
-        },
-        &[],
-    );
-    a.src.handle()
-}
-
 #[test]
 fn readers_share_and_a_writer_revokes_them() {
     let mut r = rig();
-    let p = shared_page(&mut r);
+    let p = r.alloc_shared();
     let (a, b, w) = (40001, 40002, 40003);
     // Two read copies of the same generation, with the page's bytes and the copy lease.
     let ra = run(&mut r, a, Opcode::GET_SHARED, p, hdr(0, 4096), &[]);
@@ -140,7 +127,7 @@ fn readers_share_and_a_writer_revokes_them() {
 #[test]
 fn an_upgrade_keeps_the_copy_and_a_stale_put_changes_nothing() {
     let mut r = rig();
-    let p = shared_page(&mut r);
+    let p = r.alloc_shared();
     let g = run(&mut r, 40001, Opcode::GET_SHARED, p, hdr(0, 4096), &[])[0]
         .h
         .lease;
@@ -220,7 +207,7 @@ fn an_upgrade_keeps_the_copy_and_a_stale_put_changes_nothing() {
 #[test]
 fn a_silent_holder_blocks_writers_only_for_its_lease() {
     let mut r = rig_with(2 << 20, 4096, |c| c.copy_lease_ms = 200);
-    let p = shared_page(&mut r);
+    let p = r.alloc_shared();
     let w = run(&mut r, 40001, Opcode::GET_EXCLUSIVE, p, hdr(0, 4096), &[]);
     assert_eq!(w[0].h.operand0, 200);
     // Another writer waits, FREE waits, UPDATE waits, migration waits.

@@ -721,18 +721,7 @@ fn pages_belong_to_their_allocating_client() {
     let mut r = rig();
     let mine = r.alloc();
     r.one(Opcode::WRITE, mine, hdr(0, 4), b"mine");
-    let shared = {
-        let a = r.one(
-            Opcode::ALLOC,
-            PageHandle::NONE,
-            BbRepr {
-                flags: HeaderFlags::SHARED,
-                ..hdr(0, 0)
-            },
-            &[],
-        );
-        a.src.handle()
-    };
+    let shared = r.alloc_shared();
     // Another client (address) is refused every page operation on a page it does not own...
     let owner = r.client;
     r.client = "fd00:bb:1::99".parse().unwrap();

@@ -380,8 +380,19 @@ fn a_restarted_home_gives_errors_never_the_new_servers_zeros() {
     .unwrap();
     let b =
         RemoteRegion::attach(pair_client(&rig.pair, &o), addrs.clone(), shared_options()).unwrap();
-    // A writes page 0 (its write copy, dirty); B has read page 1.
+    // A writes page 0 and flushes: the home has the bytes (a plain READ sees them) and A keeps
+    // the write copy, so its next write needs no request.
     a.as_atomic_words()[0].store(42, SeqCst);
+    assert_eq!(a.flush().unwrap(), 1);
+    let home = rig.client.read_range(addrs[0], 0, 8).unwrap();
+    assert_eq!(home, 42u64.to_le_bytes());
+    a.as_atomic_words()[0].store(43, SeqCst);
+    assert_eq!(
+        a.stats().upgrades,
+        0,
+        "a flushed write copy is still the writer's"
+    );
+    // B has read page 1.
     assert_eq!(b.as_atomic_words()[dsm::WORDS].load(SeqCst), 0);
     rig.stop_server();
     rig.start_server();
@@ -414,4 +425,38 @@ fn a_restarted_home_gives_errors_never_the_new_servers_zeros() {
 /// EFAULT on Linux (every architecture).
 fn libc_efault() -> i32 {
     14
+}
+
+#[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
+fn copies_cross_a_1500_byte_mtu_link_in_segments() {
+    // A page takes three frames each way: GET replies in segments, write-backs as PUTs that
+    // keep the write copy and a last one that gives it up.
+    let o = RigOptions {
+        mtu: 1500,
+        client_udp: true,
+        ..RigOptions::default()
+    };
+    let mut rig = Rig::new(&o);
+    let addrs: Vec<RemoteAddr> = (0..5)
+        .map(|_| rig.client.alloc(SERVER, true).unwrap())
+        .collect();
+    let clients = (0..3).map(|_| pair_client(&rig.pair, &o)).collect();
+    let out = share(clients, &addrs, |host, region, barrier| {
+        let w = region.as_atomic_words();
+        let mp = dsm::message_passing(host, w, 30);
+        barrier.wait();
+        (
+            mp,
+            dsm::lock_counter(host, &w[3 * dsm::WORDS..], barrier, 30),
+        )
+    });
+    clean(&out);
+    assert_eq!(out.iter().map(|o| o.0.0.forbidden).sum::<u64>(), 0);
+    assert!(out.iter().all(|o| o.0.1 == Some(90)));
+    let failed = rig.client.free_all(&addrs);
+    assert!(failed.is_empty(), "{failed:?}");
 }

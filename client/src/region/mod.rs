@@ -566,9 +566,9 @@ impl<B: Backing> Handler<B> {
             }
             let commanded = match polled {
                 Ok((0, _)) => {
-                    if tick == IDLE_TICK {
-                        self.backing.idle();
-                    }
+                    // Cheap when there is nothing to do (the keep-alive looks at its own
+                    // clock), so also on the shorter timer ticks of a shared region.
+                    self.backing.idle();
                     continue;
                 }
                 Ok((_, c)) => c,
@@ -788,9 +788,6 @@ impl<B: Backing> Handler<B> {
     }
 
     fn flush(&mut self) -> Result<u64, RegionError> {
-        if self.shared.is_some() {
-            return self.flush_copies();
-        }
         let dirty: Vec<usize> = self
             .resident
             .iter()
@@ -799,7 +796,12 @@ impl<B: Backing> Handler<B> {
             .collect();
         let mut first = Ok(());
         for &p in &dirty {
-            if let Err(e) = self.write_back(p) {
+            let written = if self.shared.is_some() {
+                self.write_back_copy(p)
+            } else {
+                self.write_back(p)
+            };
+            if let Err(e) = written {
                 if first.is_ok() {
                     first = Err(RegionError::WriteBack {
                         page: p,

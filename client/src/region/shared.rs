@@ -186,7 +186,13 @@ impl<B: Backing> Handler<B> {
                 PageState::Clean if self.lease_valid(page) => self.shared().generation[page],
                 _ => 0,
             };
-            match copies(&mut self.backing).get(page, exclusive, held, &mut self.buf)? {
+            let got = match copies(&mut self.backing).get(page, exclusive, held, &mut self.buf) {
+                // The home's table of copy holders is full for now (§5.18): like RECALLING,
+                // wait and ask again.
+                Err(ClientError::Busy) => None,
+                other => other?,
+            };
+            match got {
                 Some(g) => return Ok(g),
                 None => {
                     self.counters.recalls.fetch_add(1, Relaxed);
@@ -495,47 +501,27 @@ impl<B: Backing> Handler<B> {
         self.shared().groups[group].copies = 0;
     }
 
-    /// Writes the dirty write copies back, keeping them (clean, write-protected).
-    pub(super) fn flush_copies(&mut self) -> Result<u64, RegionError> {
-        let dirty: Vec<usize> = self
-            .resident
-            .iter()
-            .copied()
-            .filter(|&p| self.state[p] == PageState::Dirty)
-            .collect();
-        let mut first = Ok(());
-        for &p in &dirty {
-            if let Err(errno) = self.faults.protect(&self.mapping, p) {
-                self.report(RegionError::Kernel {
-                    call: "UFFDIO_WRITEPROTECT",
-                    page: p,
-                    errno,
-                });
-                continue;
-            }
-            self.mapping.read_present(p, &mut self.buf);
-            let g = self.shared().generation[p];
-            match copies(&mut self.backing).put(p, g, Keep::Write, Some(&self.buf)) {
-                Ok(_) => {
-                    self.state[p] = PageState::Clean; // still the writer's: see `upgrade`
-                    self.counters.writebacks.fetch_add(1, Relaxed);
-                }
-                Err(e) => {
-                    let e = RegionError::WriteBack {
-                        page: p,
-                        source: Box::new(e),
-                    };
-                    if first.is_ok() {
-                        first = Err(RegionError::WriteBack {
-                            page: p,
-                            source: e.to_string().into(),
-                        });
-                    }
-                    self.report(e);
-                }
-            }
-        }
-        first.map(|()| dirty.len() as u64)
+    /// Writes dirty write copy `page` back, keeping it (clean, write-protected: the next write
+    /// faults and makes it writable again without asking the home).
+    pub(super) fn write_back_copy(&mut self, page: usize) -> Result<(), RegionError> {
+        self.faults
+            .protect(&self.mapping, page)
+            .map_err(|errno| RegionError::Kernel {
+                call: "UFFDIO_WRITEPROTECT",
+                page,
+                errno,
+            })?;
+        self.mapping.read_present(page, &mut self.buf);
+        let g = self.shared().generation[page];
+        copies(&mut self.backing)
+            .put(page, g, Keep::Write, Some(&self.buf))
+            .map_err(|e| RegionError::WriteBack {
+                page,
+                source: Box::new(e),
+            })?;
+        self.state[page] = PageState::Clean; // still the writer's: see `upgrade`
+        self.counters.writebacks.fetch_add(1, Relaxed);
+        Ok(())
     }
 
     /// Gives every copy back (closing the region).

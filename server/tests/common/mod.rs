@@ -183,6 +183,21 @@ impl Rig {
         r.src.handle()
     }
 
+    /// A page allocated with SHARED (any client may use it).
+    pub(crate) fn alloc_shared(&mut self) -> PageHandle {
+        let a = self.one(
+            Opcode::ALLOC,
+            PageHandle::NONE,
+            BbRepr {
+                flags: HeaderFlags::SHARED,
+                ..hdr(0, 0)
+            },
+            &[],
+        );
+        assert_eq!(a.h.status, Status::OK);
+        a.src.handle()
+    }
+
     pub(crate) fn read(&mut self, p: PageHandle, offset: u16, length: u16) -> Vec<u8> {
         let replies = self.req(Opcode::READ, p, hdr(offset, length), &[]);
         let mut out = vec![0u8; usize::from(length)];
