@@ -28,6 +28,13 @@ pub const MAX_HOLDERS: usize = 64;
 pub const MAX_HOLDERS_PER_ADDRESS: usize = 8;
 /// Copy lease when none is configured, ms.
 pub const DEFAULT_COPY_LEASE_MS: u64 = 1_000;
+/// The shortest and the longest copy lease a shard grants, ms.
+pub const MIN_COPY_LEASE_MS: u64 = 100;
+/// See [`MIN_COPY_LEASE_MS`].
+pub const MAX_COPY_LEASE_MS: u64 = 60_000;
+/// Pages of a shard held back for migration at once (more wait their turn: the controller
+/// asks again).
+pub const MAX_MIGRATING: usize = 64;
 
 /// The top bit of a page's generation word: the holder is the writer.
 const WRITER: u32 = 1 << 31;
@@ -40,16 +47,25 @@ struct Entry {
     holders: u64,
     /// The copies' generation (bits 0..31; never 0) and [`WRITER`].
     word: u32,
-    /// Bits 0..24: when revocation for a writer began (ms since start mod 2^24, | 1 so never
-    /// 0), or 0: while it lasts (at most one copy lease) no new read copy is granted, so
-    /// readers cannot starve a writer. Bits 24..32: the client-table entry + 1 of the last
-    /// requester answered RECALLING (0: none), told READY when the copies in its way are gone.
+    /// Bits 0..16: when revocation for a writer began (ms since start mod 2^16, | 1 so never
+    /// 0), or 0: while it lasts (until that writer has the page, at most one copy lease) no
+    /// copy goes to anyone else, so neither readers nor other writers can starve it. Bits
+    /// 16..23: the client-table entry + 1 of the first requester turned away meanwhile (0:
+    /// none), whose turn comes next; bit 23: it wants the write copy. Bits 24..32: the
+    /// client-table entry + 1 of the requester answered RECALLING (0: none) — the writer the
+    /// drain is for, or a reader waiting for a writer to downgrade — told READY when the
+    /// copies in its way are gone.
     drain: u32,
 }
 
-const DRAIN_MASK: u32 = (1 << 24) - 1;
+const DRAIN_MASK: u32 = (1 << 16) - 1;
+const NEXT_SHIFT: u32 = 16;
+const NEXT_MASK: u32 = 0x7f << NEXT_SHIFT;
+const NEXT_WRITER: u32 = 1 << 23;
 
 const _: () = assert!(size_of::<Entry>() == 16);
+// The drain's clock must not wrap within the longest copy lease.
+const _: () = assert!(MAX_COPY_LEASE_MS < DRAIN_MASK as u64);
 
 impl Entry {
     fn generation(&self) -> u32 {
@@ -74,10 +90,6 @@ impl Entry {
         self.drain = (self.drain & !DRAIN_MASK) | (((now_ns / 1_000_000) as u32 & DRAIN_MASK) | 1);
     }
 
-    fn end_drain(&mut self) {
-        self.drain &= !DRAIN_MASK;
-    }
-
     fn waiter(&self) -> Option<usize> {
         match self.drain >> 24 {
             0 => None,
@@ -87,7 +99,23 @@ impl Entry {
 
     fn set_waiter(&mut self, i: Option<usize>) {
         let w = i.map_or(0, |i| i as u32 + 1);
-        self.drain = (self.drain & DRAIN_MASK) | (w << 24);
+        self.drain = (self.drain & !(0xff << 24)) | (w << 24);
+    }
+
+    /// The requester whose turn comes after the drain's writer, and whether it wants the
+    /// write copy.
+    fn next(&self) -> Option<(usize, bool)> {
+        match (self.drain & NEXT_MASK) >> NEXT_SHIFT {
+            0 => None,
+            n => Some((n as usize - 1, self.drain & NEXT_WRITER != 0)),
+        }
+    }
+
+    /// `i` was turned away by a drain: its turn comes next unless another's already does.
+    fn queue_next(&mut self, i: usize, writer: bool) {
+        if self.next().is_none() {
+            self.drain |= ((i as u32 + 1) << NEXT_SHIFT) | if writer { NEXT_WRITER } else { 0 };
+        }
     }
 
     /// Nothing but empty state: no copies, no drain, no waiter.
@@ -129,6 +157,11 @@ pub enum Get {
         generation: u32,
         /// Send the range.
         data: bool,
+        /// Someone was turned away while the requester waited: right after the reply, the
+        /// requester is sent REVOKE (this generation), so the page goes on to the next once
+        /// the requester has had its turn (its client keeps a new copy a little while before
+        /// it answers, §5.18).
+        hand_on: Option<HandOn>,
     },
     /// Other copies must go first: notices to `revoke` (a mask of client-table entries,
     /// which may be 0 while a revocation already under way runs its course), each told it
@@ -143,12 +176,24 @@ pub enum Get {
     },
 }
 
+/// A REVOKE to send the requester of a granted copy right after the grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandOn {
+    /// The requester (a mask for [`Directory::notice_targets`]).
+    pub to: u64,
+    /// What it may keep ([`KEEP_NONE`] or [`KEEP_READ`]).
+    pub keep: u64,
+}
+
 /// The directory of one shard.
 #[derive(Debug)]
 pub struct Directory {
     entries: Vec<Entry>,
     holders: [Holder; MAX_HOLDERS],
     lease_ns: u64,
+    /// Pages the controller wants to migrate that still had copies, and until when (ns) no
+    /// copy of them is granted, so their holders' copies drain instead of being taken again.
+    migrating: Vec<(PageIdx, u64)>,
 }
 
 impl Directory {
@@ -173,7 +218,8 @@ impl Directory {
                 pages
             ],
             holders: [free; MAX_HOLDERS],
-            lease_ns: lease_ms.max(1) * 1_000_000,
+            lease_ns: lease_ms.clamp(1, MAX_COPY_LEASE_MS) * 1_000_000,
+            migrating: Vec::with_capacity(MAX_MIGRATING),
         }
     }
 
@@ -277,6 +323,9 @@ impl Directory {
         now_ns: u64,
     ) -> Result<Get, Status> {
         let i = self.register(who, macs, now_ns)?;
+        if let Some(held) = self.held_for_migration(p, now_ns) {
+            return Ok(held);
+        }
         let live = self.live(now_ns);
         let draining = self.draining(&self.entries[p.0 as usize], now_ns);
         let e = &mut self.entries[p.0 as usize];
@@ -291,6 +340,15 @@ impl Directory {
                 e.holders &= !me;
             }
         }
+        if draining && e.waiter().is_some_and(|w| live & (1 << w) != 0) {
+            // A writer waits for the page (its way being cleared): readers wait behind it.
+            e.queue_next(i, false);
+            return Ok(Get::Recall {
+                revoke: 0,
+                keep: KEEP_NONE,
+                generation: e.generation(),
+            });
+        }
         if e.has_writer() {
             if e.holders & live != 0 {
                 e.set_waiter(Some(i));
@@ -304,18 +362,12 @@ impl Directory {
             e.holders = 0;
             e.next_gen(false);
         }
-        if draining && e.holders & live != 0 {
-            return Ok(Get::Recall {
-                revoke: 0,
-                keep: KEEP_NONE,
-                generation: e.generation(),
-            });
-        }
         e.holders = (e.holders & live) | me;
         e.drain = 0;
         Ok(Get::Granted {
             generation: e.generation(),
             data: true,
+            hand_on: None,
         })
     }
 
@@ -330,13 +382,28 @@ impl Directory {
         now_ns: u64,
     ) -> Result<Get, Status> {
         let i = self.register(who, macs, now_ns)?;
+        if let Some(held) = self.held_for_migration(p, now_ns) {
+            return Ok(held);
+        }
         let live = self.live(now_ns);
         let draining = self.draining(&self.entries[p.0 as usize], now_ns);
         let e = &mut self.entries[p.0 as usize];
         let me = 1u64 << i;
+        if draining && e.waiter().is_some_and(|w| w != i && live & (1 << w) != 0) {
+            // The way is being cleared for another writer: this one waits its turn, or the
+            // writer that just gave the page up would take it back before the waiter, woken
+            // by READY, asks again (a ping-pong that starves it).
+            e.queue_next(i, true);
+            return Ok(Get::Recall {
+                revoke: 0,
+                keep: KEEP_NONE,
+                generation: e.generation(),
+            });
+        }
         let others = e.holders & live & !me;
         if others != 0 {
             if !draining {
+                e.drain = 0; // whatever an old drain left
                 e.start_drain(now_ns);
             }
             e.set_waiter(Some(i));
@@ -347,14 +414,30 @@ impl Directory {
             });
         }
         let current = e.holders & me != 0 && held != 0 && held == u64::from(e.generation());
+        let next = e
+            .next()
+            .filter(|&(n, _)| draining && n != i && live & (1 << n) != 0);
         if !(e.has_writer() && e.holders == me) {
             e.next_gen(true);
         }
         e.clear();
         e.holders = me;
+        // The first one turned away while this writer waited goes next: it waits for the
+        // page (a writer drains it), told READY when this writer gives it up.
+        let hand_on = next.map(|(n, writer)| {
+            e.set_waiter(Some(n));
+            if writer {
+                e.start_drain(now_ns);
+            }
+            HandOn {
+                to: me,
+                keep: if writer { KEEP_NONE } else { KEEP_READ },
+            }
+        });
         Ok(Get::Granted {
             generation: e.generation(),
             data: !current,
+            hand_on,
         })
     }
 
@@ -418,11 +501,13 @@ impl Directory {
             let others = e.holders & live & !(1u64 << w);
             others == 0 || (!e.has_writer() && e.drain_ms() == 0)
         });
-        if let Some(w) = ready {
+        // A drain goes on until its writer has the page (or one copy lease has passed): were
+        // it to end here, a reader spinning on the page would take a new copy before the
+        // writer, woken by READY, asks again — and starve it.
+        // The writer a drain is for stays its waiter until it has the page; a reader waiting
+        // for a writer's downgrade is told once.
+        if ready.is_some() && e.drain_ms() == 0 {
             e.set_waiter(None);
-            if e.holders & live & !(1u64 << w) == 0 {
-                e.end_drain();
-            }
         }
         Ok((generation, ready.map_or(0, |w| 1u64 << w)))
     }
@@ -458,10 +543,54 @@ impl Directory {
         (e.holders & self.live(now_ns), e.generation())
     }
 
+    /// MIGRATE_OUT met live copies of `p`: until the page leaves, or one copy lease after the
+    /// controller last asked, no copy of it is granted (GETs are answered RECALLING), so the
+    /// holders told to give theirs up are not replaced by new ones and the migration cannot
+    /// starve. With [`MAX_MIGRATING`] pages held already, `p` waits its turn.
+    pub fn hold_for_migration(&mut self, p: PageIdx, now_ns: u64) {
+        let until = now_ns + self.lease_ns;
+        self.migrating.retain(|&(_, u)| u > now_ns);
+        if let Some(m) = self.migrating.iter_mut().find(|(q, _)| *q == p) {
+            m.1 = until;
+        } else if self.migrating.len() < MAX_MIGRATING {
+            self.migrating.push((p, until));
+        }
+    }
+
+    /// The answer to a GET of a page held back for migration: RECALLING (the holders were
+    /// told already), or `None`.
+    fn held_for_migration(&self, p: PageIdx, now_ns: u64) -> Option<Get> {
+        if self.migrating.is_empty() {
+            return None;
+        }
+        self.migrating
+            .iter()
+            .any(|&(q, u)| q == p && u > now_ns)
+            .then(|| Get::Recall {
+                revoke: 0,
+                keep: KEEP_NONE,
+                generation: self.entries[p.0 as usize].generation(),
+            })
+    }
+
+    /// `p` left (migrated, freed, or came back): it is held back no more.
+    fn release(&mut self, p: PageIdx) {
+        if !self.migrating.is_empty() {
+            self.migrating.retain(|&(q, _)| q != p);
+        }
+    }
+
+    /// The page left by migration: no copies (there were none), not held back.
+    pub fn migrated_out(&mut self, p: PageIdx) {
+        self.release(p);
+        self.entries[p.0 as usize].clear();
+    }
+
     /// The page arrived by migration (adopted, or back home): no copies, and a generation
     /// drawn from `salt` (the time) rather than continued, so no copy or PUT from the page's
     /// previous homes can be taken for one of this home's.
     pub fn restart(&mut self, p: PageIdx, salt: u64) {
+        self.release(p);
         let mixed = (salt ^ u64::from(p.0).rotate_left(32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let e = &mut self.entries[p.0 as usize];
         e.clear();
@@ -470,6 +599,7 @@ impl Directory {
 
     /// The page was freed: no copies, a new generation.
     pub fn reset(&mut self, p: PageIdx) {
+        self.release(p);
         let e = &mut self.entries[p.0 as usize];
         e.clear();
         e.next_gen(false);
@@ -492,7 +622,9 @@ mod tests {
 
     fn granted(g: Result<Get, Status>) -> (u32, bool) {
         match g {
-            Ok(Get::Granted { generation, data }) => (generation, data),
+            Ok(Get::Granted {
+                generation, data, ..
+            }) => (generation, data),
             other => panic!("not granted: {other:?}"),
         }
     }
@@ -626,5 +758,76 @@ mod tests {
         // After the leases run out the table takes new clients.
         granted(d.get_shared(P, key(200), MACS, 2000 * MS));
         assert_eq!(d.clients(2000 * MS), 1);
+    }
+
+    #[test]
+    fn a_page_held_for_migration_drains_and_is_not_granted_again() {
+        let mut d = Directory::new(8, 1000);
+        let (g, _) = granted(d.get_shared(P, key(1), MACS, 0));
+        granted(d.get_shared(P, key(2), MACS, 0));
+        // MIGRATE_OUT met the two copies: nobody gets a new one, readers or writers, while
+        // the holders give theirs back.
+        d.hold_for_migration(P, MS);
+        for k in [key(3), key(1)] {
+            assert!(matches!(
+                d.get_shared(P, k, MACS, 2 * MS),
+                Ok(Get::Recall { revoke: 0, .. })
+            ));
+        }
+        assert!(matches!(
+            d.get_exclusive(P, key(2), MACS, u64::from(g), 2 * MS),
+            Ok(Get::Recall { revoke: 0, .. })
+        ));
+        // Other pages are not held.
+        granted(d.get_shared(PageIdx(1), key(3), MACS, 2 * MS));
+        d.put(P, key(1), u64::from(g), KEEP_NONE, false, 3 * MS)
+            .unwrap();
+        d.put(P, key(2), u64::from(g), KEEP_NONE, false, 3 * MS)
+            .unwrap();
+        assert_eq!(d.live_holders(P, 3 * MS).0, 0);
+        // Once it has left, what arrives here again starts afresh and is granted.
+        d.migrated_out(P);
+        d.restart(P, 4 * MS);
+        granted(d.get_shared(P, key(3), MACS, 4 * MS));
+        // A controller that gave up holds the page back for one copy lease at most.
+        d.hold_for_migration(PageIdx(2), 5 * MS);
+        assert!(matches!(
+            d.get_shared(PageIdx(2), key(3), MACS, 1004 * MS),
+            Ok(Get::Recall { .. })
+        ));
+        granted(d.get_shared(PageIdx(2), key(3), MACS, 1006 * MS));
+    }
+
+    #[test]
+    fn the_writer_a_drain_is_for_gets_the_page_before_anyone_else() {
+        let mut d = Directory::new(8, 1000);
+        let (g1, _) = granted(d.get_exclusive(P, key(1), MACS, 0, 0));
+        // Writer 2 asks: writer 1 is told to give the page up, and does.
+        assert!(matches!(
+            d.get_exclusive(P, key(2), MACS, 0, MS),
+            Ok(Get::Recall { revoke, .. }) if revoke != 0
+        ));
+        let (_, ready) = d
+            .put(P, key(1), u64::from(g1), KEEP_NONE, true, MS)
+            .unwrap();
+        assert_ne!(ready, 0, "READY to writer 2");
+        // Before writer 2 asks again, writer 1 and a reader want the page back: they wait.
+        assert!(matches!(
+            d.get_exclusive(P, key(1), MACS, 0, 2 * MS),
+            Ok(Get::Recall { revoke: 0, .. })
+        ));
+        assert!(matches!(
+            d.get_shared(P, key(3), MACS, 2 * MS),
+            Ok(Get::Recall { revoke: 0, .. })
+        ));
+        let (g2, data) = granted(d.get_exclusive(P, key(2), MACS, 0, 3 * MS));
+        assert!(data && g2 != g1);
+        // Now writer 1's turn begins like any other.
+        assert!(matches!(
+            d.get_exclusive(P, key(1), MACS, 0, 4 * MS),
+            Ok(Get::Recall { revoke, .. }) if revoke != 0
+        ));
+        // A waiter that vanished (its lease ran out) holds nobody up.
+        granted(d.get_shared(P, key(3), MACS, 1100 * MS));
     }
 }

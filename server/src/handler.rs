@@ -1110,6 +1110,7 @@ impl Handler {
             return self.reply_status(req, target, base, Status::LEASE_HELD, sink);
         }
         self.store.mark_moved(p);
+        self.directory.migrated_out(p);
         let owner = self
             .access
             .owner_addr(self.store.owner(p))

@@ -128,7 +128,7 @@ struct Args {
     /// Milliseconds a coherent copy (docs/protocol.md §5.18) lasts without renewal, 100 to
     /// 60000: the longest a dead or cut-off holder can hold up a writer. Clients renew at
     /// half of it.
-    #[arg(long, default_value_t = bluebridge_server::coherence::DEFAULT_COPY_LEASE_MS, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    #[arg(long, default_value_t = bluebridge_server::coherence::DEFAULT_COPY_LEASE_MS, value_parser = clap::value_parser!(u64).range(bluebridge_server::coherence::MIN_COPY_LEASE_MS..=bluebridge_server::coherence::MAX_COPY_LEASE_MS))]
     copy_lease_ms: u64,
     /// Behind a BlueBridge switch: serve every BlueBridge frame the switch delivers here, so
     /// pages migrated to this host from others are answered (the switch decides what arrives).

@@ -263,6 +263,64 @@ fn a_silent_holder_blocks_writers_only_for_its_lease() {
 }
 
 #[test]
+fn a_page_migrates_only_once_its_copies_are_back_and_none_is_granted_meanwhile() {
+    let mut r = rig();
+    let p = r.alloc_shared();
+    let owner = r.client;
+    let controller: Ipv6Addr = "fd00:bb:7fff::1".parse().unwrap();
+    let (a, b, ctl) = (40001, 40002, 40100);
+    let ra = run(&mut r, a, Opcode::GET_SHARED, p, hdr(0, 4096), &[]);
+    run(&mut r, b, Opcode::GET_SHARED, p, hdr(0, 4096), &[]);
+    let g = ra[0].h.lease;
+    // The controller asks to move it: LEASE_HELD, and a REVOKE (keep nothing) to each holder.
+    r.client = controller;
+    let out = run(&mut r, ctl, Opcode::MIGRATE_OUT, p, hdr(0, 4096), &[]);
+    let (replies, notices): (Vec<_>, Vec<_>) = out.iter().partition(|x| x.h.item == ctl);
+    assert_eq!(replies[0].h.status, Status::LEASE_HELD);
+    let mut to: Vec<u16> = notices.iter().map(|n| n.h.item).collect();
+    to.sort();
+    assert_eq!(to, [a, b]);
+    assert!(
+        notices
+            .iter()
+            .all(|n| (n.h.lease, n.h.operand0) == (g, KEEP_NONE))
+    );
+    // Meanwhile nobody gets a copy: not a new reader, not a holder upgrading, so the copies
+    // drain however busy the page is.
+    r.client = owner;
+    let newcomer = run(&mut r, 40003, Opcode::GET_SHARED, p, hdr(0, 4096), &[]);
+    assert_eq!(newcomer[0].h.status, Status::RECALLING);
+    let upgrade = run(
+        &mut r,
+        a,
+        Opcode::GET_EXCLUSIVE,
+        p,
+        with(g, 0, hdr(0, 4096)),
+        &[],
+    );
+    assert_eq!(upgrade[0].h.status, Status::RECALLING);
+    for port in [a, b] {
+        let put = run(
+            &mut r,
+            port,
+            Opcode::PUT,
+            p,
+            with(g, KEEP_NONE, hdr(0, 0)),
+            &[],
+        );
+        assert_eq!(put[0].h.status, Status::OK);
+    }
+    // Then it leaves with its bytes, and answers MOVED here from now on.
+    r.client = controller;
+    let out = run(&mut r, ctl, Opcode::MIGRATE_OUT, p, hdr(0, 4096), &[]);
+    assert_eq!((out.len(), out[0].h.status), (1, Status::OK));
+    assert_eq!(out[0].payload.len(), 4096);
+    r.client = owner;
+    let late = run(&mut r, 40003, Opcode::GET_SHARED, p, hdr(0, 4096), &[]);
+    assert_eq!(late[0].h.status, Status::MOVED);
+}
+
+#[test]
 fn pages_of_another_owner_need_sharing_first() {
     let mut r = rig();
     let p = r.alloc(); // not shared

@@ -5,6 +5,8 @@
 //! the XDP top-of-rack switch.
 #![forbid(unsafe_code)]
 
+pub mod controlled;
+
 use std::net::Ipv6Addr;
 use std::sync::mpsc;
 use std::time::Duration;

@@ -11,6 +11,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Barrier;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::SeqCst;
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,8 @@ use bluebridge_bench::dsm;
 use bluebridge_client::region::{Coherence, HandlerCpu, OnClose, RegionStats};
 use bluebridge_client::{AnyTransport, Client, RegionOptions, RemoteRegion};
 use bluebridge_proto::{HostId, PAGE_SIZE, RemoteAddr};
+use bluebridge_switch::actions::migrate;
+use bluebridge_tests::controlled::{ControlledRack, RackOptions};
 use bluebridge_tests::{RackRig, Rig, RigOptions, SERVER, pair_client, rack_client_addr};
 use bluebridge_topology::Impairment;
 
@@ -459,4 +462,74 @@ fn copies_cross_a_1500_byte_mtu_link_in_segments() {
     assert!(out.iter().all(|o| o.0.1 == Some(90)));
     let failed = rig.client.free_all(&addrs);
     assert!(failed.is_empty(), "{failed:?}");
+}
+
+#[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
+fn shared_pages_migrate_between_servers_while_three_hosts_count_under_a_lock() {
+    // The controller moves the lock's and the counter's pages host 2 → 3 → 2 → 3 while every
+    // host takes the lock and counts. Each move drains the page's copies first (REVOKE, and no
+    // new copy granted meanwhile), then the page leaves frozen and its route follows: one home
+    // answers at a time and the count stays exact.
+    let rig = ControlledRack::new(RackOptions {
+        clients: 3,
+        ..RackOptions::default()
+    });
+    let _servers = [rig.server(1), rig.server(2)];
+    let addrs = rig
+        .client(12)
+        .alloc_bulk(HostId(2), 2, true)
+        .expect("shared pages");
+    let clients = (0..3).map(|i| rig.client_on(i, 12)).collect();
+    let (done, stop) = (AtomicBool::new(false), AtomicBool::new(false));
+    const ROUNDS: u64 = 20;
+    let (moves, out) = std::thread::scope(|s| {
+        let mover = s.spawn(|| {
+            let mut moves = Vec::new();
+            for to in [3u16, 2, 3] {
+                std::thread::sleep(Duration::from_millis(200));
+                for a in &addrs {
+                    let m = migrate(&rig.ctl, &a.to_ipv6().to_string(), to).expect("migration");
+                    moves.push((m.from, m.to, m.cutover_us));
+                }
+            }
+            done.store(true, SeqCst);
+            moves
+        });
+        let out = share(clients, &addrs, |host, region, barrier| {
+            let w = region.as_atomic_words();
+            let mut calls = 0u64;
+            loop {
+                calls += 1;
+                let total = dsm::lock_counter(host, w, barrier, ROUNDS);
+                assert_eq!(total, Some(calls * 3 * ROUNDS), "host {host}, call {calls}");
+                // Host 0 decides for all whether to go on, between two barriers.
+                if host == 0 {
+                    stop.store(done.load(SeqCst), SeqCst);
+                }
+                barrier.wait();
+                let last = stop.load(SeqCst);
+                barrier.wait();
+                if last {
+                    break calls;
+                }
+            }
+        });
+        (mover.join().expect("the mover"), out)
+    });
+    eprintln!("migrations (from, to, cut-over µs): {moves:?}");
+    clean(&out);
+    assert_eq!(
+        moves.iter().map(|m| (m.0, m.1)).collect::<Vec<_>>(),
+        [(2, 3), (2, 3), (3, 2), (3, 2), (2, 3), (2, 3)]
+    );
+    let calls = out[0].0;
+    assert!(calls > 1, "the hosts counted across the migrations");
+    eprintln!("{} increments across 6 migrations", calls * 3 * ROUNDS);
+    // Host 3 answers for both pages now; they free there.
+    let failed = rig.client(12).free_all(&addrs);
+    assert!(failed.is_empty(), "freeing: {failed:?}");
 }

@@ -13,9 +13,10 @@ use bluebridge_proto::{
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bluebridge_switch::{Controller, HostSpec, LinkSpec, Migration, SuperviseConfig, supervise};
-use bluebridge_tests::{RackRig, rack_client_addr, rack_client_net};
-use bluebridge_topology::{Rack, fmt_mac, unique};
+use bluebridge_switch::{Controller, HostSpec, Migration};
+use bluebridge_tests::controlled::{ControlledRack, RackOptions, host_spec};
+use bluebridge_tests::{RackRig, rack_client_addr};
+use bluebridge_topology::{Rack, unique};
 
 fn frame(src: std::net::Ipv6Addr, dst: std::net::Ipv6Addr, hop_limit_probe: bool) -> Vec<u8> {
     let ep = Endpoints {
@@ -248,20 +249,6 @@ fn the_longest_prefix_wins_and_headers_are_rewritten() {
     );
 }
 
-/// How the controller tests register a rack host: its server link, and for host 1 its client
-/// link too.
-fn host_spec(h: &bluebridge_topology::RackHost) -> HostSpec {
-    let client = h.host_id == 1;
-    HostSpec {
-        id: h.host_id,
-        server_port: h.server_port.clone(),
-        server_mac: fmt_mac(h.server_mac),
-        client_port: client.then(|| h.client_port.clone()),
-        client_mac: client.then(|| fmt_mac(h.client_mac)),
-        client_net: client.then(|| format!("{}/64", rack_client_net(HostId(h.host_id)))),
-    }
-}
-
 #[test]
 #[cfg_attr(
     unprivileged,
@@ -293,7 +280,7 @@ fn the_controller_registers_hosts_and_reports_over_its_socket() {
     };
     assert_eq!(call(&Request::Ping).unwrap(), "pong");
     for h in &rack.hosts {
-        call(&Request::RegisterHost(host_spec(h))).unwrap();
+        call(&Request::RegisterHost(host_spec(h, h.host_id == 1))).unwrap();
     }
     // Bad requests are refused with a reason, and change nothing.
     let bad = call(&Request::RegisterHost(HostSpec {
@@ -370,118 +357,6 @@ fn the_controller_registers_hosts_and_reports_over_its_socket() {
     daemon.join().unwrap();
 }
 
-/// A 3-host rack whose switch is run by a controller with its own link (host 1 has the client
-/// link), optionally supervising (health checks, placement, invalidation) every `interval`.
-struct Controlled {
-    ctl: Arc<Mutex<Controller>>,
-    stop: Arc<AtomicBool>,
-    supervisor: Option<std::thread::JoinHandle<()>>,
-    rack: Rack,
-    /// Workers (shards) per server.
-    queues: u32,
-}
-
-impl Controlled {
-    fn new(interval: Option<Duration>) -> Controlled {
-        Self::with_backend(interval, false)
-    }
-
-    /// With `kernel`, the controller programs the switch namespace's kernel forwarding table
-    /// instead of the XDP switch.
-    fn with_backend(interval: Option<Duration>, kernel: bool) -> Controlled {
-        Self::with_queues(interval, kernel, 1)
-    }
-
-    /// A rack whose servers run `queues` workers (shards) each.
-    fn with_queues(interval: Option<Duration>, kernel: bool, queues: u32) -> Controlled {
-        let rack = Rack::create_multiqueue(&unique("bbt"), 3, 9000, queues).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ctl_tx, ctl_rx) = std::sync::mpsc::channel();
-        let (sw, hosts, stop2) = (rack.switch.clone(), rack.hosts.clone(), stop.clone());
-        let link = LinkSpec {
-            ifname: rack.controller_if.clone(),
-            port: rack.controller_port.clone(),
-        };
-        // The supervisor must live in the switch namespace, so it is this thread.
-        let thread = std::thread::spawn(move || {
-            bluebridge_topology::enter(&sw).unwrap();
-            let mut ctl = if kernel {
-                Controller::new_kernel(NetPrefix::DEFAULT).unwrap()
-            } else {
-                Controller::new(NetPrefix::DEFAULT, false, false).unwrap()
-            };
-            for h in &hosts {
-                ctl.register(host_spec(h)).unwrap();
-            }
-            ctl.set_misses_allowed(2);
-            ctl.attach_link(&link).unwrap();
-            let ctl = Arc::new(Mutex::new(ctl));
-            ctl_tx.send(ctl.clone()).unwrap();
-            if let Some(interval) = interval {
-                supervise(&ctl, SuperviseConfig { interval }, &stop2);
-            }
-        });
-        let ctl = ctl_rx.recv().unwrap();
-        let supervisor = if interval.is_some() {
-            Some(thread)
-        } else {
-            thread.join().unwrap();
-            None
-        };
-        Controlled {
-            ctl,
-            stop,
-            supervisor,
-            rack,
-            queues,
-        }
-    }
-
-    /// A server on host index `i` (accepting what the switch routes to it).
-    fn server(&self, i: usize) -> bluebridge_server::Server {
-        let h = &self.rack.hosts[i];
-        bluebridge_tests::start_server(
-            &h.ns,
-            &bluebridge_server::ServerConfig {
-                arena_bytes: 16 << 20,
-                idle: true,
-                sched_idle: false,
-                hugepages: false,
-                accept_routed: true,
-                queues: (0..self.queues).collect(),
-                ..bluebridge_server::ServerConfig::new(&h.server_if, HostId(h.host_id))
-            },
-        )
-    }
-
-    /// Host 1's client (the calling thread moves into host 1's namespace).
-    fn client(&self, retries: u32) -> bluebridge_client::Client<bluebridge_client::AnyTransport> {
-        bluebridge_tests::rack_client(&self.rack, 0, retries)
-    }
-
-    /// Waits (5 s at most) for `f` to hold of the controller.
-    fn wait_for(&self, what: &str, f: &dyn Fn(&Controller) -> bool) {
-        let t = std::time::Instant::now();
-        while !f(&self.ctl.lock().unwrap()) {
-            assert!(
-                t.elapsed() < Duration::from_secs(5),
-                "waiting for {what}: {:?}",
-                self.ctl.lock().unwrap().status()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Controlled {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.supervisor.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 fn status(c: &Controller, id: u16) -> bluebridge_switch::HostStatus {
     c.status().into_iter().find(|s| s.id == id).unwrap()
 }
@@ -492,7 +367,10 @@ fn status(c: &Controller, id: u16) -> bluebridge_switch::HostStatus {
     ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
 )]
 fn failed_hosts_are_withdrawn_and_new_pages_go_to_the_emptiest_server() {
-    let rig = Controlled::new(Some(Duration::from_millis(20)));
+    let rig = ControlledRack::new(RackOptions {
+        interval: Some(Duration::from_millis(20)),
+        ..RackOptions::default()
+    });
     let s2 = rig.server(1);
     let mut s3 = Some(rig.server(2));
     let mut c = rig.client(6);
@@ -574,7 +452,10 @@ fn a_page_migrates_through_the_kernel_backend_too() {
     ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
 )]
 fn the_kernel_backend_routes_pages_with_one_neighbour_entry_per_port() {
-    let rig = Controlled::with_backend(None, true);
+    let rig = ControlledRack::new(RackOptions {
+        kernel: true,
+        ..RackOptions::default()
+    });
     assert_eq!(rig.ctl.lock().unwrap().backend(), "kernel");
     let servers = [rig.server(1), rig.server(2)];
     let mut c = rig.client(6);
@@ -627,7 +508,11 @@ fn migrate_under_writes(kernel: bool) {
 }
 
 fn migrate_under_writes_on(kernel: bool, queues: u32) {
-    let rig = Controlled::with_queues(None, kernel, queues);
+    let rig = ControlledRack::new(RackOptions {
+        kernel,
+        queues,
+        ..RackOptions::default()
+    });
     let servers = [rig.server(1), rig.server(2)];
     let mut c = rig.client(12);
     let p = c.alloc(HostId(2), false).unwrap();
@@ -698,7 +583,10 @@ fn migrate_under_writes_on(kernel: bool, queues: u32) {
     ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
 )]
 fn freed_pages_are_invalidated_at_the_switch_and_at_the_clients() {
-    let rig = Controlled::new(Some(Duration::from_millis(50)));
+    let rig = ControlledRack::new(RackOptions {
+        interval: Some(Duration::from_millis(50)),
+        ..RackOptions::default()
+    });
     let servers = [rig.server(1), rig.server(2)];
     let mut c = rig.client(6);
     let p = c.alloc(HostId(2), false).unwrap();
@@ -791,7 +679,10 @@ fn freed_reports_lost_to_a_full_ring_are_counted() {
     ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
 )]
 fn the_controller_lists_a_hosts_owners_and_reclaims_a_gone_clients_pages() {
-    let rig = Controlled::with_queues(None, false, 2);
+    let rig = ControlledRack::new(RackOptions {
+        queues: 2,
+        ..RackOptions::default()
+    });
     let servers = [rig.server(1)];
     let mut c = rig.client(12);
     let mut pages = Vec::new();

@@ -263,6 +263,10 @@ impl<T: Transport + Send + 'static> Copies for RemoteBacking<T> {
     fn poll_fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
         self.client.transport().poll_fds()
     }
+
+    fn readies(&self) -> u64 {
+        self.client.stats().ready
+    }
 }
 
 /// A region of remote pages.

@@ -99,6 +99,8 @@ pub trait Copies {
     fn take_revoke(&mut self) -> Option<(usize, u64, Keep)>;
     /// Descriptors readable when frames arrive.
     fn poll_fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>>;
+    /// READY notices taken in so far (a requester's cue to ask again at once, §5.18).
+    fn readies(&self) -> u64;
 }
 
 /// The copy lease of one home shard.
@@ -182,6 +184,7 @@ impl<B: Backing> Handler<B> {
         let wait = self.shared().wait;
         let mut backoff = Duration::from_micros(20);
         loop {
+            let readies = copies(&mut self.backing).readies();
             let held = match self.state[page] {
                 PageState::Clean if self.lease_valid(page) => self.shared().generation[page],
                 _ => 0,
@@ -200,6 +203,11 @@ impl<B: Backing> Handler<B> {
                         return Err(ClientError::Recalling);
                     }
                     self.serve_revokes();
+                    if copies(&mut self.backing).readies() != readies {
+                        // READY came while the frames were taken in (it woke nobody): the
+                        // way is clear, ask again now.
+                        continue;
+                    }
                     self.pause(backoff);
                     backoff = (backoff * 2).min(MAX_RETRY_WAIT);
                 }
@@ -214,8 +222,12 @@ impl<B: Backing> Handler<B> {
     fn pause(&mut self, d: Duration) {
         if d <= SPIN_WAIT {
             let until = Instant::now() + d;
+            let readies = copies(&mut self.backing).readies();
             while Instant::now() < until {
                 copies(&mut self.backing).pump();
+                if copies(&mut self.backing).readies() != readies {
+                    return;
+                }
             }
             return;
         }

@@ -58,7 +58,11 @@ impl Handler {
                 self.c().recalling.inc();
                 self.reply_status(req, target, base, Status::RECALLING, sink);
             }
-            Ok(Get::Granted { generation, data }) => {
+            Ok(Get::Granted {
+                generation,
+                data,
+                hand_on,
+            }) => {
                 self.c().copy_grants.inc();
                 let h = BbRepr {
                     lease: u64::from(generation),
@@ -78,6 +82,9 @@ impl Handler {
                         &h,
                         &[],
                     );
+                }
+                if let Some(h) = hand_on {
+                    self.send_revokes(target, h.to, generation, h.keep, sink);
                 }
             }
         }
@@ -220,7 +227,8 @@ impl Handler {
     }
 
     /// A page about to migrate must have no copies: the live holders are told to give theirs
-    /// up (REVOKE, keep nothing) and the controller is answered LEASE_HELD until they have.
+    /// up (REVOKE, keep nothing), no new copy is granted meanwhile, and the controller is
+    /// answered LEASE_HELD until they have.
     pub(super) fn revoke_for_migration(
         &mut self,
         page: RemoteAddr,
@@ -232,6 +240,7 @@ impl Handler {
         if live == 0 {
             return false;
         }
+        self.directory.hold_for_migration(p, now_ns);
         self.send_revokes(page, live, generation, KEEP_NONE, sink);
         true
     }
