@@ -314,6 +314,35 @@ impl Directory {
                 < self.lease_ms() as u32
     }
 
+    /// Whether page `p` drains for a writer now; a drain over (its lease passed without the
+    /// writer coming back for the page) is forgotten, so its 16-bit clock cannot wrap into a
+    /// false one later.
+    fn draining_now(&mut self, p: PageIdx, now_ns: u64) -> bool {
+        let e = self.entries[p.0 as usize];
+        let draining = self.draining(&e, now_ns);
+        if !draining && e.drain_ms() != 0 {
+            self.entries[p.0 as usize].drain = 0;
+        }
+        draining
+    }
+
+    /// What every GET starts with: the requester's client-table entry (registered or
+    /// renewed), the live entries, and whether the page drains for a writer — or the answer
+    /// for a page held back for migration.
+    fn ask(
+        &mut self,
+        p: PageIdx,
+        who: ClientKey,
+        macs: (MacAddr, MacAddr),
+        now_ns: u64,
+    ) -> Result<Result<(usize, u64, bool), Get>, Status> {
+        let i = self.register(who, macs, now_ns)?;
+        if let Some(held) = self.held_for_migration(p, now_ns) {
+            return Ok(Err(held));
+        }
+        Ok(Ok((i, self.live(now_ns), self.draining_now(p, now_ns))))
+    }
+
     /// GET_SHARED: a read copy for `who`, who holds none.
     pub fn get_shared(
         &mut self,
@@ -322,12 +351,10 @@ impl Directory {
         macs: (MacAddr, MacAddr),
         now_ns: u64,
     ) -> Result<Get, Status> {
-        let i = self.register(who, macs, now_ns)?;
-        if let Some(held) = self.held_for_migration(p, now_ns) {
-            return Ok(held);
-        }
-        let live = self.live(now_ns);
-        let draining = self.draining(&self.entries[p.0 as usize], now_ns);
+        let (i, live, draining) = match self.ask(p, who, macs, now_ns)? {
+            Ok(a) => a,
+            Err(held) => return Ok(held),
+        };
         let e = &mut self.entries[p.0 as usize];
         let me = 1u64 << i;
         if e.holders & me != 0 {
@@ -381,12 +408,10 @@ impl Directory {
         held: u64,
         now_ns: u64,
     ) -> Result<Get, Status> {
-        let i = self.register(who, macs, now_ns)?;
-        if let Some(held) = self.held_for_migration(p, now_ns) {
-            return Ok(held);
-        }
-        let live = self.live(now_ns);
-        let draining = self.draining(&self.entries[p.0 as usize], now_ns);
+        let (i, live, draining) = match self.ask(p, who, macs, now_ns)? {
+            Ok(a) => a,
+            Err(held) => return Ok(held),
+        };
         let e = &mut self.entries[p.0 as usize];
         let me = 1u64 << i;
         if draining && e.waiter().is_some_and(|w| w != i && live & (1 << w) != 0) {
@@ -829,5 +854,31 @@ mod tests {
         ));
         // A waiter that vanished (its lease ran out) holds nobody up.
         granted(d.get_shared(P, key(3), MACS, 1100 * MS));
+    }
+
+    #[test]
+    fn a_drain_whose_writer_never_comes_back_ends_after_a_lease_and_stays_ended() {
+        let mut d = Directory::new(8, 1000);
+        let (g, _) = granted(d.get_shared(P, key(1), MACS, 0));
+        assert!(matches!(
+            d.get_exclusive(P, key(2), MACS, 0, MS),
+            Ok(Get::Recall { .. })
+        ));
+        d.put(P, key(1), u64::from(g), KEEP_NONE, false, 2 * MS)
+            .unwrap();
+        // Writer 2 keeps its lease (other pages) but never asks for this one again.
+        assert!(matches!(
+            d.get_shared(P, key(3), MACS, 500 * MS),
+            Ok(Get::Recall { revoke: 0, .. })
+        ));
+        d.renew(key(2), 900 * MS).unwrap();
+        granted(d.get_shared(P, key(3), MACS, 1002 * MS));
+        // Nor does its 16-bit clock wrap into a drain again 65.536 s later.
+        for t in [1500u64, 60_000, 65_537, 65_900] {
+            d.renew(key(2), t * MS).unwrap();
+            d.put(P, key(3), u64::from(g), KEEP_NONE, false, t * MS)
+                .unwrap();
+            granted(d.get_shared(P, key(3), MACS, t * MS + 1));
+        }
     }
 }
