@@ -526,11 +526,10 @@ impl Directory {
             let others = e.holders & live & !(1u64 << w);
             others == 0 || (!e.has_writer() && e.drain_ms() == 0)
         });
-        // A drain goes on until its writer has the page (or one copy lease has passed): were
-        // it to end here, a reader spinning on the page would take a new copy before the
-        // writer, woken by READY, asks again — and starve it.
-        // The writer a drain is for stays its waiter until it has the page; a reader waiting
-        // for a writer's downgrade is told once.
+        // A drain goes on, and its writer stays the waiter, until that writer has the page
+        // (or one copy lease has passed): were it to end here, a reader spinning on the page
+        // would take a new copy before the writer, woken by READY, asks again — and starve
+        // it. A reader waiting for a writer's downgrade is told once.
         if ready.is_some() && e.drain_ms() == 0 {
             e.set_waiter(None);
         }
