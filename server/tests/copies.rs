@@ -32,6 +32,14 @@ fn run(r: &mut Rig, port: u16, op: Opcode, p: PageHandle, h: BbRepr, data: &[u8]
         .collect()
 }
 
+/// A pure release from `port`: PUT of its copy of generation `g`, keep nothing, no bytes; the
+/// reply's status.
+fn release(r: &mut Rig, port: u16, p: PageHandle, g: u64) -> Status {
+    run(r, port, Opcode::PUT, p, with(g, KEEP_NONE, hdr(0, 0)), &[])[0]
+        .h
+        .status
+}
+
 fn with(lease: u64, keep: u64, h: BbRepr) -> BbRepr {
     BbRepr {
         lease,
@@ -77,15 +85,7 @@ fn readers_share_and_a_writer_revokes_them() {
     );
     // The readers give their copies up; the writer's next try gets the page.
     for port in [a, b] {
-        let put = run(
-            &mut r,
-            port,
-            Opcode::PUT,
-            p,
-            with(g, KEEP_NONE, hdr(0, 0)),
-            &[],
-        );
-        assert_eq!(put[0].h.status, Status::OK);
+        assert_eq!(release(&mut r, port, p, g), Status::OK);
     }
     let got = run(&mut r, w, Opcode::GET_EXCLUSIVE, p, hdr(0, 4096), &[]);
     assert_eq!(got.len(), 1);
@@ -246,15 +246,7 @@ fn a_silent_holder_blocks_writers_only_for_its_lease() {
     let none = run(&mut r, 40009, Opcode::RENEW, p, hdr(0, 0), &[]);
     assert_eq!(none[0].h.status, Status::LEASE_EXPIRED);
     // Once the new writer gives the page up, plain writes and FREE go through.
-    let put = run(
-        &mut r,
-        40002,
-        Opcode::PUT,
-        p,
-        with(got[0].h.lease, 0, hdr(0, 0)),
-        &[],
-    );
-    assert_eq!(put[0].h.status, Status::OK);
+    assert_eq!(release(&mut r, 40002, p, got[0].h.lease), Status::OK);
     r.port = 40002;
     assert_eq!(r.status(Opcode::WRITE, p, hdr(0, 4), &[1; 4]), Status::OK);
     assert_eq!(r.status(Opcode::FREE, p, hdr(0, 0), &[]), Status::OK);
@@ -300,15 +292,7 @@ fn a_page_migrates_only_once_its_copies_are_back_and_none_is_granted_meanwhile()
     );
     assert_eq!(upgrade[0].h.status, Status::RECALLING);
     for port in [a, b] {
-        let put = run(
-            &mut r,
-            port,
-            Opcode::PUT,
-            p,
-            with(g, KEEP_NONE, hdr(0, 0)),
-            &[],
-        );
-        assert_eq!(put[0].h.status, Status::OK);
+        assert_eq!(release(&mut r, port, p, g), Status::OK);
     }
     // Then it leaves with its bytes, and answers MOVED here from now on.
     r.client = controller;

@@ -114,6 +114,38 @@ fn on_three_hosts<R: Send>(
     out.into_iter().map(|(r, _)| r).collect()
 }
 
+/// Message passing (`runs`, pages 0..3), then the lock counter (`rounds` per host, pages
+/// 3..5), on every client's shared region over `addrs`.
+fn mp_then_lock(
+    clients: Vec<Client<AnyTransport>>,
+    addrs: &[RemoteAddr],
+    runs: u64,
+    rounds: u64,
+) -> Vec<((dsm::Litmus, Option<u64>), RegionStats)> {
+    share(clients, addrs, |host, region, barrier| {
+        let w = region.as_atomic_words();
+        let mp = dsm::message_passing(host, w, runs);
+        barrier.wait();
+        (
+            mp,
+            dsm::lock_counter(host, &w[3 * dsm::WORDS..], barrier, rounds),
+        )
+    })
+}
+
+/// No region erred, no message-passing run saw the flag before the data, and every host read
+/// the counter's exact `total`.
+fn check_mp_then_lock(out: &[((dsm::Litmus, Option<u64>), RegionStats)], total: u64, how: &str) {
+    clean(out);
+    let mp: u64 = out.iter().map(|o| o.0.0.forbidden).sum();
+    assert_eq!(mp, 0, "message passing {how}");
+    assert!(
+        out.iter().all(|o| o.0.1 == Some(total)),
+        "the exact total on every host {how}: {:?}",
+        out.iter().map(|o| o.0.1).collect::<Vec<_>>()
+    );
+}
+
 fn rack_pages(rig: &RackRig, pages: usize) -> Vec<RemoteAddr> {
     let server = HostId(rig.rack.hosts[0].host_id);
     let mut owner = rig.client(0);
@@ -328,13 +360,7 @@ fn lost_duplicated_and_reordered_notices_change_no_outcome() {
     });
     // Three clients (kernel UDP, each its own port: three endpoints to the home).
     let clients = (0..3).map(|_| pair_client(&rig.pair, &o)).collect();
-    let out = share(clients, &addrs, |host, region, barrier| {
-        let w = region.as_atomic_words();
-        let mp = dsm::message_passing(host, w, 40);
-        barrier.wait();
-        let lock = dsm::lock_counter(host, &w[3 * dsm::WORDS..], barrier, 30);
-        (mp, lock)
-    });
+    let out = mp_then_lock(clients, &addrs, 40, 30);
     relay.set(Impairment::NONE);
     let back: Vec<u64> = relay.counters[1..]
         .iter()
@@ -345,14 +371,7 @@ fn lost_duplicated_and_reordered_notices_change_no_outcome() {
         back[0] > 0,
         "the relay impaired the home's answers and notices"
     );
-    clean(&out);
-    let mp: u64 = out.iter().map(|o| o.0.0.forbidden).sum();
-    assert_eq!(mp, 0, "message passing through a lossy link");
-    assert!(
-        out.iter().all(|o| o.0.1 == Some(90)),
-        "the exact total on every host: {:?}",
-        out.iter().map(|o| o.0.1).collect::<Vec<_>>()
-    );
+    check_mp_then_lock(&out, 90, "through a lossy link");
     let failed = rig.client.free_all(&addrs);
     assert!(failed.is_empty(), "{failed:?}");
 }
@@ -448,18 +467,8 @@ fn copies_cross_a_1500_byte_mtu_link_in_segments() {
         .map(|_| rig.client.alloc(SERVER, true).unwrap())
         .collect();
     let clients = (0..3).map(|_| pair_client(&rig.pair, &o)).collect();
-    let out = share(clients, &addrs, |host, region, barrier| {
-        let w = region.as_atomic_words();
-        let mp = dsm::message_passing(host, w, 30);
-        barrier.wait();
-        (
-            mp,
-            dsm::lock_counter(host, &w[3 * dsm::WORDS..], barrier, 30),
-        )
-    });
-    clean(&out);
-    assert_eq!(out.iter().map(|o| o.0.0.forbidden).sum::<u64>(), 0);
-    assert!(out.iter().all(|o| o.0.1 == Some(90)));
+    let out = mp_then_lock(clients, &addrs, 30, 30);
+    check_mp_then_lock(&out, 90, "across a 1500-byte MTU");
     let failed = rig.client.free_all(&addrs);
     assert!(failed.is_empty(), "{failed:?}");
 }

@@ -729,8 +729,9 @@ impl<B: Backing> Handler<B> {
         }
     }
 
-    /// Writes dirty `page` back, leaving it resident, clean and write-protected. On failure it
-    /// stays dirty (and write-protected: a write faults and makes it writable again).
+    /// Writes dirty `page` back (to the backing, or for a shared region to the home, keeping
+    /// the write copy), leaving it resident, clean and write-protected. On failure it stays
+    /// dirty (and write-protected: a write faults and makes it writable again).
     fn write_back(&mut self, page: usize) -> Result<(), RegionError> {
         // Protect first: from here on no write can slip in between the copy and the store.
         self.faults
@@ -741,9 +742,13 @@ impl<B: Backing> Handler<B> {
                 errno,
             })?;
         self.mapping.read_present(page, &mut self.buf);
-        self.backing
-            .store(page, &self.buf)
-            .map_err(|source| RegionError::WriteBack { page, source })?;
+        if self.shared.is_some() {
+            self.store_copy(page)?;
+        } else {
+            self.backing
+                .store(page, &self.buf)
+                .map_err(|source| RegionError::WriteBack { page, source })?;
+        }
         self.state[page] = PageState::Clean;
         self.counters.writebacks.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -796,12 +801,7 @@ impl<B: Backing> Handler<B> {
             .collect();
         let mut first = Ok(());
         for &p in &dirty {
-            let written = if self.shared.is_some() {
-                self.write_back_copy(p)
-            } else {
-                self.write_back(p)
-            };
-            if let Err(e) = written {
+            if let Err(e) = self.write_back(p) {
                 if first.is_ok() {
                     first = Err(RegionError::WriteBack {
                         page: p,

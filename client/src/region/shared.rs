@@ -513,27 +513,18 @@ impl<B: Backing> Handler<B> {
         self.shared().groups[group].copies = 0;
     }
 
-    /// Writes dirty write copy `page` back, keeping it (clean, write-protected: the next write
-    /// faults and makes it writable again without asking the home).
-    pub(super) fn write_back_copy(&mut self, page: usize) -> Result<(), RegionError> {
-        self.faults
-            .protect(&self.mapping, page)
-            .map_err(|errno| RegionError::Kernel {
-                call: "UFFDIO_WRITEPROTECT",
-                page,
-                errno,
-            })?;
-        self.mapping.read_present(page, &mut self.buf);
+    /// Writes write copy `page` back from the page buffer, keeping it: it stays the writer's
+    /// (clean and write-protected, the next write faults and makes it writable again without
+    /// asking the home; see `upgrade`).
+    pub(super) fn store_copy(&mut self, page: usize) -> Result<(), RegionError> {
         let g = self.shared().generation[page];
         copies(&mut self.backing)
             .put(page, g, Keep::Write, Some(&self.buf))
+            .map(|_| ())
             .map_err(|e| RegionError::WriteBack {
                 page,
                 source: Box::new(e),
-            })?;
-        self.state[page] = PageState::Clean; // still the writer's: see `upgrade`
-        self.counters.writebacks.fetch_add(1, Relaxed);
-        Ok(())
+            })
     }
 
     /// Gives every copy back (closing the region).
