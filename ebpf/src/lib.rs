@@ -18,6 +18,7 @@ use std::os::fd::AsRawFd;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, MapData, PerCpuArray, XskMap};
+use aya::programs::xdp::XdpLinkId;
 use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::{Ebpf, EbpfError};
 
@@ -119,6 +120,20 @@ pub enum XdpError {
     /// The CPUs could not be counted (for per-CPU maps).
     #[error("counting CPUs: {0}")]
     Cpus(#[source] std::io::Error),
+    /// The directory for pins is not on a bpf filesystem.
+    #[error(
+        "{0} is not on a bpf filesystem (mount one first, from the host's mount namespace: \
+         mkdir -p {0} && mount -t bpf bpf {0})"
+    )]
+    NotBpffs(std::path::PathBuf),
+    /// Pinning or adopting a pinned object failed.
+    #[error("{what}: {why}")]
+    Pin {
+        /// What was attempted.
+        what: String,
+        /// Why it failed.
+        why: String,
+    },
     /// An interface that does not exist (in this network namespace).
     #[error("no interface {ifname}: {source}")]
     NoInterface {
@@ -140,15 +155,15 @@ fn attach_xdp(
     name: &str,
     ifname: &str,
     force_generic: bool,
-) -> Result<AttachMode, XdpError> {
-    let mode = if force_generic {
+) -> Result<(AttachMode, XdpLinkId), XdpError> {
+    let driver = if force_generic {
         Err(None)
     } else {
         prog.attach(ifname, XdpMode::Driver)
-            .map(|_| AttachMode::Driver)
+            .map(|id| (AttachMode::Driver, id))
             .map_err(Some)
     };
-    let mode = match mode {
+    let (mode, id) = match driver {
         Ok(m) => m,
         Err(e) => {
             if let Some(e) = e {
@@ -157,16 +172,17 @@ fn attach_xdp(
                     "driver-mode XDP refused; falling back to generic mode (slower)"
                 );
             }
-            prog.attach(ifname, XdpMode::Skb)
+            let id = prog
+                .attach(ifname, XdpMode::Skb)
                 .map_err(|source| XdpError::Program {
                     what: format!("attaching {name} to {ifname}"),
                     source,
                 })?;
-            AttachMode::Generic
+            (AttachMode::Generic, id)
         }
     };
     tracing::info!(%ifname, ?mode, "{name} attached");
-    Ok(mode)
+    Ok((mode, id))
 }
 
 /// Runs `prog` once on `frame` with `BPF_PROG_TEST_RUN`, as if it arrived on `(ifindex,
@@ -315,7 +331,7 @@ impl Steer {
     /// Attaches to `ifname` in driver mode, or generic mode if the driver refuses (logged as a
     /// warning). With `force_generic` driver mode is not tried.
     pub fn attach(&mut self, ifname: &str, force_generic: bool) -> Result<AttachMode, SteerError> {
-        let mode = attach_xdp(self.program()?, "bb_steer", ifname, force_generic)?;
+        let (mode, _) = attach_xdp(self.program()?, "bb_steer", ifname, force_generic)?;
         self.attached = Some((ifname.to_owned(), mode));
         Ok(mode)
     }

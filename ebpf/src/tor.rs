@@ -1,11 +1,14 @@
 //! [`Tor`]: the loader of `tor.bpf.c`, the software top-of-rack switch.
 
 use std::net::Ipv6Addr;
+use std::path::{Path, PathBuf};
 
-use aya::Ebpf;
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, DevMapHash, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf};
 use aya::programs::Xdp;
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::xdp::XdpLink;
+use aya::{Ebpf, EbpfLoader};
 
 use crate::{AttachMode, XdpAction, XdpError, attach_xdp, consts, ifindex, test_run_xdp};
 
@@ -106,7 +109,33 @@ pub struct TorCounters {
     pub freed_lost: u64,
 }
 
-/// The loaded switch program and its maps; dropping it detaches it from every port.
+/// The switch's maps, pinned under [`Tor::load_pinned`]'s directory by these names.
+const MAPS: [&str; 9] = [
+    "routes",
+    "sources",
+    "tx_ports",
+    "tor_counters",
+    "route_stats",
+    "port_stats",
+    "page_stats",
+    "freed",
+    "tor_config",
+];
+
+/// Where a pinned switch keeps its pins, and whether they outlive the [`Tor`].
+#[derive(Debug)]
+struct Pins {
+    dir: PathBuf,
+    /// Keep the pins (and so the switch) when the `Tor` is dropped.
+    keep: bool,
+    /// An exclusive lock on `dir`: one switch per directory, released by the kernel however
+    /// this process ends.
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// The loaded switch program and its maps. Dropping it detaches it from every port and
+/// removes its pins, unless [`Tor::keep_pinned`] said otherwise; a process that dies without
+/// dropping it (SIGKILL, a crash) leaves a pinned switch forwarding.
 pub struct Tor {
     ebpf: Ebpf,
     routes: LpmTrie<MapData, [u8; 16], [u8; ROUTE_SIZE]>,
@@ -119,6 +148,7 @@ pub struct Tor {
     freed: RingBuf<MapData>,
     config: Array<MapData, u32>,
     ports: Vec<(String, u32, AttachMode)>,
+    pins: Option<Pins>,
 }
 
 fn map_err(what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> XdpError {
@@ -129,7 +159,62 @@ fn map_err(what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> XdpEr
 impl Tor {
     /// Loads the program into the kernel (no port yet).
     pub fn load() -> Result<Self, XdpError> {
-        let mut ebpf = Ebpf::load(TOR_OBJ).map_err(|source| XdpError::Load {
+        Self::load_with(&mut EbpfLoader::new(), None)
+    }
+
+    /// Loads the program with its maps and port links pinned in `dir` (on a bpf filesystem),
+    /// so that the switch keeps forwarding when this process dies. If `dir` holds a switch
+    /// pinned earlier, it is adopted: its maps (routes, sources, counters, everything) are
+    /// reused as they are and its ports' links switched atomically to the new program
+    /// (`bpf_link_update`: not one frame goes unswitched). Returns the switch and whether it
+    /// was adopted.
+    pub fn load_pinned(dir: &Path) -> Result<(Self, bool), XdpError> {
+        let pin_err = |what: String| {
+            move |e: std::io::Error| XdpError::Pin {
+                what,
+                why: e.to_string(),
+            }
+        };
+        std::fs::create_dir_all(dir).map_err(pin_err(format!("creating {}", dir.display())))?;
+        let fs = nix::sys::statfs::statfs(dir).map_err(|e| XdpError::Pin {
+            what: format!("statfs {}", dir.display()),
+            why: e.to_string(),
+        })?;
+        if fs.filesystem_type() != nix::sys::statfs::BPF_FS_MAGIC {
+            return Err(XdpError::NotBpffs(dir.to_owned()));
+        }
+        let lock = std::fs::File::open(dir)
+            .map_err(pin_err(format!("opening {}", dir.display())))
+            .and_then(|f| {
+                nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+                    |(_, e)| XdpError::Pin {
+                        what: format!("locking {}", dir.display()),
+                        why: format!("{e}: another controller holds this switch"),
+                    },
+                )
+            })?;
+        let adopted = dir.join(MAPS[0]).exists();
+        let mut loader = EbpfLoader::new();
+        let paths: Vec<PathBuf> = MAPS.iter().map(|m| dir.join(m)).collect();
+        for (m, p) in MAPS.iter().zip(&paths) {
+            loader.map_pin_path(m, p.as_path());
+        }
+        let mut t = Self::load_with(
+            &mut loader,
+            Some(Pins {
+                dir: dir.to_owned(),
+                keep: false,
+                _lock: lock,
+            }),
+        )?;
+        if adopted {
+            t.adopt_links(dir)?;
+        }
+        Ok((t, adopted))
+    }
+
+    fn load_with(loader: &mut EbpfLoader<'_>, pins: Option<Pins>) -> Result<Self, XdpError> {
+        let mut ebpf = loader.load(TOR_OBJ).map_err(|source| XdpError::Load {
             object: "tor.bpf.o",
             source,
         })?;
@@ -159,12 +244,77 @@ impl Tor {
             freed,
             config,
             ports: Vec::new(),
+            pins,
         };
         t.program()?.load().map_err(|source| XdpError::Program {
             what: "loading bb_tor".into(),
             source,
         })?;
         Ok(t)
+    }
+
+    /// The pin of a port's link: `port_<drv|skb>_<ifname>`, each `.` of the name written
+    /// `:` (bpffs refuses dots in names; interface names never hold a colon).
+    fn link_pin(dir: &Path, ifname: &str, mode: AttachMode) -> PathBuf {
+        let m = match mode {
+            AttachMode::Driver => "drv",
+            AttachMode::Generic => "skb",
+        };
+        dir.join(format!("port_{m}_{}", ifname.replace('.', ":")))
+    }
+
+    /// Switches every pinned port link in `dir` to this program. A link whose interface is
+    /// gone is unpinned (the kernel detached it with the interface).
+    fn adopt_links(&mut self, dir: &Path) -> Result<(), XdpError> {
+        let entries = std::fs::read_dir(dir).map_err(|e| XdpError::Pin {
+            what: format!("listing {}", dir.display()),
+            why: e.to_string(),
+        })?;
+        let mut found = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let (mode, ifname) = if let Some(n) = name.strip_prefix("port_drv_") {
+                (AttachMode::Driver, n.replace(':', "."))
+            } else if let Some(n) = name.strip_prefix("port_skb_") {
+                (AttachMode::Generic, n.replace(':', "."))
+            } else {
+                continue;
+            };
+            found.push((e.path(), mode, ifname));
+        }
+        found.sort_by(|a, b| a.2.cmp(&b.2));
+        for (path, mode, ifname) in found {
+            let Ok(idx) = ifindex(&ifname) else {
+                tracing::warn!(%ifname, "a pinned port's interface is gone; unpinning its link");
+                let _ = std::fs::remove_file(&path);
+                continue;
+            };
+            let pin_err = |why: String| XdpError::Pin {
+                what: format!("adopting the link of port {ifname} ({})", path.display()),
+                why,
+            };
+            let pinned = PinnedLink::from_pin(&path).map_err(|e| pin_err(why(&e)))?;
+            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| pin_err(why(&e)))?;
+            self.program()?
+                .attach_to_link(link)
+                .map_err(|e| pin_err(why(&e)))?;
+            tracing::debug!(%ifname, ?mode, "bb_tor adopted a pinned port");
+            self.ports.push((ifname, idx, mode));
+        }
+        Ok(())
+    }
+
+    /// Leaves the switch forwarding (maps and port links pinned) after this `Tor` is dropped,
+    /// for a later [`Tor::load_pinned`] to adopt. No effect on an unpinned switch.
+    pub fn keep_pinned(&mut self) {
+        if let Some(p) = &mut self.pins {
+            p.keep = true;
+        }
+    }
+
+    /// The pin directory, if pinned.
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pins.as_ref().map(|p| p.dir.as_path())
     }
 
     fn program(&mut self) -> Result<&mut Xdp, XdpError> {
@@ -194,7 +344,21 @@ impl Tor {
                 .insert(u64::from(idx) << 1 | dir, zero_stats()?, 0)
                 .map_err(map_err(format!("counters of port {ifname}")))?;
         }
-        let mode = attach_xdp(self.program()?, "bb_tor", ifname, force_generic)?;
+        let (mode, id) = attach_xdp(self.program()?, "bb_tor", ifname, force_generic)?;
+        if let Some(dir) = self.pins.as_ref().map(|p| p.dir.clone()) {
+            let path = Self::link_pin(&dir, ifname, mode);
+            let pin_err = |why: String| XdpError::Pin {
+                what: format!("pinning the link of port {ifname} at {}", path.display()),
+                why,
+            };
+            let link = self
+                .program()?
+                .take_link(id)
+                .map_err(|e| pin_err(why(&e)))?;
+            let fd = FdLink::try_from(link).map_err(|e| pin_err(why(&e)))?;
+            // The pin holds the link; the descriptor closes here.
+            drop(fd.pin(&path).map_err(|e| pin_err(why(&e)))?);
+        }
         self.ports.push((ifname.to_owned(), idx, mode));
         Ok(idx)
     }
@@ -405,10 +569,41 @@ fn source_key(ifindex: u32, network: Ipv6Addr, len: u8) -> Result<Key<[u8; 20]>,
     Ok(Key::new(32 + u32::from(len), data))
 }
 
+impl Drop for Tor {
+    fn drop(&mut self) {
+        let Some(p) = &self.pins else { return };
+        if p.keep {
+            tracing::info!(dir = %p.dir.display(), "switch left forwarding, pinned");
+            return;
+        }
+        // The links detach when their last reference goes: the pin here, the program's
+        // descriptor as the fields drop.
+        for &(ref ifname, _, mode) in &self.ports {
+            let _ = std::fs::remove_file(Self::link_pin(&p.dir, ifname, mode));
+        }
+        for m in MAPS {
+            let _ = std::fs::remove_file(p.dir.join(m));
+        }
+        let _ = std::fs::remove_dir(&p.dir);
+    }
+}
+
 impl std::fmt::Debug for Tor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tor")
             .field("ports", &self.ports)
             .finish_non_exhaustive()
     }
+}
+
+/// An error and its causes, for a pin that failed (aya's own text names only the syscall).
+fn why(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
 }

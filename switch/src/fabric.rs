@@ -54,6 +54,14 @@ pub trait Fabric: Send {
     fn hot_pages(&self, _top: usize) -> Result<Vec<(Ipv6Addr, PageTraffic)>, CtlError> {
         Ok(Vec::new())
     }
+    /// The ports it holds already (a pinned XDP switch adopted from an earlier controller):
+    /// name and interface index.
+    fn ports(&self) -> Vec<(String, u32)> {
+        Vec::new()
+    }
+    /// Keeps forwarding after the controller exits (a pinned XDP switch; the kernel's table
+    /// always does).
+    fn keep_forwarding(&mut self) {}
 }
 
 impl Fabric for Tor {
@@ -98,6 +106,48 @@ impl Fabric for Tor {
     }
     fn hot_pages(&self, top: usize) -> Result<Vec<(Ipv6Addr, PageTraffic)>, CtlError> {
         Ok(Tor::hot_pages(self, top)?)
+    }
+    fn ports(&self) -> Vec<(String, u32)> {
+        Tor::ports(self)
+            .iter()
+            .map(|(n, i, _)| (n.clone(), *i))
+            .collect()
+    }
+    fn keep_forwarding(&mut self) {
+        self.keep_pinned();
+    }
+}
+
+/// No forwarding plane: a controller between two lives (see [`crate::Controller::detached`]).
+/// It holds no routes and refuses every change.
+#[derive(Debug, Default)]
+pub struct Detached;
+
+fn detached() -> CtlError {
+    CtlError::Invalid("this controller has no switch".into())
+}
+
+impl Fabric for Detached {
+    fn kind(&self) -> &'static str {
+        "detached"
+    }
+    fn add_port(&mut self, _: &str, _: bool) -> Result<u32, CtlError> {
+        Err(detached())
+    }
+    fn allow_source(&mut self, _: u32, _: Ipv6Addr, _: u8) -> Result<(), CtlError> {
+        Err(detached())
+    }
+    fn disallow_source(&mut self, _: u32, _: Ipv6Addr, _: u8) -> Result<(), CtlError> {
+        Err(detached())
+    }
+    fn add_route(&mut self, _: Ipv6Addr, _: u8, _: Route) -> Result<(), CtlError> {
+        Err(detached())
+    }
+    fn remove_route(&mut self, _: Ipv6Addr, _: u8) -> Result<(), CtlError> {
+        Err(detached())
+    }
+    fn routes(&self) -> Result<Vec<(Ipv6Addr, u8, Route)>, CtlError> {
+        Ok(Vec::new())
     }
 }
 

@@ -7,12 +7,14 @@
 #![forbid(unsafe_code)]
 
 pub mod actions;
+mod adopt;
 pub mod api;
 pub mod fabric;
 mod supervise;
 #[cfg(test)]
 mod tests;
 
+pub use adopt::Adoption;
 pub use supervise::{SuperviseConfig, supervise};
 
 use std::collections::{BTreeMap, HashMap};
@@ -196,6 +198,9 @@ pub struct Controller {
     link_port_mac: Option<[u8; 6]>,
     /// Freed pages reported to the clients.
     invalidations: u64,
+    /// Adopted a switch and not every live host has answered or missed a check yet: the
+    /// adopted placement stands until then (one STAT must not move it to the only host heard).
+    settling: bool,
 }
 
 /// INVALIDATE notices to send: the pages freed and the client links to tell.
@@ -312,6 +317,12 @@ impl Controller {
         ))
     }
 
+    /// A controller with no switch (it holds no hosts and refuses every change): what stands
+    /// in for one that is being restarted.
+    pub fn detached(prefix: NetPrefix) -> Self {
+        Self::with_fabric(prefix, Box::new(fabric::Detached), false)
+    }
+
     fn with_fabric(prefix: NetPrefix, fabric: Box<dyn Fabric>, force_generic: bool) -> Self {
         Controller {
             fabric,
@@ -326,6 +337,7 @@ impl Controller {
             page_routes: BTreeMap::new(),
             link_port_mac: None,
             invalidations: 0,
+            settling: false,
         }
     }
 
@@ -625,6 +637,13 @@ impl Controller {
     /// Points the "any server" /48 at the live host with the lowest arena occupancy (or makes
     /// it answer UNREACHABLE when none is live). Returns the chosen host.
     pub fn place(&mut self) -> Result<Option<u16>, CtlError> {
+        if self.settling {
+            let heard = |h: &Host| h.health.down || h.health.pages_total > 0 || h.health.misses > 0;
+            if !self.hosts.values().all(heard) {
+                return Ok(self.placement);
+            }
+            self.settling = false;
+        }
         let best = self
             .hosts
             .iter()

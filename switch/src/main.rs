@@ -73,6 +73,20 @@ enum Cmd {
         /// answered UNREACHABLE by the switch).
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
         health_misses: u32,
+        /// Pin the switch's maps and port links in this directory (on a bpf filesystem, which
+        /// must be mounted from the host's mount namespace, not inside `ip netns exec`): if
+        /// this daemon dies the switch keeps forwarding, and the next daemon started with the
+        /// same directory adopts it without touching traffic. Default: /run/bluebridge/bpf/
+        /// and the control socket's file name.
+        #[arg(long, conflicts_with = "no_pin")]
+        pin_dir: Option<PathBuf>,
+        /// Do not pin: the switch goes with this daemon.
+        #[arg(long)]
+        no_pin: bool,
+        /// On SIGINT/SIGTERM, exit leaving the pinned switch forwarding (for a restart or an
+        /// upgrade of the controller) instead of detaching it and removing its pins.
+        #[arg(long, conflicts_with = "no_pin")]
+        keep_switch: bool,
     },
     /// Is the daemon there?
     Ping,
@@ -160,17 +174,55 @@ fn main() -> Result<()> {
             link_port,
             health_interval_ms,
             health_misses,
+            pin_dir,
+            no_pin,
+            keep_switch,
         } => {
             let stop = Arc::new(AtomicBool::new(false));
             for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
                 signal_hook::flag::register(sig, stop.clone())?;
             }
-            let mut ctl = match backend {
-                Backend::Xdp => Controller::new(prefix, pass_other, generic)
+            let pin_dir = (backend == Backend::Xdp && !no_pin).then(|| {
+                pin_dir.unwrap_or_else(|| {
+                    let stem = cli.socket.file_stem().unwrap_or_default();
+                    PathBuf::from("/run/bluebridge/bpf").join(stem)
+                })
+            });
+            let mut adopted = None;
+            let mut ctl = match (backend, &pin_dir) {
+                (Backend::Xdp, Some(dir)) => {
+                    let (c, a) = Controller::new_pinned(prefix, pass_other, generic, dir)
+                        .with_context(|| {
+                            format!(
+                                "loading the switch program pinned in {} (needs root, in the \
+                                 switch namespace; --no-pin runs without pins)",
+                                dir.display()
+                            )
+                        })?;
+                    adopted = a;
+                    c
+                }
+                (Backend::Xdp, None) => Controller::new(prefix, pass_other, generic)
                     .context("loading the switch program (needs root, in the switch namespace)")?,
-                Backend::Kernel => Controller::new_kernel(prefix)
+                (Backend::Kernel, _) => Controller::new_kernel(prefix)
                     .context("programming the kernel's forwarding table (needs root)")?,
             };
+            if let Some(a) = &adopted {
+                println!(
+                    "bluebridge-ctl: adopted the switch pinned in {}: {} host(s) ({} withdrawn), \
+                     {} client link(s), {} migrated page(s), {} port(s), in {:.1} ms",
+                    pin_dir
+                        .as_deref()
+                        .unwrap_or(std::path::Path::new("?"))
+                        .display(),
+                    a.hosts,
+                    a.withdrawn,
+                    a.client_links,
+                    a.page_routes,
+                    a.ports,
+                    a.elapsed_us / 1e3
+                );
+            }
             ctl.set_misses_allowed(health_misses);
             let linked = match (link, link_port) {
                 (Some(ifname), Some(port)) => {
@@ -198,13 +250,26 @@ fn main() -> Result<()> {
                     "; no link: no health checks or placement".into()
                 }
             );
-            api::serve(ctl, &cli.socket, &stop)
+            api::serve(ctl.clone(), &cli.socket, &stop)
                 .with_context(|| format!("serving {}", cli.socket.display()))?;
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
             if let Some(s) = supervisor {
                 let _ = s.join();
             }
-            println!("bluebridge-ctl: stopped; switch program detached");
+            if keep_switch {
+                if let Ok(mut c) = ctl.lock() {
+                    c.keep_forwarding();
+                }
+                println!(
+                    "bluebridge-ctl: stopped; the switch keeps forwarding, pinned in {}",
+                    pin_dir
+                        .as_deref()
+                        .unwrap_or(std::path::Path::new("?"))
+                        .display()
+                );
+            } else {
+                println!("bluebridge-ctl: stopped; switch program detached");
+            }
             return Ok(());
         }
         Cmd::Ping => Request::Ping,

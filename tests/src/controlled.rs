@@ -27,6 +27,9 @@ pub struct RackOptions {
     pub kernel: bool,
     /// Workers (shards) per server.
     pub queues: u32,
+    /// Pin the switch (under [`bluebridge_topology::PIN_BASE`]) so the controller can be
+    /// killed and restarted ([`ControlledRack::restart_controller`]).
+    pub pinned: bool,
 }
 
 impl Default for RackOptions {
@@ -37,6 +40,7 @@ impl Default for RackOptions {
             interval: None,
             kernel: false,
             queues: 1,
+            pinned: false,
         }
     }
 }
@@ -51,7 +55,18 @@ pub struct ControlledRack {
     supervisor: Option<std::thread::JoinHandle<()>>,
     /// The topology.
     pub rack: Rack,
-    queues: u32,
+    opts: RackOptions,
+}
+
+/// What [`ControlledRack::restart_controller`] saw.
+#[derive(Debug)]
+pub struct Restart {
+    /// What the new controller adopted.
+    pub adoption: bluebridge_switch::Adoption,
+    /// The switch's routes when the old one died.
+    pub routes: Vec<bluebridge_switch::RouteInfo>,
+    /// Where new pages went then.
+    pub placement: Option<u16>,
 }
 
 /// The controller's registration of rack host `h`, with its client link if `client`.
@@ -72,45 +87,51 @@ impl ControlledRack {
         let rack = Rack::create_multiqueue(&unique("bbt"), o.hosts, 9000, o.queues)
             .expect("creating the rack (needs root)");
         let stop = Arc::new(AtomicBool::new(false));
-        let (ctl_tx, ctl_rx) = std::sync::mpsc::channel();
-        let (sw, hosts, stop2) = (rack.switch.clone(), rack.hosts.clone(), stop.clone());
-        let link = LinkSpec {
-            ifname: rack.controller_if.clone(),
-            port: rack.controller_port.clone(),
-        };
-        // The supervisor must live in the switch namespace, so it is this thread.
-        let thread = std::thread::spawn(move || {
-            bluebridge_topology::enter(&sw).expect("entering the switch namespace");
-            let mut ctl = if o.kernel {
-                Controller::new_kernel(NetPrefix::DEFAULT).expect("the kernel backend")
-            } else {
-                Controller::new(NetPrefix::DEFAULT, false, false).expect("the XDP switch")
-            };
-            for (i, h) in hosts.iter().enumerate() {
-                ctl.register(host_spec(h, i < o.clients))
-                    .expect("registering a host");
-            }
-            ctl.set_misses_allowed(2);
-            ctl.attach_link(&link).expect("the controller's link");
-            let ctl = Arc::new(Mutex::new(ctl));
-            ctl_tx.send(ctl.clone()).expect("the test thread");
-            if let Some(interval) = o.interval {
-                supervise(&ctl, SuperviseConfig { interval }, &stop2);
-            }
-        });
-        let ctl = ctl_rx.recv().expect("the controller's set-up");
-        let supervisor = if o.interval.is_some() {
-            Some(thread)
-        } else {
-            thread.join().expect("the controller's set-up");
-            None
-        };
+        let (ctl, supervisor, adopted) = start_controller(&rack, o, &stop);
+        assert!(adopted.is_none(), "a new rack's pin directory was empty");
         ControlledRack {
             ctl,
             stop,
             supervisor,
             rack,
-            queues: o.queues,
+            opts: o,
+        }
+    }
+
+    /// The pinned switch's directory.
+    pub fn pin_dir(&self) -> std::path::PathBuf {
+        pin_dir(&self.rack)
+    }
+
+    /// Kills the controller as a crash would (its supervisor stops, the process's part of the
+    /// switch goes, the pinned switch stays), leaves the rack without one for `downtime`, and
+    /// starts a new controller, which adopts the pinned switch. Every other handle on
+    /// [`ControlledRack::ctl`] must be dropped first.
+    pub fn restart_controller(&mut self, downtime: Duration) -> Restart {
+        assert!(self.opts.pinned, "restarting needs RackOptions::pinned");
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.supervisor.take() {
+            t.join().expect("the supervisor");
+        }
+        let detached = Controller::detached(NetPrefix::DEFAULT);
+        let old = std::mem::replace(&mut self.ctl, Arc::new(Mutex::new(detached)));
+        let mut old = Arc::try_unwrap(old)
+            .expect("no other handle on the controller")
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let routes = old.routes().expect("the old controller's routes");
+        let placement = old.status().iter().find(|s| s.placement).map(|s| s.id);
+        old.keep_forwarding();
+        drop(old);
+        std::thread::sleep(downtime);
+        self.stop = Arc::new(AtomicBool::new(false));
+        let (ctl, supervisor, adopted) = start_controller(&self.rack, self.opts, &self.stop);
+        self.ctl = ctl;
+        self.supervisor = supervisor;
+        Restart {
+            adoption: adopted.expect("the pinned switch was adopted"),
+            routes,
+            placement,
         }
     }
 
@@ -125,7 +146,7 @@ impl ControlledRack {
                 sched_idle: false,
                 hugepages: false,
                 accept_routed: true,
-                queues: (0..self.queues).collect(),
+                queues: (0..self.opts.queues).collect(),
                 ..ServerConfig::new(&h.server_if, HostId(h.host_id))
             },
         )
@@ -154,6 +175,71 @@ impl ControlledRack {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+}
+
+fn pin_dir(rack: &Rack) -> std::path::PathBuf {
+    std::path::Path::new(bluebridge_topology::PIN_BASE).join(&rack.switch)
+}
+
+type Started = (
+    Arc<Mutex<Controller>>,
+    Option<std::thread::JoinHandle<()>>,
+    Option<bluebridge_switch::Adoption>,
+);
+
+/// Starts a controller for `rack` in its switch namespace: a new one registers the hosts, one
+/// that adopted a pinned switch keeps what it found; either attaches its link and (with an
+/// interval) supervises until `stop`.
+fn start_controller(rack: &Rack, o: RackOptions, stop: &Arc<AtomicBool>) -> Started {
+    let (ctl_tx, ctl_rx) = std::sync::mpsc::channel();
+    let (sw, hosts, stop2) = (rack.switch.clone(), rack.hosts.clone(), stop.clone());
+    let link = LinkSpec {
+        ifname: rack.controller_if.clone(),
+        port: rack.controller_port.clone(),
+    };
+    let pins = o.pinned.then(|| {
+        bluebridge_topology::ensure_pin_base().expect("a bpf filesystem for the pins");
+        pin_dir(rack)
+    });
+    // The supervisor must live in the switch namespace, so it is this thread.
+    let thread = std::thread::spawn(move || {
+        bluebridge_topology::enter(&sw).expect("entering the switch namespace");
+        let (mut ctl, adopted) = match (&pins, o.kernel) {
+            (_, true) => (
+                Controller::new_kernel(NetPrefix::DEFAULT).expect("the kernel backend"),
+                None,
+            ),
+            (Some(dir), false) => Controller::new_pinned(NetPrefix::DEFAULT, false, false, dir)
+                .expect("the pinned XDP switch"),
+            (None, false) => (
+                Controller::new(NetPrefix::DEFAULT, false, false).expect("the XDP switch"),
+                None,
+            ),
+        };
+        if adopted.is_none() {
+            for (i, h) in hosts.iter().enumerate() {
+                ctl.register(host_spec(h, i < o.clients))
+                    .expect("registering a host");
+            }
+        }
+        ctl.set_misses_allowed(2);
+        ctl.attach_link(&link).expect("the controller's link");
+        let ctl = Arc::new(Mutex::new(ctl));
+        ctl_tx
+            .send((ctl.clone(), adopted))
+            .expect("the test thread");
+        if let Some(interval) = o.interval {
+            supervise(&ctl, SuperviseConfig { interval }, &stop2);
+        }
+    });
+    let (ctl, adopted) = ctl_rx.recv().expect("the controller's set-up");
+    let supervisor = if o.interval.is_some() {
+        Some(thread)
+    } else {
+        thread.join().expect("the controller's set-up");
+        None
+    };
+    (ctl, supervisor, adopted)
 }
 
 impl Drop for ControlledRack {

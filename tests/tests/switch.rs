@@ -741,3 +741,129 @@ fn the_controller_lists_a_hosts_owners_and_reclaims_a_gone_clients_pages() {
     );
     drop(servers);
 }
+
+#[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
+fn a_killed_controller_leaves_forwarding_alone_and_its_successor_adopts_the_switch() {
+    let mut rig = ControlledRack::new(RackOptions {
+        hosts: 4,
+        interval: Some(Duration::from_millis(20)),
+        pinned: true,
+        ..RackOptions::default()
+    });
+    let pins = rig.pin_dir();
+    assert!(pins.join("routes").exists(), "the switch's maps are pinned");
+    let second = bluebridge_ebpf::Tor::load_pinned(&pins)
+        .map(|_| ())
+        .unwrap_err();
+    assert!(
+        second.to_string().contains("another controller holds"),
+        "one controller per pinned switch: {second}"
+    );
+    let mut servers = vec![rig.server(1), rig.server(2), rig.server(3)];
+    rig.wait_for("the servers checked", &|c| {
+        (2..=4).all(|id| !status(c, id).health.down && status(c, id).health.pages_total > 0)
+    });
+    let mut c = rig.client(12);
+    // One page migrated (a /112 route to host 3), one on each of hosts 2 and 4.
+    let moved = c.alloc(HostId(2), false).unwrap();
+    let m = bluebridge_switch::actions::migrate(&rig.ctl, &moved.to_ipv6().to_string(), 3)
+        .expect("migration");
+    assert_eq!((m.from, m.to), (2, 3));
+    let pages = [
+        moved,
+        c.alloc(HostId(2), false).unwrap(),
+        c.alloc(HostId(4), false).unwrap(),
+    ];
+    // Checked since (host 2 still counts the page it handed over): placement has settled.
+    rig.wait_for("the pages counted", &|c| {
+        [(2, 2), (3, 1), (4, 1)]
+            .iter()
+            .all(|&(id, n)| status(c, id).health.pages_used == n)
+            && status(c, 3).placement
+    });
+    let counters = rig.ctl.lock().unwrap().counters().unwrap().switch;
+
+    // The controller dies and is gone for 300 ms while the client writes and reads back.
+    let (restarting, during) = (AtomicBool::new(true), std::sync::atomic::AtomicU64::new(0));
+    let mut last = 0u64;
+    let restart = std::thread::scope(|s| {
+        let t = s.spawn(|| {
+            let a = rig.restart_controller(Duration::from_millis(300));
+            restarting.store(false, Ordering::Relaxed);
+            a
+        });
+        while restarting.load(Ordering::Relaxed) {
+            last += 1;
+            for p in pages {
+                c.write(p, 0, &last.to_le_bytes())
+                    .unwrap_or_else(|e| panic!("write {last} to {}: {e}", p.to_ipv6()));
+                let back = c.read_range(p, 0, 8).unwrap();
+                assert_eq!(u64::from_le_bytes(back.try_into().unwrap()), last);
+            }
+            during.fetch_add(1, Ordering::Relaxed);
+        }
+        t.join().expect("the restart")
+    });
+    let during = during.into_inner();
+    let adopted = &restart.adoption;
+    eprintln!("{during} write-read rounds over 3 pages while restarting; adopted: {adopted:?}");
+    assert!(
+        during >= 50,
+        "traffic flowed while no controller ran: {during} rounds"
+    );
+    let st = c.stats();
+    // Nothing failed; retransmits (printed) come only from a slow vCPU, not from the switch.
+    assert_eq!(st.timeouts, 0, "traffic did not notice: {st:?}");
+    eprintln!("client: {st:?}");
+
+    // The new controller found what the old one had built, and the switch kept counting.
+    assert_eq!(adopted.hosts, 4);
+    assert_eq!(adopted.withdrawn, 1, "host 1 runs no server");
+    assert_eq!(adopted.client_links, 1);
+    assert_eq!(adopted.page_routes, 1);
+    assert_eq!(adopted.placement, restart.placement);
+    assert!(adopted.placement.is_some());
+    assert_eq!(rig.ctl.lock().unwrap().routes().unwrap(), restart.routes);
+    let after = rig.ctl.lock().unwrap().counters().unwrap().switch;
+    assert!(
+        after.forwarded >= counters.forwarded + 6 * during,
+        "the pinned switch's counters carried on: {counters:?} → {after:?}"
+    );
+    rig.wait_for("the servers checked again", &|c| {
+        (2..=4).all(|id| !status(c, id).health.down && status(c, id).health.pages_total > 0)
+    });
+    // Heard from every host, it places new pages where the old one did (same occupancy).
+    assert!(status(&rig.ctl.lock().unwrap(), 3).placement);
+    assert_eq!(restart.placement, Some(3));
+    assert_eq!(rig.ctl.lock().unwrap().routes().unwrap(), restart.routes);
+
+    // It governs: pages migrate (the adopted /112 too), a failed host is withdrawn.
+    for (p, to) in [(pages[0], 2u16), (pages[1], 4)] {
+        let m = bluebridge_switch::actions::migrate(&rig.ctl, &p.to_ipv6().to_string(), to)
+            .expect("migration after the restart");
+        assert_eq!(m.to, to);
+        assert_eq!(c.read_range(p, 0, 8).unwrap(), last.to_le_bytes());
+    }
+    assert!(
+        rig.ctl
+            .lock()
+            .unwrap()
+            .routes()
+            .unwrap()
+            .iter()
+            .all(|r| r.prefix != format!("{}/112", pages[0].to_ipv6())),
+        "a page migrated home loses its /112"
+    );
+    drop(servers.remove(2));
+    rig.wait_for("host 4 withdrawn", &|c| status(c, 4).health.down);
+    assert!(matches!(c.read(pages[2]), Err(ClientError::Unreachable)));
+    drop((servers, rig));
+    assert!(
+        !pins.exists(),
+        "a controller that exits normally removes its pins"
+    );
+}

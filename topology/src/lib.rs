@@ -57,6 +57,27 @@ pub fn run(cmd: &mut Command) -> Result<String, TopologyError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Where controllers pin their switches: a bpf filesystem mounted in the host's mount
+/// namespace, so pins made by a daemon inside `ip netns exec` outlive it.
+pub const PIN_BASE: &str = "/run/bluebridge/bpf";
+
+/// Mounts a bpf filesystem at [`PIN_BASE`] unless one is there; returns the path. The mount
+/// stays (it is shared by every rack; each controller's pins live in its own directory and go
+/// with it).
+pub fn ensure_pin_base() -> Result<std::path::PathBuf, TopologyError> {
+    let base = std::path::PathBuf::from(PIN_BASE);
+    let failed = |stderr: String| TopologyError::Command {
+        cmd: format!("mount -t bpf bpf {PIN_BASE}"),
+        stderr,
+    };
+    std::fs::create_dir_all(&base).map_err(|e| failed(e.to_string()))?;
+    let fs = nix::sys::statfs::statfs(&base).map_err(|e| failed(e.to_string()))?;
+    if fs.filesystem_type() != nix::sys::statfs::BPF_FS_MAGIC {
+        run(Command::new("mount").args(["-t", "bpf", "bpf", PIN_BASE]))?;
+    }
+    Ok(base)
+}
+
 fn ip(args: &[&str]) -> Result<String, TopologyError> {
     run(Command::new("ip").args(args))
 }

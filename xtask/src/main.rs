@@ -197,6 +197,26 @@ fn test(fuzz_seconds: u64, no_packages: bool) -> Result<()> {
             ]))
         },
     )?;
+    s.run(
+        "rack smoke run (cargo xtask rack --hosts 4: all clients at once, migrations, the controller killed and restarted under load)",
+        || {
+            stage::status(cargo().args([
+                "xtask",
+                "rack",
+                "--hosts",
+                "4",
+                "--iterations",
+                "100",
+                "--single",
+                "100",
+                "--migrations",
+                "20",
+                "--no-packages",
+                "--out",
+                "target/rack-smoke",
+            ]))
+        },
+    )?;
     if fuzz_seconds > 0 {
         fuzz(&mut s, fuzz_seconds, None)?;
     }

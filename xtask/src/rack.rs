@@ -35,6 +35,11 @@ pub(crate) struct RackArgs {
     /// forwarding table, programmed by the controller over rtnetlink).
     #[arg(long, default_value = "xdp", value_parser = ["xdp", "kernel"])]
     backend: String,
+    /// Skip the controller restart (xdp backend): by default the controller daemon is killed
+    /// with SIGKILL while every client works, left dead for 300 ms, and started again; it
+    /// adopts the pinned switch and the clients must not see a single error.
+    #[arg(long)]
+    no_controller_restart: bool,
     /// Where the JSON reports go.
     #[arg(long, default_value = "results")]
     out: PathBuf,
@@ -47,6 +52,79 @@ const NAME: &str = "bbrack";
 
 /// The controller daemon; interrupted on drop.
 struct Daemon(Child);
+
+impl Daemon {
+    /// Starts `bluebridge-ctl daemon` in the rack's switch namespace and waits until it
+    /// answers on `socket`; returns it and how long that took.
+    fn start(bin: &Path, rack: &Rack, socket: &Path, backend: &str) -> Result<(Daemon, Duration)> {
+        let t = Instant::now();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &rack.switch])
+            .arg(bin.join("bluebridge-ctl"))
+            .arg("--socket")
+            .arg(socket)
+            .arg("daemon")
+            .args(["--backend", backend])
+            .args([
+                "--link",
+                &rack.controller_if,
+                "--link-port",
+                &rack.controller_port,
+            ])
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting bluebridge-ctl")?;
+        let mut d = Daemon(child);
+        loop {
+            let ok = ctl(bin, socket, &["ping"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()?
+                .success();
+            if ok {
+                return Ok((d, t.elapsed()));
+            }
+            if let Some(st) = d.0.try_wait()? {
+                bail!("the controller exited ({st}) before answering");
+            }
+            if t.elapsed() > Duration::from_secs(20) {
+                bail!("the controller did not come up");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills it as a crash would (SIGKILL: nothing of it runs after).
+    fn crash(mut self) -> Result<()> {
+        self.0.kill()?;
+        self.0.wait()?;
+        std::mem::forget(self);
+        Ok(())
+    }
+}
+
+/// Where the daemon serving `socket` pins the switch (its default).
+fn pin_dir(socket: &Path) -> PathBuf {
+    Path::new(bluebridge_topology::PIN_BASE).join(socket.file_stem().unwrap_or_default())
+}
+
+/// Removes switches pinned by earlier runs under `name` whose xtask is gone (their
+/// interfaces went with their namespaces; their maps would stay in memory).
+fn remove_stale_pins(name: &str) {
+    let Ok(dir) = std::fs::read_dir(bluebridge_topology::PIN_BASE) else {
+        return;
+    };
+    for e in dir.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = file.strip_prefix(&format!("{name}-")) else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
 
 impl Drop for Daemon {
     fn drop(&mut self) {
@@ -98,45 +176,19 @@ impl RackLab {
         )?;
         let rack = rack.expect("created");
         let socket = std::env::temp_dir().join(format!("{name}-{}.sock", std::process::id()));
+        if backend == "xdp" {
+            remove_stale_pins(name);
+            bluebridge_topology::ensure_pin_base()?;
+        }
         let mut daemon = None;
         s.run(
             &format!(
-                "controller: bluebridge-ctl daemon in the switch namespace ({backend} backend; health checks, placement)"
+                "controller: bluebridge-ctl daemon in the switch namespace ({backend} backend; health checks, placement; the switch pinned in {})",
+                pin_dir(&socket).display()
             ),
             || {
-                let child = Command::new("ip")
-                    .args(["netns", "exec", &rack.switch])
-                    .arg(bin.join("bluebridge-ctl"))
-                    .arg("--socket")
-                    .arg(&socket)
-                    .arg("daemon")
-                    .args(["--backend", backend])
-                    .args([
-                        "--link",
-                        &rack.controller_if,
-                        "--link-port",
-                        &rack.controller_port,
-                    ])
-                    .stdout(Stdio::inherit())
-                    .stderr(Stdio::inherit())
-                    .spawn()
-                    .context("starting bluebridge-ctl")?;
-                daemon = Some(Daemon(child));
-                let t = Instant::now();
-                loop {
-                    let ok = ctl(bin, &socket, &["ping"])
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .status()?
-                        .success();
-                    if ok {
-                        return Ok(());
-                    }
-                    if t.elapsed() > Duration::from_secs(20) {
-                        bail!("the controller did not come up");
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
+                daemon = Some(Daemon::start(bin, &rack, &socket, backend)?.0);
+                Ok(())
             },
         )?;
         let mut lab = RackLab {
@@ -264,10 +316,10 @@ pub(crate) fn run(a: &RackArgs) -> Result<()> {
     let bin = root().join("target/release");
     let out = root().join(&a.out);
     std::fs::create_dir_all(&out)?;
-    let lab = RackLab::start(&mut s, NAME, a.hosts, &a.backend, &bin, &interrupted)?;
-    let (rack, socket) = (&lab.rack, &lab.socket);
+    let mut lab = RackLab::start(&mut s, NAME, a.hosts, &a.backend, &bin, &interrupted)?;
+    let socket = &lab.socket.clone();
     let layout = out.join("rack-layout.json");
-    std::fs::write(&layout, serde_json::to_string_pretty(&rack.hosts)?)?;
+    std::fs::write(&layout, serde_json::to_string_pretty(&lab.rack.hosts)?)?;
     let report = out.join(format!("rack-{}.json", a.backend));
     s.run(
         &format!(
@@ -289,6 +341,12 @@ pub(crate) fn run(a: &RackArgs) -> Result<()> {
             )
         },
     )?;
+    if a.backend == "xdp" && !a.no_controller_restart {
+        s.run(
+            "controller restart under load: SIGKILL the daemon while all clients work, 300 ms without one, a new daemon adopts the pinned switch",
+            || restart_under_load(&mut lab, &bin, &layout, a.iterations),
+        )?;
+    }
     s.run("host status (bluebridge-ctl status)", || {
         stage::status(&mut ctl(&bin, socket, &["status"]))
     })?;
@@ -308,7 +366,7 @@ pub(crate) fn run(a: &RackArgs) -> Result<()> {
     if a.backend == "kernel" {
         s.run("the switch kernel's tables (ip -6 route / neigh)", || {
             let count = |what: &str| -> Result<usize> {
-                let t = bluebridge_topology::ip_in(&rack.switch, &["-6", what, "show"])?;
+                let t = bluebridge_topology::ip_in(&lab.rack.switch, &["-6", what, "show"])?;
                 Ok(t.lines().filter(|l| !l.trim().is_empty()).count())
             };
             println!(
@@ -326,5 +384,72 @@ pub(crate) fn run(a: &RackArgs) -> Result<()> {
         bail!("namespaces left behind: {left:?}");
     }
     s.finish();
+    Ok(())
+}
+
+/// Kills the controller daemon under load and starts a new one (see `--no-controller-restart`):
+/// the workload (all clients at once, run after run) must see no error and the switch's routes
+/// must be the same before and after.
+fn restart_under_load(lab: &mut RackLab, bin: &Path, layout: &Path, iterations: u32) -> Result<()> {
+    let routes = |lab: &RackLab| -> Result<Vec<u8>> {
+        let o = ctl(bin, &lab.socket, &["--json", "routes"]).output()?;
+        if !o.status.success() {
+            bail!("bluebridge-ctl routes failed");
+        }
+        Ok(o.stdout)
+    };
+    let before = routes(lab)?;
+    // Workload runs back to back until the new controller answers, so clients work
+    // throughout the time without one; every run must end without an error.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (bin, layout, stop) = (bin.to_owned(), layout.to_owned(), stop.clone());
+        std::thread::spawn(move || -> Result<u32> {
+            let mut runs = 0;
+            while runs == 0 || !stop.load(Ordering::Relaxed) {
+                let st = Command::new(bin.join("bluebridge-rack"))
+                    .arg("--layout")
+                    .arg(&layout)
+                    .args(["--iterations", &iterations.to_string(), "--single", "1"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::inherit())
+                    .status()
+                    .context("running the workload")?;
+                runs += 1;
+                if !st.success() {
+                    bail!("workload run {runs} failed across the controller restart ({st})");
+                }
+            }
+            Ok(runs)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let killed = Instant::now();
+    let crashed = lab
+        .daemon
+        .take()
+        .context("the rack has no controller daemon")?
+        .crash();
+    let restarted = crashed.and_then(|()| {
+        println!("      controller killed (SIGKILL)");
+        std::thread::sleep(Duration::from_millis(300));
+        Daemon::start(bin, &lab.rack, &lab.socket, "xdp").map(|(d, up)| (d, up, killed.elapsed()))
+    });
+    stop.store(true, Ordering::Relaxed);
+    let runs = load
+        .join()
+        .map_err(|_| anyhow::anyhow!("the workload thread panicked"))?;
+    let (d, up, down) = restarted?;
+    lab.daemon = Some(d);
+    let runs = runs?;
+    println!(
+        "      new controller answering {:.0} ms after its start ({:.0} ms after the kill); {runs} workload run(s) of {iterations} iterations around it",
+        up.as_secs_f64() * 1e3,
+        down.as_secs_f64() * 1e3,
+    );
+    if routes(lab)? != before {
+        bail!("the switch's routes changed across the restart");
+    }
+    println!("      workload: 0 errors; routes identical before and after");
     Ok(())
 }
