@@ -30,6 +30,9 @@ pub struct RackOptions {
     /// Pin the switch (under [`bluebridge_topology::PIN_BASE`]) so the controller can be
     /// killed and restarted ([`ControlledRack::restart_controller`]).
     pub pinned: bool,
+    /// The registered clients' links pass through relays (`rack.relays`, unimpaired until
+    /// set) that can lose, duplicate and reorder their frames.
+    pub relayed: bool,
 }
 
 impl Default for RackOptions {
@@ -41,6 +44,7 @@ impl Default for RackOptions {
             kernel: false,
             queues: 1,
             pinned: false,
+            relayed: false,
         }
     }
 }
@@ -84,7 +88,8 @@ pub fn host_spec(h: &RackHost, client: bool) -> HostSpec {
 impl ControlledRack {
     /// Builds the rack, registers its hosts and attaches the controller's link.
     pub fn new(o: RackOptions) -> ControlledRack {
-        let rack = Rack::create_multiqueue(&unique("bbt"), o.hosts, 9000, o.queues)
+        let relayed = if o.relayed { o.clients } else { 0 };
+        let rack = Rack::create_relayed(&unique("bbt"), o.hosts, 9000, o.queues, relayed, 7)
             .expect("creating the rack (needs root)");
         let stop = Arc::new(AtomicBool::new(false));
         let (ctl, supervisor, adopted) = start_controller(&rack, o, &stop);

@@ -204,36 +204,20 @@ impl Pair {
         let server_ns = Netns::create(&format!("{name}-s"))?;
         let (cif, sif) = (format!("{name}c"), format!("{name}s"));
         let (cmac, smac) = (mac_for(1, 1), mac_for(2, 1));
-        let q = queues.max(1).to_string();
-        ip(&[
-            "link",
-            "add",
-            &cif,
-            "netns",
-            client_ns.name(),
-            "address",
-            &fmt_mac(cmac),
-            "numtxqueues",
-            &q,
-            "numrxqueues",
-            &q,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &sif,
-            "netns",
-            server_ns.name(),
-            "address",
-            &fmt_mac(smac),
-            "numtxqueues",
-            &q,
-            "numrxqueues",
-            &q,
-        ])?;
-        for (ns, ifname) in [(client_ns.name(), &cif), (server_ns.name(), &sif)] {
-            configure_link(ns, ifname, mtu)?;
-        }
+        veth(
+            VethEnd {
+                ns: client_ns.name(),
+                ifname: &cif,
+                mac: cmac,
+            },
+            VethEnd {
+                ns: server_ns.name(),
+                ifname: &sif,
+                mac: smac,
+            },
+            queues,
+            mtu,
+        )?;
         Ok(Pair {
             client: End {
                 ns: client_ns.name().into(),
@@ -282,44 +266,23 @@ impl Pair {
                 smac,
                 &mb,
                 mac_for(3, 2),
-                server_queues.max(1),
+                server_queues,
             ),
         ] {
-            let q = queues.to_string();
-            ip(&[
-                "link",
-                "add",
-                end,
-                "netns",
-                ns,
-                "address",
-                &fmt_mac(mac),
-                "numtxqueues",
-                &q,
-                "numrxqueues",
-                &q,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                peer,
-                "netns",
-                middle.name(),
-                "address",
-                &fmt_mac(pmac),
-                "numtxqueues",
-                &q,
-                "numrxqueues",
-                &q,
-            ])?;
-        }
-        for (ns, ifname) in [
-            (client_ns.name(), &cif),
-            (server_ns.name(), &sif),
-            (middle.name(), &ma),
-            (middle.name(), &mb),
-        ] {
-            configure_link(ns, ifname, mtu)?;
+            veth(
+                VethEnd {
+                    ns,
+                    ifname: end,
+                    mac,
+                },
+                VethEnd {
+                    ns: middle.name(),
+                    ifname: peer,
+                    mac: pmac,
+                },
+                queues,
+                mtu,
+            )?;
         }
         let relay = Relay::start(middle.name(), &ma, cmac, &mb, smac, seed)?;
         Ok(Pair {
@@ -486,6 +449,53 @@ impl Pair {
     pub fn server_ns(&self) -> &Netns {
         &self._server_ns
     }
+}
+
+/// One end of a veth pair to create: namespace, interface name, MAC.
+pub(crate) struct VethEnd<'a> {
+    pub ns: &'a str,
+    pub ifname: &'a str,
+    pub mac: [u8; 6],
+}
+
+/// Creates a veth pair with `queues` TX and RX queues on each end, then configures both
+/// ends ([`configure_link`]).
+pub(crate) fn veth(
+    a: VethEnd<'_>,
+    b: VethEnd<'_>,
+    queues: u32,
+    mtu: u16,
+) -> Result<(), TopologyError> {
+    let q = queues.max(1).to_string();
+    let (amac, bmac) = (fmt_mac(a.mac), fmt_mac(b.mac));
+    ip(&[
+        "link",
+        "add",
+        a.ifname,
+        "netns",
+        a.ns,
+        "address",
+        &amac,
+        "numtxqueues",
+        &q,
+        "numrxqueues",
+        &q,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b.ifname,
+        "netns",
+        b.ns,
+        "address",
+        &bmac,
+        "numtxqueues",
+        &q,
+        "numrxqueues",
+        &q,
+    ])?;
+    configure_link(a.ns, a.ifname, mtu)?;
+    configure_link(b.ns, b.ifname, mtu)
 }
 
 /// No IPv6 address generation (no link-local, no DAD, no RS), NOARP (no neighbour

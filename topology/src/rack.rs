@@ -6,7 +6,8 @@ use std::net::Ipv6Addr;
 
 use bluebridge_proto::{HostId, NetPrefix};
 
-use crate::{Netns, TopologyError, configure_link, fmt_mac, ip};
+use crate::Relay;
+use crate::{Netns, TopologyError, VethEnd, ip, veth};
 
 /// The /64 of rack host `id`'s client link, inside its /48: `fd00:bb:<id>:ffff::/64` (the
 /// switch routes it to the client link, the rest of the /48 to the server link).
@@ -61,13 +62,19 @@ pub struct Rack {
     pub controller_if: String,
     /// ... and the switch port it is cabled to.
     pub controller_port: String,
-    // Dropped last: hosts first (their veths go with them), then the switch.
+    /// The relays of [`Rack::create_relayed`]'s hosts, in host order: each forwards its host's
+    /// client link and can lose, duplicate and reorder frames (it starts unimpaired).
+    pub relays: Vec<Relay>,
+    // Dropped last: the relays' threads first, then the hosts (their veths go with them), the
+    // relays' namespace, the switch.
     _host_ns: Vec<Netns>,
+    _relay_ns: Option<Netns>,
     _switch_ns: Netns,
 }
 
 /// `02:bb:<kind>:<i hi>:<i lo>:<side>`: readable in captures. Kind 1 server link, 2 client link,
-/// 3 the controller's link; side 1 the host end, 2 the switch port.
+/// 3 the controller's link, 4 a relay's ends (side 1 towards the host, 2 towards the switch);
+/// otherwise side 1 the host end, 2 the switch port.
 fn mac(kind: u8, i: usize, side: u8) -> [u8; 6] {
     [0x02, 0xbb, kind, (i >> 8) as u8, i as u8, side]
 }
@@ -77,6 +84,84 @@ impl Rack {
     /// within 15 bytes for names up to 9 bytes.
     pub fn create(name: &str, hosts: usize, mtu: u16) -> Result<Rack, TopologyError> {
         Self::create_multiqueue(name, hosts, mtu, 1)
+    }
+
+    /// Like [`Rack::create_multiqueue`], and the client links of the first `relayed` hosts
+    /// pass through a relay namespace `<name>-r`: host `i`'s client interface is cabled to
+    /// `<name>r<i>a` there, whose [`Relay`] (seeded `seed + i`) forwards to `<name>r<i>b`,
+    /// cabled to the client's switch port. The hosts see the same MACs and addresses as in a
+    /// plain rack; [`Rack::relays`] impairs their traffic.
+    pub fn create_relayed(
+        name: &str,
+        hosts: usize,
+        mtu: u16,
+        server_queues: u32,
+        relayed: usize,
+        seed: u64,
+    ) -> Result<Rack, TopologyError> {
+        let mut rack = Self::create_multiqueue(name, hosts, mtu, server_queues)?;
+        if relayed == 0 {
+            return Ok(rack);
+        }
+        if relayed > hosts {
+            return Err(TopologyError::Command {
+                cmd: "Rack::create_relayed".into(),
+                stderr: format!("{relayed} relayed hosts of {hosts}"),
+            });
+        }
+        let relay_ns = Netns::create(&format!("{name}-r"))?;
+        for (i, h) in rack.hosts.iter().take(relayed).enumerate() {
+            let (a, b) = (format!("{name}r{i}a"), format!("{name}r{i}b"));
+            // Recable: the client's veth pair is replaced by two pairs through the relay.
+            ip(&["-n", &h.ns, "link", "del", &h.client_if])?;
+            for (end, ns, end_mac, peer, peer_mac) in [
+                (&h.client_if, &h.ns, h.client_mac, &a, mac(4, i, 1)),
+                (
+                    &h.client_port,
+                    &rack.switch,
+                    h.client_port_mac,
+                    &b,
+                    mac(4, i, 2),
+                ),
+            ] {
+                veth(
+                    VethEnd {
+                        ns,
+                        ifname: end,
+                        mac: end_mac,
+                    },
+                    VethEnd {
+                        ns: relay_ns.name(),
+                        ifname: peer,
+                        mac: peer_mac,
+                    },
+                    1,
+                    mtu,
+                )?;
+            }
+            // The switch's XDP redirects into the client port reach the relay only if its end
+            // runs NAPI (veth turns it on with GRO when no XDP program is attached).
+            crate::run(std::process::Command::new("ip").args([
+                "netns",
+                "exec",
+                relay_ns.name(),
+                "ethtool",
+                "-K",
+                &b,
+                "gro",
+                "on",
+            ]))?;
+            rack.relays.push(Relay::start(
+                relay_ns.name(),
+                &a,
+                h.client_mac,
+                &b,
+                h.client_port_mac,
+                seed.wrapping_add(i as u64),
+            )?);
+        }
+        rack._relay_ns = Some(relay_ns);
+        Ok(rack)
     }
 
     /// Like [`Rack::create`], with `server_queues` queues on every host's server link (for
@@ -95,27 +180,20 @@ impl Rack {
         }
         let switch_ns = Netns::create(&format!("{name}-sw"))?;
         let (controller_if, controller_port) = (format!("{name}k"), format!("{name}K"));
-        ip(&[
-            "link",
-            "add",
-            &controller_if,
-            "netns",
-            switch_ns.name(),
-            "address",
-            &fmt_mac(mac(3, 0, 1)),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &controller_port,
-            "netns",
-            switch_ns.name(),
-            "address",
-            &fmt_mac(mac(3, 0, 2)),
-        ])?;
-        for i in [&controller_if, &controller_port] {
-            configure_link(switch_ns.name(), i, mtu)?;
-        }
+        veth(
+            VethEnd {
+                ns: switch_ns.name(),
+                ifname: &controller_if,
+                mac: mac(3, 0, 1),
+            },
+            VethEnd {
+                ns: switch_ns.name(),
+                ifname: &controller_port,
+                mac: mac(3, 0, 2),
+            },
+            1,
+            mtu,
+        )?;
         let mut host_ns = Vec::with_capacity(hosts);
         let mut out = Vec::with_capacity(hosts);
         for i in 0..hosts {
@@ -125,35 +203,20 @@ impl Rack {
                 let host_if = format!("{name}{tag}{i}");
                 let port = format!("{name}{}{i}", tag.to_ascii_uppercase());
                 let (hmac, pmac) = (mac(kind, i, 1), mac(kind, i, 2));
-                let q = if kind == 1 { server_queues.max(1) } else { 1 }.to_string();
-                ip(&[
-                    "link",
-                    "add",
-                    &host_if,
-                    "netns",
-                    ns.name(),
-                    "address",
-                    &fmt_mac(hmac),
-                    "numtxqueues",
-                    &q,
-                    "numrxqueues",
-                    &q,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    &port,
-                    "netns",
-                    switch_ns.name(),
-                    "address",
-                    &fmt_mac(pmac),
-                    "numtxqueues",
-                    &q,
-                    "numrxqueues",
-                    &q,
-                ])?;
-                configure_link(ns.name(), &host_if, mtu)?;
-                configure_link(switch_ns.name(), &port, mtu)?;
+                veth(
+                    VethEnd {
+                        ns: ns.name(),
+                        ifname: &host_if,
+                        mac: hmac,
+                    },
+                    VethEnd {
+                        ns: switch_ns.name(),
+                        ifname: &port,
+                        mac: pmac,
+                    },
+                    if kind == 1 { server_queues } else { 1 },
+                    mtu,
+                )?;
                 links.push((host_if, hmac, port, pmac));
             }
             let [
@@ -179,7 +242,9 @@ impl Rack {
             switch: switch_ns.name().to_owned(),
             controller_if,
             controller_port,
+            relays: Vec::new(),
             _host_ns: host_ns,
+            _relay_ns: None,
             _switch_ns: switch_ns,
         })
     }
