@@ -67,6 +67,10 @@ pub enum ClientError {
     /// again shortly.
     #[error("the page's other copies are being recalled")]
     Recalling,
+    /// FENCED: the replication stream's epoch is over (§5.19); servers answer it to each
+    /// other, a client sees it only from a misdirected frame.
+    #[error("the pages are held by another server now (fenced)")]
+    Fenced,
     /// A status this client does not know.
     #[error("unknown status {0}")]
     UnknownStatus(u16),
@@ -107,6 +111,7 @@ impl ClientError {
             Status::UNREACHABLE => ClientError::Unreachable,
             Status::OTHER_SHARD => ClientError::OtherShard,
             Status::RECALLING => ClientError::Recalling,
+            Status::FENCED => ClientError::Fenced,
             other => ClientError::UnknownStatus(other.0),
         }
     }

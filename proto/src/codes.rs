@@ -157,6 +157,26 @@ wire_code! {
         /// opcode, to the last requester the home answered RECALLING: the copies in its way
         /// are gone, ask again now. A hint: losing it costs only the requester's back-off.
         READY = 0xa5,
+        /// Replication (§5.19), primary → backup: one frame of a primary shard's replication
+        /// stream, to the backup's host address with the stream's shard field in the handle
+        /// (its other bits 0). `request_id` = the frame's sequence number (from 1), `lease` =
+        /// the stream's epoch, payload = records. The backup answers with the highest
+        /// sequence it has applied in order (`request_id` of a reply with this opcode), or
+        /// FENCED once the epoch is over.
+        REPLICATE = 0xb0,
+        /// Controller only, to the address of the host whose pages are to be replicated (its
+        /// holder answers): replicate them to host `operand0` (0: to nobody) under epoch
+        /// `lease`. Idempotent.
+        BACKUP = 0xb1,
+        /// Controller only, to the backup's host address: accept the replication stream of
+        /// host `operand0` under epoch `lease` (an epoch of 0 forgets that host's replica).
+        /// Idempotent.
+        REPLICA = 0xb2,
+        /// Controller only, to the backup's host address: take over the pages of host
+        /// `operand0`, whose holder died, as their holder under epoch `lease`: from now on the
+        /// backup answers for them and refuses the old stream (FENCED). BUSY until every
+        /// shard has taken over; LEASE_EXPIRED if the replica is not in step. Idempotent.
+        PROMOTE = 0xb3,
     }
 }
 
@@ -180,13 +200,17 @@ impl Opcode {
                 | Opcode::GET_SHARED
                 | Opcode::GET_EXCLUSIVE
                 | Opcode::RENEW
+                | Opcode::BACKUP
+                | Opcode::REPLICA
+                | Opcode::PROMOTE
         )
     }
 
-    /// Whether a client may send this opcode as a request: known, and not a notice
-    /// (INVALIDATE travels only from the controller to clients).
+    /// Whether a client may send this opcode as a request: known, not a notice (INVALIDATE
+    /// travels only from the controller to clients) and not a replication stream frame
+    /// (REPLICATE travels between servers, §5.19).
     pub const fn is_request(self) -> bool {
-        self.is_known() && !self.is_notice()
+        self.is_known() && !self.is_notice() && self.0 != Opcode::REPLICATE.0
     }
 
     /// Whether the opcode names a notice a server or the controller sends to clients
@@ -211,6 +235,9 @@ impl Opcode {
                 | Opcode::OWNERS
                 | Opcode::RECLAIM
                 | Opcode::RENEW
+                | Opcode::BACKUP
+                | Opcode::REPLICA
+                | Opcode::PROMOTE
         )
     }
 
@@ -235,6 +262,28 @@ impl Opcode {
                 | Opcode::MIGRATE_IN
                 | Opcode::OWNERS
                 | Opcode::RECLAIM
+                | Opcode::BACKUP
+                | Opcode::REPLICA
+                | Opcode::PROMOTE
+        )
+    }
+
+    /// Whether the request changes nothing a later request could observe, so a replicating
+    /// server need not send it to its backup (§5.19): PING, STAT, READ, READ_BULK, OWNERS
+    /// (and the notices and replication's own messages, which never reach a shard's state).
+    pub const fn is_pure_read(self) -> bool {
+        matches!(
+            self,
+            Opcode::PING | Opcode::STAT | Opcode::READ | Opcode::READ_BULK | Opcode::OWNERS
+        )
+    }
+
+    /// Whether the opcode is one of replication's own (§5.19): the stream and the
+    /// controller's orders. None of them is replicated.
+    pub const fn is_replication(self) -> bool {
+        matches!(
+            self,
+            Opcode::REPLICATE | Opcode::BACKUP | Opcode::REPLICA | Opcode::PROMOTE
         )
     }
 
@@ -316,6 +365,10 @@ wire_code! {
         /// Coherence (§5.18): the page's other copies are being revoked for this request (the
         /// home has sent their holders REVOKE notices); ask again shortly.
         RECALLING = 19,
+        /// Replication (§5.19): the stream's epoch is over — another server holds the pages
+        /// now (the backup was promoted, or the controller moved the stream elsewhere). The
+        /// primary stops answering for them.
+        FENCED = 20,
     }
 }
 

@@ -80,10 +80,11 @@ pub(crate) fn seeds() -> impl Iterator<Item = (&'static str, std::vec::Vec<u8>)>
     use crate::wire::header::BbRepr;
     use crate::{HostId, PageHandle, RemoteAddr};
 
-    // INVALIDATE and REVOKE are notices to clients, not requests.
+    // INVALIDATE and REVOKE are notices to clients, REPLICATE a stream between servers: not
+    // requests.
     Opcode::ALL
         .iter()
-        .filter(|&&op| !op.is_notice())
+        .filter(|&&op| op.is_request())
         .map(|&op| {
             let mut ep = endpoints();
             let handle = if op.is_host_op() {

@@ -268,7 +268,10 @@ impl<'a> Request<'a> {
             | Opcode::FREE
             | Opcode::SHARE
             | Opcode::DETACH
-            | Opcode::RENEW => empty(true)?,
+            | Opcode::RENEW
+            | Opcode::BACKUP
+            | Opcode::REPLICA
+            | Opcode::PROMOTE => empty(true)?,
             Opcode::GET_SHARED | Opcode::GET_EXCLUSIVE => {
                 range(false)?;
                 empty(true)?
@@ -330,6 +333,8 @@ impl<'a> Request<'a> {
                 }
                 empty(true)?
             }
+            // REPLICATE frames are a replication stream (§5.19), taken by a server before it
+            // parses requests; anything else is unknown.
             _ => return Err(RequestError::UnknownOpcode(op)),
         };
         Ok(Request {
@@ -568,11 +573,24 @@ pub struct StatRecord {
     pub revokes: u64,
     /// Coherence requests answered RECALLING (waiting for other copies to go).
     pub recalling: u64,
+    /// Replication (§5.19): the host the answering holder replicates the asked host's pages
+    /// to (0: none).
+    pub backup: u64,
+    /// The epoch of that stream.
+    pub backup_epoch: u64,
+    /// Stream bytes the backup has not acknowledged yet (all shards).
+    pub repl_lag_bytes: u64,
+    /// Replies held now, waiting for the backup.
+    pub repl_held: u64,
+    /// Requests dropped because a stream's window was full.
+    pub repl_window_full: u64,
+    /// Replica shards this server keeps for other hosts, in step with their streams.
+    pub replica_shards: u64,
 }
 
 impl StatRecord {
     /// Length of the record a server sends.
-    pub const LEN: usize = 168;
+    pub const LEN: usize = 216;
     /// Length of the oldest record (the first eight fields); later fields read as 0 when
     /// absent.
     pub const MIN_LEN: usize = 64;
@@ -601,6 +619,12 @@ impl StatRecord {
             self.copy_grants,
             self.revokes,
             self.recalling,
+            self.backup,
+            self.backup_epoch,
+            self.repl_lag_bytes,
+            self.repl_held,
+            self.repl_window_full,
+            self.replica_shards,
         ];
         for (i, v) in f.into_iter().enumerate() {
             put64(buf, i * 8, v);
@@ -633,6 +657,12 @@ impl StatRecord {
             copy_grants: g(18),
             revokes: g(19),
             recalling: g(20),
+            backup: g(21),
+            backup_epoch: g(22),
+            repl_lag_bytes: g(23),
+            repl_held: g(24),
+            repl_window_full: g(25),
+            replica_shards: g(26),
         })
     }
 }
@@ -1237,6 +1267,12 @@ mod tests {
             copy_grants: 19,
             revokes: 20,
             recalling: 21,
+            backup: 22,
+            backup_epoch: 23,
+            repl_lag_bytes: 24,
+            repl_held: 25,
+            repl_window_full: 26,
+            replica_shards: 27,
         };
         let mut b = [0u8; StatRecord::LEN + 8];
         s.emit(&mut b);

@@ -20,11 +20,12 @@ use crate::coherence::{DEFAULT_COPY_LEASE_MS, Directory};
 use crate::lease::{ClientKey, Leases};
 use crate::liveness::Liveness;
 use crate::session::{BULK_PAYLOAD_MAX, Lookup, SessionConfig, Sessions, StoredReply};
-use crate::stats::{HostCounters, ShardCounters, Stats};
+use crate::stats::{HostCounters, ReplCounter, ShardCounters, Stats};
 use crate::store::{PageIdx, Store};
 
 mod copies;
 mod owners;
+mod replicate;
 
 pub use owners::DEFAULT_GRACE_MS;
 
@@ -79,6 +80,10 @@ pub struct HandlerConfig {
     pub liveness: Arc<Liveness>,
     /// How long a coherent copy lasts without renewal (§5.18), ms.
     pub copy_lease_ms: u64,
+    /// The controller's replication orders, shared by the handlers of one server (§5.19).
+    pub replication: Arc<crate::replication::Shared>,
+    /// Most bytes of records one replication frame carries (from the MTU).
+    pub max_frame_data: u16,
 }
 
 impl HandlerConfig {
@@ -99,6 +104,8 @@ impl HandlerConfig {
             // As for the lease-id key (lease.rs): no entropy, no server.
             liveness: Arc::new(Liveness::random().expect("random bytes for the liveness key")),
             copy_lease_ms: DEFAULT_COPY_LEASE_MS,
+            replication: Arc::default(),
+            max_frame_data: max_reply_data,
         }
     }
 }
@@ -152,6 +159,14 @@ pub struct Handler {
     directory: Directory,
     /// A READY notice due after the reply being sent (a PUT cleared a waiter's way).
     ready: Option<(RemoteAddr, u64)>,
+    /// This shard's replication stream to its backup (§5.19).
+    outbox: Option<Box<crate::replication::Outbox>>,
+    /// A stream the controller stopped, until the replies it held have gone.
+    orphaned: Option<Box<crate::replication::Outbox>>,
+    /// Twins of other servers' shards this shard keeps as their backup.
+    replicas: Vec<crate::replication::Replica>,
+    /// The version of the orders last acted on.
+    orders_seen: u64,
 }
 
 impl Handler {
@@ -164,13 +179,23 @@ impl Handler {
     /// The handler of `store`'s shard, counting into that shard's entry of `counters` (which
     /// the STAT reply sums over every shard).
     pub fn with_counters(cfg: HandlerConfig, store: Store, counters: Arc<HostCounters>) -> Self {
+        let leases = Leases::new(cfg.lease_capacity, cfg.lease_default_ms, cfg.lease_max_ms);
+        Self::build(cfg, store, counters, leases)
+    }
+
+    fn build(
+        cfg: HandlerConfig,
+        store: Store,
+        counters: Arc<HostCounters>,
+        leases: Leases,
+    ) -> Self {
         let shard = store.shard();
         assert!(shard < counters.len(), "counters for shard {shard}");
         let c = counters.shard(shard);
         c.pages_total.set(u64::from(store.pages_total()));
         c.pages_used.set(u64::from(store.pages_used()));
         Handler {
-            leases: Leases::new(cfg.lease_capacity, cfg.lease_default_ms, cfg.lease_max_ms),
+            leases,
             sessions: Sessions::new(cfg.sessions),
             access: Access::new(cfg.allowed_clients.clone(), cfg.max_owners),
             directory: Directory::new(store.pages_total() as usize, cfg.copy_lease_ms),
@@ -184,6 +209,10 @@ impl Handler {
             adopted: HashMap::new(),
             addressed: HostId(0),
             sweep: owners::Sweep::default(),
+            outbox: None,
+            orphaned: None,
+            replicas: Vec::new(),
+            orders_seen: 0,
         }
     }
 
@@ -229,6 +258,13 @@ impl Handler {
     /// The STAT record of the whole server (every shard's counters summed) as of `now_ns`.
     pub fn stat_record(&self, now_ns: u64) -> StatRecord {
         let t = self.counters.total();
+        let backup = self
+            .cfg
+            .replication
+            .orders()
+            .backups
+            .get(&self.cfg.host.0)
+            .copied();
         StatRecord {
             pages_total: t.pages_total,
             pages_used: t.pages_used,
@@ -251,6 +287,18 @@ impl Handler {
             copy_grants: t.copy_grants,
             revokes: t.revokes,
             recalling: t.recalling,
+            backup: backup.map_or(0, |b| u64::from(b.host.0)),
+            backup_epoch: backup.map_or(0, |b| u64::from(b.epoch)),
+            repl_lag_bytes: t.repl(ReplCounter::LagBytes),
+            repl_held: t.repl(ReplCounter::Held),
+            repl_window_full: t.repl(ReplCounter::WindowFull),
+            replica_shards: self
+                .cfg
+                .replication
+                .replica_states()
+                .iter()
+                .map(|s| u64::from(s.in_step))
+                .sum(),
         }
     }
 
@@ -464,10 +512,16 @@ impl Handler {
 
     /// Handles one parsed message.
     pub fn handle_message(&mut self, f: &Frame<'_>, now_ns: u64, sink: &mut impl FrameSink) {
+        if self.replication_frame(f, now_ns, sink) {
+            return;
+        }
         // First: is it ours? Nothing — not even an error — is answered for another host's
-        // address, or a reply would claim to come from that host.
+        // address, or a reply would claim to come from that host (unless this server took
+        // that host's pages over: then its twin answers).
         let Some(from) = self.answering_address(f.endpoints.dst) else {
-            self.c().dropped_not_for_us.inc();
+            if !self.taken_over_frame(f, now_ns, sink) {
+                self.c().dropped_not_for_us.inc();
+            }
             return;
         };
         if !f.is_reply() && !self.answerable_source(&f.endpoints) {
@@ -531,17 +585,28 @@ impl Handler {
             return;
         }
         self.cfg.liveness.heard(&who.addr, now_ns / 1_000_000);
-
-        if op.is_idempotent() {
-            self.idempotent(&req, who, now_ns, sink);
-        } else if op == Opcode::UPDATE_ACQUIRE {
-            self.acquire(&req, who, now_ns, sink);
-        } else {
-            self.at_most_once(&req, who, now_ns, sink);
-        }
+        self.replicated(f, &req, who, now_ns, sink);
         let c = self.c();
         c.pages_used.set(u64::from(self.store.pages_used()));
         c.leases_held.set(self.leases.in_use());
+    }
+
+    /// Runs a request that passed the common checks.
+    fn dispatch(
+        &mut self,
+        req: &Request<'_>,
+        who: ClientKey,
+        now_ns: u64,
+        sink: &mut impl FrameSink,
+    ) {
+        let op = req.op();
+        if op.is_idempotent() {
+            self.idempotent(req, who, now_ns, sink);
+        } else if op == Opcode::UPDATE_ACQUIRE {
+            self.acquire(req, who, now_ns, sink);
+        } else {
+            self.at_most_once(req, who, now_ns, sink);
+        }
     }
 
     /// A non-idempotent request other than UPDATE_ACQUIRE: run once, its reply kept in the
@@ -798,6 +863,7 @@ impl Handler {
             Opcode::GET_SHARED | Opcode::GET_EXCLUSIVE => self.get_copy(req, who, now_ns, sink),
             Opcode::RENEW => self.renew_copies(req, who, now_ns, sink),
             Opcode::OWNERS => self.list_owners(req, now_ns, sink),
+            Opcode::BACKUP | Opcode::REPLICA | Opcode::PROMOTE => self.order(req, now_ns, sink),
             _ => unreachable!("{op:?} is not idempotent"),
         }
     }

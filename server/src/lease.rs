@@ -80,6 +80,7 @@ pub struct Leases {
     default_ms: u64,
     max_ms: u64,
     stages: Stages,
+    key: [u8; 32],
 }
 
 /// The longest lease a table grants, whatever it is configured with (one day).
@@ -89,11 +90,15 @@ impl Leases {
     /// A table of `capacity` (≤ 65535) leases; leases last `default_ms` unless asked otherwise,
     /// and at most `max_ms` (both capped at [`LEASE_MS_LIMIT`]). The id key is random.
     pub fn new(capacity: u16, default_ms: u64, max_ms: u64) -> Self {
-        let ids = Feistel::random(32).expect("random bytes for the lease-id key");
-        Self::with_key(capacity, default_ms, max_ms, ids)
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).expect("random bytes for the lease-id key");
+        Self::with_key(capacity, default_ms, max_ms, key)
     }
 
-    fn with_key(capacity: u16, default_ms: u64, max_ms: u64, ids: Feistel) -> Self {
+    /// Like [`Leases::new`], under a given id key: a replica's table (docs/protocol.md §5.19)
+    /// must name its leases as the primary's does.
+    pub fn with_key(capacity: u16, default_ms: u64, max_ms: u64, key: [u8; 32]) -> Self {
+        let ids = Feistel::new(key, 32);
         let unused = Slot {
             generation: 0,
             state: State::Unused,
@@ -116,7 +121,13 @@ impl Leases {
             default_ms: default_ms.clamp(1, max_ms),
             max_ms,
             stages: Stages::new(),
+            key,
         }
+    }
+
+    /// The id key (for a replica's INIT record).
+    pub fn key(&self) -> [u8; 32] {
+        self.key
     }
 
     fn id_of(&self, slot: u16, generation: u32) -> u64 {

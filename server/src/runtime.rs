@@ -342,7 +342,7 @@ impl Server {
         };
         let pages = stores.iter().map(Store::pages_total).sum();
 
-        let (steer, attach, sockets, frame_data) = match cfg.transport {
+        let (steer, attach, sockets, frame_data, repl_frame) = match cfg.transport {
             TransportKind::Xdp => {
                 let mut steer = Steer::load()?;
                 steer.add_prefix(cfg.prefix.host_network(cfg.host), HOST_PREFIX_LEN)?;
@@ -382,15 +382,29 @@ impl Server {
                     max_frame_for_mtu(mtu).min(chunk)
                 };
                 let frame_data = max_data_per_frame(max_frame).expect("MTU checked");
-                (Some(steer), Some(attach), Sockets::Xdp(sockets), frame_data)
+                // Replication frames (§5.19) are as long as the link and the socket take.
+                let repl_frame = if sockets[0].multi_buffer() {
+                    max_frame_for_mtu(mtu).min(bluebridge_xsk::MAX_FRAME)
+                } else {
+                    max_frame_for_mtu(mtu).min(chunk)
+                };
+                (
+                    Some(steer),
+                    Some(attach),
+                    Sockets::Xdp(sockets),
+                    frame_data,
+                    repl_frame,
+                )
             }
             TransportKind::Udp => {
                 let sock = crate::udp::bind(cfg)?;
                 let frame_data = max_data_per_frame(max_frame_for_mtu(mtu)).expect("MTU checked");
-                (None, None, Sockets::Udp(sock), frame_data)
+                let repl_frame = max_frame_for_mtu(mtu);
+                (None, None, Sockets::Udp(sock), frame_data, repl_frame)
             }
         };
         let mut hc = HandlerConfig::new(cfg.prefix, cfg.host, frame_data);
+        hc.max_frame_data = (repl_frame - bluebridge_proto::FRAME_OVERHEAD) as u16;
         hc.shards = shards;
         hc.lease_capacity = cfg.max_leases / shards as u16;
         hc.lease_default_ms = cfg.lease_default_ms;
@@ -730,6 +744,11 @@ impl Worker {
                 self.xsk.kick_rx();
                 0
             };
+            if !backed_up {
+                let now = self.common.now_ns();
+                let mut tx = self.xsk.tx();
+                n += self.common.handler.poll_replication(now, &mut tx);
+            }
             if !backed_up && shards > 1 && self.handoff.pending(me) {
                 let now = self.common.now_ns();
                 let h = &mut self.common.handler;
@@ -743,7 +762,11 @@ impl Worker {
             }
             if n == 0 {
                 empty += 1;
-                if self.common.idle && empty >= IDLE_SPINS && self.xsk.tx_in_flight() == 0 {
+                if self.common.idle
+                    && empty >= IDLE_SPINS
+                    && self.xsk.tx_in_flight() == 0
+                    && !self.common.handler.replication_pending()
+                {
                     meter.pause(self.common.counters());
                     self.sleep();
                     meter.resume(self.common.counters());

@@ -24,7 +24,42 @@ pub const MALFORMED_REASONS: [&str; 9] = [
     "other",
 ];
 
-const STATUS_SLOTS: usize = 21;
+const STATUS_SLOTS: usize = 22;
+
+/// Replication's counters (docs/protocol.md §5.19), in [`Stats::repl`] and
+/// [`ShardCounters::repl`] by this index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplCounter {
+    /// Stream frames sent to the backup, retransmissions included.
+    Frames,
+    /// Stream frames sent again after a timeout.
+    Retransmits,
+    /// Requests dropped because the stream's window was full (the client retransmits).
+    WindowFull,
+    /// Replies held now, waiting for the backup (a gauge).
+    Held,
+    /// Stream bytes not yet acknowledged by the backup (a gauge).
+    LagBytes,
+    /// Requests dropped because the stream was fenced (another server holds the pages).
+    Fenced,
+    /// Stream frames taken as a backup (acknowledged, duplicates included).
+    StreamApplied,
+    /// Stream frames (or acknowledgements) dropped: not ordered by the controller, not of
+    /// this shard, from outside the prefix.
+    StreamDropped,
+}
+
+/// The names of [`ReplCounter`]s, in order.
+pub const REPL_COUNTERS: [&str; 8] = [
+    "repl_frames",
+    "repl_retransmits",
+    "repl_window_full",
+    "repl_held",
+    "repl_lag_bytes",
+    "repl_fenced",
+    "replica_frames",
+    "replica_dropped",
+];
 
 /// A snapshot of counters (one shard's, or summed over shards).
 #[derive(Debug, Clone)]
@@ -80,6 +115,8 @@ pub struct Stats {
     /// Gaps between two turns of a worker's loop longer than [`STALL_NS`] (a noisy neighbour,
     /// a starved SCHED_IDLE worker, a kernel thread on its core).
     pub stalls: u64,
+    /// Replication, by [`ReplCounter`].
+    pub repl: [u64; REPL_COUNTERS.len()],
 }
 
 /// A gap in a worker's loop longer than this counts as a stall (1 ms).
@@ -171,6 +208,7 @@ impl Default for Stats {
             zero_copy: 0,
             loop_gap_max_ns: 0,
             stalls: 0,
+            repl: [0; REPL_COUNTERS.len()],
         }
     }
 }
@@ -222,6 +260,12 @@ impl Stats {
             .iter_mut()
             .zip(o.malformed)
             .for_each(|(a, b)| *a += b);
+        self.repl.iter_mut().zip(o.repl).for_each(|(a, b)| *a += b);
+    }
+
+    /// A replication counter.
+    pub fn repl(&self, c: ReplCounter) -> u64 {
+        self.repl[c as usize]
     }
 
     /// Opcodes with a non-zero count, by name.
@@ -347,6 +391,8 @@ pub struct ShardCounters {
     pub zero_copy: Counter,
     /// The shard's socket counters, as its worker last published them.
     pub xsk: [Counter; XskStats::LEN],
+    /// Replication, by [`ReplCounter`].
+    pub repl: [Counter; REPL_COUNTERS.len()],
 }
 
 impl Default for ShardCounters {
@@ -378,6 +424,7 @@ impl Default for ShardCounters {
             leases_held: Counter::default(),
             zero_copy: Counter::default(),
             xsk: counters(),
+            repl: counters(),
         }
     }
 }
@@ -428,6 +475,7 @@ impl ShardCounters {
             pages_total: self.pages_total.get(),
             leases_held: self.leases_held.get(),
             zero_copy: self.zero_copy.get(),
+            repl: read(&self.repl),
         }
     }
 

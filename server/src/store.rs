@@ -92,6 +92,9 @@ pub struct Store {
     free_head: u32,
     used: u32,
     codec: HandleCodec,
+    /// The codec's key: a replica of this store (§5.19) is made under the same one, so it
+    /// hands out and accepts the same handles.
+    key: [u8; 32],
 }
 
 impl std::fmt::Debug for Store {
@@ -117,6 +120,19 @@ impl Store {
     /// on hugepages when `try_huge` and the kernel has them reserved, else on ordinary pages
     /// with a warning. All memory is touched up front (MAP_POPULATE), so a request never faults.
     pub fn for_shard(shard: usize, arena_bytes: u64, try_huge: bool) -> Result<Self, StoreError> {
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).map_err(StoreError::Random)?;
+        Self::with_key(shard, arena_bytes, try_huge, key)
+    }
+
+    /// Like [`Store::for_shard`], under a given handle key: the replica of another server's
+    /// shard (docs/protocol.md §5.19), whose handles must be that server's.
+    pub fn with_key(
+        shard: usize,
+        arena_bytes: u64,
+        try_huge: bool,
+        key: [u8; 32],
+    ) -> Result<Self, StoreError> {
         let shard = u8::try_from(shard)
             .ok()
             .filter(|&s| usize::from(s) < bluebridge_proto::addr::MAX_SHARDS)
@@ -154,8 +170,6 @@ impl Store {
                 (m, Backing::Normal)
             }
         };
-        let mut key = [0u8; 32];
-        getrandom::fill(&mut key).map_err(StoreError::Random)?;
         let codec = HandleCodec::new(key);
         let n = pages as u32;
         let meta = (0..n)
@@ -173,7 +187,18 @@ impl Store {
             free_head: 0,
             used: 0,
             codec,
+            key,
         })
+    }
+
+    /// The handle key (for a replica's INIT record, §5.19).
+    pub fn key(&self) -> [u8; 32] {
+        self.key
+    }
+
+    /// Bytes in the arena.
+    pub fn arena_bytes(&self) -> u64 {
+        self.meta.len() as u64 * PAGE_SIZE as u64
     }
 
     /// The shard this store belongs to.

@@ -125,6 +125,7 @@ impl UdpWorker {
                     tracing::warn!(error = %e, "recvmmsg");
                     0
                 });
+            self.common.handler.poll_replication(now, &mut self.tx);
             if !self.tx.is_empty() {
                 stats.tx_frames += self.tx.len() as u64;
                 self.tx.flush();
@@ -134,7 +135,10 @@ impl UdpWorker {
             self.common.handler.housekeep(now);
             if n == 0 {
                 empty += 1;
-                if self.common.idle && empty >= IDLE_SPINS {
+                if self.common.idle
+                    && empty >= IDLE_SPINS
+                    && !self.common.handler.replication_pending()
+                {
                     let mut fds = [nix::poll::PollFd::new(
                         self.sock.as_fd(),
                         nix::poll::PollFlags::POLLIN,

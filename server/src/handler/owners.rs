@@ -116,6 +116,7 @@ impl Handler {
                 .is_some_and(|(addr, _)| self.cfg.liveness.silent_ms(&addr, now_ms) > grace);
             if still_silent {
                 self.reclaim_page(p);
+                self.log_reclaim(p, now_ms * 1_000_000);
             } else {
                 self.access.set_orphan(owner, false);
             }
@@ -125,7 +126,7 @@ impl Handler {
     }
 
     /// Frees a live page without a FREE (its lease, if any, ends with it).
-    fn reclaim_page(&mut self, p: PageIdx) {
+    pub(super) fn reclaim_page(&mut self, p: PageIdx) {
         self.free_page(p);
         self.c().reclaimed.inc();
     }

@@ -1,0 +1,490 @@
+//! Replication at the handler (docs/protocol.md §5.19): the stream a shard sends its backup,
+//! the replicas a shard keeps for other hosts, and the controller's orders.
+
+use bluebridge_proto::frame::{Frame, FrameSink};
+use bluebridge_proto::replication::{Init, MAX_ALLOWED, Record};
+use bluebridge_proto::{BbRepr, HeaderFlags, HostId, Opcode, RemoteAddr, Request, Status};
+
+use super::{Handler, HandlerConfig, send};
+use crate::access::ClientPrefix;
+use crate::lease::Leases;
+use crate::replication::{Accept, Applied, Capture, Outbox, Replica, Target};
+use crate::session::SessionConfig;
+use crate::stats::ReplCounter;
+use crate::store::{PageIdx, Store, StoreError};
+
+impl Handler {
+    /// The twin of another server's shard, from the INIT record of its stream: the same
+    /// configuration and keys, so it runs the stream to the same state. `base` is this
+    /// server's configuration (prefix, orders, the liveness table, frame size).
+    pub fn from_init(init: &Init, base: &HandlerConfig) -> Result<Handler, StoreError> {
+        let store = Store::with_key(
+            usize::from(init.shard),
+            init.arena_bytes,
+            true,
+            init.handle_key,
+        )?;
+        let cfg = HandlerConfig {
+            host: HostId(init.host),
+            max_reply_data: init.max_reply_data,
+            shards: usize::from(init.shards),
+            sessions: SessionConfig {
+                sessions: init.sessions as usize,
+                idle_ms: init.session_idle_ms,
+                bulk_payloads: init.bulk_payloads as usize,
+                bulk_per_session: init.bulk_per_session,
+                per_address: init.sessions_per_address,
+            },
+            lease_capacity: init.lease_capacity,
+            lease_default_ms: init.lease_default_ms,
+            lease_max_ms: init.lease_max_ms,
+            allowed_clients: init.allowed[..usize::from(init.allowed_len)]
+                .iter()
+                .map(|(a, l)| ClientPrefix {
+                    network: (*a).into(),
+                    len: *l,
+                })
+                .collect(),
+            max_owners: init.max_owners as usize,
+            orphan_grace_ms: init.orphan_grace_ms,
+            copy_lease_ms: init.copy_lease_ms,
+            ..base.clone()
+        };
+        let leases = Leases::with_key(
+            cfg.lease_capacity,
+            cfg.lease_default_ms,
+            cfg.lease_max_ms,
+            init.lease_key,
+        );
+        let counters = std::sync::Arc::new(crate::stats::HostCounters::new(cfg.shards));
+        Ok(Self::build(cfg, store, counters, leases))
+    }
+
+    /// The INIT record of this shard's stream: what a twin needs.
+    pub fn init_record(&self) -> Init {
+        let c = &self.cfg;
+        let mut allowed = [([0u8; 16], 0u8); MAX_ALLOWED];
+        for (slot, p) in allowed.iter_mut().zip(&c.allowed_clients) {
+            *slot = (p.network.octets(), p.len);
+        }
+        Init {
+            host: c.host.0,
+            shard: self.shard as u16,
+            shards: c.shards as u16,
+            arena_bytes: self.store.arena_bytes(),
+            max_reply_data: c.max_reply_data,
+            sessions: c.sessions.sessions as u32,
+            session_idle_ms: c.sessions.idle_ms,
+            bulk_payloads: c.sessions.bulk_payloads as u32,
+            bulk_per_session: c.sessions.bulk_per_session,
+            sessions_per_address: c.sessions.per_address,
+            lease_capacity: c.lease_capacity,
+            lease_default_ms: c.lease_default_ms,
+            lease_max_ms: c.lease_max_ms,
+            max_owners: c.max_owners as u32,
+            orphan_grace_ms: c.orphan_grace_ms,
+            copy_lease_ms: c.copy_lease_ms,
+            handle_key: self.store.key(),
+            lease_key: self.leases.key(),
+            allowed,
+            allowed_len: c.allowed_clients.len().min(MAX_ALLOWED) as u8,
+        }
+    }
+
+    /// A twin takes over at `now_ns`: every page owner counts as heard now.
+    pub(crate) fn taken_over(&mut self, now_ns: u64) {
+        let now_ms = now_ns / 1_000_000;
+        for id in 1..self.access.id_limit() {
+            if let Some((addr, _)) = self.access.owner(id) {
+                self.cfg.liveness.heard(&addr, now_ms);
+            }
+        }
+    }
+
+    /// Frees page slot `slot` if it holds a page (a RECLAIM record: the primary's own
+    /// reclamation).
+    pub(crate) fn reclaim_slot(&mut self, slot: u32) {
+        let p = PageIdx(slot);
+        if self.store.owner_of_slot(p, true).is_some() {
+            self.reclaim_page(p);
+        }
+    }
+
+    /// Notes a page the shard reclaimed on its own in its stream.
+    pub(super) fn log_reclaim(&mut self, p: PageIdx, now_ns: u64) {
+        if let Some(o) = self.outbox.as_deref_mut() {
+            o.append(&Record::Reclaim { now_ns, slot: p.0 });
+        }
+    }
+
+    /// Replication's own frames: the stream (a backup's part) and its acknowledgements (a
+    /// primary's). Returns false for anything else.
+    pub(super) fn replication_frame(
+        &mut self,
+        f: &Frame<'_>,
+        now_ns: u64,
+        sink: &mut impl FrameSink,
+    ) -> bool {
+        let Ok(dst) = RemoteAddr::from_ipv6(f.endpoints.dst, self.cfg.prefix) else {
+            return false;
+        };
+        if dst.opcode() != Opcode::REPLICATE || dst.host_id() != self.cfg.host {
+            return false;
+        }
+        let Ok(src) = RemoteAddr::from_ipv6(f.endpoints.src, self.cfg.prefix) else {
+            self.c().repl[ReplCounter::StreamDropped as usize].inc();
+            return true;
+        };
+        let h = f.header;
+        if f.is_reply() {
+            let fenced = h.status == Status::FENCED;
+            match self.outbox.as_deref_mut() {
+                Some(o)
+                    if o.target().host == src.host_id()
+                        && dst.handle().shard_field() == self.shard as u8 + 1 =>
+                {
+                    o.on_ack(h.request_id, fenced, now_ns);
+                }
+                _ => self.c().repl[ReplCounter::StreamDropped as usize].inc(),
+            }
+            return true;
+        }
+        // A stream frame from `src`'s shard, for the twin of it this shard keeps.
+        let shard = src.handle().shard_field().wrapping_sub(1);
+        let epoch = h.lease as u32;
+        let accept = self
+            .cfg
+            .replication
+            .orders()
+            .accepts
+            .get(&src.host_id().0)
+            .copied();
+        let Some(accept) = accept.filter(|a| a.epoch != 0) else {
+            self.c().repl[ReplCounter::StreamDropped as usize].inc();
+            return true;
+        };
+        let i = match self
+            .replicas
+            .iter()
+            .position(|r| r.primary == src.host_id() && r.shard == u16::from(shard))
+        {
+            Some(i) => i,
+            None if epoch == accept.epoch && h.request_id == 1 => {
+                self.replicas
+                    .push(Replica::new(src.host_id(), u16::from(shard), epoch));
+                self.replicas.len() - 1
+            }
+            None => {
+                self.c().repl[ReplCounter::StreamDropped as usize].inc();
+                return true;
+            }
+        };
+        if self.replicas[i].epoch < accept.epoch && epoch == accept.epoch && h.request_id == 1 {
+            // A new stream of a later epoch: the twin starts over.
+            self.replicas[i] = Replica::new(src.host_id(), u16::from(shard), epoch);
+        }
+        let payload_len = f.payload.len() + f.payload_tail.len();
+        let mut joined;
+        let payload = if f.payload_tail.is_empty() {
+            f.payload
+        } else {
+            joined = Vec::with_capacity(payload_len);
+            joined.extend_from_slice(f.payload);
+            joined.extend_from_slice(f.payload_tail);
+            &joined[..]
+        };
+        let applied = {
+            let base = &self.cfg;
+            self.replicas[i].on_frame(h.request_id, epoch, h.operand0, payload, now_ns, base)
+        };
+        let mut reply = BbRepr {
+            flags: HeaderFlags::REPLY,
+            count: 1,
+            lease: h.lease,
+            ..BbRepr::default()
+        };
+        match applied {
+            Applied::Ack(seq) => {
+                reply.request_id = seq;
+                self.c().repl[ReplCounter::StreamApplied as usize].inc();
+            }
+            Applied::Fenced => {
+                reply.request_id = h.request_id;
+                reply.status = Status::FENCED;
+            }
+        }
+        send(
+            self.counters.shard(self.shard),
+            sink,
+            &f.endpoints.reply_from(f.endpoints.dst),
+            &reply,
+            &[],
+        );
+        true
+    }
+
+    /// A request for a host this shard took over (a promoted twin's): run by the twin at its
+    /// clock. False if no twin here answers for it.
+    pub(super) fn taken_over_frame(
+        &mut self,
+        f: &Frame<'_>,
+        now_ns: u64,
+        sink: &mut impl FrameSink,
+    ) -> bool {
+        let Ok(dst) = RemoteAddr::from_ipv6(f.endpoints.dst, self.cfg.prefix) else {
+            return false;
+        };
+        let field = dst.handle().shard_field();
+        let Some(r) = self.replicas.iter_mut().find(|r| {
+            r.promoted()
+                && r.primary == dst.host_id()
+                && (field == 0 || u16::from(field) == r.shard + 1)
+        }) else {
+            return false;
+        };
+        let now = r.now(now_ns);
+        if let Some(h) = r.handler() {
+            h.handle_message(f, now, sink);
+        }
+        true
+    }
+
+    /// BACKUP, REPLICA, PROMOTE: the controller's orders.
+    pub(super) fn order(&mut self, req: &Request<'_>, now_ns: u64, sink: &mut impl FrameSink) {
+        let base = Self::reply_header(&req.header, Status::OK);
+        if !self.sent_by_controller(req) {
+            return self.reply_status(req, req.target, base, Status::FORBIDDEN, sink);
+        }
+        let h = &req.header;
+        let other = u16::try_from(h.operand0)
+            .ok()
+            .filter(|&o| o != 0 && !HostId(o).is_any());
+        let epoch = u32::try_from(h.lease).unwrap_or(0);
+        let host = self.cfg.host.0;
+        let st = match req.op() {
+            Opcode::BACKUP => {
+                let target = other.map(|o| Target {
+                    host: HostId(o),
+                    epoch,
+                    own_mac: req.endpoints.dst_mac,
+                    next_hop: req.endpoints.src_mac,
+                });
+                let current = self.cfg.replication.orders().backups.get(&host).copied();
+                let key = |t: Option<Target>| t.map(|t| (t.host, t.epoch));
+                if target.is_some_and(|t| t.host == self.cfg.host)
+                    || (other.is_some() && epoch == 0)
+                {
+                    Status::MALFORMED
+                } else if target.is_some()
+                    && key(current) != key(target)
+                    && self.cfg.replication.mutated()
+                {
+                    // A stream starts from the shard's first state: one that has run requests
+                    // needs a copy of its state first (not yet: §5.19, limits).
+                    Status::BUSY
+                } else {
+                    self.cfg.replication.update(|o| match target {
+                        Some(t) => {
+                            o.backups.insert(host, t);
+                        }
+                        None => {
+                            o.backups.remove(&host);
+                        }
+                    });
+                    self.reconcile(now_ns);
+                    Status::OK
+                }
+            }
+            Opcode::REPLICA => match other {
+                Some(p) => {
+                    self.cfg.replication.update(|o| {
+                        if epoch == 0 {
+                            o.accepts.remove(&p);
+                        } else {
+                            let a = o.accepts.entry(p).or_default();
+                            if a.epoch != epoch {
+                                *a = Accept { epoch, promote: 0 };
+                            }
+                        }
+                    });
+                    self.reconcile(now_ns);
+                    Status::OK
+                }
+                None => Status::MALFORMED,
+            },
+            Opcode::PROMOTE => match other {
+                Some(p) => self.promote_order(p, epoch, now_ns),
+                None => Status::MALFORMED,
+            },
+            op => unreachable!("{op:?} is not an order"),
+        };
+        self.reply_status(req, req.target, base, st, sink);
+    }
+
+    fn promote_order(&mut self, p: u16, epoch: u32, now_ns: u64) -> Status {
+        let shared = self.cfg.replication.clone();
+        let Some(a) = shared.orders().accepts.get(&p).copied() else {
+            return Status::LEASE_EXPIRED; // no replica of that host here
+        };
+        if epoch <= a.epoch && a.promote != epoch {
+            return Status::MALFORMED; // a promotion takes a later epoch than the stream's
+        }
+        shared.update(|o| {
+            if let Some(a) = o.accepts.get_mut(&p) {
+                a.promote = epoch;
+            }
+        });
+        self.reconcile(now_ns);
+        match shared.replica_state(p) {
+            Some(s) if s.broken > 0 || s.in_step < s.shards => Status::LEASE_EXPIRED,
+            Some(s) if shared.promoted_shards(p, epoch) >= s.shards => Status::OK,
+            Some(_) => Status::BUSY,
+            None => Status::LEASE_EXPIRED,
+        }
+    }
+
+    /// Acts on orders that changed since this shard last looked: starts or stops its
+    /// stream, drops replicas no longer wanted, promotes the ones ordered to take over.
+    pub(super) fn reconcile(&mut self, now_ns: u64) {
+        let shared = self.cfg.replication.clone();
+        let v = shared.version();
+        if v == self.orders_seen {
+            return;
+        }
+        self.orders_seen = v;
+        let orders = shared.orders();
+        let want = orders.backups.get(&self.cfg.host.0).copied();
+        let have = self.outbox.as_deref().map(Outbox::target);
+        if want != have {
+            if let Some(o) = self.outbox.take() {
+                // Stopped (or moved elsewhere, which starts from INIT again): what waited for
+                // the old backup goes now, unless it was fenced.
+                let mut o = o;
+                if !o.fenced() {
+                    o.release_all();
+                }
+                self.orphaned = Some(o);
+            }
+            if let Some(t) = want {
+                let mut o = Box::new(Outbox::new(
+                    self.cfg.prefix,
+                    self.cfg.host,
+                    self.shard,
+                    t,
+                    usize::from(self.cfg.max_frame_data),
+                ));
+                o.append(&Record::Init(self.init_record()));
+                tracing::info!(shard = self.shard, backup = %t.host, epoch = t.epoch, "replicating to a backup");
+                self.outbox = Some(o);
+            }
+        }
+        self.replicas.retain(|r| {
+            orders
+                .accepts
+                .get(&r.primary.0)
+                .is_some_and(|a| a.epoch == r.epoch || r.promoted())
+        });
+        for r in &mut self.replicas {
+            let Some(a) = orders.accepts.get(&r.primary.0) else {
+                continue;
+            };
+            if a.promote != 0 && !r.promoted() && r.promote(now_ns) {
+                tracing::warn!(primary = %r.primary, shard = r.shard, epoch = a.promote, "replica took over its primary's pages");
+                shared.promoted(r.primary.0, a.promote);
+            }
+        }
+    }
+
+    /// Sends what replication has due: stream frames (new and retransmitted), held replies
+    /// whose records the backup has; the orders are looked at first. Cheap when there is
+    /// nothing to do. Call it once per turn of the worker's loop.
+    pub fn poll_replication(&mut self, now_ns: u64, sink: &mut impl FrameSink) -> usize {
+        self.reconcile(now_ns);
+        let mut n = 0;
+        if let Some(o) = self.orphaned.as_deref_mut() {
+            n += o.poll(now_ns, sink);
+            if o.held() == 0 {
+                self.orphaned = None;
+            }
+        }
+        if let Some(o) = self.outbox.as_deref_mut() {
+            let (frames, retransmits) = (o.frames, o.retransmits);
+            n += o.poll(now_ns, sink);
+            let c = self.counters.shard(self.shard);
+            c.repl[ReplCounter::Frames as usize].add(o.frames - frames);
+            c.repl[ReplCounter::Retransmits as usize].add(o.retransmits - retransmits);
+            c.repl[ReplCounter::Held as usize].set(o.held() as u64);
+            c.repl[ReplCounter::LagBytes as usize].set(o.lag_bytes());
+        }
+        for r in &mut self.replicas {
+            if r.promoted() {
+                let now = r.now(now_ns);
+                if let Some(h) = r.handler() {
+                    n += h.poll_replication(now, sink);
+                }
+            }
+        }
+        n
+    }
+
+    /// Whether replication waits on a timer (frames unacknowledged, replies held): a worker
+    /// must not sleep through its retransmissions.
+    pub fn replication_pending(&self) -> bool {
+        self.outbox
+            .as_deref()
+            .is_some_and(|o| o.lag_bytes() > 0 || o.held() > 0)
+            || self.orphaned.is_some()
+            || self.replicas.iter().any(|r| r.promoted() && r.pending())
+    }
+
+    /// Runs a request under replication: a request that changes state is appended to the
+    /// stream first (dropped, counted, when the stream's window is full: the client
+    /// retransmits), and its replies — and those of any request while the backup lags — are
+    /// held until the backup has applied the stream that far.
+    pub(super) fn replicated(
+        &mut self,
+        f: &Frame<'_>,
+        req: &Request<'_>,
+        who: crate::lease::ClientKey,
+        now_ns: u64,
+        sink: &mut impl FrameSink,
+    ) {
+        if req.op().is_replication() {
+            // The controller's orders depend on no page: never held.
+            return self.dispatch(req, who, now_ns, sink);
+        }
+        let Some(o) = self.outbox.as_deref_mut() else {
+            if !req.op().is_pure_read() {
+                self.cfg.replication.set_mutated();
+            }
+            return self.dispatch(req, who, now_ns, sink);
+        };
+        if o.fenced() {
+            // The pages are another server's now: nothing is answered for them.
+            self.c().repl[ReplCounter::Fenced as usize].inc();
+            return;
+        }
+        let until = if req.op().is_pure_read() {
+            o.behind().then(|| o.appended())
+        } else if !o.has_room() {
+            self.c().repl[ReplCounter::WindowFull as usize].inc();
+            return;
+        } else {
+            self.cfg.replication.set_mutated();
+            Some(o.append_request(now_ns, &f.endpoints, &f.header, f.payload, f.payload_tail))
+        };
+        let Some(until) = until else {
+            return self.dispatch(req, who, now_ns, sink);
+        };
+        let (mut frames, mut spare) = o.capture_parts();
+        let mut cap = Capture {
+            frames: &mut frames,
+            spare: &mut spare,
+            until,
+        };
+        self.dispatch(req, who, now_ns, &mut cap);
+        if let Some(o) = self.outbox.as_deref_mut() {
+            o.hold(frames, spare);
+        }
+    }
+}

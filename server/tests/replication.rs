@@ -1,0 +1,337 @@
+//! Replication at the handler (docs/protocol.md §5.19), over real frames without sockets: a
+//! primary, its backup and a little network between them that can lose frames; the
+//! controller's orders; replies held until the backup has the request; the backup taking over
+//! with the primary's handles, bytes, counters and stored replies; the primary fenced.
+
+mod common;
+
+use common::*;
+
+const P: HostId = HostId(2);
+const B: HostId = HostId(3);
+
+fn controller() -> Ipv6Addr {
+    "fd00:bb:7fff::1".parse().unwrap()
+}
+
+fn client() -> Ipv6Addr {
+    "fd00:bb:1::1".parse().unwrap()
+}
+
+/// A primary, its backup, and the frames in flight between them and the clients.
+struct Net {
+    p: Handler,
+    b: Handler,
+    now: u64,
+    /// Where host P's /48 goes: false to the primary, true to the backup (after failover).
+    rerouted: bool,
+    /// Frames for clients (and the controller), in arrival order.
+    inbox: Vec<Vec<u8>>,
+    /// Drop every stream frame (primary → backup) while set.
+    cut: bool,
+    next_id: u64,
+}
+
+fn handler(host: HostId) -> Handler {
+    let cfg = HandlerConfig::new(NetPrefix::DEFAULT, host, 4096);
+    Handler::new(cfg, Store::new(4 << 20, false).unwrap())
+}
+
+impl Net {
+    fn new() -> Net {
+        Net {
+            p: handler(P),
+            b: handler(B),
+            now: 1_000 * MS,
+            rerouted: false,
+            inbox: Vec::new(),
+            cut: false,
+            next_id: 1,
+        }
+    }
+
+    /// Delivers `frames` and everything they cause until nothing moves.
+    fn run(&mut self, mut frames: Vec<Vec<u8>>) {
+        for _ in 0..64 {
+            let mut out = VecSink(Vec::new(), usize::MAX);
+            self.p.poll_replication(self.now, &mut out);
+            self.b.poll_replication(self.now, &mut out);
+            frames.extend(out.0);
+            if frames.is_empty() {
+                return;
+            }
+            let mut next = VecSink(Vec::new(), usize::MAX);
+            for f in frames.drain(..) {
+                let parsed = Frame::parse(&f).unwrap();
+                let dst = RemoteAddr::from_ipv6(parsed.endpoints.dst, NetPrefix::DEFAULT).unwrap();
+                let stream = dst.opcode() == Opcode::REPLICATE && !parsed.is_reply();
+                match dst.host_id() {
+                    h if h == P && !self.rerouted => self.p.handle_frame(&f, self.now, &mut next),
+                    h if h == P || h == B => {
+                        if !(stream && self.cut) {
+                            self.b.handle_frame(&f, self.now, &mut next);
+                        }
+                    }
+                    _ => self.inbox.push(f),
+                }
+            }
+            frames = next.0;
+        }
+        panic!("frames still moving after 64 rounds");
+    }
+
+    fn request(&mut self, from: Ipv6Addr, dst: RemoteAddr, h: BbRepr, payload: &[u8]) -> Vec<u8> {
+        let mut h = h;
+        if h.request_id == 0 {
+            h.request_id = self.next_id << 7;
+            self.next_id += 1;
+        }
+        let ep = Endpoints {
+            src_mac: MacAddr([2, 0, 0, 0, 0, 1]),
+            dst_mac: MacAddr([2, 0, 0, 0, 0, 2]),
+            src: from,
+            dst: dst.to_ipv6(),
+            src_port: 40000,
+            dst_port: UDP_PORT,
+        };
+        let mut buf = vec![0u8; 9000];
+        let n = build(&mut buf, &ep, &h, payload).unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    /// Sends a request and returns the replies that came back (for its request id).
+    fn call(
+        &mut self,
+        from: Ipv6Addr,
+        dst: RemoteAddr,
+        h: BbRepr,
+        payload: &[u8],
+    ) -> Vec<(BbRepr, RemoteAddr, Vec<u8>)> {
+        let f = self.request(from, dst, h, payload);
+        let id = Frame::parse(&f).unwrap().header.request_id;
+        self.run(vec![f]);
+        let mut got = Vec::new();
+        self.inbox.retain(|b| {
+            let f = Frame::parse(b).unwrap();
+            if f.header.request_id == id && f.endpoints.dst == from {
+                let src = RemoteAddr::from_ipv6(f.endpoints.src, NetPrefix::DEFAULT).unwrap();
+                got.push((f.header, src, f.payload.to_vec()));
+                false
+            } else {
+                true
+            }
+        });
+        got
+    }
+
+    fn order(&mut self, op: Opcode, to: HostId, other: u16, epoch: u32) -> Status {
+        let dst = RemoteAddr::host_op(NetPrefix::DEFAULT, to, op);
+        let h = BbRepr {
+            operand0: u64::from(other),
+            lease: u64::from(epoch),
+            ..hdr(0, 0)
+        };
+        let r = self.call(controller(), dst, h, &[]);
+        assert_eq!(r.len(), 1, "{op:?}: {r:?}");
+        r[0].0.status
+    }
+
+    fn page(&self, handle: PageHandle, op: Opcode) -> RemoteAddr {
+        RemoteAddr::new(NetPrefix::DEFAULT, P, handle, op, OpFlags::NONE)
+    }
+
+    fn one(&mut self, dst: RemoteAddr, h: BbRepr, payload: &[u8]) -> (BbRepr, RemoteAddr, Vec<u8>) {
+        let mut r = self.call(client(), dst, h, payload);
+        assert_eq!(r.len(), 1, "{:?}: {r:?}", dst.opcode());
+        r.pop().unwrap()
+    }
+
+    fn paired() -> Net {
+        let mut n = Net::new();
+        assert_eq!(n.order(Opcode::REPLICA, B, P.0, 1), Status::OK);
+        assert_eq!(n.order(Opcode::BACKUP, P, B.0, 1), Status::OK);
+        n
+    }
+}
+
+fn atomic(offset: u16, operand0: u64) -> BbRepr {
+    BbRepr {
+        operand0,
+        ..hdr(offset, 8)
+    }
+}
+
+#[test]
+fn the_backup_takes_over_with_everything_acknowledged() {
+    let mut n = Net::paired();
+    let alloc = RemoteAddr::host_op(NetPrefix::DEFAULT, P, Opcode::ALLOC);
+    let (h, src, _) = n.one(alloc, hdr(0, 0), &[]);
+    assert_eq!(h.status, Status::OK);
+    let page = src.handle();
+    let data: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+    assert_eq!(
+        n.one(n.page(page, Opcode::WRITE), hdr(0, 4096), &data)
+            .0
+            .status,
+        Status::OK
+    );
+    for _ in 0..5 {
+        let (h, ..) = n.one(n.page(page, Opcode::FETCH_ADD), atomic(8, 3), &[]);
+        assert_eq!(h.status, Status::OK);
+    }
+    // A FETCH_ADD whose reply the client never got: its retransmission must get the same
+    // reply from whichever holder answers it.
+    let lost = BbRepr {
+        request_id: 999 << 7 | 5,
+        ..atomic(8, 100)
+    };
+    let (first, ..) = n.one(n.page(page, Opcode::FETCH_ADD), lost, &[]);
+    // A page freed: its handle stays stale at the backup.
+    let (h, src, _) = n.one(alloc, hdr(0, 0), &[]);
+    assert_eq!(h.status, Status::OK);
+    let freed = src.handle();
+    assert_eq!(
+        n.one(n.page(freed, Opcode::FREE), hdr(0, 0), &[]).0.status,
+        Status::OK
+    );
+    let stats = n.p.stats();
+    assert!(stats.repl(bluebridge_server::stats::ReplCounter::Frames) > 0);
+
+    // The primary dies; the controller promotes the backup and re-routes P's /48 to it.
+    assert_eq!(n.order(Opcode::PROMOTE, B, P.0, 2), Status::OK);
+    n.rerouted = true;
+    let (h, _, bytes) = n.one(n.page(page, Opcode::READ), hdr(0, 4096), &[]);
+    assert_eq!(h.status, Status::OK);
+    let mut want = data.clone();
+    want[8..16].copy_from_slice(
+        &(u64::from_le_bytes(data[8..16].try_into().unwrap()).wrapping_add(115)).to_le_bytes(),
+    );
+    assert_eq!(bytes, want, "every acknowledged write, at the same handle");
+    let (again, src, _) = n.one(n.page(page, Opcode::FETCH_ADD), lost, &[]);
+    assert_eq!(
+        (again.status, again.operand0),
+        (Status::OK, first.operand0),
+        "the stored reply travelled"
+    );
+    assert_eq!(
+        src.host_id(),
+        P,
+        "the backup answers from the page's own address"
+    );
+    let (h, ..) = n.one(n.page(page, Opcode::FETCH_ADD), atomic(8, 1), &[]);
+    assert_eq!(h.operand0, first.operand0 + 100, "the counter goes on");
+    assert_eq!(
+        n.one(n.page(freed, Opcode::READ), hdr(0, 8), &[]).0.status,
+        Status::STALE_HANDLE
+    );
+    // New pages at the old address keep coming, from the backup.
+    let (h, src, _) = n.one(alloc, hdr(0, 0), &[]);
+    assert_eq!((h.status, src.host_id()), (Status::OK, P));
+    assert_ne!(src.handle(), page);
+}
+
+#[test]
+fn replies_wait_for_the_backup_and_survive_lost_stream_frames() {
+    let mut n = Net::paired();
+    let alloc = RemoteAddr::host_op(NetPrefix::DEFAULT, P, Opcode::ALLOC);
+    let (_, src, _) = n.one(alloc, hdr(0, 0), &[]);
+    let page = src.handle();
+    // Cut the stream: the write runs at the primary but is not acknowledged.
+    n.cut = true;
+    let r = n.call(client(), n.page(page, Opcode::WRITE), hdr(0, 4), b"abcd");
+    assert!(r.is_empty(), "acknowledged before the backup had it: {r:?}");
+    // A read of the page waits too (it would show what the backup may not have).
+    let r = n.call(client(), n.page(page, Opcode::READ), hdr(0, 4), &[]);
+    assert!(r.is_empty());
+    assert!(
+        n.p.stats()
+            .repl(bluebridge_server::stats::ReplCounter::Held)
+            >= 2
+    );
+    // The link comes back; the stream is sent again after its timeout and the replies go.
+    n.cut = false;
+    n.now += 100 * MS;
+    n.run(Vec::new());
+    let statuses: Vec<_> = n
+        .inbox
+        .drain(..)
+        .map(|b| Frame::parse(&b).unwrap().header.status)
+        .collect();
+    assert_eq!(statuses, [Status::OK, Status::OK]);
+    assert!(
+        n.p.stats()
+            .repl(bluebridge_server::stats::ReplCounter::Retransmits)
+            > 0
+    );
+    // Promoted, the backup has the write.
+    assert_eq!(n.order(Opcode::PROMOTE, B, P.0, 2), Status::OK);
+    n.rerouted = true;
+    let (h, _, bytes) = n.one(n.page(page, Opcode::READ), hdr(0, 4), &[]);
+    assert_eq!((h.status, &bytes[..]), (Status::OK, &b"abcd"[..]));
+}
+
+#[test]
+fn a_fenced_primary_answers_nothing_more() {
+    let mut n = Net::paired();
+    let alloc = RemoteAddr::host_op(NetPrefix::DEFAULT, P, Opcode::ALLOC);
+    let (_, src, _) = n.one(alloc, hdr(0, 0), &[]);
+    let page = src.handle();
+    assert_eq!(n.order(Opcode::PROMOTE, B, P.0, 2), Status::OK);
+    // The primary was only cut off, not dead: a write reaching it cannot be acknowledged
+    // (the backup refuses its stream: FENCED), and from then on it answers nothing.
+    let r = n.call(client(), n.page(page, Opcode::WRITE), hdr(0, 4), b"late");
+    assert!(r.is_empty(), "a fenced primary acknowledged a write: {r:?}");
+    let r = n.call(client(), n.page(page, Opcode::READ), hdr(0, 4), &[]);
+    assert!(r.is_empty(), "a fenced primary answered a read: {r:?}");
+    assert!(
+        n.p.stats()
+            .repl(bluebridge_server::stats::ReplCounter::Fenced)
+            >= 1
+    );
+    n.rerouted = true;
+    let (h, _, bytes) = n.one(n.page(page, Opcode::READ), hdr(0, 4), &[]);
+    assert_eq!(
+        (h.status, &bytes[..]),
+        (Status::OK, &[0u8; 4][..]),
+        "the unacknowledged write is not at the backup"
+    );
+}
+
+#[test]
+fn orders_are_the_controllers_and_a_stream_starts_from_a_fresh_shard() {
+    let mut n = Net::new();
+    // From a client: FORBIDDEN.
+    let dst = RemoteAddr::host_op(NetPrefix::DEFAULT, P, Opcode::BACKUP);
+    let h = BbRepr {
+        operand0: 3,
+        lease: 1,
+        ..hdr(0, 0)
+    };
+    let r = n.call(client(), dst, h, &[]);
+    assert_eq!(r[0].0.status, Status::FORBIDDEN);
+    // A stream nobody ordered the backup to take is dropped, unanswered.
+    assert_eq!(n.order(Opcode::BACKUP, P, B.0, 1), Status::OK);
+    let alloc = RemoteAddr::host_op(NetPrefix::DEFAULT, P, Opcode::ALLOC);
+    assert!(n.call(client(), alloc, hdr(0, 0), &[]).is_empty());
+    assert!(
+        n.b.stats()
+            .repl(bluebridge_server::stats::ReplCounter::StreamDropped)
+            > 0
+    );
+    // Promoting a host the backup has no replica of: LEASE_EXPIRED.
+    assert_eq!(n.order(Opcode::PROMOTE, B, 9, 2), Status::LEASE_EXPIRED);
+    // A server that has run requests cannot start a stream from scratch.
+    let mut m = Net::new();
+    let (h, ..) = m.one(alloc, hdr(0, 0), &[]);
+    assert_eq!(h.status, Status::OK);
+    assert_eq!(m.order(Opcode::BACKUP, P, B.0, 1), Status::BUSY);
+    // Stopping replication (backup 0) lets held replies go.
+    assert_eq!(n.order(Opcode::BACKUP, P, 0, 0), Status::OK);
+    n.run(Vec::new());
+    assert!(
+        n.inbox
+            .iter()
+            .any(|b| Frame::parse(b).unwrap().header.status == Status::OK)
+    );
+}
