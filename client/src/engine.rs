@@ -90,6 +90,10 @@ pub struct Request {
     pub payload: Vec<u8>,
     /// A value of the caller's, returned with the completion.
     pub tag: u64,
+    /// Fail with [`ClientError::Timeout`] this long after the first transmission even if
+    /// retries are left (a health check that must end within its round); `None`: only the
+    /// retry budget ends it.
+    pub timeout: Option<Duration>,
 }
 
 impl Request {
@@ -122,6 +126,13 @@ impl Request {
     #[must_use]
     pub fn tag(mut self, tag: u64) -> Self {
         self.tag = tag;
+        self
+    }
+
+    /// Failing with a timeout `t` after its first transmission at the latest.
+    #[must_use]
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = Some(t);
         self
     }
 }
@@ -764,6 +775,9 @@ impl Engine {
             p.tries += 1;
             let backoff = 1u32 << (p.tries - 1).min(4);
             p.deadline = now + rto * backoff;
+            if let (Some(t), Some(first)) = (p.req.timeout, p.first_sent) {
+                p.deadline = p.deadline.min(first + t);
+            }
             self.deadlines.push(p.deadline, id);
             if p.req.op == Opcode::WRITE_BLIND {
                 let p = self.finish(id);
@@ -804,7 +818,12 @@ impl Engine {
                 continue; // answered since, or its deadline moved
             }
             let p = self.pending.get_mut(id).expect("deadline_holds");
-            if p.tries > self.cfg.retries {
+            let out_of_time = p
+                .req
+                .timeout
+                .zip(p.first_sent)
+                .is_some_and(|(t, first)| now >= first + t);
+            if p.tries > self.cfg.retries || out_of_time {
                 let p = self.finish(id);
                 if p.internal {
                     continue; // a keep-alive: the next one goes out in a second

@@ -20,6 +20,149 @@ fn lock(ctl: &Mutex<Controller>) -> MutexGuard<'_, Controller> {
     ctl.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// One round of health checks: a STAT to every host in `ids` at once through the controller's
+/// link, each given up `timeout` after it was sent (so a round lasts at most that long, however
+/// many hosts are dead); each result recorded with [`Controller::health_result`].
+pub fn check_hosts(
+    ctl: &Mutex<Controller>,
+    ids: &[u16],
+    timeout: std::time::Duration,
+) -> Result<(), CtlError> {
+    let (link, prefix) = {
+        let c = lock(ctl);
+        (c.link(), c.prefix())
+    };
+    let results = {
+        let mut c = link.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(c) = c.as_mut() else {
+            return Ok(());
+        };
+        let reqs: Vec<u64> = ids
+            .iter()
+            .map(|&id| {
+                let at = RemoteAddr::host_op(prefix, HostId(id), Opcode::STAT);
+                c.submit(Request::new(Opcode::STAT, at).timeout(timeout))
+            })
+            .collect();
+        c.wait_all(&reqs)
+    };
+    let mut c = lock(ctl);
+    for (&id, r) in ids.iter().zip(results) {
+        let r = r.and_then(|rep| {
+            bluebridge_proto::message::StatRecord::parse(&rep.data)
+                .ok_or(ClientError::BadReply("short STAT record"))
+        });
+        c.health_result(id, r)?;
+    }
+    Ok(())
+}
+
+/// Sends one order (BACKUP, REPLICA, PROMOTE; docs/protocol.md §5.19) to `to`'s host
+/// address and returns its status; BUSY is asked again for up to `patience`.
+fn order(
+    c: &mut Client<AnyTransport>,
+    prefix: bluebridge_proto::NetPrefix,
+    op: Opcode,
+    to: u16,
+    other: u16,
+    epoch: u32,
+    patience: std::time::Duration,
+) -> Result<(), ClientError> {
+    let start = std::time::Instant::now();
+    loop {
+        let mut r = Request::new(op, RemoteAddr::host_op(prefix, HostId(to), op));
+        r.operand0 = u64::from(other);
+        r.lease = u64::from(epoch);
+        let id = c.submit(r);
+        match c.wait(id) {
+            Err(ClientError::Busy) if start.elapsed() < patience => {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+            other => return other.map(|_| ()),
+        }
+    }
+}
+
+/// Replication's work for one round (docs/switch.md "Replication"): the backups of hosts
+/// declared dead take over (PROMOTE, then the switch's routes move), the holders whose
+/// backup died stop waiting for it (BACKUP to nobody), and hosts that want a backup get one
+/// (REPLICA to the backup, BACKUP to the host). The state's lock is not held while orders
+/// travel.
+pub fn replication_round(ctl: &Mutex<Controller>) -> Result<(), CtlError> {
+    let (failovers, link, prefix) = {
+        let mut c = lock(ctl);
+        (c.plan_failovers(), c.link(), c.prefix())
+    };
+    let mut stops = Vec::new();
+    for p in failovers {
+        let t = std::time::Instant::now();
+        let r = {
+            let mut l = link.lock().unwrap_or_else(PoisonError::into_inner);
+            match l.as_mut() {
+                Some(c) => order(
+                    c,
+                    prefix,
+                    Opcode::PROMOTE,
+                    p.to,
+                    p.host,
+                    p.epoch,
+                    std::time::Duration::from_secs(2),
+                ),
+                None => Err(ClientError::Invalid("no link")),
+            }
+        };
+        let promote_us = t.elapsed().as_secs_f64() * 1e6;
+        let mut c = lock(ctl);
+        match r {
+            Ok(()) => stops.extend(c.finish_failover(&p, promote_us)?),
+            Err(e) => c.abandon_failover(&p, &format!("PROMOTE at host {}: {e}", p.to))?,
+        }
+    }
+    for id in stops {
+        let r = {
+            let mut l = link.lock().unwrap_or_else(PoisonError::into_inner);
+            l.as_mut().map(|c| {
+                order(
+                    c,
+                    prefix,
+                    Opcode::BACKUP,
+                    id,
+                    0,
+                    0,
+                    std::time::Duration::from_millis(100),
+                )
+            })
+        };
+        lock(ctl).stream_stopped(id, matches!(r, Some(Ok(()))));
+    }
+    let pairings = lock(ctl).plan_pairings();
+    for p in pairings {
+        let r = {
+            let mut l = link.lock().unwrap_or_else(PoisonError::into_inner);
+            match l.as_mut() {
+                Some(c) => {
+                    let patience = std::time::Duration::from_millis(100);
+                    order(c, prefix, Opcode::REPLICA, p.backup, p.host, p.epoch, patience)
+                        .map_err(|e| format!("REPLICA at host {}: {e}", p.backup))
+                        .and_then(|()| {
+                            order(c, prefix, Opcode::BACKUP, p.host, p.backup, p.epoch, patience)
+                                .map_err(|e| match e {
+                                    ClientError::Busy => format!(
+                                        "host {} has served requests without a backup: a backup                                          joining later needs a copy of its pages (not yet);                                          replicated hosts are paired before they serve",
+                                        p.host
+                                    ),
+                                    e => format!("BACKUP at host {}: {e}", p.host),
+                                })
+                        })
+                }
+                None => Err("no link".into()),
+            }
+        };
+        lock(ctl).finish_pairing(&p, r);
+    }
+    Ok(())
+}
+
 /// One health check of `id` (a STAT through the controller's link), recorded with
 /// [`Controller::health_result`].
 pub fn check_host(ctl: &Mutex<Controller>, id: u16) -> Result<(), CtlError> {

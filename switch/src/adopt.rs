@@ -158,6 +158,7 @@ impl Controller {
             client_port: None,
             client_mac: None,
             client_net: None,
+            replicas: None,
         };
         let health = Health {
             down: r.reject,
@@ -170,6 +171,9 @@ impl Controller {
                 server: link(r, net, 48),
                 client: None,
                 health,
+                repl: crate::Replication::new(id, self.replicas),
+                dead: false,
+                first_miss: None,
             },
         );
     }

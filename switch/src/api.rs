@@ -32,6 +32,8 @@ pub enum Request {
     Status,
     /// Every route.
     Routes,
+    /// The failovers done so far (replicated hosts whose backup took over).
+    Failovers,
     /// Switch and per-host counters.
     Counters,
     /// The pages with the most requests.
@@ -107,6 +109,7 @@ fn execute(ctl: &mut Controller, req: Request) -> Result<serde_json::Value, CtlE
         Request::Hosts => json(serde_json::to_value(ctl.hosts())),
         Request::Status => json(serde_json::to_value(ctl.status())),
         Request::Routes => json(serde_json::to_value(ctl.routes()?)),
+        Request::Failovers => json(serde_json::to_value(ctl.failovers())),
         Request::Counters => json(serde_json::to_value(ctl.counters()?)),
         Request::HotPages { top } => json(serde_json::to_value(ctl.hot_pages(top)?)),
         Request::Migrate { .. } | Request::Owners { .. } | Request::Reclaim { .. } => {
@@ -231,6 +234,7 @@ mod tests {
             client_port: None,
             client_mac: None,
             client_net: None,
+            replicas: None,
         });
         let text = serde_json::to_string(&r).unwrap();
         assert_eq!(

@@ -10,11 +10,13 @@ pub mod actions;
 mod adopt;
 pub mod api;
 pub mod fabric;
+mod replication;
 mod supervise;
 #[cfg(test)]
 mod tests;
 
 pub use adopt::Adoption;
+pub use replication::{FailoverReport, Replication};
 pub use supervise::{SuperviseConfig, supervise};
 
 use std::collections::{BTreeMap, HashMap};
@@ -46,6 +48,10 @@ pub struct HostSpec {
     /// `fd00:bb:5:ffff::/64`).
     #[serde(default)]
     pub client_net: Option<String>,
+    /// Copies of its pages: 1 (no backup) or 2 (a backup on another host, docs/switch.md
+    /// "Replication"); absent: the daemon's `--replicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u8>,
 }
 
 /// What went wrong.
@@ -74,6 +80,12 @@ struct Host {
     server: Link,
     client: Option<Link>,
     health: Health,
+    /// Where its pages are and who backs them up.
+    repl: Replication,
+    /// Its server is dead for good: its pages failed over elsewhere (or it was fenced).
+    dead: bool,
+    /// When it first missed a health check of the current run of misses.
+    first_miss: Option<std::time::Instant>,
 }
 
 /// What the health checks know of a host.
@@ -98,6 +110,9 @@ pub struct HostStatus {
     pub health: Health,
     /// Whether ALLOCs to the "any server" address go to it now.
     pub placement: bool,
+    /// Replication of its pages.
+    #[serde(default)]
+    pub replication: Replication,
 }
 
 /// The controller's own link into the switch (both ends in the switch namespace).
@@ -201,6 +216,10 @@ pub struct Controller {
     /// Adopted a switch and not every live host has answered or missed a check yet: the
     /// adopted placement stands until then (one STAT must not move it to the only host heard).
     settling: bool,
+    /// Copies of a host's pages when its registration does not say (`--replicas`).
+    replicas: u8,
+    /// The failovers done, newest last.
+    failovers: Vec<FailoverReport>,
 }
 
 /// INVALIDATE notices to send: the pages freed and the client links to tell.
@@ -338,6 +357,8 @@ impl Controller {
             link_port_mac: None,
             invalidations: 0,
             settling: false,
+            replicas: 1,
+            failovers: Vec::new(),
         }
     }
 
@@ -414,8 +435,8 @@ impl Controller {
         for &page in &pages {
             if let Some(holder) = self.page_routes.remove(&page) {
                 self.fabric.remove_route(page, 112)?;
-                if let Some(h) = self.hosts.get(&holder) {
-                    self.fabric.disallow_source(h.server.ifindex, page, 112)?;
+                if let Some(l) = self.holder_link(holder) {
+                    self.fabric.disallow_source(l.ifindex, page, 112)?;
                 }
             }
             self.invalidations += 1;
@@ -446,7 +467,10 @@ impl Controller {
         r: Result<bluebridge_proto::message::StatRecord, bluebridge_client::ClientError>,
     ) -> Result<(), CtlError> {
         match r {
-            Ok(s) => self.health_ok(id, s.pages_used, s.pages_total)?,
+            Ok(s) => {
+                self.health_ok(id, s.pages_used, s.pages_total)?;
+                self.note_replication(id, &s);
+            }
             Err(e) => {
                 tracing::debug!(host = id, error = %e, "health check missed");
                 self.health_missed(id)?;
@@ -480,7 +504,7 @@ impl Controller {
             .hosts
             .get(&to)
             .ok_or_else(|| CtlError::Invalid(format!("host {to} is not registered")))?;
-        if dest.health.down {
+        if dest.health.down || dest.dead {
             return Err(CtlError::Invalid(format!("host {to} is down")));
         }
         let key = page.to_ipv6();
@@ -526,19 +550,18 @@ impl Controller {
     pub(crate) fn finish_migration(&mut self, plan: &MigrationPlan) -> Result<(), CtlError> {
         self.migrating.remove(&plan.key);
         let (key, home, from, to) = (plan.key, plan.home, plan.from, plan.to);
-        let dest =
-            self.hosts.get(&to).cloned().ok_or_else(|| {
-                CtlError::Invalid(format!("host {to} was unregistered meanwhile"))
-            })?;
+        let dest = self
+            .holder_link(to)
+            .ok_or_else(|| CtlError::Invalid(format!("host {to} was unregistered meanwhile")))?;
         // The holder answers from the page's address, which is outside its own /48: its port
         // must let that source through (and the previous holder's no longer).
         if from != home
-            && let Some(h) = self.hosts.get(&from)
+            && let Some(l) = self.holder_link(from)
         {
-            self.fabric.disallow_source(h.server.ifindex, key, 112)?;
+            self.fabric.disallow_source(l.ifindex, key, 112)?;
         }
         if to != home {
-            self.fabric.allow_source(dest.server.ifindex, key, 112)?;
+            self.fabric.allow_source(dest.ifindex, key, 112)?;
         }
         if to == home {
             self.fabric.remove_route(key, 112)?;
@@ -548,9 +571,9 @@ impl Controller {
                 key,
                 112,
                 Route {
-                    ifindex: dest.server.ifindex,
-                    dst_mac: dest.server.mac,
-                    src_mac: dest.server.port_mac,
+                    ifindex: dest.ifindex,
+                    dst_mac: dest.mac,
+                    src_mac: dest.port_mac,
                     // Page routes are not counted per route (the hot-page counters are).
                     id: u32::MAX,
                     reject: false,
@@ -567,10 +590,15 @@ impl Controller {
     }
 
     fn server_route(h: &Host, id: u32, reject: bool) -> Route {
+        Self::link_route(&h.server, id, reject)
+    }
+
+    /// The route to the far end of link `l`.
+    pub(crate) fn link_route(l: &Link, id: u32, reject: bool) -> Route {
         Route {
-            ifindex: h.server.ifindex,
-            dst_mac: h.server.mac,
-            src_mac: h.server.port_mac,
+            ifindex: l.ifindex,
+            dst_mac: l.mac,
+            src_mac: l.port_mac,
             id,
             reject,
         }
@@ -587,15 +615,19 @@ impl Controller {
             return Ok(());
         };
         let was_down = h.health.down;
+        h.first_miss = None;
         h.health = Health {
             down: false,
             misses: 0,
             pages_used,
             pages_total,
         };
-        if was_down && self.fabric.answers_for_withdrawn() {
-            let r = Self::server_route(h, 2 * u32::from(id), false);
-            let net = h.server.net;
+        if was_down
+            && self.fabric.answers_for_withdrawn()
+            && let Some(l) = self.holder_link(id)
+        {
+            let r = Self::link_route(&l, 2 * u32::from(id), false);
+            let net = self.prefix.host_network(HostId(id));
             self.fabric.add_route(net, 48, r)?;
             tracing::warn!(host = id, "host answers again; its route is restored");
         }
@@ -610,9 +642,26 @@ impl Controller {
             return Ok(());
         };
         h.health.misses += 1;
-        if h.health.down || h.health.misses < allowed {
+        h.first_miss.get_or_insert_with(std::time::Instant::now);
+        if h.health.down || h.health.misses < allowed || h.repl.failover_due {
             return Ok(());
         }
+        if self.can_fail_over(id) {
+            // Its backup takes over (actions::replication_round): no withdrawal, clients
+            // retransmit into the switch until the route moves.
+            if let Some(h) = self.hosts.get_mut(&id) {
+                h.repl.failover_due = true;
+            }
+            tracing::warn!(
+                host = id,
+                misses = allowed,
+                "host dead: failing over to its backup"
+            );
+            return Ok(());
+        }
+        let Some(h) = self.hosts.get_mut(&id) else {
+            return Ok(());
+        };
         h.health.down = true;
         if !self.fabric.answers_for_withdrawn() {
             // Its route stays (the controller's checks must still reach it); placement
@@ -623,8 +672,11 @@ impl Controller {
             );
             return Ok(());
         }
-        let r = Self::server_route(h, 2 * u32::from(id), true);
-        let (net, misses) = (h.server.net, h.health.misses);
+        let Some(l) = self.holder_link(id) else {
+            return Ok(());
+        };
+        let r = Self::link_route(&l, 2 * u32::from(id), true);
+        let (net, misses) = (self.prefix.host_network(HostId(id)), allowed);
         self.fabric.add_route(net, 48, r)?;
         tracing::warn!(
             host = id,
@@ -675,6 +727,7 @@ impl Controller {
                 id,
                 health: h.health,
                 placement: self.placement == Some(id),
+                replication: h.repl.clone(),
             })
             .collect()
     }
@@ -709,6 +762,12 @@ impl Controller {
             return Err(CtlError::Invalid(format!(
                 "host id {} is reserved or too large (1 to 32767)",
                 spec.id
+            )));
+        }
+        let replicas = spec.replicas.unwrap_or(self.replicas);
+        if !(1..=2).contains(&replicas) {
+            return Err(CtlError::Invalid(format!(
+                "replicas {replicas}: 1 (no backup) or 2 (one backup)"
             )));
         }
         if self.hosts.contains_key(&spec.id) {
@@ -758,13 +817,17 @@ impl Controller {
             )?;
         }
         tracing::info!(host = spec.id, server_port = %spec.server_port, "host registered");
+        let id = spec.id;
         self.hosts.insert(
-            spec.id,
+            id,
             Host {
                 spec,
                 server,
                 client,
                 health: Health::default(),
+                repl: Replication::new(id, replicas),
+                dead: false,
+                first_miss: None,
             },
         );
         Ok(())

@@ -9,8 +9,8 @@ use anyhow::{Context, Result};
 use bluebridge_proto::NetPrefix;
 use bluebridge_switch::api::{self, Request};
 use bluebridge_switch::{
-    Controller, Counters, HostSpec, HostStatus, HotPage, LinkSpec, Migration, OwnerInfo, Reclaimed,
-    RouteInfo, SuperviseConfig, supervise,
+    Controller, Counters, FailoverReport, HostSpec, HostStatus, HotPage, LinkSpec, Migration,
+    OwnerInfo, Reclaimed, RouteInfo, SuperviseConfig, supervise,
 };
 use clap::{Parser, Subcommand};
 
@@ -69,10 +69,18 @@ enum Cmd {
         /// Milliseconds between health-check rounds (a STAT to every host).
         #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=60_000))]
         health_interval_ms: u64,
-        /// Health checks missed in a row before a host is withdrawn (its requests are then
-        /// answered UNREACHABLE by the switch).
+        /// Health checks missed in a row before a host is declared dead: a replicated host's
+        /// backup then takes its pages over; any other host is withdrawn (its requests are
+        /// answered UNREACHABLE by the switch). A check is missed when its STAT is not answered
+        /// within one interval, so a dead host is found after about misses × interval.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
         health_misses: u32,
+        /// Copies of each host's pages unless its registration says otherwise: 1 (no backup)
+        /// or 2 (every change a client is told about is also on a backup host, which takes the
+        /// pages over when the host dies; docs/switch.md "Replication"). Hosts are paired at
+        /// their first health check, before they serve.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+        replicas: u8,
         /// Pin the switch's maps and port links in this directory (on a bpf filesystem, which
         /// must be mounted from the host's mount namespace, not inside `ip netns exec`): if
         /// this daemon dies the switch keeps forwarding, and the next daemon started with the
@@ -111,6 +119,10 @@ enum Cmd {
         /// The client link's prefix, NETWORK/LEN inside the host's /48.
         #[arg(long)]
         client_net: Option<String>,
+        /// Copies of this host's pages: 1 (no backup) or 2 (one backup); default: the
+        /// daemon's --replicas.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
+        replicas: Option<u8>,
     },
     /// Withdraw a host's routes.
     UnregisterHost {
@@ -124,6 +136,9 @@ enum Cmd {
     Status,
     /// The switch's routes.
     Routes,
+    /// The failovers so far: which host's pages moved where, and how long detection, the
+    /// promotion and the route change took.
+    Failovers,
     /// The switch's verdicts and per-host traffic.
     Counters,
     /// The pages with the most requests through the switch.
@@ -161,6 +176,29 @@ enum Cmd {
     },
 }
 
+/// One cell of the status table: where a host's pages are and who backs them up.
+fn replication_text(id: u16, r: &bluebridge_switch::Replication) -> String {
+    let mut t = String::new();
+    if r.holder != id {
+        t += &format!("held by host {} (epoch {}); ", r.holder, r.epoch);
+    }
+    match (r.replicas, r.backup, r.paired) {
+        (_, Some(b), true) => {
+            t += &format!(
+                "backup host {b} (epoch {}), {} B behind, {} replies held",
+                r.epoch, r.lag_bytes, r.held
+            );
+        }
+        (_, Some(b), false) => t += &format!("pairing with host {b}"),
+        (2, None, _) => t += "no backup",
+        _ => t += "not replicated",
+    }
+    if let Some(n) = &r.note {
+        t += &format!(" ({n})");
+    }
+    t
+}
+
 fn main() -> Result<()> {
     bluebridge_client::init_logging("info");
     let cli = Cli::parse();
@@ -174,6 +212,7 @@ fn main() -> Result<()> {
             link_port,
             health_interval_ms,
             health_misses,
+            replicas,
             pin_dir,
             no_pin,
             keep_switch,
@@ -224,6 +263,7 @@ fn main() -> Result<()> {
                 );
             }
             ctl.set_misses_allowed(health_misses);
+            ctl.set_replicas(replicas)?;
             let linked = match (link, link_port) {
                 (Some(ifname), Some(port)) => {
                     ctl.attach_link(&LinkSpec { ifname, port })
@@ -280,6 +320,7 @@ fn main() -> Result<()> {
             client_port,
             client_mac,
             client_net,
+            replicas,
         } => Request::RegisterHost(HostSpec {
             id,
             server_port,
@@ -287,11 +328,13 @@ fn main() -> Result<()> {
             client_port,
             client_mac,
             client_net,
+            replicas,
         }),
         Cmd::UnregisterHost { id } => Request::UnregisterHost { id },
         Cmd::Hosts => Request::Hosts,
         Cmd::Status => Request::Status,
         Cmd::Routes => Request::Routes,
+        Cmd::Failovers => Request::Failovers,
         Cmd::Counters => Request::Counters,
         Cmd::HotPages { top } => Request::HotPages { top: top as usize },
         Cmd::Migrate { page, to } => Request::Migrate { page, to },
@@ -398,17 +441,30 @@ fn main() -> Result<()> {
         Request::Status => {
             let hosts: Vec<HostStatus> = serde_json::from_value(v)?;
             println!(
-                "| host | state | missed checks | pages used / total | new pages |\n|---|---|---|---|---|"
+                "| host | state | missed checks | pages used / total | new pages | replication |\n|---|---|---|---|---|---|"
             );
             for h in hosts {
                 println!(
-                    "| {} | {} | {} | {} / {} | {} |",
+                    "| {} | {} | {} | {} / {} | {} | {} |",
                     h.id,
                     if h.health.down { "DOWN" } else { "up" },
                     h.health.misses,
                     h.health.pages_used,
                     h.health.pages_total,
-                    if h.placement { "here" } else { "" }
+                    if h.placement { "here" } else { "" },
+                    replication_text(h.id, &h.replication),
+                );
+            }
+        }
+        Request::Failovers => {
+            let f: Vec<FailoverReport> = serde_json::from_value(v)?;
+            println!(
+                "| host | from | to | epoch | detection | promotion | route change |\n|---|---|---|---|---|---|---|"
+            );
+            for r in f {
+                println!(
+                    "| {} | {} | {} | {} | {:.1} ms | {:.0} µs | {:.0} µs |",
+                    r.host, r.from, r.to, r.epoch, r.detect_ms, r.promote_us, r.route_us
                 );
             }
         }

@@ -1,7 +1,8 @@
-//! The controller's own traffic: a STAT to every registered host each round, which is both the
-//! health check (a host that misses enough in a row is withdrawn; one that answers again is
-//! restored) and the occupancy that placement needs; and, every millisecond, the pages the
-//! switch saw freed, which it invalidates.
+//! The controller's own traffic: a STAT to every registered host each round, all at once,
+//! which is both the health check (a host that misses enough in a row fails over to its backup
+//! if it has one, or is withdrawn; one that answers again is restored) and the occupancy that
+//! placement needs; then replication's orders (failovers, pairings); and, every millisecond,
+//! the pages the switch saw freed, which it invalidates.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -25,16 +26,20 @@ pub fn supervise(ctl: &Mutex<Controller>, cfg: SuperviseConfig, stop: &AtomicBoo
         }
     };
     while !stop.load(Ordering::Relaxed) {
+        let start = std::time::Instant::now();
         let ids = lock().host_ids();
-        for id in ids {
-            // The controller's lock is not held while the check waits for its answer.
-            if let Err(e) = crate::actions::check_host(ctl, id) {
-                tracing::error!(error = %e, "updating the switch after a health check");
-            }
-            drain();
+        // Every host at once; a round lasts at most one interval however many are dead. The
+        // controller's lock is not held while the checks wait for their answers.
+        if let Err(e) = crate::actions::check_hosts(ctl, &ids, cfg.interval) {
+            tracing::error!(error = %e, "updating the switch after a health check");
         }
-        // Freed pages are reported within a millisecond, health checks once per interval.
-        let until = std::time::Instant::now() + cfg.interval;
+        drain();
+        if let Err(e) = crate::actions::replication_round(ctl) {
+            tracing::error!(error = %e, "replication");
+        }
+        // Freed pages are reported within a millisecond, health checks once per interval (a
+        // round that waited out a dead host's check took the interval already).
+        let until = start + cfg.interval;
         while std::time::Instant::now() < until && !stop.load(Ordering::Relaxed) {
             drain();
             std::thread::sleep(Duration::from_millis(1));

@@ -64,6 +64,7 @@ fn controller() -> Controller {
             client_port: None,
             client_mac: None,
             client_net: None,
+            replicas: None,
         })
         .unwrap();
     }
@@ -180,4 +181,108 @@ fn the_api_answers_while_the_link_is_busy() {
     assert!(matches!(answer, crate::api::Response::Ok(_)), "{answer:?}");
     assert!(t.elapsed() < Duration::from_secs(1));
     drop(busy);
+}
+
+fn replication(c: &Controller, id: u16) -> crate::Replication {
+    c.status()
+        .into_iter()
+        .find(|h| h.id == id)
+        .unwrap()
+        .replication
+}
+
+/// Replicated hosts (docs/switch.md "Replication"): paired once they have answered, each
+/// with the live host keeping the fewest twins; a dead host's backup is promoted instead of
+/// the host being withdrawn; the /48 (and the /112 of a page the dead host held) move to the
+/// backup's link; the dead server backs nobody up any more; a failed promotion withdraws.
+#[test]
+fn replicated_hosts_fail_over_to_their_backups() {
+    let mut c = controller();
+    c.set_replicas(2).unwrap();
+    assert!(c.set_replicas(3).is_err());
+    for id in 1..=3 {
+        // Registered before the switch to two copies: re-register to take the default.
+        let spec = c.hosts().into_iter().find(|h| h.id == id).unwrap();
+        c.register(spec).unwrap();
+    }
+    assert!(c.plan_pairings().is_empty(), "nobody has answered yet");
+    for id in 1..=3 {
+        c.health_result(id, stat(0, 100)).unwrap();
+    }
+    let plans = c.plan_pairings();
+    let pairs: Vec<(u16, u16)> = plans.iter().map(|p| (p.host, p.backup)).collect();
+    assert_eq!(pairs, [(1, 2), (2, 3), (3, 1)], "a ring: one twin each");
+    for p in &plans {
+        c.finish_pairing(p, Ok(()));
+    }
+    assert!(c.plan_pairings().is_empty());
+    assert!(replication(&c, 1).paired);
+    // A page of host 1 migrated to host 3 and back to... host 1 holds a page of host 2.
+    let key = page_on(2).to_ipv6();
+    c.finish_migration(&MigrationPlan {
+        page: page_on(2),
+        key,
+        home: 2,
+        from: 2,
+        to: 1,
+        prefix: NetPrefix::DEFAULT,
+    })
+    .unwrap();
+    // Host 1 dies: no withdrawal; its backup (2) is to take over.
+    for _ in 0..3 {
+        c.health_result(1, timeout()).unwrap();
+    }
+    assert!(
+        !down(&c, 1),
+        "a replicated host fails over instead of being withdrawn"
+    );
+    let plans = c.plan_failovers();
+    assert_eq!(plans.len(), 1);
+    let p = &plans[0];
+    assert_eq!((p.host, p.from, p.to, p.epoch), (1, 1, 2, 2));
+    let stops = c.finish_failover(p, 100.0).unwrap();
+    assert_eq!(
+        stops,
+        [3],
+        "host 3's backup was host 1: its stream must stop"
+    );
+    c.stream_stopped(3, true);
+    let routes = c.fabric.routes().unwrap();
+    let net1 = NetPrefix::DEFAULT.host_network(bluebridge_proto::HostId(1));
+    let r = routes
+        .iter()
+        .find(|(n, l, _)| (*n, *l) == (net1, 48))
+        .unwrap();
+    assert_eq!((r.2.dst_mac, r.2.reject), ([2, 0, 0, 0, 0, 2], false));
+    let r = routes
+        .iter()
+        .find(|(n, l, _)| (*n, *l) == (key, 112))
+        .unwrap();
+    assert_eq!(r.2.dst_mac, [2, 0, 0, 0, 0, 2], "the migrated page follows");
+    let r1 = replication(&c, 1);
+    assert_eq!(
+        (r1.holder, r1.backup, r1.epoch, r1.failovers),
+        (2, None, 2, 1)
+    );
+    assert_eq!(c.failovers().len(), 1);
+    assert!(replication(&c, 3).backup.is_none());
+    // Host 1 now answers through host 2: health checks reach host 2, nothing is withdrawn.
+    c.health_result(1, stat(1, 100)).unwrap();
+    assert!(!down(&c, 1));
+    // Host 2 (holding 1 and 2) dies with no backup in step for either: both withdrawn, and
+    // both /48s reject at host 2's link.
+    for _ in 0..3 {
+        c.health_result(1, timeout()).unwrap();
+        c.health_result(2, timeout()).unwrap();
+    }
+    let due = c.plan_failovers();
+    assert_eq!(due.len(), 1, "host 2 still had its backup (3): {due:?}");
+    c.abandon_failover(&due[0], "LEASE_EXPIRED").unwrap();
+    assert!(down(&c, 1) && down(&c, 2));
+    let routes = c.fabric.routes().unwrap();
+    let r = routes
+        .iter()
+        .find(|(n, l, _)| (*n, *l) == (net1, 48))
+        .unwrap();
+    assert!(r.2.reject && r.2.dst_mac == [2, 0, 0, 0, 0, 2]);
 }

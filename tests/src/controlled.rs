@@ -33,6 +33,11 @@ pub struct RackOptions {
     /// The registered clients' links pass through relays (`rack.relays`, unimpaired until
     /// set) that can lose, duplicate and reorder their frames.
     pub relayed: bool,
+    /// Copies of every host's pages (1: none, 2: a backup each; docs/switch.md
+    /// "Replication").
+    pub replicas: u8,
+    /// Health checks missed in a row before a host is declared dead.
+    pub misses: u32,
 }
 
 impl Default for RackOptions {
@@ -45,6 +50,8 @@ impl Default for RackOptions {
             queues: 1,
             pinned: false,
             relayed: false,
+            replicas: 1,
+            misses: 2,
         }
     }
 }
@@ -82,6 +89,7 @@ pub fn host_spec(h: &RackHost, client: bool) -> HostSpec {
         client_port: client.then(|| h.client_port.clone()),
         client_mac: client.then(|| fmt_mac(h.client_mac)),
         client_net: client.then(|| format!("{}/64", rack_client_net(HostId(h.host_id)))),
+        replicas: None,
     }
 }
 
@@ -221,13 +229,14 @@ fn start_controller(rack: &Rack, o: RackOptions, stop: &Arc<AtomicBool>) -> Star
                 None,
             ),
         };
+        ctl.set_replicas(o.replicas).expect("1 or 2 replicas");
         if adopted.is_none() {
             for (i, h) in hosts.iter().enumerate() {
                 ctl.register(host_spec(h, i < o.clients))
                     .expect("registering a host");
             }
         }
-        ctl.set_misses_allowed(2);
+        ctl.set_misses_allowed(o.misses);
         ctl.attach_link(&link).expect("the controller's link");
         let ctl = Arc::new(Mutex::new(ctl));
         ctl_tx

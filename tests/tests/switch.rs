@@ -290,6 +290,7 @@ fn the_controller_registers_hosts_and_reports_over_its_socket() {
         client_port: None,
         client_mac: None,
         client_net: None,
+        replicas: None,
     }));
     assert!(
         matches!(bad, Err(ApiError::Refused(ref e)) if e.contains("nosuchport")),
