@@ -182,6 +182,7 @@ impl fmt::Display for HostId {
 /// Handle 0 never names a page; requests that address a host rather than a page (ALLOC, STAT,
 /// PING) carry it.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct PageHandle(u64);
 
 /// Where a handle's shard field starts (it takes the top 8 bits).

@@ -586,11 +586,15 @@ pub struct StatRecord {
     pub repl_window_full: u64,
     /// Replica shards this server keeps for other hosts, in step with their streams.
     pub replica_shards: u64,
+    /// Pages of the asked host still to be copied to a new backup (all shards).
+    pub repl_copy_left: u64,
+    /// Pages of that copy in all (0: no copy under way).
+    pub repl_copy_total: u64,
 }
 
 impl StatRecord {
     /// Length of the record a server sends.
-    pub const LEN: usize = 216;
+    pub const LEN: usize = 232;
     /// Length of the oldest record (the first eight fields); later fields read as 0 when
     /// absent.
     pub const MIN_LEN: usize = 64;
@@ -625,6 +629,8 @@ impl StatRecord {
             self.repl_held,
             self.repl_window_full,
             self.replica_shards,
+            self.repl_copy_left,
+            self.repl_copy_total,
         ];
         for (i, v) in f.into_iter().enumerate() {
             put64(buf, i * 8, v);
@@ -663,6 +669,8 @@ impl StatRecord {
             repl_held: g(24),
             repl_window_full: g(25),
             replica_shards: g(26),
+            repl_copy_left: g(27),
+            repl_copy_total: g(28),
         })
     }
 }
@@ -1273,6 +1281,8 @@ mod tests {
             repl_held: 25,
             repl_window_full: 26,
             replica_shards: 27,
+            repl_copy_left: 28,
+            repl_copy_total: 29,
         };
         let mut b = [0u8; StatRecord::LEN + 8];
         s.emit(&mut b);

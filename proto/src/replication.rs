@@ -10,6 +10,9 @@
 //! | [`INIT`] | the shard's configuration and keys ([`Init`]): always the first record |
 //! | [`REQUEST`] | `now_ns` (8), the request's endpoints (MACs 6 + 6, addresses 16 + 16, ports 2 + 2), its BlueBridge message (header and payload) |
 //! | [`RECLAIM`] | `now_ns` (8), a page slot (4) freed by the primary's own reclamation of a silent owner's pages |
+//! | [`SNAPSHOT`] | the shard's state but its pages' bytes, when the stream starts from a shard that has run requests (an encoding private to the server) |
+//! | [`PAGE`] | a page slot (4) and its 4096 bytes: the copy of a page for a stream that began with a SNAPSHOT |
+//! | [`SYNCED`] | nothing: every page of the SNAPSHOT has been sent; the backup is in step from here |
 //!
 //! The backup runs every REQUEST as the primary did, at the primary's time: the state it
 //! reaches is the primary's, the same handles, leases, sessions and stored replies.
@@ -25,6 +28,12 @@ pub const INIT: u8 = 1;
 pub const REQUEST: u8 = 2;
 /// A page the primary reclaimed on its own.
 pub const RECLAIM: u8 = 3;
+/// The shard's state (all but its pages' bytes) when the stream starts from a shard with state.
+pub const SNAPSHOT: u8 = 4;
+/// A page's bytes, copied to a backup that joined a shard with state.
+pub const PAGE: u8 = 5;
+/// Every page of the SNAPSHOT has been copied.
+pub const SYNCED: u8 = 6;
 
 /// Bytes before a record's body: length (4) and kind (1).
 pub const RECORD_HEADER: usize = 5;
@@ -78,12 +87,15 @@ pub struct Init {
     pub allowed: [([u8; 16], u8); MAX_ALLOWED],
     /// How many of `allowed` count (0: anyone may use the server).
     pub allowed_len: u8,
+    /// 1: the shard has state, a SNAPSHOT, its pages and SYNCED follow; 0: the stream starts
+    /// from the shard's first state, and the backup is in step at once.
+    pub copying: u8,
 }
 
 impl Init {
     /// Bytes of the body.
     pub const LEN: usize =
-        2 * 3 + 8 + 2 + 4 + 8 + 4 + 2 + 2 + 2 + 8 + 8 + 4 + 8 + 8 + 64 + 1 + MAX_ALLOWED * 17;
+        2 * 3 + 8 + 2 + 4 + 8 + 4 + 2 + 2 + 2 + 8 + 8 + 4 + 8 + 8 + 64 + 1 + MAX_ALLOWED * 17 + 1;
 
     /// Writes the body into `buf` (at least [`Init::LEN`] bytes).
     pub fn emit(&self, buf: &mut [u8]) {
@@ -111,6 +123,7 @@ impl Init {
             w.bytes(a);
             w.bytes(&[*l]);
         }
+        w.bytes(&[self.copying]);
     }
 
     /// Reads a body; `None` if it is not [`Init::LEN`] bytes or names more prefixes than fit.
@@ -140,10 +153,12 @@ impl Init {
             lease_key: r.array(),
             allowed: [([0; 16], 0); MAX_ALLOWED],
             allowed_len: r.array::<1>()[0],
+            copying: 0,
         };
         for slot in &mut i.allowed {
             *slot = (r.array(), r.array::<1>()[0]);
         }
+        i.copying = r.array::<1>()[0];
         (usize::from(i.allowed_len) <= MAX_ALLOWED && i.shard < i.shards).then_some(i)
     }
 }
@@ -173,6 +188,17 @@ pub enum Record<'a> {
         /// The slot.
         slot: u32,
     },
+    /// The shard's state but its pages' bytes (the server's own encoding).
+    Snapshot(&'a [u8]),
+    /// A page's bytes (4096).
+    Page {
+        /// The slot.
+        slot: u32,
+        /// Its bytes.
+        bytes: &'a [u8],
+    },
+    /// Every page of the SNAPSHOT has been sent.
+    Synced,
 }
 
 /// Why a record could not be read.
@@ -192,6 +218,9 @@ impl<'a> Record<'a> {
                 Record::Init(_) => Init::LEN,
                 Record::Request { message, .. } => REQUEST_PREFIX + message.len(),
                 Record::Reclaim { .. } => 12,
+                Record::Snapshot(b) => b.len(),
+                Record::Page { bytes, .. } => 4 + bytes.len(),
+                Record::Synced => 0,
             }
     }
 
@@ -234,6 +263,16 @@ impl<'a> Record<'a> {
                 w.u64(*now_ns);
                 w.u32(*slot);
             }
+            Record::Snapshot(b) => {
+                w.bytes(&[SNAPSHOT]);
+                w.bytes(b);
+            }
+            Record::Page { slot, bytes } => {
+                w.bytes(&[PAGE]);
+                w.u32(*slot);
+                w.bytes(bytes);
+            }
+            Record::Synced => w.bytes(&[SYNCED]),
         }
         n
     }
@@ -271,7 +310,13 @@ impl<'a> Record<'a> {
                 now_ns: r.u64(),
                 slot: r.u32(),
             },
-            REQUEST | RECLAIM => return Err(RecordError::BadLength(kind)),
+            SNAPSHOT => Record::Snapshot(body),
+            PAGE if body.len() == 4 + crate::PAGE_SIZE => Record::Page {
+                slot: r.u32(),
+                bytes: &body[4..],
+            },
+            SYNCED if body.is_empty() => Record::Synced,
+            REQUEST | RECLAIM | PAGE | SYNCED => return Err(RecordError::BadLength(kind)),
             k => return Err(RecordError::UnknownKind(k)),
         };
         Ok(Some((record, 4 + rec.len())))
@@ -351,6 +396,7 @@ mod tests {
             lease_key: [4; 32],
             allowed,
             allowed_len: 1,
+            copying: 1,
         }
     }
 
@@ -376,8 +422,14 @@ mod tests {
                 now_ns: 99,
                 slot: 17,
             },
+            Record::Snapshot(&[1, 2, 3]),
+            Record::Page {
+                slot: 3,
+                bytes: &[7; crate::PAGE_SIZE],
+            },
+            Record::Synced,
         ];
-        let mut stream = [0u8; 2048];
+        let mut stream = [0u8; 8192];
         let mut n = 0;
         for r in &records {
             n += r.emit(&mut stream[n..]);

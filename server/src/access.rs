@@ -57,11 +57,20 @@ impl std::str::FromStr for ClientPrefix {
 }
 
 /// One owner: its address, how many pages it holds, and whether it fell silent.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 struct Owner {
     addr: [u8; 16],
     pages: u64,
     orphan: bool,
+}
+
+/// The owner table as a replica's snapshot carries it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct AccessState {
+    owners: HashMap<[u8; 16], u32>,
+    by_id: Vec<Option<Owner>>,
+    free_ids: Vec<u32>,
+    orphans: usize,
 }
 
 /// The access rules and the owner table.
@@ -151,6 +160,24 @@ impl Access {
             self.by_id[i] = None;
             self.free_ids.push(id);
         }
+    }
+
+    /// The owner table, for a replica's snapshot (§5.19).
+    pub(crate) fn state(&self) -> AccessState {
+        AccessState {
+            owners: self.owners.clone(),
+            by_id: self.by_id.clone(),
+            free_ids: self.free_ids.clone(),
+            orphans: self.orphans,
+        }
+    }
+
+    /// Takes a snapshot's owner table.
+    pub(crate) fn set_state(&mut self, s: AccessState) {
+        self.owners = s.owners;
+        self.by_id = s.by_id;
+        self.free_ids = s.free_ids;
+        self.orphans = s.orphans;
     }
 
     /// Owners with pages now.

@@ -41,7 +41,7 @@ const WRITER: u32 = 1 << 31;
 const GEN_MASK: u32 = WRITER - 1;
 
 /// One page's directory entry.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 struct Entry {
     /// Client-table entries holding a copy.
     holders: u64,
@@ -126,7 +126,7 @@ impl Entry {
 }
 
 /// A client that holds (or held) copies.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 struct Holder {
     key: ClientKey,
     /// Its MAC and the one it sent to (where notices go on a link).
@@ -196,7 +196,35 @@ pub struct Directory {
     migrating: Vec<(PageIdx, u64)>,
 }
 
+/// The directory as a replica's snapshot carries it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct DirectoryState {
+    entries: Vec<Entry>,
+    holders: Vec<Holder>,
+    migrating: Vec<(PageIdx, u64)>,
+}
+
 impl Directory {
+    /// The directory, for a replica's snapshot (§5.19).
+    pub(crate) fn state(&self) -> DirectoryState {
+        DirectoryState {
+            entries: self.entries.clone(),
+            holders: self.holders.to_vec(),
+            migrating: self.migrating.clone(),
+        }
+    }
+
+    /// Takes a snapshot's directory; `false` if it is not one of this size.
+    pub(crate) fn set_state(&mut self, s: DirectoryState) -> bool {
+        if s.entries.len() != self.entries.len() || s.holders.len() != self.holders.len() {
+            return false;
+        }
+        self.entries = s.entries;
+        self.holders.copy_from_slice(&s.holders);
+        self.migrating = s.migrating;
+        true
+    }
+
     /// A directory for `pages` pages granting copy leases of `lease_ms`.
     pub fn new(pages: usize, lease_ms: u64) -> Self {
         let free = Holder {

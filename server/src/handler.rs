@@ -167,6 +167,8 @@ pub struct Handler {
     replicas: Vec<crate::replication::Replica>,
     /// The version of the orders last acted on.
     orders_seen: u64,
+    /// No request that changes state has run yet: a stream can start from scratch.
+    pristine: bool,
 }
 
 impl Handler {
@@ -213,6 +215,7 @@ impl Handler {
             orphaned: None,
             replicas: Vec::new(),
             orders_seen: 0,
+            pristine: true,
         }
     }
 
@@ -299,6 +302,8 @@ impl Handler {
                 .iter()
                 .map(|s| u64::from(s.in_step))
                 .sum(),
+            repl_copy_left: t.repl(ReplCounter::CopyLeft),
+            repl_copy_total: t.repl(ReplCounter::CopyTotal),
         }
     }
 

@@ -25,7 +25,7 @@ use crate::staging::Stages;
 use crate::store::{PageIdx, Store};
 
 /// Who holds a lease: the client's address and port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct ClientKey {
     /// Client IPv6 address.
     pub addr: [u8; 16],
@@ -34,7 +34,7 @@ pub struct ClientKey {
 }
 
 /// Where a slot's last lease stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum State {
     /// Never granted.
     Unused,
@@ -46,7 +46,7 @@ enum State {
     Ended,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 struct Slot {
     generation: u32,
     state: State,
@@ -65,6 +65,20 @@ pub struct Granted {
     pub id: u64,
     /// Milliseconds it is valid for, from now.
     pub ms: u64,
+}
+
+/// The lease table as a replica's snapshot carries it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct LeasesState {
+    capacity: u16,
+    /// The slots ever granted (the others are as new).
+    slots: Vec<(u16, Slot)>,
+    /// The free slots: those from `fresh_from` up, in order, then `free`.
+    fresh_from: u16,
+    free: Vec<u16>,
+    expiries: Vec<(u64, u16, u32)>,
+    granted: u64,
+    stages: crate::staging::StagesState,
 }
 
 /// The lease table.
@@ -123,6 +137,59 @@ impl Leases {
             stages: Stages::new(),
             key,
         }
+    }
+
+    /// The table, for a replica's snapshot (§5.19).
+    pub(crate) fn state(&self) -> LeasesState {
+        let cap = self.slots.len() as u16;
+        // The free deque is the never-granted slots in order (a fresh table's), then the
+        // ones given back: only the latter need listing.
+        let fresh_from = match self.free.front() {
+            Some(&x)
+                if self
+                    .free
+                    .iter()
+                    .take(usize::from(cap - x))
+                    .copied()
+                    .eq(x..cap) =>
+            {
+                x
+            }
+            _ => cap,
+        };
+        let skip = usize::from(cap - fresh_from);
+        LeasesState {
+            capacity: cap,
+            slots: self
+                .slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.state != State::Unused)
+                .map(|(i, s)| (i as u16, *s))
+                .collect(),
+            fresh_from,
+            free: self.free.iter().skip(skip).copied().collect(),
+            expiries: self.expiries.iter().map(|r| r.0).collect(),
+            granted: self.granted,
+            stages: self.stages.state(),
+        }
+    }
+
+    /// Takes a snapshot's table; `false` if it is not one of this size.
+    pub(crate) fn set_state(&mut self, s: LeasesState) -> bool {
+        if usize::from(s.capacity) != self.slots.len()
+            || s.slots.iter().any(|(i, _)| *i >= s.capacity)
+            || s.fresh_from > s.capacity
+        {
+            return false;
+        }
+        for (i, slot) in s.slots {
+            self.slots[usize::from(i)] = slot;
+        }
+        self.free = (s.fresh_from..s.capacity).chain(s.free).collect();
+        self.expiries = s.expiries.into_iter().map(Reverse).collect();
+        self.granted = s.granted;
+        self.stages.set_state(s.stages)
     }
 
     /// The id key (for a replica's INIT record).

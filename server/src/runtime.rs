@@ -762,13 +762,17 @@ impl Worker {
             }
             if n == 0 {
                 empty += 1;
+                let waiting = self.common.handler.replication_waiting();
                 if self.common.idle
-                    && empty >= IDLE_SPINS
+                    && (empty >= IDLE_SPINS || waiting)
                     && self.xsk.tx_in_flight() == 0
-                    && !self.common.handler.replication_pending()
                 {
                     meter.pause(self.common.counters());
-                    self.sleep();
+                    self.sleep(if waiting {
+                        crate::replication::WAIT_SLEEP_MS
+                    } else {
+                        IDLE_SLEEP_MS
+                    });
                     meter.resume(self.common.counters());
                     empty = 0;
                 }
@@ -785,9 +789,9 @@ impl Worker {
         self.common.counters().publish_xsk(&self.xsk.stats());
     }
 
-    /// Sleeps until a frame arrives on the socket, another shard hands one over, or the
-    /// longest sleep passes (so the stop flag is seen).
-    fn sleep(&mut self) {
+    /// Sleeps until a frame arrives on the socket, another shard hands one over, or
+    /// `longest_ms` pass (so the stop flag and timers are seen).
+    fn sleep(&mut self, longest_ms: u16) {
         let me = self.common.shard;
         if !self.handoff.sleep(me) {
             return;
@@ -796,7 +800,7 @@ impl Worker {
             nix::poll::PollFd::new(self.xsk.as_fd(), nix::poll::PollFlags::POLLIN),
             nix::poll::PollFd::new(self.handoff.wake_fd(me), nix::poll::PollFlags::POLLIN),
         ];
-        let _ = nix::poll::poll(&mut fds, IDLE_SLEEP_MS);
+        let _ = nix::poll::poll(&mut fds, longest_ms);
         self.handoff.woke(me);
     }
 }

@@ -28,7 +28,7 @@ use crate::lease::ClientKey;
 pub const BULK_PAYLOAD_MAX: usize = 128 * 8;
 
 /// A stored reply.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StoredReply {
     /// Status.
     pub status: Status,
@@ -83,7 +83,7 @@ impl SessionConfig {
 
 const NO_BULK: u16 = u16::MAX;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 struct Slot {
     /// Sequence number + 1 of the last request run in this slot (0: none yet).
     seq: u64,
@@ -100,7 +100,7 @@ const EMPTY_SLOT: Slot = Slot {
     bulk_len: 0,
 };
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 struct Session {
     key: ClientKey,
     last_ns: u64,
@@ -127,6 +127,34 @@ pub enum Lookup<'a> {
     Stale,
     /// No session (or no bulk payload room) for it now: answer BUSY, execute nothing.
     Busy,
+}
+
+/// The session table as a replica's snapshot carries it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct SessionsState {
+    index: HashMap<ClientKey, u32>,
+    per_address: HashMap<[u8; 16], u16>,
+    /// The sessions ever taken (the others are as new), with their slots.
+    sessions: Vec<(u32, Session, Vec<Slot>)>,
+    /// The free stack: a fresh table's never-taken sessions below `fresh_below`, then these.
+    fresh_below: u32,
+    free: Vec<u32>,
+    hand: usize,
+    /// The bulk payloads in use.
+    bulk: Vec<(u16, Vec<u8>)>,
+    bulk_fresh_below: u16,
+    bulk_free: Vec<u16>,
+}
+
+/// A stack that started as `(0..n).rev()` and was popped and pushed: the length of its
+/// untouched bottom (`n-1, n-2, …` down to what it reached), and the rest.
+fn split_fresh<T: Copy + PartialEq + TryFrom<usize>>(stack: &[T], n: usize) -> (usize, Vec<T>) {
+    let untouched = stack
+        .iter()
+        .zip((0..n).rev())
+        .take_while(|(v, i)| T::try_from(*i).is_ok_and(|i| **v == i))
+        .count();
+    (n - untouched, stack[untouched..].to_vec())
 }
 
 /// The session table of one shard.
@@ -177,6 +205,72 @@ impl Sessions {
             bulk: vec![[0; BULK_PAYLOAD_MAX]; bulk],
             bulk_free: (0..bulk as u16).rev().collect(),
         }
+    }
+
+    /// The table, for a replica's snapshot (§5.19).
+    pub(crate) fn state(&self) -> SessionsState {
+        let (fresh_below, free) = split_fresh(&self.free, self.sessions.len());
+        let (bulk_fresh_below, bulk_free) = split_fresh(&self.bulk_free, self.bulk.len());
+        let in_use: Vec<u16> = self
+            .slots
+            .iter()
+            .filter(|s| s.bulk != NO_BULK)
+            .map(|s| s.bulk)
+            .collect();
+        SessionsState {
+            index: self.index.clone(),
+            per_address: self.per_address.clone(),
+            sessions: self
+                .sessions
+                .iter()
+                .enumerate()
+                .filter(|(i, s)| s.live || *i < fresh_below)
+                .map(|(i, s)| {
+                    let slots = self.slots[i * SESSION_SLOTS..(i + 1) * SESSION_SLOTS].to_vec();
+                    (i as u32, *s, slots)
+                })
+                .collect(),
+            fresh_below: fresh_below as u32,
+            free,
+            hand: self.hand,
+            bulk: in_use
+                .into_iter()
+                .map(|b| (b, self.bulk[usize::from(b)].to_vec()))
+                .collect(),
+            bulk_fresh_below: bulk_fresh_below as u16,
+            bulk_free,
+        }
+    }
+
+    /// Takes a snapshot's table; `false` if it is not one of this size.
+    pub(crate) fn set_state(&mut self, s: SessionsState) -> bool {
+        let (n, nb) = (self.sessions.len(), self.bulk.len());
+        if s.fresh_below as usize > n || usize::from(s.bulk_fresh_below) > nb {
+            return false;
+        }
+        for (i, sess, slots) in s.sessions {
+            let i = i as usize;
+            if i >= n || slots.len() != SESSION_SLOTS {
+                return false;
+            }
+            self.sessions[i] = sess;
+            self.slots[i * SESSION_SLOTS..(i + 1) * SESSION_SLOTS].copy_from_slice(&slots);
+        }
+        for (b, bytes) in s.bulk {
+            match (self.bulk.get_mut(usize::from(b)), bytes.len()) {
+                (Some(dst), BULK_PAYLOAD_MAX) => dst.copy_from_slice(&bytes),
+                _ => return false,
+            }
+        }
+        self.index = s.index;
+        self.per_address = s.per_address;
+        self.free = (s.fresh_below..n as u32).rev().chain(s.free).collect();
+        self.hand = s.hand;
+        self.bulk_free = (s.bulk_fresh_below..nb as u16)
+            .rev()
+            .chain(s.bulk_free)
+            .collect();
+        true
     }
 
     /// The session of `key`, made (or taken over from an idle client) if there is none.

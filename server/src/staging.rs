@@ -20,6 +20,13 @@ struct Stage {
     mask: [u64; PAGE_SIZE / 64],
 }
 
+/// The pool as a replica's snapshot carries it: each buffer's bytes and mask.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct StagesState {
+    stages: Vec<(Vec<u8>, Vec<u64>)>,
+    free: Vec<u16>,
+}
+
 /// The pool of staging buffers.
 pub struct Stages {
     stages: Vec<Stage>,
@@ -48,6 +55,35 @@ impl Stages {
             stages: Vec::new(),
             free: Vec::new(),
         }
+    }
+
+    /// The pool, for a replica's snapshot (§5.19).
+    pub(crate) fn state(&self) -> StagesState {
+        StagesState {
+            stages: self
+                .stages
+                .iter()
+                .map(|s| (s.buf.to_vec(), s.mask.to_vec()))
+                .collect(),
+            free: self.free.clone(),
+        }
+    }
+
+    /// Takes a snapshot's pool; `false` if a buffer is not page-sized.
+    pub(crate) fn set_state(&mut self, s: StagesState) -> bool {
+        let mut stages = Vec::with_capacity(s.stages.len());
+        for (buf, mask) in s.stages {
+            let (Ok(buf), Ok(mask)) = (
+                <Box<[u8; PAGE_SIZE]>>::try_from(buf.into_boxed_slice()),
+                <[u64; PAGE_SIZE / 64]>::try_from(mask),
+            ) else {
+                return false;
+            };
+            stages.push(Stage { buf, mask });
+        }
+        self.stages = stages;
+        self.free = s.free;
+        true
     }
 
     /// A clear buffer, or `None` when [`STAGES_MAX`] are in use.

@@ -47,10 +47,14 @@ pub enum ReplCounter {
     /// Stream frames (or acknowledgements) dropped: not ordered by the controller, not of
     /// this shard, from outside the prefix.
     StreamDropped,
+    /// Pages of a copy to a new backup not yet sent (a gauge).
+    CopyLeft,
+    /// Pages of that copy in all (a gauge; 0: no copy under way).
+    CopyTotal,
 }
 
 /// The names of [`ReplCounter`]s, in order.
-pub const REPL_COUNTERS: [&str; 8] = [
+pub const REPL_COUNTERS: [&str; 10] = [
     "repl_frames",
     "repl_retransmits",
     "repl_window_full",
@@ -59,6 +63,8 @@ pub const REPL_COUNTERS: [&str; 8] = [
     "repl_fenced",
     "replica_frames",
     "replica_dropped",
+    "repl_copy_left",
+    "repl_copy_total",
 ];
 
 /// A snapshot of counters (one shard's, or summed over shards).

@@ -16,7 +16,9 @@ use memmap2::{MmapMut, MmapOptions};
 use crate::keyed::Feistel;
 
 /// Index of a page in the arena.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct PageIdx(pub u32);
 
 const ALLOCATED: u16 = 1;
@@ -31,7 +33,7 @@ const HALF_MASK: u32 = (1 << HALF_BITS) - 1;
 pub const MAX_SHARD_PAGES: u64 = 1 << HALF_BITS;
 
 /// Per-page metadata: 16 bytes.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 #[repr(C)]
 struct PageMeta {
     /// Advances on FREE.
@@ -95,6 +97,34 @@ pub struct Store {
     /// The codec's key: a replica of this store (§5.19) is made under the same one, so it
     /// hands out and accepts the same handles.
     key: [u8; 32],
+    /// A copy of the pages to a new backup under way.
+    copy: Option<Box<Copying>>,
+}
+
+/// The pages' metadata as a replica's snapshot carries it: the slots that differ from a fresh
+/// store's (the twin's store is made under the same key, so it starts from the same).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct StoreState {
+    pages: u32,
+    changed: Vec<(u32, PageMeta)>,
+    free_head: u32,
+    used: u32,
+}
+
+/// A copy of the pages under way (docs/protocol.md §5.19): every page allocated when it began
+/// goes to the new backup once, either by the background walk or, if a request is about to
+/// change it first, as it was just before that change.
+#[derive(Debug)]
+struct Copying {
+    /// A bit per slot: its bytes are on their way.
+    sent: Vec<u64>,
+    /// Pages taken just before a change, to go into the stream ahead of the request.
+    taken: Vec<(u32, Box<[u8; PAGE_SIZE]>)>,
+    /// Where the background walk stands.
+    cursor: u32,
+    /// Pages allocated when the copy began, and those of them not yet on their way.
+    total: u32,
+    left: u32,
 }
 
 impl std::fmt::Debug for Store {
@@ -188,7 +218,116 @@ impl Store {
             used: 0,
             codec,
             key,
+            copy: None,
         })
+    }
+
+    /// Slot `i`'s metadata in a fresh store of `n` pages.
+    fn fresh_meta(&self, i: u32, n: u32) -> PageMeta {
+        PageMeta {
+            generation: self.codec.initial_generation(i),
+            next_free: if i + 1 < n { i + 1 } else { NO_PAGE },
+            ..PageMeta::default()
+        }
+    }
+
+    /// The metadata, for a replica's snapshot.
+    pub(crate) fn state(&self) -> StoreState {
+        let n = self.meta.len() as u32;
+        let changed = (0..n)
+            .filter_map(|i| {
+                let (m, f) = (self.meta[i as usize], self.fresh_meta(i, n));
+                let same = (m.generation, m.owner, m.flags, m.lease, m.next_free)
+                    == (f.generation, f.owner, f.flags, f.lease, f.next_free);
+                (!same).then_some((i, m))
+            })
+            .collect();
+        StoreState {
+            pages: n,
+            changed,
+            free_head: self.free_head,
+            used: self.used,
+        }
+    }
+
+    /// Takes a snapshot's metadata (this store must be fresh, under the snapshot's key);
+    /// `false` if it is not one of this size.
+    pub(crate) fn set_state(&mut self, s: StoreState) -> bool {
+        if s.pages as usize != self.meta.len()
+            || s.changed
+                .iter()
+                .any(|(i, _)| *i as usize >= self.meta.len())
+        {
+            return false;
+        }
+        for (i, m) in s.changed {
+            self.meta[i as usize] = m;
+        }
+        self.free_head = s.free_head;
+        self.used = s.used;
+        true
+    }
+
+    /// Starts copying the pages to a new backup (see [`Store::next_to_copy`] and
+    /// [`Store::take_changed`]); a copy already under way starts over.
+    pub(crate) fn start_copy(&mut self) {
+        let n = self.meta.len();
+        let total = self
+            .meta
+            .iter()
+            .filter(|m| m.flags & ALLOCATED != 0)
+            .count() as u32;
+        self.copy = Some(Box::new(Copying {
+            sent: vec![0; n.div_ceil(64)],
+            taken: Vec::new(),
+            cursor: 0,
+            total,
+            left: total,
+        }));
+    }
+
+    /// Stops copying.
+    pub(crate) fn end_copy(&mut self) {
+        self.copy = None;
+    }
+
+    /// (pages not yet copied, pages to copy) of the copy under way.
+    pub(crate) fn copy_progress(&self) -> Option<(u32, u32)> {
+        self.copy.as_ref().map(|c| (c.left, c.total))
+    }
+
+    /// The next page of the background walk not yet copied (marked copied now), or `None`
+    /// when the walk is done.
+    pub(crate) fn next_to_copy(&mut self) -> Option<PageIdx> {
+        let c = self.copy.as_deref_mut()?;
+        while (c.cursor as usize) < self.meta.len() {
+            let i = c.cursor;
+            c.cursor += 1;
+            if self.meta[i as usize].flags & ALLOCATED != 0 && !mark_sent(c, i) {
+                return Some(PageIdx(i));
+            }
+        }
+        None
+    }
+
+    /// The pages taken just before a change since the last call (slot, bytes before it).
+    pub(crate) fn take_changed(&mut self) -> Vec<(u32, Box<[u8; PAGE_SIZE]>)> {
+        self.copy
+            .as_deref_mut()
+            .map(|c| std::mem::take(&mut c.taken))
+            .unwrap_or_default()
+    }
+
+    /// Writes a page's bytes as a replica's stream carries them (no copy is taken).
+    pub(crate) fn install_page(&mut self, p: PageIdx, bytes: &[u8]) -> bool {
+        let at = p.0 as usize * PAGE_SIZE;
+        match self.mem.get_mut(at..at + PAGE_SIZE) {
+            Some(dst) if bytes.len() == PAGE_SIZE => {
+                dst.copy_from_slice(bytes);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// The handle key (for a replica's INIT record, §5.19).
@@ -296,9 +435,18 @@ impl Store {
         &self.mem[at..at + PAGE_SIZE]
     }
 
-    /// The page's bytes, writable.
+    /// The page's bytes, writable. While a copy to a new backup is under way, a page not yet
+    /// copied is taken as it is first ([`Store::take_changed`]).
     pub fn page_mut(&mut self, p: PageIdx) -> &mut [u8] {
         let at = p.0 as usize * PAGE_SIZE;
+        if let Some(c) = self.copy.as_deref_mut()
+            && self.meta[p.0 as usize].flags & ALLOCATED != 0
+            && !mark_sent(c, p.0)
+        {
+            let mut b = Box::new([0u8; PAGE_SIZE]);
+            b.copy_from_slice(&self.mem[at..at + PAGE_SIZE]);
+            c.taken.push((p.0, b));
+        }
         &mut self.mem[at..at + PAGE_SIZE]
     }
 
@@ -358,6 +506,18 @@ impl Store {
         let here = m.flags & (ALLOCATED | MOVED) == ALLOCATED;
         (here && (exempt_too || !exempt)).then_some(m.owner)
     }
+}
+
+/// Marks slot `i` copied; whether it was already. A slot allocated when the copy began counts
+/// down what is left.
+fn mark_sent(c: &mut Copying, i: u32) -> bool {
+    let (w, b) = (i as usize / 64, 1u64 << (i % 64));
+    let was = c.sent[w] & b != 0;
+    if !was {
+        c.sent[w] |= b;
+        c.left = c.left.saturating_sub(1);
+    }
+    was
 }
 
 /// The keyed permutation between (index, generation) and handles.

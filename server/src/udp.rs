@@ -135,16 +135,19 @@ impl UdpWorker {
             self.common.handler.housekeep(now);
             if n == 0 {
                 empty += 1;
-                if self.common.idle
-                    && empty >= IDLE_SPINS
-                    && !self.common.handler.replication_pending()
-                {
+                let waiting = self.common.handler.replication_waiting();
+                if self.common.idle && (empty >= IDLE_SPINS || waiting) {
                     let mut fds = [nix::poll::PollFd::new(
                         self.sock.as_fd(),
                         nix::poll::PollFlags::POLLIN,
                     )];
                     meter.pause(self.common.counters());
-                    let _ = nix::poll::poll(&mut fds, IDLE_SLEEP_MS);
+                    let longest = if waiting {
+                        crate::replication::WAIT_SLEEP_MS
+                    } else {
+                        IDLE_SLEEP_MS
+                    };
+                    let _ = nix::poll::poll(&mut fds, longest);
                     meter.resume(self.common.counters());
                     empty = 0;
                 }

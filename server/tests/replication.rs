@@ -126,9 +126,22 @@ impl Net {
     }
 
     fn order(&mut self, op: Opcode, to: HostId, other: u16, epoch: u32) -> Status {
+        self.order_at(op, to, other, epoch, 0)
+    }
+
+    /// An order with `operand1` (BACKUP: the copy's rate, bytes/s).
+    fn order_at(
+        &mut self,
+        op: Opcode,
+        to: HostId,
+        other: u16,
+        epoch: u32,
+        operand1: u64,
+    ) -> Status {
         let dst = RemoteAddr::host_op(NetPrefix::DEFAULT, to, op);
         let h = BbRepr {
             operand0: u64::from(other),
+            operand1,
             lease: u64::from(epoch),
             ..hdr(0, 0)
         };
@@ -299,7 +312,7 @@ fn a_fenced_primary_answers_nothing_more() {
 }
 
 #[test]
-fn orders_are_the_controllers_and_a_stream_starts_from_a_fresh_shard() {
+fn orders_are_the_controllers() {
     let mut n = Net::new();
     // From a client: FORBIDDEN.
     let dst = RemoteAddr::host_op(NetPrefix::DEFAULT, P, Opcode::BACKUP);
@@ -321,11 +334,6 @@ fn orders_are_the_controllers_and_a_stream_starts_from_a_fresh_shard() {
     );
     // Promoting a host the backup has no replica of: LEASE_EXPIRED.
     assert_eq!(n.order(Opcode::PROMOTE, B, 9, 2), Status::LEASE_EXPIRED);
-    // A server that has run requests cannot start a stream from scratch.
-    let mut m = Net::new();
-    let (h, ..) = m.one(alloc, hdr(0, 0), &[]);
-    assert_eq!(h.status, Status::OK);
-    assert_eq!(m.order(Opcode::BACKUP, P, B.0, 1), Status::BUSY);
     // Stopping replication (backup 0) lets held replies go.
     assert_eq!(n.order(Opcode::BACKUP, P, 0, 0), Status::OK);
     n.run(Vec::new());
@@ -333,5 +341,106 @@ fn orders_are_the_controllers_and_a_stream_starts_from_a_fresh_shard() {
         n.inbox
             .iter()
             .any(|b| Frame::parse(b).unwrap().header.status == Status::OK)
+    );
+}
+
+#[test]
+fn a_backup_that_joins_later_gets_a_copy_of_everything() {
+    use bluebridge_server::stats::ReplCounter;
+    let mut n = Net::new();
+    let alloc = RemoteAddr::host_op(NetPrefix::DEFAULT, P, Opcode::ALLOC);
+    // State before any backup: pages with bytes, a counter, a stored reply, a freed page.
+    let mut pages = Vec::new();
+    for i in 0..12u8 {
+        let (h, src, _) = n.one(alloc, hdr(0, 0), &[]);
+        assert_eq!(h.status, Status::OK);
+        let page = src.handle();
+        assert_eq!(
+            n.one(n.page(page, Opcode::WRITE), hdr(0, 4096), &[i; 4096])
+                .0
+                .status,
+            Status::OK
+        );
+        pages.push((page, vec![i; 4096]));
+    }
+    let counter = pages[0].0;
+    let lost = BbRepr {
+        request_id: 777 << 7 | 9,
+        ..atomic(8, 40)
+    };
+    let (first, ..) = n.one(n.page(counter, Opcode::FETCH_ADD), lost, &[]);
+    let word = u64::from_le_bytes(pages[0].1[8..16].try_into().unwrap()) + 40;
+    pages[0].1[8..16].copy_from_slice(&word.to_le_bytes());
+    let (_, src, _) = n.one(alloc, hdr(0, 0), &[]);
+    let freed = src.handle();
+    assert_eq!(
+        n.one(n.page(freed, Opcode::FREE), hdr(0, 0), &[]).0.status,
+        Status::OK
+    );
+
+    // A backup joins: a copy at 3 pages a second of the clock here, so it takes several
+    // turns; meanwhile clients keep writing, replies are not held (the backup is not in
+    // step yet), and pages changed before the walk reached them go as they were first.
+    assert_eq!(n.order(Opcode::REPLICA, B, P.0, 1), Status::OK);
+    assert_eq!(n.order_at(Opcode::BACKUP, P, B.0, 1, 3 * 4200), Status::OK);
+    assert!(
+        n.p.stats().repl(ReplCounter::CopyTotal) > 0,
+        "a copy is under way"
+    );
+    for (k, i) in [11usize, 10, 3].into_iter().enumerate() {
+        let bytes = vec![0xa0 + k as u8; 4096];
+        let r = n.one(n.page(pages[i].0, Opcode::WRITE), hdr(0, 4096), &bytes);
+        assert_eq!(r.0.status, Status::OK, "not held while copying");
+        pages[i].1 = bytes;
+        n.now += 300 * MS;
+        n.run(Vec::new());
+    }
+    assert_eq!(
+        n.order(Opcode::PROMOTE, B, P.0, 2),
+        Status::LEASE_EXPIRED,
+        "not in step before every page is there"
+    );
+    for _ in 0..100 {
+        if n.p.stats().repl(ReplCounter::CopyTotal) == 0 {
+            break;
+        }
+        n.now += 300 * MS;
+        n.run(Vec::new());
+    }
+    assert_eq!(
+        n.p.stats().repl(ReplCounter::CopyTotal),
+        0,
+        "the copy ended"
+    );
+    // In step: a write now waits for the backup again.
+    n.cut = true;
+    let r = n.call(
+        client(),
+        n.page(pages[5].0, Opcode::WRITE),
+        hdr(0, 4),
+        b"held",
+    );
+    assert!(r.is_empty(), "in step, replies wait for the backup: {r:?}");
+    n.cut = false;
+    n.now += 100 * MS;
+    n.run(Vec::new());
+    assert_eq!(n.inbox.drain(..).count(), 1);
+    pages[5].1[..4].copy_from_slice(b"held");
+
+    assert_eq!(n.order(Opcode::PROMOTE, B, P.0, 2), Status::OK);
+    n.rerouted = true;
+    for (i, (page, want)) in pages.iter().enumerate() {
+        let (h, _, bytes) = n.one(n.page(*page, Opcode::READ), hdr(0, 4096), &[]);
+        assert_eq!(h.status, Status::OK, "page {i}");
+        assert_eq!(&bytes, want, "page {i}");
+    }
+    let (again, ..) = n.one(n.page(counter, Opcode::FETCH_ADD), lost, &[]);
+    assert_eq!(
+        again.operand0, first.operand0,
+        "the stored reply came in the snapshot"
+    );
+    assert_eq!(
+        n.one(n.page(freed, Opcode::READ), hdr(0, 8), &[]).0.status,
+        Status::STALE_HANDLE
     );
 }

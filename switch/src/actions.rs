@@ -59,6 +59,10 @@ pub fn check_hosts(
 
 /// Sends one order (BACKUP, REPLICA, PROMOTE; docs/protocol.md §5.19) to `to`'s host
 /// address and returns its status; BUSY is asked again for up to `patience`.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one order's fields, named at each call"
+)]
 fn order(
     c: &mut Client<AnyTransport>,
     prefix: bluebridge_proto::NetPrefix,
@@ -66,12 +70,14 @@ fn order(
     to: u16,
     other: u16,
     epoch: u32,
+    operand1: u64,
     patience: std::time::Duration,
 ) -> Result<(), ClientError> {
     let start = std::time::Instant::now();
     loop {
         let mut r = Request::new(op, RemoteAddr::host_op(prefix, HostId(to), op));
         r.operand0 = u64::from(other);
+        r.operand1 = operand1;
         r.lease = u64::from(epoch);
         let id = c.submit(r);
         match c.wait(id) {
@@ -106,6 +112,7 @@ pub fn replication_round(ctl: &Mutex<Controller>) -> Result<(), CtlError> {
                     p.to,
                     p.host,
                     p.epoch,
+                    0,
                     std::time::Duration::from_secs(2),
                 ),
                 None => Err(ClientError::Invalid("no link")),
@@ -129,30 +136,29 @@ pub fn replication_round(ctl: &Mutex<Controller>) -> Result<(), CtlError> {
                     id,
                     0,
                     0,
+                    0,
                     std::time::Duration::from_millis(100),
                 )
             })
         };
         lock(ctl).stream_stopped(id, matches!(r, Some(Ok(()))));
     }
-    let pairings = lock(ctl).plan_pairings();
+    let (pairings, rate) = {
+        let mut c = lock(ctl);
+        (c.plan_pairings(), c.copy_rate())
+    };
     for p in pairings {
         let r = {
             let mut l = link.lock().unwrap_or_else(PoisonError::into_inner);
             match l.as_mut() {
                 Some(c) => {
                     let patience = std::time::Duration::from_millis(100);
-                    order(c, prefix, Opcode::REPLICA, p.backup, p.host, p.epoch, patience)
-                        .map_err(|e| format!("REPLICA at host {}: {e}", p.backup))
+                    let (host, backup, e) = (p.host, p.backup, p.epoch);
+                    order(c, prefix, Opcode::REPLICA, backup, host, e, 0, patience)
+                        .map_err(|e| format!("REPLICA at host {backup}: {e}"))
                         .and_then(|()| {
-                            order(c, prefix, Opcode::BACKUP, p.host, p.backup, p.epoch, patience)
-                                .map_err(|e| match e {
-                                    ClientError::Busy => format!(
-                                        "host {} has served requests without a backup: a backup                                          joining later needs a copy of its pages (not yet);                                          replicated hosts are paired before they serve",
-                                        p.host
-                                    ),
-                                    e => format!("BACKUP at host {}: {e}", p.host),
-                                })
+                            order(c, prefix, Opcode::BACKUP, host, backup, e, rate, patience)
+                                .map_err(|e| format!("BACKUP at host {host}: {e}"))
                         })
                 }
                 None => Err("no link".into()),
@@ -161,20 +167,6 @@ pub fn replication_round(ctl: &Mutex<Controller>) -> Result<(), CtlError> {
         lock(ctl).finish_pairing(&p, r);
     }
     Ok(())
-}
-
-/// One health check of `id` (a STAT through the controller's link), recorded with
-/// [`Controller::health_result`].
-pub fn check_host(ctl: &Mutex<Controller>, id: u16) -> Result<(), CtlError> {
-    let link = lock(ctl).link();
-    let r = {
-        let mut c = link.lock().unwrap_or_else(PoisonError::into_inner);
-        match c.as_mut() {
-            Some(c) => c.stat(HostId(id)),
-            None => return Ok(()),
-        }
-    };
-    lock(ctl).health_result(id, r)
 }
 
 /// Invalidation: the pages the switch saw freed leave the routing state, and every registered

@@ -220,6 +220,9 @@ pub struct Controller {
     replicas: u8,
     /// The failovers done, newest last.
     failovers: Vec<FailoverReport>,
+    /// How fast a new backup gets its copy of a host's pages, bytes/s (0: the servers'
+    /// default).
+    copy_rate: u64,
 }
 
 /// INVALIDATE notices to send: the pages freed and the client links to tell.
@@ -359,6 +362,7 @@ impl Controller {
             settling: false,
             replicas: 1,
             failovers: Vec::new(),
+            copy_rate: 0,
         }
     }
 
@@ -460,7 +464,7 @@ impl Controller {
     }
 
     /// A health check of `id` came back (`Ok`: its STAT) or not: noted, and the placement
-    /// updated. Decisions only; [`actions::check_host`] does the asking.
+    /// updated. Decisions only; [`actions::check_hosts`] does the asking.
     pub fn health_result(
         &mut self,
         id: u16,

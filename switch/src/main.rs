@@ -81,6 +81,11 @@ enum Cmd {
         /// their first health check, before they serve.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
         replicas: u8,
+        /// How fast a backup that joins a host with pages (a new backup after a failover, or
+        /// after the old backup died) gets its copy of them, MiB/s; the host's clients are
+        /// served meanwhile, unreplicated until the copy ends.
+        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        copy_rate_mib: u64,
         /// Pin the switch's maps and port links in this directory (on a bpf filesystem, which
         /// must be mounted from the host's mount namespace, not inside `ip netns exec`): if
         /// this daemon dies the switch keeps forwarding, and the next daemon started with the
@@ -183,6 +188,12 @@ fn replication_text(id: u16, r: &bluebridge_switch::Replication) -> String {
         t += &format!("held by host {} (epoch {}); ", r.holder, r.epoch);
     }
     match (r.replicas, r.backup, r.paired) {
+        (_, Some(b), true) if r.copy_total > 0 => {
+            t += &format!(
+                "copying to backup host {b}: {} of {} pages to go",
+                r.copy_left, r.copy_total
+            );
+        }
         (_, Some(b), true) => {
             t += &format!(
                 "backup host {b} (epoch {}), {} B behind, {} replies held",
@@ -213,6 +224,7 @@ fn main() -> Result<()> {
             health_interval_ms,
             health_misses,
             replicas,
+            copy_rate_mib,
             pin_dir,
             no_pin,
             keep_switch,
@@ -264,6 +276,7 @@ fn main() -> Result<()> {
             }
             ctl.set_misses_allowed(health_misses);
             ctl.set_replicas(replicas)?;
+            ctl.set_copy_rate(copy_rate_mib << 20);
             let linked = match (link, link_port) {
                 (Some(ifname), Some(port)) => {
                     ctl.attach_link(&LinkSpec { ifname, port })

@@ -29,12 +29,25 @@ pub struct Replication {
     pub lag_bytes: u64,
     /// Replies its holder held for the backup at the last health check.
     pub held: u64,
+    /// Pages still to copy to a new backup, and in all, at the last health check (a backup
+    /// that joined a host with pages gets a copy of them first; 0 of 0: in step).
+    #[serde(default)]
+    pub copy_left: u64,
+    /// See [`Replication::copy_left`].
+    #[serde(default)]
+    pub copy_total: u64,
     /// Failovers of its pages so far.
     pub failovers: u32,
     /// Declared dead; its backup is being promoted.
     #[serde(skip)]
     pub(crate) failover_due: bool,
+    /// When the last pairing was refused (another is tried a second later).
+    #[serde(skip)]
+    pub(crate) refused_at: Option<std::time::Instant>,
 }
+
+/// How long after a refused pairing the next is tried.
+const PAIRING_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Replication {
     /// A newly registered host `id` wanting `replicas` copies.
@@ -125,6 +138,8 @@ impl Controller {
         };
         h.repl.lag_bytes = s.repl_lag_bytes;
         h.repl.held = s.repl_held;
+        h.repl.copy_left = s.repl_copy_left;
+        h.repl.copy_total = s.repl_copy_total;
         let backup = u16::try_from(s.backup).ok().filter(|&b| b != 0);
         if backup.is_some() && !h.repl.paired && h.repl.backup.is_none() {
             h.repl.backup = backup;
@@ -143,7 +158,9 @@ impl Controller {
             let h = &self.hosts[&id];
             if h.repl.replicas < 2
                 || h.repl.backup.is_some()
-                || h.repl.note.is_some()
+                || h.repl
+                    .refused_at
+                    .is_some_and(|t| t.elapsed() < PAIRING_RETRY)
                 || h.repl.failover_due
                 || !self.server_alive(h.repl.holder)
                 || h.health.pages_total == 0
@@ -170,7 +187,9 @@ impl Controller {
             };
             let h = self.hosts.get_mut(&id).expect("listed");
             h.repl.backup = Some(backup);
-            h.repl.epoch = h.repl.epoch.max(1);
+            // Every stream has an epoch of its own: a backup never takes a new stream for an
+            // old one.
+            h.repl.epoch += 1;
             plans.push(PairPlan {
                 host: id,
                 backup,
@@ -191,6 +210,8 @@ impl Controller {
         match r {
             Ok(()) => {
                 h.repl.paired = true;
+                h.repl.note = None;
+                h.repl.refused_at = None;
                 tracing::info!(
                     host = p.host,
                     backup = p.backup,
@@ -203,6 +224,7 @@ impl Controller {
                 h.repl.backup = None;
                 h.repl.paired = false;
                 h.repl.note = Some(why);
+                h.repl.refused_at = Some(std::time::Instant::now());
             }
         }
     }
@@ -277,10 +299,7 @@ impl Controller {
             h.repl.epoch = p.epoch;
             h.repl.failover_due = false;
             h.repl.failovers += 1;
-            h.repl.note = Some(format!(
-                "failed over to host {}; a new backup needs a copy of the pages (not yet)",
-                p.to
-            ));
+            h.repl.note = None;
             h.health.misses = 0;
             h.first_miss = None;
         }
@@ -331,17 +350,28 @@ impl Controller {
     }
 
     /// A host whose backup died runs without one now (its stream was stopped, or could not
-    /// be: `ok` false).
+    /// be: `ok` false); a new backup is found for it in the same round if one is free.
     pub(crate) fn stream_stopped(&mut self, id: u16, ok: bool) {
         if let Some(h) = self.hosts.get_mut(&id) {
             h.repl.backup = None;
             h.repl.paired = false;
-            h.repl.note = Some(if ok {
-                "its backup died; a new one needs a copy of the pages (not yet)".into()
-            } else {
-                "its backup died and its holder did not answer the order to stop".into()
-            });
+            if !ok {
+                tracing::warn!(
+                    host = id,
+                    "its backup died and its holder did not answer the order to stop waiting for it"
+                );
+            }
         }
+    }
+
+    /// How fast a new backup gets its copy of a host's pages, bytes/s (`--copy-rate-mib`).
+    pub fn set_copy_rate(&mut self, bytes_per_s: u64) {
+        self.copy_rate = bytes_per_s;
+    }
+
+    /// See [`Controller::set_copy_rate`].
+    pub(crate) fn copy_rate(&self) -> u64 {
+        self.copy_rate
     }
 
     /// The failovers so far.

@@ -269,6 +269,19 @@ fn replicated_hosts_fail_over_to_their_backups() {
     // Host 1 now answers through host 2: health checks reach host 2, nothing is withdrawn.
     c.health_result(1, stat(1, 100)).unwrap();
     assert!(!down(&c, 1));
+    // The next round finds new backups: for host 1 (held by 2) one that is not 2, for host 3
+    // (whose backup died) one that is alive; each a new stream (a later epoch).
+    let plans = c.plan_pairings();
+    let pairs: Vec<(u16, u16, u32)> = plans.iter().map(|p| (p.host, p.backup, p.epoch)).collect();
+    assert_eq!(pairs, [(1, 3, 3), (3, 2, 2)]);
+    for p in &plans {
+        c.finish_pairing(p, Err("not now".into()));
+    }
+    assert!(replication(&c, 1).note.is_some());
+    assert!(
+        c.plan_pairings().is_empty(),
+        "a refused pairing is not retried every round"
+    );
     // Host 2 (holding 1 and 2) dies with no backup in step for either: both withdrawn, and
     // both /48s reject at host 2's link.
     for _ in 0..3 {

@@ -59,6 +59,8 @@ fn write_through_a_failover(
         .backup
         .expect("paired");
     let mut c = rig.client(40);
+    // Its CPU goes to the servers between polls: 4 servers and a client share 2 vCPUs.
+    c.set_yield_when_idle(true);
     let pages: Vec<RemoteAddr> = (0..8)
         .map(|_| c.alloc(HostId(victim_id), false).expect("ALLOC"))
         .collect();
@@ -73,8 +75,12 @@ fn write_through_a_failover(
             killed_at = Some(Instant::now());
         }
         let i = (k as usize) % pages.len();
-        c.write(pages[i], 0, &round_bytes(k))
-            .unwrap_or_else(|e| panic!("round {k}: WRITE failed across the failover: {e}"));
+        c.write(pages[i], 0, &round_bytes(k)).unwrap_or_else(|e| {
+            panic!(
+                "round {k}: WRITE failed across the failover: {e}; {:?}",
+                rig.ctl.lock().unwrap().status()
+            )
+        });
         last[i] = Some(k);
         let old = c
             .fetch_add(counter, 0, 1)
@@ -224,4 +230,71 @@ fn a_cut_off_primary_is_fenced_when_it_comes_back() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+#[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
+fn a_host_re_replicated_after_a_failover_survives_a_second_one() {
+    let (rig, mut servers) = replicated_rack(false);
+    let index = |id: u16| rig.rack.hosts.iter().position(|h| h.host_id == id).unwrap();
+    let p = rig.rack.hosts[2].host_id;
+    let mut c = rig.client(40);
+    c.set_yield_when_idle(true);
+    let pages: Vec<RemoteAddr> = (0..8).map(|_| c.alloc(HostId(p), false).unwrap()).collect();
+    let counter = c.alloc(HostId(p), false).unwrap();
+    let mut adds = 0;
+    let mut round = |c: &mut bluebridge_client::Client<_>, k: u64| {
+        for (i, page) in pages.iter().enumerate() {
+            c.write(*page, 0, &round_bytes(k + i as u64))
+                .unwrap_or_else(|e| panic!("round {k}: {e}"));
+        }
+        assert_eq!(c.fetch_add(counter, 0, 1).unwrap(), adds);
+        adds += 1;
+    };
+    round(&mut c, 0);
+    // The primary dies; its backup takes over, then copies the pages to a new backup in the
+    // background while the client goes on.
+    let first = status(&rig.ctl.lock().unwrap(), p)
+        .replication
+        .backup
+        .unwrap();
+    drop(servers[2].take());
+    for k in 1..20 {
+        round(&mut c, k * 100);
+    }
+    rig.wait_for("the pages re-replicated from their new holder", &|ctl| {
+        let r = status(ctl, p).replication;
+        r.holder == first && r.paired && r.backup.is_some_and(|b| b != first) && r.copy_total == 0
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let second = status(&rig.ctl.lock().unwrap(), p)
+        .replication
+        .backup
+        .unwrap();
+    round(&mut c, 5000);
+    // The new holder dies too: the copy takes over.
+    drop(servers[index(first)].take());
+    round(&mut c, 6000);
+    for (i, page) in pages.iter().enumerate() {
+        assert_eq!(
+            c.read(*page).unwrap(),
+            round_bytes(6000 + i as u64),
+            "page {i}"
+        );
+    }
+    let mut word = [0u8; 8];
+    word.copy_from_slice(&c.read_range(counter, 0, 8).unwrap());
+    assert_eq!(u64::from_le_bytes(word), adds);
+    let ctl = rig.ctl.lock().unwrap();
+    let f: Vec<(u16, u16)> = ctl
+        .failovers()
+        .iter()
+        .filter(|f| f.host == p)
+        .map(|f| (f.from, f.to))
+        .collect();
+    assert_eq!(f, [(p, first), (first, second)]);
+    assert_eq!(c.stats().timeouts, 0);
 }

@@ -6,14 +6,76 @@ use bluebridge_proto::replication::{Init, MAX_ALLOWED, Record};
 use bluebridge_proto::{BbRepr, HeaderFlags, HostId, Opcode, RemoteAddr, Request, Status};
 
 use super::{Handler, HandlerConfig, send};
-use crate::access::ClientPrefix;
+use crate::access::{AccessState, ClientPrefix};
+use crate::coherence::DirectoryState;
 use crate::lease::Leases;
+use crate::lease::LeasesState;
 use crate::replication::{Accept, Applied, Capture, Outbox, Replica, Target};
 use crate::session::SessionConfig;
+use crate::session::SessionsState;
 use crate::stats::ReplCounter;
+use crate::store::StoreState;
 use crate::store::{PageIdx, Store, StoreError};
 
+/// A shard's state but its pages' bytes: what a SNAPSHOT record carries (postcard).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ShardState {
+    store: StoreState,
+    leases: LeasesState,
+    sessions: SessionsState,
+    access: AccessState,
+    directory: DirectoryState,
+    adopted: std::collections::HashMap<(u16, u64), bluebridge_proto::PageHandle>,
+}
+
 impl Handler {
+    /// The shard's state but its pages' bytes, encoded for a SNAPSHOT record.
+    fn snapshot(&self) -> Vec<u8> {
+        let s = ShardState {
+            store: self.store.state(),
+            leases: self.leases.state(),
+            sessions: self.sessions.state(),
+            access: self.access.state(),
+            directory: self.directory.state(),
+            adopted: self.adopted.clone(),
+        };
+        postcard::to_allocvec(&s).expect("encoding into memory")
+    }
+
+    /// Takes a SNAPSHOT record's state (a twin's); `false` if it does not fit this shard.
+    pub(crate) fn restore(&mut self, bytes: &[u8]) -> bool {
+        let Ok(s) = postcard::from_bytes::<ShardState>(bytes) else {
+            return false;
+        };
+        let ok = self.store.set_state(s.store)
+            && self.leases.set_state(s.leases)
+            && self.sessions.set_state(s.sessions)
+            && self.directory.set_state(s.directory);
+        self.access.set_state(s.access);
+        self.adopted = s.adopted;
+        ok
+    }
+
+    /// A PAGE record: slot `slot`'s bytes (a twin's).
+    pub(crate) fn install_page(&mut self, slot: u32, bytes: &[u8]) -> bool {
+        slot < self.store.pages_total() && self.store.install_page(PageIdx(slot), bytes)
+    }
+
+    /// Puts the pages a request (or a reclamation) is about to change, as they were before,
+    /// into the stream ahead of its record: a copy to a new backup is under way and they had
+    /// not been copied yet.
+    fn flush_changed(&mut self) {
+        let changed = self.store.take_changed();
+        if let Some(o) = self.outbox.as_deref_mut() {
+            for (slot, bytes) in &changed {
+                o.append(&Record::Page {
+                    slot: *slot,
+                    bytes: &bytes[..],
+                });
+            }
+        }
+    }
+
     /// The twin of another server's shard, from the INIT record of its stream: the same
     /// configuration and keys, so it runs the stream to the same state. `base` is this
     /// server's configuration (prefix, orders, the liveness table, frame size).
@@ -88,6 +150,7 @@ impl Handler {
             lease_key: self.leases.key(),
             allowed,
             allowed_len: c.allowed_clients.len().min(MAX_ALLOWED) as u8,
+            copying: 0,
         }
     }
 
@@ -112,6 +175,7 @@ impl Handler {
 
     /// Notes a page the shard reclaimed on its own in its stream.
     pub(super) fn log_reclaim(&mut self, p: PageIdx, now_ns: u64) {
+        self.flush_changed();
         if let Some(o) = self.outbox.as_deref_mut() {
             o.append(&Record::Reclaim { now_ns, slot: p.0 });
         }
@@ -268,6 +332,7 @@ impl Handler {
                     epoch,
                     own_mac: req.endpoints.dst_mac,
                     next_hop: req.endpoints.src_mac,
+                    rate: h.operand1,
                 });
                 let current = self.cfg.replication.orders().backups.get(&host).copied();
                 let key = |t: Option<Target>| t.map(|t| (t.host, t.epoch));
@@ -275,13 +340,8 @@ impl Handler {
                     || (other.is_some() && epoch == 0)
                 {
                     Status::MALFORMED
-                } else if target.is_some()
-                    && key(current) != key(target)
-                    && self.cfg.replication.mutated()
-                {
-                    // A stream starts from the shard's first state: one that has run requests
-                    // needs a copy of its state first (not yet: §5.19, limits).
-                    Status::BUSY
+                } else if key(current) == key(target) {
+                    Status::OK // a repeated order: the stream goes on as it is
                 } else {
                     self.cfg.replication.update(|o| match target {
                         Some(t) => {
@@ -329,17 +389,23 @@ impl Handler {
         if epoch <= a.epoch && a.promote != epoch {
             return Status::MALFORMED; // a promotion takes a later epoch than the stream's
         }
+        // Only a replica in step may take over; one that is not is never ordered to (it would
+        // take over later, unasked, when it gets there).
+        let Some(state) = shared.replica_state(p).filter(|s| {
+            s.epoch == a.epoch && s.broken == 0 && s.shards > 0 && s.in_step >= s.shards
+        }) else {
+            return Status::LEASE_EXPIRED;
+        };
         shared.update(|o| {
             if let Some(a) = o.accepts.get_mut(&p) {
                 a.promote = epoch;
             }
         });
         self.reconcile(now_ns);
-        match shared.replica_state(p) {
-            Some(s) if s.broken > 0 || s.in_step < s.shards => Status::LEASE_EXPIRED,
-            Some(s) if shared.promoted_shards(p, epoch) >= s.shards => Status::OK,
-            Some(_) => Status::BUSY,
-            None => Status::LEASE_EXPIRED,
+        if shared.promoted_shards(p, epoch) >= state.shards {
+            Status::OK
+        } else {
+            Status::BUSY
         }
     }
 
@@ -365,6 +431,7 @@ impl Handler {
                 }
                 self.orphaned = Some(o);
             }
+            self.store.end_copy();
             if let Some(t) = want {
                 let mut o = Box::new(Outbox::new(
                     self.cfg.prefix,
@@ -373,8 +440,17 @@ impl Handler {
                     t,
                     usize::from(self.cfg.max_frame_data),
                 ));
-                o.append(&Record::Init(self.init_record()));
-                tracing::info!(shard = self.shard, backup = %t.host, epoch = t.epoch, "replicating to a backup");
+                let mut init = self.init_record();
+                // A shard with state starts its stream with a copy of it: the state but the
+                // pages' bytes now, the pages while the stream goes on (§5.19).
+                init.copying = u8::from(!self.pristine);
+                o.append(&Record::Init(init));
+                if !self.pristine {
+                    o.append(&Record::Snapshot(&self.snapshot()));
+                    self.store.start_copy();
+                    o.start_copy();
+                }
+                tracing::info!(shard = self.shard, backup = %t.host, epoch = t.epoch, copy = !self.pristine, "replicating to a backup");
                 self.outbox = Some(o);
             }
         }
@@ -407,6 +483,9 @@ impl Handler {
                 self.orphaned = None;
             }
         }
+        if self.outbox.as_deref().is_some_and(|o| !o.synced()) {
+            self.copy_pages(now_ns);
+        }
         if let Some(o) = self.outbox.as_deref_mut() {
             let (frames, retransmits) = (o.frames, o.retransmits);
             n += o.poll(now_ns, sink);
@@ -415,6 +494,9 @@ impl Handler {
             c.repl[ReplCounter::Retransmits as usize].add(o.retransmits - retransmits);
             c.repl[ReplCounter::Held as usize].set(o.held() as u64);
             c.repl[ReplCounter::LagBytes as usize].set(o.lag_bytes());
+            let (left, total) = self.store.copy_progress().unwrap_or((0, 0));
+            c.repl[ReplCounter::CopyLeft as usize].set(u64::from(left));
+            c.repl[ReplCounter::CopyTotal as usize].set(u64::from(total));
         }
         for r in &mut self.replicas {
             if r.promoted() {
@@ -427,14 +509,45 @@ impl Handler {
         n
     }
 
-    /// Whether replication waits on a timer (frames unacknowledged, replies held): a worker
-    /// must not sleep through its retransmissions.
-    pub fn replication_pending(&self) -> bool {
-        self.outbox
-            .as_deref()
-            .is_some_and(|o| o.lag_bytes() > 0 || o.held() > 0)
-            || self.orphaned.is_some()
-            || self.replicas.iter().any(|r| r.promoted() && r.pending())
+    /// The background part of a copy to a new backup: the next pages not yet copied, as fast
+    /// as the order's rate allows; when none is left, SYNCED, and from then on replies wait
+    /// for the backup.
+    fn copy_pages(&mut self, now_ns: u64) {
+        let record_len =
+            bluebridge_proto::replication::RECORD_HEADER + 4 + bluebridge_proto::PAGE_SIZE;
+        loop {
+            let Some(o) = self.outbox.as_deref_mut() else {
+                return;
+            };
+            if !o.copy_budget(now_ns, record_len) {
+                return;
+            }
+            match self.store.next_to_copy() {
+                Some(p) => {
+                    let bytes = self.store.page(p);
+                    if let Some(o) = self.outbox.as_deref_mut() {
+                        o.append(&Record::Page { slot: p.0, bytes });
+                    }
+                }
+                None => {
+                    o.append(&Record::Synced);
+                    o.set_synced();
+                    self.store.end_copy();
+                    tracing::info!(shard = self.shard, backup = %o.target().host, "every page copied to the backup: in step");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Whether the shard waits on its backup (stream frames sent and not yet acknowledged).
+    /// An idle worker then sleeps at once rather than spinning — on a machine short of cores
+    /// a spinning primary keeps its backup off the CPU it needs to answer — but no longer than
+    /// [`crate::replication::WAIT_SLEEP_MS`], the retransmission timer's scale.
+    pub fn replication_waiting(&self) -> bool {
+        self.outbox.as_deref().is_some_and(Outbox::waiting)
+            || self.orphaned.as_deref().is_some_and(Outbox::waiting)
+            || self.replicas.iter().any(Replica::waiting)
     }
 
     /// Runs a request under replication: a request that changes state is appended to the
@@ -453,10 +566,9 @@ impl Handler {
             // The controller's orders depend on no page: never held.
             return self.dispatch(req, who, now_ns, sink);
         }
+        let changes = !req.op().is_pure_read();
         let Some(o) = self.outbox.as_deref_mut() else {
-            if !req.op().is_pure_read() {
-                self.cfg.replication.set_mutated();
-            }
+            self.pristine &= !changes;
             return self.dispatch(req, who, now_ns, sink);
         };
         if o.fenced() {
@@ -464,14 +576,28 @@ impl Handler {
             self.c().repl[ReplCounter::Fenced as usize].inc();
             return;
         }
-        let until = if req.op().is_pure_read() {
-            o.behind().then(|| o.appended())
-        } else if !o.has_room() {
+        if changes && !o.has_room() {
             self.c().repl[ReplCounter::WindowFull as usize].inc();
             return;
-        } else {
-            self.cfg.replication.set_mutated();
+        }
+        self.pristine &= !changes;
+        if !o.synced() {
+            // Copying the shard to a new backup: nothing is held (the backup is not in step
+            // yet); the request runs first, so the pages it changes are taken as they were
+            // and go into the stream ahead of its record.
+            self.dispatch(req, who, now_ns, sink);
+            if changes {
+                self.flush_changed();
+                if let Some(o) = self.outbox.as_deref_mut() {
+                    o.append_request(now_ns, &f.endpoints, &f.header, f.payload, f.payload_tail);
+                }
+            }
+            return;
+        }
+        let until = if changes {
             Some(o.append_request(now_ns, &f.endpoints, &f.header, f.payload, f.payload_tail))
+        } else {
+            o.behind().then(|| o.appended())
         };
         let Some(until) = until else {
             return self.dispatch(req, who, now_ns, sink);

@@ -15,7 +15,11 @@ use bluebridge_proto::{HostId, MacAddr};
 mod outbox;
 mod replica;
 
-pub use outbox::{Capture, Held, Outbox, WINDOW_BYTES};
+/// The longest an idle worker waiting on its backup sleeps (see
+/// `Handler::replication_waiting`): the acknowledgement wakes it, this is for a lost one.
+pub const WAIT_SLEEP_MS: u16 = 1;
+
+pub use outbox::{COPY_WINDOW_BYTES, Capture, DEFAULT_COPY_RATE, Held, Outbox, WINDOW_BYTES};
 pub use replica::{Applied, Replica};
 
 /// Where a host's pages are replicated to.
@@ -29,6 +33,8 @@ pub struct Target {
     pub own_mac: MacAddr,
     /// The next hop's MAC (where the order came from).
     pub next_hop: MacAddr,
+    /// How fast a copy of the shard's state may go, bytes/s (0: the default).
+    pub rate: u64,
 }
 
 /// A stream this server accepts as a backup.
@@ -71,8 +77,6 @@ pub struct Shared {
     promoted: Mutex<BTreeMap<u16, (u32, u16)>>,
     /// The replica shards of each host.
     replicas: Mutex<BTreeMap<u16, ReplicaState>>,
-    /// Whether any shard has run a request that changes state (a stream must start before).
-    mutated: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -100,18 +104,6 @@ impl Shared {
     /// A copy of the orders.
     pub fn orders(&self) -> Orders {
         lock(&self.orders).clone()
-    }
-
-    /// Some shard ran a request that changes state.
-    pub fn set_mutated(&self) {
-        if !self.mutated.load(Ordering::Relaxed) {
-            self.mutated.store(true, Ordering::Relaxed);
-        }
-    }
-
-    /// Whether any shard has run a request that changes state.
-    pub fn mutated(&self) -> bool {
-        self.mutated.load(Ordering::Relaxed)
     }
 
     /// A replica shard of `host` (epoch `epoch`, of a primary with `shards` shards) got its

@@ -16,6 +16,14 @@ use super::Target;
 /// Stream bytes not yet acknowledged beyond which the shard takes no request that must be
 /// replicated (it drops them, counted: the clients retransmit).
 pub const WINDOW_BYTES: u64 = 8 << 20;
+/// The same while a stream copies a shard's state to a new backup: requests are not held then,
+/// so the stream may run further ahead.
+pub const COPY_WINDOW_BYTES: u64 = 64 << 20;
+/// The background copy of pages adds to the stream only while less than this is
+/// unacknowledged, so the requests' own records never wait behind a long queue of pages.
+const COPY_AHEAD_BYTES: u64 = 2 << 20;
+/// The copy's pace when the order names none: 256 MiB/s.
+pub const DEFAULT_COPY_RATE: u64 = 256 << 20;
 /// Frames in flight at most.
 const MAX_UNACKED: usize = 2048;
 /// First retransmission timeout; doubled per timeout up to [`RTO_MAX_NS`].
@@ -92,6 +100,12 @@ pub struct Outbox {
     pub frames: u64,
     /// Frames sent again after a timeout.
     pub retransmits: u64,
+    /// Every acknowledged change is at the backup: from SYNCED on (or from the start, for a
+    /// stream of a shard's first state). Before, replies are not held.
+    synced: bool,
+    /// The copy's tokens (bytes it may still send now) and when they were last topped up.
+    tokens: f64,
+    topped_ns: u64,
 }
 
 impl Outbox {
@@ -125,7 +139,49 @@ impl Outbox {
             spare: Vec::new(),
             frames: 0,
             retransmits: 0,
+            synced: true,
+            tokens: 0.0,
+            topped_ns: 0,
         }
+    }
+
+    /// Whether frames are out and not acknowledged (or replies held, or records not yet sent).
+    pub fn waiting(&self) -> bool {
+        !self.unacked.is_empty() || !self.held.is_empty() || !self.pending.is_empty()
+    }
+
+    /// The stream copies the shard's state first: replies are not held until
+    /// [`Outbox::set_synced`].
+    pub fn start_copy(&mut self) {
+        self.synced = false;
+    }
+
+    /// SYNCED is in the stream: from here on every reply waits for the backup.
+    pub fn set_synced(&mut self) {
+        self.synced = true;
+    }
+
+    /// Whether replies wait for the backup (see [`Outbox::start_copy`]).
+    pub fn synced(&self) -> bool {
+        self.synced
+    }
+
+    /// Whether the background copy may add one more page of `len` bytes now: within the
+    /// order's rate, and not far ahead of the backup.
+    pub fn copy_budget(&mut self, now_ns: u64, len: usize) -> bool {
+        let rate = match self.target.rate {
+            0 => DEFAULT_COPY_RATE,
+            r => r,
+        } as f64;
+        let dt = now_ns.saturating_sub(self.topped_ns) as f64 / 1e9;
+        self.topped_ns = now_ns;
+        // A burst of at most 64 pages' worth.
+        self.tokens = (self.tokens + dt * rate).min(64.0 * 4096.0 + len as f64);
+        if self.tokens < len as f64 || self.lag_bytes() >= COPY_AHEAD_BYTES {
+            return false;
+        }
+        self.tokens -= len as f64;
+        true
     }
 
     /// Where it goes.
@@ -141,7 +197,12 @@ impl Outbox {
     /// Whether another record may be appended (the bytes not yet acknowledged are within the
     /// window).
     pub fn has_room(&self) -> bool {
-        self.appended - self.acked < WINDOW_BYTES && !self.fenced
+        let window = if self.synced {
+            WINDOW_BYTES
+        } else {
+            COPY_WINDOW_BYTES
+        };
+        self.appended - self.acked < window && !self.fenced
     }
 
     /// Stream bytes appended and not yet acknowledged.
@@ -196,9 +257,9 @@ impl Outbox {
         self.appended
     }
 
-    /// Whether replies must wait: records are not yet acknowledged.
+    /// Whether replies must wait: the stream is in step and records are not yet acknowledged.
     pub fn behind(&self) -> bool {
-        self.acked < self.appended
+        self.synced && self.acked < self.appended
     }
 
     /// The offset replies of the request just appended wait for.

@@ -41,12 +41,17 @@ pub struct Replica {
     offset: u64,
     buf: Vec<u8>,
     promoted: bool,
+    /// The primary's shards (from its INIT).
+    shards: u16,
     /// The primary's clock minus ours, at the last record.
     clock_offset: i128,
     last_now: u64,
     /// Records that could not be read or run (the stream is then not applied further).
     pub bad_records: u64,
     broken: bool,
+    /// Every page of the primary's state is here (a stream of a shard's first state: from
+    /// INIT; one that copies a shard with state: from SYNCED).
+    synced: bool,
 }
 
 impl Replica {
@@ -61,10 +66,12 @@ impl Replica {
             offset: 0,
             buf: Vec::new(),
             promoted: false,
+            shards: 0,
             clock_offset: 0,
             last_now: 0,
             bad_records: 0,
             broken: false,
+            synced: false,
         }
     }
 
@@ -73,16 +80,19 @@ impl Replica {
         self.promoted
     }
 
-    /// Whether it holds the shard (its INIT arrived and nothing broke since).
+    /// Whether it holds the shard: its INIT arrived, every page of the primary's state too,
+    /// and nothing broke since.
     pub fn in_step(&self) -> bool {
-        self.handler.is_some() && !self.broken
+        self.handler.is_some() && self.synced && !self.broken
     }
 
-    /// Whether the twin (taken over) has replication of its own waiting on a timer.
-    pub fn pending(&self) -> bool {
-        self.handler
-            .as_deref()
-            .is_some_and(Handler::replication_pending)
+    /// Whether the twin (taken over) waits on a backup of its own.
+    pub fn waiting(&self) -> bool {
+        self.promoted
+            && self
+                .handler
+                .as_deref()
+                .is_some_and(Handler::replication_waiting)
     }
 
     /// The twin, once its INIT arrived.
@@ -92,9 +102,14 @@ impl Replica {
 
     /// The twin's clock at our `now_ns`: the primary's, carried on (never backwards).
     pub fn now(&mut self, now_ns: u64) -> u64 {
-        let t = (i128::from(now_ns) + self.clock_offset).clamp(0, i128::from(u64::MAX)) as u64;
-        self.last_now = self.last_now.max(t);
+        self.last_now = self.peek_now(now_ns);
         self.last_now
+    }
+
+    /// [`Replica::now`] without moving the clock.
+    fn peek_now(&self, now_ns: u64) -> u64 {
+        let t = (i128::from(now_ns) + self.clock_offset).clamp(0, i128::from(u64::MAX)) as u64;
+        self.last_now.max(t)
     }
 
     /// Takes over: from now on the twin answers for the pages and the stream is refused.
@@ -173,14 +188,18 @@ impl Replica {
                 }
                 match Handler::from_init(&init, base) {
                     Ok(h) => {
-                        tracing::info!(primary = %self.primary, shard = self.shard, pages = h.store().pages_total(), "replica made");
+                        tracing::info!(primary = %self.primary, shard = self.shard, pages = h.store().pages_total(), copying = init.copying, "replica made");
                         self.handler = Some(Box::new(h));
-                        base.replication.replica_made(
-                            self.primary.0,
-                            self.epoch,
-                            init.shards,
-                            true,
-                        );
+                        self.shards = init.shards;
+                        if init.copying == 0 {
+                            self.synced = true;
+                            base.replication.replica_made(
+                                self.primary.0,
+                                self.epoch,
+                                init.shards,
+                                true,
+                            );
+                        }
                         true
                     }
                     Err(e) => {
@@ -219,6 +238,38 @@ impl Replica {
                     return false;
                 };
                 h.reclaim_slot(slot);
+                true
+            }
+            Record::Snapshot(bytes) => {
+                let ok = self
+                    .handler
+                    .as_deref_mut()
+                    .is_some_and(|h| h.restore(bytes));
+                if !ok {
+                    tracing::error!(primary = %self.primary, shard = self.shard, "a snapshot this replica cannot take");
+                    self.bad_records += 1;
+                }
+                ok
+            }
+            Record::Page { slot, bytes } => {
+                let ok = self
+                    .handler
+                    .as_deref_mut()
+                    .is_some_and(|h| h.install_page(slot, bytes));
+                self.bad_records += u64::from(!ok);
+                ok
+            }
+            Record::Synced => {
+                if self.handler.is_none() {
+                    self.bad_records += 1;
+                    return false;
+                }
+                if !self.synced {
+                    self.synced = true;
+                    tracing::info!(primary = %self.primary, shard = self.shard, "replica in step: every page copied");
+                    base.replication
+                        .replica_made(self.primary.0, self.epoch, self.shards, true);
+                }
                 true
             }
         }
