@@ -63,6 +63,12 @@ impl<T: Transport> Client<T> {
         self.yield_when_idle = on;
     }
 
+    /// Caps the wait before a retransmission, backoff included (see
+    /// [`EngineConfig::max_rto`](crate::EngineConfig::max_rto)).
+    pub fn set_max_rto(&mut self, max: Option<Duration>) {
+        self.engine.set_max_rto(max);
+    }
+
     /// The transport.
     pub fn transport(&self) -> &T {
         &self.transport

@@ -37,6 +37,10 @@ pub struct EngineConfig {
     pub rto: Duration,
     /// Retransmissions before a request fails with [`ClientError::Timeout`].
     pub retries: u32,
+    /// The longest wait before a retransmission, backoff included (`None`: 16 × the current
+    /// timeout). A client that must notice quickly when a failed-over page answers again
+    /// (docs/switch.md "Replication") caps it.
+    pub max_rto: Option<Duration>,
     /// Most page bytes per reply frame this client can take (0 = any).
     pub seg_max: u16,
     /// Most page bytes this client puts in one request frame.
@@ -59,6 +63,7 @@ impl EngineConfig {
             next_hop_mac,
             rto: Duration::from_millis(1),
             retries: 8,
+            max_rto: None,
             seg_max: 0,
             max_request_data: PAGE_SIZE as u16,
         }
@@ -457,6 +462,11 @@ impl Engine {
         (slot.ticket != 0 && p.wire_id == Some(wire_id)).then_some(slot.ticket)
     }
 
+    /// Caps the wait before a retransmission (see [`EngineConfig::max_rto`]).
+    pub fn set_max_rto(&mut self, max: Option<Duration>) {
+        self.cfg.max_rto = max;
+    }
+
     /// The current retransmission timeout (before any backoff).
     pub fn rto(&self) -> Duration {
         match self.srtt {
@@ -774,7 +784,11 @@ impl Engine {
             }
             p.tries += 1;
             let backoff = 1u32 << (p.tries - 1).min(4);
-            p.deadline = now + rto * backoff;
+            let wait = match self.cfg.max_rto {
+                Some(max) => (rto * backoff).min(max),
+                None => rto * backoff,
+            };
+            p.deadline = now + wait;
             if let (Some(t), Some(first)) = (p.req.timeout, p.first_sent) {
                 p.deadline = p.deadline.min(first + t);
             }

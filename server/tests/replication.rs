@@ -30,6 +30,8 @@ struct Net {
     /// Drop every stream frame (primary → backup) while set.
     cut: bool,
     next_id: u64,
+    /// How far the backup's clock is behind the primary's (servers start at different times).
+    b_lag: u64,
 }
 
 fn handler(host: HostId) -> Handler {
@@ -47,6 +49,7 @@ impl Net {
             inbox: Vec::new(),
             cut: false,
             next_id: 1,
+            b_lag: 0,
         }
     }
 
@@ -55,7 +58,7 @@ impl Net {
         for _ in 0..64 {
             let mut out = VecSink(Vec::new(), usize::MAX);
             self.p.poll_replication(self.now, &mut out);
-            self.b.poll_replication(self.now, &mut out);
+            self.b.poll_replication(self.now - self.b_lag, &mut out);
             frames.extend(out.0);
             if frames.is_empty() {
                 return;
@@ -69,7 +72,7 @@ impl Net {
                     h if h == P && !self.rerouted => self.p.handle_frame(&f, self.now, &mut next),
                     h if h == P || h == B => {
                         if !(stream && self.cut) {
-                            self.b.handle_frame(&f, self.now, &mut next);
+                            self.b.handle_frame(&f, self.now - self.b_lag, &mut next);
                         }
                     }
                     _ => self.inbox.push(f),
@@ -443,4 +446,36 @@ fn a_backup_that_joins_later_gets_a_copy_of_everything() {
         n.one(n.page(freed, Opcode::READ), hdr(0, 8), &[]).0.status,
         Status::STALE_HANDLE
     );
+}
+
+/// A twin runs on its primary's clock, which is not its server's: what it hears must not make
+/// the server's own clients look silent (a stamp from "the future" reads as ancient, and their
+/// pages were reclaimed while they used them).
+#[test]
+fn a_replica_on_another_clock_leaves_its_servers_own_owners_alone() {
+    let mut n = Net::new();
+    n.b_lag = 600_000 * MS; // the backup started ten minutes after the primary
+    n.now += n.b_lag;
+    let alloc_b = RemoteAddr::host_op(NetPrefix::DEFAULT, B, Opcode::ALLOC);
+    let (h, src, _) = n.one(alloc_b, hdr(0, 0), &[]);
+    assert_eq!((h.status, src.host_id()), (Status::OK, B));
+    let own = src.handle();
+    assert_eq!(n.order(Opcode::REPLICA, B, P.0, 1), Status::OK);
+    assert_eq!(n.order(Opcode::BACKUP, P, B.0, 1), Status::OK);
+    // The same client uses the primary: its twin at the backup hears it at the primary's time.
+    let alloc_p = RemoteAddr::host_op(NetPrefix::DEFAULT, P, Opcode::ALLOC);
+    for _ in 0..3 {
+        assert_eq!(n.one(alloc_p, hdr(0, 0), &[]).0.status, Status::OK);
+    }
+    for _ in 0..20 {
+        n.now += 500 * MS;
+        n.b.housekeep(n.now - n.b_lag);
+    }
+    let page = RemoteAddr::new(NetPrefix::DEFAULT, B, own, Opcode::READ, OpFlags::NONE);
+    assert_eq!(
+        n.one(page, hdr(0, 8), &[]).0.status,
+        Status::OK,
+        "the backup's own client's page was reclaimed"
+    );
+    assert_eq!(n.b.stats().reclaimed, 0);
 }

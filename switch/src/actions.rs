@@ -46,15 +46,18 @@ pub fn check_hosts(
             .collect();
         c.wait_all(&reqs)
     };
-    let mut c = lock(ctl);
-    for (&id, r) in ids.iter().zip(results) {
-        let r = r.and_then(|rep| {
-            bluebridge_proto::message::StatRecord::parse(&rep.data)
-                .ok_or(ClientError::BadReply("short STAT record"))
-        });
-        c.health_result(id, r)?;
-    }
-    Ok(())
+    let results = ids
+        .iter()
+        .zip(results)
+        .map(|(&id, r)| {
+            let r = r.and_then(|rep| {
+                bluebridge_proto::message::StatRecord::parse(&rep.data)
+                    .ok_or(ClientError::BadReply("short STAT record"))
+            });
+            (id, r)
+        })
+        .collect();
+    lock(ctl).health_round(results)
 }
 
 /// Sends one order (BACKUP, REPLICA, PROMOTE; docs/protocol.md §5.19) to `to`'s host

@@ -34,6 +34,16 @@ pub enum Request {
     Routes,
     /// The failovers done so far (replicated hosts whose backup took over).
     Failovers,
+    /// The health checks: set how often (ms) and how many misses in a row declare a host
+    /// dead (each optional); answers both as they are then.
+    Health {
+        /// Milliseconds between rounds (1 to 60,000).
+        #[serde(default)]
+        interval_ms: Option<u64>,
+        /// Misses in a row (1 to 1,000).
+        #[serde(default)]
+        misses: Option<u32>,
+    },
     /// Switch and per-host counters.
     Counters,
     /// The pages with the most requests.
@@ -110,6 +120,28 @@ fn execute(ctl: &mut Controller, req: Request) -> Result<serde_json::Value, CtlE
         Request::Status => json(serde_json::to_value(ctl.status())),
         Request::Routes => json(serde_json::to_value(ctl.routes()?)),
         Request::Failovers => json(serde_json::to_value(ctl.failovers())),
+        Request::Health {
+            interval_ms,
+            misses,
+        } => {
+            if let Some(ms) = interval_ms {
+                if !(1..=60_000).contains(&ms) {
+                    return Err(CtlError::Invalid(format!("interval {ms} ms: 1 to 60000")));
+                }
+                ctl.set_health_interval(Duration::from_millis(ms));
+            }
+            if let Some(n) = misses {
+                if !(1..=1000).contains(&n) {
+                    return Err(CtlError::Invalid(format!("misses {n}: 1 to 1000")));
+                }
+                ctl.set_misses_allowed(n);
+            }
+            let (every, misses) = ctl.health_config();
+            Ok(serde_json::json!({
+                "interval_ms": every.map(|d| d.as_millis() as u64),
+                "misses": misses,
+            }))
+        }
         Request::Counters => json(serde_json::to_value(ctl.counters()?)),
         Request::HotPages { top } => json(serde_json::to_value(ctl.hot_pages(top)?)),
         Request::Migrate { .. } | Request::Owners { .. } | Request::Reclaim { .. } => {

@@ -223,7 +223,14 @@ pub struct Controller {
     /// How fast a new backup gets its copy of a host's pages, bytes/s (0: the servers'
     /// default).
     copy_rate: u64,
+    /// Health-check rounds in a row in which several servers were silent at once.
+    stalled_rounds: u32,
+    /// The health checks' interval when changed at run time.
+    health_interval: Option<std::time::Duration>,
 }
+
+/// Rounds in a row in which several servers may be silent at once before their misses count.
+pub const STALLED_ROUNDS_MAX: u32 = 50;
 
 /// INVALIDATE notices to send: the pages freed and the client links to tell.
 #[derive(Debug, Clone)]
@@ -363,6 +370,8 @@ impl Controller {
             replicas: 1,
             failovers: Vec::new(),
             copy_rate: 0,
+            stalled_rounds: 0,
+            health_interval: None,
         }
     }
 
@@ -374,6 +383,17 @@ impl Controller {
     /// Withdraws a host after `n` health checks in a row go unanswered (default 3).
     pub fn set_misses_allowed(&mut self, n: u32) {
         self.misses_allowed = n.max(1);
+    }
+
+    /// How often the supervisor checks every host (its STATs are given up after the same
+    /// time); `None` until set, when the supervisor's own configuration stands.
+    pub fn set_health_interval(&mut self, every: std::time::Duration) {
+        self.health_interval = Some(every.max(std::time::Duration::from_millis(1)));
+    }
+
+    /// The health checks' interval and misses allowed (`bluebridge-ctl health`).
+    pub fn health_config(&self) -> (Option<std::time::Duration>, u32) {
+        (self.health_interval, self.misses_allowed)
     }
 
     /// Gives the controller its own address (`fd00:bb:7fff::1`) behind switch port `link.port`
@@ -463,6 +483,40 @@ impl Controller {
         })
     }
 
+    /// One round of health checks (every host's STAT, or why not). A round in which hosts of
+    /// more than one server went unanswered at once is not counted as misses, for a while:
+    /// servers rarely die together, and a machine (or controller) too busy to answer in time
+    /// looks just like that; counting it would fail over one host after another, each
+    /// failover making the machine busier. After [`STALLED_ROUNDS_MAX`] such rounds in a row
+    /// they count (servers that did die together).
+    pub fn health_round(
+        &mut self,
+        results: Vec<(
+            u16,
+            Result<bluebridge_proto::message::StatRecord, bluebridge_client::ClientError>,
+        )>,
+    ) -> Result<(), CtlError> {
+        let silent: std::collections::BTreeSet<u16> = results
+            .iter()
+            .filter(|(_, r)| r.is_err())
+            .filter_map(|(id, _)| self.hosts.get(id))
+            .filter(|h| !h.health.down)
+            .map(|h| h.repl.holder)
+            .collect();
+        let stalled = silent.len() > 1;
+        self.stalled_rounds = if stalled { self.stalled_rounds + 1 } else { 0 };
+        for (id, r) in results {
+            if r.is_err() && stalled && self.stalled_rounds <= STALLED_ROUNDS_MAX {
+                continue;
+            }
+            self.health_result(id, r)?;
+        }
+        if self.stalled_rounds == 1 {
+            tracing::warn!(servers = ?silent, "several servers silent at once: not counted as misses yet (a stalled machine?)");
+        }
+        Ok(())
+    }
+
     /// A health check of `id` came back (`Ok`: its STAT) or not: noted, and the placement
     /// updated. Decisions only; [`actions::check_hosts`] does the asking.
     pub fn health_result(
@@ -508,7 +562,8 @@ impl Controller {
             .hosts
             .get(&to)
             .ok_or_else(|| CtlError::Invalid(format!("host {to} is not registered")))?;
-        if dest.health.down || dest.dead {
+        // A host whose pages failed over lives on at its new holder.
+        if dest.health.down || !self.server_alive(dest.repl.holder) {
             return Err(CtlError::Invalid(format!("host {to} is down")));
         }
         let key = page.to_ipv6();

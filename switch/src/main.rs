@@ -144,6 +144,16 @@ enum Cmd {
     /// The failovers so far: which host's pages moved where, and how long detection, the
     /// promotion and the route change took.
     Failovers,
+    /// Change the health checks while the daemon runs (each flag optional; no flag: show
+    /// them): a dead host is found after about misses × interval.
+    Health {
+        /// Milliseconds between rounds (a STAT to every host, given up after one round).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+        interval_ms: Option<u64>,
+        /// Rounds missed in a row before a host is declared dead.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        misses: Option<u32>,
+    },
     /// The switch's verdicts and per-host traffic.
     Counters,
     /// The pages with the most requests through the switch.
@@ -348,6 +358,13 @@ fn main() -> Result<()> {
         Cmd::Status => Request::Status,
         Cmd::Routes => Request::Routes,
         Cmd::Failovers => Request::Failovers,
+        Cmd::Health {
+            interval_ms,
+            misses,
+        } => Request::Health {
+            interval_ms,
+            misses,
+        },
         Cmd::Counters => Request::Counters,
         Cmd::HotPages { top } => Request::HotPages { top: top as usize },
         Cmd::Migrate { page, to } => Request::Migrate { page, to },
@@ -480,6 +497,17 @@ fn main() -> Result<()> {
                     r.host, r.from, r.to, r.epoch, r.detect_ms, r.promote_us, r.route_us
                 );
             }
+        }
+        Request::Health { .. } => {
+            let every = v["interval_ms"]
+                .as_u64()
+                .map_or("the daemon's --health-interval-ms".to_owned(), |ms| {
+                    format!("{ms} ms")
+                });
+            println!(
+                "health checks every {every}; a host is dead after {} missed in a row",
+                v["misses"]
+            );
         }
         _ => println!("{}", v.as_str().unwrap_or("ok")),
     }

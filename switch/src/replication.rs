@@ -116,7 +116,7 @@ impl Controller {
     }
 
     /// Whether server `id` can keep or take pages: registered, not dead, answering.
-    fn server_alive(&self, id: u16) -> bool {
+    pub(crate) fn server_alive(&self, id: u16) -> bool {
         self.hosts
             .get(&id)
             .is_some_and(|h| !h.dead && !h.health.down && !h.repl.failover_due)

@@ -27,10 +27,13 @@ pub fn supervise(ctl: &Mutex<Controller>, cfg: SuperviseConfig, stop: &AtomicBoo
     };
     while !stop.load(Ordering::Relaxed) {
         let start = std::time::Instant::now();
-        let ids = lock().host_ids();
+        let (ids, interval) = {
+            let c = lock();
+            (c.host_ids(), c.health_config().0.unwrap_or(cfg.interval))
+        };
         // Every host at once; a round lasts at most one interval however many are dead. The
         // controller's lock is not held while the checks wait for their answers.
-        if let Err(e) = crate::actions::check_hosts(ctl, &ids, cfg.interval) {
+        if let Err(e) = crate::actions::check_hosts(ctl, &ids, interval) {
             tracing::error!(error = %e, "updating the switch after a health check");
         }
         drain();
@@ -39,7 +42,7 @@ pub fn supervise(ctl: &Mutex<Controller>, cfg: SuperviseConfig, stop: &AtomicBoo
         }
         // Freed pages are reported within a millisecond, health checks once per interval (a
         // round that waited out a dead host's check took the interval already).
-        let until = start + cfg.interval;
+        let until = start + interval;
         while std::time::Instant::now() < until && !stop.load(Ordering::Relaxed) {
             drain();
             std::thread::sleep(Duration::from_millis(1));

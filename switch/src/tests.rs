@@ -299,3 +299,43 @@ fn replicated_hosts_fail_over_to_their_backups() {
         .unwrap();
     assert!(r.2.reject && r.2.dst_mac == [2, 0, 0, 0, 0, 2]);
 }
+
+/// Servers rarely die together: a round in which hosts of several servers are silent at once
+/// (a stalled machine) is not counted, for a while; one server's silence is.
+#[test]
+fn several_servers_silent_at_once_are_not_dead_yet() {
+    let mut c = controller();
+    for id in 1..=3 {
+        c.health_result(id, stat(0, 100)).unwrap();
+    }
+    let round = |c: &mut Controller, silent: &[u16]| {
+        let r = (1..=3)
+            .map(|id| {
+                (
+                    id,
+                    if silent.contains(&id) {
+                        timeout()
+                    } else {
+                        stat(0, 100)
+                    },
+                )
+            })
+            .collect();
+        c.health_round(r).unwrap();
+    };
+    for _ in 0..10 {
+        round(&mut c, &[1, 2]);
+    }
+    assert!(!down(&c, 1) && !down(&c, 2), "a stall is not a death");
+    for _ in 0..3 {
+        round(&mut c, &[2]);
+    }
+    assert!(down(&c, 2), "one silent server is withdrawn");
+    for _ in 0..crate::STALLED_ROUNDS_MAX + 3 {
+        round(&mut c, &[1, 3]);
+    }
+    assert!(
+        down(&c, 1) && down(&c, 3),
+        "servers that did die together, in the end"
+    );
+}

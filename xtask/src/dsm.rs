@@ -57,7 +57,11 @@ pub(crate) fn run(a: &DsmArgs) -> Result<()> {
     } else {
         (a.runs, a.rounds, a.samples)
     };
-    let lab = RackLab::start(&mut s, NAME, 3, "xdp", &bin, &interrupted)?;
+    let opts = crate::rack::LabOptions {
+        backend: "xdp".into(),
+        ..Default::default()
+    };
+    let lab = RackLab::start(&mut s, NAME, 3, &opts, &bin, &interrupted)?;
     let layout = out.join("dsm-layout.json");
     std::fs::write(&layout, serde_json::to_string_pretty(&lab.rack.hosts)?)?;
     let report = out.join("dsm.json");

@@ -159,6 +159,13 @@ impl ServerProc {
         }
     }
 
+    /// Kills the server as a crash would (SIGKILL: nothing of it runs after).
+    pub(crate) fn kill(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
     /// Stops the server with SIGINT; an error unless it exits cleanly.
     pub(crate) fn stop(mut self) -> Result<()> {
         match self.interrupt(Duration::from_secs(10)) {

@@ -198,13 +198,18 @@ fn test(fuzz_seconds: u64, no_packages: bool) -> Result<()> {
         },
     )?;
     s.run(
-        "rack smoke run (cargo xtask rack --hosts 4: all clients at once, migrations, the controller killed and restarted under load)",
+        "rack smoke run (cargo xtask rack --hosts 4 --replicas 2 --kill-primary: all clients at once, migrations, the controller killed and restarted under load, a primary killed under load)",
         || {
             stage::status(cargo().args([
                 "xtask",
                 "rack",
                 "--hosts",
                 "4",
+                "--replicas",
+                "2",
+                "--kill-primary",
+                "--kill-seconds",
+                "2",
                 "--iterations",
                 "100",
                 "--single",

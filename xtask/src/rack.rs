@@ -40,6 +40,33 @@ pub(crate) struct RackArgs {
     /// adopts the pinned switch and the clients must not see a single error.
     #[arg(long)]
     no_controller_restart: bool,
+    /// Copies of every host's pages: 1 (none) or 2 (each host's pages also on a backup host
+    /// that takes them over when the host dies; docs/switch.md "Replication").
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    replicas: u8,
+    /// Last (needs --replicas 2): while every client writes and verifies its pages on every
+    /// other host, kill one server with SIGKILL (--victim) and check that its backup took
+    /// over: prints `acknowledged writes lost: N`, `client errors: N` and the unavailability
+    /// window of the dead host's pages; first measures replication's cost (WRITE latency and
+    /// pipelined WRITE rate to a replicated host against the last host, registered without a
+    /// backup). Fails on any lost write or client error.
+    #[arg(long, requires = "replicas")]
+    kill_primary: bool,
+    /// The host whose server --kill-primary kills.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    victim: u16,
+    /// How long the clients work around the kill, seconds (the kill comes 0.5 s in).
+    #[arg(long, default_value_t = 3.0, value_parser = seconds)]
+    kill_seconds: f64,
+    /// For the --kill-primary run: the controller's health checks then (a STAT to every
+    /// host every this many ms, given up after as long; set with `bluebridge-ctl health`
+    /// before the kill, the earlier phases run with the daemon's default of 100 ms).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    health_interval_ms: u64,
+    /// For the --kill-primary run: checks missed in a row before a host is declared dead
+    /// (detection takes about misses × interval).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    health_misses: u32,
     /// Where the JSON reports go.
     #[arg(long, default_value = "results")]
     out: PathBuf,
@@ -50,13 +77,26 @@ pub(crate) struct RackArgs {
 
 const NAME: &str = "bbrack";
 
+fn seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.5 && v <= 3600.0 => Ok(v),
+        _ => Err(format!("`{s}`: seconds above 0.5 and at most 3600")),
+    }
+}
+
 /// The controller daemon; interrupted on drop.
 struct Daemon(Child);
 
 impl Daemon {
     /// Starts `bluebridge-ctl daemon` in the rack's switch namespace and waits until it
     /// answers on `socket`; returns it and how long that took.
-    fn start(bin: &Path, rack: &Rack, socket: &Path, backend: &str) -> Result<(Daemon, Duration)> {
+    fn start(
+        bin: &Path,
+        rack: &Rack,
+        socket: &Path,
+        backend: &str,
+        extra: &[String],
+    ) -> Result<(Daemon, Duration)> {
         let t = Instant::now();
         let child = Command::new("ip")
             .args(["netns", "exec", &rack.switch])
@@ -71,6 +111,7 @@ impl Daemon {
                 "--link-port",
                 &rack.controller_port,
             ])
+            .args(extra)
             .stdout(Stdio::inherit())
             .stderr(Stdio::inherit())
             .spawn()
@@ -148,10 +189,21 @@ impl Drop for Daemon {
 pub(crate) struct RackLab {
     // Dropped in this order on every exit path: servers and controller before their
     // namespaces go.
-    servers: Vec<ServerProc>,
+    servers: Vec<Option<ServerProc>>,
     daemon: Option<Daemon>,
     pub(crate) rack: Rack,
     pub(crate) socket: PathBuf,
+    /// What the daemon is started with besides its link (again on a restart).
+    daemon_args: Vec<String>,
+}
+
+/// How a rack's controller runs: its backend, its own flags, and the hosts registered
+/// without a backup.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LabOptions {
+    pub(crate) backend: String,
+    pub(crate) daemon_args: Vec<String>,
+    pub(crate) unreplicated: Vec<u16>,
 }
 
 impl RackLab {
@@ -160,10 +212,11 @@ impl RackLab {
         s: &mut Stages,
         name: &str,
         hosts: u16,
-        backend: &str,
+        o: &LabOptions,
         bin: &Path,
         interrupted: &std::sync::Arc<std::sync::atomic::AtomicBool>,
     ) -> Result<RackLab> {
+        let backend = o.backend.as_str();
         let mut rack = None;
         s.run(
             &format!(
@@ -187,7 +240,7 @@ impl RackLab {
                 pin_dir(&socket).display()
             ),
             || {
-                daemon = Some(Daemon::start(bin, &rack, &socket, backend)?.0);
+                daemon = Some(Daemon::start(bin, &rack, &socket, backend, &o.daemon_args)?.0);
                 Ok(())
             },
         )?;
@@ -196,6 +249,7 @@ impl RackLab {
             socket,
             daemon,
             servers: Vec::new(),
+            daemon_args: o.daemon_args.clone(),
         };
         // Servers first, so the controller's first health checks find them up.
         s.run(
@@ -228,12 +282,12 @@ impl RackLab {
                     .iter()
                     .map(|x| (*x).to_owned())
                     .collect();
-                    lab.servers.push(ServerProc::start_quiet(
+                    lab.servers.push(Some(ServerProc::start_quiet(
                         &h.ns,
                         &bin.join("bluebridge-server"),
                         &args,
                         interrupted,
-                    )?);
+                    )?));
                 }
                 Ok(())
             },
@@ -247,25 +301,33 @@ impl RackLab {
                         "{}/64",
                         bluebridge_topology::rack_client_net(bluebridge_proto::HostId(h.host_id))
                     );
-                    stage::status(&mut ctl(
-                        bin,
-                        &lab.socket,
-                        &[
-                            "register-host",
-                            "--id",
-                            &id,
-                            "--server-port",
-                            &h.server_port,
-                            "--server-mac",
-                            &fmt_mac(h.server_mac),
-                            "--client-port",
-                            &h.client_port,
-                            "--client-mac",
-                            &fmt_mac(h.client_mac),
-                            "--client-net",
-                            &net,
-                        ],
-                    ))?;
+                    let alone: &[&str] = if o.unreplicated.contains(&h.host_id) {
+                        &["--replicas", "1"]
+                    } else {
+                        &[]
+                    };
+                    stage::status(
+                        ctl(
+                            bin,
+                            &lab.socket,
+                            &[
+                                "register-host",
+                                "--id",
+                                &id,
+                                "--server-port",
+                                &h.server_port,
+                                "--server-mac",
+                                &fmt_mac(h.server_mac),
+                                "--client-port",
+                                &h.client_port,
+                                "--client-mac",
+                                &fmt_mac(h.client_mac),
+                                "--client-net",
+                                &net,
+                            ],
+                        )
+                        .args(alone),
+                    )?;
                 }
                 Ok(())
             },
@@ -277,7 +339,7 @@ impl RackLab {
     /// `name` are left behind.
     pub(crate) fn stop(mut self, s: &mut Stages) -> Result<()> {
         s.run("stop the servers", || {
-            for p in self.servers.drain(..) {
+            for p in self.servers.drain(..).flatten() {
                 p.stop()?;
             }
             Ok(())
@@ -316,7 +378,35 @@ pub(crate) fn run(a: &RackArgs) -> Result<()> {
     let bin = root().join("target/release");
     let out = root().join(&a.out);
     std::fs::create_dir_all(&out)?;
-    let mut lab = RackLab::start(&mut s, NAME, a.hosts, &a.backend, &bin, &interrupted)?;
+    if a.kill_primary && a.replicas < 2 {
+        bail!("--kill-primary needs --replicas 2 (a host without a backup just dies)");
+    }
+    if a.kill_primary && !(1..=a.hosts).contains(&a.victim) {
+        bail!("--victim {}: the rack has hosts 1 to {}", a.victim, a.hosts);
+    }
+    if a.kill_primary && a.hosts < 4 {
+        bail!(
+            "--kill-primary needs 4 hosts at least (a victim, a backup, and one host without a backup to compare with)"
+        );
+    }
+    let daemon_args = vec!["--replicas".to_owned(), a.replicas.to_string()];
+    let opts = LabOptions {
+        backend: a.backend.clone(),
+        daemon_args,
+        // The last host keeps no backup: replication's cost is measured against it.
+        unreplicated: if a.kill_primary {
+            vec![a.hosts]
+        } else {
+            Vec::new()
+        },
+    };
+    let mut lab = RackLab::start(&mut s, NAME, a.hosts, &opts, &bin, &interrupted)?;
+    if a.replicas > 1 {
+        s.run(
+            "replication: every host paired with a backup (bluebridge-ctl status)",
+            || wait_paired(&lab, &bin, &opts.unreplicated),
+        )?;
+    }
     let socket = &lab.socket.clone();
     let layout = out.join("rack-layout.json");
     std::fs::write(&layout, serde_json::to_string_pretty(&lab.rack.hosts)?)?;
@@ -345,6 +435,15 @@ pub(crate) fn run(a: &RackArgs) -> Result<()> {
         s.run(
             "controller restart under load: SIGKILL the daemon while all clients work, 300 ms without one, a new daemon adopts the pinned switch",
             || restart_under_load(&mut lab, &bin, &layout, a.iterations),
+        )?;
+    }
+    if a.kill_primary {
+        s.run(
+            &format!(
+                "failover: every client writes its pages on every other host while host {}'s server is killed (SIGKILL); its backup takes over",
+                a.victim
+            ),
+            || kill_primary(&mut lab, &bin, &layout, &out, a),
         )?;
     }
     s.run("host status (bluebridge-ctl status)", || {
@@ -433,7 +532,8 @@ fn restart_under_load(lab: &mut RackLab, bin: &Path, layout: &Path, iterations: 
     let restarted = crashed.and_then(|()| {
         println!("      controller killed (SIGKILL)");
         std::thread::sleep(Duration::from_millis(300));
-        Daemon::start(bin, &lab.rack, &lab.socket, "xdp").map(|(d, up)| (d, up, killed.elapsed()))
+        Daemon::start(bin, &lab.rack, &lab.socket, "xdp", &lab.daemon_args)
+            .map(|(d, up)| (d, up, killed.elapsed()))
     });
     stop.store(true, Ordering::Relaxed);
     let runs = load
@@ -451,5 +551,126 @@ fn restart_under_load(lab: &mut RackLab, bin: &Path, layout: &Path, iterations: 
         bail!("the switch's routes changed across the restart");
     }
     println!("      workload: 0 errors; routes identical before and after");
+    Ok(())
+}
+
+/// Waits (30 s at most) until every host but `unreplicated` is paired with a backup in step.
+fn wait_paired(lab: &RackLab, bin: &Path, unreplicated: &[u16]) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        let o = ctl(bin, &lab.socket, &["--json", "status"]).output()?;
+        if !o.status.success() {
+            bail!("bluebridge-ctl status failed");
+        }
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+        let hosts = v.as_array().context("status: a list")?;
+        let pending: Vec<u64> = hosts
+            .iter()
+            .filter(|h| {
+                let id = h["id"].as_u64().unwrap_or(0);
+                let r = &h["replication"];
+                let in_step =
+                    r["paired"].as_bool() == Some(true) && r["copy_total"].as_u64() == Some(0);
+                !(unreplicated.contains(&(id as u16)) || in_step)
+            })
+            .filter_map(|h| h["id"].as_u64())
+            .collect();
+        if pending.is_empty() {
+            println!(
+                "      {} hosts paired in {:.0} ms",
+                hosts.len() - unreplicated.len(),
+                t.elapsed().as_secs_f64() * 1e3
+            );
+            return Ok(());
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!("hosts {pending:?} found no backup within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The failover run: `bluebridge-failover` drives every client; when it says READY the
+/// victim's server is killed with SIGKILL half a second later. Fails on any acknowledged
+/// write lost or client error.
+fn kill_primary(
+    lab: &mut RackLab,
+    bin: &Path,
+    layout: &Path,
+    out: &Path,
+    a: &RackArgs,
+) -> Result<()> {
+    use std::io::BufRead as _;
+
+    let victim = lab
+        .rack
+        .hosts
+        .iter()
+        .position(|h| h.host_id == a.victim)
+        .context("the victim is not in the rack")?;
+    // Replication's cost from host 1's client: a replicated host that is not the victim
+    // against the one without a backup.
+    let cost_on = (1..a.hosts)
+        .find(|&h| h != a.victim && h != 1)
+        .unwrap_or(a.victim);
+    let report = out.join("rack-failover.json");
+    stage::status(&mut ctl(
+        bin,
+        &lab.socket,
+        &[
+            "health",
+            "--interval-ms",
+            &a.health_interval_ms.to_string(),
+            "--misses",
+            &a.health_misses.to_string(),
+        ],
+    ))?;
+    let mut child = Command::new(bin.join("bluebridge-failover"))
+        .arg("--layout")
+        .arg(layout)
+        .args(["--victim", &a.victim.to_string()])
+        .args(["--seconds", &a.kill_seconds.to_string()])
+        .args(["--cost-on", &cost_on.to_string()])
+        .args(["--cost-off", &a.hosts.to_string()])
+        .arg("--json")
+        .arg(&report)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting bluebridge-failover")?;
+    let stdout = child.stdout.take().context("its output")?;
+    let mut stdin = child.stdin.take().context("its input")?;
+    let mut killed = None;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("      {line}");
+        if line.starts_with("READY") && killed.is_none() {
+            std::thread::sleep(Duration::from_millis(500));
+            let mut p = lab.servers[victim]
+                .take()
+                .context("the victim's server is not running")?;
+            p.kill()?;
+            // The workload measures each page's window from here.
+            use std::io::Write as _;
+            writeln!(stdin, "KILLED")?;
+            killed = Some(Instant::now());
+            println!("      host {}'s server killed (SIGKILL)", a.victim);
+        }
+    }
+    let st = child.wait()?;
+    if killed.is_none() {
+        bail!("bluebridge-failover never got its clients going ({st})");
+    }
+    let f = ctl(bin, &lab.socket, &["failovers"]).output()?;
+    print!("{}", String::from_utf8_lossy(&f.stdout));
+    if !st.success() {
+        bail!("bluebridge-failover failed ({st})");
+    }
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report)?)?;
+    let errors = r["client_errors"].as_u64().unwrap_or(u64::MAX);
+    if errors > 0 {
+        bail!("{errors} client errors across the failover");
+    }
     Ok(())
 }

@@ -42,6 +42,7 @@ impl Handler {
     /// grace period. Cheap when there is nothing to do (a comparison); call it between
     /// batches and when idle.
     pub fn housekeep(&mut self, now_ns: u64) {
+        self.housekeep_taken_over(now_ns);
         let grace = self.cfg.orphan_grace_ms;
         if grace == 0 {
             return;

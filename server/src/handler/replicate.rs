@@ -110,6 +110,12 @@ impl Handler {
             max_owners: init.max_owners as usize,
             orphan_grace_ms: init.orphan_grace_ms,
             copy_lease_ms: init.copy_lease_ms,
+            // A table of its own: the twin runs on the primary's clock, which is not this
+            // server's (stamps from it would look ancient, or from the future, to this
+            // server's own shards, and their owners silent for ever).
+            liveness: std::sync::Arc::new(
+                crate::liveness::Liveness::random().map_err(StoreError::Random)?,
+            ),
             ..base.clone()
         };
         let leases = Leases::with_key(
@@ -151,6 +157,16 @@ impl Handler {
             allowed,
             allowed_len: c.allowed_clients.len().min(MAX_ALLOWED) as u8,
             copying: 0,
+        }
+    }
+
+    /// Housekeeping of the twins that took over, each on its own clock.
+    pub(super) fn housekeep_taken_over(&mut self, now_ns: u64) {
+        for r in self.replicas.iter_mut().filter(|r| r.promoted()) {
+            let now = r.now(now_ns);
+            if let Some(h) = r.handler() {
+                h.housekeep(now);
+            }
         }
     }
 
@@ -594,10 +610,14 @@ impl Handler {
             }
             return;
         }
+        // A read of pages shows what the stream may not have delivered yet: it waits too. PING,
+        // STAT and OWNERS show no page and are never held (a server whose backup died must
+        // still answer the controller's health checks).
+        let reads_pages = matches!(req.op(), Opcode::READ | Opcode::READ_BULK);
         let until = if changes {
             Some(o.append_request(now_ns, &f.endpoints, &f.header, f.payload, f.payload_tail))
         } else {
-            o.behind().then(|| o.appended())
+            (reads_pages && o.behind()).then(|| o.appended())
         };
         let Some(until) = until else {
             return self.dispatch(req, who, now_ns, sink);
