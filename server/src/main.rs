@@ -336,7 +336,36 @@ fn line(a: &ServerStats, b: &ServerStats, dt: Duration) -> String {
         b.handler.priority_fallbacks,
         b.pages_used,
         b.handler.reclaimed - a.handler.reclaimed,
-    )
+    ) + &replication_text(&a.handler, &b.handler)
+}
+
+/// The replication counters (docs/protocol.md §5.19) moved between `a` and `b` (gauges as in
+/// `b`), or nothing when this server takes no part in replication.
+fn replication_text(a: &bluebridge_server::Stats, b: &bluebridge_server::Stats) -> String {
+    use bluebridge_server::stats::{REPL_COUNTERS, ReplCounter};
+    if b.repl.iter().all(|&n| n == 0) {
+        return String::new();
+    }
+    let gauges = [
+        ReplCounter::Held,
+        ReplCounter::LagBytes,
+        ReplCounter::CopyLeft,
+        ReplCounter::CopyTotal,
+    ];
+    let parts: Vec<String> = REPL_COUNTERS
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let gauge = gauges.iter().any(|g| *g as usize == i);
+            let v = if gauge {
+                b.repl[i]
+            } else {
+                b.repl[i] - a.repl[i]
+            };
+            format!("{name} {v}")
+        })
+        .collect();
+    format!(" | {}", parts.join(", "))
 }
 
 fn summary(s: &ServerStats) -> String {
@@ -369,6 +398,10 @@ fn summary(s: &ServerStats) -> String {
         s.xsk.rx_chains,
         s.xsk.rx_in_place
     );
+    let repl = replication_text(&bluebridge_server::Stats::default(), &s.handler);
+    if !repl.is_empty() {
+        out += &format!("replication:{}\n", repl.trim_start_matches(" |"));
+    }
     out += &format!(
         "requests by shard: {}\n",
         s.shards

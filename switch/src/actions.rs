@@ -44,7 +44,27 @@ pub fn check_hosts(
                 c.submit(Request::new(Opcode::STAT, at).timeout(timeout))
             })
             .collect();
-        c.wait_all(&reqs)
+        // Waited for in short sleeps, not by spinning: a round with a dead host lasts the
+        // whole timeout, every round, and the controller shares the machine with servers.
+        let mut got: Vec<Option<Result<bluebridge_client::Reply, ClientError>>> =
+            vec![None; reqs.len()];
+        let mut left = reqs.len();
+        while left > 0 {
+            match c.poll() {
+                Some(done) => {
+                    if let Some(k) = reqs.iter().position(|&id| id == done.id)
+                        && got[k].is_none()
+                    {
+                        got[k] = Some(done.result);
+                        left -= 1;
+                    }
+                }
+                None => std::thread::sleep(std::time::Duration::from_micros(100)),
+            }
+        }
+        got.into_iter()
+            .map(|r| r.expect("every check completed"))
+            .collect::<Vec<_>>()
     };
     let results = ids
         .iter()

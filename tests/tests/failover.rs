@@ -12,6 +12,17 @@ use bluebridge_server::Server;
 use bluebridge_switch::{Controller, HostStatus};
 use bluebridge_tests::controlled::{ControlledRack, RackOptions};
 
+/// The tests of this file run one at a time: four racks of four busy servers at once on two
+/// vCPUs keep servers off their CPUs for longer than the health checks allow, and they fail
+/// over hosts that are alive (nothing is lost then either, but the tests count failovers).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn status(c: &Controller, id: u16) -> HostStatus {
     c.status().into_iter().find(|h| h.id == id).unwrap()
 }
@@ -129,6 +140,7 @@ fn write_through_a_failover(
     ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
 )]
 fn a_dead_primarys_backup_takes_over_with_every_acknowledged_write() {
+    let _serial = serial();
     let (rig, mut servers) = replicated_rack(false);
     let retransmits = write_through_a_failover(&rig, &mut servers, 2, &|s| drop(s.take()));
     assert!(
@@ -143,6 +155,7 @@ fn a_dead_primarys_backup_takes_over_with_every_acknowledged_write() {
     ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
 )]
 fn a_failover_under_loss_costs_retransmissions_only() {
+    let _serial = serial();
     let (rig, mut servers) = replicated_rack(true);
     rig.rack.relays[0].set(bluebridge_topology::Impairment {
         loss: 0.05,
@@ -163,6 +176,7 @@ fn a_failover_under_loss_costs_retransmissions_only() {
     ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
 )]
 fn a_cut_off_primary_is_fenced_when_it_comes_back() {
+    let _serial = serial();
     use bluebridge_client::{Connect, TransportKind};
     use bluebridge_proto::frame::{Endpoints, build};
     use bluebridge_proto::{BbRepr, HeaderFlags, MacAddr, NetPrefix, Opcode, PageHandle};
@@ -238,6 +252,7 @@ fn a_cut_off_primary_is_fenced_when_it_comes_back() {
     ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
 )]
 fn a_host_re_replicated_after_a_failover_survives_a_second_one() {
+    let _serial = serial();
     let (rig, mut servers) = replicated_rack(false);
     let index = |id: u16| rig.rack.hosts.iter().position(|h| h.host_id == id).unwrap();
     let p = rig.rack.hosts[2].host_id;

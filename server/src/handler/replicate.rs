@@ -428,12 +428,13 @@ impl Handler {
     /// Acts on orders that changed since this shard last looked: starts or stops its
     /// stream, drops replicas no longer wanted, promotes the ones ordered to take over.
     pub(super) fn reconcile(&mut self, now_ns: u64) {
-        let shared = self.cfg.replication.clone();
-        let v = shared.version();
+        // One load per turn of the worker's loop when nothing changed.
+        let v = self.cfg.replication.version();
         if v == self.orders_seen {
             return;
         }
         self.orders_seen = v;
+        let shared = self.cfg.replication.clone();
         let orders = shared.orders();
         let want = orders.backups.get(&self.cfg.host.0).copied();
         let have = self.outbox.as_deref().map(Outbox::target);
@@ -492,6 +493,9 @@ impl Handler {
     /// nothing to do. Call it once per turn of the worker's loop.
     pub fn poll_replication(&mut self, now_ns: u64, sink: &mut impl FrameSink) -> usize {
         self.reconcile(now_ns);
+        if self.outbox.is_none() && self.orphaned.is_none() && self.replicas.is_empty() {
+            return 0;
+        }
         let mut n = 0;
         if let Some(o) = self.orphaned.as_deref_mut() {
             n += o.poll(now_ns, sink);
