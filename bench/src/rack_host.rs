@@ -18,6 +18,14 @@ pub enum OpenError {
     Connect(#[from] ConnectError),
 }
 
+/// The hosts of the rack layout file `path` (as `cargo xtask rack` or `dsm` wrote it).
+pub fn read_layout(path: &std::path::Path) -> anyhow::Result<Vec<RackHost>> {
+    use anyhow::Context as _;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).context("parsing the layout")
+}
+
 /// Moves the calling thread into host `h`'s namespace and opens its client: AF_XDP on the
 /// client link, the given retransmission timeout and retries, giving the CPU away between
 /// polls (a rack's clients share this machine's CPUs).

@@ -479,3 +479,35 @@ fn a_replica_on_another_clock_leaves_its_servers_own_owners_alone() {
     );
     assert_eq!(n.b.stats().reclaimed, 0);
 }
+
+/// Only a server's stream address speaks for its stream: a client inside the primary's /48
+/// (its client /64), or any other address there, cannot feed the backup's twin.
+#[test]
+fn a_stream_from_anywhere_else_in_the_primarys_48_is_dropped() {
+    use bluebridge_server::stats::ReplCounter;
+    let mut n = Net::new();
+    assert_eq!(n.order(Opcode::REPLICA, B, P.0, 1), Status::OK);
+    let to = RemoteAddr::new(
+        NetPrefix::DEFAULT,
+        B,
+        PageHandle::with_shard(0, 0),
+        Opcode::REPLICATE,
+        OpFlags::NONE,
+    );
+    let h = BbRepr {
+        request_id: 1,
+        lease: 1,
+        ..hdr(0, 0)
+    };
+    for from in [
+        "fd00:bb:2:ffff::1",
+        "fd00:bb:2:100:0:0:5:b000",
+        "fd00:bb:2::b000",
+    ] {
+        let f = n.request(from.parse().unwrap(), to, h, &[0; 64]);
+        n.run(vec![f]);
+    }
+    assert_eq!(n.b.stats().repl(ReplCounter::StreamDropped), 3);
+    assert_eq!(n.b.stats().repl(ReplCounter::StreamApplied), 0);
+    assert!(n.inbox.is_empty(), "nothing is answered");
+}

@@ -19,7 +19,6 @@ use bluebridge_bench::{Latencies, Percentiles};
 use bluebridge_client::region::{Coherence, HandlerCpu, OnClose, RegionStats};
 use bluebridge_client::{AnyTransport, Client, RegionOptions, RemoteRegion};
 use bluebridge_proto::{HostId, RemoteAddr};
-use bluebridge_topology::RackHost;
 use clap::Parser;
 use serde::Serialize;
 
@@ -154,10 +153,7 @@ fn private_faults(
 fn main() -> Result<()> {
     bluebridge_client::init_logging("warn");
     let a = Args::parse();
-    let hosts: Vec<RackHost> = serde_json::from_slice(
-        &std::fs::read(&a.layout).with_context(|| format!("reading {}", a.layout.display()))?,
-    )
-    .context("parsing the layout")?;
+    let hosts = bluebridge_bench::rack_host::read_layout(&a.layout)?;
     ensure!(
         hosts.len() >= 3,
         "the suite needs 3 hosts; the layout has {}",

@@ -20,7 +20,6 @@ use bluebridge_bench::rack_host::open_client;
 use bluebridge_bench::{Latencies, Percentiles};
 use bluebridge_client::{AnyTransport, Client, Request};
 use bluebridge_proto::{HostId, Opcode, PAGE_SIZE, RemoteAddr};
-use bluebridge_topology::RackHost;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 
@@ -378,9 +377,7 @@ fn pipelined(
 fn main() -> Result<()> {
     bluebridge_client::init_logging("warn");
     let a = Args::parse();
-    let text = std::fs::read_to_string(&a.layout)
-        .with_context(|| format!("reading {}", a.layout.display()))?;
-    let hosts: Vec<RackHost> = serde_json::from_str(&text).context("parsing the layout")?;
+    let hosts = bluebridge_bench::rack_host::read_layout(&a.layout)?;
     ensure!(
         hosts.len() >= 3,
         "a failover run needs at least three hosts"

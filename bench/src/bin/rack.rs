@@ -347,9 +347,7 @@ fn migrate_under_load(
 fn main() -> Result<()> {
     bluebridge_client::init_logging("warn");
     let a = Args::parse();
-    let text = std::fs::read_to_string(&a.layout)
-        .with_context(|| format!("reading {}", a.layout.display()))?;
-    let hosts: Vec<RackHost> = serde_json::from_str(&text).context("parsing the layout")?;
+    let hosts = bluebridge_bench::rack_host::read_layout(&a.layout)?;
     ensure!(hosts.len() >= 2, "a rack run needs at least two hosts");
     let (res_tx, res_rx) = mpsc::channel();
     let mut clients = Vec::new();

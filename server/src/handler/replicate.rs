@@ -215,6 +215,18 @@ impl Handler {
             self.c().repl[ReplCounter::StreamDropped as usize].inc();
             return true;
         };
+        // Both ends of a stream are a server's stream address: a shard field and nothing else
+        // in the handle, opcode REPLICATE. Nothing else in the host's /48 — its clients' /64
+        // included, whose handle bits are never of that form — may speak for its stream.
+        let stream_address = |a: &RemoteAddr| {
+            a.opcode() == Opcode::REPLICATE
+                && a.handle().shard_field() != 0
+                && a.handle().to_bits() & ((1 << 56) - 1) == 0
+        };
+        if !stream_address(&src) || !stream_address(&dst) {
+            self.c().repl[ReplCounter::StreamDropped as usize].inc();
+            return true;
+        }
         let h = f.header;
         if f.is_reply() {
             let fenced = h.status == Status::FENCED;
