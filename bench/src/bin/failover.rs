@@ -391,6 +391,13 @@ fn main() -> Result<()> {
         a.seconds > 0.0 && a.seconds <= 3600.0,
         "--seconds must be in (0, 3600]"
     );
+    for h in [a.cost_on, a.cost_off].into_iter().flatten() {
+        ensure!(
+            hosts.iter().any(|x| x.host_id == h) && h != hosts[0].host_id,
+            "--cost-on/--cost-off {h}: a host of the rack other than host {} (whose client measures)",
+            hosts[0].host_id
+        );
+    }
     let (rto, retries) = (Duration::from_micros(a.rto_us), a.retries);
     let max_rto = Duration::from_micros(a.max_rto_us);
     let ids: Vec<u16> = hosts.iter().map(|h| h.host_id).collect();
