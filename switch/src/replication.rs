@@ -106,6 +106,12 @@ impl Controller {
             )));
         }
         self.replicas = n;
+        // Hosts adopted from a pinned switch (or registered without saying) take it too.
+        for h in self.hosts.values_mut() {
+            if h.spec.replicas.is_none() {
+                h.repl.replicas = n;
+            }
+        }
         Ok(())
     }
 
@@ -142,6 +148,7 @@ impl Controller {
         h.repl.copy_total = s.repl_copy_total;
         let backup = u16::try_from(s.backup).ok().filter(|&b| b != 0);
         if backup.is_some() && !h.repl.paired && h.repl.backup.is_none() {
+            h.repl.replicas = h.repl.replicas.max(2);
             h.repl.backup = backup;
             h.repl.epoch = h.repl.epoch.max(s.backup_epoch as u32);
             h.repl.paired = true;

@@ -313,3 +313,42 @@ fn a_host_re_replicated_after_a_failover_survives_a_second_one() {
     assert_eq!(f, [(p, first), (first, second)]);
     assert_eq!(c.stats().timeouts, 0);
 }
+
+#[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
+fn a_restarted_controller_learns_the_pairings_and_fails_over() {
+    let _serial = serial();
+    let mut rig = ControlledRack::new(RackOptions {
+        hosts: 4,
+        interval: Some(Duration::from_millis(10)),
+        replicas: 2,
+        misses: 8,
+        pinned: true,
+        ..RackOptions::default()
+    });
+    let mut servers: Vec<Option<Server>> = (0..4).map(|i| Some(rig.server(i))).collect();
+    rig.wait_for("every host paired with a backup", &|c| {
+        (1..=4).all(|id| status(c, id).replication.paired)
+    });
+    let before: Vec<(u16, Option<u16>)> = {
+        let c = rig.ctl.lock().unwrap();
+        (1..=4)
+            .map(|id| (id, status(&c, id).replication.backup))
+            .collect()
+    };
+    // The controller dies and comes back: the pairings live on in the servers, and the new
+    // controller reads them from their STAT answers.
+    let restart = rig.restart_controller(Duration::from_millis(200));
+    assert_eq!(restart.adoption.hosts, 4);
+    rig.wait_for("the pairings learnt again", &|c| {
+        (1..=4).all(|id| {
+            let r = status(c, id).replication;
+            r.paired && r.replicas == 2 && before.contains(&(id, r.backup))
+        })
+    });
+    // And it fails a dead primary over to the backup it learnt.
+    write_through_a_failover(&rig, &mut servers, 2, &|s| drop(s.take()));
+}
