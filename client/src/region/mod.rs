@@ -18,11 +18,18 @@
 //!   callback and recorded, and the page is poisoned (`UFFDIO_POISON`): the faulting access
 //!   gets **SIGBUS** (a syscall reading or writing it gets `EFAULT`) instead of waiting
 //!   forever or seeing zeros.
+//! - So does a page the kernel will not install: every failure of `UFFDIO_COPY`,
+//!   `UFFDIO_WRITEPROTECT` or `UFFDIO_POISON` is reported and ends with the faulting thread
+//!   woken, the page installed or poisoned (EAGAIN, which the kernel returns while the address
+//!   space is changing, is retried for up to a second). If even poisoning fails, the thread is
+//!   woken to fault again and the page is tried anew; a writer whose page cannot be made
+//!   writable is woken to retry its write.
 //!
 //! Rules for the application: don't `munmap`, `mremap` or `madvise` the region yourself, and
 //! pin the threads that touch it (a same-CPU fault costs a few µs, a cross-CPU wake-up tens).
 
 mod file;
+mod inject;
 mod remote;
 mod shared;
 #[allow(
@@ -45,10 +52,12 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::time::TimeSpec;
 
 pub use file::FileBacking;
+pub use inject::KernelCall;
 pub use remote::{Directory, RemoteBacking, RemoteRegion};
 pub use shared::{Coherence, Copies, CopyGrant, MIN_HOLD};
 pub use sys::AlignedPage;
 
+use inject::Injected;
 use sys::{FaultEvent, Faults, Mapping};
 
 /// An error of a backing store (the network, a file), boxed.
@@ -272,6 +281,7 @@ pub struct PagedRegion<B: Backing> {
     counters: Arc<Counters>,
     last_error: Arc<Mutex<Option<String>>>,
     traces: Arc<Mutex<Vec<FaultTrace>>>,
+    injected: Arc<Injected>,
     closed: bool,
 }
 
@@ -294,7 +304,8 @@ impl<B: Backing> PagedRegion<B> {
     ) -> Result<Self, RegionError> {
         let setup = |what: &str, e: &dyn fmt::Display| RegionError::Setup(format!("{what}: {e}"));
         let mapping = Arc::new(Mapping::reserve(pages).map_err(|e| setup("mmap", &e))?);
-        let faults = Faults::register(&mapping).map_err(|e| {
+        let injected = Arc::new(Injected::default());
+        let faults = Faults::register(&mapping, injected.clone()).map_err(|e| {
             setup(
                 "userfaultfd (needs Linux 5.7+ and root, or vm.unprivileged_userfaultfd=1)",
                 &e,
@@ -362,8 +373,18 @@ impl<B: Backing> PagedRegion<B> {
             counters,
             last_error,
             traces,
+            injected,
             closed: false,
         })
+    }
+
+    /// For tests of the fault path: the handler's next `times` calls of `call` fail with
+    /// the error number `errno` (`libc::ENOMEM`, …) as if the kernel had refused them (EAGAIN
+    /// ones are retried like real ones). Whatever fails, the faulting thread must come out of
+    /// its fault: that is what the injected failures check.
+    pub fn inject_failure(&self, call: KernelCall, errno: i32, times: u32) {
+        self.injected
+            .set(call, nix::errno::Errno::from_raw(errno), times);
     }
 
     /// The first byte of the region.
@@ -662,9 +683,7 @@ impl<B: Backing> Handler<B> {
             Ok(t) => t,
             Err(e) => {
                 self.report(e);
-                self.state[page] = PageState::Poisoned;
-                let r = self.faults.poison(&self.mapping, page);
-                self.kernel("UFFDIO_POISON", page, r);
+                self.poison(page);
                 return;
             }
         };
@@ -692,6 +711,7 @@ impl<B: Backing> Handler<B> {
                 page,
                 errno,
             });
+            self.poison(page);
             return;
         }
         if let Some(t) = &self.traces {
@@ -707,6 +727,39 @@ impl<B: Backing> Handler<B> {
         }
     }
 
+    /// Missing `page` could not be fetched or installed: it is poisoned, so the access fails
+    /// (SIGBUS, EFAULT in a syscall) instead of waiting for ever. If even that fails, the
+    /// waiting threads are woken to fault again, and the page is tried anew.
+    fn poison(&mut self, page: usize) {
+        self.state[page] = PageState::Poisoned;
+        let Err(errno) = self.faults.poison(&self.mapping, page) else {
+            return;
+        };
+        self.report(RegionError::Kernel {
+            call: "UFFDIO_POISON",
+            page,
+            errno,
+        });
+        self.state[page] = PageState::Missing;
+        let r = self.faults.wake(&self.mapping, page);
+        self.kernel("UFFDIO_WAKE", page, r);
+    }
+
+    /// Makes resident `page` writable for the writer waiting on it; if that fails the writer is
+    /// woken anyway, retries its write and faults again.
+    fn unprotect(&mut self, page: usize) {
+        let Err(errno) = self.faults.unprotect(&self.mapping, page) else {
+            return;
+        };
+        self.report(RegionError::Kernel {
+            call: "UFFDIO_WRITEPROTECT",
+            page,
+            errno,
+        });
+        let r = self.faults.wake(&self.mapping, page);
+        self.kernel("UFFDIO_WAKE", page, r);
+    }
+
     /// A write to a write-protected page.
     fn write_protect_fault(&mut self, page: usize) {
         if self.shared.is_some() && self.state[page] == PageState::Clean {
@@ -718,8 +771,7 @@ impl<B: Backing> Handler<B> {
                     self.counters.write_faults.fetch_add(1, Ordering::Relaxed);
                 }
                 self.state[page] = PageState::Dirty;
-                let r = self.faults.unprotect(&self.mapping, page);
-                self.kernel("UFFDIO_WRITEPROTECT", page, r);
+                self.unprotect(page);
             }
             // Evicted (or poisoned) while the writer waited: it retries and faults anew.
             PageState::Missing | PageState::Poisoned => {

@@ -306,8 +306,7 @@ impl<B: Backing> Handler<B> {
         if self.shared().writer[page] {
             // Still the writer's (flushed since): just writable again.
             self.state[page] = PageState::Dirty;
-            let r = self.faults.unprotect(&self.mapping, page);
-            self.kernel("UFFDIO_WRITEPROTECT", page, r);
+            self.unprotect(page);
             return;
         }
         self.counters.write_faults.fetch_add(1, Relaxed);
@@ -323,9 +322,7 @@ impl<B: Backing> Handler<B> {
                 if self.state[page] == PageState::Clean {
                     self.drop_resident(page);
                 }
-                self.state[page] = PageState::Poisoned;
-                let r = self.faults.poison(&self.mapping, page);
-                self.kernel("UFFDIO_POISON", page, r);
+                self.poison(page);
                 return;
             }
         };
@@ -333,8 +330,7 @@ impl<B: Backing> Handler<B> {
         if !g.data && resident {
             self.note_grant(page, &g, true);
             self.state[page] = PageState::Dirty;
-            let r = self.faults.unprotect(&self.mapping, page);
-            self.kernel("UFFDIO_WRITEPROTECT", page, r);
+            self.unprotect(page);
             return;
         }
         // New bytes (the read copy was stale or revoked meanwhile): install them writable.
@@ -346,11 +342,16 @@ impl<B: Backing> Handler<B> {
         self.resident.push_back(page);
         self.publish_resident();
         if let Err(errno) = self.faults.install(&self.mapping, page, &self.buf, false) {
+            // The home's copy holds the bytes (a clean read copy was upgraded): nothing is lost
+            // with the write copy, and the writer gets SIGBUS instead of waiting for ever.
             self.report(RegionError::Kernel {
                 call: "UFFDIO_COPY",
                 page,
                 errno,
             });
+            self.resident.retain(|&p| p != page);
+            self.publish_resident();
+            self.poison(page);
         }
     }
 

@@ -6,10 +6,29 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bluebridge_proto::PAGE_SIZE;
 use nix::errno::Errno;
 use userfaultfd::{Event, FaultKind, FeatureFlags, ReadWrite, RegisterMode, Uffd, UffdBuilder};
+
+use super::inject::{Injected, KernelCall};
+
+/// How long a call that fails with EAGAIN is retried. The kernel returns EAGAIN while the
+/// address space is changing under the userfaultfd (a fork, an `mremap`), which passes.
+const EAGAIN_RETRY_FOR: Duration = Duration::from_secs(1);
+
+/// Runs `f` again while it fails with EAGAIN, for up to [`EAGAIN_RETRY_FOR`].
+fn retry_eagain<T>(mut f: impl FnMut() -> Result<T, Errno>) -> Result<T, Errno> {
+    let start = Instant::now();
+    loop {
+        match f() {
+            Err(Errno::EAGAIN) if start.elapsed() < EAGAIN_RETRY_FOR => std::thread::yield_now(),
+            r => return r,
+        }
+    }
+}
 
 /// A page-aligned page buffer (`UFFDIO_COPY` and `O_DIRECT` both want alignment).
 #[repr(C, align(4096))]
@@ -170,6 +189,7 @@ pub(crate) enum FaultEvent {
 #[derive(Debug)]
 pub(crate) struct Faults {
     uffd: Uffd,
+    injected: Arc<Injected>,
 }
 
 /// `struct uffdio_copy` (the crate's `copy` cannot ask for `UFFDIO_COPY_MODE_WP`).
@@ -199,7 +219,10 @@ nix::ioctl_readwrite!(uffdio_poison, UFFDIO, 0x08, UffdioPoison);
 impl Faults {
     /// Creates the userfaultfd (kernel-mode faults included, so a syscall reading the region
     /// works too) and registers `m` for missing-page and write-protect faults.
-    pub(crate) fn register(m: &Mapping) -> Result<Self, userfaultfd::Error> {
+    pub(crate) fn register(
+        m: &Mapping,
+        injected: Arc<Injected>,
+    ) -> Result<Self, userfaultfd::Error> {
         let uffd = UffdBuilder::new()
             .close_on_exec(true)
             .non_blocking(true)
@@ -211,7 +234,7 @@ impl Faults {
             m.len(),
             RegisterMode::MISSING | RegisterMode::WRITE_PROTECT,
         )?;
-        Ok(Faults { uffd })
+        Ok(Faults { uffd, injected })
     }
 
     /// Takes the pending faults (none if nothing is waiting).
@@ -240,7 +263,8 @@ impl Faults {
 
     /// Installs `data` as missing page `i` and wakes its faulting threads; write-protected if
     /// `protect` (writes then fault, which is how dirtiness is tracked). `Ok(false)`: the page
-    /// was already there (another thread's fault installed it).
+    /// was already there (another thread's fault installed it). EAGAIN is retried; on any other
+    /// error nobody has been woken.
     pub(crate) fn install(
         &self,
         m: &Mapping,
@@ -255,9 +279,16 @@ impl Faults {
             mode: if protect { UFFDIO_COPY_MODE_WP } else { 0 },
             copy: 0,
         };
-        // SAFETY: dst is a page of the registered range, src a page-sized buffer we own, the
-        // struct matches the kernel's `uffdio_copy`.
-        match unsafe { uffdio_copy(self.uffd.as_raw_fd(), &mut c) } {
+        let r = retry_eagain(|| {
+            if let Some(e) = self.injected.take(KernelCall::Copy) {
+                return Err(e);
+            }
+            c.copy = 0;
+            // SAFETY: dst is a page of the registered range, src a page-sized buffer we own,
+            // the struct matches the kernel's `uffdio_copy`.
+            unsafe { uffdio_copy(self.uffd.as_raw_fd(), &mut c) }
+        });
+        match r {
             Ok(_) => Ok(true),
             Err(Errno::EEXIST) => {
                 self.wake(m, i)?;
@@ -268,7 +299,8 @@ impl Faults {
     }
 
     /// Makes missing page `i` raise SIGBUS on access (a syscall touching it gets EFAULT) and
-    /// wakes its faulting threads: how a fetch that failed is reported to the access.
+    /// wakes its faulting threads: how a fetch that failed is reported to the access. EAGAIN
+    /// is retried; on any other error nobody has been woken.
     pub(crate) fn poison(&self, m: &Mapping, i: usize) -> Result<(), Errno> {
         let mut p = UffdioPoison {
             start: m.page(i) as u64,
@@ -276,8 +308,15 @@ impl Faults {
             mode: 0,
             updated: 0,
         };
-        // SAFETY: a page of the registered range; the struct matches `uffdio_poison`.
-        match unsafe { uffdio_poison(self.uffd.as_raw_fd(), &mut p) } {
+        let r = retry_eagain(|| {
+            if let Some(e) = self.injected.take(KernelCall::Poison) {
+                return Err(e);
+            }
+            p.updated = 0;
+            // SAFETY: a page of the registered range; the struct matches `uffdio_poison`.
+            unsafe { uffdio_poison(self.uffd.as_raw_fd(), &mut p) }
+        });
+        match r {
             Ok(_) => Ok(()),
             // Already present: nothing to poison, the access can proceed.
             Err(Errno::EEXIST) => self.wake(m, i),
@@ -286,15 +325,24 @@ impl Faults {
     }
 
     /// Write-protects present page `i`: from now on a write faults (and waits for us).
+    /// EAGAIN is retried.
     pub(crate) fn protect(&self, m: &Mapping, i: usize) -> Result<(), Errno> {
-        self.uffd.write_protect(m.page(i), PAGE_SIZE).map_err(errno)
+        retry_eagain(|| match self.injected.take(KernelCall::WriteProtect) {
+            Some(e) => Err(e),
+            None => self.uffd.write_protect(m.page(i), PAGE_SIZE).map_err(errno),
+        })
     }
 
-    /// Lifts page `i`'s write protection and wakes the writers waiting on it.
+    /// Lifts page `i`'s write protection and wakes the writers waiting on it. EAGAIN is
+    /// retried; on any other error nobody has been woken.
     pub(crate) fn unprotect(&self, m: &Mapping, i: usize) -> Result<(), Errno> {
-        self.uffd
-            .remove_write_protection(m.page(i), PAGE_SIZE, true)
-            .map_err(errno)
+        retry_eagain(|| match self.injected.take(KernelCall::WriteProtect) {
+            Some(e) => Err(e),
+            None => self
+                .uffd
+                .remove_write_protection(m.page(i), PAGE_SIZE, true)
+                .map_err(errno),
+        })
     }
 
     /// Wakes threads waiting on page `i` (they retry the access).
