@@ -732,30 +732,24 @@ impl<B: Backing> Handler<B> {
     /// waiting threads are woken to fault again, and the page is tried anew.
     fn poison(&mut self, page: usize) {
         self.state[page] = PageState::Poisoned;
-        let Err(errno) = self.faults.poison(&self.mapping, page) else {
-            return;
-        };
-        self.report(RegionError::Kernel {
-            call: "UFFDIO_POISON",
-            page,
-            errno,
-        });
-        self.state[page] = PageState::Missing;
-        let r = self.faults.wake(&self.mapping, page);
-        self.kernel("UFFDIO_WAKE", page, r);
+        if let Err(errno) = self.faults.poison(&self.mapping, page) {
+            self.state[page] = PageState::Missing;
+            self.refused("UFFDIO_POISON", page, errno);
+        }
     }
 
     /// Makes resident `page` writable for the writer waiting on it; if that fails the writer is
     /// woken anyway, retries its write and faults again.
     fn unprotect(&mut self, page: usize) {
-        let Err(errno) = self.faults.unprotect(&self.mapping, page) else {
-            return;
-        };
-        self.report(RegionError::Kernel {
-            call: "UFFDIO_WRITEPROTECT",
-            page,
-            errno,
-        });
+        if let Err(errno) = self.faults.unprotect(&self.mapping, page) {
+            self.refused("UFFDIO_WRITEPROTECT", page, errno);
+        }
+    }
+
+    /// The kernel refused `call` for `page`, which left its waiting threads asleep: reported,
+    /// and they are woken to retry the access.
+    fn refused(&mut self, call: &'static str, page: usize, errno: nix::errno::Errno) {
+        self.report(RegionError::Kernel { call, page, errno });
         let r = self.faults.wake(&self.mapping, page);
         self.kernel("UFFDIO_WAKE", page, r);
     }
