@@ -162,9 +162,8 @@ impl Handler {
 
     /// Housekeeping of the twins that took over, each on its own clock.
     pub(super) fn housekeep_taken_over(&mut self, now_ns: u64) {
-        for r in self.replicas.iter_mut().filter(|r| r.promoted()) {
-            let now = r.now(now_ns);
-            if let Some(h) = r.handler() {
+        for r in &mut self.replicas {
+            if let Some((h, now)) = r.taken_over(now_ns) {
                 h.housekeep(now);
             }
         }
@@ -275,19 +274,15 @@ impl Handler {
             // A new stream of a later epoch: the twin starts over.
             self.replicas[i] = Replica::new(src.host_id(), u16::from(shard), epoch);
         }
-        let payload_len = f.payload.len() + f.payload_tail.len();
-        let mut joined;
+        // A segmented frame's payload comes in two pieces; the records want one.
         let payload = if f.payload_tail.is_empty() {
-            f.payload
+            std::borrow::Cow::Borrowed(f.payload)
         } else {
-            joined = Vec::with_capacity(payload_len);
-            joined.extend_from_slice(f.payload);
-            joined.extend_from_slice(f.payload_tail);
-            &joined[..]
+            std::borrow::Cow::Owned([f.payload, f.payload_tail].concat())
         };
         let applied = {
             let base = &self.cfg;
-            self.replicas[i].on_frame(h.request_id, epoch, h.operand0, payload, now_ns, base)
+            self.replicas[i].on_frame(h.request_id, epoch, h.operand0, &payload, now_ns, base)
         };
         let mut reply = BbRepr {
             flags: HeaderFlags::REPLY,
@@ -334,8 +329,7 @@ impl Handler {
         }) else {
             return false;
         };
-        let now = r.now(now_ns);
-        if let Some(h) = r.handler() {
+        if let Some((h, now)) = r.taken_over(now_ns) {
             h.handle_message(f, now, sink);
         }
         true
@@ -531,11 +525,8 @@ impl Handler {
             c.repl[ReplCounter::CopyTotal as usize].set(u64::from(total));
         }
         for r in &mut self.replicas {
-            if r.promoted() {
-                let now = r.now(now_ns);
-                if let Some(h) = r.handler() {
-                    n += h.poll_replication(now, sink);
-                }
+            if let Some((h, now)) = r.taken_over(now_ns) {
+                n += h.poll_replication(now, sink);
             }
         }
         n

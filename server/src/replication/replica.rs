@@ -95,13 +95,18 @@ impl Replica {
                 .is_some_and(Handler::replication_waiting)
     }
 
-    /// The twin, once its INIT arrived.
-    pub fn handler(&mut self) -> Option<&mut Handler> {
-        self.handler.as_deref_mut()
+    /// The twin that took over, and its clock at our `now_ns` (moved on); `None` unless it
+    /// was promoted.
+    pub fn taken_over(&mut self, now_ns: u64) -> Option<(&mut Handler, u64)> {
+        if !self.promoted {
+            return None;
+        }
+        let now = self.now(now_ns);
+        self.handler.as_deref_mut().map(|h| (h, now))
     }
 
     /// The twin's clock at our `now_ns`: the primary's, carried on (never backwards).
-    pub fn now(&mut self, now_ns: u64) -> u64 {
+    fn now(&mut self, now_ns: u64) -> u64 {
         self.last_now = self.peek_now(now_ns);
         self.last_now
     }
