@@ -55,7 +55,8 @@ pub(crate) struct RackArgs {
     /// The host whose server --kill-primary kills.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=1000))]
     victim: u16,
-    /// How long the clients work around the kill, seconds (the kill comes 0.5 s in).
+    /// How long the clients work around the kill, seconds: above 0.5 (the kill comes 0.5 s
+    /// in), at most 3600.
     #[arg(long, default_value_t = 3.0, value_parser = seconds)]
     kill_seconds: f64,
     /// For the --kill-primary run: the controller's health checks then (a STAT to every

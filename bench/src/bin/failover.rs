@@ -36,7 +36,7 @@ struct Args {
     /// Pages each client writes on each other host (plus one counter page).
     #[arg(long, default_value_t = 1, value_parser = bluebridge_xsk::cli::count(1, 1000))]
     pages: usize,
-    /// How long the clients work after READY, seconds.
+    /// How long the clients work after READY, seconds (more than 0, at most 3600).
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
     /// Client retransmission timeout, µs (the minimum; it adapts).
@@ -377,6 +377,10 @@ fn pipelined(
 fn main() -> Result<()> {
     bluebridge_client::init_logging("warn");
     let a = Args::parse();
+    ensure!(
+        a.seconds > 0.0 && a.seconds <= 3600.0,
+        "--seconds must be in (0, 3600]"
+    );
     let hosts = bluebridge_bench::rack_host::read_layout(&a.layout)?;
     ensure!(
         hosts.len() >= 3,
@@ -386,10 +390,6 @@ fn main() -> Result<()> {
         hosts.iter().any(|h| h.host_id == a.victim),
         "host {} is not in the rack",
         a.victim
-    );
-    ensure!(
-        a.seconds > 0.0 && a.seconds <= 3600.0,
-        "--seconds must be in (0, 3600]"
     );
     for h in [a.cost_on, a.cost_off].into_iter().flatten() {
         ensure!(
