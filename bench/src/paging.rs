@@ -106,6 +106,108 @@ pub struct PagingReport {
     /// The first write to a clean resident page (a write-protect fault), if measured.
     #[serde(default)]
     pub first_write: Option<Summary>,
+    /// The scans of a region larger than its budget, if measured.
+    #[serde(default)]
+    pub scans: Option<ScanReport>,
+}
+
+/// One workload run in local memory and in a `RemoteRegion`, with the region's counters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Workload {
+    /// What it is.
+    pub name: String,
+    /// Pages it covers.
+    pub pages: usize,
+    /// The region's resident budget, pages.
+    pub resident_pages: usize,
+    /// Time in local memory.
+    pub local_ms: f64,
+    /// Time in the region.
+    pub remote_ms: f64,
+    /// Missing-page faults taken.
+    pub faults: u64,
+    /// Pages prefetched.
+    pub prefetches: u64,
+    /// Prefetched pages used.
+    pub prefetch_hits: u64,
+    /// Prefetched pages evicted unused.
+    pub prefetch_wasted: u64,
+    /// Pages evicted.
+    pub evictions: u64,
+    /// Dirty pages written back.
+    pub writebacks: u64,
+}
+
+impl Workload {
+    /// Remote time over local time.
+    pub fn ratio(&self) -> f64 {
+        self.remote_ms / self.local_ms
+    }
+}
+
+/// Workloads as a Markdown table.
+pub fn workload_table(ws: &[Workload]) -> String {
+    let mut t = String::from(
+        "| workload | pages (resident) | local ms | remote ms | remote / local | faults | prefetched (hits, wasted) | evictions | write-backs |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for w in ws {
+        t += &format!(
+            "| {} | {} ({}) | {:.1} | {:.1} | {:.1}× | {} | {} ({}, {}) | {} | {} |\n",
+            w.name,
+            w.pages,
+            w.resident_pages,
+            w.local_ms,
+            w.remote_ms,
+            w.ratio(),
+            w.faults,
+            w.prefetches,
+            w.prefetch_hits,
+            w.prefetch_wasted,
+            w.evictions,
+            w.writebacks
+        );
+    }
+    t
+}
+
+/// A sequential and a random scan of a region four times its resident budget, next to the
+/// READ rates of the same client in the same run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ScanReport {
+    /// One READ at a time: latency.
+    pub read_window1: Summary,
+    /// READs kept `pipeline_window` in flight: pages per second.
+    pub pipelined_reads_per_s: f64,
+    /// The window of that rate.
+    pub pipeline_window: usize,
+    /// Every page read in order, whole.
+    pub sequential: Workload,
+    /// One word of every page, in a shuffled order.
+    pub random: Workload,
+    /// The random scan's accesses that took a missing-page fault: latency.
+    pub random_fault: Summary,
+}
+
+impl ScanReport {
+    /// The sequential scan's pages per second.
+    pub fn sequential_pages_per_s(&self) -> f64 {
+        self.sequential.pages as f64 / (self.sequential.remote_ms / 1e3)
+    }
+
+    /// The lines comparing the scans with the READ rates (the targets of docs/paging.md).
+    pub fn summary(&self) -> String {
+        format!(
+            "sequential scan: {:.0} pages/s = {:.2}× the pipelined READ rate ({:.0} pages/s, window {})\n\
+             random scan: fault p50 {:.2} µs = {:.2}× a window-1 READ (p50 {:.2} µs)\n",
+            self.sequential_pages_per_s(),
+            self.sequential_pages_per_s() / self.pipelined_reads_per_s,
+            self.pipelined_reads_per_s,
+            self.pipeline_window,
+            self.random_fault.p50_us,
+            self.random_fault.p50_us / self.read_window1.p50_us,
+            self.read_window1.p50_us
+        )
+    }
 }
 
 impl PagingReport {

@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
-use bluebridge_client::region::OnClose;
+use bluebridge_client::region::RegionStats;
+use bluebridge_client::region::{Eviction, OnClose};
 use bluebridge_client::{Client, NetArgs, RegionOptions, RemoteRegion};
 use bluebridge_proto::{HostId, PAGE_SIZE};
 use clap::Parser;
@@ -36,6 +37,22 @@ struct Args {
     /// CPU to run on (the fault handler runs there too).
     #[arg(long, value_parser = bluebridge_xsk::cli::cpu)]
     core: Option<usize>,
+    /// Most pages a stream of faults prefetches ahead (0: no prefetching).
+    #[arg(long, default_value_t = bluebridge_client::region::DEFAULT_PREFETCH,
+          value_parser = bluebridge_xsk::cli::count(0, 1 << 20))]
+    prefetch: usize,
+    /// Eviction policy: clock (second chance) or fifo.
+    #[arg(long, value_enum, default_value_t = Policy::Clock)]
+    eviction: Policy,
+}
+
+/// `--eviction`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Policy {
+    /// CLOCK (second chance).
+    Clock,
+    /// Oldest first.
+    Fifo,
 }
 
 fn main() -> Result<()> {
@@ -61,6 +78,11 @@ fn main() -> Result<()> {
         RegionOptions {
             resident_pages: a.budget,
             on_close: OnClose::Free,
+            prefetch: a.prefetch,
+            eviction: match a.eviction {
+                Policy::Clock => Eviction::Clock,
+                Policy::Fifo => Eviction::Fifo,
+            },
             ..RegionOptions::default()
         },
     )?;
@@ -115,13 +137,23 @@ fn main() -> Result<()> {
         remote_time.as_secs_f64() * 1e3,
         remote_time.as_secs_f64() / local_time.as_secs_f64()
     );
+    let d = |f: fn(&RegionStats) -> u64| f(&after) - f(&before);
     println!(
         "during the sort: {} page faults, {} first writes to clean pages, {} evictions, {} pages written back; {} errors",
-        after.faults - before.faults,
-        after.write_faults - before.write_faults,
-        after.evictions - before.evictions,
-        after.writebacks - before.writebacks,
+        d(|s| s.faults),
+        d(|s| s.write_faults),
+        d(|s| s.evictions),
+        d(|s| s.writebacks),
         after.errors
+    );
+    println!(
+        "prefetching: {} pages prefetched, {} hits ({} late), {} wasted; {} faults fetched their own page; {} pages evicted unchanged (not written back)",
+        d(|s| s.prefetches),
+        d(|s| s.prefetch_hits),
+        d(|s| s.prefetch_late),
+        d(|s| s.prefetch_wasted),
+        d(|s| s.prefetch_misses),
+        d(|s| s.unchanged),
     );
     region.close()?;
     Ok(())

@@ -118,6 +118,11 @@ impl<T: Transport> Client<T> {
         }
     }
 
+    /// When the next retransmission (or timeout) of a request in flight is due.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.engine.next_deadline()
+    }
+
     /// The next completion, making progress first if none is ready.
     pub fn poll(&mut self) -> Option<Completion> {
         if let Some(c) = self.stash.pop_front() {

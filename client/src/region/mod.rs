@@ -30,6 +30,8 @@
 
 mod file;
 mod inject;
+mod prefetch;
+mod private;
 mod remote;
 mod shared;
 #[allow(
@@ -40,7 +42,8 @@ mod sys;
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::os::fd::AsFd;
+use std::ops::Range;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::thread::JoinHandle;
@@ -53,6 +56,7 @@ use nix::sys::time::TimeSpec;
 
 pub use file::FileBacking;
 pub use inject::KernelCall;
+pub use prefetch::Advice;
 pub use remote::{Directory, RemoteBacking, RemoteRegion};
 pub use shared::{Coherence, Copies, CopyGrant, MIN_HOLD};
 pub use sys::AlignedPage;
@@ -89,6 +93,57 @@ pub trait Backing: Send + 'static {
     /// [`Backing::copies`], shared.
     fn copies_ref(&self) -> Option<&dyn Copies> {
         None
+    }
+    /// Transfers kept in flight together (a private region prefetches and writes back through
+    /// them, and serves faults meanwhile); `None` (the default): [`Backing::fetch`] and
+    /// [`Backing::store`] one at a time, and no prefetching.
+    fn pipeline(&mut self) -> Option<&mut dyn Pipeline> {
+        None
+    }
+    /// [`Backing::pipeline`], shared.
+    fn pipeline_ref(&self) -> Option<&dyn Pipeline> {
+        None
+    }
+}
+
+/// Which way a [`Transfer`] went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// A page read from the backing.
+    Fetch,
+    /// A page written to it.
+    Store,
+}
+
+/// A finished transfer of a [`Pipeline`].
+#[derive(Debug)]
+pub struct Transfer {
+    /// The region page.
+    pub page: usize,
+    /// Fetch or store.
+    pub direction: Direction,
+    /// A fetch: the page's bytes (one page of them); a store: the buffer it was given back,
+    /// or an empty one.
+    pub result: Result<Vec<u8>, BackingError>,
+}
+
+/// A backing's pipelined transfers: started now, finished later, many in flight.
+pub trait Pipeline {
+    /// Starts fetching page `page` (after [`Backing::locate`]).
+    fn start_fetch(&mut self, page: usize);
+    /// Starts writing `data` (one page of bytes) to page `page`.
+    fn start_store(&mut self, page: usize, data: Vec<u8>);
+    /// Sends, receives and retransmits once.
+    fn progress(&mut self);
+    /// A transfer that has finished, if any (making progress first when none is ready).
+    fn finished(&mut self) -> Option<Transfer>;
+    /// Descriptors that turn readable when a reply arrives (to sleep on).
+    fn poll_fds(&self) -> Vec<BorrowedFd<'_>>;
+    /// When a retransmission is due, if any is.
+    fn next_deadline(&self) -> Option<Instant>;
+    /// Takes a fetched page's buffer back for reuse (the default drops it).
+    fn recycle(&mut self, buf: Vec<u8>) {
+        drop(buf);
     }
 }
 
@@ -138,7 +193,27 @@ pub struct RegionOptions {
     /// Shared regions: how long a fault waits for the home to grant a copy (while it recalls
     /// other holders' copies) before the access fails with SIGBUS.
     pub copy_wait: std::time::Duration,
+    /// Private regions over a pipelined backing: the most pages a detected stream of faults
+    /// prefetches ahead (0: no prefetching). The depth adapts below this, and never exceeds a
+    /// quarter of the resident budget.
+    pub prefetch: usize,
+    /// Which resident page goes when the budget is full.
+    pub eviction: Eviction,
 }
+
+/// How a private region picks the page to evict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Eviction {
+    /// CLOCK (second chance): a page faulted on or written since the hand last passed is
+    /// skipped once; prefetched pages nobody faulted on go first.
+    #[default]
+    Clock,
+    /// The oldest resident page (for comparison).
+    Fifo,
+}
+
+/// The default [`RegionOptions::prefetch`].
+pub const DEFAULT_PREFETCH: usize = 64;
 
 impl Default for RegionOptions {
     fn default() -> Self {
@@ -150,6 +225,8 @@ impl Default for RegionOptions {
             on_error: None,
             coherence: Coherence::Private,
             copy_wait: std::time::Duration::from_secs(10),
+            prefetch: DEFAULT_PREFETCH,
+            eviction: Eviction::Clock,
         }
     }
 }
@@ -164,6 +241,8 @@ impl fmt::Debug for RegionOptions {
             .field("on_error", &self.on_error.is_some())
             .field("coherence", &self.coherence)
             .field("copy_wait", &self.copy_wait)
+            .field("prefetch", &self.prefetch)
+            .field("eviction", &self.eviction)
             .finish()
     }
 }
@@ -222,6 +301,12 @@ struct Counters {
     revokes: AtomicU64,
     lost_writes: AtomicU64,
     lapses: AtomicU64,
+    prefetches: AtomicU64,
+    prefetch_hits: AtomicU64,
+    prefetch_late: AtomicU64,
+    prefetch_misses: AtomicU64,
+    prefetch_wasted: AtomicU64,
+    unchanged: AtomicU64,
 }
 
 /// A snapshot of a region's counters.
@@ -250,6 +335,21 @@ pub struct RegionStats {
     pub lost_writes: u64,
     /// Shared regions: copy leases that ran out unrenewed (their copies were dropped).
     pub lapses: u64,
+    /// Pages fetched ahead of any fault by the prefetcher.
+    pub prefetches: u64,
+    /// Prefetched pages the program used: it faulted on one still in flight or held back, wrote
+    /// to one, or a stream of its faults passed over one.
+    pub prefetch_hits: u64,
+    /// Of the hits, faults that waited for a prefetch still in flight.
+    pub prefetch_late: u64,
+    /// Missing-page faults on pages the prefetcher had not fetched (the thread waited for a
+    /// whole fetch).
+    pub prefetch_misses: u64,
+    /// Prefetched pages evicted with no use seen, or whose prefetch failed.
+    pub prefetch_wasted: u64,
+    /// Pages installed writable on a guess (most pages read were then written) that were
+    /// evicted unchanged, so not written back.
+    pub unchanged: u64,
 }
 
 /// Timestamps of one missing-page fault, as the handler saw it.
@@ -269,6 +369,7 @@ pub struct FaultTrace {
 
 enum Command {
     Flush(mpsc::Sender<Result<u64, RegionError>>),
+    Advise(Range<usize>, Advice, mpsc::Sender<Result<(), RegionError>>),
     Close(mpsc::Sender<Result<(), RegionError>>),
 }
 
@@ -340,7 +441,14 @@ impl<B: Backing> PagedRegion<B> {
                 }
             },
         };
+        let pipelined = backing.pipeline().is_some();
+        let prefetch = if pipelined && shared.is_none() {
+            options.prefetch.min(budget / 4)
+        } else {
+            0
+        };
         let handler = Handler {
+            paging: private::Paging::new(pages, budget, prefetch, options.eviction),
             shared,
             mapping: mapping.clone(),
             faults,
@@ -458,6 +566,12 @@ impl<B: Backing> PagedRegion<B> {
             revokes: g(&c.revokes),
             lost_writes: g(&c.lost_writes),
             lapses: g(&c.lapses),
+            prefetches: g(&c.prefetches),
+            prefetch_hits: g(&c.prefetch_hits),
+            prefetch_late: g(&c.prefetch_late),
+            prefetch_misses: g(&c.prefetch_misses),
+            prefetch_wasted: g(&c.prefetch_wasted),
+            unchanged: g(&c.unchanged),
         }
     }
 
@@ -484,6 +598,20 @@ impl<B: Backing> PagedRegion<B> {
             .map_err(|_| RegionError::HandlerGone)?;
         self.wake.write(1).map_err(|_| RegionError::HandlerGone)?;
         rx.recv().map_err(|_| RegionError::HandlerGone)?
+    }
+
+    /// Tells the prefetcher how pages `pages` (indices) will be used, like `madvise`:
+    /// [`Advice::Sequential`], [`Advice::Random`], [`Advice::WillNeed`] (fetch them now, as
+    /// far as a quarter of the resident budget goes) or [`Advice::Normal`]. A later hint over
+    /// a page overrides an earlier one. Private regions only (a shared one takes no hints).
+    pub fn advise(&self, pages: Range<usize>, advice: Advice) -> Result<(), RegionError> {
+        if pages.start >= pages.end || pages.end > self.pages() {
+            return Err(RegionError::Setup(format!(
+                "advise: pages {pages:?} are not a non-empty range inside the region's {}",
+                self.pages()
+            )));
+        }
+        self.command(|tx| Command::Advise(pages, advice, tx))
     }
 
     /// Writes every dirty page back (they stay resident, clean); returns how many.
@@ -531,6 +659,14 @@ enum PageState {
     Dirty,
     /// Its fetch failed: accesses raise SIGBUS.
     Poisoned,
+    /// Private regions: a fetch is in flight (a fault's or the prefetcher's).
+    Fetching,
+    /// Private regions: fetched by the prefetcher and held back uninstalled (a stream's marker,
+    /// see `prefetch`): its fault is served from the bytes at hand.
+    Staged,
+    /// Private regions: resident and write-protected while its write-back is in flight; a
+    /// write makes it dirty again (and keeps it resident).
+    WritingBack,
 }
 
 struct Handler<B: Backing> {
@@ -540,8 +676,11 @@ struct Handler<B: Backing> {
     faults: Faults,
     backing: B,
     state: Vec<PageState>,
-    /// Resident pages, oldest first (eviction order).
+    /// Resident pages in eviction order: the front is next (a private region's CLOCK hand;
+    /// FIFO in a shared one). Pages whose eviction write-back is in flight are not in it.
     resident: VecDeque<usize>,
+    /// A private region's pipelined fault path: prefetching, transfers in flight.
+    paging: private::Paging,
     budget: usize,
     buf: Box<AlignedPage>,
     counters: Arc<Counters>,
@@ -556,10 +695,22 @@ impl<B: Backing> Handler<B> {
         let mut events = userfaultfd::EventBuffer::new(64);
         let mut pending = Vec::with_capacity(64);
         loop {
+            let busy = self.paging.in_flight() > 0;
+            // A thread waits for a fetch in flight: spin on the network (a sleep and wake-up
+            // would add tens of µs to its fault). Otherwise sleep until a fault, a command, a
+            // reply or a timer.
+            let spin = self.paging.waiting();
             let mut tick = IDLE_TICK;
             if let Some(t) = self.shared.as_ref().and_then(shared::Shared::next_timer) {
                 let left = t.saturating_duration_since(Instant::now());
                 tick = tick.min(left.max(std::time::Duration::from_micros(1)));
+            }
+            if busy && let Some(t) = self.backing.pipeline_ref().and_then(|p| p.next_deadline()) {
+                let left = t.saturating_duration_since(Instant::now());
+                tick = tick.min(left.max(std::time::Duration::from_micros(1)));
+            }
+            if spin {
+                tick = std::time::Duration::ZERO;
             }
             let polled = {
                 let mut fds = vec![
@@ -572,42 +723,63 @@ impl<B: Backing> Handler<B> {
                             .into_iter()
                             .map(|fd| PollFd::new(fd, PollFlags::POLLIN)),
                     );
+                } else if busy
+                    && !spin
+                    && let Some(p) = self.backing.pipeline_ref()
+                {
+                    fds.extend(
+                        p.poll_fds()
+                            .into_iter()
+                            .map(|fd| PollFd::new(fd, PollFlags::POLLIN)),
+                    );
                 }
                 // ppoll: microsecond timeouts (a deferred notice is due in tens of them).
                 ppoll(&mut fds, Some(TimeSpec::from_duration(tick)), None).map(|n| {
-                    let commanded = fds[1]
-                        .revents()
-                        .is_some_and(|r| r.contains(PollFlags::POLLIN));
-                    (n, commanded)
+                    let ready = |i: usize| {
+                        fds[i]
+                            .revents()
+                            .is_some_and(|r| r.contains(PollFlags::POLLIN))
+                    };
+                    (n, ready(0), ready(1))
                 })
             };
             if self.shared.is_some() {
                 self.serve_revokes();
                 self.check_leases();
+            } else if busy {
+                self.pump();
             }
-            let commanded = match polled {
-                Ok((0, _)) => {
-                    // Cheap when there is nothing to do (the keep-alive looks at its own
-                    // clock), so also on the shorter timer ticks of a shared region.
-                    self.backing.idle();
+            let (faulted, commanded) = match polled {
+                Ok((0, ..)) => {
+                    if !busy {
+                        // Cheap when there is nothing to do (the keep-alive looks at its own
+                        // clock), so also on the shorter timer ticks of a shared region.
+                        self.backing.idle();
+                    }
                     continue;
                 }
-                Ok((_, c)) => c,
+                Ok((_, f, c)) => (f, c),
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => {
                     tracing::error!(error = %e, "poll on the userfaultfd failed; the handler stops");
                     return self.backing;
                 }
             };
-            pending.clear();
-            if let Err(e) = self.faults.read(&self.mapping, &mut events, &mut pending) {
-                tracing::error!(error = %e, "reading userfaultfd events");
-            }
-            for &ev in &pending {
-                match ev {
-                    FaultEvent::Missing { page, write } => self.missing(page, write),
-                    FaultEvent::WriteProtect { page } => self.write_protect_fault(page),
+            if faulted {
+                pending.clear();
+                if let Err(e) = self.faults.read(&self.mapping, &mut events, &mut pending) {
+                    tracing::error!(error = %e, "reading userfaultfd events");
                 }
+                for &ev in &pending {
+                    match ev {
+                        FaultEvent::Missing { page, write } => self.missing(page, write),
+                        FaultEvent::WriteProtect { page } => self.write_protect_fault(page),
+                    }
+                }
+            }
+            if self.paging.in_flight() > 0 {
+                // Send what the faults just started (prefetches nobody spins for included).
+                self.pump();
             }
             if commanded {
                 let _ = wake.read();
@@ -615,6 +787,10 @@ impl<B: Backing> Handler<B> {
                     match cmd {
                         Command::Flush(reply) => {
                             let _ = reply.send(self.flush());
+                        }
+                        Command::Advise(pages, advice, reply) => {
+                            self.advise(pages, advice);
+                            let _ = reply.send(Ok(()));
                         }
                         Command::Close(reply) => {
                             let r = self.close();
@@ -653,6 +829,9 @@ impl<B: Backing> Handler<B> {
 
     /// A missing-page fault on `page`.
     fn missing(&mut self, page: usize, write: bool) {
+        if self.shared.is_none() {
+            return self.missing_private(page, write);
+        }
         match self.state[page] {
             PageState::Missing => {}
             // A second thread's fault on a page the first one's brought in, or on a page
@@ -670,16 +849,7 @@ impl<B: Backing> Handler<B> {
                 break;
             }
         }
-        let fetched = if self.shared.is_some() {
-            self.fetch_copy(page, write).map(|()| Instant::now())
-        } else {
-            self.backing
-                .locate(page)
-                .map(|()| Instant::now())
-                .and_then(|located| self.backing.fetch(page, &mut self.buf).map(|()| located))
-                .map_err(|source| RegionError::Fetch { page, source })
-        };
-        let located = match fetched {
+        let located = match self.fetch_copy(page, write).map(|()| Instant::now()) {
             Ok(t) => t,
             Err(e) => {
                 self.report(e);
@@ -700,7 +870,10 @@ impl<B: Backing> Handler<B> {
         self.counters
             .resident
             .store(self.resident.len() as u64, Ordering::Relaxed);
-        if let Err(errno) = self.faults.install(&self.mapping, page, &self.buf, !write) {
+        if let Err(errno) = self
+            .faults
+            .install(&self.mapping, page, &self.buf.0, !write, true)
+        {
             self.state[page] = PageState::Missing;
             self.resident.pop_back();
             self.counters
@@ -756,7 +929,10 @@ impl<B: Backing> Handler<B> {
 
     /// A write to a write-protected page.
     fn write_protect_fault(&mut self, page: usize) {
-        if self.shared.is_some() && self.state[page] == PageState::Clean {
+        if self.shared.is_none() {
+            return self.write_protect_private(page);
+        }
+        if self.state[page] == PageState::Clean {
             return self.upgrade(page);
         }
         match self.state[page] {
@@ -768,16 +944,16 @@ impl<B: Backing> Handler<B> {
                 self.unprotect(page);
             }
             // Evicted (or poisoned) while the writer waited: it retries and faults anew.
-            PageState::Missing | PageState::Poisoned => {
+            _ => {
                 let r = self.faults.wake(&self.mapping, page);
                 self.kernel("UFFDIO_WAKE", page, r);
             }
         }
     }
 
-    /// Writes dirty `page` back (to the backing, or for a shared region to the home, keeping
-    /// the write copy), leaving it resident, clean and write-protected. On failure it stays
-    /// dirty (and write-protected: a write faults and makes it writable again).
+    /// Writes a shared region's dirty `page` back to its home, keeping the write copy, leaving
+    /// it resident, clean and write-protected. On failure it stays dirty (and write-protected:
+    /// a write faults and makes it writable again).
     fn write_back(&mut self, page: usize) -> Result<(), RegionError> {
         // Protect first: from here on no write can slip in between the copy and the store.
         self.faults
@@ -787,58 +963,32 @@ impl<B: Backing> Handler<B> {
                 page,
                 errno,
             })?;
-        self.mapping.read_present(page, &mut self.buf);
-        if self.shared.is_some() {
-            self.store_copy(page)?;
-        } else {
-            self.backing
-                .store(page, &self.buf)
-                .map_err(|source| RegionError::WriteBack { page, source })?;
+        // SAFETY: resident (the handler's bookkeeping) and write-protected just now.
+        #[allow(unsafe_code, reason = "the copy's preconditions hold: see above")]
+        unsafe {
+            self.mapping.read_present(page, &mut self.buf.0);
         }
+        self.store_copy(page)?;
         self.state[page] = PageState::Clean;
         self.counters.writebacks.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Evicts the oldest resident page; false if it could not be (its write-back failed).
+    /// Evicts a shared region's oldest copy (given back to its home); false if none.
     fn evict_one(&mut self) -> bool {
-        if self.shared.is_some() {
-            let Some(&victim) = self.resident.front() else {
-                return false;
-            };
-            let generation = self.shared_generation(victim);
-            self.give_back(victim, generation, crate::copies::Keep::Nothing);
-            self.counters.evictions.fetch_add(1, Ordering::Relaxed);
-            return true;
-        }
-        let Some(victim) = self.resident.pop_front() else {
+        let Some(&victim) = self.resident.front() else {
             return false;
         };
-        if self.state[victim] == PageState::Dirty
-            && let Err(e) = self.write_back(victim)
-        {
-            self.report(e);
-            self.resident.push_back(victim);
-            return false;
-        }
-        if let Err(e) = self.mapping.discard(victim) {
-            self.report(RegionError::Kernel {
-                call: "madvise(MADV_DONTNEED)",
-                page: victim,
-                errno: nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0)),
-            });
-            self.resident.push_back(victim);
-            return false;
-        }
-        self.state[victim] = PageState::Missing;
+        let generation = self.shared_generation(victim);
+        self.give_back(victim, generation, crate::copies::Keep::Nothing);
         self.counters.evictions.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .resident
-            .store(self.resident.len() as u64, Ordering::Relaxed);
         true
     }
 
     fn flush(&mut self) -> Result<u64, RegionError> {
+        if self.shared.is_none() {
+            return self.flush_private();
+        }
         let dirty: Vec<usize> = self
             .resident
             .iter()
@@ -865,6 +1015,10 @@ impl<B: Backing> Handler<B> {
             // Every copy goes back to its home (dirty ones written back), whatever happens to
             // the pages next.
             self.release_all();
+        } else {
+            // Transfers in flight finish first (prefetched pages are installed, evictions'
+            // write-backs acknowledged).
+            self.drain();
         }
         let flushed = match self.on_close {
             OnClose::Detach => self.flush().map(|_| ()),

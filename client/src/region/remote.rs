@@ -7,9 +7,19 @@ use std::time::Duration;
 use bluebridge_proto::{HostId, PAGE_SIZE, RemoteAddr};
 
 use super::shared::{Coherence, Copies, CopyGrant};
-use super::{AlignedPage, Backing, BackingError, OnClose, PagedRegion, RegionError, RegionOptions};
+use super::{
+    AlignedPage, Backing, BackingError, Direction, OnClose, PagedRegion, Pipeline, RegionError,
+    RegionOptions, Transfer,
+};
 use crate::copies::Keep;
-use crate::{Client, ClientError, Transport};
+use crate::{Client, ClientError, Request, Transport};
+use bluebridge_proto::Opcode;
+use bluebridge_proto::segment::Segments;
+
+/// Tags of the region's own pipelined requests: the marker bit, the direction, the page.
+const TAG_MINE: u64 = 1 << 63;
+const TAG_STORE: u64 = 1 << 62;
+const TAG_PAGE: u64 = TAG_STORE - 1;
 
 /// Bytes of one directory entry: the page's address.
 const ENTRY: usize = 16;
@@ -79,9 +89,12 @@ pub struct RemoteBacking<T: Transport> {
     client: Client<T>,
     pages: Vec<RemoteAddr>,
     directory: Option<Directory>,
-    located: Option<RemoteAddr>,
+    /// The page [`Backing::locate`] found last, and its address.
+    located: Option<(usize, RemoteAddr)>,
     /// For a shared region: page → index, and each page's lease group.
     copies: Option<CopyIndex>,
+    /// Pipelined write-backs: segments left and the first error, by page.
+    stores: HashMap<usize, (usize, Option<ClientError>)>,
 }
 
 /// A page's identity in notices: its address without opcode and flags.
@@ -116,6 +129,7 @@ impl<T: Transport> RemoteBacking<T> {
             directory: None,
             located: None,
             copies: None,
+            stores: HashMap::new(),
         }
     }
 
@@ -158,15 +172,26 @@ impl<T: Transport + Send + 'static> Backing for RemoteBacking<T> {
     }
 
     fn locate(&mut self, index: usize) -> Result<(), BackingError> {
-        self.located = Some(match &self.directory {
-            Some(d) => d.lookup(&mut self.client, index)?,
-            None => self.pages[index],
-        });
+        self.located = Some((
+            index,
+            match &self.directory {
+                Some(d) => d.lookup(&mut self.client, index)?,
+                None => self.pages[index],
+            },
+        ));
         Ok(())
     }
 
+    fn pipeline(&mut self) -> Option<&mut dyn Pipeline> {
+        Some(self)
+    }
+
+    fn pipeline_ref(&self) -> Option<&dyn Pipeline> {
+        Some(self)
+    }
+
     fn fetch(&mut self, index: usize, page: &mut AlignedPage) -> Result<(), BackingError> {
-        let addr = self.located.take().unwrap_or(self.pages[index]);
+        let addr = self.address(index);
         let data = self.client.read(addr)?;
         if data.len() != PAGE_SIZE {
             return Err(format!("READ returned {} bytes", data.len()).into());
@@ -191,6 +216,109 @@ impl<T: Transport + Send + 'static> Backing for RemoteBacking<T> {
             }
         }
         Ok(())
+    }
+}
+
+impl<T: Transport> RemoteBacking<T> {
+    /// Page `index`'s address: the one located for it, or its own.
+    fn address(&mut self, index: usize) -> RemoteAddr {
+        match self.located.take() {
+            Some((i, a)) if i == index => a,
+            _ => self.pages[index],
+        }
+    }
+}
+
+impl<T: Transport + Send + 'static> Pipeline for RemoteBacking<T> {
+    fn start_fetch(&mut self, page: usize) {
+        let addr = self.address(page);
+        self.client.submit(
+            Request::new(Opcode::READ, addr)
+                .range(0, PAGE_SIZE as u16)
+                .tag(TAG_MINE | page as u64),
+        );
+    }
+
+    fn start_store(&mut self, page: usize, data: Vec<u8>) {
+        let addr = self.pages[page];
+        let tag = TAG_MINE | TAG_STORE | page as u64;
+        let seg = self.client.max_request_data();
+        if data.len() <= usize::from(seg) {
+            self.stores.insert(page, (1, None));
+            let len = data.len() as u16;
+            self.client.submit(
+                Request::new(Opcode::WRITE, addr)
+                    .range(0, len)
+                    .payload(data)
+                    .tag(tag),
+            );
+            return;
+        }
+        let segments: Vec<(u16, u16)> = Segments::new(0, data.len() as u16, seg).collect();
+        self.stores.insert(page, (segments.len(), None));
+        for (o, l) in segments {
+            let (o, l) = (usize::from(o), usize::from(l));
+            let part = data[o..o + l].to_vec();
+            self.client.submit(
+                Request::new(Opcode::WRITE, addr)
+                    .range(o as u16, l as u16)
+                    .payload(part)
+                    .tag(tag),
+            );
+        }
+    }
+
+    fn progress(&mut self) {
+        self.client.progress();
+    }
+
+    fn finished(&mut self) -> Option<Transfer> {
+        loop {
+            let c = self.client.poll()?;
+            if c.tag & TAG_MINE == 0 {
+                continue; // not a transfer of the region's (nothing else is pipelined)
+            }
+            let page = (c.tag & TAG_PAGE) as usize;
+            if c.tag & TAG_STORE == 0 {
+                return Some(Transfer {
+                    page,
+                    direction: Direction::Fetch,
+                    result: c.result.map(|r| r.data).map_err(Into::into),
+                });
+            }
+            let Some((left, first)) = self.stores.get_mut(&page) else {
+                continue;
+            };
+            *left -= 1;
+            if let Err(e) = c.result
+                && first.is_none()
+            {
+                *first = Some(e);
+            }
+            if *left == 0 {
+                let (_, first) = self.stores.remove(&page).expect("present");
+                return Some(Transfer {
+                    page,
+                    direction: Direction::Store,
+                    result: match first {
+                        Some(e) => Err(e.into()),
+                        None => Ok(Vec::new()),
+                    },
+                });
+            }
+        }
+    }
+
+    fn poll_fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        self.client.transport().poll_fds()
+    }
+
+    fn next_deadline(&self) -> Option<std::time::Instant> {
+        self.client.next_deadline()
+    }
+
+    fn recycle(&mut self, buf: Vec<u8>) {
+        self.client.recycle(buf);
     }
 }
 

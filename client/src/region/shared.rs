@@ -341,7 +341,10 @@ impl<B: Backing> Handler<B> {
         self.state[page] = PageState::Dirty;
         self.resident.push_back(page);
         self.publish_resident();
-        if let Err(errno) = self.faults.install(&self.mapping, page, &self.buf, false) {
+        if let Err(errno) = self
+            .faults
+            .install(&self.mapping, page, &self.buf.0, false, true)
+        {
             // The home's copy holds the bytes (a clean read copy was upgraded): nothing is lost
             // with the write copy, and the writer gets SIGBUS instead of waiting for ever.
             self.report(RegionError::Kernel {
@@ -374,16 +377,30 @@ impl<B: Backing> Handler<B> {
     /// copy protected, copied, dropped and written back. `keep` Read keeps it as a read copy
     /// (written back, write-protected). Failures are reported; the copy is gone either way.
     pub(super) fn give_back(&mut self, page: usize, generation: u64, keep: Keep) {
-        let dirty = self.state[page] == PageState::Dirty;
+        let mut dirty = self.state[page] == PageState::Dirty;
         if dirty {
-            if let Err(errno) = self.faults.protect(&self.mapping, page) {
-                self.report(RegionError::Kernel {
-                    call: "UFFDIO_WRITEPROTECT",
-                    page,
-                    errno,
-                });
+            match self.faults.protect(&self.mapping, page) {
+                // SAFETY: resident (the handler's bookkeeping) and write-protected just now.
+                #[allow(unsafe_code, reason = "the copy's preconditions hold: see above")]
+                Ok(()) => unsafe { self.mapping.read_present(page, &mut self.buf.0) },
+                Err(errno) => {
+                    // Writers cannot be stopped, so no copy of the page can be trusted: it is
+                    // dropped unread, its writes since the last write-back are lost (counted).
+                    self.report(RegionError::Kernel {
+                        call: "UFFDIO_WRITEPROTECT",
+                        page,
+                        errno,
+                    });
+                    self.counters.lost_writes.fetch_add(1, Relaxed);
+                    dirty = false;
+                    if keep == Keep::Read {
+                        self.drop_resident(page);
+                        let _ =
+                            copies(&mut self.backing).put(page, generation, Keep::Nothing, None);
+                        return;
+                    }
+                }
             }
-            self.mapping.read_present(page, &mut self.buf);
         }
         // A reader asked to keep a read copy (the notice was for a writer) changes nothing.
         let keeps = keep == Keep::Read;
@@ -447,7 +464,8 @@ impl<B: Backing> Handler<B> {
                     self.counters.revokes.fetch_add(1, Relaxed);
                     self.give_back(page, generation, keep);
                 }
-                PageState::Missing | PageState::Poisoned => {
+                // (Fetching, Staged and WritingBack are private regions' states.)
+                _ => {
                     // Nothing here (a copy given up, or granted by a reply that never came):
                     // say so, so the home stops counting it.
                     self.counters.revokes.fetch_add(1, Relaxed);

@@ -114,24 +114,45 @@ impl Mapping {
 
     /// Drops page `i`'s memory: its next access is a missing-page fault again.
     pub(crate) fn discard(&self, i: usize) -> io::Result<()> {
-        // SAFETY: the page lies inside our mapping; MADV_DONTNEED on private anonymous memory
-        // only drops its contents.
-        let r = unsafe { libc::madvise(self.page(i), PAGE_SIZE, libc::MADV_DONTNEED) };
+        self.discard_run(i, 1)
+    }
+
+    /// Drops the memory of pages `first .. first + n` (one `madvise`).
+    pub(crate) fn discard_run(&self, first: usize, n: usize) -> io::Result<()> {
+        assert!(n > 0 && first + n <= self.pages, "pages outside the region");
+        // SAFETY: the pages lie inside our mapping (checked above); MADV_DONTNEED on private
+        // anonymous memory only drops their contents.
+        let r = unsafe { libc::madvise(self.page(first), n * PAGE_SIZE, libc::MADV_DONTNEED) };
         if r != 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(())
     }
 
-    /// Copies present page `i` into `out`. The caller must know the page is present and
-    /// write-protected (no writer can change it meanwhile).
-    pub(crate) fn read_present(&self, i: usize, out: &mut AlignedPage) {
-        // SAFETY: the page is inside the mapping and present (the handler's bookkeeping), so
-        // the read does not fault; it is write-protected, so no other thread writes it during
-        // the copy; `out` is a distinct buffer.
+    /// Copies present page `i` into `out` (a page's worth of bytes).
+    ///
+    /// # Safety
+    /// Page `i` must be present and write-protected for the whole copy: present, or the read
+    /// faults and waits for the handler, which is the caller; write-protected, or another
+    /// thread's store could race the copy (a data race, and a torn page written back).
+    pub(crate) unsafe fn read_present(&self, i: usize, out: &mut [u8]) {
+        assert_eq!(out.len(), PAGE_SIZE, "read_present copies one page");
+        // SAFETY: the page is inside the mapping (`page` checks) and, by the caller's contract,
+        // present and unwritable for the copy; `out` is a distinct buffer of PAGE_SIZE bytes.
         unsafe {
-            std::ptr::copy_nonoverlapping(self.page(i).cast::<u8>(), out.0.as_mut_ptr(), PAGE_SIZE)
+            std::ptr::copy_nonoverlapping(self.page(i).cast::<u8>(), out.as_mut_ptr(), PAGE_SIZE)
         }
+    }
+
+    /// Whether present page `i` holds exactly `bytes`.
+    ///
+    /// # Safety
+    /// As [`Mapping::read_present`]: the page is present and write-protected while compared.
+    pub(crate) unsafe fn present_equals(&self, i: usize, bytes: &[u8]) -> bool {
+        // SAFETY: the caller's contract; the slice lives only for the comparison, during which
+        // nobody writes the page.
+        let page = unsafe { std::slice::from_raw_parts(self.page(i).cast::<u8>(), PAGE_SIZE) };
+        page == bytes
     }
 
     /// The whole range as shared bytes.
@@ -212,6 +233,7 @@ struct UffdioPoison {
 }
 
 const UFFDIO: u8 = 0xAA;
+const UFFDIO_COPY_MODE_DONTWAKE: u64 = 1 << 0;
 const UFFDIO_COPY_MODE_WP: u64 = 1 << 1;
 nix::ioctl_readwrite!(uffdio_copy, UFFDIO, 0x03, UffdioCopy);
 nix::ioctl_readwrite!(uffdio_poison, UFFDIO, 0x08, UffdioPoison);
@@ -261,22 +283,30 @@ impl Faults {
         Ok(())
     }
 
-    /// Installs `data` as missing page `i` and wakes its faulting threads; write-protected if
-    /// `protect` (writes then fault, which is how dirtiness is tracked). `Ok(false)`: the page
-    /// was already there (another thread's fault installed it). EAGAIN is retried; on any other
-    /// error nobody has been woken.
+    /// Installs `data` (one page of bytes, any alignment: the kernel copies them) as missing
+    /// page `i`, write-protected if `protect` (writes then fault, which is how dirtiness is
+    /// tracked), and wakes the threads faulting on it unless `!wake` (a prefetched page nobody
+    /// waits for: `UFFDIO_COPY_MODE_DONTWAKE`). `Ok(false)`: the page was already there
+    /// (another thread's fault installed it). EAGAIN is retried; on any other error nobody has
+    /// been woken.
     pub(crate) fn install(
         &self,
         m: &Mapping,
         i: usize,
-        data: &AlignedPage,
+        data: &[u8],
         protect: bool,
+        wake: bool,
     ) -> Result<bool, Errno> {
+        assert_eq!(data.len(), PAGE_SIZE, "install copies one page");
+        let mut mode = if protect { UFFDIO_COPY_MODE_WP } else { 0 };
+        if !wake {
+            mode |= UFFDIO_COPY_MODE_DONTWAKE;
+        }
         let mut c = UffdioCopy {
             dst: m.page(i) as u64,
-            src: data.0.as_ptr() as u64,
+            src: data.as_ptr() as u64,
             len: PAGE_SIZE as u64,
-            mode: if protect { UFFDIO_COPY_MODE_WP } else { 0 },
+            mode,
             copy: 0,
         };
         let r = retry_eagain(|| {
@@ -284,14 +314,16 @@ impl Faults {
                 return Err(e);
             }
             c.copy = 0;
-            // SAFETY: dst is a page of the registered range, src a page-sized buffer we own,
-            // the struct matches the kernel's `uffdio_copy`.
+            // SAFETY: dst is a page of the registered range, src a page of bytes we hold for
+            // the call, the struct matches the kernel's `uffdio_copy`.
             unsafe { uffdio_copy(self.uffd.as_raw_fd(), &mut c) }
         });
         match r {
             Ok(_) => Ok(true),
             Err(Errno::EEXIST) => {
-                self.wake(m, i)?;
+                if wake {
+                    self.wake(m, i)?;
+                }
                 Ok(false)
             }
             Err(e) => Err(e),

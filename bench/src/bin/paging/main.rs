@@ -20,6 +20,8 @@ use clap::Parser;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 
+mod scan;
+
 /// Page-fault latency: `--faults` first touches of distinct pages of a userfaultfd region, one
 /// at a time from a pinned thread, each timed and split into entering the handler, locating
 /// the page, getting its data, and installing it and returning. Variants: BlueBridge (the page
@@ -58,6 +60,10 @@ struct Args {
     /// Skip the disk variants.
     #[arg(long)]
     no_disk: bool,
+    /// Resident budget (pages) of the scans: a region four times this size read in order and
+    /// at random, next to the pipelined and the window-1 READ rates (0: no scans).
+    #[arg(long, default_value_t = 1024, value_parser = bluebridge_xsk::cli::count(0, 1 << 20))]
+    scan_budget: usize,
     /// Write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -112,6 +118,15 @@ fn main() -> Result<()> {
     };
     let allocated: Vec<_> = pages.iter().chain(directory.pages()).copied().collect();
     let measured = measure_all(&a, n, client, pages, directory);
+    let measured = match measured {
+        Ok((variants, first_write, client)) if a.scan_budget > 0 => {
+            // The scans free their own pages, also when they fail.
+            scan::run(client, a.host, a.scan_budget, &check_stop)
+                .map(|(r, _)| (variants, first_write, Some(r)))
+        }
+        Ok((variants, first_write, _)) => Ok((variants, first_write, None)),
+        Err(e) => Err(e),
+    };
     if measured.is_err() {
         // The client went down with the error: free everything through a fresh one.
         if let Ok((t, ec)) = a.net.open() {
@@ -121,7 +136,7 @@ fn main() -> Result<()> {
             }
         }
     }
-    let (mut variants, first_write) = measured?;
+    let (mut variants, first_write, scans) = measured?;
 
     if !a.no_disk {
         let file_pages = (64 << 20) / PAGE_SIZE;
@@ -174,6 +189,7 @@ fn main() -> Result<()> {
         }),
         variants,
         first_write,
+        scans,
     };
     println!(
         "{} faults per variant on distinct pages (after {} untimed), one at a time, thread on CPU {core}:",
@@ -189,6 +205,17 @@ fn main() -> Result<()> {
     }
     for (what, us) in PAPER_FAULTS {
         println!("paper: {what}: {us} µs");
+    }
+    if let Some(sc) = &report.scans {
+        println!(
+            "\nscans of a region four times its resident budget ({} pages, {} resident):",
+            sc.sequential.pages, sc.sequential.resident_pages
+        );
+        print!(
+            "{}",
+            bluebridge_bench::paging::workload_table(&[sc.sequential.clone(), sc.random.clone()])
+        );
+        print!("{}", sc.summary());
     }
     if let Some(p) = &a.json {
         std::fs::write(p, serde_json::to_string_pretty(&report)?)
@@ -209,7 +236,7 @@ fn measure_all(
     client: Client<AnyTransport>,
     pages: Vec<bluebridge_proto::RemoteAddr>,
     directory: Directory,
-) -> Result<(Vec<Variant>, Option<Summary>)> {
+) -> Result<(Vec<Variant>, Option<Summary>, Client<AnyTransport>)> {
     let mut variants = Vec::new();
     let mut first_write = None;
     let mut backing = RemoteBacking::new(client, pages.clone());
@@ -250,14 +277,13 @@ fn measure_all(
         }
     }
     // Free the pages and the directory.
-    RemoteBacking::new(backing.into_client(), pages)
-        .with_directory(directory)
-        .close(true)
+    let mut b = RemoteBacking::new(backing.into_client(), pages).with_directory(directory);
+    b.close(true)
         .map_err(|e| anyhow::anyhow!("freeing the pages: {e}"))?;
-    Ok((variants, first_write))
+    Ok((variants, first_write, b.into_client()))
 }
 
-fn alloc(
+pub(crate) fn alloc(
     c: &mut Client<AnyTransport>,
     host: HostId,
     n: usize,
@@ -294,6 +320,8 @@ fn measure<B: Backing>(
             trace: true,
             on_close: OnClose::Detach,
             handler_cpu: cpu,
+            // Every access must be a fault of its own: the figure times faults.
+            prefetch: 0,
             ..RegionOptions::default()
         },
     )?;
