@@ -44,6 +44,9 @@ struct Args {
     /// Eviction policy: clock (second chance) or fifo.
     #[arg(long, value_enum, default_value_t = Policy::Clock)]
     eviction: Policy,
+    /// Also write the times and counters as JSON here.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 /// `--eviction`.
@@ -155,6 +158,30 @@ fn main() -> Result<()> {
         d(|s| s.prefetch_misses),
         d(|s| s.unchanged),
     );
+    if let Some(p) = &a.json {
+        let name = format!(
+            "sort ({}{})",
+            match a.eviction {
+                Policy::Clock => "CLOCK",
+                Policy::Fifo => "FIFO",
+            },
+            if a.prefetch == 0 {
+                ", no prefetching"
+            } else {
+                ", prefetching"
+            }
+        );
+        let report = serde_json::json!({
+            "name": name, "pages": a.pages, "resident_pages": a.budget,
+            "local_ms": local_time.as_secs_f64() * 1e3,
+            "remote_ms": remote_time.as_secs_f64() * 1e3,
+            "faults": d(|s| s.faults), "prefetches": d(|s| s.prefetches),
+            "prefetch_hits": d(|s| s.prefetch_hits), "prefetch_wasted": d(|s| s.prefetch_wasted),
+            "evictions": d(|s| s.evictions), "writebacks": d(|s| s.writebacks),
+        });
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
     region.close()?;
     Ok(())
 }

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail};
-use bluebridge_bench::paging::{PAPER_FAULTS, PagingReport};
+use bluebridge_bench::paging::{PAPER_FAULTS, PagingReport, Workload, workload_table};
 use bluebridge_bench::{ECHO, PAPER_TABLE1, Percentiles, Report, Run, plot};
 use bluebridge_topology::{Pair, fmt_mac, namespaces_with_prefix};
 
@@ -60,6 +60,17 @@ const SCENARIOS: [(&str, &str, usize, u16); 4] = [
 /// for ~1 ms several times a second: at 100 µs the sweep measures that noise, not the system.
 const SWEEP: (&str, &str, &str) = ("25000:400000:25000", "50000:150000:50000", "1000");
 const TRANSPORTS: [&str; 2] = ["xdp", "udp"];
+/// The remote sorts of the paging run: (what, extra arguments, report name). The first is
+/// the default configuration; the others measure what CLOCK and prefetching each bring.
+const SORTS: [(&str, &[&str], &str); 3] = [
+    ("CLOCK, prefetching", &[], "sort"),
+    ("FIFO, prefetching", &["--eviction", "fifo"], "sort-fifo"),
+    (
+        "CLOCK, no prefetching",
+        &["--prefetch", "0"],
+        "sort-noprefetch",
+    ),
+];
 /// (name, payload bytes) of the bare-echo baseline: a small frame and a whole page.
 /// (name, payload, window) of the bare echoes: the floors the operations are compared with.
 const ECHOES: [(&str, u16, usize); 4] = [
@@ -149,16 +160,23 @@ impl Lab<'_> {
                 )
             },
         )?;
-        s.run(
-            &format!("example: sort {sort_pages} pages of u64 in a RemoteRegion (25% resident) and locally"),
-            || {
-                let budget = (sort_pages.parse::<usize>()? / 4).to_string();
-                stage::status(
-                    self.client_command(&self.bin.join("examples/remote_sort"))
-                        .args(["--pages", sort_pages, "--budget", &budget]),
-                )
-            },
-        )?;
+        for (what, extra, name) in SORTS {
+            s.run(
+                &format!(
+                    "example: sort {sort_pages} pages of u64 in a RemoteRegion (25% resident, {what}) and locally"
+                ),
+                || {
+                    let budget = (sort_pages.parse::<usize>()? / 4).to_string();
+                    stage::status(
+                        self.client_command(&self.bin.join("examples/remote_sort"))
+                            .args(["--pages", sort_pages, "--budget", &budget])
+                            .args(extra)
+                            .arg("--json")
+                            .arg(self.out.join(format!("{name}.json"))),
+                    )
+                },
+            )?;
+        }
         s.run("stop the server", || server.stop())
     }
 
@@ -481,6 +499,25 @@ fn print_paging(out: &Path) -> Result<()> {
     }
     for (what, us) in PAPER_FAULTS {
         println!("- paper, {what}: {us} µs");
+    }
+    let mut workloads = Vec::new();
+    for (_, _, name) in SORTS {
+        let p = out.join(format!("{name}.json"));
+        let text =
+            std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        workloads.push(
+            serde_json::from_str::<Workload>(&text)
+                .with_context(|| format!("parsing {}", p.display()))?,
+        );
+    }
+    if let Some(sc) = &r.scans {
+        workloads.push(sc.sequential.clone());
+        workloads.push(sc.random.clone());
+    }
+    println!("\nRemote paging against local memory (the same work on a local array):");
+    print!("{}", workload_table(&workloads));
+    if let Some(sc) = &r.scans {
+        print!("{}", sc.summary());
     }
     Ok(())
 }
