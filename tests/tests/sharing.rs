@@ -7,7 +7,7 @@
 //! reordering of requests and notices alike): the same outcomes. A home server restarted:
 //! errors, never the new server's zeros for the old data.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Barrier;
@@ -16,7 +16,9 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::time::{Duration, Instant};
 
 use bluebridge_bench::dsm;
-use bluebridge_client::region::{Coherence, HandlerCpu, OnClose, RegionStats};
+use bluebridge_client::region::{
+    Coherence, HandlerCpu, OnClose, RegionStats, VolatileMemoryError, WriteVolatile,
+};
 use bluebridge_client::{AnyTransport, Client, RegionOptions, RemoteRegion};
 use bluebridge_proto::{HostId, PAGE_SIZE, RemoteAddr};
 use bluebridge_switch::actions::migrate;
@@ -221,8 +223,16 @@ fn a_parallel_job_on_a_shared_array_is_whole_on_every_host() {
     const PER_HOST: usize = 12;
     let bad = on_three_hosts(3 * PER_HOST, |host, region, barrier| {
         let n = dsm::parallel_fill(host, 3, PER_HOST, region.as_atomic_words(), barrier);
-        // The plain byte view agrees (its pages come in afresh after the others' writes).
-        let all = region.as_slice();
+        // The byte view agrees (its pages come in afresh after the others' writes). Volatile:
+        // a shared region's bytes are not a plain slice's.
+        let plain =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| region.as_slice().len()));
+        assert!(
+            plain.is_err(),
+            "a plain slice of a shared region is refused"
+        );
+        let mut all = vec![0u8; region.len()];
+        region.as_volatile().copy_to(&mut all[..]);
         n + (0..3 * PER_HOST * PAGE_SIZE)
             .filter(|&i| all[i] != dsm::cell(i / PAGE_SIZE, i % PAGE_SIZE))
             .count()
@@ -422,9 +432,12 @@ fn a_restarted_home_gives_errors_never_the_new_servers_zeros() {
     // syscall, never the restarted server's zeros.
     let path = std::env::temp_dir().join(format!("bb-sharing-{}", std::process::id()));
     let mut file = std::fs::File::create(&path).unwrap();
-    let r = file.write(&b.as_slice()[..PAGE_SIZE]);
+    let r = file.write_volatile(&b.as_volatile().subslice(0, PAGE_SIZE).unwrap());
     let _ = std::fs::remove_file(&path);
     let e = r.expect_err("page 0 cannot be fetched from the restarted home");
+    let VolatileMemoryError::IOError(e) = e else {
+        panic!("{e}")
+    };
     assert_eq!(e.raw_os_error(), Some(libc_efault()), "{e}");
     // A's lease cannot be renewed at the new server: its copy is dropped, its write reported
     // lost (not silently kept or silently gone).

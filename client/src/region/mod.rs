@@ -36,7 +36,7 @@ mod remote;
 mod shared;
 #[allow(
     unsafe_code,
-    reason = "mmap, userfaultfd ioctls and madvise: the region's only unsafe code besides the two slice views below"
+    reason = "mmap, userfaultfd ioctls and madvise: the region's only unsafe code besides the views of the mapping and the write-back copies, which keep the preconditions stated there"
 )]
 mod sys;
 
@@ -60,6 +60,8 @@ pub use prefetch::Advice;
 pub use remote::{Directory, RemoteBacking, RemoteRegion};
 pub use shared::{Coherence, Copies, CopyGrant, MIN_HOLD};
 pub use sys::AlignedPage;
+/// vm-memory's volatile view ([`PagedRegion::as_volatile`]) and its I/O traits.
+pub use vm_memory::{ReadVolatile, VolatileMemoryError, VolatileSlice, WriteVolatile};
 
 use inject::Injected;
 use sys::{FaultEvent, Faults, Mapping};
@@ -383,6 +385,8 @@ pub struct PagedRegion<B: Backing> {
     last_error: Arc<Mutex<Option<String>>>,
     traces: Arc<Mutex<Vec<FaultTrace>>>,
     injected: Arc<Injected>,
+    /// Coherent copies ([`Coherence::Shared`]).
+    shared: bool,
     closed: bool,
 }
 
@@ -470,6 +474,7 @@ impl<B: Backing> PagedRegion<B> {
                 if let Some(c) = cpu {
                     core_affinity::set_for_current(core_affinity::CoreId { id: c });
                 }
+                sys::precise_timers();
                 handler.run(&rx, &wake2)
             })
             .map_err(|e| setup("spawning the handler", &e))?;
@@ -482,6 +487,7 @@ impl<B: Backing> PagedRegion<B> {
             last_error,
             traces,
             injected,
+            shared: options.coherence == Coherence::Shared,
             closed: false,
         })
     }
@@ -517,24 +523,72 @@ impl<B: Backing> PagedRegion<B> {
 
     /// The region as a byte slice: touching a page faults it in. A page whose fetch failed
     /// raises SIGBUS.
+    ///
+    /// Why a plain `&[u8]` is sound here although the handler thread drops and refills pages
+    /// under it: in a private region the bytes change only through this process's own writes.
+    /// Eviction writes a page back and drops it, and the next access faults the same bytes in
+    /// again; the handler reads a page only while it is write-protected (no write through any
+    /// borrow can run meanwhile) and never writes one that is mapped — it installs bytes only
+    /// into a missing page, with `UFFDIO_COPY`, before the access that wanted it continues.
+    /// So for the program the memory behaves like ordinary memory that only it writes.
+    ///
+    /// # Panics
+    /// On a shared region ([`Coherence::Shared`]): other hosts' writes change its bytes at any
+    /// moment, which a `&[u8]` promises cannot happen. Use [`PagedRegion::as_volatile`] or
+    /// [`PagedRegion::as_atomic_words`] there.
+    #[track_caller]
     pub fn as_slice(&self) -> &[u8] {
+        self.assert_private("as_slice");
         #[allow(unsafe_code, reason = "a view of the mapping tied to this borrow")]
         // SAFETY: borrowed from `self`, so it cannot outlive the mapping; mutable slices need
-        // `&mut self`, so none coexists with this one.
+        // `&mut self`, so none coexists with this one; the region is private, so its bytes
+        // change only through this process's writes (see above).
         unsafe {
             self.mapping.slice()
         }
     }
 
     /// The region as a mutable byte slice (split it, e.g. with `chunks_mut`, to write from
-    /// several threads).
+    /// several threads). Sound for the reasons [`PagedRegion::as_slice`] gives: the handler
+    /// reads a page only while no write can reach it, and writes none that is mapped.
+    ///
+    /// # Panics
+    /// On a shared region, as [`PagedRegion::as_slice`].
+    #[track_caller]
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        self.assert_private("as_mut_slice");
         #[allow(unsafe_code, reason = "a view of the mapping tied to this borrow")]
         // SAFETY: the exclusive borrow of `self` makes this the only slice, and it cannot
-        // outlive the mapping.
+        // outlive the mapping; the region is private (see `as_slice`).
         unsafe {
             self.mapping.slice_mut()
         }
+    }
+
+    /// The region as volatile memory (vm-memory's `VolatileSlice`: every access a volatile
+    /// load or store, none cached by the compiler): how to read and write a shared region's
+    /// bytes, which other hosts' writes change at any moment. Works on any region.
+    pub fn as_volatile(&self) -> VolatileSlice<'_> {
+        #[allow(
+            unsafe_code,
+            reason = "a volatile view of the mapping tied to this borrow"
+        )]
+        // SAFETY: `len` bytes mapped at `base` for as long as `self` is borrowed; the other
+        // users of the memory are the kernel (copies into missing pages), the handler (reads of
+        // write-protected pages) and the program's own volatile or atomic accesses (plain
+        // slices of a shared region are refused above).
+        unsafe {
+            VolatileSlice::new(self.mapping.base(), self.mapping.len())
+        }
+    }
+
+    #[track_caller]
+    fn assert_private(&self, what: &str) {
+        assert!(
+            !self.shared,
+            "{what} on a shared region: other hosts' writes change its bytes under a plain \
+             slice; use as_volatile() or as_atomic_words()"
+        );
     }
 
     /// The region as 64-bit atomic words: what threads — and, in a shared region, processes
