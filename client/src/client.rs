@@ -118,6 +118,12 @@ impl<T: Transport> Client<T> {
         }
     }
 
+    /// Sets where [`Request::direct`](crate::Request::direct) READ replies go
+    /// ([`Engine::set_page_sink`]).
+    pub fn set_page_sink(&mut self, sink: Option<crate::engine::PageSink>) {
+        self.engine.set_page_sink(sink);
+    }
+
     /// When the next retransmission (or timeout) of a request in flight is due.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.engine.next_deadline()

@@ -99,7 +99,15 @@ pub struct Request {
     /// retries are left (a health check that must end within its round); `None`: only the
     /// retry budget ends it.
     pub timeout: Option<Duration>,
+    /// A READ whose reply, arriving whole in one frame, is offered to the engine's
+    /// [`PageSink`] straight from the receive buffer (no copy); the sink took it if its
+    /// completion's data is empty.
+    pub direct: bool,
 }
+
+/// Takes a READ's bytes straight from the frame they arrived in (`tag`: the request's tag);
+/// returns whether it took them (if not, the engine copies them into the reply as usual).
+pub type PageSink = Box<dyn FnMut(u64, &[u8]) -> bool + Send>;
 
 impl Request {
     /// A request of `op` to `target` with count 1.
@@ -131,6 +139,13 @@ impl Request {
     #[must_use]
     pub fn tag(mut self, tag: u64) -> Self {
         self.tag = tag;
+        self
+    }
+
+    /// Offered to the engine's [`PageSink`] when its reply arrives whole in one frame.
+    #[must_use]
+    pub fn direct(mut self) -> Self {
+        self.direct = true;
         self
     }
 
@@ -213,6 +228,8 @@ pub struct EngineStats {
     /// READY notices received (§5.18: a hint to ask again now; its arrival wakes a handler
     /// waiting in `poll`, nothing more is done with it).
     pub ready: u64,
+    /// READ replies a [`PageSink`] took straight from the receive buffer.
+    pub direct: u64,
 }
 
 /// A REVOKE notice (§5.18): the home of `page` wants the copies of generation `generation`
@@ -337,6 +354,8 @@ pub struct Engine {
     internal_pending: usize,
     /// REVOKE notices not yet taken.
     revokes: VecDeque<Revoke>,
+    /// Where [`Request::direct`] replies go.
+    sink: Option<PageSink>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -384,6 +403,7 @@ impl Engine {
             next_keepalive: None,
             internal_pending: 0,
             revokes: VecDeque::new(),
+            sink: None,
         }
     }
 
@@ -552,6 +572,11 @@ impl Engine {
             });
             self.next_keepalive.get_or_insert(now + KEEPALIVE_CHECK);
         }
+    }
+
+    /// Sets where [`Request::direct`] replies go (`None`: nowhere; they are copied).
+    pub fn set_page_sink(&mut self, sink: Option<PageSink>) {
+        self.sink = sink;
     }
 
     /// Hands back a reply's data buffer (a READ's bytes) once read, so the next read fills it
@@ -979,6 +1004,28 @@ impl Engine {
                         src,
                         header: h,
                         data: std::mem::take(data),
+                        items: Vec::new(),
+                    }))
+                } else if p.req.direct
+                    && first.is_none()
+                    && h.offset == p.req.offset
+                    && f.payload.len() == usize::from(p.req.length)
+                    && self
+                        .sink
+                        .as_mut()
+                        .is_some_and(|sink| sink(p.req.tag, f.payload))
+                {
+                    // The whole range in one frame, taken where it lies; its buffer goes back.
+                    self.stats.direct += 1;
+                    if self.buffers.len() < BUFFER_POOL {
+                        let mut b = std::mem::take(data);
+                        b.clear();
+                        self.buffers.push(b);
+                    }
+                    Some(Ok(Reply {
+                        src,
+                        header: h,
+                        data: Vec::new(),
                         items: Vec::new(),
                     }))
                 } else {

@@ -21,7 +21,7 @@ mod udp;
 
 pub use client::{Client, Lease};
 pub use copies::{Grant, Keep};
-pub use engine::{Completion, Engine, EngineConfig, Reply, Request, Revoke};
+pub use engine::{Completion, Engine, EngineConfig, PageSink, Reply, Request, Revoke};
 pub use error::ClientError;
 pub use region::{RegionOptions, RemoteRegion};
 pub use transport::{

@@ -97,9 +97,14 @@ fn round_trips(eviction: Eviction) {
             "the budget holds under prefetching: {st:?}"
         );
     }
-    let backing = region
+    let mut backing = region
         .close()
         .expect("detach writes the resident pages back");
+    let direct = backing.client_mut().stats().direct;
+    assert!(
+        direct > PAGES as u64,
+        "pages came in whole frames and were installed from them (one copy): {direct}"
+    );
     let pages = backing.pages().to_vec();
     for (p, data) in server_pages(backing.into_client(), &pages)
         .iter()

@@ -147,7 +147,18 @@ pub trait Pipeline {
     fn recycle(&mut self, buf: Vec<u8>) {
         drop(buf);
     }
+    /// Offers each fetched page to `sink` (region page, bytes) straight from where it arrived,
+    /// before any copy; a page the sink took finishes with empty bytes. Returns whether the
+    /// backing can (the default cannot: pages always come as buffers).
+    fn set_direct(&mut self, sink: DirectSink) -> bool {
+        drop(sink);
+        false
+    }
 }
+
+/// Takes a fetched page's bytes where they arrived ([`Pipeline::set_direct`]): (page, bytes)
+/// → whether it took them.
+pub type DirectSink = Box<dyn FnMut(usize, &[u8]) -> bool + Send>;
 
 /// How long the handler waits for a fault before it calls [`Backing::idle`].
 pub const IDLE_TICK: std::time::Duration = std::time::Duration::from_secs(1);
@@ -410,12 +421,14 @@ impl<B: Backing> PagedRegion<B> {
         let setup = |what: &str, e: &dyn fmt::Display| RegionError::Setup(format!("{what}: {e}"));
         let mapping = Arc::new(Mapping::reserve(pages).map_err(|e| setup("mmap", &e))?);
         let injected = Arc::new(Injected::default());
-        let faults = Faults::register(&mapping, injected.clone()).map_err(|e| {
-            setup(
-                "userfaultfd (needs Linux 5.7+ and root, or vm.unprivileged_userfaultfd=1)",
-                &e,
-            )
-        })?;
+        let faults = Faults::register(&mapping, injected.clone())
+            .map(Arc::new)
+            .map_err(|e| {
+                setup(
+                    "userfaultfd (needs Linux 5.7+ and root, or vm.unprivileged_userfaultfd=1)",
+                    &e,
+                )
+            })?;
         let wake =
             Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC).map_err(|e| setup("eventfd", &e))?);
         let cpu = match options.handler_cpu {
@@ -451,8 +464,12 @@ impl<B: Backing> PagedRegion<B> {
         } else {
             0
         };
+        let mut paging = private::Paging::new(pages, budget, prefetch, options.eviction);
+        if shared.is_none() {
+            paging.go_direct(&mut backing, &mapping, &faults, &counters, options.trace);
+        }
         let handler = Handler {
-            paging: private::Paging::new(pages, budget, prefetch, options.eviction),
+            paging,
             shared,
             mapping: mapping.clone(),
             faults,
@@ -727,7 +744,7 @@ struct Handler<B: Backing> {
     /// A shared region's coherence state (`None`: private).
     shared: Option<shared::Shared>,
     mapping: Arc<Mapping>,
-    faults: Faults,
+    faults: Arc<Faults>,
     backing: B,
     state: Vec<PageState>,
     /// Resident pages in eviction order: the front is next (a private region's CLOCK hand;

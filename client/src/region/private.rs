@@ -20,14 +20,18 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
-use std::sync::PoisonError;
+use std::sync::atomic::AtomicU8;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use bluebridge_proto::PAGE_SIZE;
 
 use super::prefetch::{Advice, Detector};
-use super::{Backing, Direction, Eviction, FaultTrace, Handler, PageState, RegionError, Transfer};
+use super::sys::{Faults, Mapping};
+use super::{
+    Backing, Counters, Direction, Eviction, FaultTrace, Handler, PageState, RegionError, Transfer,
+};
 
 /// Per-page flags of a private region.
 mod flag {
@@ -47,6 +51,68 @@ mod flag {
     pub(super) const EVICT: u8 = 64;
     /// A write-back of the page is in flight (a second one waits for it).
     pub(super) const STORING: u8 = 128;
+}
+
+/// How a page in flight may be installed straight from the frame it arrives in (the one-copy
+/// path: `UFFDIO_COPY` from the receive buffer), set by the handler, read by the sink.
+mod mode {
+    /// It may (not a marker, nor a page that keeps a twin).
+    pub(super) const DIRECT: u8 = 1;
+    /// Write-protected (clean); else writable (a writer waits).
+    pub(super) const PROTECT: u8 = 2;
+    /// A thread waits: wake it.
+    pub(super) const WAKE: u8 = 4;
+    /// Set by the sink: installed.
+    pub(super) const INSTALLED: u8 = 8;
+    /// Set by the sink: installed and its threads woken.
+    pub(super) const WOKE: u8 = 16;
+}
+
+/// What the handler shares with the backing's direct sink (which runs on the handler thread,
+/// inside the backing's progress).
+struct Direct {
+    mapping: Arc<Mapping>,
+    faults: Arc<Faults>,
+    counters: Arc<Counters>,
+    modes: Vec<AtomicU8>,
+    /// When each page installed directly arrived (for fault traces).
+    arrivals: Option<Mutex<HashMap<usize, Instant>>>,
+}
+
+impl Direct {
+    /// Installs page `page` from `data` where it lies, if its mode allows.
+    fn take(&self, page: usize, data: &[u8]) -> bool {
+        let Some(m) = self.modes.get(page) else {
+            return false;
+        };
+        let how = m.load(Relaxed);
+        if how & mode::DIRECT == 0 || data.len() != PAGE_SIZE {
+            return false;
+        }
+        let wake = how & mode::WAKE != 0;
+        // Counted before the install wakes anyone (the handler's books follow at once).
+        self.counters.resident.fetch_add(1, Relaxed);
+        let protect = how & mode::PROTECT != 0;
+        if self
+            .faults
+            .install(&self.mapping, page, data, protect, wake)
+            .is_err()
+        {
+            // The handler installs it from a copy, and reports what the kernel says then.
+            self.counters.resident.fetch_sub(1, Relaxed);
+            return false;
+        }
+        if let Some(a) = &self.arrivals {
+            a.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(page, Instant::now());
+        }
+        m.store(
+            how | mode::INSTALLED | if wake { mode::WOKE } else { 0 },
+            Relaxed,
+        );
+        true
+    }
 }
 
 /// Eviction write-backs kept in flight at most.
@@ -91,6 +157,8 @@ pub(super) struct Paging {
     predicted: Vec<usize>,
     /// Pages given up whose memory is still to be dropped (one `madvise` per run of them).
     discards: Vec<usize>,
+    /// The one-copy path, when the backing offers it.
+    direct: Option<Arc<Direct>>,
 }
 
 impl Paging {
@@ -116,7 +184,60 @@ impl Paging {
             flush_error: None,
             predicted: Vec::new(),
             discards: Vec::new(),
+            direct: None,
         }
+    }
+
+    /// Asks `backing` to hand fetched pages over where they arrive, to be installed from
+    /// there (one copy: the kernel's).
+    pub(super) fn go_direct<B: Backing>(
+        &mut self,
+        backing: &mut B,
+        mapping: &Arc<Mapping>,
+        faults: &Arc<Faults>,
+        counters: &Arc<Counters>,
+        trace: bool,
+    ) {
+        let Some(p) = backing.pipeline() else {
+            return;
+        };
+        let direct = Arc::new(Direct {
+            mapping: mapping.clone(),
+            faults: faults.clone(),
+            counters: counters.clone(),
+            modes: (0..self.flags.len()).map(|_| AtomicU8::new(0)).collect(),
+            arrivals: trace.then(Mutex::default),
+        });
+        let d = direct.clone();
+        if p.set_direct(Box::new(move |page, data| d.take(page, data))) {
+            self.direct = Some(direct);
+        }
+    }
+
+    /// Tells the sink how page `page` (in flight) may be installed, from its flags.
+    fn set_mode(&self, page: usize) {
+        let Some(d) = &self.direct else {
+            return;
+        };
+        let f = self.flags[page];
+        let m = if f & flag::MARKER != 0 {
+            0 // held back on arrival
+        } else if f & flag::WRITE != 0 {
+            mode::DIRECT
+        } else if self.write_score > 0 {
+            0 // installed writable on a guess: keeps a twin, so a copy anyway
+        } else {
+            mode::DIRECT | mode::PROTECT
+        };
+        let wake = if f & flag::WAITED != 0 { mode::WAKE } else { 0 };
+        d.modes[page].store(m | wake, Relaxed);
+    }
+
+    /// Page `page`'s mode, cleared: what the sink did with it.
+    fn take_mode(&self, page: usize) -> u8 {
+        self.direct
+            .as_ref()
+            .map_or(0, |d| d.modes[page].swap(0, Relaxed))
     }
 
     /// Transfers in flight.
@@ -186,6 +307,7 @@ impl<B: Backing> Handler<B> {
                     self.counters.prefetch_late.fetch_add(1, Relaxed);
                     self.prefetch_used(page);
                 }
+                self.paging.set_mode(page);
                 self.predict(page);
                 return;
             }
@@ -315,6 +437,7 @@ impl<B: Backing> Handler<B> {
         self.flush_discards();
         self.state[page] = PageState::Fetching;
         self.paging.fetching += 1;
+        self.paging.set_mode(page);
         match self.backing.pipeline() {
             Some(p) => p.start_fetch(page),
             None => {
@@ -443,6 +566,10 @@ impl<B: Backing> Handler<B> {
             self.paging.waiters -= 1;
         }
         self.paging.flags[page] &= !flag::WAITED;
+        let m = self.paging.take_mode(page);
+        if m & mode::INSTALLED != 0 {
+            return self.installed_directly(page, m, waited, arrived);
+        }
         let data = match result {
             Ok(d) if d.len() == PAGE_SIZE => d,
             r => {
@@ -480,6 +607,48 @@ impl<B: Backing> Handler<B> {
             return;
         }
         self.install_fetched(page, data, waited, Some(arrived));
+    }
+
+    /// The books of a page the sink installed from the frame it arrived in (`m`: its mode).
+    fn installed_directly(&mut self, page: usize, m: u8, waited: bool, arrived: Instant) {
+        self.paging.flags[page] &= !(flag::WRITE | flag::MARKER | flag::TWIN);
+        self.state[page] = if m & mode::PROTECT != 0 {
+            PageState::Clean
+        } else {
+            PageState::Dirty
+        };
+        self.resident.push_back(page);
+        self.publish();
+        if waited && m & mode::WOKE == 0 {
+            // Its thread came after the bytes were installed without waking anyone.
+            let r = self.faults.wake(&self.mapping, page);
+            self.kernel("UFFDIO_WAKE", page, r);
+        }
+        let Some((entered, located)) = self.paging.started.remove(&page) else {
+            return;
+        };
+        let fetched = self
+            .paging
+            .direct
+            .as_ref()
+            .and_then(|d| d.arrivals.as_ref())
+            .and_then(|a| {
+                a.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&page)
+            })
+            .unwrap_or(arrived);
+        if let Some(t) = &self.traces {
+            t.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(FaultTrace {
+                    page,
+                    entered,
+                    located,
+                    fetched,
+                    installed: fetched,
+                });
+        }
     }
 
     /// Installs fetched `page` (waking its threads if `wake`): writable if a writer waits or

@@ -235,7 +235,8 @@ impl<T: Transport + Send + 'static> Pipeline for RemoteBacking<T> {
         self.client.submit(
             Request::new(Opcode::READ, addr)
                 .range(0, PAGE_SIZE as u16)
-                .tag(TAG_MINE | page as u64),
+                .tag(TAG_MINE | page as u64)
+                .direct(),
         );
     }
 
@@ -319,6 +320,13 @@ impl<T: Transport + Send + 'static> Pipeline for RemoteBacking<T> {
 
     fn recycle(&mut self, buf: Vec<u8>) {
         self.client.recycle(buf);
+    }
+
+    fn set_direct(&mut self, mut sink: super::DirectSink) -> bool {
+        self.client.set_page_sink(Some(Box::new(move |tag, data| {
+            tag & (TAG_MINE | TAG_STORE) == TAG_MINE && sink((tag & TAG_PAGE) as usize, data)
+        })));
+        true
     }
 }
 
