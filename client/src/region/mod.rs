@@ -6,13 +6,16 @@
 //!   write-protect faults. One handler thread, pinned by default to the CPU of the thread that
 //!   created the region, owns the client and resolves every fault.
 //! - A missing-page fault READs the page and installs it with `UFFDIO_COPY`; a read installs it
-//!   write-protected (clean), a write installs it writable (dirty).
+//!   write-protected (clean), a write installs it writable (dirty). In a private region the
+//!   READ is one of many in flight (`private`): faults, prefetches of the pages a trend detector
+//!   predicts (`prefetch`) and write-backs are served together, and a page that arrives in one
+//!   frame is installed straight from it.
 //! - The first write to a clean page takes a write-protect fault: the page becomes dirty and
 //!   writable. (Synchronous write-protect faults: `WP_ASYNC` with `PAGEMAP_SCAN` would avoid
 //!   that fault, but leaves no way to stop a write racing the eviction of the page it lands
 //!   on; this is the variant that cannot lose a write.)
-//! - Beyond the resident budget the oldest resident page is evicted: a dirty one is
-//!   write-protected first (writers now wait), written back, and only then dropped with
+//! - Beyond the resident budget a page is evicted (CLOCK over faults seen, or FIFO): a dirty
+//!   one is write-protected first (writers now wait), written back, and only then dropped with
 //!   `MADV_DONTNEED`; a clean one is dropped directly. The next access faults it in again.
 //! - A fetch that fails (server gone, timeout, an error status) is reported to the error
 //!   callback and recorded, and the page is poisoned (`UFFDIO_POISON`): the faulting access

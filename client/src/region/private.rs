@@ -90,6 +90,7 @@ impl Direct {
             return false;
         }
         let wake = how & mode::WAKE != 0;
+        let arrived = Instant::now();
         // Counted before the install wakes anyone (the handler's books follow at once).
         self.counters.resident.fetch_add(1, Relaxed);
         let protect = how & mode::PROTECT != 0;
@@ -105,7 +106,7 @@ impl Direct {
         if let Some(a) = &self.arrivals {
             a.lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .insert(page, Instant::now());
+                .insert(page, arrived);
         }
         m.store(
             how | mode::INSTALLED | if wake { mode::WOKE } else { 0 },
@@ -646,7 +647,7 @@ impl<B: Backing> Handler<B> {
                     entered,
                     located,
                     fetched,
-                    installed: fetched,
+                    installed: arrived,
                 });
         }
     }
