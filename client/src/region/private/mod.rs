@@ -18,20 +18,21 @@
 //!   write-protect fault each), pages are installed writable and their fetched bytes kept as a
 //!   twin: eviction compares, and an unchanged page is dropped without a WRITE.
 
+mod direct;
+mod evict;
+
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
-use std::sync::atomic::AtomicU8;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, PoisonError};
 use std::time::Instant;
 
 use bluebridge_proto::PAGE_SIZE;
 
 use super::prefetch::{Advice, Detector};
-use super::sys::{Faults, Mapping};
-use super::{
-    Backing, Counters, Direction, Eviction, FaultTrace, Handler, PageState, RegionError, Transfer,
-};
+use super::{Backing, Direction, Eviction, FaultTrace, Handler, PageState, RegionError, Transfer};
+use direct::{Direct, mode};
+use evict::Evicted;
 
 /// Per-page flags of a private region.
 mod flag {
@@ -51,69 +52,6 @@ mod flag {
     pub(super) const EVICT: u8 = 64;
     /// A write-back of the page is in flight (a second one waits for it).
     pub(super) const STORING: u8 = 128;
-}
-
-/// How a page in flight may be installed straight from the frame it arrives in (the one-copy
-/// path: `UFFDIO_COPY` from the receive buffer), set by the handler, read by the sink.
-mod mode {
-    /// It may (not a marker, nor a page that keeps a twin).
-    pub(super) const DIRECT: u8 = 1;
-    /// Write-protected (clean); else writable (a writer waits).
-    pub(super) const PROTECT: u8 = 2;
-    /// A thread waits: wake it.
-    pub(super) const WAKE: u8 = 4;
-    /// Set by the sink: installed.
-    pub(super) const INSTALLED: u8 = 8;
-    /// Set by the sink: installed and its threads woken.
-    pub(super) const WOKE: u8 = 16;
-}
-
-/// What the handler shares with the backing's direct sink (which runs on the handler thread,
-/// inside the backing's progress).
-struct Direct {
-    mapping: Arc<Mapping>,
-    faults: Arc<Faults>,
-    counters: Arc<Counters>,
-    modes: Vec<AtomicU8>,
-    /// When each page installed directly arrived (for fault traces).
-    arrivals: Option<Mutex<HashMap<usize, Instant>>>,
-}
-
-impl Direct {
-    /// Installs page `page` from `data` where it lies, if its mode allows.
-    fn take(&self, page: usize, data: &[u8]) -> bool {
-        let Some(m) = self.modes.get(page) else {
-            return false;
-        };
-        let how = m.load(Relaxed);
-        if how & mode::DIRECT == 0 || data.len() != PAGE_SIZE {
-            return false;
-        }
-        let wake = how & mode::WAKE != 0;
-        let arrived = Instant::now();
-        // Counted before the install wakes anyone (the handler's books follow at once).
-        self.counters.resident.fetch_add(1, Relaxed);
-        let protect = how & mode::PROTECT != 0;
-        if self
-            .faults
-            .install(&self.mapping, page, data, protect, wake)
-            .is_err()
-        {
-            // The handler installs it from a copy, and reports what the kernel says then.
-            self.counters.resident.fetch_sub(1, Relaxed);
-            return false;
-        }
-        if let Some(a) = &self.arrivals {
-            a.lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(page, arrived);
-        }
-        m.store(
-            how | mode::INSTALLED | if wake { mode::WOKE } else { 0 },
-            Relaxed,
-        );
-        true
-    }
 }
 
 /// Eviction write-backs kept in flight at most.
@@ -189,58 +127,6 @@ impl Paging {
         }
     }
 
-    /// Asks `backing` to hand fetched pages over where they arrive, to be installed from
-    /// there (one copy: the kernel's).
-    pub(super) fn go_direct<B: Backing>(
-        &mut self,
-        backing: &mut B,
-        mapping: &Arc<Mapping>,
-        faults: &Arc<Faults>,
-        counters: &Arc<Counters>,
-        trace: bool,
-    ) {
-        let Some(p) = backing.pipeline() else {
-            return;
-        };
-        let direct = Arc::new(Direct {
-            mapping: mapping.clone(),
-            faults: faults.clone(),
-            counters: counters.clone(),
-            modes: (0..self.flags.len()).map(|_| AtomicU8::new(0)).collect(),
-            arrivals: trace.then(Mutex::default),
-        });
-        let d = direct.clone();
-        if p.set_direct(Box::new(move |page, data| d.take(page, data))) {
-            self.direct = Some(direct);
-        }
-    }
-
-    /// Tells the sink how page `page` (in flight) may be installed, from its flags.
-    fn set_mode(&self, page: usize) {
-        let Some(d) = &self.direct else {
-            return;
-        };
-        let f = self.flags[page];
-        let m = if f & flag::MARKER != 0 {
-            0 // held back on arrival
-        } else if f & flag::WRITE != 0 {
-            mode::DIRECT
-        } else if self.write_score > 0 {
-            0 // installed writable on a guess: keeps a twin, so a copy anyway
-        } else {
-            mode::DIRECT | mode::PROTECT
-        };
-        let wake = if f & flag::WAITED != 0 { mode::WAKE } else { 0 };
-        d.modes[page].store(m | wake, Relaxed);
-    }
-
-    /// Page `page`'s mode, cleared: what the sink did with it.
-    fn take_mode(&self, page: usize) -> u8 {
-        self.direct
-            .as_ref()
-            .map_or(0, |d| d.modes[page].swap(0, Relaxed))
-    }
-
     /// Transfers in flight.
     pub(super) fn in_flight(&self) -> usize {
         self.fetching + self.storing + self.done.len()
@@ -263,17 +149,6 @@ impl Paging {
         self.write_score =
             (self.write_score + if written { 1 } else { -1 }).clamp(-WRITE_SCORE, WRITE_SCORE);
     }
-}
-
-/// What [`Handler::evict_private`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Evicted {
-    /// A page is gone: its slot is free.
-    Freed,
-    /// A dirty page's write-back started: its slot frees when it is acknowledged.
-    Started,
-    /// Nothing could be evicted now.
-    Nothing,
 }
 
 impl<B: Backing> Handler<B> {
@@ -505,41 +380,6 @@ impl<B: Backing> Handler<B> {
         self.flush_discards();
     }
 
-    /// Drops the memory of the pages given up, one `madvise` per run of adjacent ones. A page
-    /// the kernel will not drop stays resident (clean) and is reported.
-    fn flush_discards(&mut self) {
-        if self.paging.discards.is_empty() {
-            return;
-        }
-        let mut pages = std::mem::take(&mut self.paging.discards);
-        pages.sort_unstable();
-        let mut i = 0;
-        while i < pages.len() {
-            let mut j = i + 1;
-            while j < pages.len() && pages[j] == pages[j - 1] + 1 {
-                j += 1;
-            }
-            if self.mapping.discard_run(pages[i], j - i).is_err() {
-                for &p in &pages[i..j] {
-                    if let Err(e) = self.mapping.discard(p) {
-                        self.report(RegionError::Kernel {
-                            call: "madvise(MADV_DONTNEED)",
-                            page: p,
-                            errno: nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0)),
-                        });
-                        self.state[p] = PageState::Clean;
-                        self.resident.push_back(p);
-                        self.counters.evictions.fetch_sub(1, Relaxed);
-                    }
-                }
-            }
-            i = j;
-        }
-        pages.clear();
-        self.paging.discards = pages;
-        self.publish();
-    }
-
     /// Waits until no transfer is in flight.
     pub(super) fn drain(&mut self) {
         while self.paging.in_flight() > 0 {
@@ -610,48 +450,6 @@ impl<B: Backing> Handler<B> {
         self.install_fetched(page, data, waited, Some(arrived));
     }
 
-    /// The books of a page the sink installed from the frame it arrived in (`m`: its mode).
-    fn installed_directly(&mut self, page: usize, m: u8, waited: bool, arrived: Instant) {
-        self.paging.flags[page] &= !(flag::WRITE | flag::MARKER | flag::TWIN);
-        self.state[page] = if m & mode::PROTECT != 0 {
-            PageState::Clean
-        } else {
-            PageState::Dirty
-        };
-        self.resident.push_back(page);
-        self.publish();
-        if waited && m & mode::WOKE == 0 {
-            // Its thread came after the bytes were installed without waking anyone.
-            let r = self.faults.wake(&self.mapping, page);
-            self.kernel("UFFDIO_WAKE", page, r);
-        }
-        let Some((entered, located)) = self.paging.started.remove(&page) else {
-            return;
-        };
-        let fetched = self
-            .paging
-            .direct
-            .as_ref()
-            .and_then(|d| d.arrivals.as_ref())
-            .and_then(|a| {
-                a.lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .remove(&page)
-            })
-            .unwrap_or(arrived);
-        if let Some(t) = &self.traces {
-            t.lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(FaultTrace {
-                    page,
-                    entered,
-                    located,
-                    fetched,
-                    installed: arrived,
-                });
-        }
-    }
-
     /// Installs fetched `page` (waking its threads if `wake`): writable if a writer waits or
     /// writes are likely (keeping the bytes as a twin then), else write-protected.
     fn install_fetched(
@@ -718,240 +516,6 @@ impl<B: Backing> Handler<B> {
                     fetched: arrived.unwrap_or(located),
                     installed: Instant::now(),
                 });
-        }
-    }
-
-    /// Page `page`'s write-back finished.
-    fn stored(&mut self, page: usize, result: Result<Vec<u8>, super::BackingError>) {
-        self.paging.storing -= 1;
-        let evict = self.paging.flags[page] & flag::EVICT != 0;
-        self.paging.flags[page] &= !(flag::EVICT | flag::STORING);
-        if evict {
-            self.paging.evicting -= 1;
-        }
-        match result {
-            Ok(buf) => {
-                self.recycle(buf);
-                self.counters.writebacks.fetch_add(1, Relaxed);
-                if self.state[page] != PageState::WritingBack {
-                    return; // written again meanwhile: dirty, resident, in the ring
-                }
-                if evict {
-                    self.discard(page);
-                } else {
-                    self.state[page] = PageState::Clean;
-                }
-            }
-            Err(source) => {
-                let e = RegionError::WriteBack { page, source };
-                if !evict && self.paging.flush_error.is_none() {
-                    self.paging.flush_error = Some(RegionError::WriteBack {
-                        page,
-                        source: e.to_string().into(),
-                    });
-                }
-                self.report(e);
-                if self.state[page] == PageState::WritingBack {
-                    // Still dirty, still write-protected (a write faults and unprotects it).
-                    self.state[page] = PageState::Dirty;
-                    if evict {
-                        self.resident.push_back(page);
-                    }
-                }
-            }
-        }
-        self.publish();
-    }
-
-    /// Gives resident `page` up: it is missing from now on (its memory is dropped by the next
-    /// [`Handler::flush_discards`], before anything can be installed in its place).
-    fn discard(&mut self, page: usize) {
-        if self.paging.flags[page] & flag::PREFETCHED != 0 {
-            self.counters.prefetch_wasted.fetch_add(1, Relaxed);
-            self.paging.detector.wasted();
-        }
-        if let Some(t) = self.paging.twins.remove(&page) {
-            self.recycle(t);
-        }
-        self.paging.flags[page] = 0;
-        self.state[page] = PageState::Missing;
-        self.paging.discards.push(page);
-        self.counters.evictions.fetch_add(1, Relaxed);
-    }
-
-    /// Makes room for a faulting page: starts the evictions it needs (counting those in flight
-    /// as done) and waits for them. Over the budget only when nothing can be evicted
-    /// (write-backs failing).
-    fn make_room(&mut self) {
-        loop {
-            while self.committed() - self.paging.evicting >= self.paging.budget {
-                if self.evict_private(false) == Evicted::Nothing {
-                    break;
-                }
-            }
-            if self.committed() < self.paging.budget
-                || self.paging.evicting + self.paging.fetching == 0
-            {
-                return;
-            }
-            self.take_finished();
-        }
-    }
-
-    /// Evicts the page under the CLOCK hand (or the oldest, FIFO). For a prefetch
-    /// (`prefetching`) the hand goes round once at most: a page referenced since it last
-    /// passed is not given up for a guess.
-    fn evict_private(&mut self, prefetching: bool) -> Evicted {
-        let turns = if prefetching { 1 } else { 2 } * self.resident.len() + 1;
-        for _ in 0..turns {
-            let Some(victim) = self.resident.pop_front() else {
-                return Evicted::Nothing;
-            };
-            let f = &mut self.paging.flags[victim];
-            if self.paging.eviction == Eviction::Clock && *f & flag::REF != 0 {
-                *f &= !flag::REF;
-                self.resident.push_back(victim);
-                continue;
-            }
-            match self.state[victim] {
-                PageState::Clean => {
-                    self.paging.score(false);
-                    self.discard(victim);
-                    return Evicted::Freed;
-                }
-                // Its last write-back is still in flight: not yet.
-                PageState::Dirty if *f & flag::STORING != 0 => {
-                    self.resident.push_back(victim);
-                }
-                PageState::Dirty => return self.write_back_evicting(victim),
-                // Not resident (cannot be in the ring): forget it.
-                _ => continue,
-            }
-        }
-        Evicted::Nothing
-    }
-
-    /// Starts evicting dirty `page`: protected, compared with its twin (dropped if unchanged),
-    /// else copied into a WRITE that drops it when acknowledged.
-    fn write_back_evicting(&mut self, page: usize) -> Evicted {
-        if let Err(errno) = self.faults.protect(&self.mapping, page) {
-            self.report(RegionError::Kernel {
-                call: "UFFDIO_WRITEPROTECT",
-                page,
-                errno,
-            });
-            self.resident.push_back(page);
-            return Evicted::Nothing;
-        }
-        let Some(payload) = self.write_back_copy(page) else {
-            // Unchanged since it was fetched: nothing to write.
-            self.discard(page);
-            return Evicted::Freed;
-        };
-        self.state[page] = PageState::WritingBack;
-        self.paging.flags[page] |= flag::EVICT;
-        self.paging.evicting += 1;
-        self.start_store(page, payload);
-        Evicted::Started
-    }
-
-    /// The bytes to write back for dirty `page`, which the caller has just write-protected;
-    /// `None` if it was installed writable on a guess and is unchanged (it is clean then).
-    fn write_back_copy(&mut self, page: usize) -> Option<Vec<u8>> {
-        let twin = if self.paging.flags[page] & flag::TWIN != 0 {
-            self.paging.flags[page] &= !flag::TWIN;
-            self.paging.twins.remove(&page)
-        } else {
-            None
-        };
-        if let Some(t) = &twin {
-            #[allow(unsafe_code, reason = "the comparison's preconditions hold: see below")]
-            // SAFETY: resident (the handler's bookkeeping) and write-protected by the caller.
-            let same = unsafe { self.mapping.present_equals(page, t) };
-            self.paging.score(!same);
-            if same {
-                self.counters.unchanged.fetch_add(1, Relaxed);
-                self.state[page] = PageState::Clean;
-                self.recycle(twin.expect("a twin"));
-                return None;
-            }
-        }
-        let mut payload = twin.unwrap_or_else(|| vec![0; PAGE_SIZE]);
-        #[allow(unsafe_code, reason = "the copy's preconditions hold: see below")]
-        // SAFETY: resident (the handler's bookkeeping) and write-protected by the caller.
-        unsafe {
-            self.mapping.read_present(page, &mut payload);
-        }
-        Some(payload)
-    }
-
-    /// A write to a write-protected page of a private region.
-    pub(super) fn write_protect_private(&mut self, page: usize) {
-        match self.state[page] {
-            PageState::Clean => {
-                self.counters.write_faults.fetch_add(1, Relaxed);
-                self.paging.score(true);
-                self.prefetch_used(page);
-            }
-            PageState::Dirty => {}
-            PageState::WritingBack => {
-                // Written again while its write-back is in flight: it stays, dirty (the
-                // write-back in flight is merely early).
-                if self.paging.flags[page] & flag::EVICT != 0 {
-                    self.paging.flags[page] &= !flag::EVICT;
-                    self.paging.evicting -= 1;
-                    self.resident.push_back(page);
-                }
-            }
-            // Evicted (or poisoned) while the writer waited: it retries and faults anew.
-            _ => {
-                let r = self.faults.wake(&self.mapping, page);
-                self.kernel("UFFDIO_WAKE", page, r);
-                return;
-            }
-        }
-        self.paging.flags[page] |= flag::REF;
-        self.state[page] = PageState::Dirty;
-        self.unprotect(page);
-    }
-
-    /// Writes every dirty page back, pipelined (they stay resident, clean); returns how many.
-    pub(super) fn flush_private(&mut self) -> Result<u64, RegionError> {
-        self.drain();
-        self.paging.flush_error = None;
-        let dirty: Vec<usize> = self
-            .resident
-            .iter()
-            .copied()
-            .filter(|&p| self.state[p] == PageState::Dirty)
-            .collect();
-        let mut written = 0;
-        for p in dirty {
-            if let Err(errno) = self.faults.protect(&self.mapping, p) {
-                let e = RegionError::Kernel {
-                    call: "UFFDIO_WRITEPROTECT",
-                    page: p,
-                    errno,
-                };
-                if self.paging.flush_error.is_none() {
-                    self.paging.flush_error = Some(RegionError::WriteBack {
-                        page: p,
-                        source: e.to_string().into(),
-                    });
-                }
-                self.report(e);
-                continue;
-            }
-            if let Some(payload) = self.write_back_copy(p) {
-                self.state[p] = PageState::WritingBack;
-                self.start_store(p, payload);
-                written += 1;
-            }
-        }
-        self.drain();
-        match self.paging.flush_error.take() {
-            Some(e) => Err(e),
-            None => Ok(written),
         }
     }
 }
