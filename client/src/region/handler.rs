@@ -255,17 +255,32 @@ impl<B: Backing> Handler<B> {
             self.poison(page);
             return;
         }
-        if let Some(t) = &self.traces {
-            t.lock()
+        self.trace(FaultTrace {
+            page,
+            entered,
+            located,
+            fetched,
+            installed: Instant::now(),
+        });
+    }
+
+    /// Files a fault's trace (with [`RegionOptions::trace`](super::RegionOptions::trace)).
+    pub(super) fn trace(&self, t: FaultTrace) {
+        if let Some(traces) = &self.traces {
+            traces
+                .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .push(FaultTrace {
-                    page,
-                    entered,
-                    located,
-                    fetched,
-                    installed: Instant::now(),
-                });
+                .push(t);
         }
+    }
+
+    /// The resident pages that are dirty.
+    pub(super) fn dirty_pages(&self) -> Vec<usize> {
+        self.resident
+            .iter()
+            .copied()
+            .filter(|&p| self.state[p] == PageState::Dirty)
+            .collect()
     }
 
     /// Missing `page` could not be fetched or installed: it is poisoned, so the access fails
@@ -357,12 +372,7 @@ impl<B: Backing> Handler<B> {
         if self.shared.is_none() {
             return self.flush_private();
         }
-        let dirty: Vec<usize> = self
-            .resident
-            .iter()
-            .copied()
-            .filter(|&p| self.state[p] == PageState::Dirty)
-            .collect();
+        let dirty = self.dirty_pages();
         let mut first = Ok(());
         for &p in &dirty {
             if let Err(e) = self.write_back(p) {

@@ -82,7 +82,8 @@ impl Detector {
     }
 
     /// The current cap on a stream's depth.
-    pub(super) fn cap(&self) -> usize {
+    #[cfg(test)]
+    fn cap(&self) -> usize {
         self.cap
     }
 

@@ -169,16 +169,12 @@ impl<B: Backing> Handler<B> {
                     .remove(&page)
             })
             .unwrap_or(arrived);
-        if let Some(t) = &self.traces {
-            t.lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(FaultTrace {
-                    page,
-                    entered,
-                    located,
-                    fetched,
-                    installed: arrived,
-                });
-        }
+        self.trace(FaultTrace {
+            page,
+            entered,
+            located,
+            fetched,
+            installed: arrived,
+        });
     }
 }

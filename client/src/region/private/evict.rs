@@ -254,14 +254,8 @@ impl<B: Backing> Handler<B> {
     pub(in crate::region) fn flush_private(&mut self) -> Result<u64, RegionError> {
         self.drain();
         self.paging.flush_error = None;
-        let dirty: Vec<usize> = self
-            .resident
-            .iter()
-            .copied()
-            .filter(|&p| self.state[p] == PageState::Dirty)
-            .collect();
         let mut written = 0;
-        for p in dirty {
+        for p in self.dirty_pages() {
             if let Err(errno) = self.faults.protect(&self.mapping, p) {
                 let e = RegionError::Kernel {
                     call: "UFFDIO_WRITEPROTECT",

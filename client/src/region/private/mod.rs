@@ -23,8 +23,8 @@ mod evict;
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
+use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, PoisonError};
 use std::time::Instant;
 
 use bluebridge_proto::PAGE_SIZE;
@@ -190,6 +190,7 @@ impl<B: Backing> Handler<B> {
             PageState::Staged => {
                 self.counters.faults.fetch_add(1, Relaxed);
                 let data = self.paging.staged.remove(&page).expect("staged bytes");
+                self.paging.staged_order.retain(|&p| p != page);
                 self.prefetch_used(page);
                 self.paging.flags[page] |= flag::REF | if write { flag::WRITE } else { 0 };
                 self.predict(page);
@@ -251,8 +252,8 @@ impl<B: Backing> Handler<B> {
             }
         }
         self.paging.predicted = predicted;
-        let keep = 4 * self.paging.detector.cap().max(1) * super::prefetch::STREAMS;
-        while self.paging.queue.len() > keep {
+        // Predictions waiting for room: the newest count, a quarter of the budget at most.
+        while self.paging.queue.len() > (self.paging.budget / 4).max(1) {
             self.paging.queue.pop_front();
         }
         self.issue_prefetches();
@@ -265,7 +266,7 @@ impl<B: Backing> Handler<B> {
         self.paging
             .queue
             .retain(|&(p, _)| state[p] == PageState::Missing);
-        let want = self.paging.queue.len();
+        let want = self.paging.queue.len().min((self.paging.budget / 4).max(1));
         if want == 0 {
             return;
         }
@@ -279,6 +280,9 @@ impl<B: Backing> Handler<B> {
             let Some((page, marker)) = self.paging.queue.pop_front() else {
                 return;
             };
+            if self.state[page] != PageState::Missing {
+                continue; // queued twice, or fetched meanwhile
+            }
             if self.backing.locate(page).is_err() {
                 continue; // a prefetch is a guess: the fault will find out
             }
@@ -504,18 +508,14 @@ impl<B: Backing> Handler<B> {
         } else {
             self.recycle(data);
         }
-        if let (Some(t), Some((entered, located))) =
-            (&self.traces, self.paging.started.remove(&page))
-        {
-            t.lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(FaultTrace {
-                    page,
-                    entered,
-                    located,
-                    fetched: arrived.unwrap_or(located),
-                    installed: Instant::now(),
-                });
+        if let Some((entered, located)) = self.paging.started.remove(&page) {
+            self.trace(FaultTrace {
+                page,
+                entered,
+                located,
+                fetched: arrived.unwrap_or(located),
+                installed: Instant::now(),
+            });
         }
     }
 }
