@@ -126,6 +126,9 @@ pub struct Workload {
     pub remote_ms: f64,
     /// Missing-page faults taken.
     pub faults: u64,
+    /// Pages fetched (by their faults or prefetched).
+    #[serde(default)]
+    pub fetches: u64,
     /// Pages prefetched.
     pub prefetches: u64,
     /// Prefetched pages used.
@@ -178,6 +181,9 @@ pub struct ScanReport {
     pub read_window1: Summary,
     /// READs kept `pipeline_window` in flight: pages per second.
     pub pipelined_reads_per_s: f64,
+    /// Whole-page WRITEs kept `pipeline_window` in flight: pages per second.
+    #[serde(default)]
+    pub pipelined_writes_per_s: f64,
     /// The window of that rate.
     pub pipeline_window: usize,
     /// Every page read in order, whole.
@@ -189,6 +195,13 @@ pub struct ScanReport {
 }
 
 impl ScanReport {
+    /// The least time `w`'s transfers (its fetches and write-backs) take at this run's pipelined
+    /// READ and WRITE rates, ms: what paging costs before the work itself.
+    pub fn transfer_floor_ms(&self, w: &Workload) -> f64 {
+        1e3 * (w.fetches as f64 / self.pipelined_reads_per_s
+            + w.writebacks as f64 / self.pipelined_writes_per_s)
+    }
+
     /// The sequential scan's pages per second.
     pub fn sequential_pages_per_s(&self) -> f64 {
         self.sequential.pages as f64 / (self.sequential.remote_ms / 1e3)
@@ -197,8 +210,11 @@ impl ScanReport {
     /// The lines comparing the scans with the READ rates (the targets of docs/paging.md).
     pub fn summary(&self) -> String {
         format!(
-            "sequential scan: {:.0} pages/s = {:.2}× the pipelined READ rate ({:.0} pages/s, window {})\n\
+            "pipelined WRITEs of whole pages: {:.0} pages/s (window {})\n\
+             sequential scan: {:.0} pages/s = {:.2}× the pipelined READ rate ({:.0} pages/s, window {})\n\
              random scan: fault p50 {:.2} µs = {:.2}× a window-1 READ (p50 {:.2} µs)\n",
+            self.pipelined_writes_per_s,
+            self.pipeline_window,
             self.sequential_pages_per_s(),
             self.sequential_pages_per_s() / self.pipelined_reads_per_s,
             self.pipelined_reads_per_s,

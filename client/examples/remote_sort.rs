@@ -176,6 +176,7 @@ fn main() -> Result<()> {
             "local_ms": local_time.as_secs_f64() * 1e3,
             "remote_ms": remote_time.as_secs_f64() * 1e3,
             "faults": d(|s| s.faults), "prefetches": d(|s| s.prefetches),
+            "fetches": d(|s| s.prefetch_misses + s.prefetches),
             "prefetch_hits": d(|s| s.prefetch_hits), "prefetch_wasted": d(|s| s.prefetch_wasted),
             "evictions": d(|s| s.evictions), "writebacks": d(|s| s.writebacks),
         });

@@ -518,6 +518,16 @@ fn print_paging(out: &Path) -> Result<()> {
     print!("{}", workload_table(&workloads));
     if let Some(sc) = &r.scans {
         print!("{}", sc.summary());
+        for w in workloads.iter().filter(|w| w.writebacks > 0) {
+            let floor = sc.transfer_floor_ms(w);
+            println!(
+                "{}: its {} fetches and {} write-backs take at least {floor:.1} ms at these pipelined rates ({:.1}× its local time)",
+                w.name,
+                w.fetches,
+                w.writebacks,
+                floor / w.local_ms
+            );
+        }
     }
     Ok(())
 }

@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail, ensure};
 use bluebridge_bench::paging::{ScanReport, Summary, Workload};
 use bluebridge_client::region::{OnClose, RegionStats};
 use bluebridge_client::{AnyTransport, Client, RegionOptions, RemoteRegion, Request};
+use bluebridge_proto::segment::Segments;
 use bluebridge_proto::{HostId, Opcode, PAGE_SIZE, RemoteAddr};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -46,11 +47,11 @@ pub(crate) fn run(
 ) -> Result<(ScanReport, Client<AnyTransport>)> {
     let n = 4 * budget;
     let pages = super::alloc(&mut client, host, n)?;
-    let baselines = fill(&mut client, &pages).and_then(|()| {
+    let baselines = fill(&mut client, &pages).and_then(|writes| {
         stop()?;
-        reads(&mut client, &pages)
+        reads(&mut client, &pages).map(|(w1, r)| (w1, r, writes))
     });
-    let (read_window1, pipelined_reads_per_s) = match baselines {
+    let (read_window1, pipelined_reads_per_s, pipelined_writes_per_s) = match baselines {
         Ok(b) => b,
         Err(e) => {
             let _ = client.free_all(&pages);
@@ -74,6 +75,7 @@ pub(crate) fn run(
         ScanReport {
             read_window1,
             pipelined_reads_per_s,
+            pipelined_writes_per_s,
             pipeline_window: WINDOW,
             sequential,
             random,
@@ -83,26 +85,38 @@ pub(crate) fn run(
     ))
 }
 
-/// Writes every page's pattern, `WINDOW` WRITEs in flight.
-fn fill(client: &mut Client<AnyTransport>, pages: &[RemoteAddr]) -> Result<()> {
-    for (i, chunk) in pages.chunks(WINDOW).enumerate() {
-        let ids: Vec<u64> = chunk
-            .iter()
-            .enumerate()
-            .map(|(k, &a)| {
-                let p = i * WINDOW + k;
-                client.submit(
-                    Request::new(Opcode::WRITE, a)
-                        .range(0, PAGE_SIZE as u16)
-                        .payload(page_pattern(p)),
-                )
-            })
-            .collect();
-        for r in client.wait_all(&ids) {
-            r.context("writing the scan's pages")?;
+/// Writes every page's pattern, `WINDOW` WRITEs in flight (a page that does not fit one frame
+/// is a WRITE per segment); returns the pages written per second: the pipelined WRITE rate.
+fn fill(client: &mut Client<AnyTransport>, pages: &[RemoteAddr]) -> Result<f64> {
+    let seg = client.max_request_data();
+    let mut writes: Vec<Request> = Vec::new();
+    for (p, &a) in pages.iter().enumerate() {
+        let data = page_pattern(p);
+        for (o, l) in Segments::new(0, PAGE_SIZE as u16, seg) {
+            let at = usize::from(o);
+            writes.push(
+                Request::new(Opcode::WRITE, a)
+                    .range(o, l)
+                    .payload(data[at..at + usize::from(l)].to_vec()),
+            );
         }
     }
-    Ok(())
+    let total = writes.len();
+    let mut writes = writes.into_iter();
+    let mut done = 0;
+    let t = Instant::now();
+    while done < total {
+        while client.in_flight() < WINDOW
+            && let Some(w) = writes.next()
+        {
+            client.submit(w);
+        }
+        if let Some(c) = client.poll() {
+            c.result.context("writing the scan's pages")?;
+            done += 1;
+        }
+    }
+    Ok(pages.len() as f64 / t.elapsed().as_secs_f64())
 }
 
 /// The READ baselines: window-1 latency, and the pipelined rate over every page twice.
@@ -152,6 +166,8 @@ fn workload(
         local_ms: local.as_secs_f64() * 1e3,
         remote_ms: remote.as_secs_f64() * 1e3,
         faults: after.faults - before.faults,
+        fetches: (after.prefetch_misses + after.prefetches)
+            - (before.prefetch_misses + before.prefetches),
         prefetches: after.prefetches - before.prefetches,
         prefetch_hits: after.prefetch_hits - before.prefetch_hits,
         prefetch_wasted: after.prefetch_wasted - before.prefetch_wasted,
