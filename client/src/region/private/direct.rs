@@ -143,6 +143,7 @@ impl<B: Backing> Handler<B> {
         arrived: Instant,
     ) {
         self.paging.flags[page] &= !(flag::WRITE | flag::MARKER | flag::TWIN);
+        self.paging.flags[page] |= flag::REF;
         self.state[page] = if m & mode::PROTECT != 0 {
             PageState::Clean
         } else {

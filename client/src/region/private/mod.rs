@@ -7,9 +7,9 @@
 //!   the pages it predicts are fetched and installed as they arrive, with
 //!   `UFFDIO_COPY_MODE_DONTWAKE` when nobody waits for them. A stream's marker page is held
 //!   back on arrival so the program's arrival there is seen.
-//! - **Eviction by CLOCK.** A page is *referenced* when a thread faulted on it (missing or
-//!   write-protect) since the hand last passed; the hand skips a referenced page once,
-//!   clearing the bit. Prefetched pages come in unreferenced.
+//! - **Eviction by CLOCK.** A page is *referenced* when it comes in and when a thread faults on
+//!   it (missing, write-protect, in flight or held back) since the hand last passed; the hand
+//!   skips a referenced page once, clearing the bit.
 //! - **Pipelined write-back.** An evicted dirty page is write-protected, copied into the
 //!   WRITE's payload and stays resident (write-protected) until the WRITE is acknowledged;
 //!   only then is it dropped. A write meanwhile faults: the page is dirty again and stays, and
@@ -171,6 +171,7 @@ impl<B: Backing> Handler<B> {
             PageState::Fetching => {
                 // A prefetch in flight (or another thread's fault): wait for it.
                 let f = &mut self.paging.flags[page];
+                *f |= flag::REF;
                 if *f & flag::WAITED == 0 {
                     *f |= flag::WAITED;
                     self.paging.waiters += 1;
@@ -466,7 +467,9 @@ impl<B: Backing> Handler<B> {
         let f = self.paging.flags[page];
         let write = f & flag::WRITE != 0;
         let guess = !write && self.paging.write_score > 0;
+        // Every page comes in referenced: a prefetched one not yet reached is not the first to go.
         self.paging.flags[page] &= !(flag::WRITE | flag::MARKER | flag::TWIN);
+        self.paging.flags[page] |= flag::REF;
         // Book-keeping first: installing wakes the faulting thread, which may look at the
         // counters at once.
         self.state[page] = if write || guess {
