@@ -24,11 +24,11 @@ pub trait Backing: Send + 'static {
     fn store(&mut self, index: usize, page: &AlignedPage) -> Result<(), BackingError>;
     /// The region is going away: release the pages (`free`) or leave them for a later attach.
     fn close(&mut self, free: bool) -> Result<(), BackingError>;
-    /// The handler has had no fault for [`IDLE_TICK`]: time for housekeeping (a remote
+    /// The handler has had no fault for [`IDLE_TICK`](super::IDLE_TICK): time for housekeeping (a remote
     /// backing lets its servers hear from it, so they keep its pages). The default does
     /// nothing.
     fn idle(&mut self) {}
-    /// The coherent copies of a shared region's pages ([`Coherence::Shared`]); `None` (the
+    /// The coherent copies of a shared region's pages ([`Coherence::Shared`](super::Coherence::Shared)); `None` (the
     /// default) for backings that have none.
     fn copies(&mut self) -> Option<&mut dyn Copies> {
         None

@@ -5,7 +5,7 @@ use std::fmt;
 use super::backing::BackingError;
 use super::shared::Coherence;
 
-/// How long the handler waits for a fault before it calls [`Backing::idle`].
+/// How long the handler waits for a fault before it calls [`Backing::idle`](super::Backing::idle).
 pub const IDLE_TICK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A callback for the errors the fault handler meets (it runs on the handler thread).
@@ -40,10 +40,10 @@ pub struct RegionOptions {
     pub on_close: OnClose,
     /// Where the handler runs.
     pub handler_cpu: HandlerCpu,
-    /// Record a [`FaultTrace`] per missing-page fault (for the paging benchmark).
+    /// Record a [`FaultTrace`](super::FaultTrace) per missing-page fault (for the paging benchmark).
     pub trace: bool,
     /// Called on the handler thread for every error it meets (a failed fetch, a failed write
-    /// back); the error is also counted and kept as [`RemoteRegion::last_error`].
+    /// back); the error is also counted and kept as [`RemoteRegion::last_error`](super::PagedRegion::last_error).
     pub on_error: Option<ErrorCallback>,
     /// Private copies (the default) or coherent ones shared with other processes' regions
     /// over the same pages (docs/paging.md, "Sharing"); shared needs a backing with copies.

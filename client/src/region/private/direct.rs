@@ -156,9 +156,7 @@ impl<B: Backing> Handler<B> {
             let r = self.faults.wake(&self.mapping, page);
             self.kernel("UFFDIO_WAKE", page, r);
         }
-        let Some((entered, located)) = self.paging.started.remove(&page) else {
-            return;
-        };
+        // (Taken whether or not the page is traced: a prefetched page's time is not kept.)
         let fetched = self
             .paging
             .direct
@@ -170,6 +168,9 @@ impl<B: Backing> Handler<B> {
                     .remove(&page)
             })
             .unwrap_or(arrived);
+        let Some((entered, located)) = self.paging.started.remove(&page) else {
+            return;
+        };
         self.trace(FaultTrace {
             page,
             entered,
