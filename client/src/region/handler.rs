@@ -114,8 +114,6 @@ impl<B: Backing> Handler<B> {
             if self.shared.is_some() {
                 self.serve_revokes();
                 self.check_leases();
-            } else if busy {
-                self.pump();
             }
             let (faulted, commanded) = match polled {
                 Ok((0, ..)) => {
@@ -124,7 +122,7 @@ impl<B: Backing> Handler<B> {
                         // clock), so also on the shorter timer ticks of a shared region.
                         self.backing.idle();
                     }
-                    continue;
+                    (false, false)
                 }
                 Ok((_, f, c)) => (f, c),
                 Err(nix::errno::Errno::EINTR) => continue,
@@ -146,7 +144,8 @@ impl<B: Backing> Handler<B> {
                 }
             }
             if self.paging.in_flight() > 0 {
-                // Send what the faults just started (prefetches nobody spins for included).
+                // Once per round: take in the replies (and retransmit what is due), and send
+                // what the faults just started (prefetches nobody spins for included).
                 self.pump();
             }
             if commanded {
@@ -310,6 +309,17 @@ impl<B: Backing> Handler<B> {
         self.kernel("UFFDIO_WAKE", page, r);
     }
 
+    /// Write-protects resident `page` (writers then wait for the handler).
+    pub(super) fn protect(&self, page: usize) -> Result<(), RegionError> {
+        self.faults
+            .protect(&self.mapping, page)
+            .map_err(|errno| RegionError::Kernel {
+                call: "UFFDIO_WRITEPROTECT",
+                page,
+                errno,
+            })
+    }
+
     /// A write to a write-protected page.
     pub(super) fn write_protect_fault(&mut self, page: usize) {
         if self.shared.is_none() {
@@ -339,13 +349,7 @@ impl<B: Backing> Handler<B> {
     /// a write faults and makes it writable again).
     pub(super) fn write_back(&mut self, page: usize) -> Result<(), RegionError> {
         // Protect first: from here on no write can slip in between the copy and the store.
-        self.faults
-            .protect(&self.mapping, page)
-            .map_err(|errno| RegionError::Kernel {
-                call: "UFFDIO_WRITEPROTECT",
-                page,
-                errno,
-            })?;
+        self.protect(page)?;
         // SAFETY: resident (the handler's bookkeeping) and write-protected just now.
         #[allow(unsafe_code, reason = "the copy's preconditions hold: see above")]
         unsafe {

@@ -101,22 +101,35 @@ fn fill(client: &mut Client<AnyTransport>, pages: &[RemoteAddr]) -> Result<f64> 
             );
         }
     }
-    let total = writes.len();
-    let mut writes = writes.into_iter();
-    let mut done = 0;
+    let took = in_flight(client, writes, "writing the scan's pages")?;
+    Ok(pages.len() as f64 / took.as_secs_f64())
+}
+
+/// Runs `requests` with `WINDOW` of them in flight (replies' buffers go back to the engine);
+/// returns how long they took. The first failure ends it (`what` failed).
+fn in_flight(
+    client: &mut Client<AnyTransport>,
+    requests: impl IntoIterator<Item = Request>,
+    what: &'static str,
+) -> Result<Duration> {
+    let mut requests = requests.into_iter();
+    let mut left = 0usize;
     let t = Instant::now();
-    while done < total {
+    loop {
         while client.in_flight() < WINDOW
-            && let Some(w) = writes.next()
+            && let Some(r) = requests.next()
         {
-            client.submit(w);
+            client.submit(r);
+            left += 1;
+        }
+        if left == 0 {
+            return Ok(t.elapsed());
         }
         if let Some(c) = client.poll() {
-            c.result.context("writing the scan's pages")?;
-            done += 1;
+            client.recycle(c.result.context(what)?.data);
+            left -= 1;
         }
     }
-    Ok(pages.len() as f64 / t.elapsed().as_secs_f64())
 }
 
 /// The READ baselines: window-1 latency, and the pipelined rate over every page twice.
@@ -130,24 +143,15 @@ fn reads(client: &mut Client<AnyTransport>, pages: &[RemoteAddr]) -> Result<(Sum
             .context("window-1 READ")?;
         ns.push(t.elapsed().as_nanos() as u64);
     }
-    let total = 2 * pages.len();
-    let (mut sent, mut done) = (0, 0);
-    let t = Instant::now();
-    while done < total {
-        while sent < total && client.in_flight() < WINDOW {
-            client.submit(
-                Request::new(Opcode::READ, pages[sent % pages.len()]).range(0, PAGE_SIZE as u16),
-            );
-            sent += 1;
-        }
-        if let Some(c) = client.poll() {
-            let r = c.result.context("pipelined READ")?;
-            client.recycle(r.data);
-            done += 1;
-        }
-    }
-    let rate = total as f64 / t.elapsed().as_secs_f64();
-    Ok((Summary::of(ns), rate))
+    let reads = pages
+        .iter()
+        .chain(pages)
+        .map(|&a| Request::new(Opcode::READ, a).range(0, PAGE_SIZE as u16));
+    let took = in_flight(client, reads, "pipelined READ")?;
+    Ok((
+        Summary::of(ns),
+        (2 * pages.len()) as f64 / took.as_secs_f64(),
+    ))
 }
 
 fn workload(

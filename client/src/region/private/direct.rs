@@ -14,7 +14,7 @@ use bluebridge_proto::PAGE_SIZE;
 use super::super::stats::Counters;
 use super::super::sys::{Faults, Mapping};
 use super::{Paging, flag};
-use crate::region::{Backing, FaultTrace, Handler, PageState};
+use crate::region::{Backing, Handler};
 
 /// How a page in flight may be installed straight from the frame it arrives in (the one-copy
 /// path: `UFFDIO_COPY` from the receive buffer), set by the handler, read by the sink.
@@ -142,15 +142,7 @@ impl<B: Backing> Handler<B> {
         waited: bool,
         arrived: Instant,
     ) {
-        self.paging.flags[page] &= !(flag::WRITE | flag::MARKER | flag::TWIN);
-        self.paging.flags[page] |= flag::REF;
-        self.state[page] = if m & mode::PROTECT != 0 {
-            PageState::Clean
-        } else {
-            PageState::Dirty
-        };
-        self.resident.push_back(page);
-        self.publish();
+        self.came_in(page, m & mode::PROTECT == 0);
         if waited && m & mode::WOKE == 0 {
             // Its thread came after the bytes were installed without waking anyone.
             let r = self.faults.wake(&self.mapping, page);
@@ -168,15 +160,6 @@ impl<B: Backing> Handler<B> {
                     .remove(&page)
             })
             .unwrap_or(arrived);
-        let Some((entered, located)) = self.paging.started.remove(&page) else {
-            return;
-        };
-        self.trace(FaultTrace {
-            page,
-            entered,
-            located,
-            fetched,
-            installed: arrived,
-        });
+        self.trace_fault(page, Some(fetched), arrived);
     }
 }

@@ -79,11 +79,8 @@ impl<B: Backing> Handler<B> {
             }
             Err(source) => {
                 let e = RegionError::WriteBack { page, source };
-                if !evict && self.paging.flush_error.is_none() {
-                    self.paging.flush_error = Some(RegionError::WriteBack {
-                        page,
-                        source: e.to_string().into(),
-                    });
+                if !evict {
+                    self.flush_failed(page, &e);
                 }
                 self.report(e);
                 if self.state[page] == PageState::WritingBack {
@@ -169,12 +166,8 @@ impl<B: Backing> Handler<B> {
     /// Starts evicting dirty `page`: protected, compared with its twin (dropped if unchanged),
     /// else copied into a WRITE that drops it when acknowledged.
     fn write_back_evicting(&mut self, page: usize) -> Evicted {
-        if let Err(errno) = self.faults.protect(&self.mapping, page) {
-            self.report(RegionError::Kernel {
-                call: "UFFDIO_WRITEPROTECT",
-                page,
-                errno,
-            });
+        if let Err(e) = self.protect(page) {
+            self.report(e);
             self.resident.push_back(page);
             return Evicted::Nothing;
         }
@@ -199,19 +192,22 @@ impl<B: Backing> Handler<B> {
         } else {
             None
         };
-        if let Some(t) = &twin {
-            #[allow(unsafe_code, reason = "the comparison's preconditions hold: see below")]
-            // SAFETY: resident (the handler's bookkeeping) and write-protected by the caller.
-            let same = unsafe { self.mapping.present_equals(page, t) };
-            self.paging.score(!same);
-            if same {
-                self.counters.unchanged.fetch_add(1, Relaxed);
-                self.state[page] = PageState::Clean;
-                self.recycle(twin.expect("a twin"));
-                return None;
+        let mut payload = match twin {
+            Some(t) => {
+                #[allow(unsafe_code, reason = "the comparison's preconditions hold: see below")]
+                // SAFETY: resident (the handler's bookkeeping) and write-protected by the caller.
+                let same = unsafe { self.mapping.present_equals(page, &t) };
+                self.paging.score(!same);
+                if same {
+                    self.counters.unchanged.fetch_add(1, Relaxed);
+                    self.state[page] = PageState::Clean;
+                    self.recycle(t);
+                    return None;
+                }
+                t // written over below
             }
-        }
-        let mut payload = twin.unwrap_or_else(|| vec![0; PAGE_SIZE]);
+            None => vec![0; PAGE_SIZE],
+        };
         #[allow(unsafe_code, reason = "the copy's preconditions hold: see below")]
         // SAFETY: resident (the handler's bookkeeping) and write-protected by the caller.
         unsafe {
@@ -256,18 +252,8 @@ impl<B: Backing> Handler<B> {
         self.paging.flush_error = None;
         let mut written = 0;
         for p in self.dirty_pages() {
-            if let Err(errno) = self.faults.protect(&self.mapping, p) {
-                let e = RegionError::Kernel {
-                    call: "UFFDIO_WRITEPROTECT",
-                    page: p,
-                    errno,
-                };
-                if self.paging.flush_error.is_none() {
-                    self.paging.flush_error = Some(RegionError::WriteBack {
-                        page: p,
-                        source: e.to_string().into(),
-                    });
-                }
+            if let Err(e) = self.protect(p) {
+                self.flush_failed(p, &e);
                 self.report(e);
                 continue;
             }
@@ -281,6 +267,16 @@ impl<B: Backing> Handler<B> {
         match self.paging.flush_error.take() {
             Some(e) => Err(e),
             None => Ok(written),
+        }
+    }
+
+    /// Keeps the first failure of the flush in progress (page `page`: `e`) as its result.
+    fn flush_failed(&mut self, page: usize, e: &RegionError) {
+        if self.paging.flush_error.is_none() {
+            self.paging.flush_error = Some(RegionError::WriteBack {
+                page,
+                source: e.to_string().into(),
+            });
         }
     }
 }

@@ -464,21 +464,11 @@ impl<B: Backing> Handler<B> {
         wake: bool,
         arrived: Option<Instant>,
     ) {
-        let f = self.paging.flags[page];
-        let write = f & flag::WRITE != 0;
+        let write = self.paging.flags[page] & flag::WRITE != 0;
         let guess = !write && self.paging.write_score > 0;
-        // Every page comes in referenced: a prefetched one not yet reached is not the first to go.
-        self.paging.flags[page] &= !(flag::WRITE | flag::MARKER | flag::TWIN);
-        self.paging.flags[page] |= flag::REF;
         // Book-keeping first: installing wakes the faulting thread, which may look at the
         // counters at once.
-        self.state[page] = if write || guess {
-            PageState::Dirty
-        } else {
-            PageState::Clean
-        };
-        self.resident.push_back(page);
-        self.publish();
+        self.came_in(page, write || guess);
         if let Err(errno) = self
             .faults
             .install(&self.mapping, page, &data, !(write || guess), wake)
@@ -511,13 +501,34 @@ impl<B: Backing> Handler<B> {
         } else {
             self.recycle(data);
         }
+        self.trace_fault(page, arrived, Instant::now());
+    }
+
+    /// The books of `page` coming in: resident (last in the CLOCK ring), writable (dirty) or
+    /// write-protected (clean), and referenced — a prefetched page not yet reached is not the
+    /// first to go.
+    fn came_in(&mut self, page: usize, writable: bool) {
+        self.paging.flags[page] &= !(flag::WRITE | flag::MARKER | flag::TWIN);
+        self.paging.flags[page] |= flag::REF;
+        self.state[page] = if writable {
+            PageState::Dirty
+        } else {
+            PageState::Clean
+        };
+        self.resident.push_back(page);
+        self.publish();
+    }
+
+    /// Files the trace of the fault that waited for `page`, if it is traced: its data arrived
+    /// at `fetched` (unknown: when it was located), it was installed at `installed`.
+    fn trace_fault(&mut self, page: usize, fetched: Option<Instant>, installed: Instant) {
         if let Some((entered, located)) = self.paging.started.remove(&page) {
             self.trace(FaultTrace {
                 page,
                 entered,
                 located,
-                fetched: arrived.unwrap_or(located),
-                installed: Instant::now(),
+                fetched: fetched.unwrap_or(located),
+                installed,
             });
         }
     }
