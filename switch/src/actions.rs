@@ -16,8 +16,41 @@ use crate::{
     CONTROLLER_HOST, Controller, CtlError, Migration, MigrationPlan, Notices, OwnerInfo, Reclaimed,
 };
 
-fn lock(ctl: &Mutex<Controller>) -> MutexGuard<'_, Controller> {
-    ctl.lock().unwrap_or_else(PoisonError::into_inner)
+/// The controller, held: the route changes made meanwhile reach the forwarding plane in one
+/// batch when it is released ([`Held::release`], or on drop, which logs a refusal).
+pub(crate) struct Held<'a>(MutexGuard<'a, Controller>);
+
+impl Held<'_> {
+    /// Releases the controller after applying its route changes.
+    pub(crate) fn release(mut self) -> Result<(), CtlError> {
+        self.0.commit()
+    }
+}
+
+impl std::ops::Deref for Held<'_> {
+    type Target = Controller;
+    fn deref(&self) -> &Controller {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Held<'_> {
+    fn deref_mut(&mut self) -> &mut Controller {
+        &mut self.0
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.commit() {
+            tracing::error!(error = %e, "applying route changes");
+        }
+    }
+}
+
+/// Holds the controller (see [`Held`]).
+pub(crate) fn lock(ctl: &Mutex<Controller>) -> Held<'_> {
+    Held(ctl.lock().unwrap_or_else(PoisonError::into_inner))
 }
 
 /// One round of health checks: a STAT to every host in `ids` at once through the controller's
@@ -266,7 +299,11 @@ pub fn migrate(ctl: &Mutex<Controller>, page: &str, to: u16) -> Result<Migration
             return Err(e);
         }
     };
-    lock(ctl).finish_migration(&plan)?;
+    {
+        let mut c = lock(ctl);
+        c.finish_migration(&plan)?;
+        c.release()?;
+    }
     let t3 = std::time::Instant::now();
     let us = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e6;
     let key: Ipv6Addr = plan.key;

@@ -19,6 +19,7 @@ use bluebridge_ebpf::{Route, Tor};
 use bluebridge_proto::{HostId, NetPrefix};
 use serde::{Deserialize, Serialize};
 
+use crate::fabric::Fabric as _;
 use crate::{ANY_ROUTE_ID, CONTROLLER_HOST, Controller, CtlError, Health, Host, HostSpec, Link};
 
 /// What a controller found in the switch it adopted.

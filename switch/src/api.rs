@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -172,10 +172,11 @@ pub fn answer(ctl: &Mutex<Controller>, line: &str) -> Response {
         }
         _ => {}
     }
-    let mut ctl = ctl.lock().unwrap_or_else(PoisonError::into_inner);
-    match execute(&mut ctl, req) {
-        Ok(v) => Response::Ok(v),
-        Err(e) => Response::Error(e.to_string()),
+    let mut ctl = crate::actions::lock(ctl);
+    let r = execute(&mut ctl, req);
+    match (r, ctl.release()) {
+        (Ok(v), Ok(())) => Response::Ok(v),
+        (Err(e), _) | (_, Err(e)) => Response::Error(e.to_string()),
     }
 }
 

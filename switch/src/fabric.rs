@@ -1,6 +1,8 @@
-//! What the controller programs: the XDP switch ([`Tor`]) or the switch namespace's own kernel
-//! forwarding table ([`KernelFabric`], over rtnetlink). Both take the same routes; the XDP one
-//! also filters sources, counts, answers for withdrawn hosts and reports freed pages.
+//! What the controller programs: the XDP switch ([`Tor`]), the switch namespace's own kernel
+//! forwarding table ([`KernelFabric`], over rtnetlink), FRR routers that announce the routes
+//! over BGP ([`crate::bgp::BgpFabric`]) or an Open vSwitch bridge's OpenFlow tables
+//! ([`crate::ovs::OvsFabric`]). All take the same routes; the XDP one also answers for withdrawn
+//! hosts and reports freed pages, and the XDP and OVS ones filter sources and count.
 
 use std::net::{IpAddr, Ipv6Addr};
 
@@ -10,10 +12,21 @@ use crate::CtlError;
 
 /// A forwarding plane the controller can program.
 pub trait Fabric: Send {
-    /// `xdp` or `kernel`.
+    /// `xdp`, `kernel`, `bgp` or `ovs`.
     fn kind(&self) -> &'static str;
-    /// Makes `ifname` a port; returns its interface index.
+    /// Makes `ifname` a port; returns its number (the interface index, or the fabric's own
+    /// number when its ports are not all in this namespace).
     fn add_port(&mut self, ifname: &str, force_generic: bool) -> Result<u32, CtlError>;
+    /// The MAC of port `name` (by default the interface of that name in this thread's
+    /// namespace).
+    fn port_mac(&self, name: &str) -> Result<[u8; 6], CtlError> {
+        local_mac(name)
+    }
+    /// Applies the changes made since the last call, in one batch where the fabric batches
+    /// (BGP, OVS); the others have applied each change at once.
+    fn commit(&mut self) -> Result<(), CtlError> {
+        Ok(())
+    }
     /// Accepts sources in `net/len` on `port` (XDP only: the kernel fabric does not filter).
     fn allow_source(&mut self, port: u32, net: Ipv6Addr, len: u8) -> Result<(), CtlError>;
     /// Stops accepting them.
@@ -118,6 +131,19 @@ impl Fabric for Tor {
     }
 }
 
+/// The MAC of interface `name` in this thread's namespace (from the kernel over netlink, not
+/// /sys, which shows the namespace it was mounted in).
+pub fn local_mac(name: &str) -> Result<[u8; 6], CtlError> {
+    let addrs = nix::ifaddrs::getifaddrs()
+        .map_err(|e| CtlError::Invalid(format!("listing interfaces: {e}")))?;
+    addrs
+        .filter(|a| a.interface_name == name)
+        .find_map(|a| a.address?.as_link_addr()?.addr())
+        .ok_or_else(|| {
+            CtlError::Invalid(format!("no interface {name} with a MAC in this namespace"))
+        })
+}
+
 /// No forwarding plane: a controller between two lives (see [`crate::Controller::detached`]).
 /// It holds no routes and refuses every change.
 #[derive(Debug, Default)]
@@ -151,9 +177,9 @@ impl Fabric for Detached {
     }
 }
 
-/// The link-local next hop the kernel fabric uses behind every port: one neighbour entry per
-/// port (per host link), never one per page.
-const NEXT_HOP: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0xbb, 1);
+/// The link-local next hop the kernel and BGP fabrics use behind every port: one neighbour
+/// entry per port (per host link), never one per page.
+pub(crate) const NEXT_HOP: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0xbb, 1);
 
 /// The switch namespace's kernel IPv6 forwarding table, programmed over rtnetlink: a route
 /// `net/len via fe80::bb:1 dev <port>` per BlueBridge route and one permanent neighbour entry

@@ -9,15 +9,19 @@
 pub mod actions;
 mod adopt;
 pub mod api;
+pub mod bgp;
 pub mod fabric;
+pub mod ovs;
 mod replication;
 mod supervise;
 #[cfg(test)]
 mod tests;
+mod updates;
 
 pub use adopt::Adoption;
 pub use replication::{FailoverReport, Replication};
 pub use supervise::{SuperviseConfig, supervise};
+pub use updates::RouteUpdates;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv6Addr;
@@ -173,6 +177,9 @@ pub struct Counters {
     pub invalidations: u64,
     /// Per registered host.
     pub hosts: Vec<HostCounters>,
+    /// Route changes and how long they took to reach the forwarding plane.
+    #[serde(default)]
+    pub route_updates: RouteUpdates,
 }
 
 /// A page that received many requests.
@@ -192,7 +199,7 @@ pub struct HotPage {
 
 /// The controller's state: the switch program and the registered hosts.
 pub struct Controller {
-    fabric: Box<dyn Fabric>,
+    fabric: updates::Recorded,
     prefix: NetPrefix,
     force_generic: bool,
     ports: HashMap<String, u32>,
@@ -346,6 +353,23 @@ impl Controller {
         ))
     }
 
+    /// A controller announcing its routes into FRR routers over BGP (see [`bgp::BgpFabric`]).
+    pub fn new_bgp(prefix: NetPrefix, fabric: bgp::BgpFabric) -> Self {
+        Self::with_fabric(prefix, Box::new(fabric), false)
+    }
+
+    /// A controller programming an Open vSwitch bridge over OpenFlow (see [`ovs::OvsFabric`]).
+    pub fn new_ovs(prefix: NetPrefix, fabric: ovs::OvsFabric) -> Self {
+        Self::with_fabric(prefix, Box::new(fabric), false)
+    }
+
+    /// Applies the route changes made since the last call to the forwarding plane (the BGP and
+    /// OVS backends batch them; [`actions`], the API and the supervisor call this each time
+    /// they release the controller).
+    pub fn commit(&mut self) -> Result<(), CtlError> {
+        self.fabric.commit()
+    }
+
     /// A controller with no switch (it holds no hosts and refuses every change): what stands
     /// in for one that is being restarted.
     pub fn detached(prefix: NetPrefix) -> Self {
@@ -354,7 +378,7 @@ impl Controller {
 
     fn with_fabric(prefix: NetPrefix, fabric: Box<dyn Fabric>, force_generic: bool) -> Self {
         Controller {
-            fabric,
+            fabric: updates::Recorded::new(fabric),
             prefix,
             force_generic,
             ports: HashMap::new(),
@@ -375,7 +399,7 @@ impl Controller {
         }
     }
 
-    /// `xdp` or `kernel`.
+    /// `xdp`, `kernel`, `bgp` or `ovs`.
     pub fn backend(&self) -> &'static str {
         self.fabric.kind()
     }
@@ -401,8 +425,8 @@ impl Controller {
     /// makes itself.
     pub fn attach_link(&mut self, link: &LinkSpec) -> Result<(), CtlError> {
         let port = self.port(&link.port)?;
-        let port_mac = Self::port_mac(&link.port)?;
-        let mac = Self::port_mac(&link.ifname)?;
+        let port_mac = self.port_mac(&link.port)?;
+        let mac = fabric::local_mac(&link.ifname)?;
         let net = self.prefix.host_network(CONTROLLER_HOST);
         self.fabric.allow_source(port, net, 48)?;
         self.fabric.set_controller_port(port)?;
@@ -681,13 +705,13 @@ impl Controller {
             pages_used,
             pages_total,
         };
-        if was_down
-            && self.fabric.answers_for_withdrawn()
-            && let Some(l) = self.holder_link(id)
-        {
+        if was_down && let Some(l) = self.holder_link(id) {
             let r = Self::link_route(&l, 2 * u32::from(id), false);
             let net = self.prefix.host_network(HostId(id));
             self.fabric.add_route(net, 48, r)?;
+            if !self.fabric.answers_for_withdrawn() {
+                self.fabric.remove_route(net, 112)?;
+            }
             tracing::warn!(host = id, "host answers again; its route is restored");
         }
         Ok(())
@@ -723,11 +747,20 @@ impl Controller {
         };
         h.health.down = true;
         if !self.fabric.answers_for_withdrawn() {
-            // Its route stays (the controller's checks must still reach it); placement
-            // avoids it.
+            // A plain router cannot answer for it: its /48 goes (the fabric withdraws it, so
+            // requests for its pages find no route anywhere) and only its host operations'
+            // /112 (page handle 0) stays, for the controller's checks to see it come back.
+            // Placement avoids it.
+            let Some(l) = self.holder_link(id) else {
+                return Ok(());
+            };
+            let r = Self::link_route(&l, 2 * u32::from(id), false);
+            let net = self.prefix.host_network(HostId(id));
+            self.fabric.add_route(net, 112, r)?;
+            self.fabric.remove_route(net, 48)?;
             tracing::warn!(
                 host = id,
-                "host down (its route stays: this backend cannot answer for it)"
+                "host down: its /48 withdrawn (its host operations' /112 stays for the checks)"
             );
             return Ok(());
         }
@@ -800,17 +833,9 @@ impl Controller {
         Ok(i)
     }
 
-    /// The MAC of interface `name` in this thread's namespace (from the kernel over netlink, not
-    /// /sys, which shows the namespace it was mounted in).
-    fn port_mac(name: &str) -> Result<[u8; 6], CtlError> {
-        let addrs = nix::ifaddrs::getifaddrs()
-            .map_err(|e| CtlError::Invalid(format!("listing interfaces: {e}")))?;
-        addrs
-            .filter(|a| a.interface_name == name)
-            .find_map(|a| a.address?.as_link_addr()?.addr())
-            .ok_or_else(|| {
-                CtlError::Invalid(format!("no interface {name} with a MAC in this namespace"))
-            })
+    /// The MAC of switch port `name`.
+    fn port_mac(&self, name: &str) -> Result<[u8; 6], CtlError> {
+        self.fabric.port_mac(name)
     }
 
     /// Registers (or re-registers) a host: its ports join the switch, its sources are allowed
@@ -834,7 +859,7 @@ impl Controller {
         }
         let server = Link {
             ifindex: self.port(&spec.server_port)?,
-            port_mac: Self::port_mac(&spec.server_port)?,
+            port_mac: self.port_mac(&spec.server_port)?,
             mac: parse_mac(&spec.server_mac)?,
             net: self.prefix.host_network(id),
             len: 48,
@@ -845,7 +870,7 @@ impl Controller {
                 let (net, len) = parse_net(net)?;
                 Some(Link {
                     ifindex: self.port(port)?,
-                    port_mac: Self::port_mac(port)?,
+                    port_mac: self.port_mac(port)?,
                     mac: parse_mac(mac)?,
                     net,
                     len,
@@ -898,8 +923,15 @@ impl Controller {
             .hosts
             .remove(&id)
             .ok_or_else(|| CtlError::Invalid(format!("host {id} is not registered")))?;
+        // A down host behind a plain router has only its host operations' /112 left.
+        let withdrawn = h.health.down && !self.fabric.answers_for_withdrawn();
         for l in std::iter::once(&h.server).chain(h.client.as_ref()) {
-            self.fabric.remove_route(l.net, l.len)?;
+            let len = if withdrawn && l.net == h.server.net && l.len == 48 {
+                112
+            } else {
+                l.len
+            };
+            self.fabric.remove_route(l.net, len)?;
             self.fabric.disallow_source(l.ifindex, l.net, l.len)?;
         }
         if self.placement == Some(id) {
@@ -958,6 +990,7 @@ impl Controller {
             switch: self.fabric.counters()?,
             invalidations: self.invalidations,
             hosts,
+            route_updates: self.fabric.updates(),
         })
     }
 

@@ -8,6 +8,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use bluebridge_proto::NetPrefix;
 use bluebridge_switch::api::{self, Request};
+use bluebridge_switch::bgp::BgpFabric;
+use bluebridge_switch::ovs::OvsFabric;
 use bluebridge_switch::{
     Controller, Counters, FailoverReport, HostSpec, HostStatus, HotPage, LinkSpec, Migration,
     OwnerInfo, Reclaimed, RouteInfo, SuperviseConfig, supervise,
@@ -37,6 +39,10 @@ enum Backend {
     Xdp,
     /// The kernel's IPv6 forwarding table.
     Kernel,
+    /// FRR routers: routes become static routes that their BGP announces to the fabric.
+    Bgp,
+    /// An Open vSwitch bridge's OpenFlow tables.
+    Ovs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -55,10 +61,24 @@ enum Cmd {
         #[arg(long)]
         generic: bool,
         /// What forwards: `xdp` (tor.bpf.c: routes, source filters, counters, failover
-        /// answers, invalidation) or `kernel` (the switch namespace's own IPv6 forwarding
-        /// table over rtnetlink: routes and one neighbour entry per port, nothing else).
+        /// answers, invalidation), `kernel` (the switch namespace's own IPv6 forwarding
+        /// table over rtnetlink: routes and one neighbour entry per port, nothing else),
+        /// `bgp` (FRR routers: each route a static route on its port's router, announced over
+        /// BGP; ports are ROUTER/IFNAME; docs/switch.md "Deploying on a fabric") or `ovs` (an
+        /// Open vSwitch bridge's OpenFlow flows: routes, source filters, counters).
         #[arg(long, value_enum, default_value_t = Backend::Xdp)]
         backend: Backend,
+        /// --backend bgp: the FRR instance (`vtysh -N NAME`, the router's namespace) of ports
+        /// given without ROUTER/; default FRR's unnamed instance.
+        #[arg(long)]
+        frr_instance: Option<String>,
+        /// --backend ovs: the bridge.
+        #[arg(long, default_value = "bbr0")]
+        ovs_bridge: String,
+        /// --backend ovs: the run directory of its ovs-vswitchd and ovsdb-server (where
+        /// BRIDGE.mgmt and db.sock are).
+        #[arg(long, default_value = "/var/run/openvswitch")]
+        ovs_rundir: PathBuf,
         /// The controller's own interface (in the switch namespace) for health checks and
         /// placement; without it neither runs.
         #[arg(long, requires = "link_port")]
@@ -229,6 +249,9 @@ fn main() -> Result<()> {
             pass_other,
             generic,
             backend,
+            frr_instance,
+            ovs_bridge,
+            ovs_rundir,
             link,
             link_port,
             health_interval_ms,
@@ -267,6 +290,20 @@ fn main() -> Result<()> {
                     .context("loading the switch program (needs root, in the switch namespace)")?,
                 (Backend::Kernel, _) => Controller::new_kernel(prefix)
                     .context("programming the kernel's forwarding table (needs root)")?,
+                (Backend::Bgp, _) => Controller::new_bgp(
+                    prefix,
+                    BgpFabric::new(frr_instance)
+                        .context("reaching FRR (vtysh; is FRR running, and is it root?)")?,
+                ),
+                (Backend::Ovs, _) => Controller::new_ovs(
+                    prefix,
+                    OvsFabric::new(&ovs_bridge, &ovs_rundir, prefix).with_context(|| {
+                        format!(
+                            "taking over Open vSwitch bridge {ovs_bridge} (run directory {})",
+                            ovs_rundir.display()
+                        )
+                    })?,
+                ),
             };
             if let Some(a) = &adopted {
                 println!(
@@ -291,6 +328,7 @@ fn main() -> Result<()> {
                 (Some(ifname), Some(port)) => {
                     ctl.attach_link(&LinkSpec { ifname, port })
                         .context("setting up the controller's link")?;
+                    ctl.commit().context("installing the controller's route")?;
                     true
                 }
                 _ => false,
@@ -330,8 +368,10 @@ fn main() -> Result<()> {
                         .unwrap_or(std::path::Path::new("?"))
                         .display()
                 );
-            } else {
+            } else if backend == Backend::Xdp {
                 println!("bluebridge-ctl: stopped; switch program detached");
+            } else {
+                println!("bluebridge-ctl: stopped; the routes stay in the forwarding plane");
             }
             return Ok(());
         }

@@ -5,6 +5,7 @@
 
 use std::net::Ipv6Addr;
 
+use crate::fabric::Fabric as _;
 use bluebridge_proto::HostId;
 use serde::{Deserialize, Serialize};
 

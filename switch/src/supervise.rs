@@ -4,8 +4,8 @@
 //! placement needs; then replication's orders (failovers, pairings); and, every millisecond,
 //! the pages the switch saw freed, which it invalidates.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::Controller;
@@ -19,7 +19,7 @@ pub struct SuperviseConfig {
 
 /// Runs rounds until `stop` is set.
 pub fn supervise(ctl: &Mutex<Controller>, cfg: SuperviseConfig, stop: &AtomicBool) {
-    let lock = || ctl.lock().unwrap_or_else(PoisonError::into_inner);
+    let lock = || crate::actions::lock(ctl);
     let drain = || {
         if let Err(e) = crate::actions::drain_freed(ctl) {
             tracing::error!(error = %e, "invalidating freed pages");

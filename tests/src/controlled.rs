@@ -6,10 +6,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bluebridge_client::{AnyTransport, Client};
-use bluebridge_proto::{HostId, NetPrefix};
+use bluebridge_client::{AnyTransport, Client, ClientError};
+use bluebridge_proto::{HostId, NetPrefix, PAGE_SIZE};
 use bluebridge_server::{Server, ServerConfig};
-use bluebridge_switch::{Controller, HostSpec, LinkSpec, SuperviseConfig, supervise};
+use bluebridge_switch::ovs::OvsFabric;
+use bluebridge_switch::{Controller, HostSpec, LinkSpec, Migration, SuperviseConfig, supervise};
+use bluebridge_topology::ovs::OvsSwitch;
 use bluebridge_topology::{Rack, RackHost, fmt_mac, unique};
 
 use crate::{rack_client, rack_client_net, start_server};
@@ -25,6 +27,9 @@ pub struct RackOptions {
     pub interval: Option<Duration>,
     /// Program the switch namespace's kernel forwarding table instead of the XDP switch.
     pub kernel: bool,
+    /// Run an Open vSwitch (userspace datapath) in the switch namespace and program its
+    /// OpenFlow tables instead of the XDP switch.
+    pub ovs: bool,
     /// Workers (shards) per server.
     pub queues: u32,
     /// Pin the switch (under [`bluebridge_topology::PIN_BASE`]) so the controller can be
@@ -47,6 +52,7 @@ impl Default for RackOptions {
             clients: 1,
             interval: None,
             kernel: false,
+            ovs: false,
             queues: 1,
             pinned: false,
             relayed: false,
@@ -64,6 +70,8 @@ pub struct ControlledRack {
     pub ctl: Arc<Mutex<Controller>>,
     stop: Arc<AtomicBool>,
     supervisor: Option<std::thread::JoinHandle<()>>,
+    /// The Open vSwitch of [`RackOptions::ovs`] (stopped before the namespaces go).
+    pub ovs: Option<OvsSwitch>,
     /// The topology.
     pub rack: Rack,
     opts: RackOptions,
@@ -100,12 +108,17 @@ impl ControlledRack {
         let rack = Rack::create_relayed(&unique("bbt"), o.hosts, 9000, o.queues, relayed, 7)
             .expect("creating the rack (needs root)");
         let stop = Arc::new(AtomicBool::new(false));
-        let (ctl, supervisor, adopted) = start_controller(&rack, o, &stop);
+        let ovs = o.ovs.then(|| {
+            let dir = std::env::temp_dir().join(format!("{}-ovs", rack.switch));
+            OvsSwitch::start(&rack.switch, "bbr0", &dir).expect("Open vSwitch (openvswitch-switch)")
+        });
+        let (ctl, supervisor, adopted) = start_controller(&rack, o, &stop, ovs.as_ref());
         assert!(adopted.is_none(), "a new rack's pin directory was empty");
         ControlledRack {
             ctl,
             stop,
             supervisor,
+            ovs,
             rack,
             opts: o,
         }
@@ -138,7 +151,8 @@ impl ControlledRack {
         drop(old);
         std::thread::sleep(downtime);
         self.stop = Arc::new(AtomicBool::new(false));
-        let (ctl, supervisor, adopted) = start_controller(&self.rack, self.opts, &self.stop);
+        let (ctl, supervisor, adopted) =
+            start_controller(&self.rack, self.opts, &self.stop, self.ovs.as_ref());
         self.ctl = ctl;
         self.supervisor = supervisor;
         Restart {
@@ -203,7 +217,13 @@ type Started = (
 /// Starts a controller for `rack` in its switch namespace: a new one registers the hosts, one
 /// that adopted a pinned switch keeps what it found; either attaches its link and (with an
 /// interval) supervises until `stop`.
-fn start_controller(rack: &Rack, o: RackOptions, stop: &Arc<AtomicBool>) -> Started {
+fn start_controller(
+    rack: &Rack,
+    o: RackOptions,
+    stop: &Arc<AtomicBool>,
+    ovs: Option<&OvsSwitch>,
+) -> Started {
+    let ovs = ovs.map(|s| (s.bridge.clone(), s.rundir.clone()));
     let (ctl_tx, ctl_rx) = std::sync::mpsc::channel();
     let (sw, hosts, stop2) = (rack.switch.clone(), rack.hosts.clone(), stop.clone());
     let link = LinkSpec {
@@ -218,6 +238,11 @@ fn start_controller(rack: &Rack, o: RackOptions, stop: &Arc<AtomicBool>) -> Star
     let thread = std::thread::spawn(move || {
         bluebridge_topology::enter(&sw).expect("entering the switch namespace");
         let (mut ctl, adopted) = match (&pins, o.kernel) {
+            _ if ovs.is_some() => {
+                let (bridge, dir) = ovs.as_ref().expect("checked");
+                let f = OvsFabric::new(bridge, dir, NetPrefix::DEFAULT).expect("the OVS backend");
+                (Controller::new_ovs(NetPrefix::DEFAULT, f), None)
+            }
             (_, true) => (
                 Controller::new_kernel(NetPrefix::DEFAULT).expect("the kernel backend"),
                 None,
@@ -238,6 +263,7 @@ fn start_controller(rack: &Rack, o: RackOptions, stop: &Arc<AtomicBool>) -> Star
         }
         ctl.set_misses_allowed(o.misses);
         ctl.attach_link(&link).expect("the controller's link");
+        ctl.commit().expect("the routes in the forwarding plane");
         let ctl = Arc::new(Mutex::new(ctl));
         ctl_tx
             .send((ctl.clone(), adopted))
@@ -263,4 +289,73 @@ impl Drop for ControlledRack {
             let _ = t.join();
         }
     }
+}
+
+/// A page moves host 2 → 3 → 2 (home) → 3 while host 1's client writes a counter into it
+/// and reads it back: nothing acknowledged is lost, requests that met a cut-over were
+/// retried (MOVED), and the switch routes the page's /112 to host 3 in the end.
+pub fn migrate_under_writes(o: RackOptions) {
+    let rig = ControlledRack::new(o);
+    let servers = [rig.server(1), rig.server(2)];
+    let mut c = rig.client(12);
+    let p = c.alloc(HostId(2), false).unwrap();
+    let page: Vec<u8> = (0..PAGE_SIZE).map(|i| (i * 7) as u8).collect();
+    c.write(p, 0, &page).unwrap();
+
+    // Host 2 → 3 → 2 (home) → 3, while the client writes a counter and reads it back.
+    let done = Arc::new(AtomicBool::new(false));
+    let mover = {
+        let (ctl, done) = (rig.ctl.clone(), done.clone());
+        let addr = p.to_ipv6().to_string();
+        std::thread::spawn(move || {
+            let mut moves: Vec<Migration> = Vec::new();
+            for to in [3u16, 2, 3] {
+                std::thread::sleep(Duration::from_millis(30));
+                moves
+                    .push(bluebridge_switch::actions::migrate(&ctl, &addr, to).expect("migration"));
+            }
+            std::thread::sleep(Duration::from_millis(30));
+            done.store(true, Ordering::Relaxed);
+            moves
+        })
+    };
+    let mut last = 0u64;
+    while !done.load(Ordering::Relaxed) {
+        last += 1;
+        c.write(p, 0, &last.to_le_bytes())
+            .unwrap_or_else(|e| panic!("write {last}: {e}"));
+        let back = c.read_range(p, 0, 8).unwrap();
+        assert_eq!(
+            u64::from_le_bytes(back.try_into().unwrap()),
+            last,
+            "read after write {last}"
+        );
+    }
+    let moves = mover.join().unwrap();
+    assert_eq!(
+        moves.iter().map(|m| (m.from, m.to)).collect::<Vec<_>>(),
+        [(2, 3), (3, 2), (2, 3)]
+    );
+    // Nothing acknowledged was lost, nothing else changed.
+    let data = c.read(p).unwrap();
+    assert_eq!(u64::from_le_bytes(data[..8].try_into().unwrap()), last);
+    assert_eq!(&data[8..], &page[8..]);
+    let st = c.stats();
+    assert!(
+        st.moved_retries > 0,
+        "requests met a cut-over and were retried: {st:?}"
+    );
+    assert_eq!(st.timeouts, 0);
+    // The switch holds the page's /112 to host 3.
+    let routes = rig.ctl.lock().unwrap().routes().unwrap();
+    let r = routes
+        .iter()
+        .find(|r| r.prefix == format!("{}/112", p.to_ipv6()))
+        .expect("the page's route");
+    assert_eq!(r.port, rig.rack.hosts[2].server_port);
+    // It is host 3's now: freed there, a typed error after.
+    c.free(p).unwrap();
+    assert!(matches!(c.read(p), Err(ClientError::StaleHandle)));
+    eprintln!("{last} writes; migrations: {moves:?}");
+    drop(servers);
 }

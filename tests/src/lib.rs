@@ -384,3 +384,27 @@ pub fn rack_client(rack: &Rack, i: usize, retries: u32) -> Client<AnyTransport> 
     ec.retries = retries;
     Client::new(ec, t)
 }
+
+/// A bare BlueBridge request frame (no payload) from `src` to `dst`, hop limit 1 if
+/// `hop_limit_probe`: for sending raw into a switch.
+pub fn bare_frame(src: Ipv6Addr, dst: Ipv6Addr, hop_limit_probe: bool) -> Vec<u8> {
+    let ep = Endpoints {
+        src_mac: MacAddr([2, 0, 0, 0, 0, 1]),
+        dst_mac: MacAddr([2, 0, 0, 0, 0, 2]),
+        src,
+        dst,
+        src_port: 40000,
+        dst_port: UDP_PORT,
+    };
+    let mut f = vec![0u8; FRAME_OVERHEAD];
+    let h = BbRepr {
+        count: 1,
+        request_id: 99,
+        ..Default::default()
+    };
+    build(&mut f, &ep, &h, &[]).expect("a bare frame");
+    if hop_limit_probe {
+        f[21] = 1;
+    }
+    f
+}

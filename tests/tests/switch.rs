@@ -13,32 +13,10 @@ use bluebridge_proto::{
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bluebridge_switch::{Controller, HostSpec, Migration};
+use bluebridge_switch::{Controller, HostSpec};
 use bluebridge_tests::controlled::{ControlledRack, RackOptions, host_spec};
-use bluebridge_tests::{RackRig, rack_client_addr};
+use bluebridge_tests::{RackRig, bare_frame, rack_client_addr};
 use bluebridge_topology::{Rack, unique};
-
-fn frame(src: std::net::Ipv6Addr, dst: std::net::Ipv6Addr, hop_limit_probe: bool) -> Vec<u8> {
-    let ep = Endpoints {
-        src_mac: MacAddr([2, 0, 0, 0, 0, 1]),
-        dst_mac: MacAddr([2, 0, 0, 0, 0, 2]),
-        src,
-        dst,
-        src_port: 40000,
-        dst_port: UDP_PORT,
-    };
-    let mut f = vec![0u8; FRAME_OVERHEAD];
-    let h = BbRepr {
-        count: 1,
-        request_id: 99,
-        ..Default::default()
-    };
-    build(&mut f, &ep, &h, &[]).unwrap();
-    if hop_limit_probe {
-        f[21] = 1;
-    }
-    f
-}
 
 #[test]
 #[cfg_attr(
@@ -112,7 +90,7 @@ fn pages_travel_through_the_switch_by_longest_prefix_match() {
     );
 
     // A spoofed source (host 7's prefix from host 0's client port) never reaches a server.
-    let spoofed = frame(
+    let spoofed = bare_frame(
         NetPrefix::DEFAULT.host_network(HostId(7)),
         NetPrefix::DEFAULT.host_network(HostId(2)),
         false,
@@ -123,7 +101,7 @@ fn pages_travel_through_the_switch_by_longest_prefix_match() {
     assert_eq!(rig.tor.counters().unwrap().spoofed - s0, 1);
 
     // Not BlueBridge: an IPv6 frame with another UDP port is dropped, never forwarded.
-    let mut other = frame(
+    let mut other = bare_frame(
         rack_client_addr(HostId(1)),
         NetPrefix::DEFAULT.host_network(HostId(2)),
         false,
@@ -160,7 +138,7 @@ fn the_longest_prefix_wins_and_headers_are_rewritten() {
         OpFlags::NONE,
     );
     let src = rack_client_addr(HostId(1));
-    let to_page = frame(src, page.to_ipv6(), false);
+    let to_page = bare_frame(src, page.to_ipv6(), false);
     let (h1, h2) = (rig.rack.hosts[1].clone(), rig.rack.hosts[2].clone());
 
     // The /48 of host 2 (hosts[1]) carries it.
@@ -203,7 +181,7 @@ fn the_longest_prefix_wins_and_headers_are_rewritten() {
     let other = page.with_handle(bluebridge_proto::PageHandle::from_bits(0x9999));
     let (_, out) = rig
         .tor
-        .test_run(&frame(src, other.to_ipv6(), false), ingress)
+        .test_run(&bare_frame(src, other.to_ipv6(), false), ingress)
         .unwrap();
     assert_eq!(&out[0..6], &h1.server_mac);
     // The route table lists what was installed.
@@ -223,7 +201,7 @@ fn the_longest_prefix_wins_and_headers_are_rewritten() {
     let c0 = rig.tor.counters().unwrap();
     assert_eq!(
         rig.tor
-            .test_run(&frame(src, page.to_ipv6(), true), ingress)
+            .test_run(&bare_frame(src, page.to_ipv6(), true), ingress)
             .unwrap()
             .0,
         XdpAction::Drop
@@ -509,73 +487,11 @@ fn migrate_under_writes(kernel: bool) {
 }
 
 fn migrate_under_writes_on(kernel: bool, queues: u32) {
-    let rig = ControlledRack::new(RackOptions {
+    bluebridge_tests::controlled::migrate_under_writes(RackOptions {
         kernel,
         queues,
         ..RackOptions::default()
     });
-    let servers = [rig.server(1), rig.server(2)];
-    let mut c = rig.client(12);
-    let p = c.alloc(HostId(2), false).unwrap();
-    let page: Vec<u8> = (0..PAGE_SIZE).map(|i| (i * 7) as u8).collect();
-    c.write(p, 0, &page).unwrap();
-
-    // Host 2 → 3 → 2 (home) → 3, while the client writes a counter and reads it back.
-    let done = Arc::new(AtomicBool::new(false));
-    let mover = {
-        let (ctl, done) = (rig.ctl.clone(), done.clone());
-        let addr = p.to_ipv6().to_string();
-        std::thread::spawn(move || {
-            let mut moves: Vec<Migration> = Vec::new();
-            for to in [3u16, 2, 3] {
-                std::thread::sleep(Duration::from_millis(30));
-                moves
-                    .push(bluebridge_switch::actions::migrate(&ctl, &addr, to).expect("migration"));
-            }
-            std::thread::sleep(Duration::from_millis(30));
-            done.store(true, Ordering::Relaxed);
-            moves
-        })
-    };
-    let mut last = 0u64;
-    while !done.load(Ordering::Relaxed) {
-        last += 1;
-        c.write(p, 0, &last.to_le_bytes())
-            .unwrap_or_else(|e| panic!("write {last}: {e}"));
-        let back = c.read_range(p, 0, 8).unwrap();
-        assert_eq!(
-            u64::from_le_bytes(back.try_into().unwrap()),
-            last,
-            "read after write {last}"
-        );
-    }
-    let moves = mover.join().unwrap();
-    assert_eq!(
-        moves.iter().map(|m| (m.from, m.to)).collect::<Vec<_>>(),
-        [(2, 3), (3, 2), (2, 3)]
-    );
-    // Nothing acknowledged was lost, nothing else changed.
-    let data = c.read(p).unwrap();
-    assert_eq!(u64::from_le_bytes(data[..8].try_into().unwrap()), last);
-    assert_eq!(&data[8..], &page[8..]);
-    let st = c.stats();
-    assert!(
-        st.moved_retries > 0,
-        "requests met a cut-over and were retried: {st:?}"
-    );
-    assert_eq!(st.timeouts, 0);
-    // The switch holds the page's /112 to host 3.
-    let routes = rig.ctl.lock().unwrap().routes().unwrap();
-    let r = routes
-        .iter()
-        .find(|r| r.prefix == format!("{}/112", p.to_ipv6()))
-        .expect("the page's route");
-    assert_eq!(r.port, rig.rack.hosts[2].server_port);
-    // It is host 3's now: freed there, a typed error after.
-    c.free(p).unwrap();
-    assert!(matches!(c.read(p), Err(ClientError::StaleHandle)));
-    eprintln!("{last} writes; migrations: {moves:?}");
-    drop(servers);
 }
 
 #[test]

@@ -12,10 +12,16 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use nix::sched::{CloneFlags, setns};
 
+mod daemon;
+pub mod frr;
 mod impair;
+mod leafspine;
 mod ndp;
+pub mod ovs;
 mod rack;
+pub use daemon::Daemon;
 pub use impair::{Impairment, Relay, RelayCounters};
+pub use leafspine::{LeafSpine, SPINE_ASN};
 pub use ndp::NdpResponder;
 pub use rack::{Rack, RackHost, rack_client_addr, rack_client_net};
 

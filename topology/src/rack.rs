@@ -28,7 +28,8 @@ pub fn rack_client_addr(id: HostId) -> Ipv6Addr {
 /// One host of a rack.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RackHost {
-    /// BlueBridge host id of its server (1-based: host i of the rack is id i + 1).
+    /// BlueBridge host id of its server (host i of the rack is id i + 1, or i + the rack's
+    /// first id).
     pub host_id: u16,
     /// Its namespace.
     pub ns: String,
@@ -73,9 +74,9 @@ pub struct Rack {
 }
 
 /// `02:bb:<kind>:<i hi>:<i lo>:<side>`: readable in captures. Kind 1 server link, 2 client link,
-/// 3 the controller's link, 4 a relay's ends (side 1 towards the host, 2 towards the switch);
+/// 3 the controller's link, 5 a fabric's uplink (i its rack), 4 a relay's ends (side 1 towards the host, 2 towards the switch);
 /// otherwise side 1 the host end, 2 the switch port.
-fn mac(kind: u8, i: usize, side: u8) -> [u8; 6] {
+pub(crate) fn mac(kind: u8, i: usize, side: u8) -> [u8; 6] {
     [0x02, 0xbb, kind, (i >> 8) as u8, i as u8, side]
 }
 
@@ -172,10 +173,24 @@ impl Rack {
         mtu: u16,
         server_queues: u32,
     ) -> Result<Rack, TopologyError> {
-        if hosts == 0 || hosts > 4000 {
+        Self::create_numbered(name, hosts, mtu, server_queues, 1)
+    }
+
+    /// Like [`Rack::create_multiqueue`], host ids from `first_id` on (racks of one fabric
+    /// number their hosts apart).
+    pub fn create_numbered(
+        name: &str,
+        hosts: usize,
+        mtu: u16,
+        server_queues: u32,
+        first_id: u16,
+    ) -> Result<Rack, TopologyError> {
+        if hosts == 0 || hosts > 4000 || usize::from(first_id) + hosts > 0x7fff || first_id == 0 {
             return Err(TopologyError::Command {
                 cmd: "Rack::create".into(),
-                stderr: format!("{hosts} hosts: a rack has 1 to 4,000"),
+                stderr: format!(
+                    "{hosts} hosts from id {first_id}: a rack has 1 to 4,000, ids 1 to 32766"
+                ),
             });
         }
         let switch_ns = Netns::create(&format!("{name}-sw"))?;
@@ -198,11 +213,13 @@ impl Rack {
         let mut out = Vec::with_capacity(hosts);
         for i in 0..hosts {
             let ns = Netns::create(&format!("{name}-h{i}"))?;
+            // Numbered across the fabric, so every MAC is unique in captures.
+            let g = usize::from(first_id) - 1 + i;
             let mut links = Vec::new();
             for (kind, tag) in [(1u8, 's'), (2u8, 'c')] {
                 let host_if = format!("{name}{tag}{i}");
                 let port = format!("{name}{}{i}", tag.to_ascii_uppercase());
-                let (hmac, pmac) = (mac(kind, i, 1), mac(kind, i, 2));
+                let (hmac, pmac) = (mac(kind, g, 1), mac(kind, g, 2));
                 veth(
                     VethEnd {
                         ns: ns.name(),
@@ -224,7 +241,7 @@ impl Rack {
                 (client_if, client_mac, client_port, client_port_mac),
             ]: [_; 2] = links.try_into().expect("two links");
             out.push(RackHost {
-                host_id: (i + 1) as u16,
+                host_id: first_id + i as u16,
                 ns: ns.name().to_owned(),
                 server_if,
                 server_mac,

@@ -159,6 +159,11 @@ impl ServerProc {
         }
     }
 
+    /// Its process id (the server's own: `ip netns exec` execs it).
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Kills the server as a crash would (SIGKILL: nothing of it runs after).
     pub(crate) fn kill(&mut self) -> Result<()> {
         self.child.kill()?;

@@ -5,6 +5,7 @@
 mod bench;
 mod demo;
 mod dsm;
+mod fabric;
 mod lab;
 mod packages;
 mod rack;
@@ -46,6 +47,13 @@ enum Cmd {
     /// pages on random other hosts for 100 iterations, then one client for 1,000. Reports
     /// completion, errors, latency and switch counters (results/rack*.json). Needs root.
     Rack(rack::RackArgs),
+    /// Two racks on real routing software: each rack's switch an FRR router (the kernel's
+    /// forwarding table as data plane) with hosts around it, a spine FRR router, eBGP between
+    /// them (private AS numbers); the controller (`--backend bgp`) hands every host's routes
+    /// to its rack's router. Runs the rack workload across both racks, migrates a page between
+    /// them under load and withdraws and returns a host's /48, timing each route change as
+    /// seen from the other rack (results/fabric*.json). Needs root.
+    Fabric(fabric::FabricArgs),
     /// Distributed shared memory on a 3-host rack: the clients of all hosts map the same
     /// pages of one server as coherent regions and run the litmus suite (message passing,
     /// store and load buffering, write-write), a lock-protected counter, a parallel job and
@@ -91,6 +99,7 @@ fn main() {
         Cmd::Demo(a) => demo::run(&a),
         Cmd::Bench(a) => bench::run(&a),
         Cmd::Rack(a) => rack::run(&a),
+        Cmd::Fabric(a) => fabric::run(&a),
         Cmd::Dsm(a) => dsm::run(&a),
         Cmd::Ndp { no_packages } => ndp(no_packages),
         Cmd::Test {
@@ -219,6 +228,46 @@ fn test(fuzz_seconds: u64, no_packages: bool) -> Result<()> {
                 "--no-packages",
                 "--out",
                 "target/rack-smoke",
+            ]))
+        },
+    )?;
+    s.run(
+        "Open vSwitch smoke run (cargo xtask rack --backend ovs --hosts 6: the paper's workload and migrations through OpenFlow flows on the userspace datapath)",
+        || {
+            stage::status(cargo().args([
+                "xtask",
+                "rack",
+                "--backend",
+                "ovs",
+                "--hosts",
+                "6",
+                "--iterations",
+                "50",
+                "--single",
+                "100",
+                "--migrations",
+                "20",
+                "--no-packages",
+                "--out",
+                "target/ovs-smoke",
+            ]))
+        },
+    )?;
+    s.run(
+        "fabric smoke run (cargo xtask fabric: 2 racks of 3 hosts on FRR routers and a spine, eBGP; the workload across racks, migrations between them, a host withdrawn and back)",
+        || {
+            stage::status(cargo().args([
+                "xtask",
+                "fabric",
+                "--iterations",
+                "30",
+                "--single",
+                "100",
+                "--migrations",
+                "6",
+                "--no-packages",
+                "--out",
+                "target/fabric-smoke",
             ]))
         },
     )?;

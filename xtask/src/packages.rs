@@ -31,6 +31,14 @@ const REQUIRED: &[(&str, &str)] = &[
         "ethtool",
         "turning off veth checksum offload for the kernel-UDP transport tests",
     ),
+    (
+        "frr",
+        "the BGP fabric's routers (zebra, staticd, bgpd, vtysh): `cargo xtask fabric`",
+    ),
+    (
+        "openvswitch-switch",
+        "the Open vSwitch backend (ovsdb-server, ovs-vswitchd, ovs-ofctl): `cargo xtask rack --backend ovs`",
+    ),
 ];
 
 fn installed(pkg: &str) -> bool {

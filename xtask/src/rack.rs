@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use bluebridge_topology::ovs::OvsSwitch;
 use bluebridge_topology::{Rack, fmt_mac, namespaces_with_prefix};
 
 use crate::lab::{self, ServerProc};
@@ -31,9 +32,10 @@ pub(crate) struct RackArgs {
     /// while the controller moves them between hosts this many times.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     migrations: u32,
-    /// What forwards in the switch namespace: `xdp` (the XDP switch) or `kernel` (its own IPv6
-    /// forwarding table, programmed by the controller over rtnetlink).
-    #[arg(long, default_value = "xdp", value_parser = ["xdp", "kernel"])]
+    /// What forwards in the switch namespace: `xdp` (the XDP switch), `kernel` (its own IPv6
+    /// forwarding table, programmed by the controller over rtnetlink) or `ovs` (an Open
+    /// vSwitch bridge on the userspace datapath, started here, programmed over OpenFlow).
+    #[arg(long, default_value = "xdp", value_parser = ["xdp", "kernel", "ovs"])]
     backend: String,
     /// Skip the controller restart (xdp backend): by default the controller daemon is killed
     /// with SIGKILL while every client works, left dead for 300 ms, and started again; it
@@ -78,6 +80,9 @@ pub(crate) struct RackArgs {
 
 const NAME: &str = "bbrack";
 
+/// The backend `ovs`'s bridge.
+const OVS_BRIDGE: &str = "bbr0";
+
 fn seconds(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v > 0.5 && v <= 3600.0 => Ok(v),
@@ -86,32 +91,46 @@ fn seconds(s: &str) -> Result<f64, String> {
 }
 
 /// The controller daemon; interrupted on drop.
-struct Daemon(Child);
+pub(crate) struct Daemon(Child);
+
+/// Where a controller daemon runs: its namespace, its own interface and the switch port that
+/// interface is cabled to.
+pub(crate) struct DaemonAt<'a> {
+    pub(crate) ns: &'a str,
+    pub(crate) link_if: &'a str,
+    pub(crate) link_port: &'a str,
+}
+
+impl<'a> DaemonAt<'a> {
+    fn rack(rack: &'a Rack) -> Self {
+        DaemonAt {
+            ns: &rack.switch,
+            link_if: &rack.controller_if,
+            link_port: &rack.controller_port,
+        }
+    }
+}
 
 impl Daemon {
-    /// Starts `bluebridge-ctl daemon` in the rack's switch namespace and waits until it
-    /// answers on `socket`; returns it and how long that took.
-    fn start(
+    /// Starts `bluebridge-ctl daemon` in the switch namespace `ns`, its link `link_if` cabled
+    /// to `link_port`, and waits until it answers on `socket`; returns it and how long that
+    /// took.
+    pub(crate) fn start(
         bin: &Path,
-        rack: &Rack,
+        at: &DaemonAt<'_>,
         socket: &Path,
         backend: &str,
         extra: &[String],
     ) -> Result<(Daemon, Duration)> {
         let t = Instant::now();
         let child = Command::new("ip")
-            .args(["netns", "exec", &rack.switch])
+            .args(["netns", "exec", at.ns])
             .arg(bin.join("bluebridge-ctl"))
             .arg("--socket")
             .arg(socket)
             .arg("daemon")
             .args(["--backend", backend])
-            .args([
-                "--link",
-                &rack.controller_if,
-                "--link-port",
-                &rack.controller_port,
-            ])
+            .args(["--link", at.link_if, "--link-port", at.link_port])
             .args(extra)
             .stdout(Stdio::inherit())
             .stderr(Stdio::inherit())
@@ -192,6 +211,8 @@ pub(crate) struct RackLab {
     // namespaces go.
     servers: Vec<Option<ServerProc>>,
     daemon: Option<Daemon>,
+    /// The backend `ovs`'s Open vSwitch, in the switch namespace.
+    pub(crate) ovs: Option<OvsSwitch>,
     pub(crate) rack: Rack,
     pub(crate) socket: PathBuf,
     /// What the daemon is started with besides its link (again on a restart).
@@ -234,14 +255,42 @@ impl RackLab {
             remove_stale_pins(name);
             bluebridge_topology::ensure_pin_base()?;
         }
+        let mut daemon_args = o.daemon_args.clone();
+        let mut ovs = None;
+        if backend == "ovs" {
+            let dir = std::env::temp_dir().join(format!("{name}-ovs-{}", std::process::id()));
+            s.run(
+                &format!(
+                    "Open vSwitch in {}: ovsdb-server, ovs-vswitchd (userspace datapath), bridge {OVS_BRIDGE}, run directory {}",
+                    rack.switch,
+                    dir.display()
+                ),
+                || {
+                    ovs = Some(OvsSwitch::start(&rack.switch, OVS_BRIDGE, &dir)?);
+                    Ok(())
+                },
+            )?;
+            daemon_args.extend([
+                "--ovs-bridge".to_owned(),
+                OVS_BRIDGE.to_owned(),
+                "--ovs-rundir".to_owned(),
+                dir.display().to_string(),
+            ]);
+        }
         let mut daemon = None;
+        let pinned = if backend == "xdp" {
+            format!("; the switch pinned in {}", pin_dir(&socket).display())
+        } else {
+            String::new()
+        };
         s.run(
             &format!(
-                "controller: bluebridge-ctl daemon in the switch namespace ({backend} backend; health checks, placement; the switch pinned in {})",
-                pin_dir(&socket).display()
+                "controller: bluebridge-ctl daemon in the switch namespace ({backend} backend; health checks, placement{pinned})"
             ),
             || {
-                daemon = Some(Daemon::start(bin, &rack, &socket, backend, &o.daemon_args)?.0);
+                daemon = Some(
+                    Daemon::start(bin, &DaemonAt::rack(&rack), &socket, backend, &daemon_args)?.0,
+                );
                 Ok(())
             },
         )?;
@@ -249,47 +298,15 @@ impl RackLab {
             rack,
             socket,
             daemon,
+            ovs,
             servers: Vec::new(),
-            daemon_args: o.daemon_args.clone(),
+            daemon_args,
         };
         // Servers first, so the controller's first health checks find them up.
         s.run(
             &format!("start {hosts} servers (idle mode, 16 MiB arena each)"),
             || {
-                for h in &lab.rack.hosts {
-                    if interrupted.load(Ordering::Relaxed) {
-                        bail!("interrupted");
-                    }
-                    let args: Vec<String> = [
-                        "--iface",
-                        &h.server_if,
-                        "--host-id",
-                        &h.host_id.to_string(),
-                        "--arena",
-                        "16MiB",
-                        "--frames",
-                        "1024",
-                        "--idle",
-                        "--normal-priority",
-                        "--no-hugepages",
-                        "--accept-routed",
-                        "--sessions",
-                        "128",
-                        "--max-owners",
-                        "1024",
-                        "--stats-interval",
-                        "0",
-                    ]
-                    .iter()
-                    .map(|x| (*x).to_owned())
-                    .collect();
-                    lab.servers.push(Some(ServerProc::start_quiet(
-                        &h.ns,
-                        &bin.join("bluebridge-server"),
-                        &args,
-                        interrupted,
-                    )?));
-                }
+                lab.servers = start_servers(&lab.rack.hosts, bin, interrupted)?;
                 Ok(())
             },
         )?;
@@ -297,38 +314,7 @@ impl RackLab {
             &format!("register {hosts} hosts: /48 → server port, client /64 → client port"),
             || {
                 for h in &lab.rack.hosts {
-                    let id = h.host_id.to_string();
-                    let net = format!(
-                        "{}/64",
-                        bluebridge_topology::rack_client_net(bluebridge_proto::HostId(h.host_id))
-                    );
-                    let alone: &[&str] = if o.unreplicated.contains(&h.host_id) {
-                        &["--replicas", "1"]
-                    } else {
-                        &[]
-                    };
-                    stage::status(
-                        ctl(
-                            bin,
-                            &lab.socket,
-                            &[
-                                "register-host",
-                                "--id",
-                                &id,
-                                "--server-port",
-                                &h.server_port,
-                                "--server-mac",
-                                &fmt_mac(h.server_mac),
-                                "--client-port",
-                                &h.client_port,
-                                "--client-mac",
-                                &fmt_mac(h.client_mac),
-                                "--client-net",
-                                &net,
-                            ],
-                        )
-                        .args(alone),
-                    )?;
+                    register(bin, &lab.socket, h, "", o.unreplicated.contains(&h.host_id))?;
                 }
                 Ok(())
             },
@@ -354,6 +340,109 @@ impl RackLab {
         }
         Ok(())
     }
+}
+
+/// Prints the controller's route updates (`route_updates` of `bluebridge-ctl counters`): how
+/// long a batch of changes took to reach the `backend`'s forwarding plane.
+pub(crate) fn print_route_updates(u: &serde_json::Value, backend: &str) {
+    let ms = |k: &str| u[k].as_f64().unwrap_or(0.0) / 1e3;
+    println!(
+        "      route updates ({backend}): {} batches of {} changes, {} refused; per batch p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+        u["batches"],
+        u["changes"],
+        u["failed"],
+        ms("p50_us"),
+        ms("p99_us"),
+        ms("max_us")
+    );
+}
+
+/// Starts a server on every host (idle mode, 16 MiB arena, routed requests accepted).
+pub(crate) fn start_servers(
+    hosts: &[bluebridge_topology::RackHost],
+    bin: &Path,
+    interrupted: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<Vec<Option<ServerProc>>> {
+    let mut out = Vec::new();
+    for h in hosts {
+        if interrupted.load(Ordering::Relaxed) {
+            bail!("interrupted");
+        }
+        let id = h.host_id.to_string();
+        let args: Vec<String> = [
+            "--iface",
+            &h.server_if,
+            "--host-id",
+            &id,
+            "--arena",
+            "16MiB",
+            "--frames",
+            "1024",
+            "--idle",
+            "--normal-priority",
+            "--no-hugepages",
+            "--accept-routed",
+            "--sessions",
+            "128",
+            "--max-owners",
+            "1024",
+            "--stats-interval",
+            "0",
+        ]
+        .iter()
+        .map(|x| (*x).to_owned())
+        .collect();
+        out.push(Some(ServerProc::start_quiet(
+            &h.ns,
+            &bin.join("bluebridge-server"),
+            &args,
+            interrupted,
+        )?));
+    }
+    Ok(out)
+}
+
+/// Registers host `h` with the controller at `socket`: its ports are `<router><port>`
+/// (`router` empty, or `ROUTER/` for the BGP backend's routers); `alone`: without a backup.
+pub(crate) fn register(
+    bin: &Path,
+    socket: &Path,
+    h: &bluebridge_topology::RackHost,
+    router: &str,
+    alone: bool,
+) -> Result<()> {
+    let id = h.host_id.to_string();
+    let net = format!(
+        "{}/64",
+        bluebridge_topology::rack_client_net(bluebridge_proto::HostId(h.host_id))
+    );
+    let (server_port, client_port) = (
+        format!("{router}{}", h.server_port),
+        format!("{router}{}", h.client_port),
+    );
+    let alone: &[&str] = if alone { &["--replicas", "1"] } else { &[] };
+    stage::status(
+        ctl(
+            bin,
+            socket,
+            &[
+                "register-host",
+                "--id",
+                &id,
+                "--server-port",
+                &server_port,
+                "--server-mac",
+                &fmt_mac(h.server_mac),
+                "--client-port",
+                &client_port,
+                "--client-mac",
+                &fmt_mac(h.client_mac),
+                "--client-net",
+                &net,
+            ],
+        )
+        .args(alone),
+    )
 }
 
 pub(crate) fn ctl(bin: &Path, socket: &Path, args: &[&str]) -> Command {
@@ -461,8 +550,30 @@ pub(crate) fn run(a: &RackArgs) -> Result<()> {
         )?;
         let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
         println!("      switch: {}", v["switch"]);
+        print_route_updates(&v["route_updates"], &a.backend);
         Ok(())
     })?;
+    if let Some(ovs) = &lab.ovs {
+        s.run("the bridge's flows (ovs-ofctl dump-flows)", || {
+            let mgmt = format!(
+                "unix:{}",
+                ovs.rundir.join(format!("{}.mgmt", ovs.bridge)).display()
+            );
+            let flows = bluebridge_topology::run(
+                Command::new("ovs-ofctl")
+                    .env("OVS_RUNDIR", &ovs.rundir)
+                    .args(["-O", "OpenFlow15", "dump-flows", &mgmt]),
+            )?;
+            let n = |table: &str| flows.lines().filter(|l| l.contains(table)).count();
+            println!(
+                "      {} flows: {} in table 0 (source filters), {} in table 1 (routes)",
+                n("cookie="),
+                n("table=0,"),
+                n("table=1,")
+            );
+            Ok(())
+        })?;
+    }
     if a.backend == "kernel" {
         s.run("the switch kernel's tables (ip -6 route / neigh)", || {
             let count = |what: &str| -> Result<usize> {
@@ -533,8 +644,14 @@ fn restart_under_load(lab: &mut RackLab, bin: &Path, layout: &Path, iterations: 
     let restarted = crashed.and_then(|()| {
         println!("      controller killed (SIGKILL)");
         std::thread::sleep(Duration::from_millis(300));
-        Daemon::start(bin, &lab.rack, &lab.socket, "xdp", &lab.daemon_args)
-            .map(|(d, up)| (d, up, killed.elapsed()))
+        Daemon::start(
+            bin,
+            &DaemonAt::rack(&lab.rack),
+            &lab.socket,
+            "xdp",
+            &lab.daemon_args,
+        )
+        .map(|(d, up)| (d, up, killed.elapsed()))
     });
     stop.store(true, Ordering::Relaxed);
     let runs = load
