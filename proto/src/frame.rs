@@ -55,11 +55,11 @@ pub enum FrameError {
 
 /// The shard (of `shards`) that must serve the request in `buf`, read from the raw frame
 /// without parsing or checking it: the shard field of the destination's page handle, or for
-/// MIGRATE_IN (a host operation) that of the migrating page's original handle in the `lease`
-/// field, and for OWNERS and RECLAIM the shard their `lease` field selects. `None` for other
-/// host operations and for anything too short to say: whichever shard receives those serves
-/// them (and drops what is malformed). A worker calls this for every
-/// frame it receives, so it costs a few loads.
+/// MIGRATE_IN (a host operation) and a MIGRATE_OUT sent to the holder's host address that of
+/// the migrating page's original handle in the `lease` field, and for OWNERS and RECLAIM the
+/// shard their `lease` field selects. `None` for other host operations and for anything too
+/// short to say: whichever shard receives those serves them (and drops what is malformed). A
+/// worker calls this for every frame it receives, so it costs a few loads.
 pub fn request_shard(buf: &[u8], shards: usize) -> Option<usize> {
     let dst = ethernet::HEADER_LEN + ipv6::field::DST.start;
     let handle =
@@ -71,7 +71,10 @@ pub fn request_shard(buf: &[u8], shards: usize) -> Option<usize> {
     let op = crate::Opcode(*buf.get(dst + crate::addr::field::OPCODE)?);
     if !matches!(
         op,
-        crate::Opcode::MIGRATE_IN | crate::Opcode::OWNERS | crate::Opcode::RECLAIM
+        crate::Opcode::MIGRATE_IN
+            | crate::Opcode::MIGRATE_OUT
+            | crate::Opcode::OWNERS
+            | crate::Opcode::RECLAIM
     ) {
         return None;
     }

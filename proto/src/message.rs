@@ -151,14 +151,16 @@ impl<'a> Request<'a> {
         if h.seg_max != 0 && h.seg_max < MIN_SEG_MAX {
             return Err(RequestError::Malformed("seg_max below the minimum"));
         }
+        // MIGRATE_OUT to a host's address names the page by `count` and `lease` (§5.14).
+        let to_holder = op == Opcode::MIGRATE_OUT && target.handle().is_none();
         if op.is_host_op() {
             if !target.handle().is_none() {
                 return Err(RequestError::Malformed("host operation with a page handle"));
             }
-        } else if target.handle().is_none() {
+        } else if target.handle().is_none() && !to_holder {
             return Err(RequestError::NoHandle);
         }
-        if !op.is_bulk() && op != Opcode::MIGRATE_IN && h.count != 1 {
+        if !op.is_bulk() && op != Opcode::MIGRATE_IN && !to_holder && h.count != 1 {
             return Err(RequestError::Malformed("count must be 1"));
         }
         if op.takes_no_range() && (h.offset, h.length) != (0, 0) {
@@ -235,6 +237,11 @@ impl<'a> Request<'a> {
                 if (h.offset, h.length) != (0, PAGE_SIZE as u16) {
                     return Err(RequestError::Malformed("MIGRATE_OUT takes the whole page"));
                 }
+                if to_holder && names_no_page(&h) {
+                    return Err(RequestError::Malformed(
+                        "MIGRATE_OUT to a host needs the page's original host and handle",
+                    ));
+                }
                 empty(true)?
             }
             Opcode::MIGRATE_IN => {
@@ -243,7 +250,7 @@ impl<'a> Request<'a> {
                         "MIGRATE_IN carries the whole page in one frame",
                     ));
                 }
-                if h.lease == 0 || h.count == 0 || h.count == 0xffff {
+                if names_no_page(&h) {
                     return Err(RequestError::Malformed(
                         "MIGRATE_IN needs the page's original host and handle",
                     ));
@@ -469,6 +476,12 @@ impl<'a> WriteEntries<'a> {
             Some(e)
         })
     }
+}
+
+/// Whether a MIGRATE_IN, or a MIGRATE_OUT sent to the holder's host address, fails to name a
+/// page by its original host (`count`) and handle (`lease`).
+fn names_no_page(h: &BbRepr) -> bool {
+    h.lease == 0 || h.count == 0 || h.count == 0xffff
 }
 
 fn split_entry(b: &[u8]) -> Option<(WriteEntry<'_>, &[u8])> {
@@ -1027,6 +1040,47 @@ mod tests {
         assert_eq!(
             check(Opcode::WRITE, 5, two, &[0; 8]),
             Err(RequestError::Malformed("count must be 1"))
+        );
+    }
+
+    /// §5.14: MIGRATE_OUT to a page's address, or to its holder's host address naming the
+    /// page by its original host and handle.
+    #[test]
+    fn migrate_out_goes_to_a_page_or_to_its_holder() {
+        let whole = hdr(0, 4096);
+        let named = BbRepr {
+            count: 3,
+            lease: 5,
+            ..whole
+        };
+        assert_eq!(check(Opcode::MIGRATE_OUT, 5, whole, &[]), Ok(Body::Empty));
+        assert_eq!(check(Opcode::MIGRATE_OUT, 0, named, &[]), Ok(Body::Empty));
+        let nameless = Err(RequestError::Malformed(
+            "MIGRATE_OUT to a host needs the page's original host and handle",
+        ));
+        for h in [
+            whole,
+            BbRepr { lease: 0, ..named },
+            BbRepr { count: 0, ..named },
+            BbRepr {
+                count: 0xffff,
+                ..named
+            },
+        ] {
+            assert_eq!(check(Opcode::MIGRATE_OUT, 0, h, &[]), nameless, "{h:?}");
+        }
+        // The page form keeps count 1; either form takes the whole page and no payload.
+        assert_eq!(
+            check(Opcode::MIGRATE_OUT, 5, named, &[]),
+            Err(RequestError::Malformed("count must be 1"))
+        );
+        assert_eq!(
+            check(Opcode::MIGRATE_OUT, 0, BbRepr { length: 8, ..named }, &[]),
+            Err(RequestError::Malformed("MIGRATE_OUT takes the whole page"))
+        );
+        assert_eq!(
+            check(Opcode::MIGRATE_OUT, 0, named, &[1]),
+            Err(RequestError::Malformed("unexpected payload"))
         );
     }
 

@@ -1114,12 +1114,18 @@ impl Handler {
     /// The slot `handle` names on the host the request is addressed to (ours, or an adopted
     /// page's original host), moved or not.
     fn resolve_addressed(&self, handle: PageHandle) -> Result<PageIdx, Status> {
-        let local = if self.addressed == self.cfg.host {
+        self.resolve_original(self.addressed.0, handle)
+    }
+
+    /// The slot of the page whose original host and handle are `host` and `handle`: one of
+    /// ours, or one adopted here; moved or not.
+    fn resolve_original(&self, host: u16, handle: PageHandle) -> Result<PageIdx, Status> {
+        let local = if host == self.cfg.host.0 {
             handle
         } else {
             *self
                 .adopted
-                .get(&(self.addressed.0, handle.to_bits()))
+                .get(&(host, handle.to_bits()))
                 .ok_or(Status::INVALID_HANDLE)?
         };
         self.store.resolve(local)
@@ -1165,17 +1171,34 @@ impl Handler {
     }
 
     /// MIGRATE_OUT: freeze the page (MOVED from now on) and send it with its owner and flags.
+    /// Sent to the page's address, or to this host's address naming the page by its original
+    /// host (`count`) and handle (`lease`): the form a controller uses while a fabric's routes
+    /// may still lead the page's address to a former, frozen holder (§5.14).
     fn migrate_out(&mut self, req: &Request<'_>, now_ns: u64, sink: &mut impl FrameSink) {
         let target = req.target;
         let base = Self::reply_header(&req.header, Status::OK);
         if !self.sent_by_controller(req) {
             return self.reply_status(req, target, base, Status::FORBIDDEN, sink);
         }
-        let p = match self.resolve_addressed(target.handle()) {
+        let (page, p) = if target.handle().is_none() {
+            let h = &req.header;
+            let original = PageHandle::from_bits(h.lease);
+            let page = RemoteAddr::new(
+                self.cfg.prefix,
+                HostId(h.count),
+                original,
+                Opcode::MIGRATE_OUT,
+                OpFlags::NONE,
+            );
+            (page, self.resolve_original(h.count, original))
+        } else {
+            (target, self.resolve_addressed(target.handle()))
+        };
+        let p = match p {
             Ok(p) => p,
             Err(st) => return self.reply_status(req, target, base, st, sink),
         };
-        if self.store.lease_slot(p) != 0 || self.revoke_for_migration(target, p, now_ns, sink) {
+        if self.store.lease_slot(p) != 0 || self.revoke_for_migration(page, p, now_ns, sink) {
             // Someone is mid-update, or holds a copy (told to give it up): the controller tries
             // again later.
             return self.reply_status(req, target, base, Status::LEASE_HELD, sink);

@@ -969,6 +969,47 @@ fn pages_migrate_out_and_in_only_for_the_controller() {
     b.client = "fd00:bb:9::9".parse().unwrap();
     let f = b.frame_to(page_addr, hdr(0, 8), &[]);
     assert_eq!(b.raw(&f)[0].h.status, Status::FORBIDDEN);
+
+    // The holder form: MIGRATE_OUT to host 3's own address names the page by its original
+    // host and handle, so it reaches host 3 however the page's address is routed meanwhile.
+    let mut newest = data.clone();
+    newest[..4].copy_from_slice(b"host");
+    b.client = user;
+    let write = page_addr.with_op(Opcode::WRITE, OpFlags::NONE);
+    let f = b.frame_to(write, hdr(0, 4), &newest[..4]);
+    assert_eq!(b.raw(&f)[0].h.status, Status::OK);
+    let holder = RemoteAddr::host_op(NetPrefix::DEFAULT, HostId(3), Opcode::MIGRATE_OUT);
+    let named = |count: u16, lease: u64| BbRepr {
+        count,
+        lease,
+        ..hdr(0, 4096)
+    };
+    let f = b.frame_to(holder, named(HOST.0, p.to_bits()), &[]);
+    assert_eq!(
+        b.raw(&f)[0].h.status,
+        Status::FORBIDDEN,
+        "not the controller"
+    );
+    b.client = controller;
+    for (count, lease) in [(HOST.0, p.to_bits() ^ 1), (7, p.to_bits())] {
+        let f = b.frame_to(holder, named(count, lease), &[]);
+        assert_eq!(b.raw(&f)[0].h.status, Status::INVALID_HANDLE, "not here");
+    }
+    let f = b.frame_to(holder, named(HOST.0, p.to_bits()), &[]);
+    let r = b.raw(&f);
+    assert_eq!(r.len(), 1);
+    assert_eq!((r[0].h.status, r[0].src), (Status::OK, holder));
+    assert_eq!(
+        r[0].payload, newest,
+        "the holder's copy, with the last write"
+    );
+    assert_eq!(
+        (r[0].h.operand0, r[0].h.operand1),
+        (out.h.operand0, out.h.operand1)
+    );
+    b.client = user;
+    let f = b.frame_to(write, hdr(0, 4), b"late");
+    assert_eq!(b.raw(&f)[0].h.status, Status::MOVED, "frozen at host 3 too");
     // Coming home: host 2 takes it back and answers again.
     a.client = controller;
     let h = BbRepr {
@@ -1117,6 +1158,18 @@ fn a_migrated_page_lands_on_the_shard_its_address_names() {
     assert_eq!(r.len(), 1);
     assert_eq!((r[0].h.status, r[0].src), (Status::OK, addr));
     assert_eq!(r[0].payload, data);
+    // So is a MIGRATE_OUT sent to host 3's own address naming the page.
+    shards[1].client = controller;
+    let out = BbRepr {
+        count: HOST.0,
+        lease: original.to_bits(),
+        ..hdr(0, 4096)
+    };
+    let holder = RemoteAddr::host_op(NetPrefix::DEFAULT, HostId(3), Opcode::MIGRATE_OUT);
+    let f = shards[1].frame_to(holder, out, &[]);
+    assert_eq!(request_shard(&f, 2), Some(1));
+    let r = shards[1].raw(&f);
+    assert_eq!((r[0].h.status, &r[0].payload), (Status::OK, &data));
     // The STAT of either shard sums both.
     assert_eq!(shards[0].handler.stat_record(0).pages_used, 1);
     assert_eq!(shards[0].handler.stat_record(0).shards, 2);

@@ -350,11 +350,17 @@ fn copy(
             }
         }
     };
-    let out = call(
-        c,
-        Request::new(Opcode::MIGRATE_OUT, plan.page).range(0, PAGE_SIZE as u16),
+    // Sent to the holder's own address, naming the page: the page's address leads wherever the
+    // fabric routes it, and on a BGP fabric that can still be a former holder whose frozen
+    // (older) copy would be taken for the page while the real holder stayed live.
+    let mut freeze = Request::new(
+        Opcode::MIGRATE_OUT,
+        RemoteAddr::host_op(plan.prefix, HostId(plan.from), Opcode::MIGRATE_OUT),
     )
-    .map_err(|e| fail("MIGRATE_OUT", e))?;
+    .range(0, PAGE_SIZE as u16);
+    freeze.count = plan.home;
+    freeze.lease = plan.page.handle().to_bits();
+    let out = call(c, freeze).map_err(|e| fail("MIGRATE_OUT", e))?;
     let t1 = std::time::Instant::now();
     let adopt = |c: &mut Client<AnyTransport>, host: u16| {
         let mut r = Request::new(

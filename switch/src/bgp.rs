@@ -230,6 +230,9 @@ impl Fabric for BgpFabric {
     }
 
     fn add_route(&mut self, net: Ipv6Addr, len: u8, r: Route) -> Result<(), CtlError> {
+        if !r.reject {
+            self.neighbour(r.ifindex, r.dst_mac)?;
+        }
         let same = |o: &Route| o.ifindex == r.ifindex && o.reject == r.reject;
         if let Some(old) = self.routes.get(&(net, len)).copied() {
             if same(&old) {
@@ -238,9 +241,6 @@ impl Fabric for BgpFabric {
             }
             let cmd = self.command(net, len, &old, true)?;
             self.queue(old.ifindex, cmd)?;
-        }
-        if !r.reject {
-            self.neighbour(r.ifindex, r.dst_mac)?;
         }
         let cmd = self.command(net, len, &r, false)?;
         self.queue(r.ifindex, cmd)?;

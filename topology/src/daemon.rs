@@ -88,6 +88,38 @@ impl Drop for Daemon {
     }
 }
 
+/// Kills what an earlier run that died without cleaning up left running from `dir`: every
+/// process named in a `*.pid` file there whose command line still names that file's daemon
+/// (so a reused pid is spared).
+pub(crate) fn kill_stale(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        let (Some(daemon), Some("pid")) = (
+            path.file_stem().and_then(|s| s.to_str()),
+            path.extension().and_then(|s| s.to_str()),
+        ) else {
+            continue;
+        };
+        let Some(pid) = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| t.trim().parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if pid > 1 && String::from_utf8_lossy(&cmdline).contains(daemon) {
+            tracing::warn!(daemon, pid, dir = %dir.display(), "killing a daemon left by an earlier run");
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
 /// Waits until `ready` holds (every 10 ms, `timeout` at most), checking `daemons` are alive.
 pub(crate) fn wait_for(
     what: &str,

@@ -70,6 +70,7 @@ impl FrrRouter {
             "net.ipv6.conf.all.forwarding=1",
         ]))?;
         let dir = PathBuf::from("/var/run/frr").join(ns);
+        crate::daemon::kill_stale(&dir);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)
             .map_err(|e| failed(format!("creating {}", dir.display()), e.to_string()))?;

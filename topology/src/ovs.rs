@@ -26,8 +26,8 @@ pub struct OvsSwitch {
 }
 
 impl OvsSwitch {
-    /// Starts the daemons in namespace `ns` with run directory `rundir` (created; must not
-    /// hold a running switch) and adds `bridge` with `datapath_type=netdev` and
+    /// Starts the daemons in namespace `ns` with run directory `rundir` (created; daemons an
+    /// earlier run left there are killed) and adds `bridge` with `datapath_type=netdev` and
     /// `fail-mode=secure` (no flows: nothing forwards until a controller installs some).
     pub fn start(ns: &str, bridge: &str, rundir: &Path) -> Result<OvsSwitch, TopologyError> {
         let failed = |what: &str, e: String| TopologyError::Command {
@@ -40,6 +40,7 @@ impl OvsSwitch {
                 format!("{SCHEMA} missing: install openvswitch-switch"),
             ));
         }
+        crate::daemon::kill_stale(rundir);
         let _ = std::fs::remove_dir_all(rundir);
         std::fs::create_dir_all(rundir)
             .map_err(|e| failed("creating the OVS run directory", e.to_string()))?;

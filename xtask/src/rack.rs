@@ -258,7 +258,7 @@ impl RackLab {
         let mut daemon_args = o.daemon_args.clone();
         let mut ovs = None;
         if backend == "ovs" {
-            let dir = std::env::temp_dir().join(format!("{name}-ovs-{}", std::process::id()));
+            let dir = std::env::temp_dir().join(format!("{name}-ovs"));
             s.run(
                 &format!(
                     "Open vSwitch in {}: ovsdb-server, ovs-vswitchd (userspace datapath), bridge {OVS_BRIDGE}, run directory {}",
