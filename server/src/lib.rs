@@ -20,6 +20,7 @@ pub mod handoff;
 pub mod keyed;
 pub mod lease;
 pub mod liveness;
+mod metrics;
 pub mod replication;
 pub mod runtime;
 pub mod session;

@@ -141,6 +141,11 @@ struct Args {
     /// Seconds between stats lines (0: none; at most 86400).
     #[arg(long, default_value_t = 1.0, value_parser = bluebridge_xsk::cli::seconds)]
     stats_interval: f64,
+    /// Serve Prometheus metrics over HTTP at ADDR:PORT, path /metrics (e.g. 127.0.0.1:9464 or
+    /// [::]:9464): requests by opcode, replies by status, drops by reason, pages, leases,
+    /// XDP steering and socket counters. Read on each scrape without stopping a worker.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 fn parse_frames(s: &str) -> Result<u32, String> {
@@ -218,6 +223,7 @@ fn main() -> Result<()> {
         orphan_grace_ms: a.orphan_grace_ms,
         copy_lease_ms: a.copy_lease_ms,
         accept_routed: a.accept_routed,
+        metrics: a.metrics,
     };
     let stop = Arc::new(AtomicBool::new(false));
     bluebridge_xsk::cli::stop_on_signals(&stop).context("installing signal handlers")?;
@@ -246,6 +252,9 @@ fn main() -> Result<()> {
         i.overhead_bytes as f64 / 1048576.0,
         i.umem_bytes as f64 / 1048576.0,
     );
+    if let Some(m) = server.metrics_addr() {
+        println!("bluebridge-server: Prometheus metrics at http://{m}/metrics");
+    }
     let interval = Duration::from_secs_f64(a.stats_interval);
     let started = Instant::now();
     let mut last = server.stats();

@@ -116,6 +116,9 @@ pub struct ServerConfig {
     /// whole deployment prefix), so pages migrated here from other hosts are served. Without
     /// it only this host's /48 (and the any-server /48) is steered.
     pub accept_routed: bool,
+    /// Serve Prometheus metrics over HTTP at this address (`/metrics`; port 0: any free
+    /// port, see [`Server::metrics_addr`]), bound before anything is attached.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl ServerConfig {
@@ -151,6 +154,7 @@ impl ServerConfig {
             orphan_grace_ms: crate::handler::DEFAULT_GRACE_MS,
             copy_lease_ms: crate::coherence::DEFAULT_COPY_LEASE_MS,
             accept_routed: false,
+            metrics: None,
         }
     }
 }
@@ -173,6 +177,9 @@ pub enum StartError {
     /// The interface could not be read.
     #[error(transparent)]
     Link(#[from] bluebridge_xsk::LinkError),
+    /// The metrics address could not be bound.
+    #[error(transparent)]
+    Metrics(#[from] bluebridge_metrics::MetricsError),
 }
 
 /// The sockets workers serve.
@@ -199,7 +206,9 @@ pub struct ServerStats {
 /// A running server. Dropping it (or [`Server::stop`]) stops the workers and detaches XDP.
 #[derive(Debug)]
 pub struct Server {
-    steer: Option<Steer>,
+    /// `--metrics`: stopped before anything else goes.
+    metrics: Option<bluebridge_metrics::Exporter>,
+    steer: Option<Arc<Steer>>,
     /// Removed when the server goes (after the workers stop).
     flow_rules: Option<bluebridge_xsk::FlowRules>,
     counters: Arc<HostCounters>,
@@ -305,6 +314,10 @@ impl Server {
                 "host id 0xffff is reserved for anycast".into(),
             ));
         }
+        let listener = cfg
+            .metrics
+            .map(bluebridge_metrics::Listener::bind)
+            .transpose()?;
         let mtu = bluebridge_xsk::link_mtu(&cfg.ifname)?;
         if mtu < bluebridge_proto::MIN_MTU {
             return Err(StartError::Config(format!(
@@ -540,7 +553,17 @@ impl Server {
             ifname = %cfg.ifname, host = %cfg.host, prefix = %cfg.prefix, ?attach, ?backing, pages,
             multi_buffer, frame_data, mtu, shards, "serving"
         );
+        let steer = steer.map(Arc::new);
+        let metrics = listener.map(|l| {
+            l.serve(bluebridge_metrics::registry_of(
+                crate::metrics::ServerCollector {
+                    counters: counters.clone(),
+                    steer: steer.clone(),
+                },
+            ))
+        });
         Ok(Server {
+            metrics,
             steer,
             flow_rules,
             counters,
@@ -558,22 +581,14 @@ impl Server {
     /// A snapshot of every counter, read without stopping any worker (each counter is
     /// current; they are not one atomic picture).
     pub fn stats(&self) -> ServerStats {
-        let shards: Vec<Stats> = (0..self.counters.len())
-            .map(|i| self.counters.shard(i).snapshot())
-            .collect();
-        let mut handler = Stats::default();
-        shards.iter().for_each(|s| handler.add(s));
-        ServerStats {
-            pages_used: handler.pages_used as u32,
-            handler,
-            shards,
-            xsk: self.counters.xsk_total(),
-            steer: self
-                .steer
-                .as_ref()
-                .and_then(|s| s.counters().ok())
-                .unwrap_or_default(),
-        }
+        snapshot(&self.counters, self.steer.as_deref())
+    }
+
+    /// Where `--metrics` serves, if it does.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics
+            .as_ref()
+            .map(bluebridge_metrics::Exporter::local_addr)
     }
 
     /// Whether every worker is still running.
@@ -588,6 +603,9 @@ impl Server {
     }
 
     fn shutdown(&mut self) {
+        // The exporter first: its collector holds the steering program, which detaches when
+        // the last holder lets go.
+        drop(self.metrics.take());
         self.stop.store(true, Ordering::Relaxed);
         for w in self.workers.drain(..) {
             if w.join().is_err() {
@@ -596,6 +614,23 @@ impl Server {
         }
         // The NIC's rules go with the workers they steered to.
         drop(self.flow_rules.take());
+    }
+}
+
+/// The server's counters now: the shards' (each read without stopping its worker), their
+/// sum, the sockets' and the steering program's.
+pub(crate) fn snapshot(counters: &HostCounters, steer: Option<&Steer>) -> ServerStats {
+    let shards: Vec<Stats> = (0..counters.len())
+        .map(|i| counters.shard(i).snapshot())
+        .collect();
+    let mut handler = Stats::default();
+    shards.iter().for_each(|s| handler.add(s));
+    ServerStats {
+        pages_used: handler.pages_used as u32,
+        handler,
+        shards,
+        xsk: counters.xsk_total(),
+        steer: steer.and_then(|s| s.counters().ok()).unwrap_or_default(),
     }
 }
 

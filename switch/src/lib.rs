@@ -11,6 +11,7 @@ mod adopt;
 pub mod api;
 pub mod bgp;
 pub mod fabric;
+pub mod metrics;
 pub mod ovs;
 mod replication;
 mod supervise;
@@ -180,6 +181,12 @@ pub struct Counters {
     /// Route changes and how long they took to reach the forwarding plane.
     #[serde(default)]
     pub route_updates: RouteUpdates,
+    /// Page migrations finished.
+    #[serde(default)]
+    pub migrations: u64,
+    /// Page migrations given up (the page stayed, or went back, where it was).
+    #[serde(default)]
+    pub migrations_abandoned: u64,
 }
 
 /// A page that received many requests.
@@ -227,6 +234,8 @@ pub struct Controller {
     replicas: u8,
     /// The failovers done, newest last.
     failovers: Vec<FailoverReport>,
+    /// Migrations finished, and given up.
+    migrations: (u64, u64),
     /// How fast a new backup gets its copy of a host's pages, bytes/s (0: the servers'
     /// default).
     copy_rate: u64,
@@ -393,6 +402,7 @@ impl Controller {
             settling: false,
             replicas: 1,
             failovers: Vec::new(),
+            migrations: (0, 0),
             copy_rate: 0,
             stalled_rounds: 0,
             health_interval: None,
@@ -626,12 +636,14 @@ impl Controller {
     /// A planned migration's copy failed: the page is free to migrate again.
     pub(crate) fn abandon_migration(&mut self, plan: &MigrationPlan) {
         self.migrating.remove(&plan.key);
+        self.migrations.1 += 1;
     }
 
     /// A planned migration's page is at `plan.to` now: the switch routes its /112 there (or
     /// drops that route when it came home) and lets the new holder send from its address.
     pub(crate) fn finish_migration(&mut self, plan: &MigrationPlan) -> Result<(), CtlError> {
         self.migrating.remove(&plan.key);
+        self.migrations.0 += 1;
         let (key, home, from, to) = (plan.key, plan.home, plan.from, plan.to);
         let dest = self
             .holder_link(to)
@@ -991,6 +1003,8 @@ impl Controller {
             invalidations: self.invalidations,
             hosts,
             route_updates: self.fabric.updates(),
+            migrations: self.migrations.0,
+            migrations_abandoned: self.migrations.1,
         })
     }
 

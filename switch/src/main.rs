@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use bluebridge_proto::NetPrefix;
 use bluebridge_switch::api::{self, Request};
 use bluebridge_switch::bgp::BgpFabric;
+use bluebridge_switch::metrics::ControllerCollector;
 use bluebridge_switch::ovs::OvsFabric;
 use bluebridge_switch::{
     Controller, Counters, FailoverReport, HostSpec, HostStatus, HotPage, LinkSpec, Migration,
@@ -120,6 +121,12 @@ enum Cmd {
         /// upgrade of the controller) instead of detaching it and removing its pins.
         #[arg(long, conflicts_with = "no_pin")]
         keep_switch: bool,
+        /// Serve Prometheus metrics over HTTP at ADDR:PORT, path /metrics (e.g.
+        /// 127.0.0.1:9465): the switch's verdicts, per-host route and port counters, host
+        /// health, migrations, failovers, route-update latency. In the namespace the daemon
+        /// runs in.
+        #[arg(long, value_name = "ADDR:PORT")]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Is the daemon there?
     Ping,
@@ -261,7 +268,12 @@ fn main() -> Result<()> {
             pin_dir,
             no_pin,
             keep_switch,
+            metrics,
         } => {
+            // Bound first: a taken address is one line, before anything is attached.
+            let listener = metrics
+                .map(bluebridge_metrics::Listener::bind)
+                .transpose()?;
             let stop = Arc::new(AtomicBool::new(false));
             for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
                 signal_hook::flag::register(sig, stop.clone())?;
@@ -334,6 +346,17 @@ fn main() -> Result<()> {
                 _ => false,
             };
             let ctl = Arc::new(Mutex::new(ctl));
+            let exporter = listener.map(|l| {
+                l.serve(bluebridge_metrics::registry_of(ControllerCollector::new(
+                    ctl.clone(),
+                )))
+            });
+            if let Some(e) = &exporter {
+                println!(
+                    "bluebridge-ctl: Prometheus metrics at http://{}/metrics",
+                    e.local_addr()
+                );
+            }
             let supervisor = linked.then(|| {
                 let (ctl, stop) = (ctl.clone(), stop.clone());
                 let cfg = SuperviseConfig {
@@ -357,6 +380,7 @@ fn main() -> Result<()> {
             if let Some(s) = supervisor {
                 let _ = s.join();
             }
+            drop(exporter);
             if keep_switch {
                 if let Ok(mut c) = ctl.lock() {
                     c.keep_forwarding();
