@@ -164,19 +164,21 @@ impl ControlledRack {
 
     /// A server on host index `i` (accepting what the switch routes to it).
     pub fn server(&self, i: usize) -> Server {
+        start_server(&self.rack.hosts[i].ns, &self.server_config(i))
+    }
+
+    /// How [`ControlledRack::server`] configures host `i`'s server.
+    pub fn server_config(&self, i: usize) -> ServerConfig {
         let h = &self.rack.hosts[i];
-        start_server(
-            &h.ns,
-            &ServerConfig {
-                arena_bytes: 16 << 20,
-                idle: true,
-                sched_idle: false,
-                hugepages: false,
-                accept_routed: true,
-                queues: (0..self.opts.queues).collect(),
-                ..ServerConfig::new(&h.server_if, HostId(h.host_id))
-            },
-        )
+        ServerConfig {
+            arena_bytes: 16 << 20,
+            idle: true,
+            sched_idle: false,
+            hugepages: false,
+            accept_routed: true,
+            queues: (0..self.opts.queues).collect(),
+            ..ServerConfig::new(&h.server_if, HostId(h.host_id))
+        }
     }
 
     /// The first host's client (the calling thread moves into its namespace).

@@ -10,16 +10,16 @@ use std::time::Duration;
 
 use bluebridge_metrics::{Listener, registry_of, scrape};
 use bluebridge_proto::HostId;
-use bluebridge_server::{Server, ServerConfig};
+use bluebridge_server::ServerConfig;
 use bluebridge_switch::metrics::ControllerCollector;
 use bluebridge_tests::controlled::{ControlledRack, RackOptions};
 use bluebridge_tests::start_server;
-use bluebridge_topology::ip_in;
 
 const SERVER_METRICS: &str = "127.0.0.1:9464";
 const CTL_METRICS: &str = "127.0.0.1:9465";
 
-/// Runs `f` on a thread inside namespace `ns`.
+/// Runs `f` on a thread inside namespace `ns` (whose loopback is up, as in every namespace
+/// the topology makes).
 fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     let ns = ns.to_owned();
     std::thread::spawn(move || {
@@ -40,22 +40,6 @@ fn v(m: &BTreeMap<String, f64>, series: &str) -> u64 {
     m.get(series).copied().unwrap_or(0.0) as u64
 }
 
-fn server_on(rig: &ControlledRack, i: usize, metrics: Option<&str>) -> Server {
-    let h = &rig.rack.hosts[i];
-    start_server(
-        &h.ns,
-        &ServerConfig {
-            arena_bytes: 16 << 20,
-            idle: true,
-            sched_idle: false,
-            hugepages: false,
-            accept_routed: true,
-            metrics: metrics.map(|a| a.parse().unwrap()),
-            ..ServerConfig::new(&h.server_if, HostId(h.host_id))
-        },
-    )
-}
-
 #[test]
 #[cfg_attr(
     unprivileged,
@@ -67,12 +51,15 @@ fn the_server_and_the_controller_count_what_the_client_did() {
         ..RackOptions::default()
     });
     let (h1, h2) = (&rig.rack.hosts[1], &rig.rack.hosts[2]);
-    for ns in [&h1.ns, &rig.rack.switch] {
-        ip_in(ns, &["link", "set", "lo", "up"]).unwrap();
-    }
-    let server = server_on(&rig, 1, Some(SERVER_METRICS));
+    let server = start_server(
+        &h1.ns,
+        &ServerConfig {
+            metrics: Some(SERVER_METRICS.parse().unwrap()),
+            ..rig.server_config(1)
+        },
+    );
     assert_eq!(server.metrics_addr(), Some(SERVER_METRICS.parse().unwrap()));
-    let _other = server_on(&rig, 2, None);
+    let _other = rig.server(2);
     // The controller's exporter, as `bluebridge-ctl daemon --metrics` starts it.
     let exporter = {
         let ctl = rig.ctl.clone();

@@ -3,6 +3,7 @@
 //! paper's 42-host experiment: every client allocates, writes, reads back and frees pages on
 //! random other hosts, all at once for 100 iterations, then one client alone for 1,000.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -79,6 +80,10 @@ pub(crate) struct RackArgs {
 }
 
 const NAME: &str = "bbrack";
+/// Where every server serves its Prometheus metrics, on its namespace's loopback.
+pub(crate) const SERVER_METRICS: &str = "127.0.0.1:9464";
+/// ... and the controller, on the switch namespace's.
+pub(crate) const CTL_METRICS: &str = "127.0.0.1:9465";
 
 /// The backend `ovs`'s bridge.
 const OVS_BRIDGE: &str = "bbr0";
@@ -131,6 +136,7 @@ impl Daemon {
             .arg("daemon")
             .args(["--backend", backend])
             .args(["--link", at.link_if, "--link-port", at.link_port])
+            .args(["--metrics", CTL_METRICS])
             .args(extra)
             .stdout(Stdio::inherit())
             .stderr(Stdio::inherit())
@@ -388,6 +394,8 @@ pub(crate) fn start_servers(
             "1024",
             "--stats-interval",
             "0",
+            "--metrics",
+            SERVER_METRICS,
         ]
         .iter()
         .map(|x| (*x).to_owned())
@@ -553,6 +561,10 @@ pub(crate) fn run(a: &RackArgs) -> Result<()> {
         print_route_updates(&v["route_updates"], &a.backend);
         Ok(())
     })?;
+    s.run(
+        "Prometheus metrics: GET /metrics from every server (--metrics) and the controller",
+        || scrape_all(&lab, &a.backend),
+    )?;
     if let Some(ovs) = &lab.ovs {
         s.run("the bridge's flows (ovs-ofctl dump-flows)", || {
             let mgmt = format!(
@@ -789,6 +801,79 @@ fn kill_primary(
     let errors = r["client_errors"].as_u64().unwrap_or(u64::MAX);
     if errors > 0 {
         bail!("{errors} client errors across the failover");
+    }
+    Ok(())
+}
+
+/// `GET http://ADDR/metrics` from inside namespace `ns`, parsed.
+fn scrape_in(ns: &str, addr: &str) -> Result<BTreeMap<String, f64>> {
+    let (ns, addr) = (ns.to_owned(), addr.parse()?);
+    std::thread::spawn(move || -> Result<BTreeMap<String, f64>> {
+        bluebridge_topology::enter(&ns)?;
+        bluebridge_metrics::scrape(addr).map_err(anyhow::Error::msg)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the scraping thread panicked"))?
+}
+
+/// Scrapes every running server and the controller; checks every server counted requests, the
+/// controller sees those hosts up, and, where the switch counts (XDP, OVS), that it forwarded
+/// at least the requests the servers took.
+fn scrape_all(lab: &RackLab, backend: &str) -> Result<()> {
+    let get = |m: &BTreeMap<String, f64>, k: &str| m.get(k).copied().unwrap_or(0.0) as u64;
+    let sum = |m: &BTreeMap<String, f64>, keep: &dyn Fn(&str) -> bool| -> u64 {
+        m.iter()
+            .filter(|(k, _)| keep(k))
+            .map(|(_, v)| *v as u64)
+            .sum()
+    };
+    let c = scrape_in(&lab.rack.switch, CTL_METRICS).context("the controller")?;
+    let (mut requests, mut live) = (0u64, 0usize);
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    for (h, running) in lab.rack.hosts.iter().zip(&lab.servers) {
+        if running.is_none() {
+            continue; // killed on purpose (--kill-primary)
+        }
+        live += 1;
+        let m = scrape_in(&h.ns, SERVER_METRICS)
+            .with_context(|| format!("host {}'s server", h.host_id))?;
+        let r = sum(&m, &|k| k.starts_with("bluebridge_requests_total{"));
+        if r == 0 {
+            bail!("host {}'s server counted no requests", h.host_id);
+        }
+        let up = format!("bluebridge_ctl_host_up{{host=\"{}\"}}", h.host_id);
+        if get(&c, &up) != 1 {
+            bail!("the controller's metrics show host {} down", h.host_id);
+        }
+        requests += r;
+        for (k, v) in &m {
+            if let Some(st) = k
+                .strip_prefix("bluebridge_replies_total{status=\"")
+                .and_then(|k| k.strip_suffix("\"}"))
+                .filter(|&st| st != "OK" && *v > 0.0)
+            {
+                *errors.entry(st.to_owned()).or_default() += *v as u64;
+            }
+        }
+    }
+    let errors = if errors.is_empty() {
+        "none".to_owned()
+    } else {
+        let e: Vec<String> = errors.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        e.join(", ")
+    };
+    let forwarded = get(
+        &c,
+        "bluebridge_ctl_switch_frames_total{verdict=\"forwarded\"}",
+    );
+    println!(
+        "      {live} servers: {requests} requests; error statuses: {errors}; controller: those hosts up, {} migrations since it started, switch forwarded {forwarded}",
+        get(&c, "bluebridge_ctl_migrations_total"),
+    );
+    if matches!(backend, "xdp" | "ovs") && forwarded < requests {
+        bail!(
+            "the switch forwarded {forwarded} frames, fewer than the {requests} requests the servers took"
+        );
     }
     Ok(())
 }
