@@ -36,6 +36,10 @@ const REQUIRED: &[(&str, &str)] = &[
         "the BGP fabric's routers (zebra, staticd, bgpd, vtysh): `cargo xtask fabric`",
     ),
     (
+        "tshark",
+        "tshark and dumpcap: the Wireshark dissector's tests (tools/wireshark/bluebridge.lua)",
+    ),
+    (
         "openvswitch-switch",
         "the Open vSwitch backend (ovsdb-server, ovs-vswitchd, ovs-ofctl): `cargo xtask rack --backend ovs`",
     ),
