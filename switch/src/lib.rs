@@ -11,6 +11,7 @@ mod adopt;
 pub mod api;
 pub mod bgp;
 pub mod fabric;
+mod freed;
 pub mod metrics;
 pub mod ovs;
 mod replication;
@@ -236,6 +237,8 @@ pub struct Controller {
     failovers: Vec<FailoverReport>,
     /// Migrations finished, and given up.
     migrations: (u64, u64),
+    /// Pages reported freed lately (a report that comes twice is acted on once).
+    recently_freed: freed::RecentlyFreed,
     /// How fast a new backup gets its copy of a host's pages, bytes/s (0: the servers'
     /// default).
     copy_rate: u64,
@@ -403,6 +406,7 @@ impl Controller {
             replicas: 1,
             failovers: Vec::new(),
             migrations: (0, 0),
+            recently_freed: freed::RecentlyFreed::default(),
             copy_rate: 0,
             stalled_rounds: 0,
             health_interval: None,
@@ -489,7 +493,10 @@ impl Controller {
     /// send (every registered client link, `<client prefix>::1`); [`actions::drain_freed`]
     /// sends them.
     pub(crate) fn take_freed(&mut self) -> Result<Notices, CtlError> {
-        let pages = self.fabric.take_freed();
+        let mut pages = self.fabric.take_freed();
+        // A retransmitted FREE is answered OK again (from the session table) and reported
+        // again: one notice per page.
+        pages.retain(|&p| self.recently_freed.first(p));
         for &page in &pages {
             if let Some(holder) = self.page_routes.remove(&page) {
                 self.fabric.remove_route(page, 112)?;

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod capi;
 mod demo;
 mod dsm;
 mod fabric;
@@ -61,6 +62,11 @@ enum Cmd {
     /// forbidden outcomes N` and `lock counter: expected N, got N`; fails on any violation
     /// (results/dsm.json). `--quick` is the CI's short run. Needs root.
     Dsm(dsm::DsmArgs),
+    /// The C API: regenerate capi/include/bluebridge.h with cbindgen (`--check`: fail if it
+    /// is stale instead), build libbluebridge.a, write bluebridge.pc and build examples/c
+    /// with the system C compiler (target/<profile>/examples-c/); `--install PREFIX` installs
+    /// library, header and pkg-config file.
+    Capi(capi::CapiArgs),
     /// The 2017 prototype's failure reproduced and cured: with kernel UDP and page addresses
     /// on-link, touch 1,000, 2,000 and 5,000 page addresses and watch the neighbour table fill
     /// and requests fail; with BlueBridge's data path, touch 1,000,000 and watch nothing grow.
@@ -101,6 +107,7 @@ fn main() {
         Cmd::Rack(a) => rack::run(&a),
         Cmd::Fabric(a) => fabric::run(&a),
         Cmd::Dsm(a) => dsm::run(&a),
+        Cmd::Capi(a) => capi::run(&a),
         Cmd::Ndp { no_packages } => ndp(no_packages),
         Cmd::Test {
             fuzz_seconds,
@@ -162,6 +169,8 @@ fn test(fuzz_seconds: u64, no_packages: bool) -> Result<()> {
             ]))
         },
     )?;
+    // The privileged tests run the C examples against a real server.
+    capi::build(&mut s, true, false)?;
     s.run(
         "privileged end-to-end tests (namespaces, veth, XDP, AF_XDP)",
         || {
