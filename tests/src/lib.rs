@@ -29,6 +29,24 @@ pub fn borrowed_writes(writes: &[(RemoteAddr, u16, Vec<u8>)]) -> Vec<(RemoteAddr
         .collect()
 }
 
+/// `target/<profile>/<path>`, a file a build step made (binaries, examples), checked to
+/// exist; `how` says which step makes it.
+pub fn built(path: &str, how: &str) -> std::path::PathBuf {
+    // target/<profile>/deps/<test>-… → target/<profile>
+    let exe = std::env::current_exe().expect("the test's path");
+    let dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("tests run from target/<profile>/deps");
+    let bin = dir.join(path);
+    assert!(
+        bin.exists(),
+        "{} is missing: {how} first (cargo xtask test does)",
+        bin.display()
+    );
+    bin
+}
+
 /// The server's host id in every rig.
 pub const SERVER: HostId = HostId(2);
 /// The client's address (host 1).

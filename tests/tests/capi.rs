@@ -11,20 +11,7 @@ use bluebridge_tests::start_server;
 use bluebridge_topology::{Pair, fmt_mac, unique};
 
 fn example() -> PathBuf {
-    // target/<profile>/deps/capi-… → target/<profile>/examples-c/remote_sort
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples-c/remote_sort");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo xtask capi` first (cargo xtask test does)",
-        bin.display()
-    );
-    bin
+    bluebridge_tests::built("examples-c/remote_sort", "`cargo xtask capi`")
 }
 
 #[test]

@@ -220,15 +220,7 @@ fn the_client_demo_frees_its_pages_when_interrupted() {
 
 /// `target/<profile>/<name>`, built by `cargo build -p <package>` (cargo xtask test does).
 fn binary(package: &str, name: &str) -> PathBuf {
-    // target/<profile>/deps/lifecycle-… → target/<profile>/<name>
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join(name);
-    assert!(
-        bin.exists(),
-        "{} is missing: `cargo build -p {package}` first (cargo xtask test does)",
-        bin.display()
-    );
-    bin
+    bluebridge_tests::built(name, &format!("`cargo build -p {package}`"))
 }
 
 fn server_binary() -> PathBuf {

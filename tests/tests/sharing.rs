@@ -251,21 +251,10 @@ impl Drop for Child {
 }
 
 fn example(name: &str) -> PathBuf {
-    // target/<profile>/deps/sharing-… → target/<profile>/examples/<name>
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join(name);
-    assert!(
-        bin.exists(),
-        "{} is missing: `cargo build -p bluebridge-client --examples` first (cargo xtask test does)",
-        bin.display()
-    );
-    bin
+    bluebridge_tests::built(
+        &format!("examples/{name}"),
+        "`cargo build -p bluebridge-client --examples`",
+    )
 }
 
 #[test]
