@@ -26,7 +26,14 @@
 #define BB_STEER_DROP_SOURCE 7    /* ours, from a multicast/unspecified/loopback address or a
                                      multicast source MAC: dropped (no reflection) */
 #define BB_STEER_DROP_MAC 8       /* ours, but sent to another MAC than this interface's */
-#define BB_STEER_NR 9
+#define BB_STEER_BOUNCED 9        /* ours, bounced back with XDP_TX (the bounce mode) */
+#define BB_STEER_NR 10
+
+/* steer.bpf.c `steer_mode`: one __u32 of flags. BB_STEER_MODE_BOUNCE: instead of going to a
+ * socket, every frame of ours goes back out of the port it came in on, endpoints swapped
+ * (MACs, addresses, ports; the UDP checksum stays valid), unparsed: the floor of the path,
+ * measured by `bluebridge-server --xdp-bounce` (a benchmark baseline). */
+#define BB_STEER_MODE_BOUNCE 1
 
 /* steer.bpf.c `own_mac`: one __u64, the interface's MAC in the low 48 bits (big-endian byte
  * order, first byte highest) with bit BB_OWN_MAC_SET_BIT set; 0 while not set (no destination

@@ -247,6 +247,8 @@ pub struct SteerCounters {
     pub dropped_source: u64,
     /// Dropped: ours, but sent to another MAC than the interface's.
     pub dropped_mac: u64,
+    /// Bounced back with XDP_TX ([`Steer::set_bounce`]).
+    pub bounced: u64,
 }
 
 /// The loaded steering program, its maps, and (once attached) its link. Dropping it detaches
@@ -328,6 +330,26 @@ impl Steer {
         })
     }
 
+    /// The bounce mode (a benchmark baseline): every frame of ours goes straight back out of
+    /// the port it came in on with XDP_TX, endpoints swapped, instead of to a socket: the
+    /// floor of the path, with no userspace in it.
+    pub fn set_bounce(&mut self, on: bool) -> Result<(), SteerError> {
+        let mut m: Array<&mut MapData, u32> = Array::try_from(
+            self.ebpf
+                .map_mut("steer_mode")
+                .ok_or(SteerError::Missing("steer_mode"))?,
+        )
+        .map_err(|source| SteerError::Map {
+            what: "steer_mode map".into(),
+            source,
+        })?;
+        let v = if on { consts::BB_STEER_MODE_BOUNCE } else { 0 };
+        m.set(0, v, 0).map_err(|source| SteerError::Map {
+            what: "writing steer_mode".into(),
+            source,
+        })
+    }
+
     /// Attaches to `ifname` in driver mode, or generic mode if the driver refuses (logged as a
     /// warning). With `force_generic` driver mode is not tried.
     pub fn attach(&mut self, ifname: &str, force_generic: bool) -> Result<AttachMode, SteerError> {
@@ -403,6 +425,7 @@ impl Steer {
             no_socket: get(consts::BB_STEER_NO_SOCKET)?,
             dropped_source: get(consts::BB_STEER_DROP_SOURCE)?,
             dropped_mac: get(consts::BB_STEER_DROP_MAC)?,
+            bounced: get(consts::BB_STEER_BOUNCED)?,
         })
     }
 
@@ -421,6 +444,11 @@ impl Steer {
         queue: u32,
     ) -> Result<XdpAction, SteerError> {
         self.run_test(frame, Some((ifindex, queue)))
+    }
+
+    /// Like [`Steer::test_run`], also returning the frame as the program left it.
+    pub fn test_run_frame(&mut self, frame: &[u8]) -> Result<(XdpAction, Vec<u8>), SteerError> {
+        test_run_xdp(self.program()?, frame, None)
     }
 
     fn run_test(&mut self, frame: &[u8], on: Option<(u32, u32)>) -> Result<XdpAction, SteerError> {

@@ -2,7 +2,8 @@
 /*
  * steer: the server's (and client's) XDP program. A frame that is IPv6/UDP with the BlueBridge
  * port on either side and whose destination lies in one of this host's prefixes goes to the
- * AF_XDP socket of its RX queue; everything else passes to the kernel untouched.
+ * AF_XDP socket of its RX queue; everything else passes to the kernel untouched. In the bounce
+ * mode (a benchmark baseline) a frame of ours goes straight back with XDP_TX instead.
  *
  * Section "xdp.frags": the program accepts multi-buffer frames (a whole page in one jumbo
  * frame). Only the first buffer is linear, and all headers we look at (62 bytes) are in it.
@@ -42,6 +43,13 @@ struct {
 	__type(value, __u64);
 } own_mac SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} steer_mode SEC(".maps");
+
 static __always_inline __u64 mac_u64(const unsigned char *m)
 {
 	return (__u64)m[0] << 40 | (__u64)m[1] << 32 | (__u64)m[2] << 24 |
@@ -65,6 +73,25 @@ static __always_inline int count(__u32 reason, int action)
 	if (c)
 		*c += 1;
 	return action;
+}
+
+/* The bounce mode: the frame goes back where it came from, endpoints swapped. Swapping keeps
+ * the UDP checksum (the pseudo-header's addresses and the ports are summed, not ordered). */
+static __always_inline void bounce(struct ethhdr *eth, struct ipv6hdr *ip6, struct udphdr *udp)
+{
+	unsigned char mac[ETH_ALEN];
+	struct in6_addr addr;
+	__be16 port;
+
+	__builtin_memcpy(mac, eth->h_dest, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, mac, ETH_ALEN);
+	addr = ip6->saddr;
+	ip6->saddr = ip6->daddr;
+	ip6->daddr = addr;
+	port = udp->source;
+	udp->source = udp->dest;
+	udp->dest = port;
 }
 
 static __always_inline int steer(struct xdp_md *ctx)
@@ -109,6 +136,16 @@ static __always_inline int steer(struct xdp_md *ctx)
 
 		if (mine && *mine && (mac_u64(eth->h_dest) | 1ULL << BB_OWN_MAC_SET_BIT) != *mine)
 			return count(BB_STEER_DROP_MAC, XDP_DROP);
+	}
+
+	{
+		__u32 zero = 0;
+		__u32 *mode = bpf_map_lookup_elem(&steer_mode, &zero);
+
+		if (mode && (*mode & BB_STEER_MODE_BOUNCE)) {
+			bounce(eth, ip6, h.udp);
+			return count(BB_STEER_BOUNCED, XDP_TX);
+		}
 	}
 
 	queue = ctx->rx_queue_index;

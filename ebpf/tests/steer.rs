@@ -61,6 +61,7 @@ fn delta(a: SteerCounters, b: SteerCounters) -> SteerCounters {
         no_socket: b.no_socket - a.no_socket,
         dropped_source: b.dropped_source - a.dropped_source,
         dropped_mac: b.dropped_mac - a.dropped_mac,
+        bounced: b.bounced - a.bounced,
     }
 }
 
@@ -201,4 +202,39 @@ fn requests_from_unanswerable_sources_are_dropped() {
     let mut other = request_to(page_addr(3));
     other[0..6].copy_from_slice(&[0xff; 6]);
     expect(&mut s, &other, XdpAction::Pass, one(|c| c.pass_prefix = 1));
+}
+
+#[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root or CAP_BPF (BPF_PROG_TEST_RUN): run as root or `cargo xtask test`"
+)]
+fn the_bounce_mode_sends_ours_back_with_endpoints_swapped() {
+    let mut s = steer();
+    s.set_bounce(true).unwrap();
+    let frame = request_to(page_addr(2));
+    let before = s.counters().unwrap();
+    let (action, out) = s.test_run_frame(&frame).unwrap();
+    assert_eq!(action, XdpAction::Tx);
+    assert_eq!(delta(before, s.counters().unwrap()), one(|c| c.bounced = 1));
+    assert_eq!(out.len(), frame.len());
+    // MACs, addresses and ports swapped; everything else (the UDP checksum too) unchanged.
+    assert_eq!((&out[0..6], &out[6..12]), (&frame[6..12], &frame[0..6]));
+    assert_eq!(
+        (&out[22..38], &out[38..54]),
+        (&frame[38..54], &frame[22..38])
+    );
+    assert_eq!(
+        (&out[54..56], &out[56..58]),
+        (&frame[56..58], &frame[54..56])
+    );
+    assert_eq!(&out[12..22], &frame[12..22]);
+    assert_eq!(&out[58..], &frame[58..]);
+    let f = bluebridge_proto::frame::Frame::parse(&out).expect("a valid frame, checksum too");
+    assert_eq!(f.endpoints.dst, "fd00:bb:1::1".parse::<Ipv6Addr>().unwrap());
+    // Not ours: passed as before; off again: back to the sockets.
+    let other = request_to(page_addr(3));
+    expect(&mut s, &other, XdpAction::Pass, one(|c| c.pass_prefix = 1));
+    s.set_bounce(false).unwrap();
+    expect(&mut s, &frame, XdpAction::Pass, one(|c| c.no_socket = 1));
 }

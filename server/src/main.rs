@@ -136,8 +136,13 @@ struct Args {
     accept_routed: bool,
     /// Bare-echo baseline for benchmarks: bounce every steered frame back with its endpoints
     /// swapped, without parsing it or touching the store (AF_XDP only).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "xdp_bounce")]
     echo: bool,
+    /// XDP bounce baseline for benchmarks: the steering program sends every frame of ours
+    /// straight back (XDP_TX, endpoints swapped) without userspace: the floor of the path
+    /// (AF_XDP only).
+    #[arg(long)]
+    xdp_bounce: bool,
     /// Seconds between stats lines (0: none; at most 86400).
     #[arg(long, default_value_t = 1.0, value_parser = bluebridge_xsk::cli::seconds)]
     stats_interval: f64,
@@ -219,6 +224,7 @@ fn main() -> Result<()> {
         handoff_depth: 64,
         allowed_clients: a.allow_clients,
         echo: a.echo,
+        xdp_bounce: a.xdp_bounce,
         max_owners: a.max_owners as usize,
         orphan_grace_ms: a.orphan_grace_ms,
         copy_lease_ms: a.copy_lease_ms,
@@ -461,7 +467,7 @@ fn summary(s: &ServerStats) -> String {
     );
     out += &format!(
         "XDP steering: redirected {}, passed {} (not IPv6 {}, not UDP {}, other port {}, other prefix {}), \
-         malformed {}, no socket {}",
+         malformed {}, no socket {}, bounced {}",
         s.steer.redirected,
         s.steer.pass_not_ipv6 + s.steer.pass_not_udp + s.steer.pass_port + s.steer.pass_prefix,
         s.steer.pass_not_ipv6,
@@ -469,7 +475,8 @@ fn summary(s: &ServerStats) -> String {
         s.steer.pass_port,
         s.steer.pass_prefix,
         s.steer.malformed,
-        s.steer.no_socket
+        s.steer.no_socket,
+        s.steer.bounced
     );
     out
 }

@@ -180,7 +180,7 @@ fn encode(f: &mut Family<'_, '_>, s: &ServerStats) -> std::fmt::Result {
     f.counters(
         "bluebridge_xdp_steer_frames",
         "The steering XDP program's verdicts: redirected to a worker's socket, passed to the \
-         kernel (by reason), dropped (by reason).",
+         kernel (by reason), dropped (by reason), bounced (--xdp-bounce).",
         [
             ("redirected", st.redirected),
             ("pass_not_ipv6", st.pass_not_ipv6),
@@ -191,6 +191,7 @@ fn encode(f: &mut Family<'_, '_>, s: &ServerStats) -> std::fmt::Result {
             ("pass_no_socket", st.no_socket),
             ("drop_bad_source", st.dropped_source),
             ("drop_other_mac", st.dropped_mac),
+            ("bounced", st.bounced),
         ]
         .map(|(v, n)| ([("verdict", v)], n)),
     )?;

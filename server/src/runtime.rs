@@ -88,6 +88,10 @@ pub struct ServerConfig {
     /// Bare-echo baseline: bounce every steered frame back (endpoints swapped) without
     /// parsing it or touching the store (AF_XDP only; for benchmarks).
     pub echo: bool,
+    /// XDP bounce baseline: the steering program itself sends every frame of ours back with
+    /// XDP_TX (endpoints swapped), no userspace involved: the floor of the path (AF_XDP
+    /// transport only; for benchmarks).
+    pub xdp_bounce: bool,
     /// Leases that may be held at once (split evenly between the shards).
     pub max_leases: u16,
     /// Lease time when a client asks for none, ms.
@@ -142,6 +146,7 @@ impl ServerConfig {
             flow_rules: true,
             hugepages: true,
             echo: false,
+            xdp_bounce: false,
             max_leases: u16::MAX,
             lease_default_ms: 1_000,
             lease_max_ms: 60_000,
@@ -304,6 +309,11 @@ impl Server {
                 "the default lease time exceeds the longest lease".into(),
             ));
         }
+        if cfg.xdp_bounce && (cfg.echo || cfg.transport != TransportKind::Xdp) {
+            return Err(StartError::Config(
+                "--xdp-bounce is a baseline of the AF_XDP transport, without --echo".into(),
+            ));
+        }
         if cfg.echo && cfg.transport != TransportKind::Xdp {
             return Err(StartError::Config(
                 "--echo is a baseline of the AF_XDP transport".into(),
@@ -364,6 +374,7 @@ impl Server {
                 if cfg.accept_routed {
                     steer.add_prefix(cfg.prefix.network(), 32)?;
                 }
+                steer.set_bounce(cfg.xdp_bounce)?;
                 let attach = steer.attach(&cfg.ifname, cfg.force_generic)?;
                 let mac = bluebridge_xsk::link_mac(&cfg.ifname)
                     .map_err(|e| StartError::Config(format!("reading {}: {e}", cfg.ifname)))?;

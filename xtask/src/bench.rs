@@ -71,7 +71,6 @@ const SORTS: [(&str, &[&str], &str); 3] = [
         "sort-noprefetch",
     ),
 ];
-/// (name, payload bytes) of the bare-echo baseline: a small frame and a whole page.
 /// (name, payload, window) of the bare echoes: the floors the operations are compared with.
 const ECHOES: [(&str, u16, usize); 4] = [
     ("echo-small", 8, 1),
@@ -355,27 +354,34 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
         }
     }
     if everything {
-        // The bare AF_XDP echo (frames bounced unparsed), in the same run, for the ratios.
-        let server = lab.server(&mut s, &["--echo", "--arena", "2MiB"])?;
-        for (name, payload, window) in ECHOES {
-            let label = format!(
-                "bare echo: {name} ({} B frames, window {window}; {seconds} s)",
-                110 + payload
-            );
-            lab.load(
-                &mut s,
-                &label,
-                &[
-                    "--echo",
-                    "--payload",
-                    &payload.to_string(),
-                    "--window",
-                    &window.to_string(),
-                ],
-                &format!("xdp-{name}"),
-            )?;
+        // The floors, in the same run, for the ratios: the bare AF_XDP echo (frames bounced
+        // unparsed by a userspace worker), then the XDP_TX bounce (by the steering program,
+        // no userspace at all).
+        for (mode, flag, what) in [
+            ("echo", "--echo", "bare echo"),
+            ("bounce", "--xdp-bounce", "XDP_TX bounce"),
+        ] {
+            let server = lab.server(&mut s, &[flag, "--arena", "2MiB"])?;
+            for (name, payload, window) in ECHOES {
+                let label = format!(
+                    "{what}: {name} ({} B frames, window {window}; {seconds} s)",
+                    110 + payload
+                );
+                lab.load(
+                    &mut s,
+                    &label,
+                    &[
+                        "--echo",
+                        "--payload",
+                        &payload.to_string(),
+                        "--window",
+                        &window.to_string(),
+                    ],
+                    &format!("xdp-{}", name.replacen("echo", mode, 1)),
+                )?;
+            }
+            s.run(&format!("stop the {what} server"), || server.stop())?;
         }
-        s.run("stop the echo server", || server.stop())?;
     }
     if !a.table1 {
         let (faults, sort_pages) = if a.quick {
@@ -632,7 +638,24 @@ fn print_comparison(out: &Path) -> Result<()> {
         "- WRITE 4 KiB p50 / page-echo p50: {:.2}×",
         p50("xdp-write-w1", "WRITE")? / page
     );
+    let (bsmall, bpage) = (
+        p50("xdp-bounce-small", ECHO)?,
+        p50("xdp-bounce-page", ECHO)?,
+    );
+    println!(
+        "\nAgainst the XDP_TX bounce of this run (the steering program sends frames straight back; no userspace: the floor of the path; 118 B p50 {bsmall:.2} µs, 4,206 B page p50 {bpage:.2} µs):"
+    );
+    println!(
+        "- READ 4 KiB p50 / bounce floor p50: {:.2}×; the bare AF_XDP page echo: {:.2}× the floor",
+        p50("xdp-read-w1", "READ")? / bpage,
+        page / bpage
+    );
     let rate = |name: &str| -> Result<f64> { Ok(load(out, name)?.runs[0].ops_per_second) };
+    println!(
+        "- page bounce at window 32: {:.0}/s; READ 4 KiB at window 32 is {:.2}× that",
+        rate("xdp-bounce-page-w32")?,
+        rate("xdp-read-w32")? / rate("xdp-bounce-page-w32")?
+    );
     let (read32, echo32) = (rate("xdp-read-w32")?, rate("xdp-echo-page-w32")?);
     println!(
         "- READ 4 KiB at window 32: {read32:.0}/s = {:.2}× the page echo at window 32 ({echo32:.0}/s)",
