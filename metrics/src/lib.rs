@@ -10,6 +10,8 @@
 //! Two steps, so a daemon can refuse a taken address before it attaches anything:
 //! [`Listener::bind`] first, [`Listener::serve`] once the registry can be built.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

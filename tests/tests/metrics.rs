@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
@@ -83,18 +83,22 @@ fn the_server_and_the_controller_count_what_the_client_did() {
     );
     assert_eq!(v(&c0, "bluebridge_ctl_info{backend=\"xdp\"}"), 1);
 
-    // A scraper polls the server while the client works: the WRITE count climbs.
+    // A scraper polls the server while the client works: the WRITE count climbs. Every 10
+    // rounds the client waits until a scrape has seen its writes so far, so scrapes land
+    // during the traffic however fast either side runs.
     let done = Arc::new(AtomicBool::new(false));
+    let latest = Arc::new(AtomicU64::new(0));
     let (tx, rx) = mpsc::channel();
     let poller = {
-        let (ns1, done) = (ns1.clone(), done.clone());
+        let (ns1, done, latest) = (ns1.clone(), done.clone(), latest.clone());
         std::thread::spawn(move || {
             bluebridge_topology::enter(&ns1).unwrap();
             while !done.load(Ordering::Relaxed) {
                 let m = scrape(SERVER_METRICS.parse().unwrap()).unwrap();
-                tx.send(v(&m, "bluebridge_requests_total{opcode=\"WRITE\"}"))
-                    .unwrap();
-                std::thread::sleep(Duration::from_millis(5));
+                let n = v(&m, "bluebridge_requests_total{opcode=\"WRITE\"}");
+                latest.store(n, Ordering::Relaxed);
+                tx.send(n).unwrap();
+                std::thread::sleep(Duration::from_millis(2));
             }
         })
     };
@@ -105,6 +109,16 @@ fn the_server_and_the_controller_count_what_the_client_did() {
     for round in 0..writes {
         for &p in &handles {
             c.write(p, 0, &round.to_le_bytes()).unwrap();
+        }
+        if round % 10 == 9 {
+            let t = std::time::Instant::now();
+            while latest.load(Ordering::Relaxed) < (round + 1) * pages {
+                assert!(
+                    t.elapsed() < Duration::from_secs(5),
+                    "no scrape saw the writes"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
     }
     for _ in 0..reads {
@@ -124,7 +138,7 @@ fn the_server_and_the_controller_count_what_the_client_did() {
     let mut distinct = seen.clone();
     distinct.dedup();
     assert!(
-        distinct.len() >= 3,
+        distinct.len() >= 4,
         "scrapes during the traffic saw it move: {seen:?}"
     );
 
