@@ -75,25 +75,6 @@ static __always_inline int count(__u32 reason, int action)
 	return action;
 }
 
-/* The bounce mode: the frame goes back where it came from, endpoints swapped. Swapping keeps
- * the UDP checksum (the pseudo-header's addresses and the ports are summed, not ordered). */
-static __always_inline void bounce(struct ethhdr *eth, struct ipv6hdr *ip6, struct udphdr *udp)
-{
-	unsigned char mac[ETH_ALEN];
-	struct in6_addr addr;
-	__be16 port;
-
-	__builtin_memcpy(mac, eth->h_dest, ETH_ALEN);
-	__builtin_memcpy(eth->h_dest, eth->h_source, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, mac, ETH_ALEN);
-	addr = ip6->saddr;
-	ip6->saddr = ip6->daddr;
-	ip6->daddr = addr;
-	port = udp->source;
-	udp->source = udp->dest;
-	udp->dest = port;
-}
-
 static __always_inline int steer(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
@@ -143,7 +124,7 @@ static __always_inline int steer(struct xdp_md *ctx)
 		__u32 *mode = bpf_map_lookup_elem(&steer_mode, &zero);
 
 		if (mode && (*mode & BB_STEER_MODE_BOUNCE)) {
-			bounce(eth, ip6, h.udp);
+			bb_swap_endpoints(eth, ip6, h.udp);
 			return count(BB_STEER_BOUNCED, XDP_TX);
 		}
 	}

@@ -165,25 +165,15 @@ static __always_inline int reject(struct xdp_md *ctx, struct udphdr *udp)
 	struct ethhdr *eth = data;
 	struct ipv6hdr *ip6 = (void *)(eth + 1);
 	__u8 *bb = (__u8 *)data + BB_HEADER_OFFSET;
-	__u8 mac[ETH_ALEN];
-	struct in6_addr a;
-	__u16 port, old, new;
+	__u16 old, new;
 
 	if ((void *)(bb + 4) > data_end || (void *)(udp + 1) > data_end)
 		return count(BB_TOR_MALFORMED, XDP_DROP);
 	if (bb[1] & BB_FLAG_REPLY)
 		return count(BB_TOR_NO_ROUTE, XDP_DROP);
 
-	__builtin_memcpy(mac, eth->h_dest, ETH_ALEN);
-	__builtin_memcpy(eth->h_dest, eth->h_source, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, mac, ETH_ALEN);
-	a = ip6->saddr;
-	ip6->saddr = ip6->daddr;
-	ip6->daddr = a;
+	bb_swap_endpoints(eth, ip6, udp);
 	ip6->hop_limit = 64;
-	port = udp->source;
-	udp->source = udp->dest;
-	udp->dest = port;
 
 	old = *(__u16 *)bb;
 	bb[1] |= BB_FLAG_REPLY;
