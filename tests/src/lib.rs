@@ -8,7 +8,6 @@
 pub mod controlled;
 
 use std::net::Ipv6Addr;
-use std::sync::mpsc;
 use std::time::Duration;
 
 use bluebridge_client::{
@@ -265,16 +264,9 @@ pub fn pair_client(pair: &Pair, o: &RigOptions) -> Client<AnyTransport> {
 /// Starts a server inside namespace `ns` (from a helper thread, so the caller's namespace does
 /// not change).
 pub fn start_server(ns: &str, cfg: &ServerConfig) -> Server {
-    let (ns, cfg) = (ns.to_owned(), cfg.clone());
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let r = bluebridge_topology::enter(&ns)
-            .map_err(|e| e.to_string())
-            .and_then(|()| Server::start(&cfg).map_err(|e| format!("{e:#}")));
-        tx.send(r).expect("the caller waits");
-    });
-    rx.recv()
-        .expect("server thread")
+    bluebridge_topology::run_in(ns, || Server::start(cfg).map_err(|e| format!("{e:#}")))
+        .map_err(|e| e.to_string())
+        .and_then(|r| r)
         .unwrap_or_else(|e| panic!("starting the server: {e}"))
 }
 

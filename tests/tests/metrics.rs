@@ -14,25 +14,18 @@ use bluebridge_server::ServerConfig;
 use bluebridge_switch::metrics::ControllerCollector;
 use bluebridge_tests::controlled::{ControlledRack, RackOptions};
 use bluebridge_tests::start_server;
+use bluebridge_topology::run_in;
 
 const SERVER_METRICS: &str = "127.0.0.1:9464";
 const CTL_METRICS: &str = "127.0.0.1:9465";
 
-/// Runs `f` on a thread inside namespace `ns` (whose loopback is up, as in every namespace
-/// the topology makes).
-fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let ns = ns.to_owned();
-    std::thread::spawn(move || {
-        bluebridge_topology::enter(&ns).expect("entering the namespace");
-        f()
-    })
-    .join()
-    .expect("the namespace thread")
-}
-
+/// `/metrics` at `addr`, scraped from inside namespace `ns` (whose loopback is up, as in
+/// every namespace the topology makes).
 fn scrape_in(ns: &str, addr: &str) -> BTreeMap<String, f64> {
     let addr: SocketAddr = addr.parse().unwrap();
-    in_ns(ns, move || scrape(addr)).unwrap_or_else(|e| panic!("{e}"))
+    run_in(ns, || scrape(addr))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// `series` in `m` (0 if absent, as a counter never incremented may be).
@@ -63,11 +56,12 @@ fn the_server_and_the_controller_count_what_the_client_did() {
     // The controller's exporter, as `bluebridge-ctl daemon --metrics` starts it.
     let exporter = {
         let ctl = rig.ctl.clone();
-        in_ns(&rig.rack.switch, move || {
+        run_in(&rig.rack.switch, move || {
             Listener::bind(CTL_METRICS.parse().unwrap())
                 .expect("binding the controller's metrics")
                 .serve(registry_of(ControllerCollector::new(ctl)))
         })
+        .unwrap()
     };
     let (sw, ns1) = (rig.rack.switch.clone(), h1.ns.clone());
     let host = HostId(h1.host_id);

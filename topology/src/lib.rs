@@ -150,6 +150,19 @@ pub fn enter(name: &str) -> Result<(), TopologyError> {
     })
 }
 
+/// Runs `f` on a thread of its own inside network namespace `name` and returns what it
+/// returned; the calling thread stays where it is (a panic in `f` is the caller's).
+pub fn run_in<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> Result<T, TopologyError> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            enter(name)?;
+            Ok(f())
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
 /// One end of a link.
 #[derive(Debug, Clone)]
 pub struct End {

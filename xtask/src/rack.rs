@@ -807,13 +807,9 @@ fn kill_primary(
 
 /// `GET http://ADDR/metrics` from inside namespace `ns`, parsed.
 fn scrape_in(ns: &str, addr: &str) -> Result<BTreeMap<String, f64>> {
-    let (ns, addr) = (ns.to_owned(), addr.parse()?);
-    std::thread::spawn(move || -> Result<BTreeMap<String, f64>> {
-        bluebridge_topology::enter(&ns)?;
-        bluebridge_metrics::scrape(addr).map_err(anyhow::Error::msg)
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("the scraping thread panicked"))?
+    let addr = addr.parse()?;
+    bluebridge_topology::run_in(ns, || bluebridge_metrics::scrape(addr))?
+        .map_err(anyhow::Error::msg)
 }
 
 /// Scrapes every running server and the controller; checks every server counted requests, the
