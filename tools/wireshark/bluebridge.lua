@@ -186,26 +186,21 @@ local function add_data(tree, payload, off, len)
 end
 
 -- Payload decoders; each returns false if the payload breaks §5's shape.
-local function handles(tree, payload, count)
-    if payload:len() ~= count * 8 then
+
+-- `count` items of `size` bytes each, one `field` per item, under `title`.
+local function items(tree, payload, count, size, field, title)
+    if payload:len() ~= count * size then
         return false
     end
-    local t = tree:add(bb, payload, string.format("Handles (%d)", count))
+    local t = tree:add(bb, payload, string.format("%s (%d)", title, count))
     for i = 0, count - 1 do
-        t:add(f.handle_item, payload(i * 8, 8)):prepend_text(string.format("[%d] ", i))
+        t:add(field, payload(i * size, size)):prepend_text(string.format("[%d] ", i))
     end
     return true
 end
 
-local function item_statuses(tree, payload, count)
-    if payload:len() ~= count * 2 then
-        return false
-    end
-    local t = tree:add(bb, payload, string.format("Item statuses (%d)", count))
-    for i = 0, count - 1 do
-        t:add(f.item_status, payload(i * 2, 2)):prepend_text(string.format("[%d] ", i))
-    end
-    return true
+local function handles(tree, payload, count)
+    return items(tree, payload, count, 8, f.handle_item, "Handles")
 end
 
 local function write_entries(tree, payload, count)
@@ -303,7 +298,7 @@ local function dissect_payload(tree, payload, op, reply, h)
     elseif op == 0x10 or op == 0x11 or op == 0x12 then
         return handles(tree, payload, h.count)
     elseif op == 0x32 or op == 0x51 then
-        return item_statuses(tree, payload, h.count)
+        return items(tree, payload, h.count, 2, f.item_status, "Item statuses")
     elseif op == 0x02 then
         return stat_record(tree, payload)
     elseif op == 0x82 then
