@@ -80,12 +80,18 @@ impl std::fmt::Debug for bb_client {
 
 impl bb_client {
     fn page(&self, p: bb_page) -> Result<RemoteAddr, Failure> {
-        RemoteAddr::from_ipv6(Ipv6Addr::from(p.addr), self.prefix)
-            .map_err(|e| Failure::invalid(format!("page {}: {e}", Ipv6Addr::from(p.addr))))
+        page_addr(p, self.prefix)
     }
 }
 
-fn page_of(a: RemoteAddr) -> bb_page {
+/// The page `p` names, if its address lies inside `prefix`.
+pub(crate) fn page_addr(p: bb_page, prefix: NetPrefix) -> Result<RemoteAddr, Failure> {
+    RemoteAddr::from_ipv6(Ipv6Addr::from(p.addr), prefix)
+        .map_err(|e| Failure::invalid(format!("page {}: {e}", Ipv6Addr::from(p.addr))))
+}
+
+/// The C view of a page's address.
+pub(crate) fn page_of(a: RemoteAddr) -> bb_page {
     bb_page {
         addr: a.to_ipv6().octets(),
     }

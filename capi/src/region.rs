@@ -2,13 +2,12 @@
 //! ordinary memory whose pages live on servers and come in on first touch.
 
 use std::ffi::c_void;
-use std::net::Ipv6Addr;
 
 use bluebridge_client::region::OnClose;
-use bluebridge_client::{AnyTransport, RegionOptions, RemoteRegion};
-use bluebridge_proto::{HostId, NetPrefix, RemoteAddr};
+use bluebridge_client::{AnyTransport, Client, RegionOptions, RemoteRegion};
+use bluebridge_proto::{HostId, NetPrefix};
 
-use crate::client::{take_client, wrap_client};
+use crate::client::{page_addr, page_of, take_client, wrap_client};
 use crate::{Failure, bb_client, bb_page, bb_status, guard};
 
 /// How a region pages. Fill it with [`bb_region_options_init`] first.
@@ -75,11 +74,23 @@ fn options(o: Option<&bb_region_options>) -> RegionOptions {
     }
 }
 
-/// Takes the client out of `*client` (set to null: the region owns it from now on).
+/// The part of [`bb_region_create`] and [`bb_region_attach`] they share: takes the client
+/// out of `*client` (set to null whatever happens: the region owns it from now on), makes the
+/// region with `make` (given the client, its prefix and the options) and stores it in `*out`.
 ///
 /// # Safety
-/// `client` is valid for reads and writes, and `*client` a live client from `bb_open`.
-unsafe fn consume(client: *mut *mut bb_client) -> Result<*mut bb_client, Failure> {
+/// `client` is valid for reads and writes and `*client` a live client from `bb_open`; `o` is
+/// null or valid; `out` is null or valid for a write.
+unsafe fn make_region(
+    client: *mut *mut bb_client,
+    o: *const bb_region_options,
+    out: *mut *mut bb_region,
+    make: impl FnOnce(
+        Client<AnyTransport>,
+        NetPrefix,
+        RegionOptions,
+    ) -> Result<RemoteRegion<AnyTransport>, Failure>,
+) -> Result<(), Failure> {
     if client.is_null() {
         return Err(Failure::invalid("client is null"));
     }
@@ -88,16 +99,17 @@ unsafe fn consume(client: *mut *mut bb_client) -> Result<*mut bb_client, Failure
     if c.is_null() {
         return Err(Failure::invalid("*client is null"));
     }
-    Ok(c)
-}
-
-/// Stores a new region in `*out`.
-///
-/// # Safety
-/// `out` is valid for a write.
-unsafe fn store(out: *mut *mut bb_region, region: bb_region) {
-    // SAFETY: the caller checked `out` and promises it is valid for a write.
-    unsafe { out.write(Box::into_raw(Box::new(region))) };
+    // SAFETY: a live client from bb_open, taken out of the caller's hands above.
+    let (c, prefix) = unsafe { take_client(c) };
+    if out.is_null() {
+        return Err(Failure::invalid("out is null"));
+    }
+    // SAFETY: null or a valid options struct (the caller's promise).
+    let opts = options(unsafe { o.as_ref() });
+    let region = make(c, prefix, opts)?;
+    // SAFETY: checked non-null; the caller promises it is valid for a write.
+    unsafe { out.write(Box::into_raw(Box::new(bb_region { region, prefix }))) };
+    Ok(())
 }
 
 /// Allocates `pages` pages round-robin on the `n_hosts` servers of `hosts` and maps them
@@ -118,27 +130,22 @@ pub unsafe extern "C" fn bb_region_create(
     out: *mut *mut bb_region,
 ) -> bb_status {
     guard(|| {
+        let make = |c: Client<AnyTransport>, _: NetPrefix, opts: RegionOptions| {
+            if hosts.is_null() || n_hosts == 0 || pages == 0 {
+                return Err(Failure::invalid(
+                    "hosts must not be null, n_hosts and pages not 0",
+                ));
+            }
+            // SAFETY: `hosts` holds `n_hosts` ids (the caller's promise).
+            let ids: Vec<HostId> = unsafe { std::slice::from_raw_parts(hosts, n_hosts) }
+                .iter()
+                .map(|&h| HostId(h))
+                .collect();
+            RemoteRegion::new(c, pages, &ids, opts)
+                .map_err(|e| Failure::setup(format!("creating the region: {e}")))
+        };
         // SAFETY: the caller's promise.
-        let c = unsafe { consume(client) }?;
-        // SAFETY: a live client from bb_open, taken out of the caller's hands above.
-        let (c, prefix) = unsafe { take_client(c) };
-        if out.is_null() || hosts.is_null() || n_hosts == 0 || pages == 0 {
-            return Err(Failure::invalid(
-                "out and hosts must not be null, n_hosts and pages not 0",
-            ));
-        }
-        // SAFETY: `hosts` holds `n_hosts` ids (the caller's promise).
-        let ids: Vec<HostId> = unsafe { std::slice::from_raw_parts(hosts, n_hosts) }
-            .iter()
-            .map(|&h| HostId(h))
-            .collect();
-        // SAFETY: null or a valid options struct (the caller's promise).
-        let opts = options(unsafe { o.as_ref() });
-        let region = RemoteRegion::new(c, pages, &ids, opts)
-            .map_err(|e| Failure::setup(format!("creating the region: {e}")))?;
-        // SAFETY: checked non-null; the caller promises it is valid for a write.
-        unsafe { store(out, bb_region { region, prefix }) };
-        Ok(())
+        unsafe { make_region(client, o, out, make) }
     })
 }
 
@@ -157,29 +164,20 @@ pub unsafe extern "C" fn bb_region_attach(
     out: *mut *mut bb_region,
 ) -> bb_status {
     guard(|| {
+        let make = |c: Client<AnyTransport>, prefix: NetPrefix, opts: RegionOptions| {
+            if pages.is_null() || n == 0 {
+                return Err(Failure::invalid("pages must not be null, n not 0"));
+            }
+            // SAFETY: `pages` holds `n` pages (the caller's promise).
+            let addrs = unsafe { std::slice::from_raw_parts(pages, n) }
+                .iter()
+                .map(|&p| page_addr(p, prefix))
+                .collect::<Result<Vec<_>, _>>()?;
+            RemoteRegion::attach(c, addrs, opts)
+                .map_err(|e| Failure::setup(format!("attaching the region: {e}")))
+        };
         // SAFETY: the caller's promise.
-        let c = unsafe { consume(client) }?;
-        // SAFETY: a live client from bb_open, taken out of the caller's hands above.
-        let (c, prefix) = unsafe { take_client(c) };
-        if out.is_null() || pages.is_null() || n == 0 {
-            return Err(Failure::invalid("out and pages must not be null, n not 0"));
-        }
-        // SAFETY: `pages` holds `n` pages (the caller's promise).
-        let list = unsafe { std::slice::from_raw_parts(pages, n) };
-        let addrs = list
-            .iter()
-            .map(|p| {
-                RemoteAddr::from_ipv6(Ipv6Addr::from(p.addr), prefix)
-                    .map_err(|e| Failure::invalid(format!("page: {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        // SAFETY: null or a valid options struct (the caller's promise).
-        let opts = options(unsafe { o.as_ref() });
-        let region = RemoteRegion::attach(c, addrs, opts)
-            .map_err(|e| Failure::setup(format!("attaching the region: {e}")))?;
-        // SAFETY: checked non-null; the caller promises it is valid for a write.
-        unsafe { store(out, bb_region { region, prefix }) };
-        Ok(())
+        unsafe { make_region(client, o, out, make) }
     })
 }
 
@@ -257,10 +255,8 @@ pub unsafe extern "C" fn bb_region_close(
             .map_err(|e| Failure::setup(format!("closing the region: {e}")))?;
         let list = backing.pages();
         if !pages.is_null() {
-            for (i, p) in list.iter().take(max).enumerate() {
-                let page = bb_page {
-                    addr: p.to_ipv6().octets(),
-                };
+            for (i, &p) in list.iter().take(max).enumerate() {
+                let page = page_of(p);
                 // SAFETY: `i < max`, and `pages` holds `max` pages (the caller's promise).
                 let slot = unsafe { pages.add(i) };
                 // SAFETY: as above: a valid slot for a write.
