@@ -15,12 +15,15 @@ pub(crate) const RECENT_MAX: usize = 1 << 16;
 pub(crate) struct RecentlyFreed {
     order: VecDeque<Ipv6Addr>,
     set: HashSet<Ipv6Addr>,
+    /// Reports of a page already notified, ignored.
+    pub(crate) repeats: u64,
 }
 
 impl RecentlyFreed {
     /// Whether `page` is reported for the first time (remembering it).
     pub(crate) fn first(&mut self, page: Ipv6Addr) -> bool {
         if !self.set.insert(page) {
+            self.repeats += 1;
             return false;
         }
         self.order.push_back(page);
@@ -43,6 +46,7 @@ mod tests {
         let a = |i: u32| Ipv6Addr::from(u128::from(i));
         assert!(r.first(a(1)));
         assert!(!r.first(a(1)));
+        assert_eq!(r.repeats, 1);
         for i in 2..=RECENT_MAX as u32 + 1 {
             assert!(r.first(a(i)));
         }

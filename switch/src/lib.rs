@@ -188,6 +188,10 @@ pub struct Counters {
     /// Page migrations given up (the page stayed, or went back, where it was).
     #[serde(default)]
     pub migrations_abandoned: u64,
+    /// Freed-page reports of a page already notified (a retransmitted FREE answered OK
+    /// again), ignored.
+    #[serde(default)]
+    pub freed_repeats: u64,
 }
 
 /// A page that received many requests.
@@ -1012,6 +1016,7 @@ impl Controller {
             route_updates: self.fabric.updates(),
             migrations: self.migrations.0,
             migrations_abandoned: self.migrations.1,
+            freed_repeats: self.recently_freed.repeats,
         })
     }
 

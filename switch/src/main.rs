@@ -466,6 +466,14 @@ fn main() -> Result<()> {
                 s.other_passed
             );
             println!(
+                "controller: invalidations {} (freed reports lost {}, repeated and ignored {}) | migrations {} (abandoned {})",
+                c.invalidations,
+                s.freed_lost,
+                c.freed_repeats,
+                c.migrations,
+                c.migrations_abandoned
+            );
+            println!(
                 "| host | requests to server | replies from server | to client | from client |\n|---|---|---|---|---|"
             );
             for h in c.hosts {

@@ -124,6 +124,11 @@ fn encode(f: &mut Family<'_, '_>, c: &Counters) -> std::fmt::Result {
         s.freed_lost,
     )?;
     f.counter(
+        "bluebridge_ctl_freed_reports_repeated",
+        "Freed-page reports of a page already notified (a retransmitted FREE), ignored.",
+        c.freed_repeats,
+    )?;
+    f.counter(
         "bluebridge_ctl_invalidations",
         "Freed pages the controller told the clients about (INVALIDATE).",
         c.invalidations,
