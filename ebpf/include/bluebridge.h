@@ -27,7 +27,14 @@
                                      multicast source MAC: dropped (no reflection) */
 #define BB_STEER_DROP_MAC 8       /* ours, but sent to another MAC than this interface's */
 #define BB_STEER_BOUNCED 9        /* ours, bounced back with XDP_TX (the bounce mode) */
-#define BB_STEER_NR 10
+/* The fast READ (an INLINE READ answered in XDP from the hot-page store); every INLINE READ
+ * lands in exactly one of these four. */
+#define BB_STEER_FAST_SERVED 10   /* answered with XDP_TX from a hot slot */
+#define BB_STEER_FAST_MISSED 11   /* its page is not in the hot store: to the socket */
+#define BB_STEER_FAST_TORN 12     /* the slot changed under both copies (seqlock): to the socket */
+#define BB_STEER_FAST_PASSED 13   /* hot, but not servable here (range, seg_max, owner, checksum,
+                                     lengths, version): to the socket, which judges it */
+#define BB_STEER_NR 14
 
 /* steer.bpf.c `steer_mode`: one __u32 of flags. BB_STEER_MODE_BOUNCE: instead of going to a
  * socket, every frame of ours goes back out of the port it came in on, endpoints swapped
@@ -83,8 +90,42 @@
 
 /* BlueBridge header bits the switch writes when it answers itself (docs/protocol.md). */
 #define BB_HEADER_OFFSET 62       /* Ethernet 14 + IPv6 40 + UDP 8 */
+#define BB_HEADER_LEN 48
+#define BB_VERSION 1
 #define BB_FLAG_REPLY 1
+#define BB_FLAG_INLINE 16         /* READ padded to its reply's size (docs/protocol.md §6.1) */
+#define BB_OP_READ 32
+#define BB_PAGE_SIZE 4096
 #define BB_STATUS_UNREACHABLE 17
+
+/* The hot-page store (steer.bpf.c `hot_slots`, BPF_F_MMAPABLE, mapped by the server too):
+ * copies of hot pages the fast READ answers from, and `hot_index`, page address → slot. The
+ * server writes a slot under its seqlock: `seq` odd while it changes (XDP passes the READ to
+ * the socket), even when stable; XDP reads `seq` before and after copying and serves only
+ * if both agree and are even. */
+#define BB_HOT_VALID 1            /* the slot holds the page `key` names */
+#define BB_HOT_SHARED 2           /* any client may read it (else only `owner`) */
+#define BB_HOT_SLOT_SIZE 4160
+#define BB_HOT_SLOT_OFF_FLAGS 4
+#define BB_HOT_SLOT_OFF_SUM 8
+#define BB_HOT_SLOT_OFF_HITS 16
+#define BB_HOT_SLOT_OFF_KEY 24
+#define BB_HOT_SLOT_OFF_OWNER 40
+#define BB_HOT_SLOT_OFF_DATA 64
+#define BB_HOT_KEY_SIZE 16
+
+struct bb_hot_slot {
+	__u32 seq;          /* seqlock: odd while the server writes the slot */
+	__u32 flags;        /* BB_HOT_* */
+	__u32 sum;          /* ones' complement sum of `data` in 16-bit words of host byte order
+			       (what csum_partial computes), folded to 16 bits */
+	__u32 reserved;
+	__u64 hits;         /* READs served from this slot (XDP adds, the server reads) */
+	__u8 key[16];       /* address bytes 0..14 of the page (prefix, host, handle); 0, 0 */
+	__u8 owner[16];     /* the only client that may read it, unless BB_HOT_SHARED */
+	__u64 reserved2[1];
+	__u8 data[4096];
+};
 
 /* A route: where frames for a prefix go. */
 struct bb_tor_route {
@@ -110,6 +151,13 @@ struct bb_tor_route {
 #define BB_LPM_KEY_SIZE 20
 #define BB_LPM_KEY_OFF_ADDR 4
 _Static_assert(sizeof(struct bb_tor_route) == BB_TOR_ROUTE_SIZE, "bb_tor_route size");
+_Static_assert(sizeof(struct bb_hot_slot) == BB_HOT_SLOT_SIZE, "bb_hot_slot size");
+_Static_assert(__builtin_offsetof(struct bb_hot_slot, flags) == BB_HOT_SLOT_OFF_FLAGS, "flags");
+_Static_assert(__builtin_offsetof(struct bb_hot_slot, sum) == BB_HOT_SLOT_OFF_SUM, "sum");
+_Static_assert(__builtin_offsetof(struct bb_hot_slot, hits) == BB_HOT_SLOT_OFF_HITS, "hits");
+_Static_assert(__builtin_offsetof(struct bb_hot_slot, key) == BB_HOT_SLOT_OFF_KEY, "key");
+_Static_assert(__builtin_offsetof(struct bb_hot_slot, owner) == BB_HOT_SLOT_OFF_OWNER, "owner");
+_Static_assert(__builtin_offsetof(struct bb_hot_slot, data) == BB_HOT_SLOT_OFF_DATA, "data");
 _Static_assert(__builtin_offsetof(struct bb_tor_route, route_id) == BB_TOR_ROUTE_OFF_ROUTE_ID, "route_id");
 _Static_assert(__builtin_offsetof(struct bb_tor_route, dst_mac) == BB_TOR_ROUTE_OFF_DST_MAC, "dst_mac");
 _Static_assert(__builtin_offsetof(struct bb_tor_route, src_mac) == BB_TOR_ROUTE_OFF_SRC_MAC, "src_mac");

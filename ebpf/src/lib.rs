@@ -8,9 +8,11 @@
 //!   frames between the ports of a switch namespace, anti-spoofing, counters. [`Tor`] loads it.
 #![forbid(unsafe_code)]
 
+mod hot;
 mod tor;
 
 mod layout;
+pub use hot::{HOT_SLOT_SIZE, HotIndex, HotKey, hot_key, hot_page_sum};
 pub use tor::{PageTraffic, Route, Tor, TorCounters, TrafficCounters};
 
 use std::net::Ipv6Addr;
@@ -249,6 +251,15 @@ pub struct SteerCounters {
     pub dropped_mac: u64,
     /// Bounced back with XDP_TX ([`Steer::set_bounce`]).
     pub bounced: u64,
+    /// INLINE READs answered in XDP from the hot-page store.
+    pub fast_served: u64,
+    /// INLINE READs of pages not in the hot store (to the socket).
+    pub fast_missed: u64,
+    /// INLINE READs whose slot changed under both copies (to the socket).
+    pub fast_torn: u64,
+    /// INLINE READs of hot pages the program leaves to the socket (a range, segments, another
+    /// client's page, a checksum or length it cannot vouch for).
+    pub fast_passed: u64,
 }
 
 /// The loaded steering program, its maps, and (once attached) its link. Dropping it detaches
@@ -259,15 +270,28 @@ pub struct Steer {
     prefixes: LpmTrie<MapData, [u8; 16], u32>,
     counters: PerCpuArray<MapData, u64>,
     attached: Option<(String, AttachMode)>,
+    hot_slots: u32,
 }
 
 impl Steer {
-    /// Loads the program into the kernel (not attached yet).
+    /// Loads the program into the kernel (not attached yet), with a hot-page store of one
+    /// slot (no fast READ is ever served: its index stays empty).
     pub fn load() -> Result<Self, SteerError> {
-        let mut ebpf = Ebpf::load(STEER_OBJ).map_err(|source| XdpError::Load {
-            object: "steer.bpf.o",
-            source,
-        })?;
+        Self::load_with_hot_slots(1)
+    }
+
+    /// Loads the program with a hot-page store of `slots` slots ([`HOT_SLOT_SIZE`] bytes of
+    /// kernel memory each; at least 1).
+    pub fn load_with_hot_slots(slots: u32) -> Result<Self, SteerError> {
+        let slots = slots.max(1);
+        let mut ebpf = aya::EbpfLoader::new()
+            .map_max_entries("hot_slots", slots)
+            .map_max_entries("hot_index", slots)
+            .load(STEER_OBJ)
+            .map_err(|source| XdpError::Load {
+                object: "steer.bpf.o",
+                source,
+            })?;
         let map = |e: &mut Ebpf, n: &'static str| e.take_map(n).ok_or(SteerError::Missing(n));
         let xsks = XskMap::try_from(map(&mut ebpf, "xsks")?).map_err(|source| SteerError::Map {
             what: "xsks map".into(),
@@ -291,6 +315,7 @@ impl Steer {
             prefixes,
             counters,
             attached: None,
+            hot_slots: slots,
         };
         s.program()?.load().map_err(|source| SteerError::Program {
             what: "loading bb_steer".into(),
@@ -426,6 +451,10 @@ impl Steer {
             dropped_source: get(consts::BB_STEER_DROP_SOURCE)?,
             dropped_mac: get(consts::BB_STEER_DROP_MAC)?,
             bounced: get(consts::BB_STEER_BOUNCED)?,
+            fast_served: get(consts::BB_STEER_FAST_SERVED)?,
+            fast_missed: get(consts::BB_STEER_FAST_MISSED)?,
+            fast_torn: get(consts::BB_STEER_FAST_TORN)?,
+            fast_passed: get(consts::BB_STEER_FAST_PASSED)?,
         })
     }
 

@@ -5,6 +5,12 @@
  * AF_XDP socket of its RX queue; everything else passes to the kernel untouched. In the bounce
  * mode (a benchmark baseline) a frame of ours goes straight back with XDP_TX instead.
  *
+ * The fast READ: an INLINE READ of a whole page (docs/protocol.md §6.1: the request is padded
+ * to its reply's size) whose page the server has copied into the hot-page store is answered
+ * here, in place, with XDP_TX: the page is copied from its slot under the slot's seqlock, the
+ * headers are turned into the reply's and the UDP checksum is made from the slot's data sum.
+ * Anything this program cannot answer exactly as the server would goes to the socket.
+ *
  * Section "xdp.frags": the program accepts multi-buffer frames (a whole page in one jumbo
  * frame). Only the first buffer is linear, and all headers we look at (62 bytes) are in it.
  */
@@ -50,6 +56,62 @@ struct {
 	__type(value, __u32);
 } steer_mode SEC(".maps");
 
+/* The hot-page store: slots the server (which maps this array) fills with copies of hot
+ * pages, and the index from a page's address to its slot. Sizes are set at load time. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct bb_hot_slot);
+} hot_slots SEC(".maps");
+
+struct bb_hot_key {
+	__u8 addr[BB_HOT_KEY_SIZE];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1);
+	__type(key, struct bb_hot_key);
+	__type(value, __u32);
+} hot_index SEC(".maps");
+
+/* A page of zeros: what a torn copy's padding is put back to before the frame goes to the
+ * socket (whose checksum covers the padding). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u8[BB_PAGE_SIZE]);
+} zero_page SEC(".maps");
+
+/* The BlueBridge header (docs/protocol.md §2.4) as it lies in the frame. */
+struct bb_hdr {
+	__u8 version;
+	__u8 flags;
+	__be16 status;
+	__be16 item;
+	__be16 count;
+	__be64 request_id;
+	__be16 offset;
+	__be16 length;
+	__be16 seg_max;
+	__be16 reserved;
+	__be64 lease;
+	__be64 operand0;
+	__be64 operand1;
+} __attribute__((packed));
+
+_Static_assert(sizeof(struct bb_hdr) == BB_HEADER_LEN, "bb_hdr size");
+
+/* The only READ answered here: one whole page, request padded to the reply's size. */
+#define FAST_UDP_LEN (8 + BB_HEADER_LEN + BB_PAGE_SIZE)
+#define FAST_FRAME_LEN (BB_HEADER_OFFSET + BB_HEADER_LEN + BB_PAGE_SIZE)
+#define FAST_DATA_OFF (BB_HEADER_OFFSET + BB_HEADER_LEN)
+
+#define READ_ONCE_U32(x) (*(volatile __u32 *)&(x))
+
 static __always_inline __u64 mac_u64(const unsigned char *m)
 {
 	return (__u64)m[0] << 40 | (__u64)m[1] << 32 | (__u64)m[2] << 24 |
@@ -73,6 +135,120 @@ static __always_inline int count(__u32 reason, int action)
 	if (c)
 		*c += 1;
 	return action;
+}
+
+static __always_inline int same16(const void *a, const void *b)
+{
+	const __u64 *x = a, *y = b;
+
+	return x[0] == y[0] && x[1] == y[1];
+}
+
+static __always_inline __u32 fold(__u32 s)
+{
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return s;
+}
+
+/* The ones' complement sum (folded, not inverted) of a fast READ frame's UDP checksum input
+ * but its page bytes: the IPv6 pseudo-header, the UDP header and the BlueBridge header, plus
+ * `seed` (the page bytes' sum). */
+static __always_inline __u32 sum_headers(struct ipv6hdr *ip6, struct udphdr *udp, __u32 seed)
+{
+	__be32 pseudo[2] = { bpf_htonl(FAST_UDP_LEN), bpf_htonl(IPPROTO_UDP) };
+	__s64 s;
+
+	s = bpf_csum_diff(0, 0, (__be32 *)&ip6->saddr, 32, seed);
+	if (s < 0)
+		return 0;
+	s = bpf_csum_diff(0, 0, pseudo, sizeof(pseudo), (__u32)s);
+	if (s < 0)
+		return 0;
+	s = bpf_csum_diff(0, 0, (__be32 *)udp, 8 + BB_HEADER_LEN, (__u32)s);
+	if (s < 0)
+		return 0;
+	return fold((__u32)s);
+}
+
+/* An INLINE READ of a page in the hot store, answered with XDP_TX; -1 for a frame that goes
+ * on to the socket (every INLINE READ is counted once: served, missed, torn or passed). */
+static __always_inline int fast_read(struct xdp_md *ctx, struct bb_headers *h)
+{
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ipv6hdr *ip6 = h->ip6;
+	struct udphdr *udp = h->udp;
+	struct bb_hdr *bb = (void *)(udp + 1);
+	struct bb_hot_key key = {};
+	struct bb_hot_slot *s;
+	__u32 *slot, seq, sum, zero = 0;
+	__u16 check;
+	void *zeros;
+	int i;
+
+	if ((void *)(bb + 1) > data_end)
+		return -1; /* not even a header: the socket counts it */
+	if (ip6->daddr.s6_addr[14] != BB_OP_READ || !(bb->flags & BB_FLAG_INLINE) ||
+	    (bb->flags & BB_FLAG_REPLY))
+		return -1;
+	/* What the server would refuse or answer otherwise (segments, an error) is its to judge. */
+	if (bb->version != BB_VERSION || bb->status || bb->count != bpf_htons(1) || bb->offset ||
+	    bb->length != bpf_htons(BB_PAGE_SIZE) ||
+	    (bb->seg_max && bpf_ntohs(bb->seg_max) < BB_PAGE_SIZE) ||
+	    udp->len != bpf_htons(FAST_UDP_LEN) || ip6->payload_len != udp->len ||
+	    bpf_xdp_get_buff_len(ctx) != FAST_FRAME_LEN)
+		return count(BB_STEER_FAST_PASSED, -1);
+
+	__builtin_memcpy(key.addr, &ip6->daddr, 14);
+	slot = bpf_map_lookup_elem(&hot_index, &key);
+	if (!slot)
+		return count(BB_STEER_FAST_MISSED, -1);
+	s = bpf_map_lookup_elem(&hot_slots, slot);
+	if (!s)
+		return count(BB_STEER_FAST_MISSED, -1);
+	/* The request's checksum, its padding taken as the zeros it must be: a frame that does
+	 * not verify so (damaged, or padded with anything else) is the socket's to judge. */
+	if (sum_headers(ip6, udp, 0) != 0xffff)
+		return count(BB_STEER_FAST_PASSED, -1);
+
+	for (i = 0; i < 2; i++) {
+		seq = READ_ONCE_U32(s->seq);
+		if (seq & 1)
+			continue; /* being written */
+		if (!(s->flags & BB_HOT_VALID) || !same16(s->key, key.addr))
+			return count(BB_STEER_FAST_MISSED, -1);
+		if (!(s->flags & BB_HOT_SHARED) && !same16(s->owner, &ip6->saddr))
+			return count(BB_STEER_FAST_PASSED, -1); /* the server answers FORBIDDEN */
+		sum = s->sum;
+		if (bpf_xdp_store_bytes(ctx, FAST_DATA_OFF, s->data, BB_PAGE_SIZE))
+			return count(BB_STEER_FAST_PASSED, -1);
+		if (READ_ONCE_U32(s->seq) == seq)
+			goto serve;
+	}
+	/* Torn twice: the padding goes back to zeros so the request still verifies. */
+	zeros = bpf_map_lookup_elem(&zero_page, &zero);
+	if (!zeros || bpf_xdp_store_bytes(ctx, FAST_DATA_OFF, zeros, BB_PAGE_SIZE))
+		return count(BB_STEER_MALFORMED, XDP_DROP);
+	return count(BB_STEER_FAST_TORN, -1);
+
+serve:
+	__sync_fetch_and_add(&s->hits, 1);
+	/* The reply header the server would send: REPLY (and INLINE: answered here), the request's
+	 * id, item, count and range, everything else 0. */
+	bb->flags = BB_FLAG_REPLY | BB_FLAG_INLINE;
+	bb->seg_max = 0;
+	bb->reserved = 0;
+	bb->lease = 0;
+	bb->operand0 = 0;
+	bb->operand1 = 0;
+	bb_swap_endpoints(h->eth, ip6, udp);
+	ip6->saddr.s6_addr[15] = 0; /* replies carry op flags 0 */
+	*(__be32 *)ip6 = bpf_htonl(0x60000000);
+	ip6->hop_limit = 64;
+	udp->check = 0;
+	check = ~sum_headers(ip6, udp, sum) & 0xffff;
+	udp->check = check ? check : 0xffff;
+	return count(BB_STEER_FAST_SERVED, XDP_TX);
 }
 
 static __always_inline int steer(struct xdp_md *ctx)
@@ -127,6 +303,13 @@ static __always_inline int steer(struct xdp_md *ctx)
 			bb_swap_endpoints(eth, ip6, h.udp);
 			return count(BB_STEER_BOUNCED, XDP_TX);
 		}
+	}
+
+	{
+		int fast = fast_read(ctx, &h);
+
+		if (fast >= 0)
+			return fast;
 	}
 
 	queue = ctx->rx_queue_index;

@@ -62,6 +62,10 @@ fn delta(a: SteerCounters, b: SteerCounters) -> SteerCounters {
         dropped_source: b.dropped_source - a.dropped_source,
         dropped_mac: b.dropped_mac - a.dropped_mac,
         bounced: b.bounced - a.bounced,
+        fast_served: b.fast_served - a.fast_served,
+        fast_missed: b.fast_missed - a.fast_missed,
+        fast_torn: b.fast_torn - a.fast_torn,
+        fast_passed: b.fast_passed - a.fast_passed,
     }
 }
 

@@ -404,8 +404,12 @@ impl HeaderFlags {
     pub const MORE: HeaderFlags = HeaderFlags(0x04);
     /// Set by a client on a retransmission (informational, for counters and captures).
     pub const RETRY: HeaderFlags = HeaderFlags(0x08);
+    /// READ: the request is padded with `length` zero bytes, so the reply fits in its frame
+    /// and a server may answer it in place (in XDP, from its hot-page store); in a reply:
+    /// answered that way (docs/protocol.md §6.1).
+    pub const INLINE: HeaderFlags = HeaderFlags(0x10);
     /// Every flag this version defines; the other bits are reserved (sent as zero, ignored).
-    pub const DEFINED: HeaderFlags = HeaderFlags(0x0f);
+    pub const DEFINED: HeaderFlags = HeaderFlags(0x1f);
 
     /// Whether every flag of `other` is set in `self`.
     pub const fn contains(self, other: HeaderFlags) -> bool {
@@ -434,11 +438,12 @@ impl core::ops::BitOr for HeaderFlags {
 
 impl fmt::Debug for HeaderFlags {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const NAMES: [(HeaderFlags, &str); 4] = [
+        const NAMES: [(HeaderFlags, &str); 5] = [
             (HeaderFlags::REPLY, "REPLY"),
             (HeaderFlags::SHARED, "SHARED"),
             (HeaderFlags::MORE, "MORE"),
             (HeaderFlags::RETRY, "RETRY"),
+            (HeaderFlags::INLINE, "INLINE"),
         ];
         let mut first = true;
         for (flag, name) in NAMES {

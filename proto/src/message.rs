@@ -187,7 +187,9 @@ impl<'a> Request<'a> {
             }
             Ok(Body::Data(Bytes { head: p, tail }))
         };
-        if !tail.is_empty() && !op.request_carries_data() {
+        // An INLINE READ carries `length` bytes of padding (§6.1), in pieces like page data.
+        let inline_read = op == Opcode::READ && h.flags.contains(HeaderFlags::INLINE);
+        if !tail.is_empty() && !op.request_carries_data() && !inline_read {
             // Only page data may arrive in two pieces (handle lists and write entries are
             // parsed in place).
             return Err(RequestError::Malformed(
@@ -229,6 +231,15 @@ impl<'a> Request<'a> {
                 empty(true)?
             }
             Opcode::ALLOC_WRITE => data()?,
+            Opcode::READ if inline_read => {
+                range(false)?;
+                if p.len() + tail.len() != usize::from(h.length) {
+                    return Err(RequestError::Malformed(
+                        "an INLINE READ is padded with exactly its length",
+                    ));
+                }
+                Body::Empty // the padding's contents mean nothing
+            }
             Opcode::READ => {
                 range(false)?;
                 empty(true)?
@@ -777,6 +788,45 @@ mod tests {
             length,
             ..BbRepr::default()
         }
+    }
+
+    #[test]
+    fn an_inline_read_is_padded_with_exactly_its_length() {
+        let inline = |offset, length| BbRepr {
+            flags: HeaderFlags::INLINE,
+            ..hdr(offset, length)
+        };
+        assert_eq!(
+            check(Opcode::READ, 5, inline(0, 4096), &[0; 4096]),
+            Ok(Body::Empty)
+        );
+        assert_eq!(
+            check(Opcode::READ, 5, inline(8, 100), &[0; 100]),
+            Ok(Body::Empty)
+        );
+        for (pad, why) in [(0, "none"), (99, "short"), (101, "long")] {
+            assert_eq!(
+                check(Opcode::READ, 5, inline(8, 100), &[0; 101][..pad]),
+                Err(RequestError::Malformed(
+                    "an INLINE READ is padded with exactly its length"
+                )),
+                "{why}"
+            );
+        }
+        // In two pieces, as a multi-buffer frame arrives.
+        let (buf, n) = frame_bytes(Opcode::READ, 5, inline(0, 4096), &[0; 4096]);
+        let f = Frame::parse(&buf[..n]).unwrap();
+        let split = Frame {
+            payload: &f.payload[..1000],
+            payload_tail: &f.payload[1000..],
+            ..f
+        };
+        assert_eq!(Request::parse(&split, PREFIX).unwrap().body, Body::Empty);
+        // Without the flag a READ still takes no payload.
+        assert_eq!(
+            check(Opcode::READ, 5, hdr(0, 100), &[0; 100]),
+            Err(RequestError::Malformed("unexpected payload"))
+        );
     }
 
     #[test]
