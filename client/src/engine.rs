@@ -17,6 +17,9 @@ use bluebridge_proto::{
 use crate::error::ClientError;
 use crate::pending::{Deadlines, Slab};
 
+/// The padding of INLINE READs.
+static ZEROS: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+
 /// How an engine talks.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -45,6 +48,10 @@ pub struct EngineConfig {
     pub seg_max: u16,
     /// Most page bytes this client puts in one request frame.
     pub max_request_data: u16,
+    /// Whole-page READs go INLINE (docs/protocol.md §6.1): padded to the reply's size, so a
+    /// server with a hot-page store can answer them in XDP. Only when a whole page fits one
+    /// request frame (`max_request_data` ≥ 4096); set by the transports for such links.
+    pub inline_reads: bool,
 }
 
 impl EngineConfig {
@@ -66,6 +73,7 @@ impl EngineConfig {
             max_rto: None,
             seg_max: 0,
             max_request_data: PAGE_SIZE as u16,
+            inline_reads: false,
         }
     }
 }
@@ -230,6 +238,11 @@ pub struct EngineStats {
     pub ready: u64,
     /// READ replies a [`PageSink`] took straight from the receive buffer.
     pub direct: u64,
+    /// READs sent INLINE ([`EngineConfig::inline_reads`]).
+    pub inline_sent: u64,
+    /// READ replies that came back INLINE: answered by the server's XDP program from its
+    /// hot-page store.
+    pub inline_served: u64,
 }
 
 /// A REVOKE notice (§5.18): the home of `page` wants the copies of generation `generation`
@@ -665,6 +678,11 @@ impl Engine {
             _ => Collect::Single,
         };
         let target = target.with_op(req.op, OpFlags::NONE);
+        let mut req = req;
+        if self.inline(&req) {
+            req.flags = req.flags | HeaderFlags::INLINE;
+            self.stats.inline_sent += 1;
+        }
         let id = self.pending.insert(Pending {
             req,
             wire_id: None,
@@ -679,6 +697,14 @@ impl Engine {
         });
         self.queue.push_back(id);
         id
+    }
+
+    /// Whether `req` goes INLINE: a whole-page READ, on a link where it fits one frame.
+    fn inline(&self, req: &Request) -> bool {
+        self.cfg.inline_reads
+            && req.op == Opcode::READ
+            && (req.offset, usize::from(req.length)) == (0, PAGE_SIZE)
+            && usize::from(self.cfg.max_request_data) >= PAGE_SIZE
     }
 
     /// Refuses only what cannot be framed or reassembled; everything else is the server's to
@@ -796,7 +822,13 @@ impl Engine {
                 src_port: self.cfg.local_port,
                 dst_port: UDP_PORT,
             };
-            if !sink.send(&ep, &h, &p.req.payload) {
+            // An INLINE READ is padded with zeros to its reply's size (§6.1).
+            let payload = if p.req.op == Opcode::READ && p.req.flags.contains(HeaderFlags::INLINE) {
+                &ZEROS[..usize::from(p.req.length)]
+            } else {
+                &p.req.payload[..]
+            };
+            if !sink.send(&ep, &h, payload) {
                 break;
             }
             queue.pop_front();
@@ -978,6 +1010,9 @@ impl Engine {
             return;
         }
         self.stats.replies += 1;
+        if h.flags.contains(HeaderFlags::INLINE) {
+            self.stats.inline_served += 1;
+        }
         if h.status == Status::MOVED {
             // The route is changing: ask the same address again after an RTO (a
             // retransmission, counted against the budget).

@@ -13,7 +13,9 @@ use bluebridge_proto::segment::{max_data_per_frame, max_frame_for_mtu};
 use bluebridge_xsk::{LinkError, Xsk, XskConfig, XskError, XskStats};
 
 use bluebridge_proto::frame::{Endpoints, FrameSink};
-use bluebridge_proto::{BbRepr, HostId, MacAddr, NetPrefix, PageHandle, SESSION_SLOT_BITS};
+use bluebridge_proto::{
+    BbRepr, HostId, MacAddr, NetPrefix, PAGE_SIZE, PageHandle, SESSION_SLOT_BITS,
+};
 
 use crate::engine::{Engine, EngineConfig};
 use crate::udp::UdpTransport;
@@ -179,6 +181,7 @@ impl Connect {
                 ec.local_port = t.local().port();
                 ec.seg_max = data;
                 ec.max_request_data = data;
+                ec.inline_reads = usize::from(data) >= PAGE_SIZE;
                 Ok((AnyTransport::Udp(Box::new(t)), ec))
             }
         }
@@ -228,6 +231,7 @@ impl Connect {
         let mut ec = EngineConfig::new(self.prefix, self.local, MacAddr(t.mac()), next_hop);
         ec.seg_max = t.frame_data();
         ec.max_request_data = t.frame_data();
+        ec.inline_reads = usize::from(t.frame_data()) >= PAGE_SIZE;
         Ok((AnyTransport::Xdp(Box::new(t)), ec))
     }
 }
@@ -262,6 +266,10 @@ pub struct NetArgs {
     /// Retransmissions before a request fails with a timeout (0 to 100).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(0..=100))]
     pub retries: u32,
+    /// Send whole-page READs plain instead of INLINE (padded to the reply's size so a server
+    /// with `--xdp-cache` can answer them in XDP; the default where a page fits one frame).
+    #[arg(long)]
+    pub no_inline_reads: bool,
 }
 
 impl NetArgs {
@@ -281,8 +289,7 @@ impl NetArgs {
     /// carries the timeout and retry budget.
     pub fn open(&self) -> Result<(AnyTransport, EngineConfig), ConnectError> {
         let (t, mut ec) = self.connect().open()?;
-        ec.rto = std::time::Duration::from_micros(self.rto_us);
-        ec.retries = self.retries;
+        self.tune(&mut ec);
         Ok((t, ec))
     }
 
@@ -293,9 +300,15 @@ impl NetArgs {
         shared: Option<&SharedSteer>,
     ) -> Result<(AnyTransport, EngineConfig), ConnectError> {
         let (t, mut ec) = self.connect().open_on(queue, shared)?;
+        self.tune(&mut ec);
+        Ok((t, ec))
+    }
+
+    /// What these options change in an engine's configuration.
+    fn tune(&self, ec: &mut EngineConfig) {
         ec.rto = std::time::Duration::from_micros(self.rto_us);
         ec.retries = self.retries;
-        Ok((t, ec))
+        ec.inline_reads &= !self.no_inline_reads;
     }
 }
 

@@ -136,12 +136,15 @@ impl Steer {
 
     /// Slot `slot` as the map syscall reads it.
     pub fn read_hot_slot(&self, slot: u32) -> Result<[u8; HOT_SLOT_SIZE], SteerError> {
-        let a: Array<&MapData, [u8; HOT_SLOT_SIZE]> =
-            Array::try_from(self.ebpf.map("hot_slots").ok_or(SteerError::Missing("hot_slots"))?)
-                .map_err(|source| SteerError::Map {
-                    what: "hot_slots map".into(),
-                    source,
-                })?;
+        let a: Array<&MapData, [u8; HOT_SLOT_SIZE]> = Array::try_from(
+            self.ebpf
+                .map("hot_slots")
+                .ok_or(SteerError::Missing("hot_slots"))?,
+        )
+        .map_err(|source| SteerError::Map {
+            what: "hot_slots map".into(),
+            source,
+        })?;
         a.get(&slot, 0).map_err(|source| SteerError::Map {
             what: format!("reading hot slot {slot}"),
             source,

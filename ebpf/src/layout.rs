@@ -108,6 +108,10 @@ const _: () = {
     assert!(consts::BB_VERSION == bluebridge_proto::VERSION as u32);
     assert!(consts::BB_FLAG_INLINE == HeaderFlags::INLINE.0 as u32);
     assert!(n(consts::BB_PAGE_SIZE) == bluebridge_proto::PAGE_SIZE);
-    assert!(n(consts::BB_HEADER_OFFSET + consts::BB_HEADER_LEN) == bluebridge_proto::FRAME_OVERHEAD);
-    assert!(n(consts::BB_HOT_SLOT_OFF_DATA) + n(consts::BB_PAGE_SIZE) == n(consts::BB_HOT_SLOT_SIZE));
+    assert!(
+        n(consts::BB_HEADER_OFFSET + consts::BB_HEADER_LEN) == bluebridge_proto::FRAME_OVERHEAD
+    );
+    assert!(
+        n(consts::BB_HOT_SLOT_OFF_DATA) + n(consts::BB_PAGE_SIZE) == n(consts::BB_HOT_SLOT_SIZE)
+    );
 };

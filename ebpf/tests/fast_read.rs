@@ -86,7 +86,10 @@ fn steer_with(slot_bytes: [u8; HOT_SLOT_SIZE]) -> Steer {
     s.add_prefix(NetPrefix::DEFAULT.host_network(HostId(2)), 48)
         .unwrap();
     s.write_hot_slot(1, &slot_bytes).unwrap();
-    s.hot_index().unwrap().insert(&hot_key(&page(0)), 1).unwrap();
+    s.hot_index()
+        .unwrap()
+        .insert(&hot_key(&page(0)), 1)
+        .unwrap();
     s
 }
 
@@ -122,7 +125,10 @@ fn a_hot_page_is_answered_in_place() {
     let f = Frame::parse(&out).expect("the reply parses, checksum and lengths too");
     assert_eq!(f.endpoints.src, page(0));
     assert_eq!(f.endpoints.dst, CLIENT.parse::<Ipv6Addr>().unwrap());
-    assert_eq!((f.endpoints.src_port, f.endpoints.dst_port), (UDP_PORT, 40000));
+    assert_eq!(
+        (f.endpoints.src_port, f.endpoints.dst_port),
+        (UDP_PORT, 40000)
+    );
     assert_eq!(f.endpoints.dst_mac, MacAddr([2, 0, 0, 0, 0, 1]));
     assert_eq!(f.endpoints.src_mac, MacAddr([2, 0, 0, 0, 0, 2]));
     assert_eq!(f.header.flags, HeaderFlags::REPLY | HeaderFlags::INLINE);
@@ -178,7 +184,12 @@ fn what_xdp_cannot_answer_goes_on_untouched() {
     // Another client's page: the server answers FORBIDDEN.
     check(&mut s, &whole_page_read(OTHER), PASSED, "owner");
     // A range, or a client asking for segments: the server frames them.
-    check(&mut s, &inline_read(CLIENT, 8, 100, 0, &[0; 100]), PASSED, "range");
+    check(
+        &mut s,
+        &inline_read(CLIENT, 8, 100, 0, &[0; 100]),
+        PASSED,
+        "range",
+    );
     check(
         &mut s,
         &inline_read(CLIENT, 0, 4096, 2048, &[0; 4096]),
@@ -186,7 +197,12 @@ fn what_xdp_cannot_answer_goes_on_untouched() {
         "seg_max",
     );
     // Padding that is not zeros: the request's checksum cannot be vouched for here.
-    check(&mut s, &inline_read(CLIENT, 0, 4096, 0, &[1; 4096]), PASSED, "padding");
+    check(
+        &mut s,
+        &inline_read(CLIENT, 0, 4096, 0, &[1; 4096]),
+        PASSED,
+        "padding",
+    );
     // Damaged in flight: the socket's checksum check drops it.
     let mut bad = whole_page_read(CLIENT);
     bad[62 + 8] ^= 0x40;
@@ -204,12 +220,19 @@ fn what_xdp_cannot_answer_goes_on_untouched() {
         OpFlags::NONE,
     )
     .to_ipv6();
-    s.write_hot_slot(1, &slot(4, BB_HOT_VALID, elsewhere, &d)).unwrap();
-    check(&mut s, &whole_page_read(CLIENT), MISSED, "slot of another page");
+    s.write_hot_slot(1, &slot(4, BB_HOT_VALID, elsewhere, &d))
+        .unwrap();
+    check(
+        &mut s,
+        &whole_page_read(CLIENT),
+        MISSED,
+        "slot of another page",
+    );
     s.write_hot_slot(1, &slot(4, 0, page(0), &d)).unwrap();
     check(&mut s, &whole_page_read(CLIENT), MISSED, "slot not valid");
     // Being written (odd sequence) through both tries: torn, and the padding is zeros again.
-    s.write_hot_slot(1, &slot(5, BB_HOT_VALID, page(0), &d)).unwrap();
+    s.write_hot_slot(1, &slot(5, BB_HOT_VALID, page(0), &d))
+        .unwrap();
     check(&mut s, &whole_page_read(CLIENT), TORN, "torn");
     // A plain READ is not the fast path's at all.
     let plain = {

@@ -163,6 +163,8 @@ pub struct Handler {
     outbox: Option<Box<crate::replication::Outbox>>,
     /// A stream the controller stopped, until the replies it held have gone.
     orphaned: Option<Box<crate::replication::Outbox>>,
+    /// When the hot-page store's hits are next turned into liveness stamps.
+    hot_next_ns: u64,
     /// Twins of other servers' shards this shard keeps as their backup.
     replicas: Vec<crate::replication::Replica>,
     /// The version of the orders last acted on.
@@ -213,6 +215,7 @@ impl Handler {
             sweep: owners::Sweep::default(),
             outbox: None,
             orphaned: None,
+            hot_next_ns: 0,
             replicas: Vec::new(),
             orders_seen: 0,
             pristine: true,
@@ -728,6 +731,26 @@ impl Handler {
         true
     }
 
+    /// An INLINE READ of a whole page reached the worker: XDP did not have the page, so it
+    /// goes into the hot-page store (if this shard has one). Not while the shard replicates:
+    /// a READ must not show what its backup may not hold yet (§5.19), and XDP cannot wait.
+    fn maybe_promote(&mut self, req: &Request<'_>, p: PageIdx) {
+        let h = &req.header;
+        if !h.flags.contains(HeaderFlags::INLINE)
+            || (h.offset, usize::from(h.length)) != (0, bluebridge_proto::PAGE_SIZE)
+            || !self.store.has_hot()
+            || self.outbox.is_some()
+            || self.orphaned.is_some()
+        {
+            return;
+        }
+        let Some(owner) = self.access.owner_addr(self.store.owner(p)) else {
+            return;
+        };
+        let key = bluebridge_ebpf::hot_key(&req.target.to_ipv6());
+        self.store.promote_hot(p, key, owner);
+    }
+
     /// Sends a one-frame reply without payload: an error, or the OK of a WRITE.
     fn reply_status(
         &mut self,
@@ -792,6 +815,7 @@ impl Handler {
             Opcode::READ => match self.page_for(target.handle(), who) {
                 Ok(p) => {
                     self.send_range(req, p, target, base, sink);
+                    self.maybe_promote(req, p);
                 }
                 Err(st) => self.reply_status(req, target, base, st, sink),
             },

@@ -1,6 +1,7 @@
 //! The BlueBridge page server.
 //!
-//! - [`store`]: the hugepage-backed page arena and handle validation.
+//! - [`store`]: the hugepage-backed page arena and handle validation; [`hot`]: its hot pages
+//!   copied where the XDP program answers INLINE READs from.
 //! - [`lease`], [`session`]: UPDATE leases and at-most-once execution; [`liveness`]: when
 //!   each client was last heard (what reclaims a dead owner's pages); [`keyed`]: the keyed
 //!   permutation behind unguessable handles and lease ids.
@@ -17,6 +18,7 @@ pub mod coherence;
 pub mod fuzzing;
 pub mod handler;
 pub mod handoff;
+pub mod hot;
 pub mod keyed;
 pub mod lease;
 pub mod liveness;

@@ -143,6 +143,12 @@ struct Args {
     /// (AF_XDP only).
     #[arg(long)]
     xdp_bounce: bool,
+    /// Kernel memory for the XDP hot-page store, e.g. 64MiB (0: none): copies of pages read
+    /// with the INLINE flag, answered by the XDP program itself without waking a worker
+    /// (docs/running.md "Hot pages in XDP"). 4160 bytes per page; split between the workers.
+    /// AF_XDP only; not with --allow-clients.
+    #[arg(long, value_name = "SIZE", default_value = "0")]
+    xdp_cache: bytesize::ByteSize,
     /// Seconds between stats lines (0: none; at most 86400).
     #[arg(long, default_value_t = 1.0, value_parser = bluebridge_xsk::cli::seconds)]
     stats_interval: f64,
@@ -225,6 +231,7 @@ fn main() -> Result<()> {
         allowed_clients: a.allow_clients,
         echo: a.echo,
         xdp_bounce: a.xdp_bounce,
+        xdp_cache_bytes: a.xdp_cache.as_u64(),
         max_owners: a.max_owners as usize,
         orphan_grace_ms: a.orphan_grace_ms,
         copy_lease_ms: a.copy_lease_ms,
@@ -260,6 +267,14 @@ fn main() -> Result<()> {
     );
     if let Some(m) = server.metrics_addr() {
         println!("bluebridge-server: Prometheus metrics at http://{m}/metrics");
+    }
+    if i.hot_slots > 0 {
+        println!(
+            "bluebridge-server: XDP hot-page store of {} pages ({:.1} MiB of kernel memory): \
+             INLINE READs of hot pages are answered in XDP",
+            i.hot_slots,
+            f64::from(i.hot_slots) * bluebridge_ebpf::HOT_SLOT_SIZE as f64 / 1048576.0
+        );
     }
     let interval = Duration::from_secs_f64(a.stats_interval);
     let started = Instant::now();
@@ -465,6 +480,24 @@ fn summary(s: &ServerStats) -> String {
             mal.join(", ")
         }
     );
+    use bluebridge_server::hot::HotCounter as H;
+    let hot = |c| s.handler.hot(c);
+    if s.handler.hot.iter().any(|&n| n > 0) || s.steer.fast_served + s.steer.fast_missed > 0 {
+        out += &format!(
+            "XDP fast READ: served {}, missed {}, torn {}, passed {} | hot pages {} (promoted {}, \
+             demoted {}, updated {}, refused {}, index errors {})\n",
+            s.steer.fast_served,
+            s.steer.fast_missed,
+            s.steer.fast_torn,
+            s.steer.fast_passed,
+            hot(H::Pages),
+            hot(H::Promoted),
+            hot(H::Demoted),
+            hot(H::Updated),
+            hot(H::Refused),
+            hot(H::IndexErrors)
+        );
+    }
     out += &format!(
         "XDP steering: redirected {}, passed {} (not IPv6 {}, not UDP {}, other port {}, other prefix {}), \
          malformed {}, no socket {}, bounced {}",

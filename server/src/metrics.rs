@@ -13,6 +13,7 @@ use bluebridge_metrics::prometheus_client::collector::Collector;
 use bluebridge_metrics::prometheus_client::encoding::DescriptorEncoder;
 use bluebridge_proto::{Opcode, Status};
 
+use crate::hot::{HOT_COUNTERS, HotCounter};
 use crate::runtime::{ServerStats, snapshot};
 use crate::stats::{HostCounters, MALFORMED_REASONS, REPL_COUNTERS, ReplCounter};
 
@@ -195,6 +196,26 @@ fn encode(f: &mut Family<'_, '_>, s: &ServerStats) -> std::fmt::Result {
         ]
         .map(|(v, n)| ([("verdict", v)], n)),
     )?;
+    f.counters(
+        "bluebridge_xdp_fast_reads",
+        "INLINE READs by what the XDP program did with them: served from the hot-page store, \
+         missed (page not there), torn (slot changing), passed (left to a worker).",
+        [
+            ("served", st.fast_served),
+            ("missed", st.fast_missed),
+            ("torn", st.fast_torn),
+            ("passed", st.fast_passed),
+        ]
+        .map(|(v, n)| ([("outcome", v)], n)),
+    )?;
+    for (i, name) in HOT_COUNTERS.iter().enumerate() {
+        let help = "The XDP hot-page store (docs/running.md \"Hot pages in XDP\").";
+        if i == HotCounter::Pages as usize {
+            f.gauge(&format!("bluebridge_{name}"), help, h.hot[i] as f64)?;
+        } else {
+            f.counter(&format!("bluebridge_{name}"), help, h.hot[i])?;
+        }
+    }
     let x = &s.xsk;
     f.counters(
         "bluebridge_xsk_frames",

@@ -22,6 +22,7 @@ use bluebridge_xsk::{Rx, Xsk, XskConfig, XskStats};
 
 use crate::handler::{Handler, HandlerConfig};
 use crate::handoff::Handoff;
+use crate::hot::{HotShard, HotStore};
 use crate::session::SessionConfig;
 use crate::stats::{HostCounters, ShardCounters, Stats};
 use crate::store::{Backing, Store};
@@ -92,6 +93,9 @@ pub struct ServerConfig {
     /// XDP_TX (endpoints swapped), no userspace involved: the floor of the path (AF_XDP
     /// transport only; for benchmarks).
     pub xdp_bounce: bool,
+    /// Bytes of kernel memory for the XDP hot-page store (docs/running.md "Hot pages in
+    /// XDP"), split evenly between the shards; 0: none (INLINE READs go to the workers).
+    pub xdp_cache_bytes: u64,
     /// Leases that may be held at once (split evenly between the shards).
     pub max_leases: u16,
     /// Lease time when a client asks for none, ms.
@@ -147,6 +151,7 @@ impl ServerConfig {
             hugepages: true,
             echo: false,
             xdp_bounce: false,
+            xdp_cache_bytes: 0,
             max_leases: u16::MAX,
             lease_default_ms: 1_000,
             lease_max_ms: 60_000,
@@ -247,6 +252,8 @@ pub struct ServerInfo {
     pub sockets: Vec<bluebridge_xsk::XskMode>,
     /// NIC flow rules installed (one per shard), 0 if none (one queue, or the NIC refused).
     pub flow_rules: usize,
+    /// Slots of the XDP hot-page store (0: none).
+    pub hot_slots: u32,
 }
 
 impl Server {
@@ -314,6 +321,32 @@ impl Server {
                 "--xdp-bounce is a baseline of the AF_XDP transport, without --echo".into(),
             ));
         }
+        let hot_slots = u32::try_from(cfg.xdp_cache_bytes / bluebridge_ebpf::HOT_SLOT_SIZE as u64)
+            .unwrap_or(u32::MAX);
+        if cfg.xdp_cache_bytes > 0 {
+            if cfg.transport != TransportKind::Xdp || cfg.echo || cfg.xdp_bounce {
+                return Err(StartError::Config(
+                    "--xdp-cache serves pages from the XDP program: AF_XDP transport only, \
+                     without --echo or --xdp-bounce"
+                        .into(),
+                ));
+            }
+            if !cfg.allowed_clients.is_empty() {
+                return Err(StartError::Config(
+                    "--xdp-cache cannot be combined with --allow-clients (the XDP program \
+                     checks page owners, not client prefixes)"
+                        .into(),
+                ));
+            }
+            if (hot_slots as usize) < shards {
+                return Err(StartError::Config(format!(
+                    "--xdp-cache {} bytes holds {hot_slots} page slot(s) of {} bytes; each of \
+                     the {shards} worker(s) needs at least one",
+                    cfg.xdp_cache_bytes,
+                    bluebridge_ebpf::HOT_SLOT_SIZE
+                )));
+            }
+        }
         if cfg.echo && cfg.transport != TransportKind::Xdp {
             return Err(StartError::Config(
                 "--echo is a baseline of the AF_XDP transport".into(),
@@ -355,7 +388,7 @@ impl Server {
             Framing::Segments => false,
         };
 
-        let stores = (0..shards)
+        let mut stores = (0..shards)
             .map(|i| Store::for_shard(i, shard_bytes, cfg.hugepages))
             .collect::<Result<Vec<_>, _>>()?;
         let backing = if stores.iter().all(|s| s.backing() == Backing::Huge2M) {
@@ -367,7 +400,25 @@ impl Server {
 
         let (steer, attach, sockets, frame_data, repl_frame) = match cfg.transport {
             TransportKind::Xdp => {
-                let mut steer = Steer::load()?;
+                let mut steer = Steer::load_with_hot_slots(hot_slots)?;
+                if cfg.xdp_cache_bytes > 0 {
+                    let fd = steer.hot_slots_fd()?;
+                    let hot = Arc::new(HotStore::map(fd, hot_slots).map_err(|e| {
+                        StartError::Config(format!("mapping the XDP hot-page store: {e}"))
+                    })?);
+                    for (i, st) in stores.iter_mut().enumerate() {
+                        st.set_hot(HotShard::new(
+                            hot.clone(),
+                            hot.range(i, shards),
+                            steer.hot_index()?,
+                        ));
+                    }
+                    tracing::info!(
+                        slots = hot_slots,
+                        mib = hot_slots as f64 * bluebridge_ebpf::HOT_SLOT_SIZE as f64 / 1048576.0,
+                        "XDP hot-page store"
+                    );
+                }
                 steer.add_prefix(cfg.prefix.host_network(cfg.host), HOST_PREFIX_LEN)?;
                 // Anycast ALLOCs (host 0xffff) routed here by a switch.
                 steer.add_prefix(cfg.prefix.host_network(HostId::ANY), HOST_PREFIX_LEN)?;
@@ -559,6 +610,11 @@ impl Server {
             flow_rules: flow_rules
                 .as_ref()
                 .map_or(0, bluebridge_xsk::FlowRules::len),
+            hot_slots: if cfg.xdp_cache_bytes > 0 {
+                hot_slots
+            } else {
+                0
+            },
         };
         tracing::info!(
             ifname = %cfg.ifname, host = %cfg.host, prefix = %cfg.prefix, ?attach, ?backing, pages,
@@ -802,6 +858,9 @@ impl Worker {
                 n += self
                     .handoff
                     .drain(me, |frame| h.handle_frame(frame, now, &mut tx));
+            }
+            if n > 0 {
+                self.common.handler.publish_hot();
             }
             if n > 0 || self.xsk.tx_in_flight() > 0 {
                 self.xsk.flush();

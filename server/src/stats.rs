@@ -11,6 +11,8 @@ use bluebridge_proto::frame::FrameError;
 use bluebridge_proto::{Opcode, Status};
 use bluebridge_xsk::XskStats;
 
+use crate::hot::HOT_COUNTERS;
+
 /// Why frames were dropped as malformed.
 pub const MALFORMED_REASONS: [&str; 9] = [
     "truncated",
@@ -123,6 +125,8 @@ pub struct Stats {
     pub stalls: u64,
     /// Replication, by [`ReplCounter`].
     pub repl: [u64; REPL_COUNTERS.len()],
+    /// The XDP hot-page store, by [`HotCounter`](crate::hot::HotCounter).
+    pub hot: [u64; HOT_COUNTERS.len()],
 }
 
 /// A gap in a worker's loop longer than this counts as a stall (1 ms).
@@ -215,6 +219,7 @@ impl Default for Stats {
             loop_gap_max_ns: 0,
             stalls: 0,
             repl: [0; REPL_COUNTERS.len()],
+            hot: [0; HOT_COUNTERS.len()],
         }
     }
 }
@@ -267,6 +272,12 @@ impl Stats {
             .zip(o.malformed)
             .for_each(|(a, b)| *a += b);
         self.repl.iter_mut().zip(o.repl).for_each(|(a, b)| *a += b);
+        self.hot.iter_mut().zip(o.hot).for_each(|(a, b)| *a += b);
+    }
+
+    /// A hot-page store counter.
+    pub fn hot(&self, c: crate::hot::HotCounter) -> u64 {
+        self.hot[c as usize]
     }
 
     /// A replication counter.
@@ -399,6 +410,9 @@ pub struct ShardCounters {
     pub xsk: [Counter; XskStats::LEN],
     /// Replication, by [`ReplCounter`].
     pub repl: [Counter; REPL_COUNTERS.len()],
+    /// The XDP hot-page store, by [`HotCounter`](crate::hot::HotCounter) (published by
+    /// the worker every 100 ms).
+    pub hot: [Counter; HOT_COUNTERS.len()],
 }
 
 impl Default for ShardCounters {
@@ -431,6 +445,7 @@ impl Default for ShardCounters {
             zero_copy: Counter::default(),
             xsk: counters(),
             repl: counters(),
+            hot: counters(),
         }
     }
 }
@@ -482,6 +497,7 @@ impl ShardCounters {
             leases_held: self.leases_held.get(),
             zero_copy: self.zero_copy.get(),
             repl: read(&self.repl),
+            hot: read(&self.hot),
         }
     }
 

@@ -13,6 +13,7 @@
 use bluebridge_proto::{PAGE_SIZE, PageHandle, Status};
 use memmap2::{MmapMut, MmapOptions};
 
+use crate::hot::{HOT_COUNTERS, HotShard};
 use crate::keyed::Feistel;
 
 /// Index of a page in the arena.
@@ -99,6 +100,9 @@ pub struct Store {
     key: [u8; 32],
     /// A copy of the pages to a new backup under way.
     copy: Option<Box<Copying>>,
+    /// This shard's slots of the XDP hot-page store, if the server has one: every change
+    /// to a page's bytes or access goes through here first.
+    hot: Option<Box<HotShard>>,
 }
 
 /// The pages' metadata as a replica's snapshot carries it: the slots that differ from a fresh
@@ -219,6 +223,7 @@ impl Store {
             codec,
             key,
             copy: None,
+            hot: None,
         })
     }
 
@@ -259,6 +264,9 @@ impl Store {
                 .any(|(i, _)| *i as usize >= self.meta.len())
         {
             return false;
+        }
+        if let Some(h) = self.hot.as_deref_mut() {
+            h.clear();
         }
         for (i, m) in s.changed {
             self.meta[i as usize] = m;
@@ -320,6 +328,9 @@ impl Store {
 
     /// Writes a page's bytes as a replica's stream carries them (no copy is taken).
     pub(crate) fn install_page(&mut self, p: PageIdx, bytes: &[u8]) -> bool {
+        if let Some(h) = self.hot.as_deref_mut() {
+            h.evict(p);
+        }
         let at = p.0 as usize * PAGE_SIZE;
         match self.mem.get_mut(at..at + PAGE_SIZE) {
             Some(dst) if bytes.len() == PAGE_SIZE => {
@@ -417,6 +428,9 @@ impl Store {
 
     /// Zeroes and frees a live page; its handle becomes stale.
     pub fn free(&mut self, p: PageIdx) {
+        if let Some(h) = self.hot.as_deref_mut() {
+            h.evict(p); // before its handle goes stale: XDP never serves it again
+        }
         self.page_mut(p).fill(0);
         let m = &mut self.meta[p.0 as usize];
         debug_assert!(m.flags & ALLOCATED != 0);
@@ -438,6 +452,9 @@ impl Store {
     /// The page's bytes, writable. While a copy to a new backup is under way, a page not yet
     /// copied is taken as it is first ([`Store::take_changed`]).
     pub fn page_mut(&mut self, p: PageIdx) -> &mut [u8] {
+        if let Some(h) = self.hot.as_deref_mut() {
+            h.changing(p);
+        }
         let at = p.0 as usize * PAGE_SIZE;
         if let Some(c) = self.copy.as_deref_mut()
             && self.meta[p.0 as usize].flags & ALLOCATED != 0
@@ -448,6 +465,72 @@ impl Store {
             c.taken.push((p.0, b));
         }
         &mut self.mem[at..at + PAGE_SIZE]
+    }
+
+    /// Gives the store its slots of the XDP hot-page store.
+    pub fn set_hot(&mut self, hot: HotShard) {
+        self.hot = Some(Box::new(hot));
+    }
+
+    /// Whether the store has slots in the XDP hot-page store.
+    pub fn has_hot(&self) -> bool {
+        self.hot.is_some()
+    }
+
+    /// Copies live page `p` into the hot-page store, where XDP finds it under `key` (its
+    /// address's page part), for `owner` (unless shared).
+    pub fn promote_hot(&mut self, p: PageIdx, key: bluebridge_ebpf::HotKey, owner: [u8; 16]) {
+        let shared = self.is_shared(p);
+        let at = p.0 as usize * PAGE_SIZE;
+        if let Some(h) = self.hot.as_deref_mut()
+            && self.meta[p.0 as usize].flags & (ALLOCATED | MOVED) == ALLOCATED
+        {
+            h.promote(p, key, owner, shared, &self.mem[at..at + PAGE_SIZE]);
+        }
+    }
+
+    /// Copies the hot pages changed since the last call into their slots (XDP serves them
+    /// again).
+    pub fn publish_hot(&mut self) {
+        let Some(h) = self.hot.as_deref_mut() else {
+            return;
+        };
+        let (mem, meta) = (&self.mem, &self.meta);
+        h.publish(|p| {
+            let at = p.0 as usize * PAGE_SIZE;
+            (
+                &mem[at..at + PAGE_SIZE],
+                meta[p.0 as usize].flags & SHARED != 0,
+            )
+        });
+    }
+
+    /// Every page leaves the hot-page store.
+    pub fn clear_hot(&mut self) {
+        if let Some(h) = self.hot.as_deref_mut() {
+            h.clear();
+        }
+    }
+
+    /// Calls `heard` with the owner of every private hot page XDP served since the last call.
+    pub fn hot_served_owners(&mut self, heard: impl FnMut(&[u8; 16])) {
+        let meta = &self.meta;
+        if let Some(h) = self.hot.as_deref_mut() {
+            h.served_owners(|p| meta[p.0 as usize].flags & SHARED != 0, heard);
+        }
+    }
+
+    /// The hot-page counters by [`HotCounter`] (zeros without a hot store).
+    pub fn hot_counters(&self) -> [u64; HOT_COUNTERS.len()] {
+        self.hot
+            .as_deref()
+            .map(HotShard::counters)
+            .unwrap_or_default()
+    }
+
+    /// Whether page `p` is in the hot-page store.
+    pub fn is_hot(&self, p: PageIdx) -> bool {
+        self.hot.as_deref().is_some_and(|h| h.contains(p))
     }
 
     /// The lease slot + 1 recorded for the page (0 = none).
@@ -467,12 +550,18 @@ impl Store {
 
     /// Lets every client use the page.
     pub fn share(&mut self, p: PageIdx) {
+        if let Some(h) = self.hot.as_deref_mut() {
+            h.changing(p); // its slot's flags follow at the next publish
+        }
         self.meta[p.0 as usize].flags |= SHARED;
     }
 
     /// Marks the page as migrated away: requests for it are answered MOVED. It stays allocated
     /// (its handle must keep answering MOVED rather than STALE_HANDLE) until freed.
     pub fn mark_moved(&mut self, p: PageIdx) {
+        if let Some(h) = self.hot.as_deref_mut() {
+            h.evict(p); // its holder answers for it now
+        }
         self.meta[p.0 as usize].flags |= MOVED;
     }
 

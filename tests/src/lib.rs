@@ -106,6 +106,8 @@ pub struct RigOptions {
     pub busy_poll: Option<bluebridge_xsk::BusyPoll>,
     /// How long the server lets a page owner stay silent before freeing its pages (ms).
     pub orphan_grace_ms: u64,
+    /// The server's XDP hot-page store, bytes (0: none).
+    pub xdp_cache_bytes: u64,
 }
 
 impl Default for RigOptions {
@@ -127,6 +129,7 @@ impl Default for RigOptions {
             queues: 1,
             busy_poll: None,
             orphan_grace_ms: bluebridge_server::DEFAULT_GRACE_MS,
+            xdp_cache_bytes: 0,
         }
     }
 }
@@ -156,6 +159,7 @@ impl Rig {
             queues: (0..o.queues.max(1)).collect(),
             busy_poll: o.busy_poll,
             orphan_grace_ms: o.orphan_grace_ms,
+            xdp_cache_bytes: o.xdp_cache_bytes,
             ..ServerConfig::new(&pair.server.ifname, SERVER)
         };
         let mut ndp = None;

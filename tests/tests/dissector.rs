@@ -274,6 +274,17 @@ fn tshark_decodes_every_frame_of_a_session() {
         Some(&1),
         "{replies:?}"
     );
+    // The whole-page READ went INLINE (padded to its reply's size, §6.1), decoded as such.
+    assert!(after.inline_sent > before.inline_sent);
+    let inline = tshark(
+        &file,
+        "bluebridge.flags.inline == 1 && bluebridge.flags.reply == 0",
+        &["bluebridge.padding"],
+    );
+    assert!(
+        !inline.is_empty() && inline.iter().all(|r| r[0].len() == 2 * 4096),
+        "INLINE READs with their padding"
+    );
     let shown = tshark(&file, "bluebridge.status == 4", &["_ws.col.Info"]);
     assert!(
         shown[0][0].contains("READ reply STALE_HANDLE"),

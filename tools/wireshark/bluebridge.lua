@@ -72,6 +72,7 @@ local f = {
     flag_shared = ProtoField.bool("bluebridge.flags.shared", "SHARED", 8, nil, 0x02),
     flag_more = ProtoField.bool("bluebridge.flags.more", "MORE", 8, nil, 0x04),
     flag_retry = ProtoField.bool("bluebridge.flags.retry", "RETRY", 8, nil, 0x08),
+    flag_inline = ProtoField.bool("bluebridge.flags.inline", "INLINE", 8, nil, 0x10),
     status = ProtoField.uint16("bluebridge.status", "Status", base.DEC, statuses),
     item = ProtoField.uint16("bluebridge.item", "Item"),
     count = ProtoField.uint16("bluebridge.count", "Count"),
@@ -98,6 +99,7 @@ local f = {
     owner_silent = ProtoField.uint32("bluebridge.owners.silent_ms", "Silent (ms)"),
     freed_page = ProtoField.ipv6("bluebridge.invalidate.page", "Freed page"),
     stream = ProtoField.bytes("bluebridge.stream", "Replication stream bytes"),
+    padding = ProtoField.bytes("bluebridge.padding", "INLINE padding (room for the reply)"),
     -- Matching (§8).
     notice = ProtoField.bool("bluebridge.notice", "Notice (answers no request)"),
     request_in = ProtoField.framenum("bluebridge.request_in", "Request in", base.NONE,
@@ -272,7 +274,13 @@ local function dissect_payload(tree, payload, op, reply, h)
         return true
     end
     if not reply then
-        if request_data[op] then
+        if op == 0x20 and bit.band(h.flags, 0x10) ~= 0 then
+            -- An INLINE READ (§6.1): padded with `length` bytes the reply is written over.
+            if len > 0 then
+                tree:add(f.padding, payload)
+            end
+            return len == h.length
+        elseif request_data[op] then
             add_data(tree, payload, h.offset, h.length)
             return len == h.length
         elseif op == 0x21 or op == 0x51 then
@@ -388,6 +396,7 @@ function bb.dissector(tvb, pinfo, tree)
     ft:add(f.flag_shared, tvb(1, 1))
     ft:add(f.flag_more, tvb(1, 1))
     ft:add(f.flag_retry, tvb(1, 1))
+    ft:add(f.flag_inline, tvb(1, 1))
     local st = root:add(f.status, tvb(2, 2))
     if reply and h.status ~= 0 then
         st:add_proto_expert_info(ef.error_status, "Error status: " ..

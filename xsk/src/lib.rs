@@ -10,11 +10,13 @@
 //! copy mode) travel as multi-buffer chains (`XDP_USE_SG`, `XDP_PKT_CONTD` on every descriptor
 //! but the last); on receive a chain is copied into one contiguous buffer before parsing.
 //!
-//! All unsafe code of the data path is in this crate: ring and UMEM access through xsk-rs.
+//! All unsafe code of the data path is in this crate: ring and UMEM access through xsk-rs, and
+//! the mapping of the XDP program's hot-page store ([`shared_map`]).
 
 pub mod cli;
 mod link;
 pub mod mmsg;
+pub mod shared_map;
 mod thread;
 
 use bluebridge_proto::checksum::Checksum;

@@ -37,12 +37,44 @@ pub(super) struct Sweep {
     pass_left: u32,
 }
 
+/// How often the hot-page store's hits are turned into liveness stamps and counters.
+const HOT_LOOK_NS: u64 = 100_000_000;
+
 impl Handler {
+    /// The hot-page store's periodic work: copies pages changed since the last batch, and
+    /// every [`HOT_LOOK_NS`] stamps the owners whose pages XDP served as heard (those READs
+    /// never reached the worker) and publishes its counters.
+    fn housekeep_hot(&mut self, now_ns: u64) {
+        if !self.store.has_hot() {
+            return;
+        }
+        self.store.publish_hot();
+        if now_ns < self.hot_next_ns {
+            return;
+        }
+        self.hot_next_ns = now_ns + HOT_LOOK_NS;
+        let now_ms = now_ns / 1_000_000;
+        let liveness = &self.cfg.liveness;
+        self.store.hot_served_owners(|a| liveness.heard(a, now_ms));
+        let c = self.store.hot_counters();
+        let sc = self.counters.shard(self.shard);
+        for (slot, v) in sc.hot.iter().zip(c) {
+            slot.set(v);
+        }
+    }
+
+    /// Copies the hot pages changed by the last batch into their slots, so XDP serves them
+    /// again (until then it leaves their READs to the worker). Cheap when none changed.
+    pub fn publish_hot(&mut self) {
+        self.store.publish_hot();
+    }
+
     /// Periodic work that no request triggers: frees the pages of owners silent past the
     /// grace period. Cheap when there is nothing to do (a comparison); call it between
     /// batches and when idle.
     pub fn housekeep(&mut self, now_ns: u64) {
         self.housekeep_taken_over(now_ns);
+        self.housekeep_hot(now_ns);
         let grace = self.cfg.orphan_grace_ms;
         if grace == 0 {
             return;

@@ -456,6 +456,9 @@ impl Handler {
             }
             self.store.end_copy();
             if let Some(t) = want {
+                // XDP could show a READ what the backup does not hold yet: no hot pages
+                // while the shard replicates.
+                self.store.clear_hot();
                 let mut o = Box::new(Outbox::new(
                     self.cfg.prefix,
                     self.cfg.host,
