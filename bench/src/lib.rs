@@ -395,6 +395,12 @@ pub struct Run {
     pub retransmissions: u64,
     /// Timeouts.
     pub timeouts: u64,
+    /// READs sent INLINE (padded for the server's XDP fast path, docs/protocol.md §6.1).
+    #[serde(default)]
+    pub inline_sent: u64,
+    /// READ replies that came INLINE: answered by the server's XDP program.
+    #[serde(default)]
+    pub inline_served: u64,
 }
 
 impl Run {
@@ -641,6 +647,8 @@ mod tests {
             unsent: 0,
             retransmissions: 0,
             timeouts: 0,
+            inline_sent: 0,
+            inline_served: 0,
         }
     }
 

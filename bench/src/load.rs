@@ -52,6 +52,8 @@ pub(crate) struct Part {
     pub(crate) unsent: u64,
     pub(crate) retransmits: u64,
     pub(crate) timeouts: u64,
+    pub(crate) inline_sent: u64,
+    pub(crate) inline_served: u64,
     /// The phase ended early: no reply for [`SILENCE`].
     pub(crate) cut_short: bool,
 }
@@ -67,6 +69,8 @@ impl Part {
         self.unsent += o.unsent;
         self.retransmits += o.retransmits;
         self.timeouts += o.timeouts;
+        self.inline_sent += o.inline_sent;
+        self.inline_served += o.inline_served;
         self.cut_short |= o.cut_short;
     }
 }
@@ -411,5 +415,7 @@ fn run_phase(
     let (before, after) = (stats_at.unwrap_or_default(), c.stats());
     part.retransmits = after.retransmits - before.retransmits;
     part.timeouts = after.timeouts - before.timeouts;
+    part.inline_sent = after.inline_sent - before.inline_sent;
+    part.inline_served = after.inline_served - before.inline_served;
     part
 }

@@ -97,8 +97,9 @@ struct Args {
     /// With --table1: operations of each kind (1 to 10000000).
     #[arg(long, default_value_t = 1500, value_parser = bluebridge_xsk::cli::count(1, 10_000_000))]
     ops: usize,
-    /// Bare-echo baseline: against a `bluebridge-server --echo`, time raw frames of 110 +
-    /// `--payload` bytes bounced back unparsed, `--window` of them in flight (AF_XDP only).
+    /// Bare-echo baseline: against a `bluebridge-server --echo` (or `--xdp-bounce`), time raw
+    /// frames of 110 + `--payload` bytes bounced back unparsed, `--window` of them in flight,
+    /// or with `--rate` one at a time at that rate (AF_XDP only).
     /// BASELINES-style ratios compare the operations against this, measured in the same run.
     #[arg(long)]
     echo: bool,
@@ -354,6 +355,8 @@ fn to_run(transport: &str, threads: usize, offered: Option<f64>, secs: f64, p: P
         unsent: p.unsent,
         retransmissions: p.retransmits,
         timeouts: p.timeouts,
+        inline_sent: p.inline_sent,
+        inline_served: p.inline_served,
     }
 }
 
@@ -531,6 +534,8 @@ fn table1(a: &Args, plan: &Plan) -> Result<Run> {
         unsent: 0,
         retransmissions: stats.retransmits,
         timeouts: stats.timeouts,
+        inline_sent: stats.inline_sent,
+        inline_served: stats.inline_served,
     })
 }
 
@@ -562,6 +567,10 @@ fn echo(a: &Args, mtu: u16, environment: serde_json::Value) -> Result<()> {
     ensure!(
         a.net.transport == TransportKind::Xdp,
         "--echo needs the AF_XDP transport"
+    );
+    ensure!(
+        a.rate.is_none() || a.window == 1,
+        "--echo --rate sends one frame at a time, evenly spaced: it needs --window 1"
     );
     let (mut transport, _) = a.net.open()?;
     let x = transport.xdp_mut().context("--echo needs AF_XDP")?;
@@ -664,9 +673,19 @@ fn echo(a: &Args, mtu: u16, environment: serde_json::Value) -> Result<()> {
             }
         }
     }
+    // With --rate: one frame every 1/rate, evenly (an idle path between frames, as a light
+    // load sees it).
+    let gap = a.rate.map(|r| Duration::from_secs_f64(1.0 / r.max(1e-3)));
+    let mut due = Instant::now();
     while a.window <= 1 && start.elapsed() < warmup + measure {
         if since.is_none() && start.elapsed() >= warmup {
             since = Some(Instant::now());
+        }
+        if let Some(g) = gap {
+            while Instant::now() < due {
+                std::hint::spin_loop();
+            }
+            due += g;
         }
         let t = Instant::now();
         while !x.send_raw(&frame) {
@@ -714,6 +733,8 @@ fn echo(a: &Args, mtu: u16, environment: serde_json::Value) -> Result<()> {
             unsent: 0,
             retransmissions: 0,
             timeouts: lost,
+            inline_sent: 0,
+            inline_served: 0,
         }],
         best_rate: BTreeMap::new(),
     };

@@ -14,6 +14,7 @@ use bluebridge_topology::{Pair, fmt_mac, namespaces_with_prefix};
 
 use crate::lab::{self, ServerProc};
 
+mod fast;
 mod refusals;
 use crate::root;
 use crate::stage::{self, Stages};
@@ -43,6 +44,11 @@ pub(crate) struct BenchArgs {
     /// no sockets) on 1 and on 2 pinned threads, and its cost per READ, WRITE and FETCH_ADD.
     #[arg(long, conflicts_with_all = ["table1", "paging"])]
     scaling: bool,
+    /// Only the XDP fast READ: the XDP_TX bounce floor, the fast READ from a `--xdp-cache`
+    /// server, the AF_XDP worker's READ and the kernel-UDP READ, at window 1, at 1,000/s and
+    /// at window 32, with their ratios (docs/benchmarks.md "Hot pages in XDP").
+    #[arg(long, conflicts_with_all = ["table1", "paging", "scaling"])]
+    xdp_fast: bool,
 }
 
 const NAME: &str = "bbbench";
@@ -225,7 +231,7 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
     let out = root().join(&a.out);
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let bin = root().join("target/release");
-    if a.scaling || !a.table1 && !a.paging {
+    if a.scaling || !a.table1 && !a.paging && !a.xdp_fast {
         // Before any traffic: it needs both CPUs to itself.
         let (seconds, repeats) = if a.quick { ("0.3", "1") } else { ("1", "3") };
         s.run(
@@ -246,7 +252,7 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
         s.finish();
         return print_scaling(&out);
     }
-    if !a.table1 {
+    if !a.table1 && !a.xdp_fast {
         s.run("build the remote_sort example (release)", || {
             stage::status(crate::cargo().args([
                 "build",
@@ -285,6 +291,17 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
         out: out.clone(),
     };
     let ops = if a.quick { "300" } else { "1500" };
+    if a.xdp_fast {
+        lab.xdp_fast(&mut s)?;
+        drop(lab);
+        let left = namespaces_with_prefix(NAME);
+        if !left.is_empty() {
+            bail!("namespaces left behind: {left:?}");
+        }
+        fast::print(&out)?;
+        s.finish();
+        return Ok(());
+    }
     let everything = !a.table1 && !a.paging;
 
     for transport in TRANSPORTS {
