@@ -203,6 +203,20 @@ fn test(fuzz_seconds: u64, no_packages: bool) -> Result<()> {
         },
     )?;
     s.run(
+        "fast-READ smoke run (cargo xtask bench --xdp-fast --quick: XDP must answer the READs of hot pages; no timing assertions)",
+        || {
+            stage::status(cargo().args([
+                "xtask",
+                "bench",
+                "--xdp-fast",
+                "--quick",
+                "--no-packages",
+                "--out",
+                "target/bench-smoke",
+            ]))
+        },
+    )?;
+    s.run(
         "shared-memory smoke run (cargo xtask dsm --quick: litmus suite, lock counter, parallel job on 3 hosts)",
         || {
             stage::status(cargo().args([

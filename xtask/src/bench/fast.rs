@@ -9,7 +9,7 @@ use anyhow::{Result, bail};
 use bluebridge_bench::{ECHO, Report};
 
 use super::{Lab, load};
-use crate::stage::Stages;
+use crate::stage::{self, Stages};
 
 /// Pages read: all fit the store, so after the warm-up every READ can be a hit.
 const PAGES: &str = "256";
@@ -58,6 +58,7 @@ impl Lab<'_> {
         for (suffix, what, flags) in [
             ("w1", "window 1", &["--window", "1"][..]),
             ("1k", "1,000/s evenly spaced", &["--rate", RATE][..]),
+            ("w32", "window 32", &["--window", "32"][..]),
         ] {
             let mut args = vec!["--echo", "--payload", "4096"];
             args.extend_from_slice(flags);
@@ -89,7 +90,22 @@ impl Lab<'_> {
             }
             s.run(&format!("stop the {name} server"), || server.stop())?;
         }
-        Ok(())
+        let server = self.server(s, &["--xdp-cache", CACHE, "--arena", "128MiB"])?;
+        let faults = if self.seconds == "1" { "300" } else { "1500" };
+        s.run(
+            &format!(
+                "paging: {faults} faults, each page cold (the worker answers) then hot (XDP answers)"
+            ),
+            || {
+                stage::status(
+                    self.client_command(&self.bin.join("bluebridge-paging"))
+                        .args(["--faults", faults, "--hot", "--no-disk", "--scan-budget", "0"])
+                        .arg("--json")
+                        .arg(self.out.join("fast-paging.json")),
+                )
+            },
+        )?;
+        s.run("stop the paging server", || server.stop())
     }
 }
 
@@ -138,9 +154,12 @@ pub(super) fn print(out: &Path) -> Result<()> {
     }
     let rate = |name: &str| -> Result<f64> { Ok(read(name)?.runs[0].ops_per_second) };
     let (fast32, x32) = (rate("fast-w32")?, rate("afxdp-w32")?);
+    let floor32 = load(out, "fast-floor-w32")?.runs[0].ops_per_second;
     println!(
-        "- pipelined (window 32): fast READ {fast32:.0}/s, AF_XDP READ {x32:.0}/s: {:.2}×",
-        fast32 / x32
+        "- pipelined (window 32): fast READ {fast32:.0}/s, AF_XDP READ {x32:.0}/s: {:.2}×; the \
+         XDP_TX bounce at window 32: {floor32:.0}/s (the fast READ reaches {:.2}× of it)",
+        fast32 / x32,
+        fast32 / floor32
     );
     let plain = p50(&read("afxdp-plain-w1")?, "READ");
     println!(
@@ -149,6 +168,20 @@ pub(super) fn print(out: &Path) -> Result<()> {
         w1.2,
         w1.2 - plain
     );
+    let text = std::fs::read_to_string(out.join("fast-paging.json"))?;
+    let paging: bluebridge_bench::paging::PagingReport = serde_json::from_str(&text)?;
+    let variant = |n: &str| paging.variants.iter().find(|v| v.name == n);
+    if let (Some(cold), Some(hot)) = (variant("bluebridge"), variant("bluebridge-hot")) {
+        println!(
+            "- page faults through a RemoteRegion (p50 µs): total {:.2} cold → {:.2} hot; \
+             \"get data\" {:.2} → {:.2} ({:.2}× less)",
+            cold.total.p50_us,
+            hot.total.p50_us,
+            cold.data.p50_us,
+            hot.data.p50_us,
+            cold.data.p50_us / hot.data.p50_us
+        );
+    }
     let (floor, f, x) = w1;
     println!(
         "- targets at window 1: fast READ ≤ 1.6× the floor ({:.2}×: {}), ≥ 2× faster than the \

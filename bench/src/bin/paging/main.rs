@@ -64,6 +64,11 @@ struct Args {
     /// at random, next to the pipelined and the window-1 READ rates (0: no scans).
     #[arg(long, default_value_t = 1024, value_parser = bluebridge_xsk::cli::count(0, 1 << 20))]
     scan_budget: usize,
+    /// Against a server with `--xdp-cache`: fault every page twice, cold (the worker answers
+    /// and the page goes into the server's XDP hot-page store) and hot (the XDP program
+    /// answers), instead of the directory-service and cross-CPU variants.
+    #[arg(long)]
+    hot: bool,
     /// Write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -179,7 +184,7 @@ fn main() -> Result<()> {
         config: serde_json::json!({
             "host": a.host.to_string(), "directory_host": dir_host.to_string(),
             "faults": a.faults, "warmup": a.warmup, "core": core,
-            "transport": format!("{:?}", a.net.transport).to_lowercase(),
+            "transport": format!("{:?}", a.net.transport).to_lowercase(), "hot": a.hot,
             "disk_file": a.disk_file, "disk": !a.no_disk,
         }),
         environment: serde_json::json!({
@@ -248,6 +253,12 @@ fn measure_all(
             HandlerCpu::Caller,
         ),
         (
+            "bluebridge-hot",
+            "BlueBridge, the pages faulted again: hot in the server's XDP store, answered by XDP",
+            false,
+            HandlerCpu::Caller,
+        ),
+        (
             "remote-ds",
             "remote with a directory service: READ the page's directory entry, then the page",
             true,
@@ -260,7 +271,14 @@ fn measure_all(
             HandlerCpu::Cpu(a.xcpu_core.unwrap_or(usize::MAX)),
         ),
     ] {
-        if cpu == HandlerCpu::Cpu(usize::MAX) {
+        // --hot: the first touch and the second; otherwise all but the second (the
+        // cross-CPU one only with --xcpu-core).
+        let wanted = if a.hot {
+            matches!(name, "bluebridge" | "bluebridge-hot")
+        } else {
+            name != "bluebridge-hot" && cpu != HandlerCpu::Cpu(usize::MAX)
+        };
+        if !wanted {
             continue;
         }
         let b = RemoteBacking::new(backing.into_client(), pages.clone());
