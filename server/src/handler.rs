@@ -736,8 +736,11 @@ impl Handler {
     /// a READ must not show what its backup may not hold yet (§5.19), and XDP cannot wait.
     fn maybe_promote(&mut self, req: &Request<'_>, p: PageIdx) {
         let h = &req.header;
+        let page = bluebridge_proto::PAGE_SIZE;
+        // Only what XDP answers: one whole page in one reply frame.
         if !h.flags.contains(HeaderFlags::INLINE)
-            || (h.offset, usize::from(h.length)) != (0, bluebridge_proto::PAGE_SIZE)
+            || (h.offset, usize::from(h.length)) != (0, page)
+            || (h.seg_max != 0 && usize::from(h.seg_max) < page)
             || !self.store.has_hot()
             || self.outbox.is_some()
             || self.orphaned.is_some()
