@@ -98,6 +98,16 @@ fn prefix() -> NetPrefix {
 
 impl Sim {
     fn new(loss: f64, dup: f64, reorder: f64, seg: u16) -> Self {
+        Self::with(loss, dup, reorder, seg, |_| {})
+    }
+
+    fn with(
+        loss: f64,
+        dup: f64,
+        reorder: f64,
+        seg: u16,
+        tune: impl FnOnce(&mut EngineConfig),
+    ) -> Self {
         let mut cfg = EngineConfig::new(
             prefix(),
             "fd00:bb:1::1".parse().unwrap(),
@@ -108,6 +118,7 @@ impl Sim {
         cfg.retries = 12;
         cfg.seg_max = seg;
         cfg.max_request_data = seg;
+        tune(&mut cfg);
         Sim {
             engine: Engine::new(cfg),
             server: Handler::new(
@@ -194,6 +205,43 @@ fn segmented_page_round_trip() {
     let r = s.run(Request::new(Opcode::READ, p).range(0, 4096));
     assert_eq!(r.result.unwrap().data, data);
     assert_eq!(s.engine.stats().retransmits, 0);
+}
+
+#[test]
+fn whole_page_reads_go_inline_where_a_page_fits_one_frame() {
+    let data: Vec<u8> = (0..4096u32).map(|i| (i * 13 % 253) as u8).collect();
+    let mut s = Sim::with(0.05, 0.02, 0.05, 4096, |c| c.inline_reads = true);
+    let p = page(&s.run(Request::new(Opcode::ALLOC, host_addr(Opcode::ALLOC))));
+    s.run(
+        Request::new(Opcode::WRITE, p)
+            .range(0, 4096)
+            .payload(data.clone()),
+    )
+    .result
+    .unwrap();
+    // Through a lossy link, retransmissions included: the handler answers them as READs.
+    for _ in 0..20 {
+        let r = s.run(Request::new(Opcode::READ, p).range(0, 4096));
+        assert_eq!(r.result.unwrap().data, data);
+    }
+    let r = s.run(Request::new(Opcode::READ, p).range(8, 100));
+    assert_eq!(r.result.unwrap().data, data[8..108]);
+    assert_eq!(s.engine.stats().inline_sent, 20, "whole pages only");
+    // On the wire: the flag, and the page's worth of zeros after the header.
+    s.submit(Request::new(Opcode::READ, p).range(0, 4096));
+    let mut out = Frames::default();
+    s.engine.transmit(s.now(), &mut out);
+    let f = bluebridge_proto::frame::Frame::parse(&out.0[0]).unwrap();
+    assert!(f.header.flags.contains(HeaderFlags::INLINE));
+    assert_eq!(f.payload.len() + f.payload_tail.len(), 4096);
+    assert!(f.payload.iter().chain(f.payload_tail).all(|&b| b == 0));
+    // Where a page does not fit one request frame, READs stay plain.
+    let mut s = Sim::with(0.0, 0.0, 0.0, 1184, |c| c.inline_reads = true);
+    let p = page(&s.run(Request::new(Opcode::ALLOC, host_addr(Opcode::ALLOC))));
+    s.run(Request::new(Opcode::READ, p).range(0, 4096))
+        .result
+        .unwrap();
+    assert_eq!(s.engine.stats().inline_sent, 0);
 }
 
 #[test]

@@ -57,11 +57,6 @@ impl HotIndex {
             }),
         }
     }
-
-    /// The keys in the index now (tests, diagnostics).
-    pub fn keys(&self) -> Vec<HotKey> {
-        self.map.keys().filter_map(Result::ok).collect()
-    }
 }
 
 impl Steer {

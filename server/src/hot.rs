@@ -81,11 +81,6 @@ impl HotStore {
         })
     }
 
-    /// Slots in all.
-    pub fn slots(&self) -> u32 {
-        self.slots
-    }
-
     /// Shard `i` of `n`'s range of slots.
     pub fn range(&self, i: usize, n: usize) -> std::ops::Range<u32> {
         let at = |k: usize| (self.slots as u64 * k as u64 / n as u64) as u32;
@@ -215,11 +210,6 @@ impl HotShard {
 
     fn count(&mut self, c: HotCounter) {
         self.counters[c as usize] += 1;
-    }
-
-    /// Whether the page is in the store.
-    pub fn contains(&self, p: PageIdx) -> bool {
-        self.by_page.contains_key(&p)
     }
 
     /// Copies page `p` (`data`) into a slot XDP finds under `key`, readable by `owner` only

@@ -528,11 +528,6 @@ impl Store {
             .unwrap_or_default()
     }
 
-    /// Whether page `p` is in the hot-page store.
-    pub fn is_hot(&self, p: PageIdx) -> bool {
-        self.hot.as_deref().is_some_and(|h| h.contains(p))
-    }
-
     /// The lease slot + 1 recorded for the page (0 = none).
     pub fn lease_slot(&self, p: PageIdx) -> u16 {
         self.meta[p.0 as usize].lease
