@@ -892,6 +892,7 @@ impl Worker {
             }
         }
         self.common.counters().publish_xsk(&self.xsk.stats());
+        self.common.handler.publish_hot_counters();
     }
 
     /// Sleeps until a frame arrives on the socket, another shard hands one over, or

@@ -276,3 +276,44 @@ fn a_page_written_continuously_is_never_served_torn_or_stale() {
     );
     assert!(served < reads, "and some from the worker");
 }
+
+#[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
+fn each_shard_serves_its_own_pages_from_its_own_slots() {
+    // Two workers, eight slots: four each.
+    let mut rig = Rig::new(&RigOptions {
+        queues: 2,
+        ..cached(8)
+    });
+    // One ALLOC after another: the client spreads host operations over the queues.
+    let pages: Vec<_> = (0..8)
+        .map(|_| rig.client.alloc(SERVER, false).unwrap())
+        .collect();
+    for (i, &p) in pages.iter().enumerate() {
+        rig.client.write(p, 0, &pattern(200 + i as u64)).unwrap();
+    }
+    let shards: std::collections::BTreeSet<u8> =
+        pages.iter().map(|p| p.handle().shard_field()).collect();
+    assert_eq!(shards.len(), 2, "the pages are on both shards");
+    let s0 = rig.client.stats();
+    for round in 0..5 {
+        for (i, &p) in pages.iter().enumerate() {
+            assert_eq!(
+                rig.client.read(p).unwrap(),
+                pattern(200 + i as u64),
+                "{round}"
+            );
+        }
+    }
+    let served = rig.client.stats().inline_served - s0.inline_served;
+    assert!(served >= 8 * 3, "{served} of 40 READs from XDP");
+    eventually("both shards promoted pages into their own slots", || {
+        let st = rig.server().stats();
+        st.shards
+            .iter()
+            .all(|s| s.hot(HotCounter::Promoted) > 0 && s.hot(HotCounter::Pages) <= 4)
+    });
+}

@@ -56,6 +56,12 @@ impl Handler {
         let now_ms = now_ns / 1_000_000;
         let liveness = &self.cfg.liveness;
         self.store.hot_served_owners(|a| liveness.heard(a, now_ms));
+        self.publish_hot_counters();
+    }
+
+    /// Publishes the hot-page store's counters to the shard's (done every 100 ms while the
+    /// worker runs, and once as it stops).
+    pub fn publish_hot_counters(&self) {
         let c = self.store.hot_counters();
         let sc = self.counters.shard(self.shard);
         for (slot, v) in sc.hot.iter().zip(c) {
