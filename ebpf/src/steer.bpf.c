@@ -189,7 +189,7 @@ static __always_inline int fast_read(struct xdp_md *ctx, struct bb_headers *h)
 	if ((void *)(bb + 1) > data_end)
 		return -1; /* not even a header: the socket counts it */
 	if (ip6->daddr.s6_addr[14] != BB_OP_READ || !(bb->flags & BB_FLAG_INLINE) ||
-	    (bb->flags & BB_FLAG_REPLY))
+	    (bb->flags & BB_FLAG_REPLY) || udp->dest != bpf_htons(BB_UDP_PORT))
 		return -1;
 	/* What the server would refuse or answer otherwise (segments, an error) is its to judge. */
 	if (bb->version != BB_VERSION || bb->status || bb->count != bpf_htons(1) || bb->offset ||
@@ -207,8 +207,9 @@ static __always_inline int fast_read(struct xdp_md *ctx, struct bb_headers *h)
 	if (!s)
 		return count(BB_STEER_FAST_MISSED, -1);
 	/* The request's checksum, its padding taken as the zeros it must be: a frame that does
-	 * not verify so (damaged, or padded with anything else) is the socket's to judge. */
-	if (sum_headers(ip6, udp, 0) != 0xffff)
+	 * not verify so (damaged, padded with anything else, or with the invalid checksum 0) is
+	 * the socket's to judge. */
+	if (!udp->check || sum_headers(ip6, udp, 0) != 0xffff)
 		return count(BB_STEER_FAST_PASSED, -1);
 
 	for (i = 0; i < 2; i++) {

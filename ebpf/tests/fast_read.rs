@@ -234,6 +234,16 @@ fn what_xdp_cannot_answer_goes_on_untouched() {
     s.write_hot_slot(1, &slot(5, BB_HOT_VALID, page(0), &d))
         .unwrap();
     check(&mut s, &whole_page_read(CLIENT), TORN, "torn");
+    // No checksum (0 is invalid in IPv6): the socket's to judge.
+    let mut zero = whole_page_read(CLIENT);
+    zero[60..62].fill(0);
+    check(&mut s, &zero, PASSED, "checksum 0");
+    // Not sent to the BlueBridge port (a frame from it, to another): not a request at all.
+    let mut to_other_port = whole_page_read(CLIENT);
+    to_other_port[54..56].copy_from_slice(&UDP_PORT.to_be_bytes());
+    to_other_port[56..58].copy_from_slice(&40000u16.to_be_bytes());
+    fix_checksum(&mut to_other_port);
+    check(&mut s, &to_other_port, [0; 4], "destination port");
     // A plain READ is not the fast path's at all.
     let plain = {
         let mut f = inline_read(CLIENT, 0, 4096, 0, &[]);
