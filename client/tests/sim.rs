@@ -161,6 +161,19 @@ impl Sim {
         self.engine.submit(r, now)
     }
 
+    /// A new page holding `data` (a whole page, written in one frame).
+    fn written_page(&mut self, data: &[u8]) -> RemoteAddr {
+        let p = page(&self.run(Request::new(Opcode::ALLOC, host_addr(Opcode::ALLOC))));
+        self.run(
+            Request::new(Opcode::WRITE, p)
+                .range(0, 4096)
+                .payload(data.to_vec()),
+        )
+        .result
+        .unwrap();
+        p
+    }
+
     fn run(&mut self, r: Request) -> Completion {
         let id = self.submit(r);
         loop {
@@ -211,14 +224,7 @@ fn segmented_page_round_trip() {
 fn whole_page_reads_go_inline_where_a_page_fits_one_frame() {
     let data: Vec<u8> = (0..4096u32).map(|i| (i * 13 % 253) as u8).collect();
     let mut s = Sim::with(0.05, 0.02, 0.05, 4096, |c| c.inline_reads = true);
-    let p = page(&s.run(Request::new(Opcode::ALLOC, host_addr(Opcode::ALLOC))));
-    s.run(
-        Request::new(Opcode::WRITE, p)
-            .range(0, 4096)
-            .payload(data.clone()),
-    )
-    .result
-    .unwrap();
+    let p = s.written_page(&data);
     // Through a lossy link, retransmissions included: the handler answers them as READs.
     for _ in 0..20 {
         let r = s.run(Request::new(Opcode::READ, p).range(0, 4096));
@@ -557,15 +563,8 @@ fn more_requests_than_session_slots_wait_for_one_and_each_runs_once() {
 #[test]
 fn a_recycled_buffer_carries_the_next_read() {
     let mut s = Sim::new(0.0, 0.0, 0.0, 4096);
-    let p = page(&s.run(Request::new(Opcode::ALLOC, host_addr(Opcode::ALLOC))));
     let data: Vec<u8> = (0..4096u32).map(|i| (i * 13 % 251) as u8).collect();
-    s.run(
-        Request::new(Opcode::WRITE, p)
-            .range(0, 4096)
-            .payload(data.clone()),
-    )
-    .result
-    .unwrap();
+    let p = s.written_page(&data);
     let first = s
         .run(Request::new(Opcode::READ, p).range(0, 4096))
         .result

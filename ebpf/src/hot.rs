@@ -114,19 +114,7 @@ impl Steer {
         slot: u32,
         bytes: &[u8; HOT_SLOT_SIZE],
     ) -> Result<(), SteerError> {
-        let mut a: Array<&mut MapData, [u8; HOT_SLOT_SIZE]> = Array::try_from(
-            self.ebpf
-                .map_mut("hot_slots")
-                .ok_or(SteerError::Missing("hot_slots"))?,
-        )
-        .map_err(|source| SteerError::Map {
-            what: "hot_slots map".into(),
-            source,
-        })?;
-        a.set(slot, bytes, 0).map_err(|source| SteerError::Map {
-            what: format!("writing hot slot {slot}"),
-            source,
-        })
+        self.set_array("hot_slots", slot, bytes)
     }
 
     /// Slot `slot` as the map syscall reads it.

@@ -338,19 +338,27 @@ impl Steer {
     /// From now on only frames to `mac` are taken (frames of ours sent to another MAC are
     /// dropped and counted): the interface's own MAC, set by whoever attaches.
     pub fn set_own_mac(&mut self, mac: [u8; 6]) -> Result<(), SteerError> {
-        let mut m: Array<&mut MapData, u64> = Array::try_from(
-            self.ebpf
-                .map_mut("own_mac")
-                .ok_or(SteerError::Missing("own_mac"))?,
-        )
-        .map_err(|source| SteerError::Map {
-            what: "own_mac map".into(),
-            source,
-        })?;
         let v = mac.iter().fold(0u64, |a, &b| a << 8 | u64::from(b))
             | 1u64 << consts::BB_OWN_MAC_SET_BIT;
-        m.set(0, v, 0).map_err(|source| SteerError::Map {
-            what: "writing own_mac".into(),
+        self.set_array("own_mac", 0, &v)
+    }
+
+    /// Writes entry `index` of the array map `name`.
+    fn set_array<V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        index: u32,
+        v: &V,
+    ) -> Result<(), SteerError> {
+        let mut a: Array<&mut MapData, V> = Array::try_from(
+            self.ebpf.map_mut(name).ok_or(SteerError::Missing(name))?,
+        )
+        .map_err(|source| SteerError::Map {
+            what: format!("{name} map"),
+            source,
+        })?;
+        a.set(index, v, 0).map_err(|source| SteerError::Map {
+            what: format!("writing {name}[{index}]"),
             source,
         })
     }
@@ -359,20 +367,8 @@ impl Steer {
     /// the port it came in on with XDP_TX, endpoints swapped, instead of to a socket: the
     /// floor of the path, with no userspace in it.
     pub fn set_bounce(&mut self, on: bool) -> Result<(), SteerError> {
-        let mut m: Array<&mut MapData, u32> = Array::try_from(
-            self.ebpf
-                .map_mut("steer_mode")
-                .ok_or(SteerError::Missing("steer_mode"))?,
-        )
-        .map_err(|source| SteerError::Map {
-            what: "steer_mode map".into(),
-            source,
-        })?;
         let v = if on { consts::BB_STEER_MODE_BOUNCE } else { 0 };
-        m.set(0, v, 0).map_err(|source| SteerError::Map {
-            what: "writing steer_mode".into(),
-            source,
-        })
+        self.set_array("steer_mode", 0, &v)
     }
 
     /// Attaches to `ifname` in driver mode, or generic mode if the driver refuses (logged as a

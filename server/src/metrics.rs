@@ -46,6 +46,26 @@ const REPL_GAUGES: [ReplCounter; 4] = [
     ReplCounter::CopyTotal,
 ];
 
+/// One series `bluebridge_<name>` per name with its value: a gauge for the indices in
+/// `gauges`, a counter for the rest.
+fn series(
+    f: &mut Family<'_, '_>,
+    names: &[&str],
+    values: &[u64],
+    gauges: &[usize],
+    help: &str,
+) -> std::fmt::Result {
+    for (i, (name, &v)) in names.iter().zip(values).enumerate() {
+        let name = format!("bluebridge_{name}");
+        if gauges.contains(&i) {
+            f.gauge(&name, help, v as f64)?;
+        } else {
+            f.counter(&name, help, v)?;
+        }
+    }
+    Ok(())
+}
+
 fn encode(f: &mut Family<'_, '_>, s: &ServerStats) -> std::fmt::Result {
     let h = &s.handler;
     f.counters(
@@ -153,14 +173,9 @@ fn encode(f: &mut Family<'_, '_>, s: &ServerStats) -> std::fmt::Result {
         "Shards whose AF_XDP socket is in zero-copy mode.",
         h.zero_copy as f64,
     )?;
-    for (i, name) in REPL_COUNTERS.iter().enumerate() {
-        let help = "Replication (docs/protocol.md §5.19); see docs/running.md.";
-        if REPL_GAUGES.iter().any(|&g| g as usize == i) {
-            f.gauge(&format!("bluebridge_{name}"), help, h.repl[i] as f64)?;
-        } else {
-            f.counter(&format!("bluebridge_{name}"), help, h.repl[i])?;
-        }
-    }
+    let gauges = REPL_GAUGES.map(|g| g as usize);
+    let help = "Replication (docs/protocol.md §5.19); see docs/running.md.";
+    series(f, &REPL_COUNTERS, &h.repl, &gauges, help)?;
     f.counters(
         "bluebridge_shard_requests",
         "Requests handled, by shard (worker).",
@@ -208,14 +223,14 @@ fn encode(f: &mut Family<'_, '_>, s: &ServerStats) -> std::fmt::Result {
         ]
         .map(|(v, n)| ([("outcome", v)], n)),
     )?;
-    for (i, name) in HOT_COUNTERS.iter().enumerate() {
-        let help = "The XDP hot-page store (docs/running.md \"Hot pages in XDP\").";
-        if i == HotCounter::Pages as usize {
-            f.gauge(&format!("bluebridge_{name}"), help, h.hot[i] as f64)?;
-        } else {
-            f.counter(&format!("bluebridge_{name}"), help, h.hot[i])?;
-        }
-    }
+    let help = "The XDP hot-page store (docs/running.md \"Hot pages in XDP\").";
+    series(
+        f,
+        &HOT_COUNTERS,
+        &h.hot,
+        &[HotCounter::Pages as usize],
+        help,
+    )?;
     let x = &s.xsk;
     f.counters(
         "bluebridge_xsk_frames",
