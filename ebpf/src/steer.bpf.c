@@ -181,10 +181,10 @@ static __always_inline int fast_read(struct xdp_md *ctx, struct bb_headers *h)
 	struct bb_hdr *bb = (void *)(udp + 1);
 	struct bb_hot_key key = {};
 	struct bb_hot_slot *s;
-	__u32 *slot, seq, sum, zero = 0;
+	__u32 *slot, seq, sum = 0, zero = 0, outcome = BB_STEER_FAST_TORN;
 	__u16 check;
 	void *zeros;
-	int i;
+	int i, copied = 0;
 
 	if ((void *)(bb + 1) > data_end)
 		return -1; /* not even a header: the socket counts it */
@@ -216,21 +216,31 @@ static __always_inline int fast_read(struct xdp_md *ctx, struct bb_headers *h)
 		seq = READ_ONCE_U32(s->seq);
 		if (seq & 1)
 			continue; /* being written */
-		if (!(s->flags & BB_HOT_VALID) || !same16(s->key, key.addr))
-			return count(BB_STEER_FAST_MISSED, -1);
-		if (!(s->flags & BB_HOT_SHARED) && !same16(s->owner, &ip6->saddr))
-			return count(BB_STEER_FAST_PASSED, -1); /* the server answers FORBIDDEN */
+		if (!(s->flags & BB_HOT_VALID) || !same16(s->key, key.addr)) {
+			outcome = BB_STEER_FAST_MISSED; /* given up while we looked */
+			break;
+		}
+		if (!(s->flags & BB_HOT_SHARED) && !same16(s->owner, &ip6->saddr)) {
+			outcome = BB_STEER_FAST_PASSED; /* the server answers FORBIDDEN */
+			break;
+		}
 		sum = s->sum;
-		if (bpf_xdp_store_bytes(ctx, FAST_DATA_OFF, s->data, BB_PAGE_SIZE))
-			return count(BB_STEER_FAST_PASSED, -1);
+		copied = 1;
+		if (bpf_xdp_store_bytes(ctx, FAST_DATA_OFF, s->data, BB_PAGE_SIZE)) {
+			outcome = BB_STEER_FAST_PASSED;
+			break;
+		}
 		if (READ_ONCE_U32(s->seq) == seq)
 			goto serve;
 	}
-	/* Torn twice: the padding goes back to zeros so the request still verifies. */
-	zeros = bpf_map_lookup_elem(&zero_page, &zero);
-	if (!zeros || bpf_xdp_store_bytes(ctx, FAST_DATA_OFF, zeros, BB_PAGE_SIZE))
-		return count(BB_STEER_MALFORMED, XDP_DROP);
-	return count(BB_STEER_FAST_TORN, -1);
+	/* Not served after a copy (torn twice, or the slot changed hands between the tries): the
+	 * padding goes back to zeros so the request still verifies at the socket. */
+	if (copied) {
+		zeros = bpf_map_lookup_elem(&zero_page, &zero);
+		if (!zeros || bpf_xdp_store_bytes(ctx, FAST_DATA_OFF, zeros, BB_PAGE_SIZE))
+			return count(BB_STEER_MALFORMED, XDP_DROP);
+	}
+	return count(outcome, -1);
 
 serve:
 	__sync_fetch_and_add(&s->hits, 1);
