@@ -256,6 +256,9 @@ pub struct ServerInfo {
     pub hot_slots: u32,
 }
 
+/// The most pages the XDP hot-page store holds (16 Mi: 65 GiB of kernel memory).
+const MAX_HOT_SLOTS: u32 = 1 << 24;
+
 impl Server {
     /// Starts everything: store, steering program, sockets, workers.
     pub fn start(cfg: &ServerConfig) -> Result<Server, StartError> {
@@ -337,6 +340,14 @@ impl Server {
                      checks page owners, not client prefixes)"
                         .into(),
                 ));
+            }
+            if hot_slots > MAX_HOT_SLOTS {
+                return Err(StartError::Config(format!(
+                    "--xdp-cache {} bytes: at most {} pages ({} GiB) of kernel memory",
+                    cfg.xdp_cache_bytes,
+                    MAX_HOT_SLOTS,
+                    u64::from(MAX_HOT_SLOTS) * bluebridge_ebpf::HOT_SLOT_SIZE as u64 >> 30
+                )));
             }
             if (hot_slots as usize) < shards {
                 return Err(StartError::Config(format!(
