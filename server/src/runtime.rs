@@ -346,7 +346,7 @@ impl Server {
                     "--xdp-cache {} bytes: at most {} pages ({} GiB) of kernel memory",
                     cfg.xdp_cache_bytes,
                     MAX_HOT_SLOTS,
-                    u64::from(MAX_HOT_SLOTS) * bluebridge_ebpf::HOT_SLOT_SIZE as u64 >> 30
+                    (u64::from(MAX_HOT_SLOTS) * bluebridge_ebpf::HOT_SLOT_SIZE as u64) >> 30
                 )));
             }
             if (hot_slots as usize) < shards {
