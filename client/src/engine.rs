@@ -1014,11 +1014,14 @@ impl Engine {
             self.stats.inline_served += 1;
         }
         if h.status == Status::MOVED {
-            // The route is changing: ask the same address again after an RTO (a
-            // retransmission, counted against the budget).
+            // The route is changing: ask the same address again (a retransmission, counted
+            // against the budget) after an RTO that doubles with every try, up to 32× (or
+            // `max_rto`), so a route that takes longer than the budget of plain RTOs to follow
+            // a migration (Open vSwitch ~20 ms, a BGP fabric ~170 ms) is still waited for.
             self.stats.moved_retries += 1;
             p.moved = true;
-            p.deadline = now + self.cfg.rto;
+            let wait = self.cfg.rto * (1u32 << p.tries.saturating_sub(1).min(5));
+            p.deadline = now + self.cfg.max_rto.map_or(wait, |m| wait.min(m));
             self.deadlines.push(p.deadline, id);
             return;
         }
