@@ -69,6 +69,12 @@ impl<T: Transport> Client<T> {
         self.engine.set_max_rto(max);
     }
 
+    /// Turns INLINE READs on or off (see
+    /// [`EngineConfig::inline_reads`](crate::EngineConfig::inline_reads)).
+    pub fn set_inline_reads(&mut self, on: bool) {
+        self.engine.set_inline_reads(on);
+    }
+
     /// The transport.
     pub fn transport(&self) -> &T {
         &self.transport

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use bluebridge_proto::frame::{Endpoints, Frame, FrameSink};
 use bluebridge_proto::segment::{Reassembly, SegmentError};
 use bluebridge_proto::{
-    BbRepr, HeaderFlags, HostId, MacAddr, NetPrefix, OpFlags, Opcode, PAGE_SIZE, RemoteAddr,
-    SESSION_SLOT_BITS, SESSION_SLOTS, Status, UDP_PORT,
+    BbRepr, HeaderFlags, HostId, INLINE_RANGE_MAX, MacAddr, NetPrefix, OpFlags, Opcode, PAGE_SIZE,
+    RemoteAddr, SESSION_SLOT_BITS, SESSION_SLOTS, Status, UDP_PORT,
 };
 
 use crate::error::ClientError;
@@ -48,9 +48,10 @@ pub struct EngineConfig {
     pub seg_max: u16,
     /// Most page bytes this client puts in one request frame.
     pub max_request_data: u16,
-    /// Whole-page READs go INLINE (docs/protocol.md §6.1): padded to the reply's size, so a
-    /// server with a hot-page store can answer them in XDP. Only when a whole page fits one
-    /// request frame (`max_request_data` ≥ 4096); set by the transports for such links.
+    /// READs of a whole page or of at most [`INLINE_RANGE_MAX`] bytes go INLINE
+    /// (docs/protocol.md §6.1): padded to the reply's size, so a server with a hot-page store
+    /// can answer them in XDP. Only when a whole page fits one request frame
+    /// (`max_request_data` ≥ 4096); set by the transports for such links.
     pub inline_reads: bool,
 }
 
@@ -500,6 +501,12 @@ impl Engine {
         self.cfg.max_rto = max;
     }
 
+    /// Turns INLINE READs on or off (see [`EngineConfig::inline_reads`]; on has effect only
+    /// where a page fits one request frame).
+    pub fn set_inline_reads(&mut self, on: bool) {
+        self.cfg.inline_reads = on;
+    }
+
     /// The current retransmission timeout (before any backoff).
     pub fn rto(&self) -> Duration {
         match self.srtt {
@@ -699,11 +706,13 @@ impl Engine {
         id
     }
 
-    /// Whether `req` goes INLINE: a whole-page READ, on a link where it fits one frame.
+    /// Whether `req` goes INLINE: a READ of a whole page or of a short range (what the
+    /// reference server answers in place), on a link where a page fits one frame.
     fn inline(&self, req: &Request) -> bool {
         self.cfg.inline_reads
             && req.op == Opcode::READ
-            && (req.offset, usize::from(req.length)) == (0, PAGE_SIZE)
+            && ((req.offset, usize::from(req.length)) == (0, PAGE_SIZE)
+                || req.length <= INLINE_RANGE_MAX)
             && usize::from(self.cfg.max_request_data) >= PAGE_SIZE
     }
 

@@ -266,8 +266,9 @@ pub struct NetArgs {
     /// Retransmissions before a request fails with a timeout (0 to 100).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(0..=100))]
     pub retries: u32,
-    /// Send whole-page READs plain instead of INLINE (padded to the reply's size so a server
-    /// with `--xdp-cache` can answer them in XDP; the default where a page fits one frame).
+    /// Send READs plain instead of INLINE (padded to the reply's size so a server with
+    /// `--xdp-cache` can answer them in XDP; the default for READs of a whole page or of at
+    /// most 512 bytes, where a page fits one frame).
     #[arg(long)]
     pub no_inline_reads: bool,
 }

@@ -221,7 +221,7 @@ fn segmented_page_round_trip() {
 }
 
 #[test]
-fn whole_page_reads_go_inline_where_a_page_fits_one_frame() {
+fn page_and_short_reads_go_inline_where_a_page_fits_one_frame() {
     let data: Vec<u8> = (0..4096u32).map(|i| (i * 13 % 253) as u8).collect();
     let mut s = Sim::with(0.05, 0.02, 0.05, 4096, |c| c.inline_reads = true);
     let p = s.written_page(&data);
@@ -232,7 +232,14 @@ fn whole_page_reads_go_inline_where_a_page_fits_one_frame() {
     }
     let r = s.run(Request::new(Opcode::READ, p).range(8, 100));
     assert_eq!(r.result.unwrap().data, data[8..108]);
-    assert_eq!(s.engine.stats().inline_sent, 20, "whole pages only");
+    assert_eq!(
+        s.engine.stats().inline_sent,
+        21,
+        "whole pages and short ranges"
+    );
+    let r = s.run(Request::new(Opcode::READ, p).range(8, 1000));
+    assert_eq!(r.result.unwrap().data, data[8..1008]);
+    assert_eq!(s.engine.stats().inline_sent, 21, "longer ranges stay plain");
     // On the wire: the flag, and the page's worth of zeros after the header.
     s.submit(Request::new(Opcode::READ, p).range(0, 4096));
     let mut out = Frames::default();

@@ -96,6 +96,7 @@
 #define BB_FLAG_INLINE 16         /* READ padded to its reply's size (docs/protocol.md §6.1) */
 #define BB_OP_READ 32
 #define BB_PAGE_SIZE 4096
+#define BB_FAST_RANGE_MAX 512     /* longest range (other than a whole page) the fast READ serves */
 #define BB_STATUS_UNREACHABLE 17
 
 /* The hot-page store (steer.bpf.c `hot_slots`, BPF_F_MMAPABLE, mapped by the server too):

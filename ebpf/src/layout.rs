@@ -106,6 +106,7 @@ const _: () = {
     assert!(consts::BB_OWN_MAC_SET_BIT == 48);
     assert!(consts::BB_OP_READ == Opcode::READ.0 as u32);
     assert!(consts::BB_VERSION == bluebridge_proto::VERSION as u32);
+    assert!(consts::BB_FAST_RANGE_MAX == bluebridge_proto::INLINE_RANGE_MAX as u32);
     assert!(consts::BB_FLAG_INLINE == HeaderFlags::INLINE.0 as u32);
     assert!(n(consts::BB_PAGE_SIZE) == bluebridge_proto::PAGE_SIZE);
     assert!(

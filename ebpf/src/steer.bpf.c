@@ -5,10 +5,11 @@
  * AF_XDP socket of its RX queue; everything else passes to the kernel untouched. In the bounce
  * mode (a benchmark baseline) a frame of ours goes straight back with XDP_TX instead.
  *
- * The fast READ: an INLINE READ of a whole page (docs/protocol.md §6.1: the request is padded
- * to its reply's size) whose page the server has copied into the hot-page store is answered
- * here, in place, with XDP_TX: the page is copied from its slot under the slot's seqlock, the
- * headers are turned into the reply's and the UDP checksum is made from the slot's data sum.
+ * The fast READ: an INLINE READ of a whole page or of up to BB_FAST_RANGE_MAX bytes of one
+ * (docs/protocol.md §6.1: the request is padded to its reply's size) whose page the server has
+ * copied into the hot-page store is answered here, in place, with XDP_TX: the range is copied
+ * from its slot under the slot's seqlock, the headers are turned into the reply's and the UDP
+ * checksum is made from the slot's data sum (a whole page) or the range's.
  * Anything this program cannot answer exactly as the server would goes to the socket.
  *
  * Section "xdp.frags": the program accepts multi-buffer frames (a whole page in one jumbo
@@ -105,9 +106,8 @@ struct bb_hdr {
 
 _Static_assert(sizeof(struct bb_hdr) == BB_HEADER_LEN, "bb_hdr size");
 
-/* The only READ answered here: one whole page, request padded to the reply's size. */
-#define FAST_UDP_LEN (8 + BB_HEADER_LEN + BB_PAGE_SIZE)
-#define FAST_FRAME_LEN (BB_HEADER_OFFSET + BB_HEADER_LEN + BB_PAGE_SIZE)
+/* The READs answered here: a whole page, or a range of at most BB_FAST_RANGE_MAX bytes;
+ * the request padded to the reply's size. */
 #define FAST_DATA_OFF (BB_HEADER_OFFSET + BB_HEADER_LEN)
 
 #define READ_ONCE_U32(x) (*(volatile __u32 *)&(x))
@@ -156,7 +156,7 @@ static __always_inline __u32 fold(__u32 s)
  * `seed` (the page bytes' sum). */
 static __always_inline __u32 sum_headers(struct ipv6hdr *ip6, struct udphdr *udp, __u32 seed)
 {
-	__be32 pseudo[2] = { bpf_htonl(FAST_UDP_LEN), bpf_htonl(IPPROTO_UDP) };
+	__be32 pseudo[2] = { bpf_htonl(bpf_ntohs(udp->len)), bpf_htonl(IPPROTO_UDP) };
 	__s64 s;
 
 	s = bpf_csum_diff(0, 0, (__be32 *)&ip6->saddr, 32, seed);
@@ -171,6 +171,84 @@ static __always_inline __u32 sum_headers(struct ipv6hdr *ip6, struct udphdr *udp
 	return fold((__u32)s);
 }
 
+/* `v`, as a value the verifier does not link to `v`: what a test of it teaches the verifier
+ * stays with the copy. The pieces below test the bits of a length; learnt on the length
+ * itself, every combination of bits would be a state of its own (2^10 of them, a second per
+ * program load); learnt on the copy, they are dead once tested and the states merge. */
+static __always_inline __u32 unlinked(__u32 v)
+{
+	__u32 zero = 0;
+
+	barrier_var(zero);
+	return v ^ zero;
+}
+
+/* Copies the slot's bytes [off, off + len) over the padding (len ≤ BB_FAST_RANGE_MAX) and
+ * sets *sum to their ones' complement sum (folded, as csum_partial counts it). In pieces of
+ * decreasing powers of two, so every access has a constant size the verifier can check and
+ * every piece starts at an even place of the data. 0, or -1 if a piece could not be copied.
+ * A global function: the verifier checks it once, on its own, not once per path that
+ * reaches it. */
+__noinline int bb_copy_range(struct xdp_md *ctx, struct bb_hot_slot *s, __u32 off, __u32 len,
+			     __u32 *sum)
+{
+	__u32 acc = 0, bits = unlinked(len);
+	int k;
+
+	if (!s || !sum || len > BB_FAST_RANGE_MAX)
+		return -1;
+
+#pragma unroll
+	for (k = 9; k >= 0; k--) {
+		/* The larger pieces come first: this one starts where they end. Computed from
+		 * `len` alone, not counted up along the way, so the verifier's states at each
+		 * piece do not depend on which pieces came before (they would multiply). */
+		__u32 size = 1U << k, at = len & ~((size << 1) - 1);
+		__u64 pos = (__u64)off + at; /* 64 bits: checked and used in one register */
+		__s64 r;
+
+		if (!(bits & size))
+			continue;
+		if (pos > BB_PAGE_SIZE - size)
+			return -1;
+		/* A pointer made from `pos` from here on carries the bounds just checked (the
+		 * verifier does not give them to one the compiler made before). */
+		barrier_var(pos);
+		if (bpf_xdp_store_bytes(ctx, FAST_DATA_OFF + at, &s->data[pos], size))
+			return -1;
+		if (size >= 4) {
+			r = bpf_csum_diff(0, 0, (__be32 *)&s->data[pos], size, acc);
+			if (r < 0)
+				return -1;
+			acc = fold((__u32)r);
+		} else if (size == 2) {
+			acc = fold(acc + (s->data[pos] | (__u32)s->data[pos + 1] << 8));
+		} else {
+			acc = fold(acc + s->data[pos]); /* a last odd byte: the low one in memory order */
+		}
+	}
+	*sum = acc;
+	return 0;
+}
+
+/* Writes `len` (≤ BB_FAST_RANGE_MAX) zeros over the padding, in the same pieces. */
+static __always_inline int zero_range(struct xdp_md *ctx, void *zeros, __u32 len)
+{
+	__u32 bits = unlinked(len);
+	int k;
+
+#pragma unroll
+	for (k = 9; k >= 0; k--) {
+		__u32 size = 1U << k, at = len & ~((size << 1) - 1);
+
+		if (!(bits & size))
+			continue;
+		if (bpf_xdp_store_bytes(ctx, FAST_DATA_OFF + at, zeros, size))
+			return -1;
+	}
+	return 0;
+}
+
 /* An INLINE READ of a page in the hot store, answered with XDP_TX; -1 for a frame that goes
  * on to the socket (every INLINE READ is counted once: served, missed, torn or passed). */
 static __always_inline int fast_read(struct xdp_md *ctx, struct bb_headers *h)
@@ -181,10 +259,10 @@ static __always_inline int fast_read(struct xdp_md *ctx, struct bb_headers *h)
 	struct bb_hdr *bb = (void *)(udp + 1);
 	struct bb_hot_key key = {};
 	struct bb_hot_slot *s;
-	__u32 *slot, seq, sum = 0, zero = 0, outcome = BB_STEER_FAST_TORN;
+	__u32 *slot, seq, sum = 0, zero = 0, outcome = BB_STEER_FAST_TORN, off, len;
 	__u16 check;
 	void *zeros;
-	int i, copied = 0;
+	int i, copied = 0, whole;
 
 	if ((void *)(bb + 1) > data_end)
 		return -1; /* not even a header: the socket counts it */
@@ -192,11 +270,14 @@ static __always_inline int fast_read(struct xdp_md *ctx, struct bb_headers *h)
 	    (bb->flags & BB_FLAG_REPLY) || udp->dest != bpf_htons(BB_UDP_PORT))
 		return -1;
 	/* What the server would refuse or answer otherwise (segments, an error) is its to judge. */
-	if (bb->version != BB_VERSION || bb->status || bb->count != bpf_htons(1) || bb->offset ||
-	    bb->length != bpf_htons(BB_PAGE_SIZE) ||
-	    (bb->seg_max && bpf_ntohs(bb->seg_max) < BB_PAGE_SIZE) ||
-	    udp->len != bpf_htons(FAST_UDP_LEN) || ip6->payload_len != udp->len ||
-	    bpf_xdp_get_buff_len(ctx) != FAST_FRAME_LEN)
+	off = bpf_ntohs(bb->offset);
+	len = bpf_ntohs(bb->length);
+	whole = off == 0 && len == BB_PAGE_SIZE;
+	if (bb->version != BB_VERSION || bb->status || bb->count != bpf_htons(1) ||
+	    !(whole || (len >= 1 && len <= BB_FAST_RANGE_MAX && off + len <= BB_PAGE_SIZE)) ||
+	    (bb->seg_max && bpf_ntohs(bb->seg_max) < len) ||
+	    bpf_ntohs(udp->len) != 8 + BB_HEADER_LEN + len || ip6->payload_len != udp->len ||
+	    bpf_xdp_get_buff_len(ctx) != FAST_DATA_OFF + len)
 		return count(BB_STEER_FAST_PASSED, -1);
 
 	__builtin_memcpy(key.addr, &ip6->daddr, 14);
@@ -224,9 +305,14 @@ static __always_inline int fast_read(struct xdp_md *ctx, struct bb_headers *h)
 			outcome = BB_STEER_FAST_PASSED; /* the server answers FORBIDDEN */
 			break;
 		}
-		sum = s->sum;
 		copied = 1;
-		if (bpf_xdp_store_bytes(ctx, FAST_DATA_OFF, s->data, BB_PAGE_SIZE)) {
+		if (whole) {
+			sum = s->sum; /* the server keeps the whole page's */
+			if (bpf_xdp_store_bytes(ctx, FAST_DATA_OFF, s->data, BB_PAGE_SIZE)) {
+				outcome = BB_STEER_FAST_PASSED;
+				break;
+			}
+		} else if (bb_copy_range(ctx, s, off, len, &sum)) {
 			outcome = BB_STEER_FAST_PASSED;
 			break;
 		}
@@ -237,7 +323,8 @@ static __always_inline int fast_read(struct xdp_md *ctx, struct bb_headers *h)
 	 * padding goes back to zeros so the request still verifies at the socket. */
 	if (copied) {
 		zeros = bpf_map_lookup_elem(&zero_page, &zero);
-		if (!zeros || bpf_xdp_store_bytes(ctx, FAST_DATA_OFF, zeros, BB_PAGE_SIZE))
+		if (!zeros || (whole ? bpf_xdp_store_bytes(ctx, FAST_DATA_OFF, zeros, BB_PAGE_SIZE)
+				     : zero_range(ctx, zeros, len)))
 			return count(BB_STEER_MALFORMED, XDP_DROP);
 	}
 	return count(outcome, -1);

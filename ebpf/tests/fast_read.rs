@@ -1,7 +1,7 @@
-//! The fast READ of steer.bpf.c through BPF_PROG_TEST_RUN: an INLINE READ of a page in the
-//! hot-page store is answered in place (hit), and every case it must leave to the server goes
-//! on untouched and counted (miss, torn slot, another client's page, a range, segments, bad
-//! padding). Needs root (or CAP_BPF); fails, never skips, without it.
+//! The fast READ of steer.bpf.c through BPF_PROG_TEST_RUN: an INLINE READ of a page, or of a
+//! short range of it, in the hot-page store is answered in place (hit), and every case it must
+//! leave to the server goes on untouched and counted (miss, torn slot, another client's page, a
+//! long range, segments, bad padding). Needs root (or CAP_BPF); fails, never skips, without it.
 
 use std::net::Ipv6Addr;
 
@@ -153,6 +153,53 @@ fn a_hot_page_is_answered_in_place() {
     assert_eq!(f.endpoints.dst, OTHER.parse::<Ipv6Addr>().unwrap());
 }
 
+#[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
+fn short_ranges_of_a_hot_page_are_answered_in_place() {
+    let d = data();
+    let mut s = steer_with(slot(4, BB_HOT_VALID, page(0), &d));
+    // Odd and even offsets and lengths, every piece size, the page's last byte, the longest.
+    for (offset, length) in [
+        (8u16, 8u16),
+        (8, 100),
+        (1, 3),
+        (3, 1),
+        (4095, 1),
+        (4093, 3),
+        (0, 511),
+        (1, 512),
+        (3584, 512),
+        (777, 333),
+    ] {
+        let pad = vec![0u8; usize::from(length)];
+        let req = inline_read(CLIENT, offset, length, 0, &pad);
+        let (a, out, moved) = run(&mut s, &req);
+        let what = format!("{offset}+{length}");
+        assert_eq!((a, moved), (XdpAction::Tx, SERVED), "{what}");
+        let f = Frame::parse(&out).unwrap_or_else(|e| panic!("{what}: the reply parses: {e:?}"));
+        assert_eq!(
+            (f.header.offset, f.header.length),
+            (offset, length),
+            "{what}"
+        );
+        assert_eq!(f.header.flags, HeaderFlags::REPLY | HeaderFlags::INLINE);
+        let mut got = f.payload.to_vec();
+        got.extend_from_slice(f.payload_tail);
+        let (o, l) = (usize::from(offset), usize::from(length));
+        assert_eq!(got, d[o..o + l], "{what}: the slot's bytes");
+    }
+    // A torn slot: the short padding goes back to zeros too.
+    s.write_hot_slot(1, &slot(5, BB_HOT_VALID, page(0), &d))
+        .unwrap();
+    let req = inline_read(CLIENT, 5, 77, 0, &[0; 77]);
+    let (a, out, moved) = run(&mut s, &req);
+    assert_eq!((a, moved), (XdpAction::Pass, TORN));
+    assert_eq!(out, req);
+}
+
 /// Recomputes the UDP checksum of a frame built by `build` after an edit.
 fn fix_checksum(frame: &mut [u8]) -> bool {
     use bluebridge_proto::checksum::{Checksum, udp_field};
@@ -183,12 +230,19 @@ fn what_xdp_cannot_answer_goes_on_untouched() {
     };
     // Another client's page: the server answers FORBIDDEN.
     check(&mut s, &whole_page_read(OTHER), PASSED, "owner");
-    // A range, or a client asking for segments: the server frames them.
+    // A range longer than the fast path takes, one past the page's end (OUT_OF_RANGE), or a
+    // client asking for segments: the server's.
     check(
         &mut s,
-        &inline_read(CLIENT, 8, 100, 0, &[0; 100]),
+        &inline_read(CLIENT, 8, 513, 0, &[0; 513]),
         PASSED,
-        "range",
+        "long range",
+    );
+    check(
+        &mut s,
+        &inline_read(CLIENT, 4000, 97, 0, &[0; 97]),
+        PASSED,
+        "past the end",
     );
     check(
         &mut s,

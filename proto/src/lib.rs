@@ -46,6 +46,10 @@ pub const MAX_BULK: u16 = 128;
 pub const MIN_SEG_MAX: u16 = 512;
 /// The smallest link MTU BlueBridge runs on (the IPv6 minimum).
 pub const MIN_MTU: u16 = 1280;
+/// The longest range, other than a whole page, that the reference server answers in place
+/// from its XDP hot-page store (docs/protocol.md §6.1): the reference client sends INLINE the
+/// READs of a whole page or of at most this many bytes.
+pub const INLINE_RANGE_MAX: u16 = 512;
 /// The smallest MTU at which one frame carries a whole page.
 pub const PAGE_MTU: u16 = (FRAME_OVERHEAD - wire::ethernet::HEADER_LEN + PAGE_SIZE) as u16;
 /// Bits of a request id that name the client's session slot (docs/protocol.md §8): the low

@@ -731,16 +731,17 @@ impl Handler {
         true
     }
 
-    /// An INLINE READ of a whole page reached the worker: XDP did not have the page, so it
-    /// goes into the hot-page store (if this shard has one). Not while the shard replicates:
-    /// a READ must not show what its backup may not hold yet (§5.19), and XDP cannot wait.
+    /// An INLINE READ XDP could have answered reached the worker: XDP did not have the page,
+    /// so it goes into the hot-page store (if this shard has one). Not while the shard
+    /// replicates: a READ must not show what its backup may not hold yet (§5.19), and XDP
+    /// cannot wait.
     fn maybe_promote(&mut self, req: &Request<'_>, p: PageIdx) {
         let h = &req.header;
-        let page = bluebridge_proto::PAGE_SIZE;
-        // Only what XDP answers: one whole page in one reply frame.
+        let whole = (h.offset, usize::from(h.length)) == (0, bluebridge_proto::PAGE_SIZE);
+        // Only what XDP answers: a whole page or a short range, in one reply frame.
         if !h.flags.contains(HeaderFlags::INLINE)
-            || (h.offset, usize::from(h.length)) != (0, page)
-            || (h.seg_max != 0 && usize::from(h.seg_max) < page)
+            || !(whole || h.length <= bluebridge_proto::INLINE_RANGE_MAX)
+            || (h.seg_max != 0 && h.seg_max < h.length)
             || !self.store.has_hot()
             || self.outbox.is_some()
             || self.orphaned.is_some()

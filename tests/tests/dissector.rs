@@ -274,16 +274,19 @@ fn tshark_decodes_every_frame_of_a_session() {
         Some(&1),
         "{replies:?}"
     );
-    // The whole-page READ went INLINE (padded to its reply's size, §6.1), decoded as such.
+    // The READs went INLINE (padded to their replies' size, §6.1), decoded as such.
     assert!(after.inline_sent > before.inline_sent);
     let inline = tshark(
         &file,
         "bluebridge.flags.inline == 1 && bluebridge.flags.reply == 0",
-        &["bluebridge.padding"],
+        &["bluebridge.length", "bluebridge.padding"],
     );
     assert!(
-        !inline.is_empty() && inline.iter().all(|r| r[0].len() == 2 * 4096),
-        "INLINE READs with their padding"
+        inline.iter().any(|r| r[0] == "4096")
+            && inline
+                .iter()
+                .all(|r| r[1].len() == 2 * r[0].parse::<usize>().unwrap()),
+        "INLINE READs (a page, short ranges) padded with their length: {inline:?}"
     );
     let shown = tshark(&file, "bluebridge.status == 4", &["_ws.col.Info"]);
     assert!(

@@ -1,5 +1,5 @@
 //! The fast READ end to end over real packets: a server with an XDP hot-page store answers
-//! INLINE READs of hot pages from XDP (the client sees INLINE replies, the program's counters
+//! INLINE READs of hot pages (whole, or short ranges) from XDP (the client sees INLINE replies, the program's counters
 //! move), byte for byte what the worker would send; a page written meanwhile is never served
 //! torn or stale (a reader checks every page it gets against a per-page checksum and the
 //! writer's last acknowledged value); pages move in and out of a small store under load with
@@ -92,11 +92,22 @@ fn a_hot_page_is_served_from_xdp_and_a_freed_one_never_is() {
         steer2.fast_served - steer1.fast_served >= 10,
         "rewritten slots are served again: {steer2:?}"
     );
-    // A range READ is the worker's, and right.
+    // Short ranges of a hot page come from XDP too; longer ones from the worker.
+    assert_eq!(rig.client.read(b).unwrap(), pattern(2)); // promotes b
+    let s2 = rig.client.stats();
+    for (o, l) in [(8u16, 100u16), (4095, 1), (777, 512), (1, 7)] {
+        let (ou, lu) = (usize::from(o), usize::from(l));
+        assert_eq!(
+            rig.client.read_range(b, o, l).unwrap(),
+            pattern(2)[ou..ou + lu]
+        );
+    }
+    assert_eq!(rig.client.stats().inline_served - s2.inline_served, 4);
     assert_eq!(
-        rig.client.read_range(b, 8, 100).unwrap(),
-        pattern(2)[8..108]
+        rig.client.read_range(b, 8, 1000).unwrap(),
+        pattern(2)[8..1008]
     );
+    assert_eq!(rig.client.stats().inline_served - s2.inline_served, 4);
     // FREE: the handle is stale at once, through XDP too.
     let served = rig.server().stats().steer.fast_served;
     rig.client.free(a).unwrap();
@@ -108,7 +119,7 @@ fn a_hot_page_is_served_from_xdp_and_a_freed_one_never_is() {
     }
     assert_eq!(rig.server().stats().steer.fast_served, served);
     eventually("the freed page left the store", || {
-        hot_counter(&rig, HotCounter::Demoted) == 1 && hot_counter(&rig, HotCounter::Pages) == 0
+        hot_counter(&rig, HotCounter::Demoted) == 1 && hot_counter(&rig, HotCounter::Pages) == 1
     });
     // A new page in the same slot of the arena gets a new handle; the old one stays stale.
     let c = rig.client.alloc(SERVER, false).unwrap();

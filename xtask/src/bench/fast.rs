@@ -78,6 +78,18 @@ impl Lab<'_> {
                 if name == "afxdp-plain" && suffix != "w1" {
                     continue; // the padding's cost: window 1 is enough
                 }
+                if suffix == "w1" && matches!(name, "fast" | "afxdp") {
+                    // A short read (a pointer chased in remote memory).
+                    let mut args = vec!["--mix", "read=100", "--payload", "64", "--pages", PAGES];
+                    args.extend_from_slice(client_flags);
+                    args.extend_from_slice(load_flags);
+                    self.load(
+                        s,
+                        &format!("{what}: 64 B, {PAGES} pages, {load_what}"),
+                        &args,
+                        &format!("fast-{name}-small"),
+                    )?;
+                }
                 let mut args = vec!["--mix", "read=100", "--payload", "4096", "--pages", PAGES];
                 args.extend_from_slice(client_flags);
                 args.extend_from_slice(load_flags);
@@ -160,6 +172,15 @@ pub(super) fn print(out: &Path) -> Result<()> {
          XDP_TX bounce at window 32: {floor32:.0}/s (the fast READ reaches {:.2}× of it)",
         fast32 / x32,
         fast32 / floor32
+    );
+    let (fs, xs) = (
+        p50(&read("fast-small")?, "READ"),
+        p50(&read("afxdp-small")?, "READ"),
+    );
+    println!(
+        "- 64-byte READs at window 1 (a short range, as a pointer chase reads): fast READ \
+         {fs:.2} µs, AF_XDP READ {xs:.2} µs: {:.2}×",
+        xs / fs
     );
     let plain = p50(&read("afxdp-plain-w1")?, "READ");
     println!(
