@@ -165,6 +165,10 @@ fn main() -> Result<()> {
             "--rate must be a positive number of requests per second"
         );
     }
+    ensure!(
+        !a.echo || a.rate.is_none() || a.window == 1,
+        "--echo --rate sends one frame at a time, evenly spaced: it needs --window 1"
+    );
     load::catch_interrupts()?;
     let ncpu = std::thread::available_parallelism().map_or(0, |n| n.get());
     // Where the results go must be writable before the run, not found out after it.
@@ -568,10 +572,6 @@ fn echo(a: &Args, mtu: u16, environment: serde_json::Value) -> Result<()> {
         a.net.transport == TransportKind::Xdp,
         "--echo needs the AF_XDP transport"
     );
-    ensure!(
-        a.rate.is_none() || a.window == 1,
-        "--echo --rate sends one frame at a time, evenly spaced: it needs --window 1"
-    );
     let (mut transport, _) = a.net.open()?;
     let x = transport.xdp_mut().context("--echo needs AF_XDP")?;
     let ep = bluebridge_proto::frame::Endpoints {
@@ -675,7 +675,7 @@ fn echo(a: &Args, mtu: u16, environment: serde_json::Value) -> Result<()> {
     }
     // With --rate: one frame every 1/rate, evenly (an idle path between frames, as a light
     // load sees it).
-    let gap = a.rate.map(|r| Duration::from_secs_f64(1.0 / r.max(1e-3)));
+    let gap = a.rate.map(|r| Duration::from_secs_f64(1.0 / r)); // > 0: checked in main
     let mut due = Instant::now();
     while a.window <= 1 && start.elapsed() < warmup + measure {
         if since.is_none() && start.elapsed() >= warmup {

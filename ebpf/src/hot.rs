@@ -75,27 +75,24 @@ impl Steer {
     /// A descriptor of the slot array, to map it (`BPF_F_MMAPABLE`: slot `i` lies at byte
     /// `i × HOT_SLOT_SIZE`).
     pub fn hot_slots_fd(&self) -> Result<OwnedFd, SteerError> {
-        self.hot_map("hot_slots")?
+        self.hot_map_fd("hot_slots")
+    }
+
+    /// A descriptor of its own for map `name`.
+    fn hot_map_fd(&self, name: &'static str) -> Result<OwnedFd, SteerError> {
+        self.hot_map(name)?
             .fd()
             .as_fd()
             .try_clone_to_owned()
             .map_err(|e| SteerError::Pin {
-                what: "duplicating the hot_slots descriptor".into(),
+                what: format!("duplicating the {name} descriptor"),
                 why: e.to_string(),
             })
     }
 
     /// A new handle on the index (one per worker).
     pub fn hot_index(&self) -> Result<HotIndex, SteerError> {
-        let fd = self
-            .hot_map("hot_index")?
-            .fd()
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|e| SteerError::Pin {
-                what: "duplicating the hot_index descriptor".into(),
-                why: e.to_string(),
-            })?;
+        let fd = self.hot_map_fd("hot_index")?;
         let what = || "opening hot_index".to_string();
         let data = MapData::from_fd(fd).map_err(|source| SteerError::Map {
             what: what(),

@@ -621,11 +621,7 @@ impl Server {
             flow_rules: flow_rules
                 .as_ref()
                 .map_or(0, bluebridge_xsk::FlowRules::len),
-            hot_slots: if cfg.xdp_cache_bytes > 0 {
-                hot_slots
-            } else {
-                0
-            },
+            hot_slots,
         };
         tracing::info!(
             ifname = %cfg.ifname, host = %cfg.host, prefix = %cfg.prefix, ?attach, ?backing, pages,

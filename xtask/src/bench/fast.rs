@@ -74,31 +74,31 @@ impl Lab<'_> {
             let mut sf = vec!["--arena", "128MiB"];
             sf.extend_from_slice(server_flags);
             let server = self.server(s, &sf)?;
+            // READs of `payload` bytes under `load_flags`, into results/fast-<report>.json.
+            let reads = |s: &mut Stages,
+                         payload: &str,
+                         size: &str,
+                         load_what: &str,
+                         load_flags: &[&str],
+                         report: String|
+             -> Result<()> {
+                let mut args = vec!["--mix", "read=100", "--payload", payload, "--pages", PAGES];
+                args.extend_from_slice(client_flags);
+                args.extend_from_slice(load_flags);
+                let label = format!("{what}: {size}, {PAGES} pages, {load_what}");
+                self.load(s, &label, &args, &report)
+            };
             for (suffix, load_what, load_flags) in LOADS {
                 if name == "afxdp-plain" && suffix != "w1" {
                     continue; // the padding's cost: window 1 is enough
                 }
                 if suffix == "w1" && matches!(name, "fast" | "afxdp") {
                     // A short read (a pointer chased in remote memory).
-                    let mut args = vec!["--mix", "read=100", "--payload", "64", "--pages", PAGES];
-                    args.extend_from_slice(client_flags);
-                    args.extend_from_slice(load_flags);
-                    self.load(
-                        s,
-                        &format!("{what}: 64 B, {PAGES} pages, {load_what}"),
-                        &args,
-                        &format!("fast-{name}-small"),
-                    )?;
+                    let report = format!("fast-{name}-small");
+                    reads(s, "64", "64 B", load_what, load_flags, report)?;
                 }
-                let mut args = vec!["--mix", "read=100", "--payload", "4096", "--pages", PAGES];
-                args.extend_from_slice(client_flags);
-                args.extend_from_slice(load_flags);
-                self.load(
-                    s,
-                    &format!("{what}: 4 KiB, {PAGES} pages, {load_what}"),
-                    &args,
-                    &format!("fast-{name}-{suffix}"),
-                )?;
+                let report = format!("fast-{name}-{suffix}");
+                reads(s, "4096", "4 KiB", load_what, load_flags, report)?;
             }
             s.run(&format!("stop the {name} server"), || server.stop())?;
         }
