@@ -134,6 +134,20 @@ impl OvsSwitch {
         )
     }
 
+    /// `ovs-appctl -t <rundir>/ovs-vswitchd.ctl revalidator/wait`: returns once a revalidator
+    /// round has started after the call, so every flow the datapath cached before it has been
+    /// checked against the OpenFlow tables (a committed flow change reaches the datapath's
+    /// cache only then; up to `other_config:max-revalidator`, 500 ms by default).
+    pub fn revalidator_wait(&self) -> Result<String, TopologyError> {
+        crate::run(
+            Command::new("ovs-appctl")
+                .arg("--timeout=10")
+                .arg("-t")
+                .arg(self.rundir.join("ovs-vswitchd.ctl"))
+                .arg("revalidator/wait"),
+        )
+    }
+
     /// Fails if a daemon has exited.
     pub fn check(&mut self) -> Result<(), TopologyError> {
         self.daemons.iter_mut().try_for_each(Daemon::check)
