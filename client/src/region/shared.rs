@@ -103,6 +103,15 @@ pub trait Copies {
     fn readies(&self) -> u64;
 }
 
+/// Whether generation `a` of a page's copies is later than `b` at the same home: generations
+/// count up by one (31 bits, wrapping past `0x7fff_ffff` to 1), so `a` is later if it lies
+/// less than half the range ahead. A page that migrated restarts its generations at random:
+/// an old home's notice may then look later, which costs one re-fetch, never a copy.
+fn later_generation(a: u64, b: u64) -> bool {
+    let ahead = a.wrapping_sub(b) & 0x7fff_ffff;
+    ahead != 0 && ahead < 1 << 30
+}
+
 /// The copy lease of one home shard.
 #[derive(Debug, Clone, Copy)]
 struct GroupLease {
@@ -453,8 +462,27 @@ impl<B: Backing> Handler<B> {
             match self.state[page] {
                 PageState::Clean | PageState::Dirty => {
                     let s = self.shared();
-                    if s.generation[page] != generation {
-                        continue; // an old notice: this copy came later
+                    let ours = s.generation[page];
+                    if ours != generation {
+                        if later_generation(generation, ours)
+                            && self.state[page] == PageState::Clean
+                        {
+                            // The home counts this client as the holder of a later copy: it
+                            // granted one (an upgrade of this read copy) whose reply never
+                            // came, and answered the request's retransmission RECALLING.
+                            // Ignored, the notice would hold up its sender for as long as this
+                            // client keeps asking (each request renews its lease): the stale
+                            // read copy goes, the later one is released.
+                            self.counters.revokes.fetch_add(1, Relaxed);
+                            self.drop_resident(page);
+                            let _ = copies(&mut self.backing).put(
+                                page,
+                                generation,
+                                Keep::Nothing,
+                                None,
+                            );
+                        }
+                        continue; // else an old notice: this copy came later
                     }
                     let due = s.installed[page] + MIN_HOLD;
                     if now < due {
@@ -560,5 +588,22 @@ impl<B: Backing> Handler<B> {
     /// The generation of resident `page`'s copy.
     pub(super) fn shared_generation(&self, page: usize) -> u64 {
         self.shared.as_ref().map_or(0, |s| s.generation[page])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::later_generation;
+
+    #[test]
+    fn later_generations_count_up_and_wrap() {
+        assert!(later_generation(6, 5));
+        assert!(!later_generation(5, 6));
+        assert!(!later_generation(5, 5));
+        // 0x7fff_ffff is followed by 1.
+        assert!(later_generation(1, 0x7fff_ffff));
+        assert!(!later_generation(0x7fff_ffff, 1));
+        // A generation restarted at random (a migrated page) is later or not by half the range.
+        assert!(!later_generation(3, 3 + (1 << 30)));
     }
 }
