@@ -134,18 +134,22 @@ impl OvsSwitch {
         )
     }
 
-    /// `ovs-appctl -t <rundir>/ovs-vswitchd.ctl revalidator/wait`: returns once a revalidator
-    /// round has started after the call, so every flow the datapath cached before it has been
-    /// checked against the OpenFlow tables (a committed flow change reaches the datapath's
-    /// cache only then; up to `other_config:max-revalidator`, 500 ms by default).
-    pub fn revalidator_wait(&self) -> Result<String, TopologyError> {
-        crate::run(
-            Command::new("ovs-appctl")
-                .arg("--timeout=10")
-                .arg("-t")
-                .arg(self.rundir.join("ovs-vswitchd.ctl"))
-                .arg("revalidator/wait"),
-        )
+    /// Returns once the datapath's cached flows have been checked against the OpenFlow tables
+    /// as they are now (a committed flow change reaches the cache only at a revalidator round:
+    /// milliseconds after the change, at most `other_config:max-revalidator`, 500 ms by
+    /// default). `ovs-appctl -t <rundir>/ovs-vswitchd.ctl revalidator/wait`, twice: it answers
+    /// when a round *ends*, and the first round to end may have begun before the call.
+    pub fn revalidator_wait(&self) -> Result<(), TopologyError> {
+        for _ in 0..2 {
+            crate::run(
+                Command::new("ovs-appctl")
+                    .arg("--timeout=10")
+                    .arg("-t")
+                    .arg(self.rundir.join("ovs-vswitchd.ctl"))
+                    .arg("revalidator/wait"),
+            )?;
+        }
+        Ok(())
     }
 
     /// Fails if a daemon has exited.
