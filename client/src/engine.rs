@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use bluebridge_proto::frame::{Endpoints, Frame, FrameSink};
 use bluebridge_proto::segment::{Reassembly, SegmentError};
 use bluebridge_proto::{
-    BbRepr, HeaderFlags, HostId, INLINE_RANGE_MAX, MacAddr, NetPrefix, OpFlags, Opcode, PAGE_SIZE,
-    RemoteAddr, SESSION_SLOT_BITS, SESSION_SLOTS, Status, UDP_PORT,
+    BbRepr, HeaderFlags, HostId, MacAddr, NetPrefix, OpFlags, Opcode, PAGE_SIZE, RemoteAddr,
+    SESSION_SLOT_BITS, SESSION_SLOTS, Status, UDP_PORT,
 };
 
 use crate::error::ClientError;
@@ -48,9 +48,9 @@ pub struct EngineConfig {
     pub seg_max: u16,
     /// Most page bytes this client puts in one request frame.
     pub max_request_data: u16,
-    /// READs of a whole page or of at most [`INLINE_RANGE_MAX`] bytes go INLINE
-    /// (docs/protocol.md §6.1): padded to the reply's size, so a server with a hot-page store
-    /// can answer them in XDP. Only when a whole page fits one request frame
+    /// READs of a whole page or of a short range ([`bluebridge_proto::inline_range`]) go
+    /// INLINE (docs/protocol.md §6.1): padded to the reply's size, so a server with a hot-page
+    /// store can answer them in XDP. Only when a whole page fits one request frame
     /// (`max_request_data` ≥ 4096); set by the transports for such links.
     pub inline_reads: bool,
 }
@@ -711,8 +711,7 @@ impl Engine {
     fn inline(&self, req: &Request) -> bool {
         self.cfg.inline_reads
             && req.op == Opcode::READ
-            && ((req.offset, usize::from(req.length)) == (0, PAGE_SIZE)
-                || req.length <= INLINE_RANGE_MAX)
+            && bluebridge_proto::inline_range(req.offset, req.length)
             && usize::from(self.cfg.max_request_data) >= PAGE_SIZE
     }
 

@@ -50,6 +50,13 @@ pub const MIN_MTU: u16 = 1280;
 /// from its XDP hot-page store (docs/protocol.md §6.1): the reference client sends INLINE the
 /// READs of a whole page or of at most this many bytes.
 pub const INLINE_RANGE_MAX: u16 = 512;
+
+/// Whether a READ of `length` bytes at `offset` is one the reference server may answer in
+/// place from its XDP hot-page store: a whole page, or at most [`INLINE_RANGE_MAX`] bytes (the
+/// XDP program checks the range against the page itself).
+pub fn inline_range(offset: u16, length: u16) -> bool {
+    (offset, usize::from(length)) == (0, PAGE_SIZE) || length <= INLINE_RANGE_MAX
+}
 /// The smallest MTU at which one frame carries a whole page.
 pub const PAGE_MTU: u16 = (FRAME_OVERHEAD - wire::ethernet::HEADER_LEN + PAGE_SIZE) as u16;
 /// Bits of a request id that name the client's session slot (docs/protocol.md §8): the low

@@ -737,10 +737,9 @@ impl Handler {
     /// cannot wait.
     fn maybe_promote(&mut self, req: &Request<'_>, p: PageIdx) {
         let h = &req.header;
-        let whole = (h.offset, usize::from(h.length)) == (0, bluebridge_proto::PAGE_SIZE);
         // Only what XDP answers: a whole page or a short range, in one reply frame.
         if !h.flags.contains(HeaderFlags::INLINE)
-            || !(whole || h.length <= bluebridge_proto::INLINE_RANGE_MAX)
+            || !bluebridge_proto::inline_range(h.offset, h.length)
             || (h.seg_max != 0 && h.seg_max < h.length)
             || !self.store.has_hot()
             || self.outbox.is_some()
