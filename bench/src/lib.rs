@@ -401,6 +401,11 @@ pub struct Run {
     /// READ replies that came INLINE: answered by the server's XDP program.
     #[serde(default)]
     pub inline_served: u64,
+    /// Replies that matched nothing outstanding: the answer to a retransmitted request that
+    /// had been answered already, or that came after its request had timed out (the server
+    /// or the path was slow, not silent).
+    #[serde(default)]
+    pub late_replies: u64,
 }
 
 impl Run {
@@ -649,6 +654,7 @@ mod tests {
             timeouts: 0,
             inline_sent: 0,
             inline_served: 0,
+            late_replies: 0,
         }
     }
 

@@ -54,6 +54,7 @@ pub(crate) struct Part {
     pub(crate) timeouts: u64,
     pub(crate) inline_sent: u64,
     pub(crate) inline_served: u64,
+    pub(crate) late_replies: u64,
     /// The phase ended early: no reply for [`SILENCE`].
     pub(crate) cut_short: bool,
 }
@@ -71,6 +72,7 @@ impl Part {
         self.timeouts += o.timeouts;
         self.inline_sent += o.inline_sent;
         self.inline_served += o.inline_served;
+        self.late_replies += o.late_replies;
         self.cut_short |= o.cut_short;
     }
 }
@@ -417,5 +419,6 @@ fn run_phase(
     part.timeouts = after.timeouts - before.timeouts;
     part.inline_sent = after.inline_sent - before.inline_sent;
     part.inline_served = after.inline_served - before.inline_served;
+    part.late_replies = after.stray - before.stray;
     part
 }

@@ -361,6 +361,7 @@ fn to_run(transport: &str, threads: usize, offered: Option<f64>, secs: f64, p: P
         timeouts: p.timeouts,
         inline_sent: p.inline_sent,
         inline_served: p.inline_served,
+        late_replies: p.late_replies,
     }
 }
 
@@ -390,6 +391,13 @@ fn print_runs(r: &Report) {
         }
         for (e, n) in &run.errors {
             println!("  {} at {offered}: {e}: {n}", run.transport);
+        }
+        if run.timeouts > 0 {
+            println!(
+                "  {} at {offered}: late replies (to a copy already answered, or to a request \
+                 already given up; the server was slow, not silent): {}",
+                run.transport, run.late_replies
+            );
         }
         if run.unsent > 0 {
             println!(
@@ -540,6 +548,7 @@ fn table1(a: &Args, plan: &Plan) -> Result<Run> {
         timeouts: stats.timeouts,
         inline_sent: stats.inline_sent,
         inline_served: stats.inline_served,
+        late_replies: stats.stray,
     })
 }
 
@@ -735,6 +744,7 @@ fn echo(a: &Args, mtu: u16, environment: serde_json::Value) -> Result<()> {
             timeouts: lost,
             inline_sent: 0,
             inline_served: 0,
+            late_replies: 0,
         }],
         best_rate: BTreeMap::new(),
     };

@@ -401,7 +401,7 @@ fn replication_text(a: &bluebridge_server::Stats, b: &bluebridge_server::Stats) 
 fn summary(s: &ServerStats) -> String {
     let mut out = format!(
         "requests {} | frames rx {} tx {} | system calls: tx kicks {} rx kicks {} | pages in use {} (reclaimed {}) | duplicates answered {} | stale \
-         dropped {} | handed off {} (dropped {}) | tx drops {} | bad sources {} | loop stalls over 1 ms {} | priority fallbacks {}\n",
+         dropped {} | handed off {} (dropped {}) | tx drops {} | bad sources {} | loop stalls over 1 ms {} (longest {:.1} ms) | priority fallbacks {}\n",
         s.handler.requests,
         s.xsk.rx_frames,
         s.xsk.tx_frames,
@@ -416,6 +416,7 @@ fn summary(s: &ServerStats) -> String {
         s.xsk.tx_dropped + s.handler.tx_dropped,
         s.handler.bad_source + s.steer.dropped_source + s.steer.dropped_mac,
         s.handler.stalls,
+        s.handler.stall_longest_ns as f64 / 1e6,
         s.handler.priority_fallbacks
     );
     out += &format!(

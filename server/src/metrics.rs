@@ -163,6 +163,11 @@ fn encode(f: &mut Family<'_, '_>, s: &ServerStats) -> std::fmt::Result {
         "The longest gap between two turns of a worker's loop in its last second.",
         h.loop_gap_max_ns as f64 / 1e9,
     )?;
+    f.gauge(
+        "bluebridge_stall_longest_seconds",
+        "The longest gap between two turns of a worker's loop since the server started.",
+        h.stall_longest_ns as f64 / 1e9,
+    )?;
     f.counter(
         "bluebridge_priority_fallbacks",
         "Workers starved under SCHED_IDLE that moved to normal priority.",

@@ -123,6 +123,9 @@ pub struct Stats {
     /// Gaps between two turns of a worker's loop longer than [`STALL_NS`] (a noisy neighbour,
     /// a starved SCHED_IDLE worker, a kernel thread on its core).
     pub stalls: u64,
+    /// The longest of those gaps since the server started, ns (over shards: the longest): a
+    /// request that arrived then waited this long for its answer.
+    pub stall_longest_ns: u64,
     /// Replication, by [`ReplCounter`].
     pub repl: [u64; REPL_COUNTERS.len()],
     /// The XDP hot-page store, by [`HotCounter`](crate::hot::HotCounter).
@@ -171,6 +174,9 @@ impl StallMeter {
         self.publish(c, now);
         if gap > STALL_NS {
             c.stalls.inc();
+            if gap > c.stall_longest_ns.get() {
+                c.stall_longest_ns.set(gap);
+            }
         }
         self.window_max = self.window_max.max(gap);
         if now.duration_since(self.window_start) >= std::time::Duration::from_secs(1) {
@@ -218,6 +224,7 @@ impl Default for Stats {
             zero_copy: 0,
             loop_gap_max_ns: 0,
             stalls: 0,
+            stall_longest_ns: 0,
             repl: [0; REPL_COUNTERS.len()],
             hot: [0; HOT_COUNTERS.len()],
         }
@@ -262,6 +269,7 @@ impl Stats {
         self.zero_copy += o.zero_copy;
         self.loop_gap_max_ns = self.loop_gap_max_ns.max(o.loop_gap_max_ns);
         self.stalls += o.stalls;
+        self.stall_longest_ns = self.stall_longest_ns.max(o.stall_longest_ns);
         self.ops.iter_mut().zip(o.ops).for_each(|(a, b)| *a += b);
         self.statuses
             .iter_mut()
@@ -373,6 +381,8 @@ pub struct ShardCounters {
     pub loop_gap_max_ns: Counter,
     /// Loop gaps over [`STALL_NS`].
     pub stalls: Counter,
+    /// The longest loop gap since the start, ns.
+    pub stall_longest_ns: Counter,
     /// Replies that found no room to be sent.
     pub tx_dropped: Counter,
     /// Old retransmissions dropped unexecuted.
@@ -427,6 +437,7 @@ impl Default for ShardCounters {
             bad_source: Counter::default(),
             loop_gap_max_ns: Counter::default(),
             stalls: Counter::default(),
+            stall_longest_ns: Counter::default(),
             tx_dropped: Counter::default(),
             stale: Counter::default(),
             handoffs: Counter::default(),
@@ -482,6 +493,7 @@ impl ShardCounters {
             bad_source: self.bad_source.get(),
             loop_gap_max_ns: self.loop_gap_max_ns.get(),
             stalls: self.stalls.get(),
+            stall_longest_ns: self.stall_longest_ns.get(),
             tx_dropped: self.tx_dropped.get(),
             stale: self.stale.get(),
             handoffs: self.handoffs.get(),
@@ -576,6 +588,8 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(3));
         m.tick(&c);
         assert_eq!(c.stalls.get(), 1);
+        let longest = c.stall_longest_ns.get();
+        assert!((3_000_000..1_000_000_000).contains(&longest), "{longest}");
         // A sleep on purpose is not a stall.
         std::thread::sleep(std::time::Duration::from_millis(3));
         m.pause(&c);
@@ -589,5 +603,7 @@ mod tests {
         m.tick(&c);
         let g = c.snapshot().loop_gap_max_ns;
         assert!((3_000_000..1_000_000_000).contains(&g), "{g}");
+        // The sleep on purpose did not become the longest stall.
+        assert_eq!(c.snapshot().stall_longest_ns, longest);
     }
 }
