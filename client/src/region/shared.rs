@@ -212,6 +212,11 @@ impl<B: Backing> Handler<B> {
                         return Err(ClientError::Recalling);
                     }
                     self.serve_revokes();
+                    // The other copies' leases run on while this one is waited for (up to
+                    // `copy_wait`, many leases): renew them, or drop the copies of one that
+                    // ran out — a copy kept past its lease may be stale. (If this page's own
+                    // read copy goes, the next request holds nothing and gets the bytes.)
+                    self.check_leases();
                     if copies(&mut self.backing).readies() != readies {
                         // READY came while the frames were taken in (it woke nobody): the
                         // way is clear, ask again now.
