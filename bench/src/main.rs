@@ -394,8 +394,8 @@ fn print_runs(r: &Report) {
         }
         if run.timeouts > 0 {
             println!(
-                "  {} at {offered}: late replies (to a copy already answered, or to a request \
-                 already given up; the server was slow, not silent): {}",
+                "  {} at {offered}: late replies (answers to a copy already answered or to a \
+                 request already given up: a slow server or path, not a silent one): {}",
                 run.transport, run.late_replies
             );
         }

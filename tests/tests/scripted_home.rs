@@ -171,16 +171,11 @@ impl Copies for ScriptedHome {
     }
 }
 
-#[test]
-#[cfg_attr(
-    unprivileged,
-    ignore = "needs root (userfaultfd with kernel faults): run as root or `cargo xtask test`"
-)]
-fn a_notice_for_a_later_generation_releases_it_and_the_write_goes_ahead() {
-    let home = ScriptedHome::new(lost_grant);
-    let region = PagedRegion::with_backing(
+/// A shared region of `pages` pages over `home`; a fault waits 3 s for a copy at most.
+fn shared_region(home: &ScriptedHome, pages: usize) -> PagedRegion<ScriptedHome> {
+    PagedRegion::with_backing(
         home.clone(),
-        1,
+        pages,
         RegionOptions {
             coherence: Coherence::Shared,
             handler_cpu: HandlerCpu::Any,
@@ -188,19 +183,40 @@ fn a_notice_for_a_later_generation_releases_it_and_the_write_goes_ahead() {
             ..RegionOptions::default()
         },
     )
-    .expect("region (needs root or vm.unprivileged_userfaultfd=1)");
+    .expect("region (needs root or vm.unprivileged_userfaultfd=1)")
+}
+
+/// An unlinked file holding `contents`, open for reading and writing at its start: bytes
+/// moved between it and the region by a system call are touched by the kernel, so a fault
+/// that fails is the call's EFAULT, not the test's SIGBUS.
+fn scratch_file(name: &str, contents: &[u8]) -> std::fs::File {
+    let path = std::env::temp_dir().join(format!("bb-{name}-{}", std::process::id()));
+    std::fs::write(&path, contents).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    f
+}
+
+#[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (userfaultfd with kernel faults): run as root or `cargo xtask test`"
+)]
+fn a_notice_for_a_later_generation_releases_it_and_the_write_goes_ahead() {
+    let home = ScriptedHome::new(lost_grant);
+    let region = shared_region(&home, 1);
     // A read: the read copy of generation 5.
     let words = region.as_atomic_words();
     assert_eq!(
         words[0].load(std::sync::atomic::Ordering::SeqCst),
         0x1111_1111_1111_1111
     );
-    // A write through a syscall (the kernel writes the page: a failed upgrade is EFAULT, not
-    // SIGBUS): the upgrade meets the lost grant.
-    let path = std::env::temp_dir().join(format!("bb-lost-grant-{}", std::process::id()));
-    std::fs::write(&path, [0xab; 8]).unwrap();
-    let mut src = std::fs::File::open(&path).unwrap();
-    let _ = std::fs::remove_file(&path);
+    // A write through a system call (see `scratch_file`): the upgrade meets the lost grant.
+    let mut src = scratch_file("lost-grant", &[0xab; 8]);
     let started = Instant::now();
     let wrote = src.read_volatile(&mut region.as_volatile().subslice(0, 8).unwrap());
     let waited = started.elapsed();
@@ -253,17 +269,7 @@ fn slow_page_one(h: &mut Home, index: usize, _: bool, page: &mut AlignedPage) ->
 )]
 fn a_long_wait_for_one_copy_renews_the_leases_of_the_others() {
     let home = ScriptedHome::new(slow_page_one);
-    let region = PagedRegion::with_backing(
-        home.clone(),
-        2,
-        RegionOptions {
-            coherence: Coherence::Shared,
-            handler_cpu: HandlerCpu::Any,
-            copy_wait: Duration::from_secs(3),
-            ..RegionOptions::default()
-        },
-    )
-    .expect("region (needs root or vm.unprivileged_userfaultfd=1)");
+    let region = shared_region(&home, 2);
     let words = region.as_atomic_words();
     let per_page = 4096 / 8;
     // Page 0: a read copy under the short lease.
@@ -271,11 +277,8 @@ fn a_long_wait_for_one_copy_renews_the_leases_of_the_others() {
         words[0].load(std::sync::atomic::Ordering::SeqCst),
         0x2020_2020_2020_2020
     );
-    // Page 1, read through a syscall (a failed fault is EFAULT, not SIGBUS): its home recalls
-    // for four leases.
-    let path = std::env::temp_dir().join(format!("bb-long-wait-{}", std::process::id()));
-    let mut dst = std::fs::File::create(&path).unwrap();
-    let _ = std::fs::remove_file(&path);
+    // Page 1, read through a system call: its home recalls for four leases.
+    let mut dst = scratch_file("long-wait", &[]);
     let started = Instant::now();
     let wrote = dst.write_volatile(&region.as_volatile().subslice(4096, 8).unwrap());
     let waited = started.elapsed();
