@@ -406,6 +406,10 @@ pub struct Run {
     /// or the path was slow, not silent).
     #[serde(default)]
     pub late_replies: u64,
+    /// Requests the client's transport could not hand to the kernel (kernel UDP: `sendmmsg`
+    /// failed), dropped and sent again after a timeout.
+    #[serde(default)]
+    pub tx_dropped: u64,
 }
 
 impl Run {
@@ -655,6 +659,7 @@ mod tests {
             inline_sent: 0,
             inline_served: 0,
             late_replies: 0,
+            tx_dropped: 0,
         }
     }
 

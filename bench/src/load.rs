@@ -55,6 +55,7 @@ pub(crate) struct Part {
     pub(crate) inline_sent: u64,
     pub(crate) inline_served: u64,
     pub(crate) late_replies: u64,
+    pub(crate) tx_dropped: u64,
     /// The phase ended early: no reply for [`SILENCE`].
     pub(crate) cut_short: bool,
 }
@@ -73,6 +74,7 @@ impl Part {
         self.inline_sent += o.inline_sent;
         self.inline_served += o.inline_served;
         self.late_replies += o.late_replies;
+        self.tx_dropped += o.tx_dropped;
         self.cut_short |= o.cut_short;
     }
 }
@@ -420,5 +422,6 @@ fn run_phase(
     part.inline_sent = after.inline_sent - before.inline_sent;
     part.inline_served = after.inline_served - before.inline_served;
     part.late_replies = after.stray - before.stray;
+    part.tx_dropped = after.tx_dropped - before.tx_dropped;
     part
 }

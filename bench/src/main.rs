@@ -362,6 +362,7 @@ fn to_run(transport: &str, threads: usize, offered: Option<f64>, secs: f64, p: P
         inline_sent: p.inline_sent,
         inline_served: p.inline_served,
         late_replies: p.late_replies,
+        tx_dropped: p.tx_dropped,
     }
 }
 
@@ -397,6 +398,13 @@ fn print_runs(r: &Report) {
                 "  {} at {offered}: late replies (answers to a copy already answered or to a \
                  request already given up: a slow server or path, not a silent one): {}",
                 run.transport, run.late_replies
+            );
+        }
+        if run.tx_dropped > 0 {
+            println!(
+                "  {} at {offered}: requests the client could not send (dropped, sent again after \
+                 a timeout): {}",
+                run.transport, run.tx_dropped
             );
         }
         if run.unsent > 0 {
@@ -549,6 +557,7 @@ fn table1(a: &Args, plan: &Plan) -> Result<Run> {
         inline_sent: stats.inline_sent,
         inline_served: stats.inline_served,
         late_replies: stats.stray,
+        tx_dropped: stats.tx_dropped,
     })
 }
 
@@ -745,6 +754,7 @@ fn echo(a: &Args, mtu: u16, environment: serde_json::Value) -> Result<()> {
             inline_sent: 0,
             inline_served: 0,
             late_replies: 0,
+            tx_dropped: 0,
         }],
         best_rate: BTreeMap::new(),
     };

@@ -89,9 +89,12 @@ impl<T: Transport> Client<T> {
         &mut self.engine
     }
 
-    /// Engine counters (sent, retransmitted, timed out, ...).
+    /// Engine counters (sent, retransmitted, timed out, ...) and the transport's drops.
     pub fn stats(&self) -> EngineStats {
-        self.engine.stats()
+        EngineStats {
+            tx_dropped: self.transport.tx_dropped(),
+            ..self.engine.stats()
+        }
     }
 
     pub(crate) fn host_addr(&self, host: HostId, op: Opcode) -> RemoteAddr {

@@ -244,6 +244,11 @@ pub struct EngineStats {
     /// READ replies that came back INLINE: answered by the server's XDP program from its
     /// hot-page store.
     pub inline_served: u64,
+    /// Frames the transport could not hand to the kernel
+    /// ([`Transport::tx_dropped`](crate::transport::Transport::tx_dropped); kernel
+    /// UDP: `sendmmsg` failed): filled in by [`Client::stats`](crate::Client::stats), 0 from
+    /// [`Engine::stats`].
+    pub tx_dropped: u64,
 }
 
 /// A REVOKE notice (§5.18): the home of `page` wants the copies of generation `generation`

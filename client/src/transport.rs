@@ -32,6 +32,12 @@ pub trait Transport {
     fn poll_fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
         Vec::new()
     }
+    /// Frames the transport took and could not hand to the kernel (dropped; a request's
+    /// retransmission covers it). None by default: a transport that cannot send a frame
+    /// leaves it queued instead.
+    fn tx_dropped(&self) -> u64 {
+        0
+    }
 }
 
 /// Either transport, chosen at run time.
@@ -72,6 +78,13 @@ impl Transport for AnyTransport {
         match self {
             AnyTransport::Xdp(t) => t.poll_fds(),
             AnyTransport::Udp(t) => t.poll_fds(),
+        }
+    }
+
+    fn tx_dropped(&self) -> u64 {
+        match self {
+            AnyTransport::Xdp(t) => t.tx_dropped(),
+            AnyTransport::Udp(t) => t.tx_dropped(),
         }
     }
 }

@@ -77,4 +77,9 @@ impl Transport for UdpTransport {
     fn poll_fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
         vec![self.sock.as_fd()]
     }
+
+    /// Datagrams `sendmmsg` refused (a full socket buffer, an unreachable route).
+    fn tx_dropped(&self) -> u64 {
+        self.tx.dropped
+    }
 }

@@ -214,6 +214,50 @@ fn a_dead_link_times_out_only_after_the_retry_budget() {
     unprivileged,
     ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
 )]
+fn a_kernel_udp_client_that_cannot_send_counts_its_drops() {
+    let mut rig = Rig::new(&RigOptions {
+        client_udp: true,
+        rto: Duration::from_millis(2),
+        retries: 3,
+        ..RigOptions::default()
+    });
+    rig.client.ping(SERVER).unwrap();
+    assert_eq!(rig.client.stats().tx_dropped, 0);
+    // No route to the prefix: every sendmmsg fails (ENETUNREACH).
+    let ns = rig.pair.client_ns().name().to_owned();
+    let route = ["-6", "route", "del", "fd00:bb::/32"];
+    bluebridge_topology::ip_in(&ns, &route).expect("removing the client's route");
+    assert_eq!(
+        rig.client.ping(SERVER).map(drop),
+        Err(ClientError::Timeout { tries: 4 })
+    );
+    assert_eq!(
+        rig.client.stats().tx_dropped,
+        4,
+        "every transmission counted"
+    );
+    // The route comes back: so does service, and the count stays.
+    let ifname = rig.pair.client.ifname.clone();
+    let route = [
+        "-6",
+        "route",
+        "add",
+        "fd00:bb::/32",
+        "via",
+        "fe80::bb:2",
+        "dev",
+        &ifname,
+    ];
+    bluebridge_topology::ip_in(&ns, &route).expect("restoring the client's route");
+    rig.client.ping(SERVER).unwrap();
+    assert_eq!(rig.client.stats().tx_dropped, 4);
+}
+
+#[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, XDP, AF_XDP): run as root or `cargo xtask test`"
+)]
 fn atomics_across_shards_run_once_under_loss_and_hand_offs() {
     // Two shards behind the impairment relay: the relay's frames land on either server queue,
     // so requests are handed between the workers, while 5% of frames are lost, 1% duplicated
