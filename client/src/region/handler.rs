@@ -112,8 +112,7 @@ impl<B: Backing> Handler<B> {
                 })
             };
             if self.shared.is_some() {
-                self.serve_revokes();
-                self.check_leases();
+                self.tend_copies();
             }
             let (faulted, commanded) = match polled {
                 Ok((0, ..)) => {

@@ -211,12 +211,10 @@ impl<B: Backing> Handler<B> {
                     if start.elapsed() > wait {
                         return Err(ClientError::Recalling);
                     }
-                    self.serve_revokes();
                     // The other copies' leases run on while this one is waited for (up to
-                    // `copy_wait`, many leases): renew them, or drop the copies of one that
-                    // ran out — a copy kept past its lease may be stale. (If this page's own
-                    // read copy goes, the next request holds nothing and gets the bytes.)
-                    self.check_leases();
+                    // `copy_wait`, many leases). (If this page's own read copy goes, the next
+                    // request holds nothing and gets the bytes.)
+                    self.tend_copies();
                     if copies(&mut self.backing).readies() != readies {
                         // READY came while the frames were taken in (it woke nobody): the
                         // way is clear, ask again now.
@@ -449,8 +447,16 @@ impl<B: Backing> Handler<B> {
         }
     }
 
+    /// What the handler owes its copies whenever it waits, for a fault or for work: the
+    /// notices answered, the leases renewed — or the copies of a lease that ran out dropped,
+    /// as one kept past its lease may be stale.
+    pub(super) fn tend_copies(&mut self) {
+        self.serve_revokes();
+        self.check_leases();
+    }
+
     /// Answers the REVOKE notices that have arrived (and deferred ones now due).
-    pub(super) fn serve_revokes(&mut self) {
+    fn serve_revokes(&mut self) {
         copies(&mut self.backing).pump();
         let now = Instant::now();
         loop {
@@ -464,31 +470,10 @@ impl<B: Backing> Handler<B> {
             let Some((page, generation, keep)) = next else {
                 return;
             };
-            match self.state[page] {
-                PageState::Clean | PageState::Dirty => {
-                    let s = self.shared();
-                    let ours = s.generation[page];
-                    if ours != generation {
-                        if later_generation(generation, ours)
-                            && self.state[page] == PageState::Clean
-                        {
-                            // The home counts this client as the holder of a later copy: it
-                            // granted one (an upgrade of this read copy) whose reply never
-                            // came, and answered the request's retransmission RECALLING.
-                            // Ignored, the notice would hold up its sender for as long as this
-                            // client keeps asking (each request renews its lease): the stale
-                            // read copy goes, the later one is released.
-                            self.counters.revokes.fetch_add(1, Relaxed);
-                            self.drop_resident(page);
-                            let _ = copies(&mut self.backing).put(
-                                page,
-                                generation,
-                                Keep::Nothing,
-                                None,
-                            );
-                        }
-                        continue; // else an old notice: this copy came later
-                    }
+            if matches!(self.state[page], PageState::Clean | PageState::Dirty) {
+                let s = self.shared();
+                let ours = s.generation[page];
+                if ours == generation {
                     let due = s.installed[page] + MIN_HOLD;
                     if now < due {
                         s.deferred.push_back((due, page, generation, keep));
@@ -496,20 +481,29 @@ impl<B: Backing> Handler<B> {
                     }
                     self.counters.revokes.fetch_add(1, Relaxed);
                     self.give_back(page, generation, keep);
+                    continue;
                 }
-                // (Fetching, Staged and WritingBack are private regions' states.)
-                _ => {
-                    // Nothing here (a copy given up, or granted by a reply that never came):
-                    // say so, so the home stops counting it.
-                    self.counters.revokes.fetch_add(1, Relaxed);
-                    let _ = copies(&mut self.backing).put(page, generation, Keep::Nothing, None);
+                if !(later_generation(generation, ours) && self.state[page] == PageState::Clean) {
+                    continue; // an old notice: this copy came later
                 }
+                // The home counts this client as the holder of a later copy: it granted one
+                // (an upgrade of this read copy) whose reply never came, and answered the
+                // request's retransmission RECALLING. Ignored, the notice would hold up its
+                // sender for as long as this client keeps asking (each request renews its
+                // lease): the stale read copy goes, and the later one is released below like
+                // any copy not held.
+                self.drop_resident(page);
             }
+            // Nothing here (a copy given up, or granted by a reply that never came; Fetching,
+            // Staged and WritingBack are private regions' states): say so, so the home stops
+            // counting it.
+            self.counters.revokes.fetch_add(1, Relaxed);
+            let _ = copies(&mut self.backing).put(page, generation, Keep::Nothing, None);
         }
     }
 
     /// Renews the leases due, and drops the copies of a lease that ran out.
-    pub(super) fn check_leases(&mut self) {
+    fn check_leases(&mut self) {
         let now = Instant::now();
         for group in 0..self.shared().groups.len() {
             let l = self.shared().groups[group];
