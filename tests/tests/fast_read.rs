@@ -1,9 +1,10 @@
 //! The fast READ end to end over real packets: a server with an XDP hot-page store answers
 //! INLINE READs of hot pages (whole, or short ranges) from XDP (the client sees INLINE
-//! replies, the program's counters move), byte for byte what the worker would send; a page written meanwhile is never served
-//! torn or stale (a reader checks every page it gets against a per-page checksum and the
-//! writer's last acknowledged value); pages move in and out of a small store under load with
-//! every byte right; a freed hot page gets STALE_HANDLE, never its old bytes.
+//! replies, the program's counters move), byte for byte what the worker would send; a page
+//! written meanwhile is never served torn or stale (a reader checks every page it gets against
+//! a per-page checksum and the writer's last acknowledged value); pages move in and out of a
+//! small store under load with every byte right; a freed hot page gets STALE_HANDLE, never its
+//! old bytes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
